@@ -1,0 +1,155 @@
+"""
+Encoding a stored message as a POP3 multi-line response body (pure, no I/O).
+
+The one rule, shared by the encoder and the size counter so that LIST never
+disagrees with RETR: the stored bytes are split into lines at LF; a CR
+right before that LF belongs to the line end; every line goes out followed
+by CRLF, including a last line that had no line end at all.  Lone CRs
+inside a line pass through unchanged.  Lines starting with ``.`` get one
+more ``.`` in front (byte-stuffing, RFC 1939 section 3).
+
+Sizes (STAT, LIST) are counted before byte-stuffing, as RFC 1939 asks.
+
+Both work incrementally on chunks of any size, with C-speed ``bytes``
+operations on whole chunks rather than a Python loop per line.
+"""
+
+from __future__ import annotations
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+
+def _to_crlf(lines: bytes) -> bytes:
+    """Convert whole lines (ending in LF) to CRLF line ends."""
+    return lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class WireSizeCounter:
+    """Counts the octets a message takes on the wire (CRLF line ends, unstuffed)."""
+
+    __slots__ = ("_empty", "_last", "_size")
+
+    def __init__(self) -> None:
+        self._size = 0
+        self._last = b""
+        self._empty = True
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        lf = chunk.count(b"\n")
+        crlf = chunk.count(b"\r\n")
+        # A CRLF split across two chunks.
+        if self._last == b"\r" and chunk[:1] == b"\n":
+            crlf += 1
+        self._size += len(chunk) + lf - crlf
+        self._last = chunk[-1:]
+        self._empty = False
+
+    def result(self) -> int:
+        """The total; a message whose last line has no line end gets one."""
+        if not self._empty and self._last != b"\n":
+            return self._size + 2
+        return self._size
+
+
+def wire_size(data: bytes) -> int:
+    """The wire size of a whole message held in memory."""
+    counter = WireSizeCounter()
+    counter.feed(data)
+    return counter.result()
+
+
+class BodyEncoder:
+    """
+    Turns stored message bytes, fed in chunks, into the stuffed, CRLF body of
+    a RETR or TOP response, and its final ``.`` line.
+
+    With ``body_lines`` set (TOP), only the header, the blank line after it
+    and that many body lines are produced; :attr:`done` turns true once they
+    are, so the caller can stop reading.
+    """
+
+    __slots__ = ("_carry", "_in_header", "_limit", "done")
+
+    def __init__(self, body_lines: int | None = None) -> None:
+        self._carry = b""
+        self._limit = body_lines
+        self._in_header = True
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Encode what can be encoded of ``chunk``; keep a partial last line."""
+        if self.done:
+            return b""
+        data = self._carry + chunk if self._carry else chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            self._carry = data
+            return b""
+        self._carry = data[cut:]
+        return self._encode_lines(data[:cut])
+
+    def finish(self) -> bytes:
+        """Encode the rest (a last line without line end) and the terminator."""
+        out = b""
+        if not self.done and self._carry:
+            # One partial line (no LF in it): a CR at its end is a lone CR.
+            line = self._carry
+            out = (b"." if line[:1] == b"." else b"") + line + CRLF
+        self._carry = b""
+        self.done = True
+        return out + TERMINATOR
+
+    def _encode_lines(self, lines: bytes) -> bytes:
+        """Encode complete lines, which start at the start of a line."""
+        if self._limit is not None:
+            lines = self._limit_lines(lines)
+        out = _to_crlf(lines).replace(b"\n.", b"\n..")
+        if out[:1] == b".":
+            out = b"." + out
+        return out
+
+    def _limit_lines(self, lines: bytes) -> bytes:
+        """Cut complete lines down to the header plus the allowed body lines."""
+        start = 0
+        if self._in_header:
+            end = _header_end(lines)
+            if end < 0:
+                return lines
+            self._in_header = False
+            start = end
+        remaining = self._limit
+        assert remaining is not None
+        pos = start
+        while remaining > 0:
+            nl = lines.find(b"\n", pos)
+            if nl < 0:
+                break
+            pos = nl + 1
+            remaining -= 1
+        self._limit = remaining
+        if remaining == 0:
+            self.done = True
+            self._carry = b""
+            return lines[:pos]
+        return lines
+
+
+def _header_end(lines: bytes) -> int:
+    """
+    Offset just past the blank line that ends the header, or -1.
+
+    ``lines`` starts at a line start and holds complete lines; a blank line is
+    ``\\n`` or ``\\r\\n`` on its own.
+    """
+    if lines.startswith(b"\n"):
+        return 1
+    if lines.startswith(b"\r\n"):
+        return 2
+    candidates = [i for i in (lines.find(b"\n\n"), lines.find(b"\n\r\n")) if i >= 0]
+    if not candidates:
+        return -1
+    first = min(candidates)
+    return first + (2 if lines[first + 1 : first + 2] == b"\n" else 3)

@@ -1,0 +1,284 @@
+"""
+The ``popserv`` admin command: users of the password file, and ``pw``.
+
+Passwords are never taken from the command line, where other users can see
+them in the process list: they are asked twice on a terminal, or read as
+one line from standard input (``echo secret | popserv user add alice``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+
+from popserv.errors import InvalidUsername
+from popserv.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
+from popserv.passwords import (
+    DEFAULT_SCHEME,
+    HASH_SCHEMES,
+    InvalidField,
+    NoSuchUser,
+    PasswdFile,
+    PasswordTooLong,
+    UnknownScheme,
+    UserExists,
+    canonical_scheme,
+    hash_password,
+)
+from popserv.usernames import validate_username
+
+PROG = "popserv"
+
+_SHOWN_LEVELS = (LogLevel.warn, LogLevel.error, LogLevel.critical)
+
+
+class CommandError(Exception):
+    """An expected failure, reported as one line on stderr with exit status 1."""
+
+
+_EXPECTED = (
+    CommandError,
+    InvalidField,
+    NoSuchUser,
+    PasswordTooLong,
+    UnknownScheme,
+    UserExists,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``popserv`` command; return its exit status."""
+    args = _parser().parse_args(argv)
+    globalLogPublisher.addObserver(_WARNINGS)
+    try:
+        command: Callable[[argparse.Namespace], None] = args.command
+        command(args)
+    except _EXPECTED as e:
+        return _fail(str(e))
+    except InvalidUsername as e:
+        return _fail(f"invalid user name: {e.detail}")
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}")
+    except ValueError as e:
+        # Layout's template check, and passlib refusing a password (NUL bytes).
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    finally:
+        globalLogPublisher.removeObserver(_WARNINGS)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+def _print_warnings(event: dict[str, Any]) -> None:
+    """Show the library's warnings (a malformed passwd line ...) on stderr."""
+    if event.get("log_level") in _SHOWN_LEVELS:
+        print(f"{PROG}: warning: {formatEvent(event)}", file=sys.stderr)
+
+
+_WARNINGS = cast(ILogObserver, _print_warnings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # The paths are accepted before or after the subcommand; SUPPRESS keeps
+    # a subcommand's unset option from hiding the one given before it.
+    paths = argparse.ArgumentParser(add_help=False)
+    paths.add_argument(
+        "--data",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help=f"the data directory (default: {DEFAULT_DATA_DIR})",
+    )
+    paths.add_argument(
+        "--passwd",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="the password file (default: DIR/passwd)",
+    )
+    paths.add_argument(
+        "--maildir",
+        metavar="TEMPLATE",
+        default=argparse.SUPPRESS,
+        help="where Maildirs are, with {user} (default: DIR/mail/{user})",
+    )
+    schemes = ", ".join(HASH_SCHEMES)
+    scheme = argparse.ArgumentParser(add_help=False)
+    scheme.add_argument(
+        "-s",
+        "--scheme",
+        default=DEFAULT_SCHEME,
+        help=f"password scheme: {schemes} (default: {DEFAULT_SCHEME})",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[paths],
+        description="Manage popserv users. Passwords are read from the terminal "
+        "(asked twice) or as one line from standard input, never from arguments.",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    user = commands.add_parser("user", help="add, change, delete and list users")
+    user_commands = user.add_subparsers(metavar="ACTION", required=True)
+    add = user_commands.add_parser(
+        "add", parents=[paths, scheme], help="add a user and create the Maildir"
+    )
+    add.add_argument("name")
+    add.set_defaults(command=_user_add)
+    passwd = user_commands.add_parser(
+        "passwd", parents=[paths, scheme], help="change a user's password"
+    )
+    passwd.add_argument("name")
+    passwd.set_defaults(command=_user_passwd)
+    delete = user_commands.add_parser("del", parents=[paths], help="delete a user")
+    delete.add_argument("name")
+    delete.add_argument(
+        "--purge", action="store_true", help="also delete the user's Maildir and all mail in it"
+    )
+    delete.set_defaults(command=_user_del)
+    listing = user_commands.add_parser(
+        "list", parents=[paths], help="list the users and their password schemes"
+    )
+    listing.set_defaults(command=_user_list)
+
+    pw = commands.add_parser(
+        "pw", parents=[scheme], help="print a password's stored form, like doveadm pw"
+    )
+    pw.set_defaults(command=_pw)
+    return parser
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    return Layout.create(
+        getattr(args, "data", DEFAULT_DATA_DIR),
+        getattr(args, "passwd", None),
+        getattr(args, "maildir", None),
+    )
+
+
+def _hash_scheme(name: str) -> str:
+    """Check the scheme before asking for a password that could not be hashed."""
+    try:
+        scheme = canonical_scheme(name)
+    except UnknownScheme:
+        scheme = None
+    if scheme not in HASH_SCHEMES:
+        raise CommandError(
+            f"cannot hash with scheme {name!r}; choose one of {', '.join(HASH_SCHEMES)}"
+        )
+    return scheme
+
+
+def _read_password() -> str:
+    """Ask twice on a terminal; otherwise read one line from standard input."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise CommandError("no password: standard input is closed")
+    try:
+        if stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Repeat password: ") != password:
+                raise CommandError("the passwords do not match")
+        else:
+            line = stdin.readline()
+            if not line:
+                raise CommandError("no password on standard input")
+            password = line.removesuffix("\n")
+            if len(password) < len(line):
+                password = password.removesuffix("\r")
+    except EOFError:
+        raise CommandError("no password given") from None
+    if not password:
+        raise CommandError("empty passwords are refused")
+    return password
+
+
+def _existing(passwd: PasswdFile, name: str) -> None:
+    if not passwd.exists():
+        raise CommandError(f"no password file at {passwd.path}")
+    if passwd.lookup(name) is None:
+        raise NoSuchUser(name)
+
+
+def _user_add(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    passwd = PasswdFile(layout.passwd_path)
+    name = validate_username(args.name)
+    scheme = _hash_scheme(args.scheme)
+    if passwd.exists() and passwd.lookup(name) is not None:
+        raise UserExists(name)
+    stored = hash_password(_read_password(), scheme)
+    maildir = layout.maildir_for(name)
+    if layout.data_dir in maildir.parents:
+        layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existed = maildir.is_dir()
+    passwd.add(name, stored)
+    try:
+        ensure_maildir(maildir)
+    except OSError:
+        passwd.remove(name)
+        raise
+    kept = " (it already existed)" if existed else ""
+    print(f"added user {name}, Maildir {maildir}{kept}")
+
+
+def _user_passwd(args: argparse.Namespace) -> None:
+    passwd = PasswdFile(_layout(args).passwd_path)
+    name = validate_username(args.name)
+    scheme = _hash_scheme(args.scheme)
+    _existing(passwd, name)
+    passwd.set_password(name, hash_password(_read_password(), scheme))
+    print(f"changed the password of {name}")
+
+
+def _user_del(args: argparse.Namespace) -> None:
+    layout = _layout(args)
+    passwd = PasswdFile(layout.passwd_path)
+    name = validate_username(args.name)
+    _existing(passwd, name)
+    maildir = layout.maildir_for(name)
+    passwd.remove(name)
+    if not maildir.exists():
+        print(f"removed user {name}")
+    elif args.purge:
+        _purge(maildir)
+        print(f"removed user {name} and deleted the Maildir {maildir}")
+    else:
+        print(f"removed user {name}; the Maildir {maildir} is kept (--purge deletes it)")
+
+
+def _purge(maildir: Path) -> None:
+    if maildir.is_symlink():
+        maildir.unlink()
+    else:
+        shutil.rmtree(maildir)
+
+
+def _user_list(args: argparse.Namespace) -> None:
+    passwd = PasswdFile(_layout(args).passwd_path)
+    if not passwd.exists():
+        raise CommandError(f"no password file at {passwd.path}")
+    for entry in passwd.users():
+        print(f"{entry.name} {entry.scheme}")
+
+
+def _pw(args: argparse.Namespace) -> None:
+    scheme = _hash_scheme(args.scheme)
+    print(hash_password(_read_password(), scheme))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

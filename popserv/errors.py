@@ -1,0 +1,125 @@
+"""
+Failures that become ``-ERR`` responses.
+
+Each class carries its fixed response text and, where RFC 2449 or RFC 3206
+define one, its response code.  The wire only ever sees these texts, never
+``str(exception)``, so nothing internal (paths, tracebacks, the client's own
+bytes) reaches the client.
+"""
+
+from __future__ import annotations
+
+
+class PopError(Exception):
+    """A failure with a fixed ``-ERR`` text and an optional response code."""
+
+    code: str | None = None
+    text: str = "Command failed"
+    #: Log detail for the operator; never sent to the client.
+    detail: str
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.text)
+        self.detail = detail
+
+
+# Command syntax and state
+
+
+class UnknownCommand(PopError):
+    text = "Unknown command"
+
+
+class BadState(PopError):
+    text = "Command not valid in this state"
+
+
+class BadArguments(PopError):
+    text = "Invalid arguments"
+
+
+class LineTooLong(PopError):
+    text = "Line too long"
+
+
+class NoSuchMessage(PopError):
+    text = "No such message"
+
+
+class MessageDeleted(PopError):
+    text = "Message is deleted"
+
+
+class MessageGone(PopError):
+    """The store lost the message between listing and reading it."""
+
+    code = "SYS/TEMP"
+    text = "Message is no longer available"
+
+
+class UserFirst(PopError):
+    text = "Send USER first"
+
+
+# Logins
+
+
+class AuthFailed(PopError):
+    code = "AUTH"
+    text = "Authentication failed"
+
+
+class APOPFailed(AuthFailed):
+    """
+    An APOP login failed: a wrong digest, or an account whose stored password
+    APOP cannot check.  One text for both, so it does not tell which.
+    """
+
+    text = "Authentication failed (APOP works only for accounts set up for it; try USER/PASS)"
+
+
+class APOPUnavailable(PopError):
+    """APOP when the greeting offered no timestamp."""
+
+    text = "APOP is not enabled on this server, use USER/PASS"
+
+
+class InvalidUsername(PopError):
+    code = "AUTH"
+    text = "Authentication failed"
+
+
+class MailboxInUse(PopError):
+    code = "IN-USE"
+    text = "Mailbox is locked by another session"
+
+
+class LoginDelayed(PopError):
+    code = "LOGIN-DELAY"
+    text = "Logged in too recently, try again later"
+
+
+class TooManyFailures(PopError):
+    code = "AUTH"
+    text = "Too many failed logins, closing connection"
+
+
+# Server side
+
+
+class TemporaryFailure(PopError):
+    code = "SYS/TEMP"
+    text = "Temporary server failure, try again later"
+
+
+class PermanentFailure(PopError):
+    code = "SYS/PERM"
+    text = "Account is not available"
+
+
+class InternalError(TemporaryFailure):
+    text = "Internal server error"
+
+
+class CommitFailed(TemporaryFailure):
+    text = "Some deleted messages were not removed"

@@ -1,0 +1,96 @@
+"""
+The first start on an empty data directory: one account and a welcome message.
+
+So that a newcomer can fetch mail a minute after installing, the first
+``twistd popserv`` without a password file creates one user, named after
+the person running it (``postmaster`` when that is root), with a random
+password printed once on the terminal, and delivers a welcome message into
+that user's Maildir.  Nothing is created when the password file exists or
+was given explicitly.
+"""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import sys
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import TextIO
+
+from attrs import frozen
+
+from popserv.layout import Layout, ensure_maildir
+from popserv.maildir import deliver
+from popserv.passwords import PasswdFile, hash_password
+from popserv.usernames import is_valid_username
+
+FALLBACK_USER = "postmaster"
+
+
+@frozen
+class FirstAccount:
+    user: str
+    password: str
+
+
+def first_user_name() -> str:
+    """The OS login name when it is a sensible mail user, else ``postmaster``."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return FALLBACK_USER
+    if name == "root" or not is_valid_username(name) or not name.isascii():
+        return FALLBACK_USER
+    return name
+
+
+def welcome_message(user: str, hostname: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = f"popserv <postmaster@{hostname}>"
+    message["To"] = f"{user}@{hostname}"
+    message["Subject"] = "Welcome to popserv"
+    message["Date"] = formatdate(localtime=True)
+    message["Message-ID"] = make_msgid(domain=hostname)
+    message.set_content(
+        f"Hello {user},\n\n"
+        "popserv is running and this message came from your Maildir.\n\n"
+        "Add more users with:  popserv user add NAME\n"
+        "Change this password: popserv user passwd " + user + "\n"
+        "Delete this message with your client, or: DELE 1 then QUIT.\n"
+    )
+    return message.as_bytes()
+
+
+def bootstrap(layout: Layout, hostname: str) -> FirstAccount | None:
+    """Create the first account if there is no password file yet."""
+    passwd = PasswdFile(layout.passwd_path)
+    if passwd.exists():
+        return None
+    user = first_user_name()
+    password = secrets.token_urlsafe(12)
+    layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    maildir = ensure_maildir(layout.maildir_for(user))
+    passwd.add(user, hash_password(password))
+    deliver(maildir, welcome_message(user, hostname), hostname=hostname)
+    return FirstAccount(user, password)
+
+
+def announce(account: FirstAccount, endpoint: str, out: TextIO = sys.stdout) -> None:
+    """Print the new account once, with a command that fetches its mail."""
+    port = _port_of(endpoint)
+    out.write(
+        "\n"
+        "popserv: first start, created a mail account (this is shown only once):\n"
+        f"    user:     {account.user}\n"
+        f"    password: {account.password}\n"
+        "Fetch the welcome message with:\n"
+        f"    curl pop3://127.0.0.1:{port}/1 -u '{account.user}:{account.password}'\n"
+        f"Change the password with: popserv user passwd {account.user}\n\n"
+    )
+    out.flush()
+
+
+def _port_of(endpoint: str) -> str:
+    parts = endpoint.split(":")
+    return parts[1] if len(parts) > 1 and parts[1].isdigit() else "1110"

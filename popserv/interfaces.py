@@ -1,0 +1,147 @@
+"""
+The seams of popserv: what a maildrop store must provide.
+
+An embedding application plugs its own store in by giving the POP3 factory
+a ``twisted.cred`` portal whose realm answers ``requestAvatar(..., IMailbox)``
+with an object providing :class:`IMailbox`.  Everything else (the protocol,
+timeouts, TLS, limits) comes from popserv.
+
+The interface is shaped for large maildrops and for asynchronous back ends:
+
+- one call, :meth:`IMailbox.listing`, returns every message's size and
+  unique id at once (no call per message);
+- :meth:`IMailbox.open_message` gives a readable binary stream, which the
+  server reads in chunks, so no message is held in memory whole;
+- :meth:`IMailbox.commit` applies all deletions of a session in one call,
+  in the UPDATE state after ``QUIT``;
+- :meth:`IMailbox.close` always runs when the session ends, however it ends,
+  and releases the maildrop.
+
+Every method may return its result directly or as a ``Deferred``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from attrs import field, frozen
+from zope.interface import Attribute, Interface
+
+
+class MessageStream(Protocol):
+    """A message opened for reading: a binary file-like object."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def _same_length(instance: Listing, attribute: object, value: object) -> None:
+    if value is not None and len(value) != len(instance.uids):  # type: ignore[arg-type]
+        raise ValueError("every Listing column must have one entry per message")
+
+
+@frozen
+class Listing:
+    """
+    The messages of a maildrop as of the moment it was opened, in maildrop order.
+
+    Columns rather than an object per message, so that a 100,000-message
+    maildrop costs little memory: the caller may pass arrays or tuples.
+
+    ``sizes`` are the exact octets ``RETR`` sends for each message with CRLF
+    line ends and before byte-stuffing.  ``uids`` are unique ids for ``UIDL``:
+    stable across sessions, 1 to 70 characters in the range 0x21-0x7E.
+    ``received`` (delivery times, seconds since the epoch) and ``seen``
+    (retrieved in an earlier session) are optional and only needed for the
+    EXPIRE policy.
+    """
+
+    uids: Sequence[str]
+    sizes: Sequence[int] = field(validator=_same_length)
+    received: Sequence[float] | None = field(default=None, validator=_same_length)
+    seen: Sequence[bool] | None = field(default=None, validator=_same_length)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+
+class IMailbox(Interface):
+    """
+    One user's maildrop, opened (and locked) for one POP3 session.
+
+    Message indexes are 0-based positions in :meth:`listing`; the protocol
+    turns them into the 1-based numbers clients see.
+    """
+
+    def listing() -> Listing:
+        """
+        Return (or fire a ``Deferred`` with) the :class:`Listing` of all messages.
+
+        Called once, right after login.  Mail delivered later belongs to the
+        next session.
+        """
+
+    def open_message(index: int) -> MessageStream:
+        """
+        Return (or fire a ``Deferred`` with) a readable binary stream of one message.
+
+        The stored bytes may use LF or CRLF line ends; the server converts
+        them.  Fail with :class:`popserv.errors.MessageGone` if the message
+        vanished meanwhile, or a :class:`popserv.errors.TemporaryFailure`.
+        """
+
+    def commit(deleted: Sequence[int], retrieved: Sequence[int]) -> None:
+        """
+        Apply the session's changes, in the UPDATE state after ``QUIT``.
+
+        Remove the ``deleted`` messages; remember that the ``retrieved`` ones
+        were downloaded (a store may mark them as seen, or ignore this).
+        Fail with :class:`popserv.errors.TemporaryFailure` if some deletions
+        could not be done.  Not called when the connection drops.
+        """
+
+    def close() -> None:
+        """
+        Release the maildrop (its lock, open files).  Always called, once.
+        """
+
+
+class IAccountSettings(Interface):
+    """
+    Per-user policy a mailbox may carry, for CAPA and UPDATE.
+
+    A mailbox that does not provide it gets the server-wide settings.
+    """
+
+    login_delay = Attribute("Minimum seconds between two logins of this user (int).")
+    expire_days = Attribute(
+        "Days a retrieved message may stay on the server, or None for never (int | None)."
+    )
+
+
+class IHashedLoginSupport(Interface):
+    """
+    A checker of ``IUsernameHashedPassword`` credentials (APOP, later CRAM-MD5)
+    that can tell whether any account could pass such a check at all.
+
+    Those logins need the password in a form the server can read back; with
+    only hashed passwords stored they fail for everyone.  The server then
+    does not offer them, which matters in practice: curl, for one, uses APOP
+    whenever the greeting carries a timestamp and cannot fall back.
+    """
+
+    def hashed_logins_possible() -> bool:
+        """True when at least one account could log in with APOP."""
+
+
+class ISessionInfo(Interface):
+    """
+    What a realm or checker may learn about the connection a login comes from.
+
+    Passed as the ``mind`` of ``Portal.login``.
+    """
+
+    peer = Attribute("The client's address (an IAddress).")
+    secure = Attribute("True when the connection is encrypted with TLS.")

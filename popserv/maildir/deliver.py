@@ -1,0 +1,173 @@
+"""
+Delivery into a Maildir: the one routine every way mail arrives goes through.
+
+The Maildir protocol makes delivery atomic without locks: write the message
+under ``tmp/``, make it durable, then link it into ``new/`` under its final
+name, where readers see it whole or not at all.
+
+Messages are stored with LF line ends, as other Maildir software expects,
+and their final names carry ``,S=`` (stored octets) and ``,W=`` (POP3 wire
+octets) so a later scan knows the sizes without reading the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from popserv.body import WireSizeCounter
+from popserv.layout import ensure_maildir
+from popserv.maildir.names import make_unique
+
+#: Read and write in pieces this big, so large messages stream through.
+CHUNK_SIZE = 64 * 1024
+
+#: The Maildir spec's age for abandoned files in ``tmp/``.
+STALE_TMP_SECONDS = 36 * 3600
+
+#: ``link`` failures that mean "this file system cannot hard-link".
+_NO_LINKS = frozenset(
+    e
+    for e in (
+        getattr(errno, "EPERM", None),
+        getattr(errno, "EOPNOTSUPP", None),
+        getattr(errno, "ENOTSUP", None),
+        getattr(errno, "ENOSYS", None),
+    )
+    if e is not None
+)
+
+
+def _chunks(source: bytes | BinaryIO) -> Iterator[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source)
+        for start in range(0, len(view), CHUNK_SIZE):
+            yield bytes(view[start : start + CHUNK_SIZE])
+        return
+    while chunk := source.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _write_lf(fd: int, source: bytes | BinaryIO) -> tuple[int, int]:
+    """Write ``source`` to ``fd`` with CRLF turned into LF; return (stored, wire) sizes."""
+    counter = WireSizeCounter()
+    stored = 0
+    with open(fd, "wb", closefd=False) as out:
+        carry = b""
+        for chunk in _chunks(source):
+            data = carry + chunk if carry else chunk
+            # A CR at the end may be the first half of a CRLF split across chunks.
+            if data.endswith(b"\r"):
+                data, carry = data[:-1], b"\r"
+            else:
+                carry = b""
+            data = data.replace(b"\r\n", b"\n")
+            out.write(data)
+            counter.feed(data)
+            stored += len(data)
+        if carry:
+            out.write(carry)
+            counter.feed(carry)
+            stored += len(carry)
+    return stored, counter.result()
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (new, renamed, removed files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _publish(tmp_path: Path, final_path: Path) -> bool:
+    """Put the tmp file at ``final_path``; True if ``tmp_path`` still exists (linked)."""
+    try:
+        os.link(tmp_path, final_path)
+        return True
+    except OSError as e:
+        if e.errno not in _NO_LINKS:
+            raise
+    # No hard links here: rename, which would silently replace an existing
+    # file, so check first (names are unique, this only guards against bugs).
+    if os.path.lexists(final_path):
+        raise FileExistsError(errno.EEXIST, "delivery target exists")
+    os.rename(tmp_path, final_path)
+    return False
+
+
+def deliver(maildir: Path, source: bytes | BinaryIO, *, hostname: str | None = None) -> str:
+    """
+    Store one message in ``maildir`` (created if missing); return its file name in ``new/``.
+
+    Blocking: call it in a thread.  ``source`` is the whole message or a
+    binary stream read in chunks.  On any failure nothing appears in
+    ``new/``, the ``tmp/`` file is removed and the error is raised.
+    """
+    maildir = Path(maildir)
+    ensure_maildir(maildir)
+    tmp_name = make_unique(None, None, hostname=hostname)
+    tmp_path = maildir / "tmp" / tmp_name
+    fd = os.open(
+        tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    published: Path | None = None
+    try:
+        try:
+            stored, wire = _write_lf(fd, source)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final_name = f"{tmp_name},S={stored},W={wire}"
+        final_path = maildir / "new" / final_name
+        linked = _publish(tmp_path, final_path)
+        published = final_path
+        # Until new/ is synced the message could vanish in a crash; fail loudly
+        # (so the sender retries) rather than acknowledge it.
+        fsync_directory(maildir / "new")
+    except BaseException:
+        if published is not None:
+            _unlink_quietly(published)
+        _unlink_quietly(tmp_path)
+        raise
+    if linked:
+        # Delivered whatever happens here; clean_tmp removes a leftover later.
+        _unlink_quietly(tmp_path)
+    return final_name
+
+
+def clean_tmp(maildir: Path, older_than: float = STALE_TMP_SECONDS) -> int:
+    """
+    Remove files in ``maildir/tmp`` untouched for ``older_than`` seconds.
+
+    Those are deliveries that died halfway.  Return how many were removed.
+    """
+    limit = time.time() - older_than
+    removed = 0
+    try:
+        entries = os.scandir(Path(maildir) / "tmp")
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if max(st.st_mtime, st.st_atime) < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed

@@ -1,0 +1,76 @@
+"""
+The maildrop lock: one POP3 session per Maildir at a time (RFC 1939 section 8).
+
+``flock`` on ``MAILDIR/popserv.lock``: it belongs to the open file
+description, so two sessions in one process exclude each other, and the
+kernel drops it when the holder dies, so a killed server never leaves a
+stale lock that keeps the user out.  The file is never removed: unlinking a
+lock file lets a late opener lock the old inode while a third locks a new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from popserv.errors import MailboxInUse, TemporaryFailure
+
+LOCK_FILE = "popserv.lock"
+
+_CONTENDED = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
+
+
+class MaildropLock:
+    """An exclusive lock on one Maildir, held until :meth:`release`."""
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, maildir: Path) -> MaildropLock:
+        """
+        Lock ``maildir`` without waiting (a quick, blocking call).
+
+        Raise :class:`MailboxInUse` if another session holds it, or
+        :class:`TemporaryFailure` if the lock file cannot be opened.
+        """
+        path = maildir / LOCK_FILE
+        try:
+            # O_NOFOLLOW: a symlink planted here must not make us write elsewhere.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise TemporaryFailure(f"cannot open the lock file: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in _CONTENDED:
+                raise MailboxInUse("maildrop locked by another session") from None
+            raise TemporaryFailure(f"cannot lock: {e.strerror}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            pass  # The pid is only a hint for humans; the lock is what counts.
+        return cls(path, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock; calling it again does nothing."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            # Unlock explicitly: a child forked meanwhile (before its exec) shares
+            # the open file description, and closing only our copy would keep
+            # the lock until that child exits.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)

@@ -1,0 +1,161 @@
+"""
+The ``twisted.cred`` checker for a passwd-file.
+
+USER/PASS and SASL PLAIN arrive as ``IUsernamePassword``; the password is
+hashed and compared in the reactor's thread pool, as argon2 keeps a core
+busy for tens of milliseconds.  APOP (and later CRAM-MD5) arrive as
+``IUsernameHashedPassword``, which can only be checked against a stored
+plaintext (``{PLAIN}``): for any other scheme the login fails, and the log
+says why.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cache
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.errors import TemporaryFailure
+from popserv.interfaces import IHashedLoginSupport
+from popserv.passwords.passwdfile import PasswdFile, UserEntry
+from popserv.passwords.schemes import (
+    DEFAULT_SCHEME,
+    UnknownScheme,
+    hash_password,
+    plaintext_secret,
+    scheme_of,
+    verify_password,
+)
+from popserv.usernames import is_valid_username
+
+log = Logger()
+
+
+@cache
+def _dummy_hash() -> str:
+    """A hash of a random password, checked for unknown users to spend the same time."""
+    return hash_password(secrets.token_urlsafe(16), DEFAULT_SCHEME)
+
+
+def _verify(stored: str | None, password: str | bytes) -> bool:
+    """Runs in the thread pool; an unknown user (``stored`` None) never matches."""
+    if stored is None:
+        verify_password(_dummy_hash(), password)
+        return False
+    return verify_password(stored, password)
+
+
+def _user_name(username: str | bytes) -> str:
+    if isinstance(username, bytes):
+        try:
+            username = username.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnauthorizedLogin() from None
+    if not is_valid_username(username):
+        raise UnauthorizedLogin()
+    return username
+
+
+@implementer(ICredentialsChecker, IHashedLoginSupport)
+class PasswdFileChecker:
+    """
+    Checks logins against a :class:`PasswdFile`; the avatar id is the user name.
+
+    Fails with ``UnauthorizedLogin`` for a wrong password or an unknown user
+    (after the same work, so the time taken does not tell them apart), and
+    with :class:`popserv.errors.TemporaryFailure` when the file cannot be
+    read, so the client hears ``[SYS/TEMP]`` rather than a wrong password.
+    """
+
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, passwd: PasswdFile, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.passwd = passwd
+        self._reactor = reactor
+        self._hashed_possible: tuple[object, bool] | None = None
+
+    def hashed_logins_possible(self) -> bool:
+        """True when some user's stored password is one APOP can check (PLAIN)."""
+        try:
+            users = self.passwd.users()
+        except OSError:
+            return False
+        cached = self._hashed_possible
+        if cached is None or cached[0] is not users:
+            possible = any(plaintext_secret(entry.password) for entry in users)
+            self._hashed_possible = cached = (users, possible)
+        return cached[1]
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        """Fire with the user name as ``str`` when ``credentials`` are right."""
+        return Deferred.fromCoroutine(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> str:
+        name = _user_name(credentials.username)
+        if IUsernamePassword.providedBy(credentials):
+            return await self._check_password(name, credentials.password)
+        if IUsernameHashedPassword.providedBy(credentials):
+            return await self._check_hashed(name, credentials)
+        raise UnhandledCredentials(f"{type(credentials).__name__} is not handled")
+
+    async def _check_password(self, name: str, password: str | bytes) -> str:
+        if not password:
+            raise UnauthorizedLogin()
+        entry = self._entry(name)
+        stored = None if entry is None else entry.password
+        pool = self._reactor.getThreadPool()
+        try:
+            matches = await deferToThreadPool(self._reactor, pool, _verify, stored, password)
+        except UnknownScheme as e:
+            log.error(
+                "Cannot check the password of {user} (scheme {scheme}): {why}",
+                user=name,
+                scheme=scheme_of(stored or ""),
+                why=str(e),
+            )
+            raise UnauthorizedLogin() from None
+        if entry is None:
+            log.debug("Login as unknown user {user}", user=name)
+        if not matches:
+            raise UnauthorizedLogin()
+        return name
+
+    async def _check_hashed(self, name: str, credentials: Any) -> str:
+        entry = self._entry(name)
+        if entry is None:
+            log.debug("Login as unknown user {user}", user=name)
+            raise UnauthorizedLogin()
+        plain = plaintext_secret(entry.password)
+        if not plain:
+            log.info(
+                "{user} cannot log in with {kind}: challenge-response logins (APOP, "
+                "CRAM-MD5) need a PLAIN password, the stored one is {scheme}",
+                user=name,
+                kind=type(credentials).__name__,
+                scheme=entry.scheme,
+            )
+            raise UnauthorizedLogin()
+        if await maybeDeferred(credentials.checkPassword, plain):
+            return name
+        raise UnauthorizedLogin()
+
+    def _entry(self, name: str) -> UserEntry | None:
+        try:
+            return self.passwd.lookup(name)
+        except OSError as e:
+            log.error(
+                "Cannot read the password file {path}: {error}",
+                path=str(self.passwd.path),
+                error=e.strerror or e.__class__.__name__,
+            )
+            raise TemporaryFailure("password file unreadable") from None

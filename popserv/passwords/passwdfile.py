@@ -1,0 +1,367 @@
+"""
+Dovecot's passwd-file: one user a line, ``user:password:uid:gid:gecos:home:shell:extra``.
+
+Everything after the password is optional.  ``extra`` holds space-separated
+``key=value`` fields (``login_delay=900 expire=30``); a bare ``key`` is a
+flag with an empty value.  Blank lines and ``#`` comments are allowed.
+
+Reads are cached: :meth:`PasswdFile.lookup` costs one ``stat`` while the
+file is unchanged.  Writes lock ``passwd.lock``, re-read the file, change
+only the lines of the user concerned (comments, other users and lines this
+module cannot parse stay byte for byte), and replace the file atomically.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import MappingProxyType
+
+from attrs import field, frozen
+from twisted.logger import Logger
+
+from popserv.errors import InvalidUsername
+from popserv.passwords.schemes import scheme_of
+from popserv.usernames import validate_username
+
+log = Logger()
+
+#: uid, gid, gecos, home and shell: the fields between the password and the extras.
+MIDDLE_FIELDS = 5
+
+_FORBIDDEN_IN_FIELD = frozenset(":\n\r\x00")
+
+
+class UserExists(KeyError):
+    """The user is already in the password file."""
+
+    def __str__(self) -> str:
+        return f"user {self.args[0]!r} already exists"
+
+
+class NoSuchUser(KeyError):
+    """The user is not in the password file."""
+
+    def __str__(self) -> str:
+        return f"no user {self.args[0]!r}"
+
+
+class InvalidField(ValueError):
+    """A value that would break the ``:``-separated line format."""
+
+
+def _readonly(mapping: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(mapping))
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+@frozen
+class UserEntry:
+    """One user's line: name, stored password field, extra fields."""
+
+    name: str
+    password: str
+    extra: Mapping[str, str] = field(factory=dict, converter=_readonly, hash=False)
+    #: The uid, gid, gecos, home and shell fields as written (up to five), kept
+    #: so that rewriting the line does not lose them.
+    fields: tuple[str, ...] = field(default=(), converter=_strings)
+
+    @property
+    def scheme(self) -> str:
+        """The password scheme, e.g. ``ARGON2ID`` (see :func:`scheme_of`)."""
+        return scheme_of(self.password)
+
+    def to_line(self) -> str:
+        """The passwd-file line for this entry, without the newline."""
+        parts = [self.name, self.password, *self.fields]
+        if self.extra:
+            parts += [""] * (2 + MIDDLE_FIELDS - len(parts))
+            parts.append(" ".join(f"{k}={v}" if v else k for k, v in self.extra.items()))
+        return ":".join(parts)
+
+
+def parse_line(text: str) -> UserEntry:
+    """Parse one user line (not a comment); :class:`ValueError` when malformed."""
+    parts = text.split(":", 2 + MIDDLE_FIELDS)
+    if len(parts) < 2:
+        raise ValueError("no password field")
+    name, password = parts[0], parts[1]
+    try:
+        validate_username(name)
+    except InvalidUsername as e:
+        raise ValueError(e.detail) from None
+    extra: dict[str, str] = {}
+    if len(parts) > 2 + MIDDLE_FIELDS:
+        for item in parts[-1].split():
+            key, _, value = item.partition("=")
+            if not key:
+                raise ValueError("extra field without a name")
+            extra[key] = value
+    middle = parts[2 : 2 + MIDDLE_FIELDS]
+    # Empty trailing fields are padding for the extras: dropping them makes
+    # an entry equal to the one it was written from.
+    while middle and not middle[-1]:
+        middle.pop()
+    return UserEntry(name, password, extra, middle)
+
+
+@frozen
+class _Contents:
+    """A parsed file: its raw lines, the entry (if any) of each, the live ones."""
+
+    lines: tuple[bytes, ...]
+    entries: tuple[UserEntry | None, ...]
+    #: name -> index of the user's first line, the one that counts.
+    first: Mapping[str, int]
+    users: tuple[UserEntry, ...]
+
+    def get(self, name: str) -> UserEntry | None:
+        index = self.first.get(name)
+        return None if index is None else self.entries[index]
+
+
+def _parse(data: bytes, path: Path, *, warn: bool) -> _Contents:
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    entries: list[UserEntry | None] = []
+    first: dict[str, int] = {}
+    for index, raw in enumerate(lines):
+        entry = None
+        try:
+            text = raw.removesuffix(b"\r").decode("utf-8")
+            if text.strip() and not text.lstrip().startswith("#"):
+                entry = parse_line(text)
+        except ValueError:
+            # Never the line itself: it may hold a password.
+            if warn:
+                log.warn("{path}: line {number} is malformed, skipped", path=path, number=index + 1)
+        if entry is not None:
+            if entry.name not in first:
+                first[entry.name] = index
+            elif warn:
+                log.warn(
+                    "{path}: line {number} repeats user on line {earlier}, skipped",
+                    path=path,
+                    number=index + 1,
+                    earlier=first[entry.name] + 1,
+                )
+        entries.append(entry)
+    users = tuple(entries[i] for i in first.values())
+    return _Contents(tuple(lines), tuple(entries), first, users)  # type: ignore[arg-type]
+
+
+def _check_field(value: str, what: str) -> None:
+    if any(char in _FORBIDDEN_IN_FIELD for char in value):
+        raise InvalidField(f"{what} must not contain ':', a line break or NUL")
+
+
+def _check_extra(key: str, value: str) -> None:
+    _check_field(key, "an extra field name")
+    _check_field(value, "an extra field value")
+    if not key or "=" in key or any(char.isspace() for char in key + value):
+        raise InvalidField("an extra field is a name without '=', and neither has spaces")
+
+
+class PasswdFile:
+    """
+    A Dovecot passwd-file, read with a cache and rewritten atomically.
+
+    Safe to use from several threads; writes from several processes are
+    serialised by ``flock`` on ``PATH.lock``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._lock = threading.Lock()
+        self._cache: tuple[tuple[int, int, int], _Contents] | None = None
+
+    def __repr__(self) -> str:
+        return f"PasswdFile({str(self.path)!r})"
+
+    def exists(self) -> bool:
+        """True when the file is there (it need not be readable)."""
+        return self.path.exists()
+
+    def lookup(self, name: str) -> UserEntry | None:
+        """
+        The entry of ``name``, or None.
+
+        Raises :class:`FileNotFoundError` (or another :class:`OSError`) when
+        the file is missing or unreadable: that is a server fault, not an
+        unknown user.
+        """
+        return self._current().get(name)
+
+    def users(self) -> tuple[UserEntry, ...]:
+        """
+        Every user, in file order.
+
+        The same tuple object is returned while the file is unchanged, so
+        callers may cache what they derive from it.  Raises :class:`OSError`
+        like :meth:`lookup`.
+        """
+        return self._current().users
+
+    def add(
+        self, name: str, password_field: str, extra: Mapping[str, str] | None = None
+    ) -> UserEntry:
+        """Append a user; :class:`UserExists` if the name is taken.  Creates the file."""
+        entry = self._checked(UserEntry(validate_username(name), password_field, extra or {}))
+
+        def change(contents: _Contents) -> list[bytes]:
+            if name in contents.first:
+                raise UserExists(name)
+            return [*contents.lines, entry.to_line().encode("utf-8")]
+
+        self._rewrite(change, create=True)
+        return entry
+
+    def set_password(self, name: str, password_field: str) -> UserEntry:
+        """Replace the stored password field of ``name`` (:class:`NoSuchUser` if absent)."""
+        validate_username(name)
+        _check_field(password_field, "the password field")
+        return self._update(
+            name, lambda entry: UserEntry(entry.name, password_field, entry.extra, entry.fields)
+        )
+
+    def set_extra(self, name: str, key: str, value: str | None) -> UserEntry:
+        """Set the extra field ``key`` of ``name``, or remove it when ``value`` is None."""
+        validate_username(name)
+        _check_extra(key, value or "")
+
+        def edit(entry: UserEntry) -> UserEntry:
+            extra = dict(entry.extra)
+            if value is None:
+                extra.pop(key, None)
+            else:
+                extra[key] = value
+            return UserEntry(entry.name, entry.password, extra, entry.fields)
+
+        return self._update(name, edit)
+
+    def remove(self, name: str) -> None:
+        """Delete every line of ``name`` (:class:`NoSuchUser` if absent)."""
+        validate_username(name)
+
+        def change(contents: _Contents) -> list[bytes]:
+            if name not in contents.first:
+                raise NoSuchUser(name)
+            # Every line of the user: a repeated one would otherwise become live.
+            return [
+                raw
+                for raw, entry in zip(contents.lines, contents.entries, strict=True)
+                if entry is None or entry.name != name
+            ]
+
+        self._rewrite(change)
+
+    def _update(self, name: str, edit: Callable[[UserEntry], UserEntry]) -> UserEntry:
+        updated: list[UserEntry] = []
+
+        def change(contents: _Contents) -> list[bytes]:
+            index = contents.first.get(name)
+            if index is None:
+                raise NoSuchUser(name)
+            new = self._checked(edit(contents.entries[index]))  # type: ignore[arg-type]
+            updated.append(new)
+            lines = list(contents.lines)
+            lines[index] = new.to_line().encode("utf-8")
+            return lines
+
+        self._rewrite(change)
+        return updated[0]
+
+    @staticmethod
+    def _checked(entry: UserEntry) -> UserEntry:
+        _check_field(entry.password, "the password field")
+        for value in entry.fields:
+            _check_field(value, "a passwd-file field")
+        for key, value in entry.extra.items():
+            _check_extra(key, value)
+        return entry
+
+    def _current(self) -> _Contents:
+        with self._lock:
+            st = os.stat(self.path)
+            if self._cache is not None and self._cache[0] == _version(st):
+                return self._cache[1]
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+            contents = _parse(data, self.path, warn=True)
+            self._cache = (_version(st), contents)
+            return contents
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _rewrite(self, change: Callable[[_Contents], list[bytes]], *, create: bool = False) -> None:
+        if create:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not self.path.parent.is_dir():
+            # No file, so no such user: ``change`` raises without creating anything.
+            change(_parse(b"", self.path, warn=False))
+        with self._exclusive():
+            try:
+                with open(self.path, "rb") as f:
+                    old: os.stat_result | None = os.fstat(f.fileno())
+                    data = f.read()
+            except FileNotFoundError:
+                old, data = None, b""
+            lines = change(_parse(data, self.path, warn=False))
+            self._replace(b"".join(line + b"\n" for line in lines), old)
+        with self._lock:
+            self._cache = None
+
+    def _replace(self, data: bytes, old: os.stat_result | None) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(self._tmp_path, flags, 0o600)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                if old is not None:
+                    # Keep the owner and mode an administrator gave the file
+                    # (say root:popserv 0640), so the server can still read it.
+                    with suppress(PermissionError):
+                        os.fchown(fd, old.st_uid, old.st_gid)
+                    os.fchmod(fd, stat.S_IMODE(old.st_mode))
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self._tmp_path, self.path)
+        except BaseException:
+            self._tmp_path.unlink(missing_ok=True)
+            raise
+        _fsync_directory(self.path.parent)
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,43 @@
+"""
+Every limit and timing of a POP3 session, in one object the factory holds.
+
+Defaults are the safe ones; each is a twistd option.  Where a number comes
+from is said beside it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from attrs import field, frozen
+
+from popserv._version import __version__
+from popserv.accounts import AccountSettings
+from popserv.wire import MAX_COMMAND_LINE
+
+
+@frozen
+class Policy:
+    """Limits and timings for the sessions of one POP3 factory."""
+
+    #: Host name in the greeting's APOP timestamp.
+    hostname: str = field(factory=socket.getfqdn)
+    #: RFC 1939 section 3: the autologout timer is at least 10 minutes.
+    idle_timeout: float = 600.0
+    #: RFC 2449 section 4: command lines are at most 255 octets with CRLF.
+    max_line_length: int = MAX_COMMAND_LINE
+    #: Reading from the client pauses while this many commands wait.
+    max_queued_commands: int = 32
+    #: Seconds before a failed login's -ERR (Dovecot waits about 2 s).
+    auth_failure_delay: float = 2.0
+    #: Failed logins in one session before the connection is closed.
+    max_auth_failures: int = 3
+    #: Server-wide LOGIN-DELAY and EXPIRE; users may override them.
+    account: AccountSettings = field(factory=AccountSettings)
+    #: Offer APOP (the greeting's timestamp): True, False, or None for "when
+    #: the portal's checker can verify APOP for at least one account".
+    apop: bool | None = None
+    #: Bytes read from the store per chunk while sending a message.
+    chunk_size: int = 256 * 1024
+    #: The IMPLEMENTATION capability.
+    implementation: str = f"popserv-{__version__}"

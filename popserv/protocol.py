@@ -1,0 +1,615 @@
+"""
+The POP3 protocol: a thin Twisted layer over the pure wire and maildrop code.
+
+One :class:`POP3Protocol` per connection keeps the session state
+(AUTHORIZATION, TRANSACTION, UPDATE), runs one command at a time in the
+order received (pipelined commands queue, and reading pauses while the queue
+is long), streams message bodies with backpressure, and always releases the
+maildrop, however the connection ends.
+
+Which command is legal in which state is the table :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import re
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
+from twisted.internet import interfaces
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from popserv import errors, wire
+from popserv.accounts import AccountSettings, Announcement, capability_lines
+from popserv.body import BodyEncoder
+from popserv.credentials import APOPCredentials
+from popserv.interfaces import (
+    IAccountSettings,
+    IHashedLoginSupport,
+    IMailbox,
+    ISessionInfo,
+    MessageStream,
+)
+from popserv.maildrop import MaildropView
+from popserv.policy import Policy
+
+log = Logger()
+T = TypeVar("T")
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    #: AUTHORIZATION after a USER command, waiting for PASS.
+    USER_GIVEN = "USER_GIVEN"
+    TRANSACTION = "TRANSACTION"
+    #: After QUIT in TRANSACTION, while deletions are applied.
+    UPDATE = "UPDATE"
+
+
+#: Something that adds lines to the CAPA answer of a session.
+CapabilitySource = Callable[["POP3Protocol"], Iterable[str]]
+
+
+def core_capabilities(session: POP3Protocol) -> list[str]:
+    """The capabilities of RFC 1939 and RFC 2449 that popserv always has."""
+    lines = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+    if session.state is State.TRANSACTION:
+        lines += capability_lines(session.account)
+    else:
+        announced = session.factory.announcement()
+        lines += capability_lines(announced, per_user=announced.per_user)
+    lines.append(f"IMPLEMENTATION {session.factory.policy.implementation}")
+    return lines
+
+
+async def resolve(value: T | Deferred[T]) -> T:
+    """Await a value that may or may not be a Deferred (IMailbox methods may be either)."""
+    if isinstance(value, Deferred):
+        return await value
+    return value
+
+
+_SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
+
+
+def apop_timestamp(hostname: str) -> bytes:
+    """
+    A fresh ``<random@host>`` for the greeting, from the system CSPRNG.
+
+    Letters, digits, ``.`` and ``-`` only: mpop refuses APOP when the
+    timestamp has ``+`` or ``=``.  Nothing in it leaks the pid or the clock.
+    """
+    host = _SAFE_HOST.sub("", hostname) or "localhost"
+    return f"<{secrets.token_hex(16)}@{host}>".encode("ascii")
+
+
+def _printable(value: bytes | str, limit: int = 64) -> str:
+    """A user-supplied value made safe for one log line."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    return value[:limit].encode("unicode_escape").decode("ascii")
+
+
+@implementer(ISessionInfo)
+class SessionInfo:
+    """What a realm or checker may know about the connection (the login ``mind``)."""
+
+    def __init__(self, peer: interfaces.IAddress | None, secure: bool) -> None:
+        self.peer = peer
+        self.secure = secure
+
+
+@implementer(interfaces.IPushProducer)
+class _OutputGate:
+    """Tells the session when the transport's send buffer is full or drained."""
+
+    def __init__(self, session: POP3Protocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        self._session.output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._session.output_paused = False
+        self._session.output_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class POP3Protocol(Protocol, TimeoutMixin):
+    """One POP3 session.  Built by :class:`POP3Factory`."""
+
+    factory: POP3Factory
+
+    def __init__(self) -> None:
+        self.state = State.AUTHORIZATION
+        self.output_paused = False
+        self.account: IAccountSettings = AccountSettings()
+        self.timestamp = b""
+        self._splitter = wire.LineSplitter()
+        self._queue: deque[wire.Line] = deque()
+        self._busy = False
+        self._reading_paused = False
+        self._lost = False
+        self._user: str | None = None
+        self._failures = 0
+        self._mailbox: Any = None
+        self._logout: Callable[[], object] | None = None
+        self._view: MaildropView | None = None
+        self._stream: Iterator[bytes] | None = None
+        self._stream_done: Deferred[None] | None = None
+        self._sleeping: Deferred[None] | None = None
+        self.info = SessionInfo(None, secure=False)
+
+    # Connection
+
+    def connectionMade(self) -> None:
+        policy = self.factory.policy
+        self._splitter.max_length = policy.max_line_length
+        self.setTimeout(policy.idle_timeout)
+        self.transport.registerProducer(_OutputGate(self), True)
+        self.info = SessionInfo(self.transport.getPeer(), secure=self.is_secure())
+        self.factory.sessions.add(self)
+        greeting = "POP3 server ready"
+        if self.factory.apop_offered():
+            self.timestamp = apop_timestamp(policy.hostname)
+            greeting += " " + self.timestamp.decode("ascii")
+        self.send(wire.ok(greeting))
+
+    def is_secure(self) -> bool:
+        """True when this connection runs over TLS."""
+        return interfaces.ISSLTransport.providedBy(self.transport)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:
+        return self.factory.clock.callLater(period, func)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        self.factory.sessions.discard(self)
+        self.setTimeout(None)
+        self._queue.clear()
+        if self._sleeping is not None:
+            self._sleeping.cancel()
+        if self._stream is not None:
+            self._end_stream()
+        # In UPDATE the commit is still running; it logs out when done.
+        if self.state is not State.UPDATE:
+            self._release()
+
+    def timeoutConnection(self) -> None:
+        log.info("Autologout of an idle session from {peer}", peer=self.info.peer)
+        self.send(b"-ERR Autologout, idle for too long\r\n")
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        if not self._lost:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after the send buffer is flushed (the producer would hold it open)."""
+        if not self._lost:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+
+    def _release(self) -> None:
+        """Release the maildrop: the cred logout, exactly once."""
+        logout, self._logout, self._mailbox = self._logout, None, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                log.failure("Releasing a maildrop failed")
+
+    # Reading commands
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._queue.extend(self._splitter.feed(data))
+        if len(self._queue) >= self.factory.policy.max_queued_commands:
+            self._pause_reading(True)
+        self._run_queue()
+
+    def _pause_reading(self, pause: bool) -> None:
+        if pause != self._reading_paused and not self._lost:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _run_queue(self) -> None:
+        """Run queued commands one at a time, until one has to wait."""
+        while self._queue and not self._busy and not self.output_paused and not self._lost:
+            result = self._dispatch(self._queue.popleft())
+            if result is None:
+                continue
+            done = result if isinstance(result, Deferred) else Deferred.fromCoroutine(result)
+            done.addErrback(self._command_failed)
+            # A command that finished at once continues this loop rather than
+            # recursing, so thousands of pipelined commands cannot overflow the stack.
+            if not done.called:
+                self._busy = True
+                done.addBoth(self._command_done)
+        if self._reading_paused and len(self._queue) < self.factory.policy.max_queued_commands // 2:
+            self._pause_reading(False)
+
+    def _command_done(self, _: object) -> None:
+        self._busy = False
+        self._run_queue()
+
+    def _command_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) or self._lost:
+            return
+        self._report(failure)
+
+    def _report(self, failure: Failure) -> None:
+        """Answer a failed command with its fixed -ERR text; log what is unexpected."""
+        error = failure.value
+        if not isinstance(error, errors.PopError):
+            log.failure("Unexpected error in a POP3 command", failure)
+            error = errors.InternalError()
+        self.send(wire.err(error))
+
+    def _dispatch(self, line: wire.Line) -> Any:
+        """Run one command line; return a coroutine when it has to wait."""
+        try:
+            if isinstance(line, wire.TooLong):
+                raise errors.LineTooLong()
+            verb, rest = wire.split_command(line)
+            parser = wire.ARGUMENTS.get(verb)
+            if parser is None:
+                raise errors.UnknownCommand()
+            handler = COMMANDS[self.state].get(verb)
+            if handler is None:
+                raise errors.BadState()
+            result = handler(self, *parser(rest))
+        except Exception:
+            self._report(Failure())
+            return None
+        return result if inspect.isawaitable(result) else None
+
+    # Output
+
+    def output_resumed(self) -> None:
+        if self._stream is not None:
+            self._pump_stream()
+        if self._stream is None:
+            self._run_queue()
+
+    def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
+        """Send ``chunks`` as fast as the client reads them; fires when all are sent."""
+        self._stream = chunks
+        self._stream_done = done = Deferred()
+        self._pump_stream()
+        return done
+
+    def _pump_stream(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        while not self.output_paused and not self._lost:
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                self._end_stream()
+                return
+            except Exception:
+                # Half a response is out: an -ERR now would be read as message
+                # data, so the only honest answer is to close the connection.
+                log.failure("Reading a message failed while sending it")
+                self._end_stream()
+                self.transport.abortConnection()
+                return
+            self.send(chunk)
+            self.resetTimeout()
+
+    def _end_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        done, self._stream_done = self._stream_done, None
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        if done is not None:
+            done.callback(None)
+
+    def sleep(self, seconds: float) -> Deferred[None]:
+        """Wait without blocking; cancelled if the connection is lost meanwhile."""
+        self._sleeping = deferLater(self.factory.clock, seconds, lambda: None)
+        return self._sleeping
+
+    # AUTHORIZATION
+
+    def do_capa(self) -> Awaitable[None]:
+        lines = [line for source in self.factory.capabilities for line in source(self)]
+        self.send(wire.ok("Capability list follows"))
+        return self.stream(wire.multiline(line.encode("ascii") for line in lines))
+
+    def do_user(self, name: bytes) -> None:
+        self._user = name
+        self.state = State.USER_GIVEN
+        self.send(wire.ok("Send PASS"))
+
+    async def do_pass(self, password: bytes) -> None:
+        # Bytes, as twisted.cred's own checkers expect; ours decode UTF-8.
+        user, self._user = self._user, None
+        self.state = State.AUTHORIZATION
+        assert user is not None
+        await self.login(UsernamePassword(user, password))
+
+    async def do_apop(self, name: bytes, digest: bytes) -> None:
+        self.state = State.AUTHORIZATION
+        self._user = None
+        if not self.timestamp:
+            raise errors.APOPUnavailable()
+        if len(digest) != 32 or not all(c in b"0123456789abcdefABCDEF" for c in digest):
+            await self._auth_failed(name, "malformed APOP digest", errors.APOPFailed())
+            return
+        credentials = APOPCredentials(name, self.timestamp, digest)
+        await self.login(credentials, errors.APOPFailed())
+
+    async def login(self, credentials: Any, failed: errors.PopError | None = None) -> None:
+        """
+        Log in through the portal; on success, open the maildrop (TRANSACTION).
+
+        A refused login is answered with ``failed`` (``-ERR [AUTH]``) after
+        the failed-login delay.
+        """
+        user = credentials.username
+        try:
+            _, mailbox, logout = await self.factory.portal.login(credentials, self.info, IMailbox)
+        except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
+            await self._auth_failed(user, str(e) or type(e).__name__, failed)
+            return
+        except errors.PopError as e:
+            reason = e.detail or e.text
+            log.info("Login of {user} refused: {reason}", user=_printable(user), reason=reason)
+            self.send(wire.err(e))
+            return
+        if self._lost:
+            logout()
+            return
+        self._mailbox, self._logout = mailbox, logout
+        try:
+            listing = await resolve(mailbox.listing())
+        except BaseException:
+            self._release()
+            raise
+        if self._lost:
+            self._release()
+            return
+        self._view = MaildropView(listing)
+        self.account = IAccountSettings(mailbox, self.factory.policy.account)
+        self.state = State.TRANSACTION
+        self._failures = 0
+        count, octets = self._view.stat()
+        log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.peer)
+        self.send(wire.ok(f"Logged in, {count} messages ({octets} octets)"))
+
+    async def _auth_failed(
+        self, user: object, reason: str, answer: errors.PopError | None = None
+    ) -> None:
+        self._failures += 1
+        log.info(
+            "Failed login for {user} from {peer}: {reason}",
+            user=_printable(user if isinstance(user, (bytes, str)) else repr(user)),
+            peer=self.info.peer,
+            reason=reason,
+        )
+        await self.sleep(self.factory.policy.auth_failure_delay)
+        if self._failures >= self.factory.policy.max_auth_failures:
+            self.send(wire.err(errors.TooManyFailures()))
+            self.close()
+        else:
+            self.send(wire.err(answer or errors.AuthFailed()))
+
+    def do_quit_authorization(self) -> None:
+        self.send(wire.ok("Bye"))
+        self.close()
+
+    # TRANSACTION
+
+    @property
+    def view(self) -> MaildropView:
+        assert self._view is not None
+        return self._view
+
+    def do_stat(self) -> None:
+        count, octets = self.view.stat()
+        self.send(wire.ok(f"{count} {octets}"))
+
+    def do_list(self, number: int | None = None) -> Awaitable[None] | None:
+        view = self.view
+        if number is not None:
+            self.send(wire.ok(f"{number} {view.size(number)}"))
+            return None
+        count, octets = view.stat()
+        sizes = view.listing.sizes
+        self.send(wire.ok(f"{count} messages ({octets} octets)"))
+        return self.stream(wire.multiline(b"%d %d" % (n, sizes[n - 1]) for n in view.live()))
+
+    def do_uidl(self, number: int | None = None) -> Awaitable[None] | None:
+        view = self.view
+        if number is not None:
+            self.send(wire.ok(f"{number} {view.uid(number)}"))
+            return None
+        uids = view.listing.uids
+        self.send(wire.ok("Unique-ID listing follows"))
+        return self.stream(
+            wire.multiline(b"%d %s" % (n, uids[n - 1].encode("ascii")) for n in view.live())
+        )
+
+    def do_dele(self, number: int) -> None:
+        self.view.delete(number)
+        self.send(wire.ok(f"Message {number} deleted"))
+
+    def do_noop(self) -> None:
+        self.send(wire.ok())
+
+    def do_rset(self) -> None:
+        self.view.reset()
+        count, octets = self.view.stat()
+        self.send(wire.ok(f"{count} messages ({octets} octets)"))
+
+    async def do_retr(self, number: int) -> None:
+        size = self.view.size(number)
+        await self._send_message(number, BodyEncoder(), f"{size} octets")
+        self.view.retrieved(number)
+
+    async def do_top(self, number: int, lines: int) -> None:
+        self.view.index(number)
+        await self._send_message(number, BodyEncoder(body_lines=lines), "Top of message follows")
+
+    async def _send_message(self, number: int, encoder: BodyEncoder, text: str) -> None:
+        index = self.view.index(number)
+        message = await resolve(self._mailbox.open_message(index))
+        self.send(wire.ok(text))
+        await self.stream(_encoded(message, encoder, self.factory.policy.chunk_size))
+
+    async def do_quit_transaction(self) -> None:
+        """Enter UPDATE: apply deletions (and EXPIRE), release the maildrop, close."""
+        self.state = State.UPDATE
+        view = self.view
+        expired = view.expired_indexes(self.account.expire_days, self.factory.clock.seconds())
+        deleted = sorted(set(view.deleted_indexes()).union(expired))
+        try:
+            await resolve(self._mailbox.commit(deleted, view.retrieved_indexes()))
+        except Exception:
+            failure = Failure()
+            if not failure.check(errors.PopError):
+                log.failure("Applying deletions failed", failure)
+            response = wire.err(errors.CommitFailed())
+        else:
+            count, _ = view.stat()
+            response = wire.ok(f"Bye, {len(deleted)} deleted, {count - len(expired)} left")
+        finally:
+            self._release()
+        self.send(response)
+        self.close()
+
+
+def _encoded(message: MessageStream, encoder: BodyEncoder, chunk_size: int) -> Iterator[bytes]:
+    """Read a stored message in chunks and yield its encoded response body."""
+    try:
+        while not encoder.done:
+            data = message.read(chunk_size)
+            if not data:
+                break
+            out = encoder.feed(data)
+            if out:
+                yield out
+        yield encoder.finish()
+    finally:
+        message.close()
+
+
+Handler = Callable[..., Any]
+
+#: Which command is legal in which state, and what runs it.  Client input
+#: only ever selects an entry of this table, never a method by name.
+COMMANDS: dict[State, dict[str, Handler]] = {
+    State.AUTHORIZATION: {
+        "CAPA": POP3Protocol.do_capa,
+        "USER": POP3Protocol.do_user,
+        "APOP": POP3Protocol.do_apop,
+        "QUIT": POP3Protocol.do_quit_authorization,
+    },
+    State.USER_GIVEN: {
+        "CAPA": POP3Protocol.do_capa,
+        "USER": POP3Protocol.do_user,
+        "PASS": POP3Protocol.do_pass,
+        "APOP": POP3Protocol.do_apop,
+        "QUIT": POP3Protocol.do_quit_authorization,
+    },
+    State.TRANSACTION: {
+        "CAPA": POP3Protocol.do_capa,
+        "STAT": POP3Protocol.do_stat,
+        "LIST": POP3Protocol.do_list,
+        "RETR": POP3Protocol.do_retr,
+        "DELE": POP3Protocol.do_dele,
+        "NOOP": POP3Protocol.do_noop,
+        "RSET": POP3Protocol.do_rset,
+        "TOP": POP3Protocol.do_top,
+        "UIDL": POP3Protocol.do_uidl,
+        "QUIT": POP3Protocol.do_quit_transaction,
+    },
+    State.UPDATE: {},
+}
+
+
+class POP3Factory(Factory):
+    """
+    Builds POP3 sessions that log in through ``portal``.
+
+    The portal's realm must answer ``requestAvatar(avatarId, mind, IMailbox)``;
+    ``mind`` is an :class:`ISessionInfo`.
+    """
+
+    protocol = POP3Protocol
+
+    def __init__(
+        self,
+        portal: Portal,
+        policy: Policy | None = None,
+        *,
+        clock: interfaces.IReactorTime | None = None,
+        announce: Callable[[], Announcement] | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.portal = portal
+        self.policy = policy or Policy()
+        self.clock: Any = clock
+        self._announce = announce
+        #: The open sessions.
+        self.sessions: set[POP3Protocol] = set()
+        #: Sources of CAPA lines, in order; TLS and SASL add theirs.
+        self.capabilities: list[CapabilitySource] = [core_capabilities]
+
+    def apop_offered(self) -> bool:
+        """
+        Whether greetings carry an APOP timestamp.
+
+        Decided by the policy when it says; otherwise APOP is offered when
+        the portal has a checker for ``IUsernameHashedPassword`` and that
+        checker, if it can tell (:class:`IHashedLoginSupport`), has at least
+        one account APOP could log in.
+        """
+        if self.policy.apop is not None:
+            return self.policy.apop
+        checker = self.portal.checkers.get(IUsernameHashedPassword)
+        if checker is None:
+            return False
+        support = IHashedLoginSupport(checker, None)
+        return support is None or support.hashed_logins_possible()
+
+    def announcement(self) -> Announcement:
+        """LOGIN-DELAY and EXPIRE as CAPA states them before login."""
+        if self._announce is not None:
+            return self._announce()
+        account = self.policy.account
+        return Announcement(account.login_delay, account.expire_days, per_user=False)
+
+
+__all__ = [
+    "COMMANDS",
+    "CapabilitySource",
+    "POP3Factory",
+    "POP3Protocol",
+    "SessionInfo",
+    "State",
+    "apop_timestamp",
+    "core_capabilities",
+]

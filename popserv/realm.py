@@ -1,0 +1,129 @@
+"""
+The default realm: a logged-in user name becomes that user's opened, locked
+Maildir, with the user's LOGIN-DELAY and EXPIRE settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.accounts import AccountSettings, Announcement
+from popserv.errors import LoginDelayed, TemporaryFailure
+from popserv.interfaces import IMailbox
+from popserv.layout import Layout
+from popserv.maildir import MaildirMailbox
+from popserv.passwords import PasswdFile
+
+log = Logger()
+
+#: Where the time of a user's last login is kept, for LOGIN-DELAY across restarts.
+LAST_LOGIN_FILE = "popserv.lastlogin"
+
+
+@implementer(IRealm)
+class MaildirRealm:
+    """Opens ``layout.maildir_for(user)`` for each login."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        passwd: PasswdFile | None,
+        defaults: AccountSettings | None = None,
+        *,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.layout = layout
+        self.passwd = passwd
+        self.defaults = defaults or AccountSettings()
+        self._reactor = reactor
+        self._last_login: dict[str, float] = {}
+        self._announced: tuple[object, Announcement] | None = None
+
+    def settings_for(self, user: str) -> AccountSettings:
+        """The server defaults with the user's password-file overrides applied."""
+        entry = self.passwd.lookup(user) if self.passwd is not None else None
+        if entry is None:
+            return self.defaults
+        try:
+            return self.defaults.override(entry.extra)
+        except ValueError:
+            log.warn("Ignoring bad login_delay/expire fields for {user}", user=user)
+            return self.defaults
+
+    def announcement(self) -> Announcement:
+        """The most restrictive LOGIN-DELAY and EXPIRE of any user, for CAPA."""
+        if self.passwd is None:
+            return Announcement.of(self.defaults, ())
+        try:
+            users = self.passwd.users()
+        except OSError:
+            return Announcement.of(self.defaults, ())
+        cached = self._announced
+        if cached is not None and cached[0] is users:
+            return cached[1]
+        settings = []
+        for entry in users:
+            try:
+                settings.append(self.defaults.override(entry.extra))
+            except ValueError:
+                continue
+        announcement = Announcement.of(self.defaults, settings)
+        self._announced = (users, announcement)
+        return announcement
+
+    def requestAvatar(self, avatarId, mind, *interfaces):  # type: ignore[no-untyped-def]
+        if IMailbox not in interfaces:
+            raise NotImplementedError("MaildirRealm only serves IMailbox")
+        user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        return Deferred.fromCoroutine(self._open(user))
+
+    async def _open(self, user: str) -> tuple[Any, MaildirMailbox, Any]:
+        settings = self.settings_for(user)
+        path = self.layout.maildir_for(user)
+        now = self._reactor.seconds()
+        if settings.login_delay > 0:
+            last = self._last_login.get(user)
+            if last is None:
+                last = await self._in_thread(_read_last_login, path)
+            if last is not None and now - last < settings.login_delay:
+                raise LoginDelayed(f"{now - last:.0f}s since the last login")
+        mailbox = await MaildirMailbox.open(
+            path,
+            reactor=self._reactor,
+            login_delay=settings.login_delay,
+            expire_days=settings.expire_days,
+        )
+        self._last_login[user] = now
+        if settings.login_delay > 0:
+            try:
+                await self._in_thread(_write_last_login, path, now)
+            except OSError:
+                mailbox.close()
+                raise TemporaryFailure("cannot record the login time") from None
+        return IMailbox, mailbox, mailbox.close
+
+    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+
+def _read_last_login(maildir: Path) -> float | None:
+    try:
+        return os.stat(maildir / LAST_LOGIN_FILE).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _write_last_login(maildir: Path, when: float) -> None:
+    stamp = maildir / LAST_LOGIN_FILE
+    stamp.touch(mode=0o600)
+    os.utime(stamp, (when, when))

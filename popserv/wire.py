@@ -1,0 +1,249 @@
+"""
+The POP3 wire format, pure: line framing, command parsing, response lines.
+
+No Twisted and no I/O here, so every rule can be tested (and fuzzed) on
+plain bytes.  The protocol module feeds received bytes to a
+:class:`LineSplitter`, parses each line with :func:`parse_command`, and
+formats answers with :func:`ok` and :func:`err`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from attrs import frozen
+
+from popserv.errors import BadArguments, LineTooLong, PopError, UnknownCommand
+
+#: RFC 2449 section 4: a command line, terminating CRLF included, is at most
+#: 255 octets.
+MAX_COMMAND_LINE = 255
+
+#: Message numbers and line counts longer than this are refused outright;
+#: no maildrop has 10**18 messages, and it keeps int() cheap.
+MAX_NUMBER_DIGITS = 18
+
+
+@frozen
+class TooLong:
+    """A line longer than the limit was read through to its end and dropped."""
+
+
+Line = bytes | TooLong
+
+
+class LineSplitter:
+    """
+    Splits a byte stream into lines ending in LF (a CR before it is dropped).
+
+    Lines longer than :attr:`max_length` octets (line end included) are not
+    kept: one :class:`TooLong` stands for the whole line, and the bytes up
+    to its end are discarded, so the session stays in step with the client.
+    """
+
+    __slots__ = ("_buffer", "_discarding", "max_length")
+
+    def __init__(self, max_length: int = MAX_COMMAND_LINE) -> None:
+        self.max_length = max_length
+        self._buffer = b""
+        self._discarding = False
+
+    def feed(self, data: bytes) -> list[Line]:
+        """Return the complete lines (or TooLong markers) that ``data`` finishes."""
+        buffer = self._buffer + data if self._buffer else data
+        lines: list[Line] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            if self._discarding:
+                self._discarding = False
+            elif end + 1 - start > self.max_length:
+                lines.append(TooLong())
+            else:
+                line = buffer[start:end]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                lines.append(line)
+            start = end + 1
+        rest = buffer[start:]
+        if self._discarding:
+            rest = b""
+        elif len(rest) > self.max_length:
+            lines.append(TooLong())
+            self._discarding = True
+            rest = b""
+        self._buffer = rest
+        return lines
+
+    def discard(self) -> None:
+        """Forget any partial line (STLS: nothing read before TLS may count)."""
+        self._buffer = b""
+        self._discarding = False
+
+
+# Commands
+
+
+@frozen
+class Command:
+    """A parsed command: its upper-case keyword and its checked arguments."""
+
+    verb: str
+    args: tuple[object, ...] = ()
+
+
+ArgParser = Callable[[bytes | None], tuple[object, ...]]
+
+
+def _no_args(rest: bytes | None) -> tuple[object, ...]:
+    if rest is not None:
+        raise BadArguments("unexpected argument")
+    return ()
+
+
+def _number(token: bytes) -> int:
+    """A positive decimal (ASCII digits only: ``b'\\xd9\\xa1'.isdigit()`` is False)."""
+    if not token or not token.isdigit() or len(token) > MAX_NUMBER_DIGITS:
+        raise BadArguments("not a number")
+    return int(token)
+
+
+def _split_exact(rest: bytes | None, count: int) -> list[bytes]:
+    """``count`` tokens separated by single spaces, nothing else."""
+    if rest is None:
+        raise BadArguments("missing argument")
+    tokens = rest.split(b" ")
+    if len(tokens) != count or not all(tokens):
+        raise BadArguments("wrong number of arguments")
+    return tokens
+
+
+def _message(rest: bytes | None) -> tuple[object, ...]:
+    (token,) = _split_exact(rest, 1)
+    return (_number(token),)
+
+
+def _optional_message(rest: bytes | None) -> tuple[object, ...]:
+    return () if rest is None else _message(rest)
+
+
+def _message_and_lines(rest: bytes | None) -> tuple[object, ...]:
+    msg, lines = _split_exact(rest, 2)
+    return (_number(msg), _number(lines))
+
+
+def _rest_of_line(rest: bytes | None) -> tuple[object, ...]:
+    """The whole rest of the line, spaces included (passwords may have them)."""
+    if not rest:
+        raise BadArguments("missing argument")
+    return (rest,)
+
+
+def _apop(rest: bytes | None) -> tuple[object, ...]:
+    name, digest = _split_exact(rest, 2)
+    return (name, digest)
+
+
+def _mechanism_and_response(rest: bytes | None) -> tuple[object, ...]:
+    """``AUTH [mechanism [initial-response]]`` (RFC 5034)."""
+    if rest is None:
+        return ()
+    tokens = rest.split(b" ")
+    if len(tokens) > 2 or not all(tokens):
+        raise BadArguments("wrong number of arguments")
+    return tuple(tokens)
+
+
+#: Every command popserv knows, with the parser for its arguments.  Which of
+#: them is legal in which state is the protocol's table, not this one.
+ARGUMENTS: dict[str, ArgParser] = {
+    "USER": _rest_of_line,
+    "PASS": _rest_of_line,
+    "APOP": _apop,
+    "AUTH": _mechanism_and_response,
+    "QUIT": _no_args,
+    "CAPA": _no_args,
+    "STLS": _no_args,
+    "STAT": _no_args,
+    "LIST": _optional_message,
+    "RETR": _message,
+    "DELE": _message,
+    "NOOP": _no_args,
+    "RSET": _no_args,
+    "TOP": _message_and_lines,
+    "UIDL": _optional_message,
+}
+
+
+def split_command(line: bytes) -> tuple[str, bytes | None]:
+    """Split a line into its upper-case keyword and the raw rest, if any."""
+    verb, sep, rest = line.partition(b" ")
+    # RFC 1939: keywords are 3 or 4 printable characters; 1-8 letters are
+    # accepted here only so that unknown ones get "Unknown command".
+    if not (1 <= len(verb) <= 8) or not verb.isalpha():
+        raise UnknownCommand("malformed keyword")
+    return verb.decode("ascii").upper(), (rest if sep else None)
+
+
+def parse_command(line: bytes, known: dict[str, ArgParser] = ARGUMENTS) -> Command:
+    """
+    Parse one command line (without its line end).
+
+    Raises a :class:`PopError` subclass for unknown keywords and bad arguments.
+    """
+    verb, rest = split_command(line)
+    parser = known.get(verb)
+    if parser is None:
+        raise UnknownCommand("unknown keyword")
+    return Command(verb, parser(rest))
+
+
+# Responses
+
+
+def ok(text: str = "") -> bytes:
+    """A ``+OK`` line."""
+    return b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n"
+
+
+def err(error: PopError) -> bytes:
+    """An ``-ERR`` line with the error's code and fixed text, never its detail."""
+    code = f"[{error.code}] " if error.code else ""
+    return f"-ERR {code}{error.text}\r\n".encode("ascii")
+
+
+def multiline(lines: Iterable[bytes], batch: int = 1024) -> Iterator[bytes]:
+    """
+    The body of a multi-line listing (CAPA, LIST, UIDL) and its ``.`` line.
+
+    Lines come without line ends and must not start with ``.``; they are
+    joined ``batch`` at a time so a 100,000-line answer is a few hundred
+    writes rather than one huge one or 100,000 small ones.
+    """
+    pending: list[bytes] = []
+    for line in lines:
+        pending.append(line)
+        if len(pending) >= batch:
+            yield b"\r\n".join(pending) + b"\r\n"
+            pending.clear()
+    if pending:
+        yield b"\r\n".join(pending) + b"\r\n"
+    yield b".\r\n"
+
+
+__all__ = [
+    "ARGUMENTS",
+    "Command",
+    "Line",
+    "LineSplitter",
+    "LineTooLong",
+    "MAX_COMMAND_LINE",
+    "TooLong",
+    "err",
+    "multiline",
+    "ok",
+    "parse_command",
+    "split_command",
+]

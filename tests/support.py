@@ -1,0 +1,58 @@
+"""Shared test fixtures: a protocol on a StringTransport, sample messages."""
+
+from __future__ import annotations
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from popserv.memory import MemoryMaildrop, MemoryRealm
+from popserv.policy import Policy
+from popserv.protocol import POP3Factory
+
+MESSAGES = [
+    b"From: a@example.org\nSubject: one\n\nHello\n.dotted line\n",
+    b"From: b@example.org\r\nSubject: two\r\n\r\nline 1\r\nline 2\r\nline 3\r\n",
+    b"Subject: three\n\nno final newline",
+]
+
+
+class Session:
+    """A POP3 protocol over a StringTransport, with a fake clock."""
+
+    def __init__(self, messages=MESSAGES, policy: Policy | None = None, **users: str) -> None:
+        self.clock = Clock()
+        self.maildrop = MemoryMaildrop(messages)
+        self.realm = MemoryRealm({"alice": self.maildrop})
+        users = users or {"alice": "secret"}
+        checker = InMemoryUsernamePasswordDatabaseDontUse(
+            **{name: password.encode() for name, password in users.items()}
+        )
+        self.factory = POP3Factory(
+            Portal(self.realm, [checker]),
+            policy or Policy(hostname="pop.example.org"),
+            clock=self.clock,
+        )
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4321))
+        self.protocol = self.factory.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def send(self, data: bytes) -> bytes:
+        """Feed ``data``; return everything the server wrote in response."""
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def lines(self, data: bytes) -> list[bytes]:
+        return self.send(data).split(b"\r\n")[:-1]
+
+    def login(self) -> bytes:
+        self.send(b"USER alice\r\n")
+        return self.send(b"PASS secret\r\n")

@@ -1,0 +1,397 @@
+"""
+End to end: the real server on loopback TCP, a real Maildir and password
+file on disk, and real clients (Python's poplib, raw sockets, curl).
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import shutil
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+from popserv import errors, wire
+from popserv.body import wire_size
+from popserv.layout import Layout, ensure_maildir
+from popserv.maildir import deliver
+from popserv.passwords import PasswdFile, hash_password
+from popserv.service import make_factory
+
+#: Stored as given (written straight into new/, no ,W= in the name), so the
+#: store must compute their sizes: LF, CRLF, mixed, dots, no final newline.
+RAW_MESSAGES = {
+    "1700000001.M1P1.test": b"From: a@x\nSubject: lf\n\n.starts with dot\nend\n",
+    "1700000002.M1P1.test": b"From: b@x\r\nSubject: crlf\r\n\r\n..two dots\r\nend\r\n",
+    "1700000003.M1P1.test": b"From: c@x\nSubject: mixed\r\n\r\nline\n.\nlast, no newline",
+}
+DELIVERED = b"From: d@x\nSubject: delivered\n\n" + b"\xe4\xf6 8-bit body\n" * 3
+
+
+def crlf(data: bytes) -> bytes:
+    out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return out if out.endswith(b"\r\n") else out + b"\r\n"
+
+
+class RawClient:
+    """A blocking POP3 client that returns exactly the bytes the server sent."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+        self.greeting = self.line()
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self.buffer)
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def multi(self) -> bytes:
+        while b"\r\n.\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(self.buffer)
+            self.buffer += chunk
+        body, self.buffer = self.buffer.split(b"\r\n.\r\n", 1)
+        return body + b"\r\n.\r\n"
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def closed(self) -> bool:
+        self.sock.settimeout(10)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class ServerTestCase(TestCase):
+    """
+    Starts the real factory on 127.0.0.1 with four messages for alice (argon2id
+    password) and, when :attr:`apop_user`, a user bob whose PLAIN password
+    allows APOP (and so turns APOP on).
+    """
+
+    apop_user = True
+
+    def setUp(self):
+        self.layout = Layout.create(self.mktemp())
+        self.layout.data_dir.mkdir(parents=True)
+        passwd = PasswdFile(self.layout.passwd_path)
+        passwd.add("alice", hash_password("secret"))
+        if self.apop_user:
+            passwd.add("bob", hash_password("bob pw", "PLAIN"))
+        self.maildir = ensure_maildir(self.layout.maildir_for("alice"))
+        ensure_maildir(self.layout.maildir_for("bob"))
+        for name, data in RAW_MESSAGES.items():
+            (self.maildir / "new" / name).write_bytes(data)
+        deliver(self.maildir, DELIVERED)
+        self.messages = [*RAW_MESSAGES.values(), DELIVERED.replace(b"\r\n", b"\n")]
+        options = {
+            "data": str(self.layout.data_dir),
+            "passwd": str(self.layout.passwd_path),
+            "hostname": "pop.test",
+            "auth-failure-delay": 0.05,
+        }
+        self.factory = make_factory(options, reactor)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.portno = self.port.getHost().port
+
+    async def wait_idle(self):
+        """Wait until the server has seen every session end."""
+        for _ in range(200):
+            if not self.factory.sessions:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("sessions still open")
+
+    async def _teardown(self):
+        await self.wait_idle()
+        await self.port.stopListening()
+
+    def tearDown(self):
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._teardown())
+
+    def files(self) -> list[str]:
+        return sorted(os.listdir(self.maildir / "new") + os.listdir(self.maildir / "cur"))
+
+    def pop(self) -> poplib.POP3:
+        return poplib.POP3("127.0.0.1", self.portno, timeout=10)
+
+    def run_in_thread(self, f, *args):
+        return deferToThread(f, *args)
+
+
+class PoplibTests(ServerTestCase):
+    async def test_stat_list_uidl_retr_top(self):
+        def session():
+            c = self.pop()
+            c.user("alice")
+            c.pass_("secret")
+            stat = c.stat()
+            listing = c.list()[1]
+            uidl = c.uidl()[1]
+            bodies = [c.retr(n)[1] for n in range(1, 5)]
+            top = c.top(3, 1)[1]
+            caps = c.capa()
+            c.quit()
+            return stat, listing, uidl, bodies, top, caps
+
+        stat, listing, uidl, bodies, top, caps = await self.run_in_thread(session)
+        sizes = [wire_size(m) for m in self.messages]
+        self.assertEqual(stat, (4, sum(sizes)))
+        self.assertEqual(listing, [b"%d %d" % (i + 1, s) for i, s in enumerate(sizes)])
+        uids = [line.split()[1] for line in uidl]
+        self.assertEqual(uids[:3], [name.encode() for name in RAW_MESSAGES])
+        self.assertEqual(len(set(uids)), 4)
+        for body, message in zip(bodies, self.messages, strict=True):
+            self.assertEqual(b"\r\n".join(body) + b"\r\n", crlf(message))
+        self.assertEqual(top, [b"From: c@x", b"Subject: mixed", b"", b"line"])
+        self.assertIn("PIPELINING", caps)
+        self.assertEqual(len(self.files()), 4)
+
+    async def test_dele_quit_removes_exactly_those(self):
+        def session():
+            c = self.pop()
+            c.user("alice")
+            c.pass_("secret")
+            c.dele(1)
+            c.dele(3)
+            c.rset()
+            c.dele(2)
+            c.dele(4)
+            c.quit()
+
+        before = self.files()
+        await self.run_in_thread(session)
+        after = self.files()
+        self.assertEqual(len(after), 2)
+        self.assertTrue(after[0].startswith(before[0]))
+        self.assertTrue(after[1].startswith("1700000003"))
+
+    async def test_drop_without_quit_deletes_nothing(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER alice\r\nPASS secret\r\nDELE 1\r\nDELE 2\r\n")
+            for _ in range(4):
+                c.line()
+            c.close()
+
+        before = self.files()
+        await self.run_in_thread(session)
+        await self.wait_idle()
+        self.assertEqual(self.files(), before)
+
+    async def test_retr_marks_seen_and_uidl_stable(self):
+        def session():
+            c = self.pop()
+            c.user("alice")
+            c.pass_("secret")
+            uidl = c.uidl()[1]
+            c.retr(1)
+            c.quit()
+            c = self.pop()
+            c.user("alice")
+            c.pass_("secret")
+            again = c.uidl()[1]
+            c.quit()
+            return uidl, again
+
+        uidl, again = await self.run_in_thread(session)
+        self.assertEqual(uidl, again)
+        self.assertEqual(len(os.listdir(self.maildir / "cur")), 1)
+
+    async def test_in_use(self):
+        def session():
+            first = self.pop()
+            first.user("alice")
+            first.pass_("secret")
+            second = self.pop()
+            second.user("alice")
+            try:
+                second.pass_("secret")
+            except poplib.error_proto as e:
+                refused = e.args[0]
+            first.quit()
+            second.user("alice")
+            second.pass_("secret")
+            second.quit()
+            return refused
+
+        refused = await self.run_in_thread(session)
+        self.assertEqual(refused, b"-ERR [IN-USE] Mailbox is locked by another session")
+
+    async def test_apop(self):
+        def session():
+            c = self.pop()
+            ok = c.apop("bob", "bob pw")
+            c.quit()
+            c = self.pop()
+            try:
+                c.apop("alice", "secret")
+            except poplib.error_proto as e:
+                return ok, e.args[0]
+
+        ok, refused = await self.run_in_thread(session)
+        self.assertTrue(ok.startswith(b"+OK"))
+        self.assertEqual(refused, wire.err(errors.APOPFailed()).rstrip())
+
+    async def test_failed_logins_close_connection(self):
+        def session():
+            c = RawClient(self.portno)
+            answers = []
+            for _ in range(3):
+                c.send(b"USER alice\r\nPASS nope\r\n")
+                c.line()
+                answers.append(c.line())
+            return answers, c.closed()
+
+        answers, closed = await self.run_in_thread(session)
+        self.assertEqual(answers[0], b"-ERR [AUTH] Authentication failed\r\n")
+        self.assertTrue(answers[2].startswith(b"-ERR [AUTH]"))
+        self.assertTrue(closed)
+
+    async def test_unknown_user_same_answer(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER mallory\r\nPASS x\r\nUSER ../etc\r\nPASS x\r\nQUIT\r\n")
+            return [c.line() for _ in range(5)]
+
+        answers = await self.run_in_thread(session)
+        self.assertEqual(answers[1], b"-ERR [AUTH] Authentication failed\r\n")
+        self.assertEqual(answers[3], b"-ERR [AUTH] Authentication failed\r\n")
+
+
+class RawProtocolTests(ServerTestCase):
+    async def test_exact_bytes_and_stuffing(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER alice\r\nPASS secret\r\n")
+            c.line(), c.line()
+            out = {}
+            for n in (1, 2, 3):
+                c.send(b"LIST %d\r\nRETR %d\r\n" % (n, n))
+                out[n] = (c.line(), c.line(), c.multi())
+            c.send(b"QUIT\r\n")
+            c.line()
+            return out
+
+        out = await self.run_in_thread(session)
+        self.assertEqual(
+            out[1][2], b"From: a@x\r\nSubject: lf\r\n\r\n..starts with dot\r\nend\r\n.\r\n"
+        )
+        self.assertEqual(
+            out[2][2], b"From: b@x\r\nSubject: crlf\r\n\r\n...two dots\r\nend\r\n.\r\n"
+        )
+        self.assertEqual(
+            out[3][2], b"From: c@x\r\nSubject: mixed\r\n\r\nline\r\n..\r\nlast, no newline\r\n.\r\n"
+        )
+        for n, (listed, _, body) in out.items():
+            size = int(listed.split()[2])
+            unstuffed = b"\r\n".join(
+                line[1:] if line.startswith(b".") else line for line in body[:-3].split(b"\r\n")
+            )
+            self.assertEqual(size, len(unstuffed), n)
+
+    async def test_pipelining_and_long_lines(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER alice\r\nPASS secret\r\nSTAT\r\n" + b"NOOP " + b"x" * 1000
+                   + b"\r\nLAST\r\nRETR 0\r\nUIDL 1\r\nQUIT\r\n")
+            return [c.line() for _ in range(8)]
+
+        lines = await self.run_in_thread(session)
+        self.assertTrue(lines[2].startswith(b"+OK 4 "))
+        self.assertEqual(lines[3:6], [b"-ERR Line too long\r\n", b"-ERR Unknown command\r\n",
+                                      b"-ERR No such message\r\n"])
+        self.assertEqual(lines[6], b"+OK 1 1700000001.M1P1.test\r\n")
+        self.assertTrue(lines[7].startswith(b"+OK"))
+
+
+class CurlTestCase(ServerTestCase):
+    def setUp(self):
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        return super().setUp()
+
+    async def run_curl(self, path: str, *args: str, user: str = "alice:secret"):
+        """Run curl on ``pop3://server/path``; return (stdout, stderr, exit code)."""
+        return await getProcessOutputAndValue(
+            shutil.which("curl"),
+            ["-sS", "--max-time", "20", f"pop3://127.0.0.1:{self.portno}/{path}",
+             "-u", user, *args],
+            env=os.environ,
+        )
+
+    async def curl(self, path: str, *args: str, user: str = "alice:secret") -> bytes:
+        out, err, code = await self.run_curl(path, *args, user=user)
+        self.assertEqual(code, 0, err)
+        return out
+
+
+class CurlTests(CurlTestCase):
+    """
+    curl with no options, as a newcomer runs it.  Only hashed passwords are
+    stored, so APOP is not offered and curl logs in with USER/PASS (it uses
+    APOP whenever the greeting has a timestamp, and cannot fall back).
+    """
+
+    apop_user = False
+
+    async def test_no_apop_timestamp(self):
+        def greeting():
+            c = RawClient(self.portno)
+            c.close()
+            return c.greeting
+
+        self.assertNotIn(b"<", await self.run_in_thread(greeting))
+
+    async def test_list_and_fetch(self):
+        listing = await self.curl("")
+        sizes = [wire_size(m) for m in self.messages]
+        self.assertEqual(listing, b"".join(b"%d %d\r\n" % (i + 1, s) for i, s in enumerate(sizes)))
+        for n, message in enumerate(self.messages, 1):
+            self.assertEqual(await self.curl(str(n)), crlf(message))
+
+    async def test_uidl_top_dele(self):
+        uidl = await self.curl("", "-X", "UIDL")
+        self.assertEqual(uidl.splitlines()[0], b"1 1700000001.M1P1.test")
+        top = await self.curl("", "-X", "TOP 2 0")
+        self.assertEqual(top, b"From: b@x\r\nSubject: crlf\r\n\r\n")
+        await self.curl("", "-X", "DELE 1", "-I")
+        self.assertEqual(len(self.files()), 3)
+
+    async def test_wrong_password(self):
+        _, err, code = await self.run_curl("", user="alice:wrong")
+        self.assertEqual(code, 67, err)
+
+
+
+
+class CurlAPOPTests(CurlTestCase):
+    """curl's APOP against an account with a PLAIN password."""
+
+    async def test_apop_login(self):
+        deliver(self.layout.maildir_for("bob"), b"Subject: hi\n\nbob\n")
+        fetched = await self.curl("1", "--login-options", "AUTH=+APOP", user="bob:bob pw")
+        self.assertEqual(fetched, b"Subject: hi\r\n\r\nbob\r\n")
+
+    async def test_apop_refused_for_hashed_password(self):
+        """curl picks APOP once it is offered; an argon2id account cannot pass it."""
+        _, err, code = await self.run_curl("")
+        self.assertEqual(code, 67, err)

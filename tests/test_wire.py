@@ -1,0 +1,192 @@
+"""The pure wire layer: framing, parsing, responses, and the body encoder."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from popserv import errors, wire
+from popserv.accounts import AccountSettings, Announcement, capability_lines
+from popserv.body import BodyEncoder, wire_size
+from popserv.interfaces import Listing
+from popserv.maildrop import MaildropView
+
+
+def feed_all(splitter: wire.LineSplitter, data: bytes, step: int) -> list[wire.Line]:
+    out: list[wire.Line] = []
+    for i in range(0, len(data), step):
+        out += splitter.feed(data[i : i + step])
+    return out
+
+
+class LineSplitterTests(SynchronousTestCase):
+    def test_crlf_and_lf(self):
+        self.assertEqual(wire.LineSplitter().feed(b"A\r\nB\nC"), [b"A", b"B"])
+
+    def test_every_chunking_gives_same_lines(self):
+        data = b"USER a\r\nPASS b c\n" + b"x" * 300 + b"\r\nSTAT\r\n"
+        whole = feed_all(wire.LineSplitter(), data, len(data))
+        for step in (1, 2, 7, 255, 256):
+            self.assertEqual(feed_all(wire.LineSplitter(), data, step), whole)
+        self.assertEqual(whole, [b"USER a", b"PASS b c", wire.TooLong(), b"STAT"])
+
+    def test_limit_counts_line_end(self):
+        exact = b"x" * 253 + b"\r\n"
+        self.assertEqual(wire.LineSplitter().feed(exact), [b"x" * 253])
+        self.assertEqual(wire.LineSplitter().feed(b"x" * 254 + b"\r\n"), [wire.TooLong()])
+
+    def test_discard(self):
+        splitter = wire.LineSplitter()
+        splitter.feed(b"CAPA")
+        splitter.discard()
+        self.assertEqual(splitter.feed(b"\r\nNOOP\r\n"), [b"", b"NOOP"])
+
+    @given(st.binary(max_size=2000), st.integers(1, 300))
+    @settings(max_examples=200, deadline=None)
+    def test_any_bytes_any_chunks(self, data, step):
+        """Any input gives the same lines whatever the chunking, none over the limit."""
+        whole = wire.LineSplitter().feed(data)
+        self.assertEqual(feed_all(wire.LineSplitter(), data, step), whole)
+        for line in whole:
+            if isinstance(line, bytes):
+                self.assertLessEqual(len(line), wire.MAX_COMMAND_LINE)
+                self.assertNotIn(b"\n", line)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_parse(self):
+        self.assertEqual(wire.parse_command(b"top 3 10"), wire.Command("TOP", (3, 10)))
+        self.assertEqual(wire.parse_command(b"LIST"), wire.Command("LIST", ()))
+        self.assertEqual(wire.parse_command(b"PASS a b "), wire.Command("PASS", (b"a b ",)))
+
+    def test_errors(self):
+        for line, error in [
+            (b"", errors.UnknownCommand),
+            (b"LAST", errors.UnknownCommand),
+            (b"RETR", errors.BadArguments),
+            (b"RETR 1 ", errors.BadArguments),
+            (b"TOP 1", errors.BadArguments),
+            (b"USER", errors.BadArguments),
+            (b"USER ", errors.BadArguments),
+            (b"\x00", errors.UnknownCommand),
+        ]:
+            self.assertRaises(error, wire.parse_command, line)
+
+    @given(st.binary(max_size=300))
+    @settings(max_examples=300, deadline=None)
+    def test_any_line_parses_or_pop_error(self, line):
+        try:
+            wire.parse_command(line)
+        except errors.PopError:
+            pass
+
+    def test_responses(self):
+        self.assertEqual(wire.ok(), b"+OK\r\n")
+        self.assertEqual(wire.ok("2 320"), b"+OK 2 320\r\n")
+        self.assertEqual(wire.err(errors.MailboxInUse("/secret/path")),
+                         b"-ERR [IN-USE] Mailbox is locked by another session\r\n")
+        self.assertEqual(wire.err(errors.NoSuchMessage()), b"-ERR No such message\r\n")
+
+    def test_multiline_batches(self):
+        chunks = list(wire.multiline((b"%d" % i for i in range(2500)), batch=1000))
+        self.assertEqual(len(chunks), 4)
+        self.assertEqual(b"".join(chunks).split(b"\r\n")[-2:], [b".", b""])
+
+
+def encode(data: bytes, step: int, lines: int | None = None) -> bytes:
+    encoder = BodyEncoder(lines)
+    out = b"".join(encoder.feed(data[i : i + step]) for i in range(0, len(data), step))
+    return out + encoder.finish()
+
+
+def unstuff(body: bytes) -> bytes:
+    assert body.endswith(b".\r\n")
+    lines = body[:-3].split(b"\r\n")
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+class BodyEncoderTests(SynchronousTestCase):
+    def test_stuffing_first_line_and_chunk_edges(self):
+        data = b".a\n..b\nc\n.\n"
+        for step in range(1, len(data) + 1):
+            self.assertEqual(encode(data, step), b"..a\r\n...b\r\nc\r\n..\r\n.\r\n")
+
+    def test_crlf_split_across_chunks(self):
+        self.assertEqual(encode(b"a\r\nb\r\n", 2), b"a\r\nb\r\n.\r\n")
+
+    def test_empty_message(self):
+        self.assertEqual(encode(b"", 1), b".\r\n")
+        self.assertEqual(wire_size(b""), 0)
+
+    def test_top(self):
+        msg = b"A: 1\r\nB: 2\n\nl1\n.l2\nl3"
+        self.assertEqual(encode(msg, 3, 0), b"A: 1\r\nB: 2\r\n\r\n.\r\n")
+        self.assertEqual(encode(msg, 3, 2), b"A: 1\r\nB: 2\r\n\r\nl1\r\n..l2\r\n.\r\n")
+        self.assertEqual(encode(msg, 3, 10), encode(msg, 3))
+
+    def test_top_blank_line_at_chunk_start(self):
+        msg = b"A: 1\n\nbody\n"
+        for step in range(1, len(msg) + 1):
+            self.assertEqual(encode(msg, step, 0), b"A: 1\r\n\r\n.\r\n", step)
+
+    @given(st.binary(max_size=3000), st.integers(1, 64))
+    @settings(max_examples=300, deadline=None)
+    def test_round_trip_and_size(self, data, step):
+        """decode(encode(x)) is x with CRLF line ends; LIST's size is its length."""
+        body = encode(data, step)
+        self.assertEqual(body, encode(data, len(data) or 1))
+        plain = unstuff(body)
+        self.assertEqual(len(plain), wire_size(data))
+        normalised = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if data and not data.endswith(b"\n"):
+            normalised += b"\r\n"
+        self.assertEqual(plain, normalised)
+
+    @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"H: v\n"]), max_size=60),
+           st.integers(1, 9), st.integers(0, 5))
+    @settings(max_examples=300, deadline=None)
+    def test_top_is_prefix_of_retr(self, parts, step, lines):
+        data = b"".join(parts)
+        top, retr = encode(data, step, lines), encode(data, step)
+        self.assertTrue(retr.startswith(top[:-3]))
+
+
+class MaildropViewTests(SynchronousTestCase):
+    def view(self, **kw):
+        return MaildropView(Listing(uids=("a", "b", "c"), sizes=(10, 20, 30), **kw))
+
+    def test_delete_reset(self):
+        view = self.view()
+        view.delete(2)
+        self.assertEqual(view.stat(), (2, 40))
+        self.assertEqual(list(view.live()), [1, 3])
+        self.assertRaises(errors.MessageDeleted, view.size, 2)
+        self.assertRaises(errors.NoSuchMessage, view.size, 4)
+        view.reset()
+        self.assertEqual(view.stat(), (3, 60))
+
+    def test_expire(self):
+        day = 86400
+        view = self.view(received=(0.0, 9 * day, 0.0), seen=(True, True, False))
+        view.retrieved(3)
+        self.assertEqual(view.expired_indexes(None, 10 * day), [])
+        self.assertEqual(view.expired_indexes(5, 10 * day), [0, 2])
+        self.assertEqual(view.expired_indexes(0, 10 * day), [0, 1, 2])
+        view.delete(1)
+        self.assertEqual(view.expired_indexes(0, 10 * day), [1, 2])
+
+    def test_listing_columns_checked(self):
+        self.assertRaises(ValueError, Listing, uids=("a",), sizes=(1, 2))
+
+
+class AccountTests(SynchronousTestCase):
+    def test_override_and_announce(self):
+        default = AccountSettings(0, None)
+        users = [default.override({"login_delay": "900"}), default.override({"expire": "5"}),
+                 default.override({"expire": "never"})]
+        announced = Announcement.of(default, users)
+        self.assertEqual(capability_lines(announced, per_user=announced.per_user),
+                         ["LOGIN-DELAY 900 USER", "EXPIRE 5 USER"])
+        self.assertEqual(capability_lines(default), ["LOGIN-DELAY 0", "EXPIRE NEVER"])
+        self.assertRaises(ValueError, default.override, {"expire": "-1"})
