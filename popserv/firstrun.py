@@ -78,7 +78,7 @@ def bootstrap(layout: Layout, hostname: str) -> FirstAccount | None:
 
 def announce(account: FirstAccount, endpoint: str, out: TextIO = sys.stdout) -> None:
     """Print the new account once, with a command that fetches its mail."""
-    port = _port_of(endpoint)
+    port = _port_of(endpoint) or "PORT"
     out.write(
         "\n"
         "popserv: first start, created a mail account (this is shown only once):\n"
@@ -91,6 +91,15 @@ def announce(account: FirstAccount, endpoint: str, out: TextIO = sys.stdout) -> 
     out.flush()
 
 
-def _port_of(endpoint: str) -> str:
-    parts = endpoint.split(":")
-    return parts[1] if len(parts) > 1 and parts[1].isdigit() else "1110"
+def _port_of(endpoint: str) -> str | None:
+    """The port of a ``tcp:``/``tcp6:`` endpoint string (positional or ``port=``)."""
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        return None
+    for index, part in enumerate(rest.split(":")):
+        key, equals, value = part.rpartition("=")
+        if equals and key == "port":
+            return value
+        if not equals and index == 0 and part.isdigit():
+            return part
+    return None

@@ -1,0 +1,244 @@
+"""
+What README.rst promises: the twistd plugin and its options, the first start
+as a newcomer sees it, makeService, and the embedding example.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import poplib
+import re
+import shutil
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+import popserv
+from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
+from popserv.firstrun import _port_of
+from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
+
+REPO = Path(popserv.__file__).resolve().parent.parent
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self):
+        """No options: loopback port 1110, ./popserv-data, APOP auto, EXPIRE NEVER."""
+        options = self.parse()
+        self.assertEqual(options["pop3"], [DEFAULT_POP3_ENDPOINT])
+        self.assertEqual(DEFAULT_POP3_ENDPOINT, "tcp:1110:interface=127.0.0.1")
+        self.assertEqual(options["data"], "popserv-data")
+        self.assertIsNone(options["apop"])
+        self.assertIsNone(options["expire"])
+        self.assertEqual(options["idle-timeout"], 600.0)
+
+    def test_values(self):
+        options = self.parse(
+            "--pop3", "tcp:110", "--pop3", "tcp6:110", "--apop", "no", "--expire", "30",
+            "--login-delay", "900", "--idle-timeout", "900", "--max-auth-failures", "5",
+        )
+        self.assertEqual(options["pop3"], ["tcp:110", "tcp6:110"])
+        self.assertIs(options["apop"], False)
+        self.assertEqual((options["expire"], options["login-delay"]), (30, 900))
+        self.assertEqual((options["idle-timeout"], options["max-auth-failures"]), (900.0, 5))
+        self.assertIs(self.parse("--apop", "YES")["apop"], True)
+        self.assertIsNone(self.parse("--expire", "never")["expire"])
+
+    def test_bad_values(self):
+        """Bad values stop twistd with a usage error, not a traceback."""
+        for argv in (["--apop", "maybe"], ["--expire", "-1"], ["--login-delay", "soon"],
+                     ["--idle-timeout", "0"], ["--max-auth-failures", "0"]):
+            self.assertRaises(UsageError, self.parse, *argv)
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_found(self):
+        """``twistd popserv`` exists: the plugin names popserv.service."""
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("popserv", makers)
+        self.assertEqual(makers["popserv"].module, "popserv.service")
+
+    def test_plugin_installed(self):
+        """A regular ``pip install .`` ships twisted/plugins/popserv_plugin.py."""
+        files = importlib.metadata.files("popserv") or []
+        names = {str(f).replace(os.sep, "/") for f in files}
+        if "popserv/__init__.py" not in names:
+            raise SkipTest("popserv is installed in editable mode")
+        self.assertIn("twisted/plugins/popserv_plugin.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)
+        self.assertNotIn("twisted/__init__.py", names)
+
+    def test_port_in_first_start_message(self):
+        self.assertEqual(_port_of("tcp:1110:interface=127.0.0.1"), "1110")
+        self.assertEqual(_port_of("tcp6:port=2110"), "2110")
+        self.assertIsNone(_port_of("systemd:domain=INET:index=0"))
+
+
+class MakeServiceTests(TestCase):
+    def test_one_listener_per_endpoint(self):
+        """Each --pop3 endpoint becomes a listening service sharing one factory."""
+        data = self.mktemp()
+        options = Options()
+        options.parseOptions(["--data", data, "--pop3", "tcp:0:interface=127.0.0.1",
+                              "--pop3", "tcp:0:interface=127.0.0.1", "--hostname", "h"])
+        self.patch(sys, "stdout", open(os.devnull, "w"))  # the first-start message
+        self.addCleanup(sys.stdout.close)
+        service = makeService(options)
+        listeners = list(service)
+        self.assertEqual(len(listeners), 2)
+        self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
+        self.assertIs(listeners[0].factory, listeners[1].factory)
+        self.assertTrue((Path(data) / "passwd").exists())
+
+
+class EmbeddingTests(TestCase):
+    async def test_readme_example(self):
+        """The README's embedding example serves its in-memory message to poplib."""
+        maildrop = MemoryMaildrop([b"Subject: hello\n\nfirst message\n"])
+        realm = MemoryRealm({"alice": maildrop})
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        factory = POP3Factory(Portal(realm, [checker]), Policy(hostname="pop.example.org"))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def fetch():
+            client = poplib.POP3("127.0.0.1", port.getHost().port, timeout=10)
+            client.user("alice")
+            client.pass_("secret")
+            lines = client.retr(1)[1]
+            client.dele(1)
+            client.quit()
+            return lines
+
+        lines = await deferToThread(fetch)
+        self.assertEqual(lines, [b"Subject: hello", b"", b"first message"])
+        self.assertEqual(maildrop.contents(), [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Twistd(ProcessProtocol):
+    """A twistd process whose output is collected and can be waited on."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def _check(self) -> None:
+        for pattern, d in list(self._waiting):
+            if pattern in self.output:
+                self._waiting.remove((pattern, d))
+                d.callback(None)
+
+    def wait_for(self, pattern: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append((pattern, d))
+        self._check()
+        return d.addTimeout(30, reactor)
+
+    def processEnded(self, reason) -> None:
+        # After a clean shutdown on SIGTERM, twistd ends itself with that signal.
+        clean = reason.check(ProcessDone) or (
+            reason.check(ProcessTerminated) and reason.value.signal == signal.SIGTERM
+        )
+        code = 0 if clean else getattr(reason.value, "exitCode", -1)
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"twistd ended: {self.output.decode(errors='replace')}"))
+        self._waiting.clear()
+        self.ended.callback(code)
+
+
+class FirstStartTests(TestCase):
+    """``twistd -n popserv`` in a fresh directory, then the curl command it prints."""
+
+    def setUp(self):
+        twistd = Path(sys.executable).with_name("twistd")
+        if not twistd.exists():
+            raise SkipTest("no twistd script beside this Python")
+        self.twistd = str(twistd)
+        self.workdir = Path(self.mktemp())
+        self.workdir.mkdir()
+
+    def start(self) -> _Twistd:
+        self.port = free_port()
+        process = _Twistd()
+        env = dict(os.environ)
+        # An editable install hides twisted/plugins from twistd; the checkout has it.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        argv = [self.twistd, "-n", "--pidfile", "", "popserv",
+                "--pop3", f"tcp:{self.port}:interface=127.0.0.1", "--hostname", "pop.test"]
+        transport = reactor.spawnProcess(process, self.twistd, argv, env, str(self.workdir))
+
+        async def stop():
+            if transport.pid is not None:
+                transport.signalProcess(signal.SIGTERM)
+            self.assertEqual(await process.ended, 0, process.output)
+
+        self.stop = stop
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called
+                        else None)
+        return process
+
+    async def test_first_start_then_curl(self):
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        process = self.start()
+        await process.wait_for(b"Starting factory")
+        match = re.search(rb"\n    (curl pop3://\S+ -u '([^']+)')\n", process.output)
+        self.assertIsNotNone(match, process.output)
+        self.assertIn(b"shown only once", process.output)
+        self.assertIn(b"127.0.0.1:%d/1" % self.port, match.group(1))
+        user, password = match.group(2).decode().split(":", 1)
+        self.assertGreaterEqual(len(password), 16)
+        stored = (self.workdir / "popserv-data" / "passwd").read_text()
+        self.assertTrue(stored.startswith(f"{user}:{{ARGON2ID}}"))
+        self.assertNotIn(password, stored)
+
+        # The exact command a newcomer copies from the terminal.
+        out, err, code = await getProcessOutputAndValue(
+            shutil.which("curl"),
+            ["-sS", "--max-time", "20", f"pop3://127.0.0.1:{self.port}/1", "-u",
+             f"{user}:{password}"], env=os.environ)
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"Subject: Welcome to popserv\r\n", out)
+        self.assertIn(f"Hello {user},".encode(), out)
+        await self.stop()
+
+        # A second start finds the password file: no new account, nothing printed.
+        process = self.start()
+        await process.wait_for(b"Starting factory")
+        self.assertNotIn(b"password:", process.output)
+        self.assertEqual((self.workdir / "popserv-data" / "passwd").read_text(), stored)
+        await self.stop()
