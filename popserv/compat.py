@@ -3,13 +3,22 @@ Serve an existing ``twisted.mail.pop3.IMailbox`` through popserv, unchanged.
 
 Wrap the application's realm in :class:`TwistedMailRealm`; each
 ``twisted.mail`` mailbox it returns is adapted to popserv's IMailbox by
-:class:`TwistedMailbox`.  Sizes and UIDLs are taken as that mailbox reports
-them; a UIDL that breaks RFC 1939's rules is replaced by a stable hash.
+:class:`TwistedMailbox`.  UIDLs are taken as that mailbox reports them; a
+UIDL that breaks RFC 1939's rules is replaced by a stable hash.
+
+``twisted.mail`` mailboxes usually report the stored size of a message,
+which for LF-stored mail is less than the octets RETR sends.  Twisted's own
+server reports it all the same; pass ``exact_sizes=True`` to have the
+adapter count the real sizes instead, at the cost of reading every message
+once at login.  Message files opened in text mode (as
+``twisted.mail.maildir`` does) are read as bytes, so 8-bit mail passes
+through unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +27,11 @@ from twisted.internet.defer import Deferred
 from twisted.mail import pop3 as twisted_pop3
 from zope.interface import implementer
 
-from popserv.interfaces import IMailbox, Listing
+from popserv.body import WireSizeCounter
+from popserv.interfaces import IMailbox, Listing, MessageStream
+
+#: Read size when counting a message's wire size.
+CHUNK_SIZE = 64 * 1024
 
 
 def _resolve(value: Any) -> Deferred[Any]:
@@ -39,23 +52,67 @@ def safe_uidl(uid: str | bytes) -> str:
     return "H" + digest.hexdigest()
 
 
+class _Utf8Reader:
+    """A binary view of a stream whose ``read`` returns ``str``."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._stream.read(size).encode("utf-8", "surrogateescape")
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+def binary(stream: Any) -> MessageStream:
+    """
+    ``stream`` as a binary stream: a text-mode file's underlying buffer
+    (detached, so the wrapper cannot close it), a wrapper for other ``str``
+    streams, or ``stream`` itself.
+    """
+    if isinstance(stream, io.TextIOWrapper):
+        return stream.detach()  # type: ignore[return-value]
+    if isinstance(stream, io.TextIOBase):
+        return _Utf8Reader(stream)
+    return stream
+
+
+def _wire_size(stream: MessageStream) -> int:
+    counter = WireSizeCounter()
+    try:
+        while chunk := stream.read(CHUNK_SIZE):
+            counter.feed(chunk)
+    finally:
+        stream.close()
+    return counter.result()
+
+
 @implementer(IMailbox)
 class TwistedMailbox:
     """popserv's IMailbox over a ``twisted.mail.pop3.IMailbox``."""
 
-    def __init__(self, mailbox: twisted_pop3.IMailbox) -> None:
+    def __init__(self, mailbox: twisted_pop3.IMailbox, *, exact_sizes: bool = False) -> None:
         self._mailbox = mailbox
+        self._exact_sizes = exact_sizes
 
     async def _listing(self) -> Listing:
-        sizes = await _resolve(self._mailbox.listMessages())
+        sizes = [int(size) for size in await _resolve(self._mailbox.listMessages())]
         uids = [safe_uidl(self._mailbox.getUidl(i)) for i in range(len(sizes))]
-        return Listing(uids=uids, sizes=[int(s) for s in sizes])
+        if self._exact_sizes:
+            sizes = [_wire_size(await self._open(i)) for i in range(len(sizes))]
+        return Listing(uids=uids, sizes=sizes)
 
     def listing(self) -> Deferred[Listing]:
         return Deferred.fromCoroutine(self._listing())
 
-    def open_message(self, index: int) -> Any:
-        return self._mailbox.getMessage(index)
+    async def _open(self, index: int) -> MessageStream:
+        return binary(await _resolve(self._mailbox.getMessage(index)))
+
+    def open_message(self, index: int) -> Deferred[MessageStream]:
+        return Deferred.fromCoroutine(self._open(index))
 
     async def _commit(self, deleted: Sequence[int]) -> None:
         for index in deleted:
@@ -73,11 +130,14 @@ class TwistedMailbox:
 class TwistedMailRealm:
     """Wraps a realm that serves ``twisted.mail.pop3.IMailbox`` avatars."""
 
-    def __init__(self, realm: IRealm) -> None:
+    def __init__(self, realm: IRealm, *, exact_sizes: bool = False) -> None:
         self._realm = realm
+        self._exact_sizes = exact_sizes
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IMailbox not in interfaces:
             raise NotImplementedError("TwistedMailRealm only serves IMailbox")
         result = _resolve(self._realm.requestAvatar(avatarId, mind, twisted_pop3.IMailbox))
-        return result.addCallback(lambda r: (IMailbox, TwistedMailbox(r[1]), r[2]))
+        return result.addCallback(
+            lambda r: (IMailbox, TwistedMailbox(r[1], exact_sizes=self._exact_sizes), r[2])
+        )
