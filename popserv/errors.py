@@ -9,6 +9,8 @@ bytes) reaches the client.
 
 from __future__ import annotations
 
+import errno
+
 
 class PopError(Exception):
     """A failure with a fixed ``-ERR`` text and an optional response code."""
@@ -113,8 +115,34 @@ class TemporaryFailure(PopError):
 
 
 class PermanentFailure(PopError):
+    """A fault that will not clear without an administrator (RFC 3206 SYS/PERM)."""
+
     code = "SYS/PERM"
-    text = "Account is not available"
+    text = "Mailbox is not available, please contact the administrator"
+
+
+#: ``errno`` values that trying again will not cure: permissions, a file
+#: where a directory should be (EEXIST from mkdir, ENOTDIR below it), a
+#: read-only file system, a symlink loop, a path too long.
+PERMANENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EEXIST,
+        errno.ENOTDIR,
+        errno.EROFS,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def storage_failure(what: str, error: OSError) -> PopError:
+    """The ``-ERR`` for an I/O error on a maildrop: SYS/PERM or SYS/TEMP by its errno."""
+    detail = f"{what}: {error.strerror or type(error).__name__}"
+    if error.errno in PERMANENT_ERRNOS:
+        return PermanentFailure(detail)
+    return TemporaryFailure(detail)
 
 
 class InternalError(TemporaryFailure):

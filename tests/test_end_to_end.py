@@ -251,6 +251,25 @@ class PoplibTests(ServerTestCase):
         self.assertTrue(ok.startswith(b"+OK"))
         self.assertEqual(refused, wire.err(errors.APOPFailed()).rstrip())
 
+    async def test_broken_maildir_is_sys_perm(self):
+        """A file where alice's Maildir should be: -ERR [SYS/PERM], no traceback, no path."""
+        shutil.rmtree(self.maildir)
+        self.maildir.write_bytes(b"")
+
+        def session():
+            c = self.pop()
+            c.user("alice")
+            try:
+                c.pass_("secret")
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                c.close()
+
+        answer = await self.run_in_thread(session)
+        self.assertEqual(answer, wire.err(errors.PermanentFailure()).rstrip())
+        self.assertTrue(answer.startswith(b"-ERR [SYS/PERM] "))
+
     async def test_failed_logins_close_connection(self):
         def session():
             c = RawClient(self.portno)

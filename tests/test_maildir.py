@@ -5,6 +5,7 @@ Maildirs on disk.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -21,7 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from popserv.body import BodyEncoder
-from popserv.errors import CommitFailed, MailboxInUse, MessageGone, TemporaryFailure
+from popserv.errors import (
+    CommitFailed,
+    MailboxInUse,
+    MessageGone,
+    PermanentFailure,
+    TemporaryFailure,
+)
 from popserv.interfaces import IAccountSettings, IMailbox
 from popserv.layout import ensure_maildir
 from popserv.maildir import (
@@ -221,12 +228,12 @@ class LockTests(MaildirTestCase):
         self.assertEqual(path.read_text(), f"{os.getpid()}\n")
 
     def test_symlink_refused(self) -> None:
-        """A symlink in place of the lock file is not followed."""
+        """A symlink in place of the lock file is not followed; it needs an admin (SYS/PERM)."""
         maildir = self.maildir()
         target = maildir / "target"
         target.write_text("keep")
         (maildir / LOCK_FILE).symlink_to(target)
-        self.assertRaises(TemporaryFailure, MaildropLock.acquire, maildir)
+        self.assertRaises(PermanentFailure, MaildropLock.acquire, maildir)
         self.assertEqual(target.read_text(), "keep")
 
     async def test_killed_holder(self) -> None:
@@ -296,9 +303,31 @@ class OpenTests(MaildirTestCase):
             os.close(fd)
         finally:
             os.close(new)
-        with self.assertRaises(TemporaryFailure) as caught:
+        with self.assertRaises(PermanentFailure) as caught:
             await MaildirMailbox.open(maildir)
         self.assertIn("scan", caught.exception.detail)
+        MaildropLock.acquire(maildir).release()
+
+    async def test_file_instead_of_maildir(self) -> None:
+        """A file where the Maildir should be is for an administrator: SYS/PERM."""
+        path = Path(self.mktemp())
+        path.write_bytes(b"not a maildir")
+        with self.assertRaises(PermanentFailure) as caught:
+            await MaildirMailbox.open(path)
+        self.assertEqual(caught.exception.code, "SYS/PERM")
+        self.assertEqual(path.read_bytes(), b"not a maildir")
+
+    async def test_transient_error_is_temporary(self) -> None:
+        """Errors a retry may cure (here: out of file descriptors) are SYS/TEMP."""
+        maildir = self.maildir()
+
+        def no_fds(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        self.patch(os, "scandir", no_fds)
+        with self.assertRaises(TemporaryFailure) as caught:
+            await MaildirMailbox.open(maildir)
+        self.assertEqual(caught.exception.code, "SYS/TEMP")
         MaildropLock.acquire(maildir).release()
 
     async def test_cancel_releases(self) -> None:

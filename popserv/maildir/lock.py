@@ -15,7 +15,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from popserv.errors import MailboxInUse, TemporaryFailure
+from popserv.errors import MailboxInUse, TemporaryFailure, storage_failure
 
 LOCK_FILE = "popserv.lock"
 
@@ -37,14 +37,15 @@ class MaildropLock:
         Lock ``maildir`` without waiting (a quick, blocking call).
 
         Raise :class:`MailboxInUse` if another session holds it, or
-        :class:`TemporaryFailure` if the lock file cannot be opened.
+        :class:`TemporaryFailure` (or ``PermanentFailure``, see
+        :func:`~popserv.errors.storage_failure`) if the lock file cannot be opened.
         """
         path = maildir / LOCK_FILE
         try:
             # O_NOFOLLOW: a symlink planted here must not make us write elsewhere.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise TemporaryFailure(f"cannot open the lock file: {e.strerror}") from None
+            raise storage_failure("cannot open the lock file", e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

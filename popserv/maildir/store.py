@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from popserv.body import WireSizeCounter
-from popserv.errors import CommitFailed, MessageGone, TemporaryFailure
+from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.layout import ensure_maildir
 from popserv.maildir.deliver import fsync_directory
@@ -194,13 +194,13 @@ def _open_locked(maildir: Path) -> tuple[MaildropLock, _Index]:
     try:
         ensure_maildir(maildir)
     except OSError as e:
-        raise TemporaryFailure(f"cannot create the maildir: {e.strerror}") from None
+        raise storage_failure("cannot create the maildir", e) from None
     lock = MaildropLock.acquire(maildir)
     try:
         return lock, _scan(maildir)
     except OSError as e:
         lock.release()
-        raise TemporaryFailure(f"cannot scan the maildir: {e.strerror}") from None
+        raise storage_failure("cannot scan the maildir", e) from None
     except BaseException:
         lock.release()
         raise
@@ -306,7 +306,9 @@ class MaildirMailbox:
         Create (if missing), lock and index the Maildir at ``path``, in a thread.
 
         Fails with :class:`~popserv.errors.MailboxInUse` when another session
-        has it, :class:`~popserv.errors.TemporaryFailure` on I/O errors.
+        has it, :class:`~popserv.errors.TemporaryFailure` on I/O errors, or
+        :class:`~popserv.errors.PermanentFailure` on those only an
+        administrator can cure (permissions, a file where a directory should be).
         Cancelling the result releases the lock once the scan is over.
         """
         if reactor is None:
@@ -371,7 +373,7 @@ class MaildirMailbox:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise TemporaryFailure(f"cannot open a message: {e.strerror}") from None
+            raise storage_failure("cannot open a message", e) from None
 
         def reopen(where: int, name: str) -> MessageStream:
             fd = _open_regular(self.path / _SUBDIRS[where] / name)
@@ -383,7 +385,7 @@ class MaildirMailbox:
             except FileNotFoundError:
                 raise MessageGone("message file vanished") from None
             except OSError as e:
-                raise TemporaryFailure(f"cannot open a message: {e.strerror}") from None
+                raise storage_failure("cannot open a message", e) from None
 
         def moved(found: tuple[int, str, MessageStream]) -> MessageStream:
             where, name, stream = found
