@@ -86,6 +86,8 @@ class ServerTestCase(TestCase):
     """
 
     apop_user = True
+    #: twistd options for this class's server, on top of the fixture's own.
+    options: dict = {}
 
     def setUp(self):
         self.layout = Layout.create(self.mktemp())
@@ -105,6 +107,7 @@ class ServerTestCase(TestCase):
             "passwd": str(self.layout.passwd_path),
             "hostname": "pop.test",
             "auth-failure-delay": 0.05,
+            **self.options,
         }
         self.factory = make_factory(options, reactor)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
@@ -340,6 +343,137 @@ class RawProtocolTests(ServerTestCase):
                                       b"-ERR No such message\r\n"])
         self.assertEqual(lines[6], b"+OK 1 1700000001.M1P1.test\r\n")
         self.assertTrue(lines[7].startswith(b"+OK"))
+
+
+def login(client: poplib.POP3, user: str, password: str) -> bytes:
+    """USER/PASS; the -ERR line instead of an exception when refused."""
+    client.user(user)
+    try:
+        return client.pass_(password)
+    except poplib.error_proto as e:
+        return e.args[0]
+
+
+class LoginDelayTests(ServerTestCase):
+    """--login-delay 900, with bob exempted in the password file."""
+
+    options = {"login-delay": 900}
+
+    def setUp(self):
+        super().setUp()
+        PasswdFile(self.layout.passwd_path).set_extra("bob", "login_delay", "0")
+
+    async def test_second_login_refused(self):
+        def sessions():
+            c = self.pop()
+            before = c.capa()
+            first = login(c, "alice", "secret")
+            after = c.capa()
+            c.quit()
+            c = self.pop()
+            second = login(c, "alice", "secret")
+            c.quit()
+            return before, first, after, second
+
+        before, first, after, second = await self.run_in_thread(sessions)
+        self.assertTrue(first.startswith(b"+OK"))
+        self.assertEqual(second, wire.err(errors.LoginDelayed()).rstrip())
+        self.assertTrue(second.startswith(b"-ERR [LOGIN-DELAY] "))
+        # Before login: the longest delay of any user, marked per-user.
+        self.assertEqual(before["LOGIN-DELAY"], ["900", "USER"])
+        self.assertEqual(after["LOGIN-DELAY"], ["900"])
+
+    async def test_exempt_user_and_wrong_password(self):
+        """bob's own login_delay=0 wins; a wrong password is [AUTH], never [LOGIN-DELAY]."""
+        def sessions():
+            answers = []
+            for password in ("bob pw", "bob pw", "wrong"):
+                c = self.pop()
+                answers.append(login(c, "bob", password))
+                answers.append(c.capa()["LOGIN-DELAY"])
+                c.quit()
+            return answers
+
+        answers = await self.run_in_thread(sessions)
+        self.assertTrue(answers[0].startswith(b"+OK") and answers[2].startswith(b"+OK"))
+        self.assertEqual(answers[1], ["0"])
+        self.assertTrue(answers[4].startswith(b"-ERR [AUTH] "))
+
+    async def test_survives_restart(self):
+        """The last login time is kept in the Maildir, so a restart does not reset it."""
+        c = await self.run_in_thread(self.pop)
+        self.assertTrue((await self.run_in_thread(login, c, "alice", "secret")).startswith(b"+OK"))
+        await self.run_in_thread(c.quit)
+        await self.wait_idle()
+        await self.port.stopListening()
+        self.factory = make_factory({"data": str(self.layout.data_dir), "login-delay": 900,
+                                     "hostname": "pop.test"}, reactor)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.portno = self.port.getHost().port
+        c = await self.run_in_thread(self.pop)
+        refused = await self.run_in_thread(login, c, "alice", "secret")
+        await self.run_in_thread(c.quit)
+        self.assertTrue(refused.startswith(b"-ERR [LOGIN-DELAY] "))
+
+
+class ExpireTests(ServerTestCase):
+    """--expire 30: retrieved messages delivered over 30 days ago go at QUIT."""
+
+    options = {"expire": 30}
+
+    async def test_retrieved_old_messages_expire(self):
+        def sessions():
+            c = self.pop()
+            login(c, "alice", "secret")
+            capa = c.capa()
+            c.retr(1)  # 2023: expires
+            c.retr(4)  # delivered now: stays, marked seen
+            c.quit()
+            first = self.files()
+            c = self.pop()
+            login(c, "alice", "secret")
+            c.quit()  # message 2 and 3 were never retrieved: they stay
+            return capa, first, self.files()
+
+        capa, first, second = await self.run_in_thread(sessions)
+        self.assertEqual(capa["EXPIRE"], ["30"])
+        self.assertEqual(len(first), 3)
+        self.assertFalse(any(name.startswith("1700000001") for name in first))
+        self.assertEqual(second, first)
+
+    async def test_drop_expires_nothing(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER alice\r\nPASS secret\r\nRETR 1\r\n")
+            c.line(), c.line(), c.line(), c.multi()
+            c.close()
+
+        before = self.files()
+        await self.run_in_thread(session)
+        await self.wait_idle()
+        self.assertEqual(self.files(), before)
+
+
+class ExpireZeroTests(ServerTestCase):
+    """--expire 0: every retrieved message goes at QUIT, including one seen earlier."""
+
+    options = {"expire": 0}
+
+    async def test_seen_in_an_earlier_session(self):
+        # A message another program (or an earlier session) already marked seen.
+        name = "1700000002.M1P1.test"
+        os.rename(self.maildir / "new" / name, self.maildir / "cur" / (name + ":2,S"))
+
+        def session():
+            c = self.pop()
+            login(c, "alice", "secret")
+            c.retr(3)
+            c.quit()
+
+        await self.run_in_thread(session)
+        remaining = self.files()
+        self.assertEqual(len(remaining), 2)
+        self.assertFalse(any(n.startswith(("1700000002", "1700000003")) for n in remaining))
 
 
 class CurlTestCase(ServerTestCase):
