@@ -111,6 +111,14 @@ class SessionInfo:
         self.peer = peer
         self.secure = secure
 
+    @property
+    def where(self) -> str:
+        """The peer for a log line: ``host:port``, ``[v6]:port``, or the address itself."""
+        host, port = getattr(self.peer, "host", None), getattr(self.peer, "port", None)
+        if host is None or port is None:
+            return str(self.peer)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 @implementer(interfaces.IPushProducer)
 class _OutputGate:
@@ -191,7 +199,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self._release()
 
     def timeoutConnection(self) -> None:
-        log.info("Autologout of an idle session from {peer}", peer=self.info.peer)
+        log.info("Autologout of an idle session from {peer}", peer=self.info.where)
         self.send(b"-ERR Autologout, idle for too long\r\n")
         self.close()
 
@@ -395,7 +403,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.state = State.TRANSACTION
         self._failures = 0
         count, octets = self._view.stat()
-        log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.peer)
+        log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.where)
         self.send(wire.ok(f"Logged in, {count} messages ({octets} octets)"))
 
     async def _auth_failed(
@@ -405,7 +413,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         log.info(
             "Failed login for {user} from {peer}: {reason}",
             user=_printable(user if isinstance(user, (bytes, str)) else repr(user)),
-            peer=self.info.peer,
+            peer=self.info.where,
             reason=reason,
         )
         await self.sleep(self.factory.policy.auth_failure_delay)

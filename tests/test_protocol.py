@@ -6,6 +6,8 @@ import re
 from hashlib import md5
 
 from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.internet.address import IPv6Address
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -14,7 +16,7 @@ from popserv.accounts import AccountSettings
 from popserv.body import wire_size
 from popserv.interfaces import IHashedLoginSupport
 from popserv.policy import Policy
-from popserv.protocol import COMMANDS, State
+from popserv.protocol import COMMANDS, SessionInfo, State
 
 from .support import MESSAGES, Session
 
@@ -377,6 +379,22 @@ class LineTests(SynchronousTestCase):
         self.assertEqual(s.transport.producerState, "paused")
         s.clock.advance(10)
         self.assertEqual(s.transport.producerState, "producing")
+
+
+class LogTests(SynchronousTestCase):
+    def test_login_logged_with_peer(self):
+        """Logins are logged with the user and host:port, never the password."""
+        with capturedLogs() as events:
+            s = Session()
+            s.login()
+        text = [formatEvent(e) for e in events]
+        self.assertIn("alice logged in from 192.0.2.1:4321", text)
+        self.assertFalse(any("secret" in line for line in text))
+
+    def test_ipv6_peer(self):
+        info = SessionInfo(IPv6Address("TCP", "::1", 110), secure=False)
+        self.assertEqual(info.where, "[::1]:110")
+        self.assertEqual(SessionInfo(None, secure=False).where, "None")
 
 
 class TimeoutTests(SynchronousTestCase):
