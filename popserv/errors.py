@@ -44,6 +44,12 @@ class LineTooLong(PopError):
     text = "Line too long"
 
 
+class TLSUnavailable(PopError):
+    """STLS on a server with no certificate (RFC 2595 allows a plain -ERR)."""
+
+    text = "TLS is not available on this server"
+
+
 class NoSuchMessage(PopError):
     text = "No such message"
 

@@ -423,6 +423,10 @@ class POP3Protocol(Protocol, TimeoutMixin):
         else:
             self.send(wire.err(answer or errors.AuthFailed()))
 
+    def do_stls(self) -> None:
+        """STLS (RFC 2595): refused until a certificate is configured."""
+        raise errors.TLSUnavailable()
+
     def do_quit_authorization(self) -> None:
         self.send(wire.ok("Bye"))
         self.close()
@@ -532,6 +536,7 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "CAPA": POP3Protocol.do_capa,
         "USER": POP3Protocol.do_user,
         "APOP": POP3Protocol.do_apop,
+        "STLS": POP3Protocol.do_stls,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
     State.USER_GIVEN: {
@@ -539,6 +544,7 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "USER": POP3Protocol.do_user,
         "PASS": POP3Protocol.do_pass,
         "APOP": POP3Protocol.do_apop,
+        "STLS": POP3Protocol.do_stls,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
     State.TRANSACTION: {

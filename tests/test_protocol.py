@@ -156,6 +156,13 @@ class AuthorizationTests(SynchronousTestCase):
         for verb in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 1", b"UIDL"):
             self.assertEqual(s.send(verb + b"\r\n"), b"-ERR Command not valid in this state\r\n")
 
+    def test_stls_without_certificate(self):
+        """STLS with no certificate: a truthful -ERR, and the session goes on in clear."""
+        s = Session()
+        self.assertEqual(s.send(b"STLS\r\n"), b"-ERR TLS is not available on this server\r\n")
+        self.assertTrue(s.login().startswith(b"+OK"))
+        self.assertEqual(s.send(b"STLS\r\n"), wire.err(errors.BadState()))
+
     def test_quit_before_login(self):
         s = Session()
         self.assertEqual(s.send(b"QUIT\r\n"), b"+OK Bye\r\n")
@@ -430,7 +437,9 @@ class ExpireTests(SynchronousTestCase):
 
 class StateTableTests(SynchronousTestCase):
     def test_table_covers_rfc1939(self):
-        self.assertEqual(set(COMMANDS[State.AUTHORIZATION]), {"CAPA", "USER", "APOP", "QUIT"})
+        self.assertEqual(
+            set(COMMANDS[State.AUTHORIZATION]), {"CAPA", "USER", "APOP", "STLS", "QUIT"}
+        )
         self.assertEqual(
             set(COMMANDS[State.TRANSACTION]),
             {"CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "QUIT"},
