@@ -24,7 +24,7 @@ from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -153,6 +153,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._busy = False
         self._reading_paused = False
         self._lost = False
+        #: Set once the session has given its last answer: nothing more is run.
+        self._closing = False
         self._user: str | None = None
         self._failures = 0
         self._mailbox: Any = None
@@ -186,30 +188,46 @@ class POP3Protocol(Protocol, TimeoutMixin):
         return self.factory.clock.callLater(period, func)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._lost = True
+        self._lost = self._closing = True
         self.factory.sessions.discard(self)
         self.setTimeout(None)
         self._queue.clear()
-        if self._sleeping is not None:
-            self._sleeping.cancel()
-        if self._stream is not None:
-            self._end_stream()
-        # In UPDATE the commit is still running; it logs out when done.
-        if self.state is not State.UPDATE:
-            self._release()
+        try:
+            if self._sleeping is not None:
+                self._sleeping.cancel()
+            if self._stream is not None:
+                self._end_stream()
+        finally:
+            # In UPDATE the commit is still running; it logs out when done.
+            if self.state is not State.UPDATE:
+                self._release()
 
     def timeoutConnection(self) -> None:
+        """
+        Autologout (RFC 1939 section 3): close at once, without a response.
+
+        Not even an -ERR: it could land inside a RETR the client stopped
+        reading.  Aborting, rather than waiting for the send buffer to drain,
+        also frees the maildrop lock from a client that never reads again.
+        """
         log.info("Autologout of an idle session from {peer}", peer=self.info.where)
-        self.send(b"-ERR Autologout, idle for too long\r\n")
-        self.close()
+        self._closing = True
+        self._queue.clear()
+        self.transport.abortConnection()
 
     def send(self, data: bytes) -> None:
-        if not self._lost:
+        if not self._closing:
             self.transport.write(data)
 
     def close(self) -> None:
-        """Close after the send buffer is flushed (the producer would hold it open)."""
-        if not self._lost:
+        """
+        End the session after its last answer: commands the client pipelined
+        behind it are dropped, and the connection closes once the send buffer
+        is flushed (the producer would hold it open).
+        """
+        if not self._closing:
+            self._closing = True
+            self._queue.clear()
             self.transport.unregisterProducer()
             self.transport.loseConnection()
 
@@ -225,6 +243,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     # Reading commands
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
         self.resetTimeout()
         self._queue.extend(self._splitter.feed(data))
         if len(self._queue) >= self.factory.policy.max_queued_commands:
@@ -241,7 +261,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     def _run_queue(self) -> None:
         """Run queued commands one at a time, until one has to wait."""
-        while self._queue and not self._busy and not self.output_paused and not self._lost:
+        while self._queue and not self._busy and not self.output_paused and not self._closing:
             result = self._dispatch(self._queue.popleft())
             if result is None:
                 continue
@@ -299,7 +319,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self._run_queue()
 
     def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
-        """Send ``chunks`` as fast as the client reads them; fires when all are sent."""
+        """
+        Send ``chunks`` as fast as the client reads them; fires when all are
+        sent, or at once if the connection is gone.
+        """
+        if self._lost:
+            return succeed(None)
         self._stream = chunks
         self._stream_done = done = Deferred()
         self._pump_stream()
@@ -329,7 +354,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         done, self._stream_done = self._stream_done, None
         close = getattr(stream, "close", None)
         if close is not None:
-            close()
+            close()  # A generator: its owner closes what it reads from.
         if done is not None:
             done.callback(None)
 
@@ -487,8 +512,15 @@ class POP3Protocol(Protocol, TimeoutMixin):
     async def _send_message(self, number: int, encoder: BodyEncoder, text: str) -> None:
         index = self.view.index(number)
         message = await resolve(self._mailbox.open_message(index))
-        self.send(wire.ok(text))
-        await self.stream(_encoded(message, encoder, self.factory.policy.chunk_size))
+        try:
+            self.send(wire.ok(text))
+            await self.stream(_encoded(message, encoder, self.factory.policy.chunk_size))
+        finally:
+            # Also when the connection dropped before the stream started.
+            try:
+                message.close()
+            except Exception:
+                log.failure("Closing a message stream failed")
 
     async def do_quit_transaction(self) -> None:
         """Enter UPDATE: apply deletions (and EXPIRE), release the maildrop, close."""
@@ -514,17 +546,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
 def _encoded(message: MessageStream, encoder: BodyEncoder, chunk_size: int) -> Iterator[bytes]:
     """Read a stored message in chunks and yield its encoded response body."""
-    try:
-        while not encoder.done:
-            data = message.read(chunk_size)
-            if not data:
-                break
-            out = encoder.feed(data)
-            if out:
-                yield out
-        yield encoder.finish()
-    finally:
-        message.close()
+    while not encoder.done:
+        data = message.read(chunk_size)
+        if not data:
+            break
+        out = encoder.feed(data)
+        if out:
+            yield out
+    yield encoder.finish()
 
 
 Handler = Callable[..., Any]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import re
 from hashlib import md5
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.internet.address import IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -14,7 +16,8 @@ from zope.interface import implementer
 from popserv import errors, wire
 from popserv.accounts import AccountSettings
 from popserv.body import wire_size
-from popserv.interfaces import IHashedLoginSupport
+from popserv.interfaces import IHashedLoginSupport, IMailbox
+from popserv.memory import MemoryMailbox
 from popserv.policy import Policy
 from popserv.protocol import COMMANDS, SessionInfo, State
 
@@ -162,6 +165,31 @@ class AuthorizationTests(SynchronousTestCase):
         self.assertEqual(s.send(b"STLS\r\n"), b"-ERR TLS is not available on this server\r\n")
         self.assertTrue(s.login().startswith(b"+OK"))
         self.assertEqual(s.send(b"STLS\r\n"), wire.err(errors.BadState()))
+
+    def test_nothing_runs_after_quit(self):
+        """Commands pipelined behind QUIT are dropped: no login after +OK Bye."""
+        s = Session()
+        self.assertEqual(s.send(b"QUIT\r\nUSER alice\r\nPASS secret\r\nNOOP\r\n"), b"+OK Bye\r\n")
+        self.assertFalse(s.maildrop.locked)
+        self.assertEqual(s.send(b"USER alice\r\n"), b"")
+
+    def test_nothing_runs_after_quit_in_transaction(self):
+        s = Session()
+        s.login()
+        out = s.send(b"DELE 1\r\nQUIT\r\nSTAT\r\nRETR 2\r\n")
+        self.assertEqual(out, b"+OK Message 1 deleted\r\n+OK Bye, 1 deleted, 2 left\r\n")
+
+    def test_nothing_runs_after_too_many_failures(self):
+        """Logins queued behind the closing failure are never checked."""
+        s = Session()
+        s.send(b"USER alice\r\nPASS a\r\nUSER alice\r\nPASS b\r\nUSER alice\r\nPASS c\r\n"
+               b"USER alice\r\nPASS secret\r\n")
+        for _ in range(4):
+            s.clock.advance(10)
+        out = s.take()
+        self.assertEqual(out.count(b"-ERR"), 3)
+        self.assertNotIn(b"Logged in", out)
+        self.assertFalse(s.maildrop.locked)
 
     def test_quit_before_login(self):
         s = Session()
@@ -388,6 +416,88 @@ class LineTests(SynchronousTestCase):
         self.assertEqual(s.transport.producerState, "producing")
 
 
+class _Stream(io.BytesIO):
+    """A message stream that records its closing, and can fail to close."""
+
+    def __init__(self, data, fail_close=False):
+        super().__init__(data)
+        self.fail_close = fail_close
+        self.closes = 0
+
+    def close(self):
+        self.closes += 1
+        super().close()
+        if self.fail_close:
+            raise OSError("close failed")
+
+
+class _SlowMailbox(MemoryMailbox):
+    """open_message answers later, through a Deferred the test fires."""
+
+    def __init__(self, maildrop, fail_close=False):
+        super().__init__(maildrop)
+        self.pending: list[Deferred] = []
+        self.streams: list[_Stream] = []
+        self.fail_close = fail_close
+
+    def open_message(self, index):
+        stream = _Stream(super().open_message(index).getvalue(), self.fail_close)
+        self.streams.append(stream)
+        d = Deferred()
+        self.pending.append((d, stream))
+        return d
+
+
+class StreamCleanupTests(SynchronousTestCase):
+    def session(self, fail_close=False):
+        s = Session()
+        mailboxes = []
+
+        def requestAvatar(avatarId, mind, *interfaces):
+            mailbox = _SlowMailbox(s.maildrop, fail_close)
+            mailboxes.append(mailbox)
+            return IMailbox, mailbox, mailbox.close
+
+        self.patch(s.realm, "requestAvatar", requestAvatar)
+        s.login()
+        return s, mailboxes[0]
+
+    def test_drop_while_message_opens(self):
+        """The connection drops before open_message answers: the file is closed, lock freed."""
+        s, mailbox = self.session()
+        s.send(b"RETR 1\r\n")
+        s.protocol.connectionLost(None)
+        d, stream = mailbox.pending.pop()
+        d.callback(stream)
+        self.assertEqual(stream.closes, 1)
+        self.assertFalse(s.maildrop.locked)
+        self.assertEqual(s.take(), b"")
+
+    def test_close_failing_at_end_of_retr(self):
+        """A stream whose close() raises: the RETR answer is whole, the session goes on."""
+        s, mailbox = self.session(fail_close=True)
+        s.send(b"RETR 1\r\nNOOP\r\n")
+        d, stream = mailbox.pending.pop()
+        d.callback(stream)
+        out = s.take()
+        self.assertTrue(out.endswith(b"\r\n.\r\n+OK\r\n"), out)
+        self.assertFalse(s.transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_close_failing_on_drop_still_releases(self):
+        """Dropped mid-RETR with a stream whose close() raises: the lock is still released."""
+        s, mailbox = self.session(fail_close=True)
+        s.send(b"RETR 1\r\n")
+        s.protocol.output_paused = True  # the client stops reading
+        d, stream = mailbox.pending.pop()
+        d.callback(stream)
+        self.assertEqual(s.take(), b"+OK %d octets\r\n" % wire_size(MESSAGES[0]))
+        s.protocol.connectionLost(None)
+        self.assertEqual(stream.closes, 1)
+        self.assertFalse(s.maildrop.locked)
+        self.flushLoggedErrors(OSError)
+
+
 class LogTests(SynchronousTestCase):
     def test_login_logged_with_peer(self):
         """Logins are logged with the user and host:port, never the password."""
@@ -412,10 +522,25 @@ class TimeoutTests(SynchronousTestCase):
         s.clock.advance(599)
         self.assertFalse(s.transport.disconnecting)
         s.clock.advance(2)
-        self.assertTrue(s.take().startswith(b"-ERR"))
-        self.assertTrue(s.transport.disconnecting)
+        # RFC 1939 section 3: closed without any response, aborted at once.
+        self.assertEqual(s.take(), b"")
+        self.assertTrue(s.transport.disconnected)
+        self.assertEqual(s.send(b"QUIT\r\n"), b"")
         s.protocol.connectionLost(None)
         self.assertEqual(s.maildrop.contents(), MESSAGES)
+        self.assertFalse(s.maildrop.locked)
+
+    def test_autologout_mid_retr_sends_nothing(self):
+        """A client that stops reading a RETR is cut off, with no -ERR inside the body."""
+        s = Session(messages=[b"Subject: big\n\n" + b"x" * 100 + b"\n"] * 2)
+        s.login()
+        s.protocol.output_paused = True  # the client's receive window is full
+        s.send(b"RETR 1\r\n")
+        s.take()
+        s.clock.advance(601)
+        self.assertEqual(s.take(), b"")
+        self.assertTrue(s.transport.disconnected)
+        s.protocol.connectionLost(None)
         self.assertFalse(s.maildrop.locked)
 
     def test_activity_resets_timer(self):
