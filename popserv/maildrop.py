@@ -80,25 +80,27 @@ class MaildropView:
         """
         Messages the EXPIRE policy removes at UPDATE (RFC 2449 section 6.7).
 
-        A message expires once it has been retrieved (in this session, or
-        marked seen by an earlier one) and was delivered at least
-        ``expire_days`` days ago; ``EXPIRE 0`` removes every retrieved
-        message.  Stores that cannot tell delivery times expire only with 0.
+        ``EXPIRE 0`` is an implicit DELE of each message retrieved with RETR
+        in this session, as the RFC puts it; a message another program
+        marked seen is not touched.  With ``n`` days, a message expires once
+        it has been retrieved (in this session, or marked seen by an earlier
+        one) and was delivered at least ``n`` days ago.  Stores that cannot
+        tell delivery times expire only with 0.
         """
         if expire_days is None:
             return []
+        if expire_days == 0:
+            return [i for i in self.retrieved_indexes() if not self._deleted[i]]
         listing = self.listing
         seen = listing.seen
         received = listing.received
-        if received is None and expire_days > 0:
+        if received is None:
             return []
         cutoff = now - expire_days * SECONDS_PER_DAY
         expired = []
         for i in range(len(listing)):
-            if self._deleted[i]:
+            if self._deleted[i] or received[i] > cutoff:
                 continue
-            if not (self._retrieved[i] or (seen is not None and seen[i])):
-                continue
-            if expire_days == 0 or (received is not None and received[i] <= cutoff):
+            if self._retrieved[i] or (seen is not None and seen[i]):
                 expired.append(i)
         return expired

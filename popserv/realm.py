@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.accounts import AccountSettings, Announcement
-from popserv.errors import LoginDelayed, TemporaryFailure
+from popserv.errors import LoginDelayed, storage_failure
 from popserv.interfaces import IMailbox
 from popserv.layout import Layout
 from popserv.maildir import MaildirMailbox
@@ -94,7 +94,10 @@ class MaildirRealm:
         if settings.login_delay > 0:
             last = self._last_login.get(user)
             if last is None:
-                last = await self._in_thread(_read_last_login, path)
+                try:
+                    last = await self._in_thread(_read_last_login, path)
+                except OSError as e:
+                    raise storage_failure("cannot read the last login time", e) from None
             if last is not None and now - last < settings.login_delay:
                 raise LoginDelayed(f"{now - last:.0f}s since the last login")
         mailbox = await MaildirMailbox.open(
@@ -107,9 +110,9 @@ class MaildirRealm:
         if settings.login_delay > 0:
             try:
                 await self._in_thread(_write_last_login, path, now)
-            except OSError:
+            except OSError as e:
                 mailbox.close()
-                raise TemporaryFailure("cannot record the login time") from None
+                raise storage_failure("cannot record the login time", e) from None
         return IMailbox, mailbox, mailbox.close
 
     def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:

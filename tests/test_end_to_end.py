@@ -399,6 +399,15 @@ class LoginDelayTests(ServerTestCase):
         self.assertEqual(answers[1], ["0"])
         self.assertTrue(answers[4].startswith(b"-ERR [AUTH] "))
 
+    async def test_broken_maildir_is_sys_perm(self):
+        """With LOGIN-DELAY on, a file in place of the Maildir is still [SYS/PERM]."""
+        shutil.rmtree(self.maildir)
+        self.maildir.write_bytes(b"")
+        c = await self.run_in_thread(self.pop)
+        answer = await self.run_in_thread(login, c, "alice", "secret")
+        await self.run_in_thread(c.quit)
+        self.assertTrue(answer.startswith(b"-ERR [SYS/PERM] "), answer)
+
     async def test_survives_restart(self):
         """The last login time is kept in the Maildir, so a restart does not reset it."""
         c = await self.run_in_thread(self.pop)
@@ -455,25 +464,30 @@ class ExpireTests(ServerTestCase):
 
 
 class ExpireZeroTests(ServerTestCase):
-    """--expire 0: every retrieved message goes at QUIT, including one seen earlier."""
+    """--expire 0: an implicit DELE of each message retrieved with RETR (RFC 2449 6.7)."""
 
     options = {"expire": 0}
 
-    async def test_seen_in_an_earlier_session(self):
-        # A message another program (or an earlier session) already marked seen.
+    async def test_only_what_this_session_retrieved(self):
+        # A message another program (an IMAP client, webmail) marked seen.
         name = "1700000002.M1P1.test"
         os.rename(self.maildir / "new" / name, self.maildir / "cur" / (name + ":2,S"))
 
         def session():
             c = self.pop()
             login(c, "alice", "secret")
+            capa = c.capa()
+            c.top(1, 0)  # TOP is not RETR: message 1 stays
             c.retr(3)
             c.quit()
+            return capa
 
-        await self.run_in_thread(session)
+        capa = await self.run_in_thread(session)
+        self.assertEqual(capa["EXPIRE"], ["0"])
         remaining = self.files()
-        self.assertEqual(len(remaining), 2)
-        self.assertFalse(any(n.startswith(("1700000002", "1700000003")) for n in remaining))
+        self.assertEqual(len(remaining), 3)
+        self.assertFalse(any(n.startswith("1700000003") for n in remaining))
+        self.assertTrue(any(n.startswith(name) for n in remaining))
 
 
 class CurlTestCase(ServerTestCase):

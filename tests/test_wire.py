@@ -172,9 +172,13 @@ class MaildropViewTests(SynchronousTestCase):
         view.retrieved(3)
         self.assertEqual(view.expired_indexes(None, 10 * day), [])
         self.assertEqual(view.expired_indexes(5, 10 * day), [0, 2])
-        self.assertEqual(view.expired_indexes(0, 10 * day), [0, 1, 2])
+        # EXPIRE 0: only what this session retrieved, not what was seen before.
+        self.assertEqual(view.expired_indexes(0, 10 * day), [2])
+        view.retrieved(1)
+        self.assertEqual(view.expired_indexes(0, 10 * day), [0, 2])
         view.delete(1)
-        self.assertEqual(view.expired_indexes(0, 10 * day), [1, 2])
+        self.assertEqual(view.expired_indexes(0, 10 * day), [2])
+        self.assertEqual(view.expired_indexes(5, 10 * day), [2])
 
     def test_listing_columns_checked(self):
         self.assertRaises(ValueError, Listing, uids=("a",), sizes=(1, 2))
