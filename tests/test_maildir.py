@@ -16,12 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from popserv.body import BodyEncoder
+from popserv.body import BodyEncoder, wire_size
 from popserv.errors import (
     CommitFailed,
     MailboxInUse,
@@ -599,11 +601,25 @@ class DeliverTests(MaildirTestCase):
         self.assertEqual(await self.read(mailbox, 0), stored)
 
     def test_chunk_boundaries(self) -> None:
-        """A CRLF split between reads still becomes LF; lone CRs stay."""
+        """A CRLF split between reads still becomes LF; lone CRs stay, also before a CRLF."""
         maildir = self.maildir()
         source = ChunkedReader(b"a\r", b"\nb\r", b"\r\n", b"c\rd\r\r", b"\ne\r")
         name = deliver(maildir, source)
-        self.assertEqual((maildir / "new" / name).read_bytes(), b"a\nb\r\nc\rd\r\ne\r")
+        self.assertEqual((maildir / "new" / name).read_bytes(), b"a\nb\r\r\nc\rd\r\r\ne\r")
+
+    @settings(max_examples=300)
+    @given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\xe4"]), max_size=60)
+           .map(b"".join), st.integers(1, 7))
+    def test_stored_form_reads_back_exactly(self, message: bytes, step: int) -> None:
+        """For any bytes and chunking, RETR of the stored file sends what RETR of the original
+        would, and the name's W= is that size."""
+        maildir = self.maildir()
+        chunks = [message[i:i + step] for i in range(0, len(message), step)]
+        name = deliver(maildir, ChunkedReader(*chunks))
+        stored = (maildir / "new" / name).read_bytes()
+        self.assertEqual(_encode(stored), _encode(message))
+        self.assertEqual(parse_name(name).wire_size, wire_size(message))
+        self.assertEqual(parse_name(name).stored_size, len(stored))
 
     def test_stream(self) -> None:
         """A large message from a stream arrives whole with the right sizes."""
@@ -649,3 +665,9 @@ class DeliverTests(MaildirTestCase):
         self.assertEqual(clean_tmp(maildir), 1)
         self.assertEqual(self.files(maildir, "tmp"), ["2.fresh.host", "3.dir"])
         self.assertEqual(clean_tmp(Path(self.mktemp())), 0)
+
+
+def _encode(message: bytes) -> bytes:
+    """What RETR sends for ``message``."""
+    encoder = BodyEncoder()
+    return encoder.feed(message) + encoder.finish()

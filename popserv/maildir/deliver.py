@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,20 +54,33 @@ def _chunks(source: bytes | BinaryIO) -> Iterator[bytes]:
         yield chunk
 
 
+#: A CRLF line end whose CR is not itself preceded by a CR.  ``x\r\r\n`` is
+#: the line ``x\r`` (ending in a lone CR); stored as ``x\r\n`` it would read
+#: back as ``x``, so such line ends are stored unchanged.
+_PLAIN_CRLF = re.compile(rb"(?<!\r)\r\n")
+
+
 def _write_lf(fd: int, source: bytes | BinaryIO) -> tuple[int, int]:
-    """Write ``source`` to ``fd`` with CRLF turned into LF; return (stored, wire) sizes."""
+    """
+    Write ``source`` to ``fd`` with CRLF line ends turned into LF; return
+    the (stored, wire) sizes.  Reading the file back gives exactly the lines
+    of ``source``, lone CRs included.
+    """
     counter = WireSizeCounter()
     stored = 0
     with open(fd, "wb", closefd=False) as out:
         carry = b""
         for chunk in _chunks(source):
             data = carry + chunk if carry else chunk
-            # A CR at the end may be the first half of a CRLF split across chunks.
-            if data.endswith(b"\r"):
-                data, carry = data[:-1], b"\r"
+            # Trailing CRs may begin a CRLF split across chunks; two are kept
+            # back so the one before the LF can see whether a CR precedes it.
+            kept = len(data) - len(data.rstrip(b"\r"))
+            kept = min(kept, 2)
+            if kept:
+                data, carry = data[:-kept], data[-kept:]
             else:
                 carry = b""
-            data = data.replace(b"\r\n", b"\n")
+            data = _PLAIN_CRLF.sub(b"\n", data)
             out.write(data)
             counter.feed(data)
             stored += len(data)
