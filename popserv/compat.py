@@ -7,12 +7,17 @@ Wrap the application's realm in :class:`TwistedMailRealm`; each
 UIDL that breaks RFC 1939's rules is replaced by a stable hash.
 
 ``twisted.mail`` mailboxes usually report the stored size of a message,
-which for LF-stored mail is less than the octets RETR sends.  Twisted's own
-server reports it all the same; pass ``exact_sizes=True`` to have the
-adapter count the real sizes instead, at the cost of reading every message
-once at login.  Message files opened in text mode (as
+which for LF-stored mail is less than the octets RETR sends, and a client
+that trusts LIST then reads a message of the wrong length.  So the adapter
+counts the real sizes, reading every message once at login; for mailboxes
+too big for that, ``exact_sizes=False`` takes the sizes as reported, as
+Twisted's own server does.  Message files opened in text mode (as
 ``twisted.mail.maildir`` does) are read as bytes, so 8-bit mail passes
 through unchanged.
+
+A mailbox's ``loginDelay`` and ``messageExpiration`` attributes, when it
+has them, become its user's LOGIN-DELAY and EXPIRE (and EXPIRE is then
+applied: ``messageExpiration = 0`` deletes what the client retrieved).
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ from typing import Any
 
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.mail import pop3 as twisted_pop3
-from zope.interface import implementer
+from twisted.python.failure import Failure
+from zope.interface import alsoProvides, implementer
 
 from popserv.body import WireSizeCounter
-from popserv.interfaces import IMailbox, Listing, MessageStream
+from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
+
+log = Logger()
 
 #: Read size when counting a message's wire size.
 CHUNK_SIZE = 64 * 1024
@@ -94,9 +103,13 @@ def _wire_size(stream: MessageStream) -> int:
 class TwistedMailbox:
     """popserv's IMailbox over a ``twisted.mail.pop3.IMailbox``."""
 
-    def __init__(self, mailbox: twisted_pop3.IMailbox, *, exact_sizes: bool = False) -> None:
+    def __init__(self, mailbox: twisted_pop3.IMailbox, *, exact_sizes: bool = True) -> None:
         self._mailbox = mailbox
         self._exact_sizes = exact_sizes
+        if hasattr(mailbox, "loginDelay") or hasattr(mailbox, "messageExpiration"):
+            alsoProvides(self, IAccountSettings)
+            self.login_delay = int(getattr(mailbox, "loginDelay", 0) or 0)
+            self.expire_days = getattr(mailbox, "messageExpiration", None)
 
     async def _listing(self) -> Listing:
         sizes = [int(size) for size in await _resolve(self._mailbox.listMessages())]
@@ -115,9 +128,21 @@ class TwistedMailbox:
         return Deferred.fromCoroutine(self._open(index))
 
     async def _commit(self, deleted: Sequence[int]) -> None:
+        """Try every deletion and the sync even when one fails; then report the first failure."""
+        failures = []
         for index in deleted:
-            await _resolve(self._mailbox.deleteMessage(index))
-        await _resolve(self._mailbox.sync())
+            try:
+                await _resolve(self._mailbox.deleteMessage(index))
+            except Exception:
+                failures.append(Failure())
+        try:
+            await _resolve(self._mailbox.sync())
+        except Exception:
+            failures.append(Failure())
+        for failure in failures[1:]:
+            log.failure("A twisted.mail mailbox failed to apply a deletion", failure)
+        if failures:
+            failures[0].raiseException()
 
     def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:
         return Deferred.fromCoroutine(self._commit(deleted))
@@ -130,7 +155,7 @@ class TwistedMailbox:
 class TwistedMailRealm:
     """Wraps a realm that serves ``twisted.mail.pop3.IMailbox`` avatars."""
 
-    def __init__(self, realm: IRealm, *, exact_sizes: bool = False) -> None:
+    def __init__(self, realm: IRealm, *, exact_sizes: bool = True) -> None:
         self._realm = realm
         self._exact_sizes = exact_sizes
 

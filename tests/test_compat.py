@@ -62,14 +62,14 @@ class TwistedMaildirRealm:
 
 
 class TwistedMaildirTests(TestCase):
-    def start(self, exact_sizes: bool = False, mailbox_class=FixedMaildirMailbox) -> int:
+    def start(self, mailbox_class=FixedMaildirMailbox, **realm_options) -> int:
         self.path = Path(self.mktemp())
         twisted_maildir.initializeMaildir(str(self.path))
         for message in MESSAGES:
             deliver(self.path, message)
         self.realm = TwistedMaildirRealm(self.path, mailbox_class)
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
-        portal = Portal(TwistedMailRealm(self.realm, exact_sizes=exact_sizes), [checker])
+        portal = Portal(TwistedMailRealm(self.realm, **realm_options), [checker])
         port = reactor.listenTCP(0, POP3Factory(portal, Policy(hostname="h")),
                                  interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -106,8 +106,8 @@ class TwistedMaildirTests(TestCase):
         mailbox = twisted_maildir.MaildirMailbox(os.fsencode(self.path))
         self.assertEqual(len(mailbox.listMessages()), 1)
         self.assertEqual(uids[1].decode(), mailbox.getUidl(0))
-        # Without exact_sizes, the stored (LF) size, as Twisted's own server says.
-        self.assertEqual(sizes[0], len(MESSAGES[0]))
+        # LIST says the octets RETR sends before stuffing, not the stored size.
+        self.assertEqual(sizes, [len(raw[0]) - 1, len(raw[1])])
         self.assertEqual(self.realm.logouts, 1)
 
     async def test_store_failing_at_quit(self):
@@ -137,10 +137,100 @@ class TwistedMaildirTests(TestCase):
         # The operator's log has the traceback the client never sees.
         self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
-    async def test_exact_sizes(self):
-        """With exact_sizes, LIST gives the octets RETR sends before stuffing."""
-        sizes, _, _ = await deferToThread(self.session, self.start(exact_sizes=True))
-        self.assertEqual(sizes, [wire_size(m.replace(b"\r\n", b"\n")) for m in MESSAGES])
+    async def test_sizes_as_reported(self):
+        """exact_sizes=False takes the mailbox's own (stored) sizes, as Twisted's server does."""
+        sizes, _, _ = await deferToThread(self.session, self.start(exact_sizes=False))
+        self.assertEqual(sizes, [len(m.replace(b"\r\n", b"\n")) for m in MESSAGES])
+        self.assertNotEqual(sizes, [wire_size(m) for m in MESSAGES])
+
+
+@implementer(twisted_pop3.IMailbox)
+class PolicyMailbox(twisted_pop3.Mailbox):
+    """An in-memory twisted.mail mailbox with per-user policy and a failing deletion."""
+
+    loginDelay = 900
+    messageExpiration = 0
+
+    def __init__(self, messages, undeletable=()):
+        self.messages = list(messages)
+        self.undeletable = set(undeletable)
+        self.deleted = []
+        self.synced = False
+
+    def listMessages(self, i=None):
+        sizes = [len(m) for m in self.messages]
+        return sizes if i is None else sizes[i]
+
+    def getMessage(self, i):
+        return io.BytesIO(self.messages[i])
+
+    def getUidl(self, i):
+        return f"uid{i}"
+
+    def deleteMessage(self, i):
+        if i in self.undeletable:
+            raise OSError("cannot delete")
+        self.deleted.append(i)
+
+    def sync(self):
+        self.synced = True
+
+
+@implementer(IRealm)
+class OneMailboxRealm:
+    def __init__(self, mailbox):
+        self.mailbox = mailbox
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        return twisted_pop3.IMailbox, self.mailbox, lambda: None
+
+
+class MailboxPolicyTests(TestCase):
+    def session(self, mailbox, *commands: str):
+        """Log in, read CAPA, run ``commands``, QUIT; return (CAPA, QUIT answer)."""
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        portal = Portal(TwistedMailRealm(OneMailboxRealm(mailbox)), [checker])
+        port = reactor.listenTCP(0, POP3Factory(portal, Policy(hostname="h")),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def talk():
+            client = poplib.POP3("127.0.0.1", port.getHost().port, timeout=10)
+            try:
+                client.user("alice")
+                client.pass_("secret")
+                capa = client.capa()
+                for command in commands:
+                    multiline = command.startswith("RETR")
+                    (client._longcmd if multiline else client._shortcmd)(command)
+                try:
+                    client.quit()
+                except poplib.error_proto as e:
+                    return capa, e.args[0]
+                return capa, b"+OK"
+            finally:
+                client.close()
+
+        return deferToThread(talk)
+
+    async def test_capa_and_expire_zero(self):
+        """The mailbox's loginDelay and messageExpiration are its CAPA; EXPIRE 0 applies."""
+        mailbox = PolicyMailbox([b"Subject: a\n\none\n", b"Subject: b\n\ntwo\n"])
+        capa, quit = await self.session(mailbox, "RETR 1")
+        self.assertEqual((capa["LOGIN-DELAY"], capa["EXPIRE"]), (["900"], ["0"]))
+        self.assertEqual(quit, b"+OK")
+        self.assertEqual(mailbox.deleted, [0])
+        self.assertTrue(mailbox.synced)
+
+    async def test_failed_deletion_does_not_stop_the_others(self):
+        mailbox = PolicyMailbox([b"a\n", b"b\n", b"c\n"], undeletable={0})
+        mailbox.messageExpiration = None
+        capa, quit = await self.session(mailbox, "DELE 1", "DELE 2", "DELE 3")
+        self.assertEqual(capa["EXPIRE"], ["NEVER"])
+        self.assertEqual(quit, b"-ERR [SYS/TEMP] Some deleted messages were not removed")
+        self.assertEqual(mailbox.deleted, [1, 2])
+        self.assertTrue(mailbox.synced)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
 
 class BinaryTests(SynchronousTestCase):
