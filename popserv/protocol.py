@@ -138,6 +138,7 @@ class _OutputGate:
         pass
 
 
+@implementer(interfaces.IHalfCloseableProtocol)
 class POP3Protocol(Protocol, TimeoutMixin):
     """One POP3 session.  Built by :class:`POP3Factory`."""
 
@@ -155,6 +156,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._lost = False
         #: Set once the session has given its last answer: nothing more is run.
         self._closing = False
+        #: The client half-closed: answer what it sent, then close.
+        self._input_ended = False
         self._user: str | None = None
         self._failures = 0
         self._mailbox: Any = None
@@ -201,6 +204,20 @@ class POP3Protocol(Protocol, TimeoutMixin):
             # In UPDATE the commit is still running; it logs out when done.
             if self.state is not State.UPDATE:
                 self._release()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent EOF after its commands (``printf ... | nc -N``): they
+        are all answered, in order, and then the connection closes.  Without
+        a QUIT among them that is a drop: nothing is deleted.
+        """
+        self._input_ended = True
+        self._run_queue()
+
+    def writeConnectionLost(self) -> None:
+        """Nothing more can reach the client: there is no point going on."""
+        self._closing = True
+        self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
         """
@@ -274,6 +291,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 done.addBoth(self._command_done)
         if self._reading_paused and len(self._queue) < self.factory.policy.max_queued_commands // 2:
             self._pause_reading(False)
+        if self._input_ended and not (self._queue or self._busy or self._stream is not None):
+            self.close()
 
     def _command_done(self, _: object) -> None:
         self._busy = False
@@ -303,7 +322,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 raise errors.UnknownCommand()
             handler = COMMANDS[self.state].get(verb)
             if handler is None:
-                raise errors.BadState()
+                # A command no state offers (AUTH before SASL is configured) is
+                # unknown, not merely refused here.
+                raise errors.BadState() if verb in IMPLEMENTED else errors.UnknownCommand()
             result = handler(self, *parser(rest))
         except Exception:
             self._report(Failure())
@@ -590,6 +611,10 @@ COMMANDS: dict[State, dict[str, Handler]] = {
     },
     State.UPDATE: {},
 }
+
+
+#: Every command some state runs; others are unknown whatever the state.
+IMPLEMENTED = frozenset(verb for table in COMMANDS.values() for verb in table)
 
 
 class POP3Factory(Factory):

@@ -330,6 +330,20 @@ class RawProtocolTests(ServerTestCase):
             )
             self.assertEqual(size, len(unstuffed), n)
 
+    async def test_half_close(self):
+        """printf '...QUIT' | nc -N: every answer comes back, and QUIT's deletions apply."""
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"USER alice\r\nPASS secret\r\nDELE 1\r\nQUIT\r\n")
+            c.sock.shutdown(socket.SHUT_WR)
+            answers = [c.line() for _ in range(4)]
+            return answers, c.closed()
+
+        answers, closed = await self.run_in_thread(session)
+        self.assertTrue(answers[3].startswith(b"+OK Bye, 1 deleted"), answers)
+        self.assertTrue(closed)
+        self.assertEqual(len(self.files()), 3)
+
     async def test_pipelining_and_long_lines(self):
         def session():
             c = RawClient(self.portno)

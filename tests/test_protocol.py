@@ -191,6 +191,35 @@ class AuthorizationTests(SynchronousTestCase):
         self.assertNotIn(b"Logged in", out)
         self.assertFalse(s.maildrop.locked)
 
+    def test_unimplemented_command_is_unknown(self):
+        """AUTH, which no state runs yet, is an unknown command, before and after login."""
+        s = Session()
+        self.assertEqual(s.send(b"AUTH PLAIN\r\n"), wire.err(errors.UnknownCommand()))
+        s.login()
+        self.assertEqual(s.send(b"AUTH\r\n"), wire.err(errors.UnknownCommand()))
+
+    def test_half_close_answers_then_closes(self):
+        """Commands followed by EOF are all answered, then the connection closes."""
+        s = Session()
+        s.protocol.dataReceived(b"USER alice\r\nPASS secret\r\nDELE 1\r\nSTAT\r\n")
+        self.assertFalse(s.transport.disconnecting)
+        s.protocol.readConnectionLost()
+        self.assertEqual(len(s.take().split(b"\r\n")), 5)
+        self.assertTrue(s.transport.disconnecting)
+        s.protocol.connectionLost(None)
+        # No QUIT: a drop, nothing deleted.
+        self.assertEqual(s.maildrop.contents(), MESSAGES)
+        self.assertFalse(s.maildrop.locked)
+
+    def test_half_close_waits_for_a_login(self):
+        s = Session()
+        s.protocol.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+        s.protocol.readConnectionLost()
+        self.assertFalse(s.transport.disconnecting)
+        s.clock.advance(10)
+        self.assertTrue(s.take().endswith(wire.err(errors.AuthFailed())))
+        self.assertTrue(s.transport.disconnecting)
+
     def test_quit_before_login(self):
         s = Session()
         self.assertEqual(s.send(b"QUIT\r\n"), b"+OK Bye\r\n")
