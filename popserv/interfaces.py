@@ -23,10 +23,13 @@ Every method may return its result directly or as a ``Deferred``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import field, frozen
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class MessageStream(Protocol):
@@ -75,7 +78,7 @@ class IMailbox(Interface):
     turns them into the 1-based numbers clients see.
     """
 
-    def listing() -> Listing:
+    def listing() -> Listing | Deferred[Listing]:
         """
         Return (or fire a ``Deferred`` with) the :class:`Listing` of all messages.
 
@@ -83,7 +86,7 @@ class IMailbox(Interface):
         next session.
         """
 
-    def open_message(index: int) -> MessageStream:
+    def open_message(index: int) -> MessageStream | Deferred[MessageStream]:
         """
         Return (or fire a ``Deferred`` with) a readable binary stream of one message.
 
@@ -92,7 +95,7 @@ class IMailbox(Interface):
         vanished meanwhile, or a :class:`popserv.errors.TemporaryFailure`.
         """
 
-    def commit(deleted: Sequence[int], retrieved: Sequence[int]) -> None:
+    def commit(deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None] | None:
         """
         Apply the session's changes, in the UPDATE state after ``QUIT``.
 

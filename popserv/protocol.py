@@ -158,7 +158,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._closing = False
         #: The client half-closed: answer what it sent, then close.
         self._input_ended = False
-        self._user: str | None = None
+        self._user: bytes | None = None
         self._failures = 0
         self._mailbox: Any = None
         self._logout: Callable[[], object] | None = None
@@ -347,7 +347,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if self._lost:
             return succeed(None)
         self._stream = chunks
-        self._stream_done = done = Deferred()
+        self._stream_done = done = Deferred[None]()
         self._pump_stream()
         return done
 
