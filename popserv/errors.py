@@ -50,6 +50,19 @@ class TLSUnavailable(PopError):
     text = "TLS is not available on this server"
 
 
+class TLSActive(PopError):
+    """A second STLS, once TLS is up (RFC 2595 section 4)."""
+
+    text = "TLS is already active"
+
+
+class TLSRequired(PopError):
+    """A login that would expose a password on a connection that is not private."""
+
+    code = "AUTH"
+    text = "Cleartext logins are disabled on this connection, use TLS (STLS or port 995)"
+
+
 class NoSuchMessage(PopError):
     text = "No such message"
 

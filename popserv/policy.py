@@ -7,9 +7,11 @@ from is said beside it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from attrs import field, frozen
+from twisted.internet.interfaces import IAddress
 
 from popserv._version import __version__
 from popserv.accounts import AccountSettings
@@ -37,7 +39,35 @@ class Policy:
     #: Offer APOP (the greeting's timestamp): True, False, or None for "when
     #: the portal's checker can verify APOP for at least one account".
     apop: bool | None = None
+    #: Allow USER/PASS (and later password-exposing SASL) on a connection
+    #: that is neither TLS nor local.  Off: passwords never cross a network
+    #: in clear.
+    allow_cleartext_auth: bool = False
+    #: Allow APOP (and challenge-response SASL) on such connections: the
+    #: password is not sent, but the exchange can be attacked offline.
+    allow_cleartext_apop: bool = False
+    #: Peers on these networks count as local: cleartext logins are fine.
+    local_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        converter=lambda nets: tuple(ipaddress.ip_network(n) for n in nets),
+    )
     #: Bytes read from the store per chunk while sending a message.
     chunk_size: int = 256 * 1024
     #: The IMPLEMENTATION capability.
     implementation: str = f"popserv-{__version__}"
+
+    def is_local(self, peer: IAddress | None) -> bool:
+        """
+        True for a peer on :attr:`local_networks` (IPv4-mapped IPv6 included)
+        and for UNIX sockets; False for anything else.
+        """
+        host = getattr(peer, "host", None)
+        if host is None:
+            return getattr(peer, "name", None) is not None  # a UNIXAddress
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.local_networks)

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from OpenSSL import SSL
 from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
@@ -45,6 +46,7 @@ from popserv.interfaces import (
 )
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
+from popserv.tls import TLSInfo, TLSServer
 
 log = Logger()
 T = TypeVar("T")
@@ -64,8 +66,16 @@ CapabilitySource = Callable[["POP3Protocol"], Iterable[str]]
 
 
 def core_capabilities(session: POP3Protocol) -> list[str]:
-    """The capabilities of RFC 1939 and RFC 2449 that popserv always has."""
-    lines = ["TOP", "USER", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+    """
+    The capabilities of RFC 1939, 2449 and 2595: ``USER`` only where a
+    password may be sent, ``STLS`` only before TLS and login.
+    """
+    lines = ["TOP"]
+    if session.cleartext_login_allowed():
+        lines.append("USER")
+    lines += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+    if session.stls_offered():
+        lines.append("STLS")
     if session.state is State.TRANSACTION:
         lines += capability_lines(session.account)
     else:
@@ -107,9 +117,12 @@ def _printable(value: bytes | str, limit: int = 64) -> str:
 class SessionInfo:
     """What a realm or checker may know about the connection (the login ``mind``)."""
 
-    def __init__(self, peer: interfaces.IAddress | None, secure: bool) -> None:
+    def __init__(self, peer: interfaces.IAddress | None, secure: bool, local: bool = False) -> None:
         self.peer = peer
         self.secure = secure
+        self.local = local
+        #: Set when a TLS handshake completes.
+        self.tls: TLSInfo | None = None
 
     @property
     def where(self) -> str:
@@ -138,7 +151,7 @@ class _OutputGate:
         pass
 
 
-@implementer(interfaces.IHalfCloseableProtocol)
+@implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
 class POP3Protocol(Protocol, TimeoutMixin):
     """One POP3 session.  Built by :class:`POP3Factory`."""
 
@@ -175,10 +188,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._splitter.max_length = policy.max_line_length
         self.setTimeout(policy.idle_timeout)
         self.transport.registerProducer(_OutputGate(self), True)
-        self.info = SessionInfo(self.transport.getPeer(), secure=self.is_secure())
+        peer = self.transport.getPeer()
+        self.info = SessionInfo(peer, secure=self.is_secure(), local=policy.is_local(peer))
         self.factory.sessions.add(self)
         greeting = "POP3 server ready"
-        if self.factory.apop_offered():
+        if self.factory.apop_offered() and self.apop_allowed():
             self.timestamp = apop_timestamp(policy.hostname)
             greeting += " " + self.timestamp.decode("ascii")
         self.send(wire.ok(greeting))
@@ -187,10 +201,49 @@ class POP3Protocol(Protocol, TimeoutMixin):
         """True when this connection runs over TLS."""
         return interfaces.ISSLTransport.providedBy(self.transport)
 
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is over (implicit TLS or after STLS): learn its facts."""
+        try:
+            self.info.tls = TLSInfo.of(self.transport.getHandle())
+        except Exception:
+            log.failure("Reading the TLS connection's details failed")
+            return
+        log.debug(
+            "TLS from {peer}: {version} {cipher}",
+            peer=self.info.where,
+            version=self.info.tls.version,
+            cipher=self.info.tls.cipher,
+        )
+
+    def cleartext_login_allowed(self) -> bool:
+        """
+        Whether a password may be sent on this connection: under TLS, from a
+        local peer, or where the admin allowed cleartext logins.
+        """
+        info = self.info
+        return info.secure or info.local or self.factory.policy.allow_cleartext_auth
+
+    def apop_allowed(self) -> bool:
+        """APOP on this connection: where passwords may be sent, or where the admin allows it."""
+        return self.cleartext_login_allowed() or self.factory.policy.allow_cleartext_apop
+
+    def stls_offered(self) -> bool:
+        return (
+            self.factory.tls is not None
+            and not self.info.secure
+            and self.state in (State.AUTHORIZATION, State.USER_GIVEN)
+        )
+
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         return self.factory.clock.callLater(period, func)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if reason is not None and reason.check(SSL.Error):
+            log.info(
+                "TLS with {peer} failed: {error}",
+                peer=self.info.where,
+                error=reason.getErrorMessage(),
+            )
         self._lost = self._closing = True
         self.factory.sessions.discard(self)
         self.setTimeout(None)
@@ -392,6 +445,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
         return self.stream(wire.multiline(line.encode("ascii") for line in lines))
 
     def do_user(self, name: bytes) -> None:
+        if not self.cleartext_login_allowed():
+            # Refused before the client sends the password.
+            raise errors.TLSRequired()
         self._user = name
         self.state = State.USER_GIVEN
         self.send(wire.ok("Send PASS"))
@@ -406,6 +462,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     async def do_apop(self, name: bytes, digest: bytes) -> None:
         self.state = State.AUTHORIZATION
         self._user = None
+        if not self.apop_allowed():
+            raise errors.TLSRequired()
         if not self.timestamp:
             raise errors.APOPUnavailable()
         if len(digest) != 32 or not all(c in b"0123456789abcdefABCDEF" for c in digest):
@@ -470,8 +528,25 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self.send(wire.err(answer or errors.AuthFailed()))
 
     def do_stls(self) -> None:
-        """STLS (RFC 2595): refused until a certificate is configured."""
-        raise errors.TLSUnavailable()
+        """
+        STLS (RFC 2595): answer, then start TLS on the same connection.
+
+        Anything the client sent after the STLS line, before the handshake,
+        is thrown away: run inside TLS, it would let a man in the middle
+        inject commands into the protected session.
+        """
+        tls = self.factory.tls
+        if tls is None:
+            raise errors.TLSUnavailable()
+        if self.info.secure:
+            raise errors.TLSActive()
+        self._queue.clear()
+        self._splitter.discard()
+        self.state = State.AUTHORIZATION
+        self._user = None
+        self.send(wire.ok("Begin TLS negotiation"))
+        self.transport.startTLS(tls)
+        self.info.secure = True
 
     def do_quit_authorization(self) -> None:
         self.send(wire.ok("Bye"))
@@ -634,6 +709,7 @@ class POP3Factory(Factory):
         *,
         clock: interfaces.IReactorTime | None = None,
         announce: Callable[[], Announcement] | None = None,
+        tls: TLSServer | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -641,6 +717,8 @@ class POP3Factory(Factory):
         self.policy = policy or Policy()
         self.clock: Any = clock
         self._announce = announce
+        #: The TLS server side for STLS, or None when no certificate is set.
+        self.tls = tls
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.

@@ -5,14 +5,18 @@ what an application embedding popserv may call.
 
 from __future__ import annotations
 
+import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.accounts import AccountSettings
 from popserv.firstrun import announce, bootstrap
@@ -21,7 +25,10 @@ from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
 from popserv.realm import MaildirRealm
-from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
+from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server
+from popserv.tls import TLSServer
+
+log = Logger()
 
 
 def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory:
@@ -45,20 +52,89 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
         max_auth_failures=options.get("max-auth-failures", 3),
         account=defaults,
         apop=options.get("apop"),
+        allow_cleartext_auth=bool(options.get("allow-cleartext-auth")),
+        allow_cleartext_apop=bool(options.get("allow-cleartext-apop")),
     )
-    return POP3Factory(portal, policy, clock=reactor, announce=realm.announcement)
+    tls = options["tls"] if "tls" in options else tls_server(options)
+    return POP3Factory(portal, policy, clock=reactor, announce=realm.announcement, tls=tls)
+
+
+class CertificateReloader(Service):
+    """
+    Reloads the TLS certificates on SIGHUP, and whenever their files change
+    (checked every ``interval`` seconds), so renewals need no restart.
+    """
+
+    def __init__(self, tls: TLSServer, interval: float, reactor: Any) -> None:
+        self.tls = tls
+        self._reactor = reactor
+        self._interval = interval
+        self._loop = LoopingCall(tls.reload_if_changed)
+        self._loop.clock = reactor
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+        if hasattr(signal, "SIGHUP"):
+            self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self.tls.reload)
 
 
 def makeService(options: Mapping[str, Any]) -> MultiService:
-    """One listening service per ``--pop3`` endpoint, all sharing one factory."""
+    """
+    One listening service per ``--pop3`` and ``--pop3s`` endpoint, all
+    sharing one factory; ``--pop3s`` ones speak TLS from the first byte.
+    """
     from twisted.internet import reactor
 
     factory = make_factory(options, reactor)
     top = MultiService()
-    for description in options.get("pop3") or [DEFAULT_POP3_ENDPOINT]:
+    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
+    for description in plain:
         endpoint = serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if factory.tls is not None:
+        secure = TLSMemoryBIOFactory(factory.tls, False, factory)
+        for description in options.get("pop3s") or []:
+            endpoint = serverFromString(reactor, description)
+            StreamServerEndpointService(endpoint, secure).setServiceParent(top)
+        interval = options.get("tls-reload-interval") or 60.0
+        CertificateReloader(factory.tls, interval, reactor).setServiceParent(top)
+    _warn_about_cleartext(plain, factory)
     return top
+
+
+def _warn_about_cleartext(endpoints: Sequence[str], factory: POP3Factory) -> None:
+    """Say so when remote clients could connect but never log in."""
+    policy = factory.policy
+    if factory.tls is not None or policy.allow_cleartext_auth:
+        return
+    remote = [e for e in endpoints if not _loopback_only(e)]
+    if remote:
+        log.warn(
+            "Clients connecting to {endpoints} from other hosts cannot log in: there is no"
+            " TLS certificate (--tls-cert) and cleartext logins are off"
+            " (--allow-cleartext-auth)",
+            endpoints=", ".join(remote),
+        )
+
+
+def _loopback_only(endpoint: str) -> bool:
+    return any(
+        f"interface={host}" in endpoint.replace("\\", "")
+        for host in ("127.0.0.1", "::1", "localhost")
+    ) or endpoint.startswith("unix:")
 
 
 __all__ = ["Options", "makeService", "make_factory"]

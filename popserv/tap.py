@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
+from popserv.tls import (
+    INTERMEDIATE_CIPHERS,
+    VERSIONS,
+    CertificateError,
+    TLSConfig,
+    TLSServer,
+    find_certificates,
+)
 
 #: Loopback only, on a port that needs no root: safe for a first start.
 DEFAULT_POP3_ENDPOINT = "tcp:1110:interface=127.0.0.1"
@@ -101,17 +111,97 @@ class Options(usage.Options):
             " has a password APOP can use, i.e. stored PLAIN).",
             _tristate,
         ],
+        ["tls-min-version", None, "1.2", "Oldest TLS version accepted: 1.2 or 1.3."],
+        [
+            "tls-ciphers",
+            None,
+            INTERMEDIATE_CIPHERS,
+            "OpenSSL cipher list for TLS 1.2 (default: Mozilla intermediate).",
+        ],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "CA file for client certificates: asked for, not required (SASL EXTERNAL).",
+        ],
+        [
+            "tls-reload-interval",
+            None,
+            60.0,
+            "Seconds between checks for renewed certificate files (SIGHUP reloads at once).",
+            _positive_float,
+        ],
+    ]
+
+    optFlags: ClassVar[list[list[Any]]] = [
+        [
+            "allow-cleartext-auth",
+            None,
+            "Allow USER/PASS without TLS from non-local clients (off: only under TLS"
+            " or from 127.0.0.0/8 and ::1).",
+        ],
+        [
+            "allow-cleartext-apop",
+            None,
+            "Allow APOP without TLS from non-local clients.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["pop3"] = []
+        self["pop3s"] = []
+        self["tls-cert"] = []
+        self["tls-key"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
         """POP3 listener, a Twisted endpoint string (repeatable; default
         tcp:1110:interface=127.0.0.1). E.g. tcp:110, systemd:domain=INET:index=0"""
         self["pop3"].append(endpoint)
 
+    def opt_pop3s(self, endpoint: str) -> None:
+        """POP3 over TLS from the first byte (RFC 8314), an endpoint string
+        (repeatable; needs --tls-cert). E.g. tcp:995"""
+        self["pop3s"].append(endpoint)
+
+    def opt_tls_cert(self, path: str) -> None:
+        """PEM certificate chain (repeatable: SNI picks by host name), or a
+        directory of them (Let's Encrypt's live/). Turns on STLS."""
+        self["tls-cert"].append(path)
+
+    def opt_tls_key(self, path: str) -> None:
+        """PEM private key of the --tls-cert in the same position (repeatable;
+        not needed when the certificate file holds its key)."""
+        self["tls-key"].append(path)
+
     def postOptions(self) -> None:
-        if not self["pop3"]:
+        if not self["pop3"] and not self["pop3s"]:
             self["pop3"] = [DEFAULT_POP3_ENDPOINT]
+        if self["pop3s"] and not self["tls-cert"]:
+            raise usage.UsageError("--pop3s needs a certificate: give --tls-cert")
+        if self["tls-key"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-key needs a --tls-cert")
+        if self["tls-min-version"] not in VERSIONS:
+            raise usage.UsageError(f"--tls-min-version must be one of {', '.join(VERSIONS)}")
+        try:
+            self["tls"] = tls_server(self)
+        except CertificateError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def tls_server(options: Mapping[str, Any]) -> TLSServer | None:
+    """
+    The TLS server the options describe, certificates loaded, or None when
+    there is no ``tls-cert``.  Raises :class:`CertificateError` (one line).
+    """
+    certs = options.get("tls-cert") or []
+    if not certs:
+        return None
+    client_ca = options.get("tls-client-ca")
+    config = TLSConfig(
+        find_certificates(certs, options.get("tls-key") or []),
+        min_version=options.get("tls-min-version") or "1.2",
+        ciphers=options.get("tls-ciphers") or INTERMEDIATE_CIPHERS,
+        client_ca=Path(client_ca) if client_ca else None,
+    )
+    return TLSServer(config)

@@ -19,10 +19,22 @@ MESSAGES = [
 ]
 
 
+#: The client of a test session: local, so cleartext logins are allowed.
+LOCAL_PEER = IPv4Address("TCP", "127.0.0.1", 4321)
+#: A client elsewhere on the network (TEST-NET-1).
+REMOTE_PEER = IPv4Address("TCP", "192.0.2.1", 4321)
+
+
 class Session:
     """A POP3 protocol over a StringTransport, with a fake clock."""
 
-    def __init__(self, messages=MESSAGES, policy: Policy | None = None, **users: str) -> None:
+    def __init__(
+        self,
+        messages=MESSAGES,
+        policy: Policy | None = None,
+        peer: IPv4Address = LOCAL_PEER,
+        **users: str,
+    ) -> None:
         self.clock = Clock()
         self.maildrop = MemoryMaildrop(messages)
         self.realm = MemoryRealm({"alice": self.maildrop})
@@ -35,7 +47,7 @@ class Session:
             policy or Policy(hostname="pop.example.org"),
             clock=self.clock,
         )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 4321))
+        self.transport = StringTransport(peerAddress=peer)
         self.protocol = self.factory.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()

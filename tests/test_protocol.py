@@ -534,7 +534,7 @@ class LogTests(SynchronousTestCase):
             s = Session()
             s.login()
         text = [formatEvent(e) for e in events]
-        self.assertIn("alice logged in from 192.0.2.1:4321", text)
+        self.assertIn("alice logged in from 127.0.0.1:4321", text)
         self.assertFalse(any("secret" in line for line in text))
 
     def test_ipv6_peer(self):

@@ -1,0 +1,414 @@
+"""
+TLS for POP3: server certificates, SNI, ALPN, reloading, and the facts a
+session learns from its handshake.
+
+:class:`TLSServer` is what Twisted's TLS layer asks for a new server-side
+connection (an ``IOpenSSLServerConnectionCreator``), both for STLS
+(``transport.startTLS``) and for implicit TLS (``TLSMemoryBIOFactory``).
+
+- Certificates are read and checked with ``cryptography`` first, so a bad
+  file is reported in one line that names it; each certificate gets its own
+  OpenSSL context, and SNI picks the one whose names match.
+- Defaults follow Mozilla's "intermediate" profile: TLS 1.2 minimum, AEAD
+  ciphers with forward secrecy, no compression; session resumption (tickets
+  and the session cache) works.
+- ALPN (RFC 7301): a client that offers protocols must offer ``pop3``,
+  else the handshake is refused, so a TLS connection meant for another
+  service (an HTTPS request, the ALPACA attack) never reaches POP3.
+  Clients that send no ALPN at all (most mail clients) are served.
+- :meth:`TLSServer.reload` re-reads every file; a failed reload keeps the
+  certificates in use.  Sessions already running keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from attrs import field, frozen
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtensionOID, NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+#: The ALPN protocol id of POP3 (IANA "TLS Application-Layer Protocol
+#: Negotiation (ALPN) Protocol IDs").
+ALPN_POP3 = b"pop3"
+
+#: Mozilla's "intermediate" TLS 1.2 ciphers (TLS 1.3 suites are all fine and
+#: left to OpenSSL).  DHE suites are only used if DH parameters are set.
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+#: Warn at (re)load when a certificate expires sooner than this.
+EXPIRY_WARNING = timedelta(days=14)
+
+#: A PEM private key block (PKCS#8, RSA, EC ...), in a file that may hold more.
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
+
+#: Let's Encrypt's file names inside a ``live/NAME/`` directory.
+LETSENCRYPT_FILES = ("fullchain.pem", "privkey.pem")
+
+#: The RFC 5929 hash for tls-server-end-point when the certificate's own
+#: signature hash is MD5 or SHA-1 (or unknown).
+_DEFAULT_END_POINT_HASH = hashes.SHA256()
+
+
+class CertificateError(Exception):
+    """A certificate or key file that cannot be used; ``str()`` is one line for the admin."""
+
+
+class ALPNRefused(SSL.Error):
+    """
+    The client offered ALPN protocols, none of them POP3.  An ``SSL.Error``,
+    so that Twisted's TLS layer ends the connection as a failed handshake.
+    """
+
+
+@frozen
+class CertificateFiles:
+    """Where one certificate lives: a PEM chain, and its key (or None: in the same file)."""
+
+    certificate: Path = field(converter=Path)
+    key: Path | None = field(default=None, converter=lambda p: None if p is None else Path(p))
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.certificate,) if self.key is None else (self.certificate, self.key)
+
+
+@frozen
+class TLSConfig:
+    """What the TLS options say; :meth:`TLSServer.reload` turns it into contexts."""
+
+    certificates: tuple[CertificateFiles, ...]
+    min_version: str = "1.2"
+    ciphers: str = INTERMEDIATE_CIPHERS
+    #: CA file for client certificates: asked for, not required; one that
+    #: is presented must verify.
+    client_ca: Path | None = None
+
+
+def find_certificates(certs: Sequence[str], keys: Sequence[str]) -> tuple[CertificateFiles, ...]:
+    """
+    Pair ``--tls-cert`` and ``--tls-key`` values, expanding directories.
+
+    Keys pair with certificates in order; with no keys at all, each file
+    holds its own key.  A directory stands for every ``NAME/fullchain.pem``
+    with its ``privkey.pem`` in it (Let's Encrypt's ``live/`` layout, the
+    directory itself included) and every other ``*.pem`` holding both.
+    """
+    if keys and len(keys) != len(certs):
+        raise CertificateError(
+            f"{len(certs)} --tls-cert but {len(keys)} --tls-key: give one key per"
+            " certificate, or none when each file holds its key"
+        )
+    found: list[CertificateFiles] = []
+    for index, cert in enumerate(certs):
+        path = Path(cert)
+        if path.is_dir():
+            if keys:
+                raise CertificateError(f"{cert}: a directory takes no --tls-key")
+            found += _scan_directory(path)
+        else:
+            found.append(CertificateFiles(path, keys[index] if keys else None))
+    return tuple(found)
+
+
+def _scan_directory(directory: Path) -> list[CertificateFiles]:
+    found = []
+    for place in [directory, *sorted(p for p in directory.iterdir() if p.is_dir())]:
+        chain, key = (place / name for name in LETSENCRYPT_FILES)
+        if chain.is_file() and key.is_file():
+            found.append(CertificateFiles(chain, key))
+    skip = {*LETSENCRYPT_FILES, "cert.pem", "chain.pem"}
+    found += [
+        CertificateFiles(pem)
+        for pem in sorted(directory.glob("*.pem"))
+        if pem.name not in skip and pem.is_file()
+    ]
+    if not found:
+        raise CertificateError(f"{directory}: no certificates found in the directory")
+    return found
+
+
+@frozen
+class _Identity:
+    """One certificate, read and checked: its chain, key and the names it serves."""
+
+    files: CertificateFiles
+    chain: tuple[x509.Certificate, ...]
+    key: object
+    names: tuple[str, ...]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CertificateError(f"{path}: {e.strerror or e}") from None
+
+
+def load_identity(files: CertificateFiles) -> _Identity:
+    """Read a certificate chain and its key; :class:`CertificateError` names what is wrong."""
+    data = _read(files.certificate)
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(data))
+    except ValueError:
+        raise CertificateError(f"{files.certificate}: no PEM certificate in the file") from None
+    key_path = files.key or files.certificate
+    key_data = data if files.key is None else _read(files.key)
+    key = _load_key(key_path, key_data)
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != chain[0].public_key().public_bytes(  # type: ignore[attr-defined]
+        encoding, public
+    ):
+        raise CertificateError(f"{key_path}: the key does not belong to {files.certificate}")
+    leaf = chain[0]
+    now = datetime.now(UTC)
+    if leaf.not_valid_after_utc < now:
+        log.warn(
+            "TLS certificate {path} expired on {when}",
+            path=str(files.certificate),
+            when=leaf.not_valid_after_utc.isoformat(),
+        )
+    elif leaf.not_valid_after_utc < now + EXPIRY_WARNING:
+        log.warn(
+            "TLS certificate {path} expires on {when}",
+            path=str(files.certificate),
+            when=leaf.not_valid_after_utc.isoformat(),
+        )
+    return _Identity(files, chain, key, _names(leaf))
+
+
+def _load_key(path: Path, data: bytes) -> object:
+    """The private key in a PEM file, which may hold certificates too."""
+    block = _PEM_KEY.search(data)
+    if block is None:
+        raise CertificateError(f"{path}: no PEM private key in the file")
+    try:
+        return serialization.load_pem_private_key(block.group(0), password=None)
+    except TypeError:
+        raise CertificateError(
+            f"{path}: the private key is encrypted; give an unencrypted key"
+        ) from None
+    except ValueError:
+        raise CertificateError(f"{path}: the private key cannot be read") from None
+
+
+def _names(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The DNS names a certificate serves (its SAN, else its CN), lower-cased."""
+    try:
+        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        names = [
+            str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    else:
+        names = san.value.get_values_for_type(x509.DNSName)
+    return tuple(name.lower() for name in names)
+
+
+def end_point_hash(certificate: x509.Certificate) -> hashes.HashAlgorithm:
+    """RFC 5929 section 4.1: the certificate's signature hash, but SHA-256 for MD5/SHA-1."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        return _DEFAULT_END_POINT_HASH
+    return algorithm
+
+
+@frozen
+class TLSInfo:
+    """
+    What a session knows once its TLS handshake is over: for logs, for the
+    cleartext policy and for SASL (EXTERNAL, SCRAM-PLUS).
+    """
+
+    version: str
+    cipher: str
+    server_name: str | None
+    alpn: str | None
+    #: The client's certificate; present only if it verified against the
+    #: ``--tls-client-ca`` (an unverifiable one fails the handshake).
+    client_certificate: x509.Certificate | None
+    #: Channel-binding data by type: ``tls-server-end-point`` (RFC 5929)
+    #: always, ``tls-exporter`` (RFC 9266) on TLS 1.3.
+    channel_bindings: Mapping[str, bytes] = field(factory=dict)
+
+    @classmethod
+    def of(cls, connection: SSL.Connection) -> TLSInfo:
+        """Read the facts of a connection whose handshake has completed."""
+        version = connection.get_protocol_version_name()
+        bindings: dict[str, bytes] = {}
+        server_certificate = connection.get_certificate(as_cryptography=True)
+        if server_certificate is not None:
+            digest = hashes.Hash(end_point_hash(server_certificate))
+            digest.update(server_certificate.public_bytes(serialization.Encoding.DER))
+            bindings["tls-server-end-point"] = digest.finalize()
+        if version == "TLSv1.3":
+            bindings["tls-exporter"] = connection.export_keying_material(
+                b"EXPORTER-Channel-Binding", 32, None
+            )
+        name = connection.get_servername()
+        alpn = connection.get_alpn_proto_negotiated()
+        return cls(
+            version=version,
+            cipher=connection.get_cipher_name() or "",
+            server_name=name.decode("ascii", "replace") if name else None,
+            alpn=alpn.decode("ascii", "replace") if alpn else None,
+            client_certificate=connection.get_peer_certificate(as_cryptography=True),
+            channel_bindings=bindings,
+        )
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    if ALPN_POP3 in offered:
+        return ALPN_POP3
+    # Raising makes pyOpenSSL end the handshake with a fatal alert.  The
+    # arguments have the shape of OpenSSL's error queue, which Twisted reads.
+    offers = b", ".join(offered).decode("ascii", "replace")
+    raise ALPNRefused([("SSL routines", "alpn", f"no application protocol (offered {offers})")])
+
+
+def _verify_client(
+    connection: SSL.Connection, certificate: object, errno: int, depth: int, ok: int
+) -> bool:
+    return bool(ok)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class TLSServer:
+    """
+    The server side of TLS for every POP3 listener: one context per
+    certificate, picked by SNI, rebuilt by :meth:`reload`.
+    """
+
+    def __init__(self, config: TLSConfig) -> None:
+        if not config.certificates:
+            raise CertificateError("TLS needs at least one certificate")
+        if config.min_version not in VERSIONS:
+            raise CertificateError(f"TLS minimum version must be one of {', '.join(VERSIONS)}")
+        self.config = config
+        self._default: SSL.Context
+        self._by_name: dict[str, SSL.Context] = {}
+        self._stamps: tuple[tuple[int, int], ...] = ()
+        self._build()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every host name some certificate serves."""
+        return tuple(self._by_name)
+
+    def _build(self) -> None:
+        """Read every file and make the contexts; raise CertificateError, changing nothing."""
+        stamps = self._file_stamps()
+        identities = [load_identity(files) for files in self.config.certificates]
+        contexts = [self._context(identity) for identity in identities]
+        by_name: dict[str, SSL.Context] = {}
+        for identity, context in zip(identities, contexts, strict=True):
+            for name in identity.names:
+                by_name.setdefault(name, context)
+        default = contexts[0]
+        default.set_tlsext_servername_callback(self._pick_certificate)
+        self._default, self._by_name, self._stamps = default, by_name, stamps
+
+    def _context(self, identity: _Identity) -> SSL.Context:
+        config = self.config
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(VERSIONS[config.min_version])
+        context.set_options(SSL.OP_NO_COMPRESSION)
+        try:
+            context.set_cipher_list(config.ciphers.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError):
+            raise CertificateError(f"no usable cipher in {config.ciphers!r}") from None
+        context.use_certificate(identity.chain[0])
+        for certificate in identity.chain[1:]:
+            context.add_extra_chain_cert(certificate)
+        context.use_privatekey(identity.key)  # type: ignore[arg-type]
+        context.check_privatekey()
+        # Resumption: the session cache needs an id context; tickets are on.
+        context.set_session_id(b"popserv")
+        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        context.set_alpn_select_callback(_select_alpn)
+        if config.client_ca is not None:
+            _read(config.client_ca)
+            try:
+                context.load_verify_locations(str(config.client_ca))
+                context.load_client_ca(str(config.client_ca).encode())
+            except SSL.Error:
+                raise CertificateError(f"{config.client_ca}: no usable CA certificate") from None
+            context.set_verify(SSL.VERIFY_PEER, _verify_client)
+        return context
+
+    def _pick_certificate(self, connection: SSL.Connection) -> None:
+        """SNI: switch to the context of the certificate for the name asked for."""
+        name = connection.get_servername()
+        if not name:
+            return
+        host = name.decode("ascii", "replace").lower().rstrip(".")
+        context = self._by_name.get(host)
+        if context is None and "." in host:
+            context = self._by_name.get("*." + host.split(".", 1)[1])
+        if context is not None and context is not self._default:
+            connection.set_context(context)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._default, None)
+
+    # Reloading
+
+    def _file_stamps(self) -> tuple[tuple[int, int], ...]:
+        paths = [p for files in self.config.certificates for p in files.paths]
+        if self.config.client_ca is not None:
+            paths.append(self.config.client_ca)
+        stamps = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((0, 0))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_ino))
+        return tuple(stamps)
+
+    def reload(self) -> bool:
+        """
+        Re-read every certificate, key and CA file.  New connections get the
+        new ones; on any error the old ones stay in use and the error is
+        logged.  Return True when the new files were taken.
+        """
+        try:
+            self._build()
+        except (CertificateError, SSL.Error) as e:
+            log.error("TLS reload failed, keeping the certificates in use: {error}", error=str(e))
+            return False
+        log.info("TLS certificates loaded for {names}", names=", ".join(self.names) or "-")
+        return True
+
+    def reload_if_changed(self) -> bool:
+        """:meth:`reload` if any file changed since the last load (Let's Encrypt renewals)."""
+        if self._file_stamps() == self._stamps:
+            return False
+        return self.reload()

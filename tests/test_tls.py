@@ -1,0 +1,569 @@
+"""
+TLS end to end: STLS and implicit POP3S with real handshakes over loopback,
+certificates from a throw-away CA made by the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import poplib
+import signal
+import socket
+import ssl
+from pathlib import Path
+
+from attrs import evolve
+from cryptography.hazmat.primitives import hashes, serialization
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from popserv import errors, wire
+from popserv.service import CertificateReloader
+from popserv.tap import Options
+from popserv.tls import CertificateError, CertificateFiles, find_certificates, load_identity
+
+from .certs import CA, key_pem
+from .test_end_to_end import RawClient, ServerTestCase, login
+
+
+class TLSTestCase(ServerTestCase):
+    """
+    The e2e server with a certificate for ``pop.test`` and 127.0.0.1 (so
+    STLS is on), and a second listener speaking TLS from the first byte.
+    """
+
+    extra_options: dict = {}
+
+    def setUp(self):
+        self.certs = Path(self.mktemp())
+        self.ca = CA()
+        self.cafile = self.ca.write(self.certs / "ca.pem")
+        self.server_cert = self.ca.issue("pop.test", "127.0.0.1")
+        self.cert_path, self.key_path = self.server_cert.write(self.certs, "server")
+        self.options = {
+            "tls-cert": [str(self.cert_path)],
+            "tls-key": [str(self.key_path)],
+            **self.extra_options,
+        }
+        super().setUp()
+        self.tls_port = reactor.listenTCP(
+            0, TLSMemoryBIOFactory(self.factory.tls, False, self.factory), interface="127.0.0.1"
+        )
+        self.addCleanup(self.tls_port.stopListening)
+        self.tls_portno = self.tls_port.getHost().port
+
+    def context(self, alpn: list[str] | None = None, **settings) -> ssl.SSLContext:
+        """A client context that trusts the test CA and checks host names."""
+        context = ssl.create_default_context(cafile=str(self.cafile))
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
+        for name, value in settings.items():
+            setattr(context, name, value)
+        return context
+
+    def pop3s(self, context=None, host="127.0.0.1") -> poplib.POP3_SSL:
+        client = poplib.POP3_SSL.__new__(poplib.POP3_SSL)
+        client.context = context or self.context()
+        # poplib checks the certificate against the host it connects to; use
+        # a name of our choosing for SNI and the hostname check.
+        poplib.POP3.__init__(client, "127.0.0.1", self.tls_portno, timeout=10)
+        return client
+
+    def tls_socket(self, port: int, server_hostname="pop.test", **context_settings):
+        """A raw TLS socket to an implicit-TLS port."""
+        context = self.context(**context_settings)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        return context.wrap_socket(raw, server_hostname=server_hostname)
+
+    def session_info(self):
+        """The TLS facts of the one open session on the server."""
+        (session,) = self.factory.sessions
+        return session.info
+
+
+class STLSTests(TLSTestCase):
+    async def test_stls_with_poplib(self):
+        """CAPA lists STLS, STLS upgrades, then CAPA no longer lists it and login works."""
+        def session():
+            c = self.pop()
+            before = c.capa()
+            answer = c.stls(context=self.context())
+            after = c.capa()
+            version = c.sock.version()
+            try:
+                c._shortcmd("STLS")
+            except poplib.error_proto as e:
+                again = e.args[0]
+            logged_in = login(c, "alice", "secret")
+            info = self.session_info()
+            c.quit()
+            return before, answer, after, version, again, logged_in, info
+
+        before, answer, after, version, again, logged_in, info = await self.run_in_thread(session)
+        self.assertIn("STLS", before)
+        self.assertEqual(answer, b"+OK Begin TLS negotiation")
+        self.assertNotIn("STLS", after)
+        self.assertEqual(version, "TLSv1.3")
+        self.assertEqual(again, wire.err(errors.TLSActive()).rstrip())
+        self.assertTrue(logged_in.startswith(b"+OK"))
+        self.assertTrue(info.secure)
+        self.assertEqual(info.tls.version, "TLSv1.3")
+
+    async def test_stls_refused_after_login(self):
+        def session():
+            c = self.pop()
+            login(c, "alice", "secret")
+            try:
+                c._shortcmd("STLS")
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                c.quit()
+
+        answer = await self.run_in_thread(session)
+        self.assertEqual(answer, wire.err(errors.BadState()).rstrip())
+
+    async def test_injected_commands_are_discarded(self):
+        """
+        STLS and CAPA in one write: CAPA arrived before the handshake, so it is
+        never answered, not in clear and not inside TLS.
+        """
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"STLS\r\nCAPA\r\n")
+            answer = c.line()
+            tls = self.context().wrap_socket(c.sock, server_hostname="pop.test")
+            tls.sendall(b"QUIT\r\n")
+            received = b""
+            while chunk := tls.recv(4096):
+                received += chunk
+            tls.close()
+            return answer, c.buffer, received
+
+        answer, leftover, received = await self.run_in_thread(session)
+        self.assertEqual(answer, b"+OK Begin TLS negotiation\r\n")
+        self.assertEqual(leftover, b"")
+        self.assertEqual(received, b"+OK Bye\r\n")
+
+    async def test_user_given_is_forgotten(self):
+        """A USER sent before STLS does not carry over into the TLS session."""
+        def session():
+            c = self.pop()
+            c.user("alice")
+            c.stls(context=self.context())
+            try:
+                c._shortcmd("PASS secret")
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                c.quit()
+
+        answer = await self.run_in_thread(session)
+        self.assertEqual(answer, wire.err(errors.BadState()).rstrip())
+
+
+class ImplicitTLSTests(TLSTestCase):
+    async def test_pop3s_with_poplib(self):
+        def session():
+            c = self.pop3s()
+            capa = c.capa()
+            try:
+                c._shortcmd("STLS")
+            except poplib.error_proto as e:
+                stls = e.args[0]
+            logged_in = login(c, "alice", "secret")
+            stat = c.stat()
+            info = self.session_info()
+            c.quit()
+            return capa, stls, logged_in, stat, info
+
+        capa, stls, logged_in, stat, info = await self.run_in_thread(session)
+        self.assertNotIn("STLS", capa)
+        self.assertIn("USER", capa)
+        self.assertEqual(stls, wire.err(errors.TLSActive()).rstrip())
+        self.assertTrue(logged_in.startswith(b"+OK"))
+        self.assertEqual(stat[0], 4)
+        self.assertTrue(info.secure)
+
+    async def test_hostname_checked(self):
+        """The certificate passes for its own names and fails for another."""
+        def connect(name):
+            try:
+                with self.tls_socket(self.tls_portno, server_hostname=name) as s:
+                    return s.recv(100)
+            except ssl.SSLCertVerificationError as e:
+                return e.verify_message
+
+        self.assertTrue((await self.run_in_thread(connect, "pop.test")).startswith(b"+OK"))
+        refused = await self.run_in_thread(connect, "other.test")
+        self.assertIn("Hostname mismatch", refused)
+
+    async def test_alpn(self):
+        """pop3 is accepted and chosen; no ALPN is fine; only http/1.1 is refused."""
+        def connect(alpn):
+            try:
+                with self.tls_socket(self.tls_portno, alpn=alpn) as s:
+                    return s.selected_alpn_protocol(), s.recv(100)
+            except (ssl.SSLError, OSError) as e:
+                return "refused", type(e).__name__
+
+        self.assertEqual((await self.run_in_thread(connect, ["pop3"]))[0], "pop3")
+        self.assertEqual((await self.run_in_thread(connect, ["http/1.1", "pop3"]))[0], "pop3")
+        chosen, greeting = await self.run_in_thread(connect, None)
+        self.assertIsNone(chosen)
+        self.assertTrue(greeting.startswith(b"+OK"))
+        self.assertEqual((await self.run_in_thread(connect, ["http/1.1"]))[0], "refused")
+        self.assertEqual((await self.run_in_thread(connect, ["imap", "h2"]))[0], "refused")
+
+    async def test_alpn_refused_after_stls_too(self):
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"STLS\r\n")
+            c.line()
+            try:
+                self.context(alpn=["http/1.1"]).wrap_socket(c.sock, server_hostname="pop.test")
+            except (ssl.SSLError, OSError) as e:
+                return type(e).__name__
+            return "accepted"
+
+        self.assertNotEqual(await self.run_in_thread(session), "accepted")
+
+    async def test_tls_1_2_and_resumption(self):
+        """A TLS 1.2 client gets an intermediate (AEAD, forward-secret) cipher; sessions resume."""
+        context = self.context(maximum_version=ssl.TLSVersion.TLSv1_2)
+
+        def connect(session=None):
+            raw = socket.create_connection(("127.0.0.1", self.tls_portno), timeout=10)
+            s = context.wrap_socket(raw, server_hostname="pop.test", session=session)
+            s.recv(100)
+            result = (s.version(), s.cipher()[0], s.session, s.session_reused)
+            s.sendall(b"QUIT\r\n")
+            s.recv(100)
+            s.close()
+            return result
+
+        version, cipher, session, reused = await self.run_in_thread(connect)
+        self.assertEqual(version, "TLSv1.2")
+        self.assertTrue(cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA" in cipher))
+        self.assertFalse(reused)
+        again = await self.run_in_thread(connect, session)
+        self.assertTrue(again[3])
+
+    async def test_no_compression(self):
+        def connect():
+            with self.tls_socket(self.tls_portno) as s:
+                return s.compression()
+
+        self.assertIsNone(await self.run_in_thread(connect))
+
+    async def test_channel_bindings(self):
+        """tls-server-end-point is the SHA-256 of our certificate; tls-exporter is 32 bytes."""
+        def session():
+            with self.tls_socket(self.tls_portno) as s:
+                s.recv(100)
+                s.sendall(b"NOOP\r\n")  # any round trip: the handshake is over
+                s.recv(100)
+                return self.session_info().tls, s.getpeercert(binary_form=True)
+
+        tls, der = await self.run_in_thread(session)
+        self.assertEqual(tls.channel_bindings["tls-server-end-point"], hashlib.sha256(der).digest())
+        self.assertEqual(len(tls.channel_bindings["tls-exporter"]), 32)
+        self.assertEqual(tls.server_name, "pop.test")
+        self.assertIsNone(tls.client_certificate)
+
+
+class MinimumVersionTests(TLSTestCase):
+    extra_options = {"tls-min-version": "1.3"}
+
+    async def test_tls_1_2_refused(self):
+        def connect():
+            try:
+                with self.tls_socket(self.tls_portno,
+                                     maximum_version=ssl.TLSVersion.TLSv1_2) as s:
+                    return s.version()
+            except (ssl.SSLError, OSError) as e:
+                return type(e).__name__
+
+        self.assertNotEqual(await self.run_in_thread(connect), "TLSv1.2")
+
+
+class SNITests(TLSTestCase):
+    def setUp(self):
+        super().setUp()
+        other = self.ca.issue("mail.other.test", "*.wild.test")
+        cert, key = other.write(self.certs, "other")
+        self.factory.tls.config = evolve(
+            self.factory.tls.config,
+            certificates=(*self.factory.tls.config.certificates, CertificateFiles(cert, key)),
+        )
+        self.assertTrue(self.factory.tls.reload())
+        self.other = other
+
+    async def test_certificate_by_name(self):
+        def served(name):
+            with self.tls_socket(self.tls_portno, server_hostname=name) as s:
+                return s.getpeercert(binary_form=True)
+
+        der = lambda issued: issued.certificate.public_bytes(serialization.Encoding.DER)  # noqa: E731
+        self.assertEqual(await self.run_in_thread(served, "pop.test"), der(self.server_cert))
+        self.assertEqual(await self.run_in_thread(served, "mail.other.test"), der(self.other))
+        self.assertEqual(await self.run_in_thread(served, "x.wild.test"), der(self.other))
+
+
+class ReloadTests(TLSTestCase):
+    def renew(self):
+        """Write a new certificate for the same names over the old files."""
+        self.renewed = self.ca.issue("pop.test", "127.0.0.1")
+        self.renewed.write(self.certs, "server")
+        # The file-change check looks at the modification time.
+        future = os.stat(self.cert_path).st_mtime + 10
+        os.utime(self.cert_path, (future, future))
+
+    def serial_served(self):
+        with self.tls_socket(self.tls_portno) as s:
+            der = s.getpeercert(binary_form=True)
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(der).serial_number
+
+    async def test_files_changed(self):
+        """A renewal is picked up by the file check; a running session goes on."""
+        old = self.server_cert.certificate.serial_number
+        self.assertEqual(await self.run_in_thread(self.serial_served), old)
+        running = await self.run_in_thread(self.pop3s)
+        self.addCleanup(running.close)
+        await self.run_in_thread(login, running, "alice", "secret")
+        self.assertFalse(self.factory.tls.reload_if_changed())
+        self.renew()
+        self.assertTrue(self.factory.tls.reload_if_changed())
+        new = self.renewed.certificate.serial_number
+        self.assertEqual(await self.run_in_thread(self.serial_served), new)
+        self.assertTrue((await self.run_in_thread(running.noop)).startswith(b"+OK"))
+        await self.run_in_thread(running.quit)
+
+    async def test_broken_files_keep_the_old_certificate(self):
+        old = self.server_cert.certificate.serial_number
+        self.key_path.write_bytes(key_pem(self.ca.issue("x.test").key))  # a key of another cert
+        self.assertFalse(self.factory.tls.reload())
+        self.assertEqual(await self.run_in_thread(self.serial_served), old)
+
+    async def test_sighup(self):
+        reloader = CertificateReloader(self.factory.tls, 3600, reactor)
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        self.renew()
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):
+            await deferLater(reactor, 0.02, lambda: None)
+            if self.factory.tls.reload_if_changed() is False:
+                break
+        new = self.renewed.certificate.serial_number
+        self.assertEqual(await self.run_in_thread(self.serial_served), new)
+
+
+class ClientCertificateTests(TLSTestCase):
+    def setUp(self):
+        self.client_ca = CA("client CA")
+        path = Path(self.mktemp())
+        self.extra_options = {"tls-client-ca": str(self.client_ca.write(path / "clients.pem"))}
+        super().setUp()
+
+    def connect(self, issued=None):
+        context = self.context()
+        if issued is not None:
+            cert, key = issued.write(Path(self.mktemp()), "client")
+            context.load_cert_chain(cert, key)
+        raw = socket.create_connection(("127.0.0.1", self.tls_portno), timeout=10)
+        try:
+            with context.wrap_socket(raw, server_hostname="pop.test") as s:
+                s.recv(100)
+                s.sendall(b"NOOP\r\n")
+                s.recv(100)
+                return self.session_info().tls.client_certificate
+        except (ssl.SSLError, OSError) as e:
+            return type(e).__name__
+
+    async def test_verified_certificate(self):
+        issued = self.client_ca.issue("alice", client=True)
+        certificate = await self.run_in_thread(self.connect, issued)
+        self.assertEqual(certificate, issued.certificate)
+
+    async def test_no_certificate_is_fine(self):
+        self.assertIsNone(await self.run_in_thread(self.connect))
+
+    async def test_untrusted_certificate_refused(self):
+        stranger = CA("stranger").issue("mallory", client=True)
+        self.assertIsInstance(await self.run_in_thread(self.connect, stranger), str)
+
+
+class CleartextPolicyTests(TLSTestCase):
+    """A client at 127.0.0.2 while only 127.0.0.1 counts as local."""
+
+    def setUp(self):
+        super().setUp()
+        self.factory.policy = evolve(self.factory.policy, local_networks=("127.0.0.1/32",))
+
+    def remote(self) -> poplib.POP3:
+        client = poplib.POP3.__new__(poplib.POP3)
+        client.host, client.port = "127.0.0.1", self.portno
+        client._tls_established = False
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect(("127.0.0.1", self.portno))
+        client.sock = sock
+        client.file = sock.makefile("rb")
+        client._debugging = 0
+        client.welcome = client._getresp()
+        return client
+
+    async def test_no_cleartext_password(self):
+        def session():
+            c = self.remote()
+            greeting = c.welcome
+            capa = c.capa()
+            answers = []
+            for command in ("USER alice", "APOP bob " + "0" * 32):
+                try:
+                    c._shortcmd(command)
+                except poplib.error_proto as e:
+                    answers.append(e.args[0])
+            c.stls(context=self.context())
+            tls_capa = c.capa()
+            logged_in = login(c, "alice", "secret")
+            c.quit()
+            return greeting, capa, answers, tls_capa, logged_in
+
+        greeting, capa, answers, tls_capa, logged_in = await self.run_in_thread(session)
+        # APOP is off for this connection: no timestamp for a client to try.
+        self.assertNotIn(b"<", greeting)
+        self.assertNotIn("USER", capa)
+        self.assertIn("STLS", capa)
+        refusal = wire.err(errors.TLSRequired()).rstrip()
+        self.assertTrue(refusal.startswith(b"-ERR [AUTH] "))
+        self.assertEqual(answers, [refusal, refusal])
+        self.assertIn("USER", tls_capa)
+        self.assertTrue(logged_in.startswith(b"+OK"))
+
+    async def test_local_peer_unchanged(self):
+        def session():
+            c = self.pop()
+            capa = c.capa()
+            logged_in = login(c, "alice", "secret")
+            c.quit()
+            return c.welcome, capa, logged_in
+
+        greeting, capa, logged_in = await self.run_in_thread(session)
+        self.assertIn(b"<", greeting)
+        self.assertIn("USER", capa)
+        self.assertTrue(logged_in.startswith(b"+OK"))
+
+    async def test_allowed_by_the_admin(self):
+        self.factory.policy = evolve(self.factory.policy, allow_cleartext_auth=True)
+
+        def session():
+            c = self.remote()
+            capa = c.capa()
+            logged_in = login(c, "alice", "secret")
+            c.quit()
+            return capa, logged_in
+
+        capa, logged_in = await self.run_in_thread(session)
+        self.assertIn("USER", capa)
+        self.assertTrue(logged_in.startswith(b"+OK"))
+
+    async def test_apop_allowed_alone(self):
+        self.factory.policy = evolve(self.factory.policy, allow_cleartext_apop=True)
+
+        def session():
+            c = self.remote()
+            capa = c.capa()
+            answer = c.apop("bob", "bob pw")
+            c.quit()
+            return capa, answer
+
+        capa, answer = await self.run_in_thread(session)
+        self.assertNotIn("USER", capa)
+        self.assertTrue(answer.startswith(b"+OK"))
+
+
+class ConfigurationTests(SynchronousTestCase):
+    """Bad TLS options stop startup with one line naming the problem."""
+
+    def setUp(self):
+        self.dir = Path(self.mktemp())
+        self.ca = CA()
+        self.cert, self.key = self.ca.issue("pop.test").write(self.dir, "server")
+
+    def error(self, *argv: str) -> str:
+        options = Options()
+        with self.assertRaises(UsageError) as raised:
+            options.parseOptions(list(argv))
+        message = str(raised.exception)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_missing_file(self):
+        self.assertIn("No such file", self.error("--tls-cert", str(self.dir / "nope.pem")))
+
+    def test_not_a_certificate(self):
+        self.key.write_bytes(b"junk")
+        message = self.error("--tls-cert", str(self.key))
+        self.assertEqual(message, f"{self.key}: no PEM certificate in the file")
+
+    def test_wrong_key(self):
+        other = self.ca.issue("x.test").write(self.dir, "other")[1]
+        message = self.error("--tls-cert", str(self.cert), "--tls-key", str(other))
+        self.assertIn("does not belong to", message)
+
+    def test_encrypted_key(self):
+        key = self.ca.issue("x.test").key
+        self.key.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw")))
+        self.assertIn("encrypted", self.error("--tls-cert", str(self.cert),
+                                              "--tls-key", str(self.key)))
+
+    def test_key_count(self):
+        self.assertIn("--tls-key", self.error("--tls-cert", str(self.cert), "--tls-cert",
+                                              str(self.cert), "--tls-key", str(self.key)))
+
+    def test_pop3s_needs_certificate(self):
+        self.assertIn("--tls-cert", self.error("--pop3s", "tcp:995"))
+
+    def test_bad_version_and_ciphers(self):
+        self.assertIn("1.2", self.error("--tls-cert", str(self.cert), "--tls-key",
+                                        str(self.key), "--tls-min-version", "1.0"))
+        self.assertIn("cipher", self.error("--tls-cert", str(self.cert), "--tls-key",
+                                           str(self.key), "--tls-ciphers", "NOPE"))
+
+    def test_combined_file_and_letsencrypt_directory(self):
+        """One PEM with key and chain works, and so does a Let's Encrypt live/ tree."""
+        combined, _ = self.ca.issue("a.test").write(self.dir / "flat", "a", combined=True)
+        live = self.dir / "live" / "b.test"
+        cert, key = self.ca.issue("b.test").write(live, "x")
+        cert.rename(live / "fullchain.pem")
+        key.rename(live / "privkey.pem")
+        found = find_certificates([str(combined), str(self.dir / "live")], [])
+        self.assertEqual([f.certificate.name for f in found], ["a.pem", "fullchain.pem"])
+        self.assertEqual([load_identity(f).names for f in found], [("a.test",), ("b.test",)])
+        options = Options()
+        options.parseOptions(["--tls-cert", str(combined), "--tls-cert", str(self.dir / "live"),
+                              "--pop3s", "tcp:0"])
+        self.assertEqual(set(options["tls"].names), {"a.test", "b.test"})
+
+    def test_empty_directory(self):
+        (self.dir / "empty").mkdir()
+        self.assertRaises(CertificateError, find_certificates, [str(self.dir / "empty")], [])
+
+    def test_end_point_hash_follows_signature(self):
+        from popserv.tls import end_point_hash
+
+        sha384 = self.ca.issue("x.test", hash_algorithm=hashes.SHA384()).certificate
+        self.assertIsInstance(end_point_hash(sha384), hashes.SHA384)
+        sha256 = self.ca.issue("x.test").certificate
+        self.assertIsInstance(end_point_hash(sha256), hashes.SHA256)
