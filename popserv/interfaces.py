@@ -147,4 +147,9 @@ class ISessionInfo(Interface):
     """
 
     peer = Attribute("The client's address (an IAddress).")
-    secure = Attribute("True when the connection is encrypted with TLS.")
+    secure = Attribute("True when the connection is encrypted with TLS (or STLS was accepted).")
+    local = Attribute("True when the client is on a local network (loopback by default).")
+    tls = Attribute(
+        "The popserv.tls.TLSInfo of the completed handshake (version, cipher, verified"
+        " client certificate, channel bindings), or None."
+    )

@@ -75,6 +75,7 @@ class CertificateReloader(Service):
 
     def startService(self) -> None:
         super().startService()
+        log.info("TLS certificates for {names}", names=", ".join(self.tls.names) or "-")
         self._loop.start(self._interval, now=False)
         if hasattr(signal, "SIGHUP"):
             self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)

@@ -186,7 +186,8 @@ class Options(usage.Options):
         try:
             self["tls"] = tls_server(self)
         except CertificateError as e:
-            raise usage.UsageError(str(e)) from None
+            # A usage error would bury the line under the whole option help.
+            raise SystemExit(f"popserv: {e}") from None
 
 
 def tls_server(options: Mapping[str, Any]) -> TLSServer | None:

@@ -7,16 +7,17 @@ import re
 from hashlib import md5
 
 from twisted.cred.credentials import IUsernameHashedPassword
-from twisted.internet.address import IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from popserv import errors, wire
 from popserv.accounts import AccountSettings
 from popserv.body import wire_size
-from popserv.interfaces import IHashedLoginSupport, IMailbox
+from popserv.interfaces import IHashedLoginSupport, IMailbox, ISessionInfo
 from popserv.memory import MemoryMailbox
 from popserv.policy import Policy
 from popserv.protocol import COMMANDS, SessionInfo, State
@@ -527,6 +528,27 @@ class StreamCleanupTests(SynchronousTestCase):
         self.flushLoggedErrors(OSError)
 
 
+class LocalPeerTests(SynchronousTestCase):
+    def test_is_local(self):
+        """Loopback (v4, v6, v4-mapped) and UNIX sockets are local; others are not."""
+        policy = Policy(hostname="h")
+        local = [IPv4Address("TCP", "127.0.0.1", 1), IPv4Address("TCP", "127.9.9.9", 1),
+                 IPv6Address("TCP", "::1", 1), IPv6Address("TCP", "::ffff:127.0.0.1", 1),
+                 UNIXAddress(b"/run/popserv.sock")]
+        remote = [IPv4Address("TCP", "192.0.2.1", 1), IPv6Address("TCP", "2001:db8::1", 1),
+                  IPv6Address("TCP", "::ffff:192.0.2.1", 1), IPv6Address("TCP", "fe80::1%eth0", 1),
+                  None]
+        for peer in local:
+            self.assertTrue(policy.is_local(peer), peer)
+        for peer in remote:
+            self.assertFalse(policy.is_local(peer), peer)
+
+    def test_own_networks(self):
+        policy = Policy(hostname="h", local_networks=["127.0.0.1/32", "10.0.0.0/8"])
+        self.assertTrue(policy.is_local(IPv4Address("TCP", "10.1.2.3", 1)))
+        self.assertFalse(policy.is_local(IPv4Address("TCP", "127.0.0.2", 1)))
+
+
 class LogTests(SynchronousTestCase):
     def test_login_logged_with_peer(self):
         """Logins are logged with the user and host:port, never the password."""
@@ -536,6 +558,11 @@ class LogTests(SynchronousTestCase):
         text = [formatEvent(e) for e in events]
         self.assertIn("alice logged in from 127.0.0.1:4321", text)
         self.assertFalse(any("secret" in line for line in text))
+
+    def test_session_info_provides_interface(self):
+        s = Session()
+        verifyObject(ISessionInfo, s.protocol.info)
+        self.assertEqual((s.protocol.info.local, s.protocol.info.tls), (True, None))
 
     def test_ipv6_peer(self):
         info = SessionInfo(IPv6Address("TCP", "::1", 110), secure=False)

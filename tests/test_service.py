@@ -25,6 +25,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -110,6 +111,44 @@ class MakeServiceTests(TestCase):
         self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
         self.assertIs(listeners[0].factory, listeners[1].factory)
         self.assertTrue((Path(data) / "passwd").exists())
+
+
+class TLSServiceTests(TestCase):
+    def service(self, *argv: str):
+        data = self.mktemp()
+        options = Options()
+        options.parseOptions(["--data", data, "--hostname", "h", *argv])
+        self.patch(sys, "stdout", open(os.devnull, "w"))  # the first-start message
+        self.addCleanup(sys.stdout.close)
+        return makeService(options)
+
+    def test_pop3s_listener_and_reloader(self):
+        """--pop3s alone: only a TLS listener (no default plain one), and a certificate reloader."""
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from popserv.service import CertificateReloader
+
+        from .certs import CA
+
+        cert, key = CA().issue("pop.test").write(Path(self.mktemp()), "server")
+        service = self.service("--tls-cert", str(cert), "--tls-key", str(key),
+                               "--pop3s", "tcp:0:interface=127.0.0.1")
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(len(listeners), 1)
+        self.assertIsInstance(listeners[0].factory, TLSMemoryBIOFactory)
+        self.assertEqual(len([s for s in service if isinstance(s, CertificateReloader)]), 1)
+
+    def test_warning_when_remote_clients_cannot_log_in(self):
+        """Listening beyond loopback with neither TLS nor cleartext allowed is worth a warning."""
+        with capturedLogs() as events:
+            self.service("--pop3", "tcp:0")
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("cannot log in", warnings[0])
+        with capturedLogs() as events:
+            self.service("--pop3", "tcp:0:interface=127.0.0.1")
+            self.service("--pop3", "tcp:0", "--allow-cleartext-auth")
+        self.assertFalse([e for e in events if e["log_level"] == LogLevel.warn])
 
 
 class EmbeddingTests(TestCase):

@@ -11,6 +11,8 @@ import poplib
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 from attrs import evolve
@@ -19,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import errors, wire
 from popserv.service import CertificateReloader
@@ -500,12 +502,29 @@ class ConfigurationTests(SynchronousTestCase):
         self.cert, self.key = self.ca.issue("pop.test").write(self.dir, "server")
 
     def error(self, *argv: str) -> str:
+        """The one line a bad TLS option stops startup with."""
         options = Options()
-        with self.assertRaises(UsageError) as raised:
+        with self.assertRaises((UsageError, SystemExit)) as raised:
             options.parseOptions(list(argv))
-        message = str(raised.exception)
+        message = str(raised.exception.code if isinstance(raised.exception, SystemExit)
+                      else raised.exception).removeprefix("popserv: ")
         self.assertNotIn("\n", message)
         return message
+
+    def test_twistd_prints_one_line(self):
+        """twistd with a missing certificate: one line on stderr, no traceback, exit 1."""
+        twistd = Path(sys.executable).with_name("twistd")
+        if not twistd.exists():
+            raise SkipTest("no twistd script beside this Python")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        missing = self.dir / "missing.pem"
+        done = subprocess.run(
+            [str(twistd), "-n", "--pidfile", "", "popserv", "--data", str(self.dir / "data"),
+             "--tls-cert", str(missing)], capture_output=True, text=True, env=env, timeout=60,
+            check=False)
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.stderr, f"popserv: {missing}: No such file or directory\n")
+        self.assertNotIn("Traceback", done.stdout)
 
     def test_missing_file(self):
         self.assertIn("No such file", self.error("--tls-cert", str(self.dir / "nope.pem")))
