@@ -24,6 +24,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import errors, wire
+from popserv.body import wire_size
+from popserv.maildir import deliver
+from popserv.protocol import _OutputGate
 from popserv.service import CertificateReloader
 from popserv.tap import Options
 from popserv.tls import CertificateError, CertificateFiles, find_certificates, load_identity
@@ -166,6 +169,53 @@ class STLSTests(TLSTestCase):
 
         answer = await self.run_in_thread(session)
         self.assertEqual(answer, wire.err(errors.BadState()).rstrip())
+
+
+class LargeMessageTests(TLSTestCase):
+    """A message of several MB, streamed with backpressure through the TLS layer."""
+
+    def setUp(self):
+        super().setUp()
+        body = b"".join(b".%07d line of the body\n" % i for i in range(150_000))
+        self.big = b"Subject: big\n\n" + body
+        deliver(self.maildir, self.big)
+
+    def fetch(self, client) -> tuple[int, bytes]:
+        login(client, "alice", "secret")
+        size = int(client.list(5).split()[2])
+        client._putcmd("RETR 5")
+        client._getresp()
+        received = bytearray()
+        while (line := client.file.readline()) != b".\r\n":
+            received += line
+        client.quit()
+        return size, bytes(received)
+
+    async def test_over_stls_and_pop3s(self):
+        expected = self.big.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
+        expected = b"Subject: big\r\n\r\n" + expected.split(b"\r\n\r\n", 1)[1]
+
+        def over_stls():
+            c = self.pop()
+            c.stls(context=self.context())
+            return self.fetch(c)
+
+        pauses = []
+        original = _OutputGate.pauseProducing
+
+        def counting(gate):
+            pauses.append(gate)
+            original(gate)
+
+        self.patch(_OutputGate, "pauseProducing", counting)
+        for fetch in (over_stls, lambda: self.fetch(self.pop3s())):
+            del pauses[:]
+            size, received = await self.run_in_thread(fetch)
+            self.assertEqual(len(received), len(expected))
+            self.assertEqual(received, expected)
+            self.assertEqual(size, wire_size(self.big))
+            # The send buffer filled and the session waited: no whole message in memory.
+            self.assertTrue(pauses)
 
 
 class ImplicitTLSTests(TLSTestCase):
