@@ -225,11 +225,7 @@ class PoplibTests(ServerTestCase):
             first.user("alice")
             first.pass_("secret")
             second = self.pop()
-            second.user("alice")
-            try:
-                second.pass_("secret")
-            except poplib.error_proto as e:
-                refused = e.args[0]
+            refused = login(second, "alice", "secret")
             first.quit()
             second.user("alice")
             second.pass_("secret")
@@ -261,11 +257,8 @@ class PoplibTests(ServerTestCase):
 
         def session():
             c = self.pop()
-            c.user("alice")
             try:
-                c.pass_("secret")
-            except poplib.error_proto as e:
-                return e.args[0]
+                return login(c, "alice", "secret")
             finally:
                 c.close()
 
@@ -359,13 +352,18 @@ class RawProtocolTests(ServerTestCase):
         self.assertTrue(lines[7].startswith(b"+OK"))
 
 
-def login(client: poplib.POP3, user: str, password: str) -> bytes:
-    """USER/PASS; the -ERR line instead of an exception when refused."""
-    client.user(user)
+def command(client: poplib.POP3, line: str) -> bytes:
+    """Send one command; return its answer, +OK or -ERR (poplib raises on -ERR)."""
     try:
-        return client.pass_(password)
+        return client._shortcmd(line)
     except poplib.error_proto as e:
         return e.args[0]
+
+
+def login(client: poplib.POP3, user: str, password: str) -> bytes:
+    """USER/PASS; the answer to PASS, +OK or -ERR."""
+    client.user(user)
+    return command(client, f"PASS {password}")
 
 
 class LoginDelayTests(ServerTestCase):

@@ -32,7 +32,7 @@ from popserv.tap import Options
 from popserv.tls import CertificateError, CertificateFiles, find_certificates, load_identity
 
 from .certs import CA, key_pem
-from .test_end_to_end import RawClient, ServerTestCase, login
+from .test_end_to_end import RawClient, ServerTestCase, command, login
 
 
 class TLSTestCase(ServerTestCase):
@@ -99,10 +99,7 @@ class STLSTests(TLSTestCase):
             answer = c.stls(context=self.context())
             after = c.capa()
             version = c.sock.version()
-            try:
-                c._shortcmd("STLS")
-            except poplib.error_proto as e:
-                again = e.args[0]
+            again = command(c, "STLS")
             logged_in = login(c, "alice", "secret")
             info = self.session_info()
             c.quit()
@@ -122,12 +119,9 @@ class STLSTests(TLSTestCase):
         def session():
             c = self.pop()
             login(c, "alice", "secret")
-            try:
-                c._shortcmd("STLS")
-            except poplib.error_proto as e:
-                return e.args[0]
-            finally:
-                c.quit()
+            answer = command(c, "STLS")
+            c.quit()
+            return answer
 
         answer = await self.run_in_thread(session)
         self.assertEqual(answer, wire.err(errors.BadState()).rstrip())
@@ -160,12 +154,9 @@ class STLSTests(TLSTestCase):
             c = self.pop()
             c.user("alice")
             c.stls(context=self.context())
-            try:
-                c._shortcmd("PASS secret")
-            except poplib.error_proto as e:
-                return e.args[0]
-            finally:
-                c.quit()
+            answer = command(c, "PASS secret")
+            c.quit()
+            return answer
 
         answer = await self.run_in_thread(session)
         self.assertEqual(answer, wire.err(errors.BadState()).rstrip())
@@ -223,10 +214,7 @@ class ImplicitTLSTests(TLSTestCase):
         def session():
             c = self.pop3s()
             capa = c.capa()
-            try:
-                c._shortcmd("STLS")
-            except poplib.error_proto as e:
-                stls = e.args[0]
+            stls = command(c, "STLS")
             logged_in = login(c, "alice", "secret")
             stat = c.stat()
             info = self.session_info()
@@ -478,12 +466,7 @@ class CleartextPolicyTests(TLSTestCase):
             c = self.remote()
             greeting = c.welcome
             capa = c.capa()
-            answers = []
-            for command in ("USER alice", "APOP bob " + "0" * 32):
-                try:
-                    c._shortcmd(command)
-                except poplib.error_proto as e:
-                    answers.append(e.args[0])
+            answers = [command(c, line) for line in ("USER alice", "APOP bob " + "0" * 32)]
             c.stls(context=self.context())
             tls_capa = c.capa()
             logged_in = login(c, "alice", "secret")
