@@ -12,12 +12,14 @@ Which command is legal in which state is the table :data:`COMMANDS`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import inspect
 import re
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from OpenSSL import SSL
@@ -46,6 +48,18 @@ from popserv.interfaces import (
 )
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
+from popserv.sasl import DEFAULT_MECHANISMS
+from popserv.sasl.mechanism import (
+    MAX_ROUNDS,
+    MechanismInfo,
+    SASLAborted,
+    SASLContext,
+    SASLMalformed,
+    SASLTooManyRounds,
+    SASLUnavailable,
+    SASLUnknownMechanism,
+    Success,
+)
 from popserv.tls import TLSInfo, TLSServer
 
 log = Logger()
@@ -83,6 +97,14 @@ def core_capabilities(session: POP3Protocol) -> list[str]:
         lines += capability_lines(announced, per_user=announced.per_user)
     lines.append(f"IMPLEMENTATION {session.factory.policy.implementation}")
     return lines
+
+
+def sasl_capability(session: POP3Protocol) -> list[str]:
+    """``SASL`` with the mechanisms this connection offers, before login (RFC 5034)."""
+    if session.state is State.TRANSACTION:
+        return []
+    names = [m.name for m in session.offered_mechanisms()]
+    return ["SASL " + " ".join(names)] if names else []
 
 
 async def resolve(value: T | Deferred[T]) -> T:
@@ -171,6 +193,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._closing = False
         #: The client half-closed: answer what it sent, then close.
         self._input_ended = False
+        #: A command waiting for the client's next line (a SASL answer).
+        self._line_waiter: Deferred[wire.Line] | None = None
         self._user: bytes | None = None
         self._failures = 0
         self._mailbox: Any = None
@@ -249,6 +273,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._queue.clear()
         try:
+            if self._line_waiter is not None:
+                self._line_waiter.cancel()
             if self._sleeping is not None:
                 self._sleeping.cancel()
             if self._stream is not None:
@@ -330,8 +356,17 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 self.transport.resumeProducing()
 
     def _run_queue(self) -> None:
-        """Run queued commands one at a time, until one has to wait."""
-        while self._queue and not self._busy and not self.output_paused and not self._closing:
+        """
+        Run queued commands one at a time, until one has to wait.  A command
+        waiting for the client's next line (a SASL exchange) gets it.
+        """
+        while self._queue and not self.output_paused and not self._closing:
+            if self._line_waiter is not None:
+                waiter, self._line_waiter = self._line_waiter, None
+                waiter.callback(self._queue.popleft())
+                continue
+            if self._busy:
+                break
             result = self._dispatch(self._queue.popleft())
             if result is None:
                 continue
@@ -472,12 +507,16 @@ class POP3Protocol(Protocol, TimeoutMixin):
         credentials = APOPCredentials(name, self.timestamp, digest)
         await self.login(credentials, errors.APOPFailed())
 
-    async def login(self, credentials: Any, failed: errors.PopError | None = None) -> None:
+    async def login(
+        self, credentials: Any, failed: errors.PopError | None = None, final: bytes | None = None
+    ) -> None:
         """
         Log in through the portal; on success, open the maildrop (TRANSACTION).
 
         A refused login is answered with ``failed`` (``-ERR [AUTH]``) after
-        the failed-login delay.
+        the failed-login delay.  ``final`` is SASL data the server sends once
+        the credentials passed (SCRAM's server signature), as a challenge
+        the client answers with an empty line before the ``+OK``.
         """
         user = credentials.username
         try:
@@ -495,6 +534,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return
         self._mailbox, self._logout = mailbox, logout
         try:
+            if final is not None:
+                self._splitter.in_exchange = True
+                self.send(b"+ " + base64.b64encode(final) + b"\r\n")
+                if await self._sasl_response() != b"":
+                    raise SASLMalformed("non-empty answer to the final SASL data")
             listing = await resolve(mailbox.listing())
         except BaseException:
             self._release()
@@ -509,6 +553,75 @@ class POP3Protocol(Protocol, TimeoutMixin):
         count, octets = self._view.stat()
         log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.where)
         self.send(wire.ok(f"Logged in, {count} messages ({octets} octets)"))
+
+    # SASL (RFC 5034)
+
+    def offered_mechanisms(self) -> list[MechanismInfo]:
+        """The SASL mechanisms this connection may use, in the server's order of preference."""
+        secure = self.info.secure
+        cleartext, apop = self.cleartext_login_allowed(), self.apop_allowed()
+        return [
+            m
+            for m in self.factory.sasl
+            if (secure or not m.needs_tls)
+            and (cleartext or not m.exposes_password)
+            and (apop or not m.challenge_response)
+        ]
+
+    def sasl_context(self) -> SASLContext:
+        tls = self.info.tls
+        return SASLContext(
+            hostname=self.factory.policy.hostname,
+            secure=self.info.secure,
+            channel_bindings=tls.channel_bindings if tls is not None else {},
+            client_certificate=tls.client_certificate if tls is not None else None,
+        )
+
+    async def do_auth(self, name: bytes | None = None, initial: bytes | None = None) -> None:
+        """AUTH: list the mechanisms, or run one exchange and log in with its result."""
+        self.state = State.AUTHORIZATION
+        self._user = None
+        offered = self.offered_mechanisms()
+        if name is None:
+            self.send(wire.ok("Supported mechanisms follow"))
+            await self.stream(wire.multiline(m.name.encode("ascii") for m in offered))
+            return
+        wanted = name.decode("ascii", "replace").upper()
+        mechanism = next((m for m in offered if m.name == wanted), None)
+        if mechanism is None:
+            known = any(m.name == wanted for m in self.factory.sasl)
+            raise SASLUnavailable() if known else SASLUnknownMechanism()
+        exchange = mechanism.factory(self.sasl_context())
+        response = None if initial is None else _decode_sasl(initial, initial_response=True)
+        self._splitter.in_exchange = True
+        try:
+            for _ in range(MAX_ROUNDS):
+                try:
+                    step = exchange.step(response)
+                except errors.AuthFailed as e:
+                    await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
+                    return
+                if isinstance(step, Success):
+                    break
+                self.send(b"+ " + base64.b64encode(step.data) + b"\r\n")
+                response = await self._sasl_response()
+            else:
+                raise SASLTooManyRounds()
+        finally:
+            self._splitter.in_exchange = False
+        await self.login(step.credentials, errors.AuthFailed(), final=step.final)
+
+    async def _sasl_response(self) -> bytes:
+        """The client's next line in a SASL exchange, decoded; ``*`` cancels."""
+        waiter = Deferred[wire.Line]()
+        self._line_waiter = waiter
+        try:
+            line = await waiter
+        finally:
+            self._splitter.in_exchange = False
+        if isinstance(line, wire.TooLong):
+            raise errors.LineTooLong()
+        return _decode_sasl(line)
 
     async def _auth_failed(
         self, user: object, reason: str, answer: errors.PopError | None = None
@@ -640,6 +753,21 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.close()
 
 
+def _decode_sasl(line: bytes, initial_response: bool = False) -> bytes:
+    """
+    A SASL response line, base64-decoded: ``*`` cancels the exchange, and
+    an initial response of ``=`` is an empty one (RFC 5034).
+    """
+    if line.strip() == b"*":
+        raise SASLAborted()
+    if initial_response and line == b"=":
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLMalformed("invalid base64") from None
+
+
 def _encoded(message: MessageStream, encoder: BodyEncoder, chunk_size: int) -> Iterator[bytes]:
     """Read a stored message in chunks and yield its encoded response body."""
     while not encoder.done:
@@ -661,6 +789,7 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "CAPA": POP3Protocol.do_capa,
         "USER": POP3Protocol.do_user,
         "APOP": POP3Protocol.do_apop,
+        "AUTH": POP3Protocol.do_auth,
         "STLS": POP3Protocol.do_stls,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
@@ -669,6 +798,7 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "USER": POP3Protocol.do_user,
         "PASS": POP3Protocol.do_pass,
         "APOP": POP3Protocol.do_apop,
+        "AUTH": POP3Protocol.do_auth,
         "STLS": POP3Protocol.do_stls,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
@@ -710,6 +840,7 @@ class POP3Factory(Factory):
         clock: interfaces.IReactorTime | None = None,
         announce: Callable[[], Announcement] | None = None,
         tls: TLSServer | None = None,
+        sasl: Sequence[MechanismInfo] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -719,10 +850,13 @@ class POP3Factory(Factory):
         self._announce = announce
         #: The TLS server side for STLS, or None when no certificate is set.
         self.tls = tls
+        #: The SASL mechanisms, in order of preference; each session offers
+        #: those its connection allows (see POP3Protocol.offered_mechanisms).
+        self.sasl: list[MechanismInfo] = list(DEFAULT_MECHANISMS if sasl is None else sasl)
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.
-        self.capabilities: list[CapabilitySource] = [core_capabilities]
+        self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
 
     def apop_offered(self) -> bool:
         """

@@ -19,6 +19,11 @@ from popserv.errors import BadArguments, LineTooLong, PopError, UnknownCommand
 #: 255 octets.
 MAX_COMMAND_LINE = 255
 
+#: RFC 5034 section 4: AUTH lines (a SASL initial response, and the client's
+#: answers during an exchange) may be longer than 255 octets; OAuth tokens
+#: run to a few KB.  Longer ones are refused like over-long commands.
+MAX_AUTH_LINE = 8192
+
 #: Message numbers and line counts longer than this are refused outright;
 #: no maildrop has 10**18 messages, and it keeps int() cheap.
 MAX_NUMBER_DIGITS = 18
@@ -39,14 +44,26 @@ class LineSplitter:
     Lines longer than :attr:`max_length` octets (line end included) are not
     kept: one :class:`TooLong` stands for the whole line, and the bytes up
     to its end are discarded, so the session stays in step with the client.
+    An ``AUTH`` line, and every line while :attr:`in_exchange` is set (the
+    client's SASL answers), may be up to :attr:`auth_max_length` long.
     """
 
-    __slots__ = ("_buffer", "_discarding", "max_length")
+    __slots__ = ("_buffer", "_discarding", "auth_max_length", "in_exchange", "max_length")
 
-    def __init__(self, max_length: int = MAX_COMMAND_LINE) -> None:
+    def __init__(
+        self, max_length: int = MAX_COMMAND_LINE, auth_max_length: int = MAX_AUTH_LINE
+    ) -> None:
         self.max_length = max_length
+        self.auth_max_length = auth_max_length
+        self.in_exchange = False
         self._buffer = b""
         self._discarding = False
+
+    def _limit(self, line_start: bytes) -> int:
+        """The longest line allowed, given how it starts."""
+        if self.in_exchange or line_start[:5].upper() == b"AUTH ":
+            return max(self.max_length, self.auth_max_length)
+        return self.max_length
 
     def feed(self, data: bytes) -> list[Line]:
         """Return the complete lines (or TooLong markers) that ``data`` finishes."""
@@ -59,7 +76,9 @@ class LineSplitter:
                 break
             if self._discarding:
                 self._discarding = False
-            elif end + 1 - start > self.max_length:
+            elif end + 1 - start > self.max_length and end + 1 - start > self._limit(
+                buffer[start : start + 5]
+            ):
                 lines.append(TooLong())
             else:
                 line = buffer[start:end]
@@ -70,7 +89,7 @@ class LineSplitter:
         rest = buffer[start:]
         if self._discarding:
             rest = b""
-        elif len(rest) > self.max_length:
+        elif len(rest) > self.max_length and len(rest) > self._limit(rest[:5]):
             lines.append(TooLong())
             self._discarding = True
             rest = b""

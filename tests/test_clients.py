@@ -221,7 +221,7 @@ class MpopTests(ClientTestCase):
         ):
             self.assertRegex(output, rf"(?m)^ +{capability}:$")
         self.assertRegex(output, r"(?m)^ +IMPLEMENTATION:\n +popserv-\S+$")
-        self.assertRegex(output, r"(?m)^ +USER APOP *$")
+        self.assertRegex(output, r"(?m)^ +USER PLAIN APOP LOGIN *$")
         self.assertEqual(self.commands()[0], b"CAPA")
 
 

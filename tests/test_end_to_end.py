@@ -571,6 +571,11 @@ class CurlAPOPTests(CurlTestCase):
         self.assertEqual(fetched, b"Subject: hi\r\n\r\nbob\r\n")
 
     async def test_apop_refused_for_hashed_password(self):
-        """curl picks APOP once it is offered; an argon2id account cannot pass it."""
-        _, err, code = await self.run_curl("")
+        """An argon2id account cannot pass APOP, with curl forced to use it."""
+        _, err, code = await self.run_curl("", "--login-options", "AUTH=+APOP")
         self.assertEqual(code, 67, err)
+
+    async def test_sasl_preferred_to_apop(self):
+        """With SASL offered, plain curl logs in by SASL even though APOP is offered too."""
+        listing = await self.curl("")
+        self.assertEqual(len(listing.splitlines()), 4)

@@ -193,11 +193,13 @@ class AuthorizationTests(SynchronousTestCase):
         self.assertFalse(s.maildrop.locked)
 
     def test_unimplemented_command_is_unknown(self):
-        """AUTH, which no state runs yet, is an unknown command, before and after login."""
+        """A command the parser knows but no state runs is unknown, not 'not valid here'."""
+        self.patch(wire, "ARGUMENTS", {**wire.ARGUMENTS, "XTST": wire.ARGUMENTS["NOOP"]})
         s = Session()
-        self.assertEqual(s.send(b"AUTH PLAIN\r\n"), wire.err(errors.UnknownCommand()))
+        self.assertEqual(s.send(b"XTST\r\n"), wire.err(errors.UnknownCommand()))
         s.login()
-        self.assertEqual(s.send(b"AUTH\r\n"), wire.err(errors.UnknownCommand()))
+        self.assertEqual(s.send(b"XTST\r\n"), wire.err(errors.UnknownCommand()))
+        self.assertEqual(s.send(b"AUTH\r\n"), wire.err(errors.BadState()))
 
     def test_half_close_answers_then_closes(self):
         """Commands followed by EOF are all answered, then the connection closes."""
@@ -619,7 +621,7 @@ class ExpireTests(SynchronousTestCase):
 class StateTableTests(SynchronousTestCase):
     def test_table_covers_rfc1939(self):
         self.assertEqual(
-            set(COMMANDS[State.AUTHORIZATION]), {"CAPA", "USER", "APOP", "STLS", "QUIT"}
+            set(COMMANDS[State.AUTHORIZATION]), {"CAPA", "USER", "APOP", "AUTH", "STLS", "QUIT"}
         )
         self.assertEqual(
             set(COMMANDS[State.TRANSACTION]),
