@@ -10,8 +10,8 @@ from popserv._version import __version__
 from popserv.compat import TwistedMailRealm
 from popserv.interfaces import (
     IAccountSettings,
-    IHashedLoginSupport,
     IMailbox,
+    ISecretInventory,
     ISessionInfo,
     Listing,
 )
@@ -37,7 +37,7 @@ __all__ = [
     "Listing",
     "IAccountSettings",
     "ISessionInfo",
-    "IHashedLoginSupport",
+    "ISecretInventory",
     # Stores and realms
     "Layout",
     "MaildirMailbox",

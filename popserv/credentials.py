@@ -1,9 +1,10 @@
 """
-Credentials for the logins RFC 1939 defines beyond USER/PASS.
+Credentials for challenge-response logins: APOP (RFC 1939) and CRAM-MD5.
 
 Checked by any ``twisted.cred`` checker that handles
 ``IUsernameHashedPassword`` (it calls :meth:`checkPassword` with the stored
 plaintext), so an embedding application's own checker works unchanged.
+CRAM-MD5 answers can also be checked against a stored HMAC-MD5 context.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from hashlib import md5
 
 from twisted.cred.credentials import IUsernameHashedPassword
 from zope.interface import implementer
+
+from popserv.passwords import crammd5
 
 
 @implementer(IUsernameHashedPassword)
@@ -29,3 +32,29 @@ class APOPCredentials:
             password = password.encode("utf-8")
         expected = md5(self.timestamp + password, usedforsecurity=False).hexdigest()
         return hmac.compare_digest(expected.encode("ascii"), self.digest)
+
+
+class ICramMD5Credentials(IUsernameHashedPassword):
+    """CRAM-MD5 credentials, which can also be checked against a stored HMAC-MD5 context."""
+
+    def checkContext(context: str) -> bool:  # noqa: N805 (zope.interface)
+        """Check against Dovecot's ``{CRAM-MD5}`` context (64 hex digits)."""
+
+
+@implementer(ICramMD5Credentials)
+class CramMD5Credentials:
+    """A CRAM-MD5 answer (RFC 2195): the user, the server's challenge, the client's digest."""
+
+    def __init__(self, username: bytes, challenge: bytes, digest: bytes) -> None:
+        self.username = username
+        self.challenge = challenge
+        self.digest = digest.lower()
+
+    def checkPassword(self, password: str | bytes) -> bool:
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        expected = hmac.new(password, self.challenge, md5).hexdigest()
+        return hmac.compare_digest(expected.encode("ascii"), self.digest)
+
+    def checkContext(self, context: str) -> bool:
+        return crammd5.check_response(context, self.challenge, self.digest)

@@ -124,19 +124,28 @@ class IAccountSettings(Interface):
     )
 
 
-class IHashedLoginSupport(Interface):
-    """
-    A checker of ``IUsernameHashedPassword`` credentials (APOP, later CRAM-MD5)
-    that can tell whether any account could pass such a check at all.
+#: Login kinds a secret may or may not allow (see :class:`ISecretInventory`).
+SECRET_KINDS = ("apop", "cram-md5", "scram-sha-1", "scram-sha-256")
 
-    Those logins need the password in a form the server can read back; with
-    only hashed passwords stored they fail for everyone.  The server then
-    does not offer them, which matters in practice: curl, for one, uses APOP
-    whenever the greeting carries a timestamp and cannot fall back.
+
+class ISecretInventory(Interface):
+    """
+    A checker that can tell how many of its accounts hold a secret that a
+    given kind of login can check.
+
+    Challenge-response logins (APOP, CRAM-MD5, SCRAM) need the password in
+    a form the server can read back or keys derived for them; an account
+    with only an argon2id hash cannot pass them.  The server uses this to
+    decide what to offer, which matters in practice: curl uses APOP whenever
+    the greeting carries a timestamp, and CRAM-MD5 whenever it is listed,
+    and cannot fall back.
     """
 
-    def hashed_logins_possible() -> bool:
-        """True when at least one account could log in with APOP."""
+    def coverage(kind: str) -> str:
+        """
+        ``"all"``, ``"some"`` or ``"none"``: how many accounts could log in
+        with ``kind``, one of :data:`SECRET_KINDS`.  No accounts is ``"none"``.
+        """
 
 
 class ISessionInfo(Interface):

@@ -46,6 +46,10 @@ class Policy:
     #: Allow APOP (and challenge-response SASL) on such connections: the
     #: password is not sent, but the exchange can be attacked offline.
     allow_cleartext_apop: bool = False
+    #: SASL mechanisms to offer, by name; None ("auto"): PLAIN and LOGIN,
+    #: and each challenge-response mechanism when every account has a
+    #: secret it can use (clients pick those first and cannot fall back).
+    sasl: tuple[str, ...] | None = None
     #: Peers on these networks count as local: cleartext logins are fine.
     local_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),

@@ -41,14 +41,14 @@ from popserv.body import BodyEncoder
 from popserv.credentials import APOPCredentials
 from popserv.interfaces import (
     IAccountSettings,
-    IHashedLoginSupport,
     IMailbox,
+    ISecretInventory,
     ISessionInfo,
     MessageStream,
 )
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
-from popserv.sasl import DEFAULT_MECHANISMS
+from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
     MAX_ROUNDS,
     MechanismInfo,
@@ -562,7 +562,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         cleartext, apop = self.cleartext_login_allowed(), self.apop_allowed()
         return [
             m
-            for m in self.factory.sasl
+            for m in self.factory.enabled_mechanisms()
             if (secure or not m.needs_tls)
             and (cleartext or not m.exposes_password)
             and (apop or not m.challenge_response)
@@ -589,7 +589,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         wanted = name.decode("ascii", "replace").upper()
         mechanism = next((m for m in offered if m.name == wanted), None)
         if mechanism is None:
-            known = any(m.name == wanted for m in self.factory.sasl)
+            known = any(m.name == wanted for m in self.factory.enabled_mechanisms())
             raise SASLUnavailable() if known else SASLUnknownMechanism()
         exchange = mechanism.factory(self.sasl_context())
         response = None if initial is None else _decode_sasl(initial, initial_response=True)
@@ -850,9 +850,10 @@ class POP3Factory(Factory):
         self._announce = announce
         #: The TLS server side for STLS, or None when no certificate is set.
         self.tls = tls
-        #: The SASL mechanisms, in order of preference; each session offers
-        #: those its connection allows (see POP3Protocol.offered_mechanisms).
-        self.sasl: list[MechanismInfo] = list(DEFAULT_MECHANISMS if sasl is None else sasl)
+        #: Every SASL mechanism the server knows, in CAPA order; the policy
+        #: enables some (:meth:`enabled_mechanisms`), and each session offers
+        #: those its connection allows (POP3Protocol.offered_mechanisms).
+        self.sasl: list[MechanismInfo] = list(MECHANISMS if sasl is None else sasl)
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.
@@ -864,16 +865,31 @@ class POP3Factory(Factory):
 
         Decided by the policy when it says; otherwise APOP is offered when
         the portal has a checker for ``IUsernameHashedPassword`` and that
-        checker, if it can tell (:class:`IHashedLoginSupport`), has at least
+        checker, if it can tell (:class:`ISecretInventory`), has at least
         one account APOP could log in.
         """
         if self.policy.apop is not None:
             return self.policy.apop
+        return self.coverage("apop") != "none"
+
+    def enabled_mechanisms(self) -> list[MechanismInfo]:
+        """The SASL mechanisms the policy enables (see :attr:`Policy.sasl`)."""
+        chosen = self.policy.sasl
+        if chosen is not None:
+            return [m for m in self.sasl if m.name in chosen]
+        return [m for m in self.sasl if m.requires is None or self.coverage(m.requires) == "all"]
+
+    def coverage(self, kind: str) -> str:
+        """
+        How many accounts could pass ``kind`` of challenge-response login:
+        as the ``IUsernameHashedPassword`` checker says, ``"all"`` when it
+        cannot tell, ``"none"`` when there is no such checker.
+        """
         checker = self.portal.checkers.get(IUsernameHashedPassword)
         if checker is None:
-            return False
-        support = IHashedLoginSupport(checker, None)
-        return support is None or support.hashed_logins_possible()
+            return "none"
+        inventory = ISecretInventory(checker, None)
+        return "all" if inventory is None else inventory.coverage(kind)
 
     def announcement(self) -> Announcement:
         """LOGIN-DELAY and EXPIRE as CAPA states them before login."""

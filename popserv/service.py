@@ -54,6 +54,7 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
         apop=options.get("apop"),
         allow_cleartext_auth=bool(options.get("allow-cleartext-auth")),
         allow_cleartext_apop=bool(options.get("allow-cleartext-apop")),
+        sasl=options.get("sasl"),
     )
     tls = options["tls"] if "tls" in options else tls_server(options)
     return POP3Factory(portal, policy, clock=reactor, announce=realm.announcement, tls=tls)

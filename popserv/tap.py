@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
+from popserv.sasl import MECHANISMS
 from popserv.tls import (
     INTERMEDIATE_CIPHERS,
     VERSIONS,
@@ -51,6 +52,18 @@ def _tristate(value: str) -> bool | None:
         return choices[value.strip().lower()]
     except KeyError:
         raise ValueError("must be yes, no or auto") from None
+
+
+def _mechanisms(value: str) -> tuple[str, ...] | None:
+    """``auto``, or a comma-separated list of SASL mechanism names popserv has."""
+    if value.strip().lower() == "auto":
+        return None
+    names = tuple(name.strip().upper() for name in value.split(",") if name.strip())
+    known = [m.name for m in MECHANISMS]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown: {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
 
 
 class Options(usage.Options):
@@ -110,6 +123,14 @@ class Options(usage.Options):
             "Offer APOP: yes, no, or auto (default: when an account"
             " has a password APOP can use, i.e. stored PLAIN).",
             _tristate,
+        ],
+        [
+            "sasl",
+            None,
+            None,
+            "SASL mechanisms to offer, comma-separated, or auto (default: PLAIN and LOGIN,"
+            " and CRAM-MD5 when every account has a PLAIN or CRAM-MD5 password).",
+            _mechanisms,
         ],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted: 1.2 or 1.3."],
         [

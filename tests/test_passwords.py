@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from popserv.credentials import APOPCredentials
 from popserv.errors import InvalidUsername, TemporaryFailure
-from popserv.interfaces import IHashedLoginSupport
+from popserv.interfaces import ISecretInventory
 from popserv.passwords import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
@@ -508,17 +508,29 @@ class CheckerTests(TestCase):
 
     def test_interface(self) -> None:
         verifyObject(ICredentialsChecker, self.checker)
-        verifyObject(IHashedLoginSupport, self.checker)
+        verifyObject(ISecretInventory, self.checker)
 
-    def test_hashed_logins_possible_follows_the_file(self) -> None:
+    def test_coverage_follows_the_file(self) -> None:
         """APOP is possible while some user has a PLAIN password, and not after."""
-        self.assertTrue(self.checker.hashed_logins_possible())
+        self.assertEqual(self.checker.coverage("apop"), "some")
         self.checker.passwd.remove("bob")
-        self.assertFalse(self.checker.hashed_logins_possible())
+        self.assertEqual(self.checker.coverage("apop"), "none")
         self.checker.passwd.add("erin", "{PLAIN-B64}c2VjcmV0")
-        self.assertTrue(self.checker.hashed_logins_possible())
+        self.assertEqual(self.checker.coverage("apop"), "some")
         self.path.unlink()
-        self.assertFalse(self.checker.hashed_logins_possible())
+        self.assertEqual(self.checker.coverage("apop"), "none")
+
+    def test_coverage_all(self) -> None:
+        """CRAM-MD5 works with PLAIN or CRAM-MD5 secrets; 'all' only when every user has one."""
+        for name in ("alice", "carol", "dave"):
+            self.checker.passwd.remove(name)
+        self.assertEqual(self.checker.coverage("cram-md5"), "all")
+        self.checker.passwd.add("erin", hash_password("pw", "CRAM-MD5"))
+        self.assertEqual(self.checker.coverage("cram-md5"), "all")
+        self.assertEqual(self.checker.coverage("apop"), "some")
+        for name in ("bob", "erin"):
+            self.checker.passwd.remove(name)
+        self.assertEqual(self.checker.coverage("cram-md5"), "none")
 
     async def test_right_password(self) -> None:
         """The avatar id is the user name as str, for bytes and str credentials."""

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from popserv import errors, wire
 from popserv.accounts import AccountSettings
 from popserv.body import wire_size
-from popserv.interfaces import IHashedLoginSupport, IMailbox, ISessionInfo
+from popserv.interfaces import IMailbox, ISecretInventory, ISessionInfo
 from popserv.memory import MemoryMailbox
 from popserv.policy import Policy
 from popserv.protocol import COMMANDS, SessionInfo, State
@@ -53,13 +53,13 @@ class GreetingTests(SynchronousTestCase):
         self.assertTrue(s.factory.apop_offered())
 
 
-@implementer(IHashedLoginSupport)
+@implementer(ISecretInventory)
 class _Inventory:
     def __init__(self, possible):
         self.possible = possible
 
-    def hashed_logins_possible(self):
-        return self.possible
+    def coverage(self, kind):
+        return "some" if self.possible else "none"
 
 
 class AuthorizationTests(SynchronousTestCase):

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import base64
+import hmac
 
+from attrs import evolve
 from twisted.cred.credentials import IUsernamePassword
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from popserv import errors, wire
+from popserv.credentials import CramMD5Credentials
+from popserv.maildir import deliver
+from popserv.passwords import PasswdFile, hash_password, verify_password
+from popserv.passwords.schemes import cram_md5_context
 from popserv.protocol import State
+from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import (
     AuthzidRefused,
     Challenge,
@@ -69,14 +77,76 @@ class LoginTests(SynchronousTestCase):
         self.assertIsInstance(login.step(b"secret"), Success)
 
 
+#: RFC 2195 section 2's example.
+RFC2195_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
+RFC2195_ANSWER = b"tim b913a602c7eda7a495b4e6e7334d3890"
+
+#: Written by Dovecot 2.3's ``doveadm pw -s CRAM-MD5 -p PASSWORD``.
+DOVEADM_CRAM_MD5 = {
+    "tanstaaftanstaaf": "{CRAM-MD5}d06d4e1b26fccaa4b0b61801132340a3"
+    "54b21152711fb604ca3e035e7015116b",
+    "x": "{CRAM-MD5}4638c77f1a70c6fda4ddfa6fbe34e6ee090a0f0088f15da8fed5e0a5ff2b4152",
+    "p\u00e4ssw\u00f6rd": "{CRAM-MD5}4a60bd37924fc5d45b4c92ce695bac86"
+    "cb234bc3028aab2a71a225cb0dedfbb9",
+    "a" * 70: "{CRAM-MD5}fdeeaf10e3e4185caed349495958df36351bef50c329275229e06e028803e01c",
+}
+
+
+class CramMD5Tests(SynchronousTestCase):
+    def test_rfc2195_example(self):
+        credentials = CramMD5Credentials(b"tim", RFC2195_CHALLENGE, RFC2195_ANSWER.split()[1])
+        self.assertTrue(credentials.checkPassword("tanstaaftanstaaf"))
+        self.assertFalse(credentials.checkPassword("tanstaaftanstaaF"))
+        context = cram_md5_context(DOVEADM_CRAM_MD5["tanstaaftanstaaf"])
+        self.assertTrue(credentials.checkContext(context))
+
+    def test_doveadm_vectors(self):
+        """Dovecot's stored contexts verify, and popserv writes the same ones."""
+        for password, stored in DOVEADM_CRAM_MD5.items():
+            self.assertTrue(verify_password(stored, password))
+            self.assertFalse(verify_password(stored, password + "x"))
+            self.assertEqual(hash_password(password, "CRAM-MD5"), stored)
+
+    def test_exchange(self):
+        mechanism = CramMD5(SASLContext(hostname="pop.example.org"))
+        challenge = mechanism.step(None).data
+        self.assertRegex(challenge, rb"^<[0-9a-f]{16}\.\d+@pop\.example\.org>$")
+        self.assertNotEqual(challenge, CramMD5(SASLContext()).step(None).data)
+        digest = hmac.new(b"secret", challenge, "md5").hexdigest().encode()
+        credentials = mechanism.step(b"alice smith " + digest).credentials
+        self.assertEqual(credentials.username, b"alice smith")
+        self.assertTrue(credentials.checkPassword(b"secret"))
+
+    def test_malformed(self):
+        self.assertRaises(SASLMalformed, CramMD5(SASLContext()).step, b"initial")
+        for answer in (b"", b"alice", b"alice 1234", b"alice " + b"g" * 32, b" " + b"0" * 32):
+            mechanism = CramMD5(SASLContext())
+            mechanism.step(None)
+            self.assertRaises(SASLMalformed, mechanism.step, answer)
+
+    def test_through_the_protocol(self):
+        s = Session()
+        challenge = base64.b64decode(s.send(b"AUTH CRAM-MD5\r\n")[2:])
+        digest = hmac.new(b"secret", challenge, "md5").hexdigest().encode()
+        self.assertTrue(s.send(b64(b"alice " + digest) + b"\r\n").startswith(b"+OK Logged in"))
+
+    def test_wrong_digest(self):
+        s = Session()
+        s.send(b"AUTH CRAM-MD5\r\n")
+        s.send(b64(b"alice " + b"0" * 32) + b"\r\n")
+        s.clock.advance(10)
+        self.assertEqual(s.take(), wire.err(errors.AuthFailed()))
+
+
 class ExchangeTests(SynchronousTestCase):
     """AUTH driven through the protocol on an in-memory transport."""
 
     def test_capa_and_listing(self):
         s = Session()
-        self.assertIn(b"SASL PLAIN LOGIN", s.lines(b"CAPA\r\n"))
-        self.assertEqual(s.lines(b"AUTH\r\n"), [b"+OK Supported mechanisms follow", b"PLAIN",
-                                                b"LOGIN", b"."])
+        # The in-memory checker keeps plaintext passwords: CRAM-MD5 works for all.
+        self.assertIn(b"SASL CRAM-MD5 PLAIN LOGIN", s.lines(b"CAPA\r\n"))
+        self.assertEqual(s.lines(b"AUTH\r\n"), [b"+OK Supported mechanisms follow",
+                                                b"CRAM-MD5", b"PLAIN", b"LOGIN", b"."])
         s.login()
         self.assertFalse([line for line in s.lines(b"CAPA\r\n") if line.startswith(b"SASL")])
         self.assertEqual(s.send(b"AUTH PLAIN\r\n"), wire.err(errors.BadState()))
@@ -192,3 +262,31 @@ class CurlSASLTests(CurlTestCase):
         _, err, code = await self.run_curl("", "--login-options", "AUTH=PLAIN",
                                            user="alice:wrong")
         self.assertEqual(code, 67, err)
+
+
+class PasswdCramMD5Tests(CurlTestCase):
+    """CRAM-MD5 against the password file: PLAIN, {CRAM-MD5}, and an account that cannot."""
+
+    def setUp(self):
+        super().setUp()
+        PasswdFile(self.layout.passwd_path).add("carol", DOVEADM_CRAM_MD5["x"])
+        for user in ("bob", "carol"):
+            deliver(self.layout.maildir_for(user), b"Subject: hi\n\nhello\n")
+
+    def test_offered_only_when_every_account_can(self):
+        """alice has only an argon2id hash: auto leaves CRAM-MD5 out, so curl never picks it."""
+        self.assertNotIn("CRAM-MD5", [m.name for m in self.factory.enabled_mechanisms()])
+        PasswdFile(self.layout.passwd_path).remove("alice")
+        self.assertIn("CRAM-MD5", [m.name for m in self.factory.enabled_mechanisms()])
+
+    async def test_curl(self):
+        self.factory.policy = evolve(self.factory.policy, sasl=("CRAM-MD5", "PLAIN"))
+        cram = ("--login-options", "AUTH=CRAM-MD5")
+        hello = b"Subject: hi\r\n\r\nhello\r\n"
+        self.assertEqual(await self.curl("1", *cram, user="bob:bob pw"), hello)  # PLAIN stored
+        self.assertEqual(await self.curl("1", *cram, user="carol:x"), hello)  # doveadm's context
+        with capturedLogs() as events:
+            _, err, code = await self.run_curl("", *cram)  # alice: argon2id only
+        self.assertEqual(code, 67, err)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("alice cannot log in with CramMD5: it needs a PLAIN password", text)

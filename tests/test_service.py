@@ -64,11 +64,14 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["expire"], options["login-delay"]), (30, 900))
         self.assertEqual((options["idle-timeout"], options["max-auth-failures"]), (900.0, 5))
         self.assertIs(self.parse("--apop", "YES")["apop"], True)
+        self.assertEqual(self.parse("--sasl", "plain, cram-md5")["sasl"], ("PLAIN", "CRAM-MD5"))
+        self.assertIsNone(self.parse("--sasl", "auto")["sasl"])
         self.assertIsNone(self.parse("--expire", "never")["expire"])
 
     def test_bad_values(self):
         """Bad values stop twistd with a usage error, not a traceback."""
         for argv in (["--apop", "maybe"], ["--expire", "-1"], ["--login-delay", "soon"],
+                     ["--sasl", "PLAIN,GSSAPI"],
                      ["--idle-timeout", "0"], ["--max-auth-failures", "0"]):
             self.assertRaises(UsageError, self.parse, *argv)
 

@@ -23,12 +23,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from popserv.credentials import ICramMD5Credentials
 from popserv.errors import TemporaryFailure
-from popserv.interfaces import IHashedLoginSupport
+from popserv.interfaces import ISecretInventory
 from popserv.passwords.passwdfile import PasswdFile, UserEntry
 from popserv.passwords.schemes import (
     DEFAULT_SCHEME,
     UnknownScheme,
+    cram_md5_context,
     hash_password,
     plaintext_secret,
     scheme_of,
@@ -37,6 +39,15 @@ from popserv.passwords.schemes import (
 from popserv.usernames import is_valid_username
 
 log = Logger()
+
+
+def usable_for(kind: str, stored: str) -> bool:
+    """Whether a stored password field lets ``kind`` of login be checked."""
+    if plaintext_secret(stored) is not None:
+        return True
+    if kind == "cram-md5":
+        return cram_md5_context(stored) is not None
+    return False
 
 
 @cache
@@ -64,7 +75,7 @@ def _user_name(username: str | bytes) -> str:
     return username
 
 
-@implementer(ICredentialsChecker, IHashedLoginSupport)
+@implementer(ICredentialsChecker, ISecretInventory)
 class PasswdFileChecker:
     """
     Checks logins against a :class:`PasswdFile`; the avatar id is the user name.
@@ -82,19 +93,22 @@ class PasswdFileChecker:
             from twisted.internet import reactor
         self.passwd = passwd
         self._reactor = reactor
-        self._hashed_possible: tuple[object, bool] | None = None
+        self._coverage: tuple[object, dict[str, str]] | None = None
 
-    def hashed_logins_possible(self) -> bool:
-        """True when some user's stored password is one APOP can check (PLAIN)."""
+    def coverage(self, kind: str) -> str:
+        """How many users have a stored secret that ``kind`` of login can check."""
         try:
             users = self.passwd.users()
         except OSError:
-            return False
-        cached = self._hashed_possible
+            return "none"
+        cached = self._coverage
         if cached is None or cached[0] is not users:
-            possible = any(plaintext_secret(entry.password) for entry in users)
-            self._hashed_possible = cached = (users, possible)
-        return cached[1]
+            self._coverage = cached = (users, {})
+        known = cached[1]
+        if kind not in known:
+            usable = [usable_for(kind, entry.password) for entry in users]
+            known[kind] = "all" if usable and all(usable) else "some" if any(usable) else "none"
+        return known[kind]
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         """Fire with the user name as ``str`` when ``credentials`` are right."""
@@ -136,17 +150,22 @@ class PasswdFileChecker:
             log.debug("Login as unknown user {user}", user=name)
             raise UnauthorizedLogin()
         plain = plaintext_secret(entry.password)
-        if not plain:
-            log.info(
-                "{user} cannot log in with {kind}: challenge-response logins (APOP, "
-                "CRAM-MD5) need a PLAIN password, the stored one is {scheme}",
-                user=name,
-                kind=type(credentials).__name__,
-                scheme=entry.scheme,
-            )
+        if plain is not None:
+            if await maybeDeferred(credentials.checkPassword, plain):
+                return name
             raise UnauthorizedLogin()
-        if await maybeDeferred(credentials.checkPassword, plain):
-            return name
+        context = cram_md5_context(entry.password)
+        if context is not None and ICramMD5Credentials.providedBy(credentials):
+            if credentials.checkContext(context):
+                return name
+            raise UnauthorizedLogin()
+        log.info(
+            "{user} cannot log in with {kind}: it needs a PLAIN password (or, for"
+            " CRAM-MD5, a CRAM-MD5 one); the stored one is {scheme}",
+            user=name,
+            kind=type(credentials).__name__.removesuffix("Credentials"),
+            scheme=entry.scheme,
+        )
         raise UnauthorizedLogin()
 
     def _entry(self, name: str) -> UserEntry | None:

@@ -25,6 +25,8 @@ from typing import Any
 from passlib.exc import PasswordValueError
 from passlib.hash import argon2, bcrypt, md5_crypt, sha256_crypt, sha512_crypt
 
+from popserv.passwords import crammd5
+
 DEFAULT_SCHEME = "ARGON2ID"
 
 #: Every scheme name :func:`verify_password` understands (aliases aside).
@@ -45,6 +47,7 @@ SCHEMES: tuple[str, ...] = (
     "SHA",
     "PLAIN",
     "PLAIN-B64",
+    "CRAM-MD5",
 )
 
 #: The schemes :func:`hash_password` writes.  The others are kept for
@@ -61,6 +64,7 @@ HASH_SCHEMES: tuple[str, ...] = (
     "SHA256",
     "PLAIN",
     "PLAIN-B64",
+    "CRAM-MD5",
 )
 
 #: Other names Dovecot accepts for the same schemes.
@@ -150,6 +154,8 @@ def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
         return "{PLAIN}" + password
     if name == "PLAIN-B64":
         return "{PLAIN-B64}" + base64.b64encode(secret).decode("ascii")
+    if name == "CRAM-MD5":
+        return "{CRAM-MD5}" + crammd5.context(secret)
     if name in _DIGESTS:
         constructor, salted = _DIGESTS[name]
         salt = secrets.token_bytes(_SALT_BYTES) if salted else b""
@@ -187,9 +193,25 @@ def verify_password(stored: str, password: str | bytes) -> bool:
         return hmac.compare_digest(body.encode("utf-8"), secret)
     if name == "PLAIN-B64":
         return hmac.compare_digest(_b64decode(name, body), secret)
+    if name == "CRAM-MD5":
+        stored_context = cram_md5_context(stored)
+        if stored_context is None:
+            raise UnknownScheme("malformed CRAM-MD5 field")
+        return hmac.compare_digest(crammd5.context(secret), stored_context)
     if name in _DIGESTS:
         return _verify_digest(name, body, secret)
     return _verify_crypt(name, body, secret)
+
+
+def cram_md5_context(stored: str) -> str | None:
+    """The HMAC-MD5 context of a ``{CRAM-MD5}`` field (lower-case hex), else None."""
+    prefix, body = _split(stored)
+    if prefix is None or prefix.upper() != "CRAM-MD5":
+        return None
+    body = body.strip().lower()
+    if len(body) != crammd5.CONTEXT_HEX_LENGTH or any(c not in "0123456789abcdef" for c in body):
+        return None
+    return body
 
 
 def plaintext_secret(stored: str) -> str | None:

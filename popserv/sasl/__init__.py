@@ -6,14 +6,15 @@ drives it (:mod:`popserv.sasl.mechanism` says how) and hands its final
 credentials to the ``twisted.cred`` portal.
 """
 
+from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import MechanismInfo
 from popserv.sasl.plain import Login, Plain
 
 PLAIN = MechanismInfo("PLAIN", Plain, exposes_password=True)
 LOGIN = MechanismInfo("LOGIN", Login, exposes_password=True)
+CRAM_MD5 = MechanismInfo("CRAM-MD5", CramMD5, challenge_response=True, requires="cram-md5")
 
-#: What a factory offers unless told otherwise: the mechanisms every
-#: password checker can verify, whatever scheme stores the password.
-DEFAULT_MECHANISMS = (PLAIN, LOGIN)
+#: Every mechanism popserv has, in the order CAPA lists them.
+MECHANISMS = (CRAM_MD5, PLAIN, LOGIN)
 
-__all__ = ["DEFAULT_MECHANISMS", "LOGIN", "PLAIN", "MechanismInfo"]
+__all__ = ["CRAM_MD5", "LOGIN", "MECHANISMS", "PLAIN", "MechanismInfo"]

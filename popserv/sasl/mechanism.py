@@ -81,6 +81,9 @@ class MechanismInfo:
     challenge_response: bool = False
     #: Only offered under TLS (the -PLUS mechanisms, EXTERNAL).
     needs_tls: bool = False
+    #: The kind of stored secret it needs (``ISecretInventory`` kinds), for
+    #: offering it only where accounts have one; None: any password works.
+    requires: str | None = None
 
 
 class SASLAborted(PopError):
