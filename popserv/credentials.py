@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hmac
 from hashlib import md5
+from typing import TYPE_CHECKING
 
-from twisted.cred.credentials import IUsernameHashedPassword
-from zope.interface import implementer
+from twisted.cred.credentials import ICredentials, IUsernameHashedPassword
+from zope.interface import Attribute, implementer
 
-from popserv.passwords import crammd5
+if TYPE_CHECKING:
+    from popserv.passwords.scram import ScramKeys
 
 
 @implementer(IUsernameHashedPassword)
@@ -57,4 +59,31 @@ class CramMD5Credentials:
         return hmac.compare_digest(expected.encode("ascii"), self.digest)
 
     def checkContext(self, context: str) -> bool:
+        # Imported here: popserv.passwords imports this module.
+        from popserv.passwords import crammd5
+
         return crammd5.check_response(context, self.challenge, self.digest)
+
+
+class IScramCredentials(ICredentials):
+    """A finished SCRAM exchange, for the checker to verify against the user's keys."""
+
+    username = Attribute("The authentication identity (SASLprep'd), str.")
+    hash_name = Attribute("'SHA-1' or 'SHA-256'.")
+
+    def verify(keys: ScramKeys) -> bool:  # noqa: N805 (zope.interface)
+        """Whether the client's proof matches ``keys``."""
+
+
+@implementer(IScramCredentials)
+class ScramCredentials:
+    """The client's proof over the exchange's AuthMessage (RFC 5802 section 3)."""
+
+    def __init__(self, username: str, hash_name: str, auth_message: bytes, proof: bytes) -> None:
+        self.username = username
+        self.hash_name = hash_name
+        self.auth_message = auth_message
+        self.proof = proof
+
+    def verify(self, keys: ScramKeys) -> bool:
+        return keys.hash_name == self.hash_name and keys.verify(self.auth_message, self.proof)

@@ -148,6 +148,21 @@ class ISecretInventory(Interface):
         """
 
 
+class IScramKeySource(Interface):
+    """
+    Where SCRAM finds a user's keys in the middle of an exchange (the salt
+    and iteration count go to the client before its proof).  The checker
+    that verifies ``IScramCredentials`` usually provides it.
+    """
+
+    def scram_keys(username: str, hash_name: str) -> object:
+        """
+        The user's ``popserv.passwords.scram.ScramKeys`` for ``hash_name``
+        (``SHA-1``/``SHA-256``), or None when there is no such user or no
+        usable secret; directly or as a Deferred.
+        """
+
+
 class ISessionInfo(Interface):
     """
     What a realm or checker may learn about the connection a login comes from.

@@ -38,10 +38,11 @@ from zope.interface import implementer
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
 from popserv.body import BodyEncoder
-from popserv.credentials import APOPCredentials
+from popserv.credentials import APOPCredentials, IScramCredentials
 from popserv.interfaces import (
     IAccountSettings,
     IMailbox,
+    IScramKeySource,
     ISecretInventory,
     ISessionInfo,
     MessageStream,
@@ -60,6 +61,7 @@ from popserv.sasl.mechanism import (
     SASLUnknownMechanism,
     Success,
 )
+from popserv.sasl.scram import NeedKeys
 from popserv.tls import TLSInfo, TLSServer
 
 log = Logger()
@@ -568,13 +570,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
             and (apop or not m.challenge_response)
         ]
 
-    def sasl_context(self) -> SASLContext:
+    def sasl_context(self, offered: Sequence[MechanismInfo]) -> SASLContext:
         tls = self.info.tls
         return SASLContext(
             hostname=self.factory.policy.hostname,
             secure=self.info.secure,
             channel_bindings=tls.channel_bindings if tls is not None else {},
             client_certificate=tls.client_certificate if tls is not None else None,
+            channel_binding_offered=any(m.name.endswith("-PLUS") for m in offered),
         )
 
     async def do_auth(self, name: bytes | None = None, initial: bytes | None = None) -> None:
@@ -591,13 +594,15 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if mechanism is None:
             known = any(m.name == wanted for m in self.factory.enabled_mechanisms())
             raise SASLUnavailable() if known else SASLUnknownMechanism()
-        exchange = mechanism.factory(self.sasl_context())
+        exchange = mechanism.factory(self.sasl_context(offered))
         response = None if initial is None else _decode_sasl(initial, initial_response=True)
         self._splitter.in_exchange = True
         try:
             for _ in range(MAX_ROUNDS):
                 try:
                     step = exchange.step(response)
+                    if isinstance(step, NeedKeys):
+                        step = exchange.provide(await self._scram_keys(step))
                 except errors.AuthFailed as e:
                     await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
                     return
@@ -610,6 +615,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
         finally:
             self._splitter.in_exchange = False
         await self.login(step.credentials, errors.AuthFailed(), final=step.final)
+
+    async def _scram_keys(self, need: NeedKeys) -> Any:
+        """A user's SCRAM keys from the checker that verifies SCRAM logins, if it has them."""
+        checker = self.factory.portal.checkers.get(IScramCredentials)
+        source = IScramKeySource(checker, None)
+        if source is None:
+            return None
+        return await resolve(source.scram_keys(need.username, need.hash_name))
 
     async def _sasl_response(self) -> bytes:
         """The client's next line in a SASL exchange, decoded; ``*`` cancels."""
@@ -881,12 +894,14 @@ class POP3Factory(Factory):
 
     def coverage(self, kind: str) -> str:
         """
-        How many accounts could pass ``kind`` of challenge-response login:
-        as the ``IUsernameHashedPassword`` checker says, ``"all"`` when it
-        cannot tell, ``"none"`` when there is no such checker.
+        How many accounts could pass ``kind`` of challenge-response login, as
+        the checker of its credentials says (``IScramCredentials`` for SCRAM,
+        which must also be an ``IScramKeySource``; ``IUsernameHashedPassword``
+        otherwise): ``"all"`` when it cannot tell, ``"none"`` without one.
         """
-        checker = self.portal.checkers.get(IUsernameHashedPassword)
-        if checker is None:
+        scram = kind.startswith("scram-")
+        checker = self.portal.checkers.get(IScramCredentials if scram else IUsernameHashedPassword)
+        if checker is None or (scram and IScramKeySource(checker, None) is None):
             return "none"
         inventory = ISecretInventory(checker, None)
         return "all" if inventory is None else inventory.coverage(kind)

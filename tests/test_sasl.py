@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 
+import scramp
 from attrs import evolve
 from twisted.cred.credentials import IUsernamePassword
 from twisted.logger import capturedLogs, formatEvent
@@ -15,6 +16,7 @@ from popserv.credentials import CramMD5Credentials
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password, verify_password
 from popserv.passwords.schemes import cram_md5_context
+from popserv.passwords.scram import ScramKeys
 from popserv.protocol import State
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import (
@@ -28,6 +30,7 @@ from popserv.sasl.mechanism import (
     Success,
 )
 from popserv.sasl.plain import Login, Plain
+from popserv.sasl.scram import NeedKeys, Scram, ScramFailed
 
 from .support import REMOTE_PEER, Session
 from .test_end_to_end import CurlTestCase
@@ -143,7 +146,8 @@ class ExchangeTests(SynchronousTestCase):
 
     def test_capa_and_listing(self):
         s = Session()
-        # The in-memory checker keeps plaintext passwords: CRAM-MD5 works for all.
+        # The in-memory checker keeps plaintext passwords: CRAM-MD5 works for all;
+        # it cannot do SCRAM (it has no keys to give), so SCRAM is not offered.
         self.assertIn(b"SASL CRAM-MD5 PLAIN LOGIN", s.lines(b"CAPA\r\n"))
         self.assertEqual(s.lines(b"AUTH\r\n"), [b"+OK Supported mechanisms follow",
                                                 b"CRAM-MD5", b"PLAIN", b"LOGIN", b"."])
@@ -290,3 +294,141 @@ class PasswdCramMD5Tests(CurlTestCase):
         self.assertEqual(code, 67, err)
         text = " ".join(formatEvent(e) for e in events)
         self.assertIn("alice cannot log in with CramMD5: it needs a PLAIN password", text)
+
+
+#: RFC 5802 section 5 and RFC 7677 section 3: user "user", password "pencil".
+RFC5802 = dict(
+    hash="SHA-1", salt="QSXCR+Q6sek8bf92",
+    client_first_bare="n=user,r=fyko+d2lbbFgONRv9qkxdawL",
+    server_first="r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096",
+    without_proof="c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j",
+    proof="v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=", signature="rmF9pqV8S7suAoZWja4dJRkFsKQ=",
+)
+RFC7677 = dict(
+    hash="SHA-256", salt="W22ZaJ0SNY7soEsUEjb6gQ==",
+    client_first_bare="n=user,r=rOprNGfwEbeRWgbNEkqO",
+    server_first="r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                 "s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+    without_proof="c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+    proof="dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+    signature="6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=",
+)
+
+#: Written by Dovecot 2.3's ``doveadm pw -s SCRAM-SHA-... -p pencil``.
+DOVEADM_SCRAM = {
+    "SCRAM-SHA-256": "{SCRAM-SHA-256}4096,Sol9RaXHHbVcliA89f8C9w==,BWFgkZrpHeyQRbBC44mxkZoKQ5JJ"
+                     "7ahPPUf8Wk+o9rU=,g004cFYbZTxP+VVSZqmwyZ5QlAndGYV12WB9uVlUujg=",
+    "SCRAM-SHA-1": "{SCRAM-SHA-1}4096,7OA2pJlENBffDioiepOxNg==,WUn+ZWOdItYFnmCo1eKwkOGFedw=,"
+                   "UHdGtAw0RnzZZVVSrGEo95+4wgY=",
+}
+
+
+class ScramKeyTests(SynchronousTestCase):
+    def test_rfc_examples(self):
+        """The RFC 5802 and RFC 7677 exchanges verify, and give their server signatures."""
+        for example in (RFC5802, RFC7677):
+            keys = ScramKeys.derive(example["hash"], "pencil", base64.b64decode(example["salt"]))
+            message = ",".join((example["client_first_bare"], example["server_first"],
+                                example["without_proof"])).encode()
+            self.assertTrue(keys.verify(message, base64.b64decode(example["proof"])))
+            self.assertFalse(keys.verify(message + b"x", base64.b64decode(example["proof"])))
+            self.assertEqual(base64.b64encode(keys.server_signature(message)).decode(),
+                             example["signature"])
+
+    def test_doveadm_entries(self):
+        for scheme, stored in DOVEADM_SCRAM.items():
+            self.assertTrue(verify_password(stored, "pencil"))
+            self.assertFalse(verify_password(stored, "pencil2"))
+            written = hash_password("pencil", scheme)
+            self.assertTrue(written.startswith("{" + scheme + "}4096,"))
+            self.assertTrue(verify_password(written, "pencil"))
+
+
+class ScramExchangeTests(SynchronousTestCase):
+    """The pure SCRAM state machine, driven by scramp's client (an independent implementation)."""
+
+    def exchange(self, client, mechanism, keys):
+        first = mechanism.step(client.get_client_first().encode())
+        self.assertIsInstance(first, NeedKeys)
+        server_first = mechanism.provide(keys)
+        client.set_server_first(server_first.data.decode())
+        return mechanism.step(client.get_client_final().encode())
+
+    def test_with_scramp_client(self):
+        for hash_name in ("SHA-1", "SHA-256"):
+            keys = ScramKeys.derive(hash_name, "pencil")
+            client = scramp.ScramClient([f"SCRAM-{hash_name}"], "alice", "pencil")
+            success = self.exchange(client, Scram(SASLContext(), hash_name, False), keys)
+            self.assertTrue(success.credentials.verify(keys))
+            self.assertEqual(success.credentials.username, "alice")
+            client.set_server_final(success.final.decode())  # checks the server signature
+
+    def test_wrong_password(self):
+        keys = ScramKeys.derive("SHA-256", "pencil")
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "crayon")
+        success = self.exchange(client, Scram(SASLContext(), "SHA-256", False), keys)
+        self.assertFalse(success.credentials.verify(keys))
+
+    def test_channel_binding(self):
+        """-PLUS checks the client's c= against this connection's binding data."""
+        context = SASLContext(channel_bindings={"tls-server-end-point": b"\x01" * 32},
+                              channel_binding_offered=True)
+        keys = ScramKeys.derive("SHA-256", "pencil")
+        good = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", "pencil",
+                                  channel_binding=("tls-server-end-point", b"\x01" * 32))
+        success = self.exchange(good, Scram(context, "SHA-256", True), keys)
+        self.assertTrue(success.credentials.verify(keys))
+        bad = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "alice", "pencil",
+                                 channel_binding=("tls-server-end-point", b"\x02" * 32))
+        self.assertRaises(ScramFailed, self.exchange, bad, Scram(context, "SHA-256", True), keys)
+
+    def test_binding_flags(self):
+        """n with -PLUS, p without TLS data, y while -PLUS is offered: all refused."""
+        offered = SASLContext(channel_bindings={"tls-exporter": b"x" * 32},
+                              channel_binding_offered=True)
+        cases = [
+            (SASLContext(), True, "n,,n=alice,r=abc"),
+            (SASLContext(), True, "p=tls-exporter,,n=alice,r=abc"),
+            (offered, False, "p=tls-exporter,,n=alice,r=abc"),
+            (offered, True, "p=tls-unique,,n=alice,r=abc"),
+            (offered, False, "y,,n=alice,r=abc"),
+            (SASLContext(), False, "q,,n=alice,r=abc"),
+        ]
+        for context, plus, message in cases:
+            self.assertRaises(ScramFailed, Scram(context, "SHA-256", plus).step, message.encode())
+        # y without -PLUS on offer is fine: the client was right.
+        self.assertIsInstance(Scram(SASLContext(), "SHA-256", False).step(b"y,,n=alice,r=abc"),
+                              NeedKeys)
+
+    def test_names_and_authzid(self):
+        step = Scram(SASLContext(), "SHA-256", False).step(b"n,a=a=3Db=2Cc,n=a=3Db=2Cc,r=x")
+        self.assertEqual(step.username, "a=b,c")
+        self.assertRaises(AuthzidRefused, Scram(SASLContext(), "SHA-256", False).step,
+                          b"n,a=bob,n=alice,r=abc")
+        for message in (b"n,,n=al=2Xice,r=abc", b"n,,n=,r=abc", b"n,,r=abc,n=alice",
+                        b"n,,m=ext,n=alice,r=abc", b"n,,n=alice,r=a,b", b"n,,n=alice\x07,r=abc",
+                        b"n,,n=alice", b"\xff", b"garbage"):
+            self.assertRaises(ScramFailed, Scram(SASLContext(), "SHA-256", False).step, message)
+
+    def test_client_final_checks(self):
+        keys = ScramKeys.derive("SHA-256", "pencil")
+        for tamper in (lambda m: m.replace("c=biws", "c=eSws"),
+                       lambda m: m.replace(",r=", ",r=X"),
+                       lambda m: m.split(",p=")[0],
+                       lambda m: m + "=="):
+            client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "pencil")
+            mechanism = Scram(SASLContext(), "SHA-256", False)
+            mechanism.step(client.get_client_first().encode())
+            client.set_server_first(mechanism.provide(keys).data.decode())
+            final = tamper(client.get_client_final()).encode()
+            self.assertRaises(ScramFailed, mechanism.step, final)
+
+    def test_unknown_user_looks_like_any_other(self):
+        """No keys: a stable, random-looking salt, 4096 iterations, and a failing proof."""
+        def server_first():
+            mechanism = Scram(SASLContext(), "SHA-256", False)
+            mechanism.step(b"n,,n=nobody,r=abc")
+            return mechanism.provide(None).data.split(b",", 1)[1]
+
+        self.assertEqual(server_first(), server_first())
+        self.assertTrue(server_first().endswith(b",i=4096"))

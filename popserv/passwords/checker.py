@@ -23,9 +23,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.credentials import ICramMD5Credentials
+from popserv.credentials import ICramMD5Credentials, IScramCredentials
 from popserv.errors import TemporaryFailure
-from popserv.interfaces import ISecretInventory
+from popserv.interfaces import IScramKeySource, ISecretInventory
 from popserv.passwords.passwdfile import PasswdFile, UserEntry
 from popserv.passwords.schemes import (
     DEFAULT_SCHEME,
@@ -34,8 +34,10 @@ from popserv.passwords.schemes import (
     hash_password,
     plaintext_secret,
     scheme_of,
+    stored_scram_keys,
     verify_password,
 )
+from popserv.passwords.scram import ScramKeys, derived_salt
 from popserv.usernames import is_valid_username
 
 log = Logger()
@@ -47,6 +49,8 @@ def usable_for(kind: str, stored: str) -> bool:
         return True
     if kind == "cram-md5":
         return cram_md5_context(stored) is not None
+    if kind.startswith("scram-"):
+        return stored_scram_keys(stored, kind.removeprefix("scram-").upper()) is not None
     return False
 
 
@@ -75,7 +79,7 @@ def _user_name(username: str | bytes) -> str:
     return username
 
 
-@implementer(ICredentialsChecker, ISecretInventory)
+@implementer(ICredentialsChecker, ISecretInventory, IScramKeySource)
 class PasswdFileChecker:
     """
     Checks logins against a :class:`PasswdFile`; the avatar id is the user name.
@@ -86,7 +90,7 @@ class PasswdFileChecker:
     read, so the client hears ``[SYS/TEMP]`` rather than a wrong password.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     def __init__(self, passwd: PasswdFile, reactor: Any = None) -> None:
         if reactor is None:
@@ -120,6 +124,11 @@ class PasswdFileChecker:
             return await self._check_password(name, credentials.password)
         if IUsernameHashedPassword.providedBy(credentials):
             return await self._check_hashed(name, credentials)
+        if IScramCredentials.providedBy(credentials):
+            keys = await self.scram_keys(name, credentials.hash_name)
+            if keys is not None and credentials.verify(keys):
+                return name
+            raise UnauthorizedLogin()
         raise UnhandledCredentials(f"{type(credentials).__name__} is not handled")
 
     async def _check_password(self, name: str, password: str | bytes) -> str:
@@ -167,6 +176,36 @@ class PasswdFileChecker:
             scheme=entry.scheme,
         )
         raise UnauthorizedLogin()
+
+    async def scram_keys(self, username: str, hash_name: str) -> ScramKeys | None:
+        """
+        The user's SCRAM keys: the stored ``{SCRAM-SHA-...}`` entry, or keys
+        derived from a PLAIN password (in the thread pool: PBKDF2 is slow on
+        purpose).  None for an unknown user or one whose password is only a
+        hash SCRAM cannot use; the log says why for the latter.
+        """
+        if not is_valid_username(username):
+            return None
+        entry = self._entry(username)
+        if entry is None:
+            return None
+        keys = stored_scram_keys(entry.password, hash_name)
+        if keys is not None:
+            return keys
+        plain = plaintext_secret(entry.password)
+        if plain is None:
+            log.info(
+                "{user} cannot log in with SCRAM-{hash}: it needs a PLAIN or SCRAM-{hash}"
+                " password; the stored one is {scheme}",
+                user=username,
+                hash=hash_name,
+                scheme=entry.scheme,
+            )
+            return None
+        salt = derived_salt(hash_name, username)
+        pool = self._reactor.getThreadPool()
+        derive = ScramKeys.derive
+        return await deferToThreadPool(self._reactor, pool, derive, hash_name, plain, salt)
 
     def _entry(self, name: str) -> UserEntry | None:
         try:

@@ -26,6 +26,7 @@ from passlib.exc import PasswordValueError
 from passlib.hash import argon2, bcrypt, md5_crypt, sha256_crypt, sha512_crypt
 
 from popserv.passwords import crammd5
+from popserv.passwords.scram import ScramKeys
 
 DEFAULT_SCHEME = "ARGON2ID"
 
@@ -48,6 +49,8 @@ SCHEMES: tuple[str, ...] = (
     "PLAIN",
     "PLAIN-B64",
     "CRAM-MD5",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
 )
 
 #: The schemes :func:`hash_password` writes.  The others are kept for
@@ -65,6 +68,8 @@ HASH_SCHEMES: tuple[str, ...] = (
     "PLAIN",
     "PLAIN-B64",
     "CRAM-MD5",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
 )
 
 #: Other names Dovecot accepts for the same schemes.
@@ -121,6 +126,10 @@ _DIGESTS: dict[str, tuple[Callable[..., Any], bool]] = {
 }
 
 
+#: SCRAM scheme -> its hash, as ScramKeys names it.
+_SCRAM = {"SCRAM-SHA-256": "SHA-256", "SCRAM-SHA-1": "SHA-1"}
+
+
 class UnknownScheme(ValueError):
     """A scheme popserv does not know, or a stored hash it cannot read."""
 
@@ -156,6 +165,8 @@ def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
         return "{PLAIN-B64}" + base64.b64encode(secret).decode("ascii")
     if name == "CRAM-MD5":
         return "{CRAM-MD5}" + crammd5.context(secret)
+    if name in _SCRAM:
+        return f"{{{name}}}" + ScramKeys.derive(_SCRAM[name], password).to_stored()
     if name in _DIGESTS:
         constructor, salted = _DIGESTS[name]
         salt = secrets.token_bytes(_SALT_BYTES) if salted else b""
@@ -193,6 +204,11 @@ def verify_password(stored: str, password: str | bytes) -> bool:
         return hmac.compare_digest(body.encode("utf-8"), secret)
     if name == "PLAIN-B64":
         return hmac.compare_digest(_b64decode(name, body), secret)
+    if name in _SCRAM:
+        keys = stored_scram_keys(stored, _SCRAM[name])
+        if keys is None:
+            raise UnknownScheme(f"malformed {name} field")
+        return keys.matches(secret)
     if name == "CRAM-MD5":
         stored_context = cram_md5_context(stored)
         if stored_context is None:
@@ -201,6 +217,17 @@ def verify_password(stored: str, password: str | bytes) -> bool:
     if name in _DIGESTS:
         return _verify_digest(name, body, secret)
     return _verify_crypt(name, body, secret)
+
+
+def stored_scram_keys(stored: str, hash_name: str) -> ScramKeys | None:
+    """The SCRAM keys in a ``{SCRAM-SHA-256}``/``{SCRAM-SHA-1}`` field for ``hash_name``."""
+    prefix, body = _split(stored)
+    if prefix is None or _SCRAM.get(prefix.upper()) != hash_name:
+        return None
+    try:
+        return ScramKeys.parse(hash_name, body)
+    except ValueError:
+        return None
 
 
 def cram_md5_context(stored: str) -> str | None:

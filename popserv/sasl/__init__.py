@@ -9,12 +9,45 @@ credentials to the ``twisted.cred`` portal.
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import MechanismInfo
 from popserv.sasl.plain import Login, Plain
+from popserv.sasl.scram import mechanism as scram
 
 PLAIN = MechanismInfo("PLAIN", Plain, exposes_password=True)
 LOGIN = MechanismInfo("LOGIN", Login, exposes_password=True)
 CRAM_MD5 = MechanismInfo("CRAM-MD5", CramMD5, challenge_response=True, requires="cram-md5")
 
-#: Every mechanism popserv has, in the order CAPA lists them.
-MECHANISMS = (CRAM_MD5, PLAIN, LOGIN)
 
-__all__ = ["CRAM_MD5", "LOGIN", "MECHANISMS", "PLAIN", "MechanismInfo"]
+def _scram(hash_name: str, plus: bool) -> MechanismInfo:
+    name = f"SCRAM-{hash_name}" + ("-PLUS" if plus else "")
+    requires = f"scram-{hash_name.lower()}"
+    return MechanismInfo(
+        name, scram(hash_name, plus), challenge_response=True, needs_tls=plus, requires=requires
+    )
+
+
+SCRAM_SHA_256_PLUS = _scram("SHA-256", plus=True)
+SCRAM_SHA_256 = _scram("SHA-256", plus=False)
+SCRAM_SHA_1_PLUS = _scram("SHA-1", plus=True)
+SCRAM_SHA_1 = _scram("SHA-1", plus=False)
+
+#: Every mechanism popserv has, in the order CAPA lists them (strongest first).
+MECHANISMS = (
+    SCRAM_SHA_256_PLUS,
+    SCRAM_SHA_256,
+    SCRAM_SHA_1_PLUS,
+    SCRAM_SHA_1,
+    CRAM_MD5,
+    PLAIN,
+    LOGIN,
+)
+
+__all__ = [
+    "CRAM_MD5",
+    "LOGIN",
+    "MECHANISMS",
+    "PLAIN",
+    "SCRAM_SHA_1",
+    "SCRAM_SHA_1_PLUS",
+    "SCRAM_SHA_256",
+    "SCRAM_SHA_256_PLUS",
+    "MechanismInfo",
+]

@@ -65,6 +65,9 @@ class SASLContext:
     channel_bindings: Mapping[str, bytes] = field(factory=dict)
     #: The verified TLS client certificate, for EXTERNAL.
     client_certificate: Any = None
+    #: Whether a -PLUS mechanism is offered on this connection (SCRAM's
+    #: downgrade check).
+    channel_binding_offered: bool = False
 
 
 @frozen
