@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
+import os
+import poplib
+import shutil
+import socket
+from pathlib import Path
 
 import scramp
 from attrs import evolve
+from OpenSSL import SSL
 from twisted.cred.credentials import IUsernamePassword
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import errors, wire
 from popserv.credentials import CramMD5Credentials
@@ -18,6 +26,7 @@ from popserv.passwords import PasswdFile, hash_password, verify_password
 from popserv.passwords.schemes import cram_md5_context
 from popserv.passwords.scram import ScramKeys
 from popserv.protocol import State
+from popserv.sasl import MECHANISMS
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import (
     AuthzidRefused,
@@ -33,7 +42,8 @@ from popserv.sasl.plain import Login, Plain
 from popserv.sasl.scram import NeedKeys, Scram, ScramFailed
 
 from .support import REMOTE_PEER, Session
-from .test_end_to_end import CurlTestCase
+from .test_end_to_end import CurlTestCase, command
+from .test_tls import TLSTestCase
 
 
 def b64(data: bytes) -> bytes:
@@ -432,3 +442,162 @@ class ScramExchangeTests(SynchronousTestCase):
 
         self.assertEqual(server_first(), server_first())
         self.assertTrue(server_first().endswith(b",i=4096"))
+
+
+def scram_login(client: poplib.POP3, scram_client, mechanism: str) -> bytes:
+    """Run a SCRAM exchange with a scramp client over poplib; the final answer, +OK or -ERR."""
+    first = base64.b64encode(scram_client.get_client_first().encode()).decode()
+    answer = command(client, f"AUTH {mechanism} {first}")
+    if not answer.startswith(b"+ "):
+        return answer
+    scram_client.set_server_first(base64.b64decode(answer[2:]).decode())
+    final = base64.b64encode(scram_client.get_client_final().encode()).decode()
+    answer = command(client, final)
+    if not answer.startswith(b"+ "):
+        return answer
+    scram_client.set_server_final(base64.b64decode(answer[2:]).decode())  # checks v=
+    return command(client, "")
+
+
+class ScramEndToEndTests(TLSTestCase):
+    """SCRAM against the password file over TCP and TLS: scramp, OpenSSL and mpop as clients."""
+
+    def setUp(self):
+        super().setUp()
+        passwd = PasswdFile(self.layout.passwd_path)
+        passwd.add("carol", DOVEADM_SCRAM["SCRAM-SHA-256"])  # password "pencil", keys only
+        for user in ("bob", "carol"):
+            deliver(self.layout.maildir_for(user), b"Subject: hi\n\nhello\n")
+        names = tuple(m.name for m in MECHANISMS)
+        self.factory.policy = evolve(self.factory.policy, sasl=names)
+
+    async def test_scramp_client(self):
+        """Stored keys (carol) and keys derived from PLAIN (bob), SHA-256 and SHA-1."""
+        def login(user, password, mechanism):
+            c = self.pop()
+            scram_client = scramp.ScramClient([mechanism], user, password)
+            answer = scram_login(c, scram_client, mechanism)
+            stat = c.stat() if answer.startswith(b"+OK") else None
+            c.quit()
+            return answer, stat
+
+        for user, password, mechanism in (("carol", "pencil", "SCRAM-SHA-256"),
+                                          ("bob", "bob pw", "SCRAM-SHA-256"),
+                                          ("bob", "bob pw", "SCRAM-SHA-1")):
+            answer, stat = await self.run_in_thread(login, user, password, mechanism)
+            self.assertTrue(answer.startswith(b"+OK Logged in"), (user, mechanism, answer))
+            self.assertEqual(stat[0], 1)
+
+    async def test_refused(self):
+        """Wrong password, an argon2id-only account (logged why), no such user: all [AUTH]."""
+        def login(user, password, mechanism="SCRAM-SHA-256"):
+            c = self.pop()
+            try:
+                return scram_login(c, scramp.ScramClient([mechanism], user, password), mechanism)
+            finally:
+                c.close()
+
+        with capturedLogs() as events:
+            for user, password in (("carol", "crayon"), ("alice", "secret"), ("nobody", "x")):
+                answer = await self.run_in_thread(login, user, password)
+                self.assertEqual(answer, wire.err(errors.AuthFailed()).rstrip(), user)
+            # carol has SHA-256 keys only: SHA-1 cannot work for her.
+            answer = await self.run_in_thread(login, "carol", "pencil", "SCRAM-SHA-1")
+            self.assertTrue(answer.startswith(b"-ERR [AUTH] "))
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("alice cannot log in with SCRAM-SHA-256: it needs a PLAIN or", text)
+
+    async def test_plus_with_tls_server_end_point(self):
+        def login(binding_socket=None):
+            c = self.pop3s()
+            binding = ("tls-server-end-point", binding_socket or c.sock)
+            scram_client = scramp.ScramClient(["SCRAM-SHA-256-PLUS"], "carol", "pencil",
+                                              channel_binding=binding)
+            answer = scram_login(c, scram_client, "SCRAM-SHA-256-PLUS")
+            c.close()
+            return answer
+
+        self.assertTrue((await self.run_in_thread(login)).startswith(b"+OK Logged in"))
+
+    async def test_plus_with_tls_exporter(self):
+        """TLS 1.3: the client's own exporter value (from its OpenSSL connection) must match."""
+        def login(corrupt: bool):
+            context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+            context.load_verify_locations(str(self.cafile))
+            context.set_verify(SSL.VERIFY_PEER)
+            raw = socket.create_connection(("127.0.0.1", self.tls_portno), timeout=10)
+            raw.settimeout(None)  # pyOpenSSL wants a blocking socket
+            connection = SSL.Connection(context, raw)
+            try:
+                return exchange(connection, corrupt)
+            finally:
+                raw.close()
+
+        def exchange(connection, corrupt):
+            connection.set_tlsext_host_name(b"pop.test")
+            connection.set_connect_state()
+            connection.do_handshake()
+            exporter = connection.export_keying_material(b"EXPORTER-Channel-Binding", 32, None)
+            if corrupt:
+                exporter = bytes(32)
+            lines = _OpenSSLLines(connection)
+            lines.read()  # greeting
+            gs2 = b"p=tls-exporter,,"
+            bare = b"n=carol,r=clientnonce123"
+            lines.send(b"AUTH SCRAM-SHA-256-PLUS " + base64.b64encode(gs2 + bare))
+            server_first = base64.b64decode(lines.read()[2:])
+            fields = dict(item.split(b"=", 1) for item in server_first.split(b","))
+            salted = hashlib.pbkdf2_hmac("sha256", b"pencil", base64.b64decode(fields[b"s"]),
+                                         int(fields[b"i"]))
+            client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+            without_proof = b"c=" + base64.b64encode(gs2 + exporter) + b",r=" + fields[b"r"]
+            message = bare + b"," + server_first + b"," + without_proof
+            signature = hmac.new(hashlib.sha256(client_key).digest(), message, "sha256").digest()
+            proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+            lines.send(base64.b64encode(without_proof + b",p=" + base64.b64encode(proof)))
+            answer = lines.read()
+            if answer.startswith(b"+ "):
+                lines.send(b"")
+                answer = lines.read()
+            lines.send(b"QUIT")
+            lines.read()
+            return answer
+
+        self.assertTrue((await self.run_in_thread(login, False)).startswith(b"+OK Logged in"))
+        self.assertEqual(await self.run_in_thread(login, True), wire.err(ScramFailed()).rstrip())
+
+    async def test_mpop(self):
+        """mpop's GNU SASL SCRAM, with stored keys and with keys from a PLAIN password."""
+        mpop = shutil.which("mpop")
+        if mpop is None:
+            raise SkipTest("mpop is not installed")
+        home = Path(self.mktemp())
+        home.mkdir()
+        for user, password, auth in (("carol", "pencil", "scram-sha-256"),
+                                     ("bob", "bob pw", "scram-sha-1")):
+            mbox = home / f"{user}.mbox"
+            out, err, code = await getProcessOutputAndValue(mpop, [
+                "--host=127.0.0.1", f"--port={self.portno}", "--tls=off", f"--auth={auth}",
+                f"--user={user}", f"--passwordeval=echo '{password}'", "--keep=on",
+                "--only-new=off", f"--delivery=mbox,{mbox}", f"--uidls-file={home / user}",
+                "--timeout=10", "--received-header=off"], env={"HOME": str(home),
+                                                               "PATH": os.environ["PATH"]})
+            self.assertEqual(code, 0, out + err)
+            self.assertIn(b"\n\nhello\n", mbox.read_bytes())
+
+
+class _OpenSSLLines:
+    """Lines over a pyOpenSSL client connection."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.buffer = b""
+
+    def read(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self.buffer += self.connection.recv(4096)
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def send(self, line: bytes) -> None:
+        self.connection.sendall(line + b"\r\n")

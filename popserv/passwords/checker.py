@@ -177,13 +177,16 @@ class PasswdFileChecker:
         )
         raise UnauthorizedLogin()
 
-    async def scram_keys(self, username: str, hash_name: str) -> ScramKeys | None:
+    def scram_keys(self, username: str, hash_name: str) -> Deferred[ScramKeys | None]:
         """
         The user's SCRAM keys: the stored ``{SCRAM-SHA-...}`` entry, or keys
         derived from a PLAIN password (in the thread pool: PBKDF2 is slow on
         purpose).  None for an unknown user or one whose password is only a
         hash SCRAM cannot use; the log says why for the latter.
         """
+        return Deferred.fromCoroutine(self._scram_keys(username, hash_name))
+
+    async def _scram_keys(self, username: str, hash_name: str) -> ScramKeys | None:
         if not is_valid_username(username):
             return None
         entry = self._entry(username)
