@@ -87,3 +87,15 @@ class ScramCredentials:
 
     def verify(self, keys: ScramKeys) -> bool:
         return keys.hash_name == self.hash_name and keys.verify(self.auth_message, self.proof)
+
+
+class IExternalCredentials(ICredentials):
+    """An identity the transport vouches for: a verified TLS client certificate (EXTERNAL)."""
+
+    username = Attribute("The user the certificate maps to, str.")
+
+
+@implementer(IExternalCredentials)
+class ExternalCredentials:
+    def __init__(self, username: str) -> None:
+        self.username = username

@@ -561,11 +561,13 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def offered_mechanisms(self) -> list[MechanismInfo]:
         """The SASL mechanisms this connection may use, in the server's order of preference."""
         secure = self.info.secure
+        certified = self.info.tls is not None and self.info.tls.client_certificate is not None
         cleartext, apop = self.cleartext_login_allowed(), self.apop_allowed()
         return [
             m
             for m in self.factory.enabled_mechanisms()
             if (secure or not m.needs_tls)
+            and (certified or not m.needs_client_certificate)
             and (cleartext or not m.exposes_password)
             and (apop or not m.challenge_response)
         ]
@@ -890,7 +892,13 @@ class POP3Factory(Factory):
         chosen = self.policy.sasl
         if chosen is not None:
             return [m for m in self.sasl if m.name in chosen]
-        return [m for m in self.sasl if m.requires is None or self.coverage(m.requires) == "all"]
+        asking = self.tls is not None and self.tls.config.client_ca is not None
+        return [
+            m
+            for m in self.sasl
+            if (m.requires is None or self.coverage(m.requires) == "all")
+            and (asking or not m.needs_client_certificate)
+        ]
 
     def coverage(self, kind: str) -> str:
         """

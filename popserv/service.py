@@ -25,6 +25,7 @@ from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
 from popserv.realm import MaildirRealm
+from popserv.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server
 from popserv.tls import TLSServer
 
@@ -57,7 +58,11 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
         sasl=options.get("sasl"),
     )
     tls = options["tls"] if "tls" in options else tls_server(options)
-    return POP3Factory(portal, policy, clock=reactor, announce=realm.announcement, tls=tls)
+    rule = options.get("external-identity") or "cn"
+    mechanisms = [external_mechanism(rule) if m is EXTERNAL else m for m in MECHANISMS]
+    return POP3Factory(
+        portal, policy, clock=reactor, announce=realm.announcement, tls=tls, sasl=mechanisms
+    )
 
 
 class CertificateReloader(Service):

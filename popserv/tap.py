@@ -11,6 +11,7 @@ from twisted.python import usage
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
 from popserv.sasl import MECHANISMS
+from popserv.sasl.external import RULES
 from popserv.tls import (
     INTERMEDIATE_CIPHERS,
     VERSIONS,
@@ -64,6 +65,12 @@ def _mechanisms(value: str) -> tuple[str, ...] | None:
     if unknown:
         raise ValueError(f"unknown: {', '.join(unknown)}; known: {', '.join(known)}")
     return names
+
+
+def _identity_rule(value: str) -> str:
+    if value not in RULES:
+        raise ValueError(f"must be one of {', '.join(RULES)}")
+    return value
 
 
 class Options(usage.Options):
@@ -131,6 +138,13 @@ class Options(usage.Options):
             "SASL mechanisms to offer, comma-separated, or auto (default: PLAIN and LOGIN,"
             " and CRAM-MD5 when every account has a PLAIN or CRAM-MD5 password).",
             _mechanisms,
+        ],
+        [
+            "external-identity",
+            None,
+            "cn",
+            "How SASL EXTERNAL maps a client certificate to a user: cn, email or email-local.",
+            _identity_rule,
         ],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted: 1.2 or 1.3."],
         [

@@ -94,6 +94,7 @@ class CA:
         self,
         *names: str,
         client: bool = False,
+        emails: tuple[str, ...] = (),
         days: int = 30,
         hash_algorithm: hashes.HashAlgorithm | None = None,
     ) -> Issued:
@@ -119,5 +120,8 @@ class CA:
         )
         if not client:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        elif emails:
+            san = x509.SubjectAlternativeName([x509.RFC822Name(e) for e in emails])
+            builder = builder.add_extension(san, critical=False)
         certificate = builder.sign(self.key, hash_algorithm or hashes.SHA256())
         return Issued(certificate, key, (self.certificate,))

@@ -28,6 +28,8 @@ from popserv.passwords.scram import ScramKeys
 from popserv.protocol import State
 from popserv.sasl import MECHANISMS
 from popserv.sasl.crammd5 import CramMD5
+from popserv.sasl.external import RULES, External
+from popserv.sasl.external import mechanism as external_factory
 from popserv.sasl.mechanism import (
     AuthzidRefused,
     Challenge,
@@ -41,6 +43,7 @@ from popserv.sasl.mechanism import (
 from popserv.sasl.plain import Login, Plain
 from popserv.sasl.scram import NeedKeys, Scram, ScramFailed
 
+from .certs import CA
 from .support import REMOTE_PEER, Session
 from .test_end_to_end import CurlTestCase, command
 from .test_tls import TLSTestCase
@@ -601,3 +604,78 @@ class _OpenSSLLines:
 
     def send(self, line: bytes) -> None:
         self.connection.sendall(line + b"\r\n")
+
+
+class ExternalTests(SynchronousTestCase):
+    def test_rules(self):
+        ca = CA()
+        issued = ca.issue("Alice Smith", client=True, emails=("alice@example.org",)).certificate
+        for rule, expected in (("cn", "Alice Smith"), ("email", "alice@example.org"),
+                               ("email-local", "alice")):
+            self.assertEqual(RULES[rule](issued), expected)
+        bare = ca.issue("bob", client=True).certificate
+        self.assertIsNone(RULES["email"](bare))
+
+    def test_exchange(self):
+        certificate = CA().issue("alice", client=True).certificate
+        context = SASLContext(secure=True, client_certificate=certificate)
+        external = External(context)
+        self.assertEqual(external.step(None), Challenge(b""))
+        self.assertEqual(external.step(b"").credentials.username, "alice")
+        self.assertEqual(External(context).step(b"alice").credentials.username, "alice")
+        self.assertRaises(AuthzidRefused, External(context).step, b"bob")
+        self.assertRaises(AuthzidRefused, External(SASLContext()).step, b"")
+        self.assertRaises(ValueError, external_factory, "uid")
+
+
+class ExternalEndToEndTests(TLSTestCase):
+    """EXTERNAL over TLS with a client certificate: Python's ssl and curl."""
+
+    def setUp(self):
+        self.client_ca = CA("client CA")
+        path = Path(self.mktemp())
+        self.extra_options = {"tls-client-ca": str(self.client_ca.write(path / "clients.pem"))}
+        super().setUp()
+
+    def login(self, issued=None, authzid=b""):
+        context = self.context()
+        if issued is not None:
+            context.load_cert_chain(*issued.write(Path(self.mktemp()), "client"))
+        c = self.pop3s(context)
+        try:
+            capa = c.capa()
+            initial = base64.b64encode(authzid).decode() or "="
+            return capa.get("SASL", []), command(c, f"AUTH EXTERNAL {initial}")
+        finally:
+            c.close()
+
+    async def test_certificate_logs_in(self):
+        alice = self.client_ca.issue("alice", client=True)
+        mechanisms, answer = await self.run_in_thread(self.login, alice)
+        self.assertEqual(mechanisms[0], "EXTERNAL")
+        self.assertTrue(answer.startswith(b"+OK Logged in"), answer)
+        _, answer = await self.run_in_thread(self.login, alice, b"alice")
+        self.assertTrue(answer.startswith(b"+OK Logged in"), answer)
+
+    async def test_refused(self):
+        """No certificate: not offered; a certificate for nobody, or another authzid: [AUTH]."""
+        mechanisms, answer = await self.run_in_thread(self.login)
+        self.assertNotIn("EXTERNAL", mechanisms)
+        self.assertEqual(answer, wire.err(SASLUnavailable()).rstrip())
+        nobody = self.client_ca.issue("nobody", client=True)
+        _, answer = await self.run_in_thread(self.login, nobody)
+        self.assertTrue(answer.startswith(b"-ERR [AUTH] "), answer)
+        alice = self.client_ca.issue("alice", client=True)
+        _, answer = await self.run_in_thread(self.login, alice, b"bob")
+        self.assertTrue(answer.startswith(b"-ERR [AUTH] "), answer)
+
+    async def test_curl(self):
+        if shutil.which("curl") is None:
+            raise SkipTest("curl is not installed")
+        cert, key = self.client_ca.issue("alice", client=True).write(Path(self.mktemp()), "c")
+        out, err, code = await getProcessOutputAndValue(shutil.which("curl"), [
+            "-sS", "--max-time", "20", f"pop3s://127.0.0.1:{self.tls_portno}/",
+            "--cacert", str(self.cafile), "--cert", str(cert), "--key", str(key),
+            "--login-options", "AUTH=EXTERNAL", "-u", "alice:"], env=os.environ)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(out.splitlines()), 4)

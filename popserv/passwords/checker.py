@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.credentials import ICramMD5Credentials, IScramCredentials
+from popserv.credentials import ICramMD5Credentials, IExternalCredentials, IScramCredentials
 from popserv.errors import TemporaryFailure
 from popserv.interfaces import IScramKeySource, ISecretInventory
 from popserv.passwords.passwdfile import PasswdFile, UserEntry
@@ -90,7 +90,12 @@ class PasswdFileChecker:
     read, so the client hears ``[SYS/TEMP]`` rather than a wrong password.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
+    credentialInterfaces = (
+        IUsernamePassword,
+        IUsernameHashedPassword,
+        IScramCredentials,
+        IExternalCredentials,
+    )
 
     def __init__(self, passwd: PasswdFile, reactor: Any = None) -> None:
         if reactor is None:
@@ -124,6 +129,12 @@ class PasswdFileChecker:
             return await self._check_password(name, credentials.password)
         if IUsernameHashedPassword.providedBy(credentials):
             return await self._check_hashed(name, credentials)
+        if IExternalCredentials.providedBy(credentials):
+            # The TLS layer verified who it is; the account must exist and not be locked.
+            entry = self._entry(name)
+            if entry is None or entry.password.startswith(("!", "*")):
+                raise UnauthorizedLogin()
+            return name
         if IScramCredentials.providedBy(credentials):
             keys = await self.scram_keys(name, credentials.hash_name)
             if keys is not None and credentials.verify(keys):

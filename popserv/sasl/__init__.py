@@ -6,6 +6,7 @@ drives it (:mod:`popserv.sasl.mechanism` says how) and hands its final
 credentials to the ``twisted.cred`` portal.
 """
 
+from popserv.sasl import external
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import MechanismInfo
 from popserv.sasl.plain import Login, Plain
@@ -29,8 +30,19 @@ SCRAM_SHA_256 = _scram("SHA-256", plus=False)
 SCRAM_SHA_1_PLUS = _scram("SHA-1", plus=True)
 SCRAM_SHA_1 = _scram("SHA-1", plus=False)
 
+
+def external_mechanism(rule: str = "cn") -> MechanismInfo:
+    """EXTERNAL with the certificate-to-user ``rule`` (see popserv.sasl.external.RULES)."""
+    return MechanismInfo(
+        "EXTERNAL", external.mechanism(rule), needs_tls=True, needs_client_certificate=True
+    )
+
+
+EXTERNAL = external_mechanism()
+
 #: Every mechanism popserv has, in the order CAPA lists them (strongest first).
 MECHANISMS = (
+    EXTERNAL,
     SCRAM_SHA_256_PLUS,
     SCRAM_SHA_256,
     SCRAM_SHA_1_PLUS,
@@ -42,6 +54,7 @@ MECHANISMS = (
 
 __all__ = [
     "CRAM_MD5",
+    "EXTERNAL",
     "LOGIN",
     "MECHANISMS",
     "PLAIN",
@@ -50,4 +63,5 @@ __all__ = [
     "SCRAM_SHA_256",
     "SCRAM_SHA_256_PLUS",
     "MechanismInfo",
+    "external_mechanism",
 ]

@@ -84,6 +84,9 @@ class MechanismInfo:
     challenge_response: bool = False
     #: Only offered under TLS (the -PLUS mechanisms, EXTERNAL).
     needs_tls: bool = False
+    #: Only offered when the TLS handshake verified a client certificate,
+    #: and enabled by default only when client certificates are asked for.
+    needs_client_certificate: bool = False
     #: The kind of stored secret it needs (``ISecretInventory`` kinds), for
     #: offering it only where accounts have one; None: any password works.
     requires: str | None = None
