@@ -99,3 +99,17 @@ class IExternalCredentials(ICredentials):
 class ExternalCredentials:
     def __init__(self, username: str) -> None:
         self.username = username
+
+
+class IOAuthTokenCredentials(ICredentials):
+    """An OAuth 2.0 bearer token (OAUTHBEARER, XOAUTH2), for a token validator to judge."""
+
+    username = Attribute("The user the client names (str), or None.")
+    token = Attribute("The bearer token, str.")
+
+
+@implementer(IOAuthTokenCredentials)
+class OAuthTokenCredentials:
+    def __init__(self, username: str | None, token: str) -> None:
+        self.username = username
+        self.token = token

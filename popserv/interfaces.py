@@ -163,6 +163,22 @@ class IScramKeySource(Interface):
         """
 
 
+class ITokenValidator(Interface):
+    """
+    Judges OAuth 2.0 bearer tokens (SASL OAUTHBEARER and XOAUTH2).
+
+    Plug one in with ``popserv.oauth.TokenChecker(validator)`` in the portal;
+    ``popserv.oauth.JWTValidator`` and ``CallableValidator`` ship.
+    """
+
+    def validate(token: str, user: str | None) -> object:
+        """
+        The user name ``token`` is valid for (str, or a Deferred of it), or
+        raise / fail with ``twisted.cred.error.UnauthorizedLogin``.  ``user``
+        is the one the client named, if any; the checker compares them.
+        """
+
+
 class ISessionInfo(Interface):
     """
     What a realm or checker may learn about the connection a login comes from.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import inspect
 import re
@@ -38,7 +39,7 @@ from zope.interface import implementer
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
 from popserv.body import BodyEncoder
-from popserv.credentials import APOPCredentials, IScramCredentials
+from popserv.credentials import APOPCredentials, IOAuthTokenCredentials, IScramCredentials
 from popserv.interfaces import (
     IAccountSettings,
     IMailbox,
@@ -510,7 +511,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
         await self.login(credentials, errors.APOPFailed())
 
     async def login(
-        self, credentials: Any, failed: errors.PopError | None = None, final: bytes | None = None
+        self,
+        credentials: Any,
+        failed: errors.PopError | None = None,
+        final: bytes | None = None,
+        failure: bytes | None = None,
     ) -> None:
         """
         Log in through the portal; on success, open the maildrop (TRANSACTION).
@@ -518,12 +523,20 @@ class POP3Protocol(Protocol, TimeoutMixin):
         A refused login is answered with ``failed`` (``-ERR [AUTH]``) after
         the failed-login delay.  ``final`` is SASL data the server sends once
         the credentials passed (SCRAM's server signature), as a challenge
-        the client answers with an empty line before the ``+OK``.
+        the client answers with an empty line before the ``+OK``; ``failure``
+        is SASL data sent the same way when they did not (OAUTHBEARER's
+        error), whose answer is read before the ``-ERR``.
         """
         user = credentials.username
         try:
             _, mailbox, logout = await self.factory.portal.login(credentials, self.info, IMailbox)
         except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
+            if failure is not None:
+                self.send(b"+ " + base64.b64encode(failure) + b"\r\n")
+                self._splitter.in_exchange = True
+                # The client's dummy answer; a cancel or junk ends it the same way.
+                with contextlib.suppress(errors.PopError):
+                    await self._sasl_response()
             await self._auth_failed(user, str(e) or type(e).__name__, failed)
             return
         except errors.PopError as e:
@@ -616,7 +629,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 raise SASLTooManyRounds()
         finally:
             self._splitter.in_exchange = False
-        await self.login(step.credentials, errors.AuthFailed(), final=step.final)
+        await self.login(
+            step.credentials, errors.AuthFailed(), final=step.final, failure=step.failure
+        )
 
     async def _scram_keys(self, need: NeedKeys) -> Any:
         """A user's SCRAM keys from the checker that verifies SCRAM logins, if it has them."""
@@ -893,11 +908,13 @@ class POP3Factory(Factory):
         if chosen is not None:
             return [m for m in self.sasl if m.name in chosen]
         asking = self.tls is not None and self.tls.config.client_ca is not None
+        tokens = IOAuthTokenCredentials in self.portal.checkers
         return [
             m
             for m in self.sasl
             if (m.requires is None or self.coverage(m.requires) == "all")
             and (asking or not m.needs_client_certificate)
+            and (tokens or not m.needs_token_checker)
         ]
 
     def coverage(self, kind: str) -> str:

@@ -21,12 +21,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from popserv.accounts import AccountSettings
 from popserv.firstrun import announce, bootstrap
 from popserv.layout import Layout
+from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
 from popserv.realm import MaildirRealm
 from popserv.sasl import EXTERNAL, MECHANISMS, external_mechanism
-from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server
+from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server, token_validator
 from popserv.tls import TLSServer
 
 log = Logger()
@@ -45,7 +46,11 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     passwd = PasswdFile(layout.passwd_path)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     realm = MaildirRealm(layout, passwd, defaults, reactor=reactor)
-    portal = Portal(realm, [PasswdFileChecker(passwd, reactor=reactor)])
+    checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor)]
+    validator = options["oauth"] if "oauth" in options else token_validator(options)
+    if validator is not None:
+        checkers.append(TokenChecker(validator))
+    portal = Portal(realm, checkers)
     policy = Policy(
         hostname=hostname,
         idle_timeout=options.get("idle-timeout", 600.0),

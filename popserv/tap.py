@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
+from popserv.oauth import JWTValidator
 from popserv.sasl import MECHANISMS
 from popserv.sasl.external import RULES
 from popserv.tls import (
@@ -146,6 +147,16 @@ class Options(usage.Options):
             "How SASL EXTERNAL maps a client certificate to a user: cn, email or email-local.",
             _identity_rule,
         ],
+        [
+            "oauth-key",
+            None,
+            None,
+            "Accept OAuth 2.0 JWTs (SASL OAUTHBEARER, XOAUTH2) signed with this key: a file"
+            " with an HS256 secret or a PEM public key (RS256/ES256).",
+        ],
+        ["oauth-issuer", None, None, "Required 'iss' of OAuth tokens."],
+        ["oauth-audience", None, None, "Required 'aud' of OAuth tokens."],
+        ["oauth-user-claim", None, "sub", "The token claim that names the user."],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted: 1.2 or 1.3."],
         [
             "tls-ciphers",
@@ -223,6 +234,7 @@ class Options(usage.Options):
         except CertificateError as e:
             # A usage error would bury the line under the whole option help.
             raise SystemExit(f"popserv: {e}") from None
+        self["oauth"] = token_validator(self)
 
 
 def tls_server(options: Mapping[str, Any]) -> TLSServer | None:
@@ -241,3 +253,19 @@ def tls_server(options: Mapping[str, Any]) -> TLSServer | None:
         client_ca=Path(client_ca) if client_ca else None,
     )
     return TLSServer(config)
+
+
+def token_validator(options: Mapping[str, Any]) -> JWTValidator | None:
+    """The OAuth token validator the options describe, or None; one-line exit if unusable."""
+    key = options.get("oauth-key")
+    if not key:
+        return None
+    try:
+        return JWTValidator.from_file(
+            key,
+            issuer=options.get("oauth-issuer"),
+            audience=options.get("oauth-audience"),
+            claim=options.get("oauth-user-claim") or "sub",
+        )
+    except OSError as e:
+        raise SystemExit(f"popserv: {key}: {e.strerror or e}") from None

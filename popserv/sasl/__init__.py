@@ -9,6 +9,7 @@ credentials to the ``twisted.cred`` portal.
 from popserv.sasl import external
 from popserv.sasl.crammd5 import CramMD5
 from popserv.sasl.mechanism import MechanismInfo
+from popserv.sasl.oauth import OAuthBearer, XOAuth2
 from popserv.sasl.plain import Login, Plain
 from popserv.sasl.scram import mechanism as scram
 
@@ -39,6 +40,10 @@ def external_mechanism(rule: str = "cn") -> MechanismInfo:
 
 
 EXTERNAL = external_mechanism()
+OAUTHBEARER = MechanismInfo(
+    "OAUTHBEARER", OAuthBearer, exposes_password=True, needs_token_checker=True
+)
+XOAUTH2 = MechanismInfo("XOAUTH2", XOAuth2, exposes_password=True, needs_token_checker=True)
 
 #: Every mechanism popserv has, in the order CAPA lists them (strongest first).
 MECHANISMS = (
@@ -50,6 +55,8 @@ MECHANISMS = (
     CRAM_MD5,
     PLAIN,
     LOGIN,
+    OAUTHBEARER,
+    XOAUTH2,
 )
 
 __all__ = [
@@ -57,6 +64,8 @@ __all__ = [
     "EXTERNAL",
     "LOGIN",
     "MECHANISMS",
+    "OAUTHBEARER",
+    "XOAUTH2",
     "PLAIN",
     "SCRAM_SHA_1",
     "SCRAM_SHA_1_PLUS",

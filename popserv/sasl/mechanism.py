@@ -42,6 +42,9 @@ class Success:
 
     credentials: Any
     final: bytes | None = None
+    #: Sent as one more challenge when the login fails (OAUTHBEARER's error
+    #: JSON); the client's answer to it is read and ignored before the -ERR.
+    failure: bytes | None = None
 
 
 Step = Challenge | Success
@@ -84,6 +87,9 @@ class MechanismInfo:
     challenge_response: bool = False
     #: Only offered under TLS (the -PLUS mechanisms, EXTERNAL).
     needs_tls: bool = False
+    #: Checked by a token validator: enabled by default only when the portal
+    #: has a checker for OAuth token credentials.
+    needs_token_checker: bool = False
     #: Only offered when the TLS handshake verified a client certificate,
     #: and enabled by default only when client certificates are asked for.
     needs_client_certificate: bool = False

@@ -1,0 +1,140 @@
+"""
+OAuth 2.0 bearer tokens for SASL OAUTHBEARER (RFC 7628) and XOAUTH2.
+
+A token is judged by an :class:`popserv.interfaces.ITokenValidator`, which
+says which user it is for.  popserv ships :class:`JWTValidator` (signed JWTs,
+checked with PyJWT against a configured key) and :class:`CallableValidator`
+(any function, for example one that asks the identity provider's token
+introspection endpoint).  :class:`TokenChecker` makes a validator a
+``twisted.cred`` checker, so a portal handles tokens like passwords.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.credentials import IOAuthTokenCredentials
+from popserv.interfaces import ITokenValidator
+from popserv.usernames import is_valid_username
+
+log = Logger()
+
+#: Clock skew allowed on ``exp`` and ``nbf``, seconds.
+LEEWAY = 30
+
+
+@implementer(ITokenValidator)
+class JWTValidator:
+    """
+    Accepts JSON Web Tokens signed with ``key``: an HS256 shared secret, or
+    the PEM public key for RS256/ES256.  ``exp`` is required; ``iss`` and
+    ``aud`` are checked when given.  The user is the ``claim`` (``sub`` by
+    default; ``email`` or ``preferred_username`` are common choices).
+    """
+
+    def __init__(
+        self,
+        key: str | bytes,
+        algorithms: Sequence[str] = ("HS256",),
+        *,
+        issuer: str | None = None,
+        audience: str | None = None,
+        claim: str = "sub",
+        leeway: float = LEEWAY,
+    ) -> None:
+        self._key = key
+        self._algorithms = list(algorithms)
+        self._issuer = issuer
+        self._audience = audience
+        self._claim = claim
+        self._leeway = leeway
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> JWTValidator:
+        """A validator whose key is in ``path``: a PEM public key (RS256/ES256) or a secret."""
+        data = Path(path).read_bytes()
+        if b"-----BEGIN PUBLIC KEY-----" in data:
+            return cls(data, ("RS256", "ES256"), **kwargs)
+        return cls(data.strip(), ("HS256",), **kwargs)
+
+    def validate(self, token: str, user: str | None) -> str:
+        options = {"require": ["exp"], "verify_aud": self._audience is not None}
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+                options=options,  # type: ignore[arg-type]
+            )
+        except jwt.PyJWTError as e:
+            raise UnauthorizedLogin(f"token refused: {e}") from None
+        identity = claims.get(self._claim)
+        if not isinstance(identity, str) or not identity:
+            raise UnauthorizedLogin(f"token has no {self._claim!r} claim")
+        return identity
+
+
+@implementer(ITokenValidator)
+class CallableValidator:
+    """
+    Any function ``(token, user) -> user`` (or a Deferred of it, or a
+    coroutine) as a validator: the place for an introspection request.
+    Returning None or raising refuses the token.
+    """
+
+    def __init__(self, function: Callable[[str, str | None], Any]) -> None:
+        self._function = function
+
+    def validate(self, token: str, user: str | None) -> Deferred[str]:
+        async def run() -> str:
+            result = self._function(token, user)
+            if hasattr(result, "__await__"):
+                result = await result
+            if not result:
+                raise UnauthorizedLogin("token refused")
+            return str(result)
+
+        return Deferred.fromCoroutine(run())
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """
+    Checks OAuth bearer tokens with a validator; the avatar id is the user
+    the token is for.  A user named by the client (OAUTHBEARER's authzid,
+    XOAUTH2's ``user=``) must be that same user.
+    """
+
+    credentialInterfaces = (IOAuthTokenCredentials,)
+
+    def __init__(self, validator: ITokenValidator) -> None:
+        self.validator = validator
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+        return Deferred.fromCoroutine(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> str:
+        user = credentials.username
+        try:
+            identity = await maybeDeferred(self.validator.validate, credentials.token, user)
+        except UnauthorizedLogin as e:
+            log.info("OAuth token for {user} refused: {why}", user=user or "-", why=str(e))
+            raise UnauthorizedLogin() from None
+        if user and user != identity:
+            log.info("OAuth token is for {identity}, not {user}", identity=identity, user=user)
+            raise UnauthorizedLogin()
+        if not is_valid_username(identity):
+            raise UnauthorizedLogin()
+        return identity
