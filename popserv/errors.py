@@ -50,6 +50,16 @@ class TLSUnavailable(PopError):
     text = "TLS is not available on this server"
 
 
+class TLSAfterUTF8(PopError):
+    """RFC 6856 section 2.1: clients must not send STLS after UTF8."""
+
+    text = "STLS is not allowed after UTF8"
+
+
+class UnknownLanguage(PopError):
+    text = "Invalid language"
+
+
 class TLSActive(PopError):
     """A second STLS, once TLS is up (RFC 2595 section 4)."""
 

@@ -48,6 +48,7 @@ from popserv.interfaces import (
     ISessionInfo,
     MessageStream,
 )
+from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
 from popserv.sasl import MECHANISMS
@@ -90,7 +91,7 @@ def core_capabilities(session: POP3Protocol) -> list[str]:
     lines = ["TOP"]
     if session.cleartext_login_allowed():
         lines.append("USER")
-    lines += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+    lines += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "UTF8 USER", "LANG"]
     if session.stls_offered():
         lines.append("STLS")
     if session.state is State.TRANSACTION:
@@ -196,6 +197,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._closing = False
         #: The client half-closed: answer what it sent, then close.
         self._input_ended = False
+        #: The language of human-readable texts (LANG), and UTF8 mode.
+        self.language: Language = ENGLISH
+        self.utf8 = False
         #: A command waiting for the client's next line (a SASL answer).
         self._line_waiter: Deferred[wire.Line] | None = None
         self._user: bytes | None = None
@@ -215,6 +219,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._splitter.max_length = policy.max_line_length
         self.setTimeout(policy.idle_timeout)
         self.transport.registerProducer(_OutputGate(self), True)
+        self.language = self.factory.languages.default
         peer = self.transport.getPeer()
         self.info = SessionInfo(peer, secure=self.is_secure(), local=policy.is_local(peer))
         self.factory.sessions.add(self)
@@ -318,6 +323,22 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if not self._closing:
             self.transport.write(data)
 
+    def text(self, template: str, **fields: object) -> str:
+        """A human-readable text in the session's language (LANG)."""
+        return self.language.text(template, **fields)
+
+    def say(self, template: str, **fields: object) -> None:
+        """A ``+OK`` line with a human-readable text, in the session's language."""
+        self.send(wire.ok(self.text(template, **fields)))
+
+    def error_line(self, error: errors.PopError) -> bytes:
+        """The ``-ERR`` line for ``error``, its text in the session's language."""
+        translated = self.language.texts.get(error.text)
+        return wire.err(error, translated)
+
+    def refuse(self, error: errors.PopError) -> None:
+        self.send(self.error_line(error))
+
     def close(self) -> None:
         """
         End the session after its last answer: commands the client pipelined
@@ -400,7 +421,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if not isinstance(error, errors.PopError):
             log.failure("Unexpected error in a POP3 command", failure)
             error = errors.InternalError()
-        self.send(wire.err(error))
+        self.refuse(error)
 
     def _dispatch(self, line: wire.Line) -> Any:
         """Run one command line; return a coroutine when it has to wait."""
@@ -479,7 +500,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     def do_capa(self) -> Awaitable[None]:
         lines = [line for source in self.factory.capabilities for line in source(self)]
-        self.send(wire.ok("Capability list follows"))
+        self.say("Capability list follows")
         return self.stream(wire.multiline(line.encode("ascii") for line in lines))
 
     def do_user(self, name: bytes) -> None:
@@ -488,7 +509,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise errors.TLSRequired()
         self._user = name
         self.state = State.USER_GIVEN
-        self.send(wire.ok("Send PASS"))
+        self.say("Send PASS")
 
     async def do_pass(self, password: bytes) -> None:
         # Bytes, as twisted.cred's own checkers expect; ours decode UTF-8.
@@ -542,7 +563,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         except errors.PopError as e:
             reason = e.detail or e.text
             log.info("Login of {user} refused: {reason}", user=_printable(user), reason=reason)
-            self.send(wire.err(e))
+            self.refuse(e)
             return
         if self._lost:
             logout()
@@ -567,7 +588,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures = 0
         count, octets = self._view.stat()
         log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.where)
-        self.send(wire.ok(f"Logged in, {count} messages ({octets} octets)"))
+        self.say("Logged in, {count} messages ({octets} octets)", count=count, octets=octets)
 
     # SASL (RFC 5034)
 
@@ -601,7 +622,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._user = None
         offered = self.offered_mechanisms()
         if name is None:
-            self.send(wire.ok("Supported mechanisms follow"))
+            self.say("Supported mechanisms follow")
             await self.stream(wire.multiline(m.name.encode("ascii") for m in offered))
             return
         wanted = name.decode("ascii", "replace").upper()
@@ -665,10 +686,10 @@ class POP3Protocol(Protocol, TimeoutMixin):
         )
         await self.sleep(self.factory.policy.auth_failure_delay)
         if self._failures >= self.factory.policy.max_auth_failures:
-            self.send(wire.err(errors.TooManyFailures()))
+            self.refuse(errors.TooManyFailures())
             self.close()
         else:
-            self.send(wire.err(answer or errors.AuthFailed()))
+            self.refuse(answer or errors.AuthFailed())
 
     def do_stls(self) -> None:
         """
@@ -683,16 +704,41 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise errors.TLSUnavailable()
         if self.info.secure:
             raise errors.TLSActive()
+        if self.utf8:
+            raise errors.TLSAfterUTF8()
         self._queue.clear()
         self._splitter.discard()
         self.state = State.AUTHORIZATION
         self._user = None
-        self.send(wire.ok("Begin TLS negotiation"))
+        self.say("Begin TLS negotiation")
         self.transport.startTLS(tls)
         self.info.secure = True
 
+    def do_utf8(self) -> None:
+        """
+        UTF8 (RFC 6856): the client may send UTF-8 and accepts it.  User
+        names are UTF-8 (and SASLprep'd) in any case; messages are served as
+        they are stored, before and after.
+        """
+        self.utf8 = True
+        self.say("UTF8 enabled")
+
+    def do_lang(self, language_range: str | None = None) -> Awaitable[None] | None:
+        """LANG (RFC 6856): list the languages, or switch to one."""
+        languages = self.factory.languages
+        if language_range is None:
+            self.say("Language listing follows")
+            lines = (f"{language.tag} {language.name}".encode() for language in languages.all)
+            return self.stream(wire.multiline(lines))
+        language = languages.lookup(language_range)
+        if language is None:
+            raise errors.UnknownLanguage()
+        self.language = language
+        self.send(wire.ok(f"{language.tag} {self.text('Language changed')}"))
+        return None
+
     def do_quit_authorization(self) -> None:
-        self.send(wire.ok("Bye"))
+        self.say("Bye")
         self.close()
 
     # TRANSACTION
@@ -713,7 +759,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return None
         count, octets = view.stat()
         sizes = view.listing.sizes
-        self.send(wire.ok(f"{count} messages ({octets} octets)"))
+        self.say("{count} messages ({octets} octets)", count=count, octets=octets)
         return self.stream(wire.multiline(b"%d %d" % (n, sizes[n - 1]) for n in view.live()))
 
     def do_uidl(self, number: int | None = None) -> Awaitable[None] | None:
@@ -722,14 +768,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self.send(wire.ok(f"{number} {view.uid(number)}"))
             return None
         uids = view.listing.uids
-        self.send(wire.ok("Unique-ID listing follows"))
+        self.say("Unique-ID listing follows")
         return self.stream(
             wire.multiline(b"%d %s" % (n, uids[n - 1].encode("ascii")) for n in view.live())
         )
 
     def do_dele(self, number: int) -> None:
         self.view.delete(number)
-        self.send(wire.ok(f"Message {number} deleted"))
+        self.say("Message {number} deleted", number=number)
 
     def do_noop(self) -> None:
         self.send(wire.ok())
@@ -737,7 +783,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def do_rset(self) -> None:
         self.view.reset()
         count, octets = self.view.stat()
-        self.send(wire.ok(f"{count} messages ({octets} octets)"))
+        self.say("{count} messages ({octets} octets)", count=count, octets=octets)
 
     async def do_retr(self, number: int) -> None:
         size = self.view.size(number)
@@ -773,10 +819,13 @@ class POP3Protocol(Protocol, TimeoutMixin):
             failure = Failure()
             if not failure.check(errors.PopError):
                 log.failure("Applying deletions failed", failure)
-            response = wire.err(errors.CommitFailed())
+            response = self.error_line(errors.CommitFailed())
         else:
             count, _ = view.stat()
-            response = wire.ok(f"Bye, {len(deleted)} deleted, {count - len(expired)} left")
+            left = count - len(expired)
+            response = wire.ok(
+                self.text("Bye, {deleted} deleted, {left} left", deleted=len(deleted), left=left)
+            )
         finally:
             self._release()
         self.send(response)
@@ -821,6 +870,8 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "APOP": POP3Protocol.do_apop,
         "AUTH": POP3Protocol.do_auth,
         "STLS": POP3Protocol.do_stls,
+        "UTF8": POP3Protocol.do_utf8,
+        "LANG": POP3Protocol.do_lang,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
     State.USER_GIVEN: {
@@ -830,6 +881,8 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "APOP": POP3Protocol.do_apop,
         "AUTH": POP3Protocol.do_auth,
         "STLS": POP3Protocol.do_stls,
+        "UTF8": POP3Protocol.do_utf8,
+        "LANG": POP3Protocol.do_lang,
         "QUIT": POP3Protocol.do_quit_authorization,
     },
     State.TRANSACTION: {
@@ -842,6 +895,7 @@ COMMANDS: dict[State, dict[str, Handler]] = {
         "RSET": POP3Protocol.do_rset,
         "TOP": POP3Protocol.do_top,
         "UIDL": POP3Protocol.do_uidl,
+        "LANG": POP3Protocol.do_lang,
         "QUIT": POP3Protocol.do_quit_transaction,
     },
     State.UPDATE: {},
@@ -871,6 +925,7 @@ class POP3Factory(Factory):
         announce: Callable[[], Announcement] | None = None,
         tls: TLSServer | None = None,
         sasl: Sequence[MechanismInfo] | None = None,
+        languages: Languages | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -884,6 +939,8 @@ class POP3Factory(Factory):
         #: enables some (:meth:`enabled_mechanisms`), and each session offers
         #: those its connection allows (POP3Protocol.offered_mechanisms).
         self.sasl: list[MechanismInfo] = list(MECHANISMS if sasl is None else sasl)
+        #: The response languages (LANG); the first is the default.
+        self.languages = languages or Languages()
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.

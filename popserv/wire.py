@@ -165,6 +165,19 @@ def _apop(rest: bytes | None) -> tuple[object, ...]:
     return (name, digest)
 
 
+def _language_range(rest: bytes | None) -> tuple[object, ...]:
+    """``LANG [range]``: a language tag, or ``*`` (RFC 6856, RFC 4647)."""
+    if rest is None:
+        return ()
+    language_range = rest.decode("ascii", "replace")
+    parts = language_range.split("-")
+    if language_range != "*" and not all(p.isalnum() and p.isascii() for p in parts):
+        raise BadArguments("not a language range")
+    if len(language_range) > 64:
+        raise BadArguments("language range too long")
+    return (language_range,)
+
+
 def _mechanism_and_response(rest: bytes | None) -> tuple[object, ...]:
     """``AUTH [mechanism [initial-response]]`` (RFC 5034)."""
     if rest is None:
@@ -185,6 +198,8 @@ ARGUMENTS: dict[str, ArgParser] = {
     "QUIT": _no_args,
     "CAPA": _no_args,
     "STLS": _no_args,
+    "UTF8": _no_args,
+    "LANG": _language_range,
     "STAT": _no_args,
     "LIST": _optional_message,
     "RETR": _message,
@@ -199,9 +214,10 @@ ARGUMENTS: dict[str, ArgParser] = {
 def split_command(line: bytes) -> tuple[str, bytes | None]:
     """Split a line into its upper-case keyword and the raw rest, if any."""
     verb, sep, rest = line.partition(b" ")
-    # RFC 1939: keywords are 3 or 4 printable characters; 1-8 letters are
-    # accepted here only so that unknown ones get "Unknown command".
-    if not (1 <= len(verb) <= 8) or not verb.isalpha():
+    # RFC 1939: keywords are 3 or 4 printable characters (UTF8 has a digit);
+    # 1-8 letters and digits are accepted here only so that unknown ones get
+    # "Unknown command".
+    if not (1 <= len(verb) <= 8) or not (verb.isalnum() and verb.isascii()):
         raise UnknownCommand("malformed keyword")
     return verb.decode("ascii").upper(), (rest if sep else None)
 
@@ -227,10 +243,13 @@ def ok(text: str = "") -> bytes:
     return b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n"
 
 
-def err(error: PopError) -> bytes:
-    """An ``-ERR`` line with the error's code and fixed text, never its detail."""
+def err(error: PopError, text: str | None = None) -> bytes:
+    """
+    An ``-ERR`` line with the error's code and fixed text (or ``text``, its
+    translation), never its detail.
+    """
     code = f"[{error.code}] " if error.code else ""
-    return f"-ERR {code}{error.text}\r\n".encode("ascii")
+    return f"-ERR {code}{error.text if text is None else text}\r\n".encode()
 
 
 def multiline(lines: Iterable[bytes], batch: int = 1024) -> Iterator[bytes]:

@@ -621,10 +621,11 @@ class ExpireTests(SynchronousTestCase):
 class StateTableTests(SynchronousTestCase):
     def test_table_covers_rfc1939(self):
         self.assertEqual(
-            set(COMMANDS[State.AUTHORIZATION]), {"CAPA", "USER", "APOP", "AUTH", "STLS", "QUIT"}
+            set(COMMANDS[State.AUTHORIZATION]),
+            {"CAPA", "USER", "APOP", "AUTH", "STLS", "UTF8", "LANG", "QUIT"},
         )
         self.assertEqual(
             set(COMMANDS[State.TRANSACTION]),
-            {"CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "QUIT"},
+            {"CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LANG", "QUIT"},
         )
         self.assertEqual(COMMANDS[State.UPDATE], {})

@@ -15,6 +15,7 @@ import secrets
 from functools import cache
 from typing import Any
 
+from scramp.utils import ScramException, saslprep
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -69,10 +70,20 @@ def _verify(stored: str | None, password: str | bytes) -> bool:
 
 
 def _user_name(username: str | bytes) -> str:
+    """
+    A login's user name, UTF-8 and SASLprep'd (RFC 6856 section 2.2, RFC
+    4013), so ``ALICE`` in full-width letters is ``ALICE``; anything else
+    fails like a wrong password.
+    """
     if isinstance(username, bytes):
         try:
             username = username.decode("utf-8")
         except UnicodeDecodeError:
+            raise UnauthorizedLogin() from None
+    if not username.isascii():
+        try:
+            username = saslprep(username)
+        except ScramException:
             raise UnauthorizedLogin() from None
     if not is_valid_username(username):
         raise UnauthorizedLogin()
