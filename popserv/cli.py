@@ -31,6 +31,7 @@ from popserv.passwords import (
     UserExists,
     canonical_scheme,
     hash_password,
+    hash_secrets,
 )
 from popserv.usernames import validate_username
 
@@ -119,8 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     scheme.add_argument(
         "-s",
         "--scheme",
-        default=DEFAULT_SCHEME,
-        help=f"password scheme: {schemes} (default: {DEFAULT_SCHEME})",
+        action="append",
+        help=f"password scheme: {schemes} (default: {DEFAULT_SCHEME}); repeat it to store"
+        " the password in several (the first is what USER/PASS checks; e.g. add"
+        " SCRAM-SHA-256 for SCRAM, CRAM-MD5 for CRAM-MD5)",
     )
 
     parser = argparse.ArgumentParser(
@@ -169,8 +172,12 @@ def _layout(args: argparse.Namespace) -> Layout:
     )
 
 
+def _hash_schemes(names: list[str] | None) -> list[str]:
+    """Check the schemes before asking for a password that could not be hashed."""
+    return [_hash_scheme(name) for name in names or [DEFAULT_SCHEME]]
+
+
 def _hash_scheme(name: str) -> str:
-    """Check the scheme before asking for a password that could not be hashed."""
     try:
         scheme = canonical_scheme(name)
     except UnknownScheme:
@@ -217,15 +224,15 @@ def _user_add(args: argparse.Namespace) -> None:
     layout = _layout(args)
     passwd = PasswdFile(layout.passwd_path)
     name = validate_username(args.name)
-    scheme = _hash_scheme(args.scheme)
+    schemes = _hash_schemes(args.scheme)
     if passwd.exists() and passwd.lookup(name) is not None:
         raise UserExists(name)
-    stored = hash_password(_read_password(), scheme)
+    stored, secrets = hash_secrets(_read_password(), schemes)
     maildir = layout.maildir_for(name)
     if layout.data_dir in maildir.parents:
         layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     existed = maildir.is_dir()
-    passwd.add(name, stored)
+    passwd.add(name, stored, secrets)
     try:
         ensure_maildir(maildir)
     except OSError:
@@ -238,9 +245,9 @@ def _user_add(args: argparse.Namespace) -> None:
 def _user_passwd(args: argparse.Namespace) -> None:
     passwd = PasswdFile(_layout(args).passwd_path)
     name = validate_username(args.name)
-    scheme = _hash_scheme(args.scheme)
+    schemes = _hash_schemes(args.scheme)
     _existing(passwd, name)
-    passwd.set_password(name, hash_password(_read_password(), scheme))
+    passwd.set_password(name, *hash_secrets(_read_password(), schemes))
     print(f"changed the password of {name}")
 
 
@@ -272,12 +279,14 @@ def _user_list(args: argparse.Namespace) -> None:
     if not passwd.exists():
         raise CommandError(f"no password file at {passwd.path}")
     for entry in passwd.users():
-        print(f"{entry.name} {entry.scheme}")
+        print(f"{entry.name} {'+'.join(entry.schemes)}")
 
 
 def _pw(args: argparse.Namespace) -> None:
-    scheme = _hash_scheme(args.scheme)
-    print(hash_password(_read_password(), scheme))
+    schemes = _hash_schemes(args.scheme)
+    password = _read_password()
+    for scheme in schemes:
+        print(hash_password(password, scheme))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,33 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.data.stat().st_mode & 0o777, 0o700)
         self.assertEqual(self.passwd.stat().st_mode & 0o777, 0o600)
 
+    def test_several_schemes(self) -> None:
+        """Repeated --scheme: the first in the password field, the others in extra fields."""
+        argv = ("user", "add", "alice", "-s", "ARGON2ID", "-s", "SCRAM-SHA-256", "-s",
+                "CRAM-MD5", "-s", "PLAIN")
+        code, _, err = self.run_cli(*argv, stdin="pencil and paper\n")
+        self.assertEqual((code, err), (0, ""))
+        entry = PasswdFile(self.data / "passwd").lookup("alice")
+        self.assertEqual(entry.schemes, ("ARGON2ID", "SCRAM-SHA-256", "CRAM-MD5", "PLAIN-B64"))
+        self.assertEqual(set(entry.extra), {"scram-sha-256", "cram-md5", "plain-b64"})
+        for secret in entry.secrets:
+            self.assertTrue(verify_password(secret, "pencil and paper"), secret)
+        _, out, _ = self.run_cli("user", "list")
+        self.assertEqual(out, "alice ARGON2ID+SCRAM-SHA-256+CRAM-MD5+PLAIN-B64\n")
+        # A new password replaces every stored form; other extra fields stay.
+        PasswdFile(self.data / "passwd").set_extra("alice", "login_delay", "60")
+        self.run_cli("user", "passwd", "alice", "-s", "SHA512-CRYPT", stdin="new\n")
+        entry = PasswdFile(self.data / "passwd").lookup("alice")
+        self.assertEqual(entry.schemes, ("SHA512-CRYPT",))
+        self.assertEqual(dict(entry.extra), {"login_delay": "60"})
+
+    def test_pw_several(self) -> None:
+        code, out, _ = self.run_cli("pw", "-s", "SHA256", "-s", "CRAM-MD5", stdin="x\n")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines()[1],
+                         "{CRAM-MD5}4638c77f1a70c6fda4ddfa6fbe34e6ee090a0f0088f15da8fed5e0a5ff2b4152")
+        self.assertTrue(verify_password(out.splitlines()[0], "x"))
+
     def test_only_the_newline_is_stripped(self) -> None:
         self.run_cli("user", "add", "alice", "-s", "PLAIN", stdin="  pass word \t\nignored\n")
         self.assertEqual(self.entry("alice"), "{PLAIN}  pass word \t")

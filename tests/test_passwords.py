@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import stat
 import threading
@@ -21,7 +22,7 @@ from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from popserv.credentials import APOPCredentials
+from popserv.credentials import APOPCredentials, CramMD5Credentials
 from popserv.errors import InvalidUsername, TemporaryFailure
 from popserv.interfaces import ISecretInventory
 from popserv.passwords import (
@@ -38,6 +39,7 @@ from popserv.passwords import (
     UserExists,
     canonical_scheme,
     hash_password,
+    hash_secrets,
     plaintext_secret,
     scheme_of,
     verify_password,
@@ -519,6 +521,20 @@ class CheckerTests(TestCase):
         self.assertEqual(self.checker.coverage("apop"), "some")
         self.path.unlink()
         self.assertEqual(self.checker.coverage("apop"), "none")
+
+    async def test_secrets_in_extra_fields(self) -> None:
+        """An argon2id user with SCRAM and CRAM-MD5 forms too: each mechanism finds its own."""
+        stored, extras = hash_secrets("pencil", ["ARGON2ID", "SCRAM-SHA-256", "CRAM-MD5"])
+        self.checker.passwd.add("erin", stored, extras)
+        keys = await self.checker.scram_keys("erin", "SHA-256")
+        self.assertTrue(keys.matches("pencil"))
+        self.assertIsNone(await self.checker.scram_keys("erin", "SHA-1"))
+        challenge = b"<1.2@x>"
+        digest = hmac.new(b"pencil", challenge, "md5").hexdigest().encode()
+        name = await self.checker.requestAvatarId(CramMD5Credentials(b"erin", challenge, digest))
+        self.assertEqual(name, "erin")
+        name = await self.checker.requestAvatarId(UsernamePassword(b"erin", b"pencil"))
+        self.assertEqual(name, "erin")
 
     def test_coverage_all(self) -> None:
         """CRAM-MD5 works with PLAIN or CRAM-MD5 secrets; 'all' only when every user has one."""

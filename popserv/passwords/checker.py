@@ -12,8 +12,9 @@ says why.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterable
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from scramp.utils import ScramException, saslprep
 from twisted.cred.checkers import ICredentialsChecker
@@ -42,6 +43,7 @@ from popserv.passwords.scram import ScramKeys, derived_salt
 from popserv.usernames import is_valid_username
 
 log = Logger()
+T = TypeVar("T")
 
 
 def usable_for(kind: str, stored: str) -> bool:
@@ -53,6 +55,15 @@ def usable_for(kind: str, stored: str) -> bool:
     if kind.startswith("scram-"):
         return stored_scram_keys(stored, kind.removeprefix("scram-").upper()) is not None
     return False
+
+
+def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
+    """The first of a user's stored secrets that ``read`` can use, read."""
+    for secret in secrets:
+        found = read(secret)
+        if found is not None:
+            return found
+    return None
 
 
 @cache
@@ -126,7 +137,7 @@ class PasswdFileChecker:
             self._coverage = cached = (users, {})
         known = cached[1]
         if kind not in known:
-            usable = [usable_for(kind, entry.password) for entry in users]
+            usable = [any(usable_for(kind, s) for s in entry.secrets) for entry in users]
             known[kind] = "all" if usable and all(usable) else "some" if any(usable) else "none"
         return known[kind]
 
@@ -180,12 +191,12 @@ class PasswdFileChecker:
         if entry is None:
             log.debug("Login as unknown user {user}", user=name)
             raise UnauthorizedLogin()
-        plain = plaintext_secret(entry.password)
+        plain = _first(plaintext_secret, entry.secrets)
         if plain is not None:
             if await maybeDeferred(credentials.checkPassword, plain):
                 return name
             raise UnauthorizedLogin()
-        context = cram_md5_context(entry.password)
+        context = _first(cram_md5_context, entry.secrets)
         if context is not None and ICramMD5Credentials.providedBy(credentials):
             if credentials.checkContext(context):
                 return name
@@ -195,7 +206,7 @@ class PasswdFileChecker:
             " CRAM-MD5, a CRAM-MD5 one); the stored one is {scheme}",
             user=name,
             kind=type(credentials).__name__.removesuffix("Credentials"),
-            scheme=entry.scheme,
+            scheme="+".join(entry.schemes),
         )
         raise UnauthorizedLogin()
 
@@ -214,17 +225,17 @@ class PasswdFileChecker:
         entry = self._entry(username)
         if entry is None:
             return None
-        keys = stored_scram_keys(entry.password, hash_name)
+        keys = _first(lambda secret: stored_scram_keys(secret, hash_name), entry.secrets)
         if keys is not None:
             return keys
-        plain = plaintext_secret(entry.password)
+        plain = _first(plaintext_secret, entry.secrets)
         if plain is None:
             log.info(
                 "{user} cannot log in with SCRAM-{hash}: it needs a PLAIN or SCRAM-{hash}"
                 " password; the stored one is {scheme}",
                 user=username,
                 hash=hash_name,
-                scheme=entry.scheme,
+                scheme="+".join(entry.schemes),
             )
             return None
         salt = derived_salt(hash_name, username)

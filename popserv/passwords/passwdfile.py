@@ -26,7 +26,7 @@ from attrs import field, frozen
 from twisted.logger import Logger
 
 from popserv.errors import InvalidUsername
-from popserv.passwords.schemes import scheme_of
+from popserv.passwords.schemes import SCHEMES, extra_secrets, scheme_of
 from popserv.usernames import validate_username
 
 log = Logger()
@@ -78,6 +78,15 @@ class UserEntry:
     def scheme(self) -> str:
         """The password scheme, e.g. ``ARGON2ID`` (see :func:`scheme_of`)."""
         return scheme_of(self.password)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every stored form of the password: the field, then those in extra fields."""
+        return (self.password, *extra_secrets(self.extra))
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(scheme_of(secret) for secret in self.secrets)
 
     def to_line(self) -> str:
         """The passwd-file line for this entry, without the newline."""
@@ -227,13 +236,23 @@ class PasswdFile:
         self._rewrite(change, create=True)
         return entry
 
-    def set_password(self, name: str, password_field: str) -> UserEntry:
-        """Replace the stored password field of ``name`` (:class:`NoSuchUser` if absent)."""
+    def set_password(
+        self, name: str, password_field: str, secrets: Mapping[str, str] | None = None
+    ) -> UserEntry:
+        """
+        Replace the stored password of ``name`` (:class:`NoSuchUser` if absent):
+        the field, and the extra fields holding other schemes (``secrets``,
+        from :func:`hash_secrets`; the old ones go).
+        """
         validate_username(name)
         _check_field(password_field, "the password field")
-        return self._update(
-            name, lambda entry: UserEntry(entry.name, password_field, entry.extra, entry.fields)
-        )
+
+        def edit(entry: UserEntry) -> UserEntry:
+            extra = {k: v for k, v in entry.extra.items() if k.upper() not in SCHEMES}
+            extra.update(secrets or {})
+            return UserEntry(entry.name, password_field, extra, entry.fields)
+
+        return self._update(name, edit)
 
     def set_extra(self, name: str, key: str, value: str | None) -> UserEntry:
         """Set the extra field ``key`` of ``name``, or remove it when ``value`` is None."""

@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -217,6 +217,33 @@ def verify_password(stored: str, password: str | bytes) -> bool:
     if name in _DIGESTS:
         return _verify_digest(name, body, secret)
     return _verify_crypt(name, body, secret)
+
+
+def hash_secrets(password: str, schemes: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """
+    ``password`` stored in several schemes: the first is the password field
+    (what USER/PASS checks), each other one an extra field named after its
+    scheme in lower case, holding the value without its ``{SCHEME}`` prefix
+    (PLAIN goes as ``plain-b64``: extra fields cannot hold spaces).
+    """
+    names = [canonical_scheme(s) for s in schemes] or [DEFAULT_SCHEME]
+    primary = hash_password(password, names[0])
+    extras: dict[str, str] = {}
+    for name in names[1:]:
+        scheme = "PLAIN-B64" if name == "PLAIN" else name
+        _, value = _split(hash_password(password, scheme))
+        extras[scheme.lower()] = value
+    return primary, extras
+
+
+def extra_secrets(extra: Mapping[str, str]) -> list[str]:
+    """The stored fields held in extra fields named after schemes (see :func:`hash_secrets`)."""
+    found = []
+    for key, value in extra.items():
+        name = key.upper()
+        if name in SCHEMES and value:
+            found.append(f"{{{name}}}{value}")
+    return found
 
 
 def stored_scram_keys(stored: str, hash_name: str) -> ScramKeys | None:
