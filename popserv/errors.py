@@ -112,7 +112,7 @@ class APOPFailed(AuthFailed):
 class APOPUnavailable(PopError):
     """APOP when the greeting offered no timestamp."""
 
-    text = "APOP is not enabled on this server, use USER/PASS"
+    text = "APOP is not available on this connection, use USER/PASS or AUTH"
 
 
 class InvalidUsername(PopError):

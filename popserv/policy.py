@@ -11,6 +11,7 @@ import ipaddress
 import socket
 
 from attrs import field, frozen
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IAddress
 
 from popserv._version import __version__
@@ -65,9 +66,11 @@ class Policy:
         True for a peer on :attr:`local_networks` (IPv4-mapped IPv6 included)
         and for UNIX sockets; False for anything else.
         """
+        if isinstance(peer, UNIXAddress):
+            return True  # a client's address is often unnamed: UNIXAddress(None)
         host = getattr(peer, "host", None)
         if host is None:
-            return getattr(peer, "name", None) is not None  # a UNIXAddress
+            return False
         try:
             address = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:

@@ -708,8 +708,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise errors.TLSAfterUTF8()
         self._queue.clear()
         self._splitter.discard()
+        # Nothing learned in clear carries into TLS, where a man in the middle
+        # could have set it: a USER, the language, failed logins.
         self.state = State.AUTHORIZATION
         self._user = None
+        self._failures = 0
+        self.language = self.factory.languages.default
         self.say("Begin TLS negotiation")
         self.transport.startTLS(tls)
         self.info.secure = True

@@ -5,6 +5,7 @@ what an application embedding popserv may call.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
@@ -87,6 +88,15 @@ class CertificateReloader(Service):
     def startService(self) -> None:
         super().startService()
         log.info("TLS certificates for {names}", names=", ".join(self.tls.names) or "-")
+        # twistd --uid drops privileges after the files were first read: say
+        # so now if renewals could never be read again.
+        unreadable = [str(p) for p in self.tls.paths() if not os.access(p, os.R_OK)]
+        if unreadable:
+            log.warn(
+                "This user cannot read {files}: renewed certificates will not be picked up"
+                " until a restart; make them readable (for example by a group)",
+                files=", ".join(unreadable),
+            )
         self._loop.start(self._interval, now=False)
         if hasattr(signal, "SIGHUP"):
             self._previous_handler = signal.signal(signal.SIGHUP, self._hangup)

@@ -30,9 +30,11 @@ from pathlib import Path
 
 from attrs import field, frozen
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -172,6 +174,14 @@ def _read(path: Path) -> bytes:
 
 def load_identity(files: CertificateFiles) -> _Identity:
     """Read a certificate chain and its key; :class:`CertificateError` names what is wrong."""
+    try:
+        return _load_identity(files)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        # A malformed extension, a key type nothing supports ...: still one line.
+        raise CertificateError(f"{files.certificate}: unusable certificate ({e})") from None
+
+
+def _load_identity(files: CertificateFiles) -> _Identity:
     data = _read(files.certificate)
     try:
         chain = tuple(x509.load_pem_x509_certificates(data))
@@ -263,7 +273,10 @@ class TLSInfo:
         version = connection.get_protocol_version_name()
         bindings: dict[str, bytes] = {}
         server_certificate = connection.get_certificate(as_cryptography=True)
-        if server_certificate is not None:
+        # On a resumed session the client holds the certificate of the first
+        # handshake, which SNI may have picked differently from this one: the
+        # hash could differ, so this binding is only given for full handshakes.
+        if server_certificate is not None and not _resumed(connection):
             digest = hashes.Hash(end_point_hash(server_certificate))
             digest.update(server_certificate.public_bytes(serialization.Encoding.DER))
             bindings["tls-server-end-point"] = digest.finalize()
@@ -281,6 +294,20 @@ class TLSInfo:
             client_certificate=connection.get_peer_certificate(as_cryptography=True),
             channel_bindings=bindings,
         )
+
+
+def _resumed(connection: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session (OpenSSL's SSL_session_reused)."""
+    reused = getattr(_openssl, "SSL_session_reused", None)
+    if reused is None:
+        return True  # cannot tell: be safe, give no tls-server-end-point
+    return bool(reused(connection._ssl))
+
+
+def _preference(certificate: x509.Certificate, now: datetime) -> tuple[bool, datetime]:
+    """Valid now first, then the latest expiry."""
+    valid = certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+    return valid, certificate.not_valid_after_utc
 
 
 def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -325,14 +352,32 @@ class TLSServer:
         """Read every file and make the contexts; raise CertificateError, changing nothing."""
         stamps = self._file_stamps()
         identities = [load_identity(files) for files in self.config.certificates]
-        contexts = [self._context(identity) for identity in identities]
+        contexts = [self._checked_context(identity) for identity in identities]
         by_name: dict[str, SSL.Context] = {}
-        for identity, context in zip(identities, contexts, strict=True):
+        # For a name several certificates serve (an old and a renewed Let's
+        # Encrypt lineage), the valid one that lasts longest wins.
+        now = datetime.now(UTC)
+        ranked = sorted(
+            zip(identities, contexts, strict=True),
+            key=lambda pair: _preference(pair[0].chain[0], now),
+            reverse=True,
+        )
+        for identity, context in ranked:
             for name in identity.names:
                 by_name.setdefault(name, context)
         default = contexts[0]
         default.set_tlsext_servername_callback(self._pick_certificate)
         self._default, self._by_name, self._stamps = default, by_name, stamps
+
+    def _checked_context(self, identity: _Identity) -> SSL.Context:
+        """:meth:`_context`, with OpenSSL's refusals (a key too small ...) as one line."""
+        try:
+            return self._context(identity)
+        except SSL.Error as e:
+            reasons = ", ".join(str(item[-1]) for item in e.args[0] if item) if e.args else ""
+            raise CertificateError(
+                f"{identity.files.certificate}: OpenSSL refuses it ({reasons or e})"
+            ) from None
 
     def _context(self, identity: _Identity) -> SSL.Context:
         config = self.config
@@ -371,7 +416,7 @@ class TLSServer:
         context = self._by_name.get(host)
         if context is None and "." in host:
             context = self._by_name.get("*." + host.split(".", 1)[1])
-        if context is not None and context is not self._default:
+        if context is not None and context is not connection.get_context():
             connection.set_context(context)
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
@@ -379,12 +424,16 @@ class TLSServer:
 
     # Reloading
 
-    def _file_stamps(self) -> tuple[tuple[int, int], ...]:
+    def paths(self) -> list[Path]:
+        """Every file a reload reads."""
         paths = [p for files in self.config.certificates for p in files.paths]
         if self.config.client_ca is not None:
             paths.append(self.config.client_ca)
+        return paths
+
+    def _file_stamps(self) -> tuple[tuple[int, int], ...]:
         stamps = []
-        for path in paths:
+        for path in self.paths():
             try:
                 st = os.stat(path)
             except OSError:
@@ -401,8 +450,12 @@ class TLSServer:
         """
         try:
             self._build()
-        except (CertificateError, SSL.Error) as e:
+        except CertificateError as e:
             log.error("TLS reload failed, keeping the certificates in use: {error}", error=str(e))
+            return False
+        except Exception:
+            # Whatever it was, the timer that calls this must keep running.
+            log.failure("TLS reload failed, keeping the certificates in use")
             return False
         log.info("TLS certificates loaded for {names}", names=", ".join(self.names) or "-")
         return True

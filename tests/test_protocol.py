@@ -536,7 +536,7 @@ class LocalPeerTests(SynchronousTestCase):
         policy = Policy(hostname="h")
         local = [IPv4Address("TCP", "127.0.0.1", 1), IPv4Address("TCP", "127.9.9.9", 1),
                  IPv6Address("TCP", "::1", 1), IPv6Address("TCP", "::ffff:127.0.0.1", 1),
-                 UNIXAddress(b"/run/popserv.sock")]
+                 UNIXAddress(b"/run/popserv.sock"), UNIXAddress(None)]
         remote = [IPv4Address("TCP", "192.0.2.1", 1), IPv6Address("TCP", "2001:db8::1", 1),
                   IPv6Address("TCP", "::ffff:192.0.2.1", 1), IPv6Address("TCP", "fe80::1%eth0", 1),
                   None]

@@ -619,3 +619,146 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertIsInstance(end_point_hash(sha384), hashes.SHA384)
         sha256 = self.ca.issue("x.test").certificate
         self.assertIsInstance(end_point_hash(sha256), hashes.SHA256)
+
+
+def _self_signed(key, name="pop.test", days=30):
+    """A self-signed certificate for ``key`` (any type cryptography can put in one)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(signer, hashes.SHA256())
+    )
+
+
+class ReviewRegressionTests(TLSTestCase):
+    """Found in review of the TLS code; each failed before its fix."""
+
+    def write(self, certificate, key, stem):
+        from .certs import cert_pem, key_pem
+
+        cert_path, key_path = self.certs / f"{stem}.pem", self.certs / f"{stem}.key"
+        cert_path.write_bytes(cert_pem(certificate))
+        key_path.write_bytes(key_pem(key))
+        return cert_path, key_path
+
+    def test_openssl_refusals_are_one_line(self):
+        """An RSA-1024 key or an X25519 certificate stops startup with a line, not a traceback."""
+        from cryptography.hazmat.primitives.asymmetric import rsa, x25519
+
+        from popserv.tls import TLSConfig, TLSServer
+
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        cert, key = self.write(_self_signed(small), small, "small")
+        with self.assertRaises(CertificateError) as raised:
+            TLSServer(TLSConfig((CertificateFiles(cert, key),)))
+        self.assertIn("small.pem: OpenSSL refuses it", str(raised.exception))
+        odd = x25519.X25519PrivateKey.generate()
+        cert = self.certs / "x25519.pem"
+        from .certs import cert_pem
+
+        cert.write_bytes(cert_pem(_self_signed(odd)))
+        self.assertRaises(CertificateError, TLSServer, TLSConfig((CertificateFiles(cert, key),)))
+
+    def test_reload_survives_anything(self):
+        """An unexpected error in a reload is logged; the polling goes on and works later."""
+        import popserv.tls
+
+        def broken(files):
+            raise RuntimeError("something unforeseen")
+
+        self.patch(popserv.tls, "load_identity", broken)
+        self.assertFalse(self.factory.tls.reload())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.patch(popserv.tls, "load_identity", load_identity)
+        self.assertTrue(self.factory.tls.reload())
+
+    async def test_valid_certificate_wins_a_shared_name(self):
+        """An expired certificate listed first does not shadow a valid one for the same name."""
+        expired = self.ca.issue("pop.test", "127.0.0.1", days=0)
+        cert, key = expired.write(self.certs, "expired")
+        config = self.factory.tls.config
+        self.factory.tls.config = evolve(
+            config, certificates=(CertificateFiles(cert, key), *config.certificates))
+        self.assertTrue(self.factory.tls.reload())
+
+        def served():
+            with self.tls_socket(self.tls_portno) as s:
+                return s.getpeercert(binary_form=True)
+
+        der = self.server_cert.certificate.public_bytes(serialization.Encoding.DER)
+        self.assertEqual(await self.run_in_thread(served), der)
+
+    async def test_no_end_point_binding_on_resumed_sessions(self):
+        """A resumed session may carry another certificate than SNI picks now: no such binding."""
+        context = self.context()
+
+        def connect(session=None):
+            raw = socket.create_connection(("127.0.0.1", self.tls_portno), timeout=10)
+            with context.wrap_socket(raw, server_hostname="pop.test", session=session) as s:
+                s.recv(100)
+                s.sendall(b"NOOP\r\n")
+                s.recv(100)
+                return s.session, s.session_reused, self.session_info().tls
+
+        session, reused, tls = await self.run_in_thread(connect)
+        self.assertFalse(reused)
+        self.assertIn("tls-server-end-point", tls.channel_bindings)
+        _, reused, tls = await self.run_in_thread(connect, session)
+        self.assertTrue(reused)
+        self.assertNotIn("tls-server-end-point", tls.channel_bindings)
+        self.assertIn("tls-exporter", tls.channel_bindings)
+
+    def test_sni_on_a_connection_made_before_a_reload(self):
+        """A connection accepted just before a reload gets the new certificate for its name."""
+        from cryptography import x509
+        from OpenSSL import SSL
+
+        tls = self.factory.tls
+        server = tls.serverConnectionForTLS(None)  # on the old contexts
+        renewed = self.ca.issue("pop.test", "other.test", "127.0.0.1")
+        renewed.write(self.certs, "server")
+        self.assertTrue(tls.reload())
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.load_verify_locations(str(self.cafile))
+        client = SSL.Connection(context, None)
+        client.set_tlsext_host_name(b"other.test")
+        client.set_connect_state()
+        server.set_accept_state()
+        _handshake_in_memory(client, server)
+        certificate = client.get_peer_certificate(as_cryptography=True)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        self.assertIn("other.test", san.value.get_values_for_type(x509.DNSName))
+
+
+def _handshake_in_memory(client, server) -> None:
+    """Complete a TLS handshake between two memory-BIO pyOpenSSL connections."""
+    from OpenSSL import SSL
+
+    done = {client: False, server: False}
+    for _ in range(50):
+        for side, other in ((client, server), (server, client)):
+            if not done[side]:
+                try:
+                    side.do_handshake()
+                    done[side] = True
+                except SSL.WantReadError:
+                    pass
+            try:
+                other.bio_write(side.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        if all(done.values()):
+            return
+    raise AssertionError("the handshake did not finish")
