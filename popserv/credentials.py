@@ -79,8 +79,16 @@ class IScramCredentials(ICredentials):
 class ScramCredentials:
     """The client's proof over the exchange's AuthMessage (RFC 5802 section 3)."""
 
-    def __init__(self, username: str, hash_name: str, auth_message: bytes, proof: bytes) -> None:
+    def __init__(
+        self,
+        username: str,
+        hash_name: str,
+        auth_message: bytes,
+        proof: bytes,
+        authzid: str | None = None,
+    ) -> None:
         self.username = username
+        self.authzid = authzid
         self.hash_name = hash_name
         self.auth_message = auth_message
         self.proof = proof
@@ -113,3 +121,24 @@ class OAuthTokenCredentials:
     def __init__(self, username: str | None, token: str) -> None:
         self.username = username
         self.token = token
+
+
+class IActAsPasswordCredentials(ICredentials):
+    """
+    PLAIN with an authorization identity other than the user: log in as
+    ``authzid`` with ``username``'s password.  Deliberately not
+    ``IUsernamePassword``: only a checker that knows who may act for whom
+    (master users) handles it, any other portal refuses the login.
+    """
+
+    username = Attribute("The authentication identity, bytes.")
+    password = Attribute("Its password, bytes.")
+    authzid = Attribute("The user to act as, str.")
+
+
+@implementer(IActAsPasswordCredentials)
+class ActAsPasswordCredentials:
+    def __init__(self, username: bytes, password: bytes, authzid: str) -> None:
+        self.username = username
+        self.password = password
+        self.authzid = authzid

@@ -47,7 +47,8 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     passwd = PasswdFile(layout.passwd_path)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     realm = MaildirRealm(layout, passwd, defaults, reactor=reactor)
-    checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor)]
+    masters = options.get("master-user") or []
+    checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor, masters=masters)]
     validator = options["oauth"] if "oauth" in options else token_validator(options)
     if validator is not None:
         checkers.append(TokenChecker(validator))

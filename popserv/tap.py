@@ -199,6 +199,7 @@ class Options(usage.Options):
         self["pop3s"] = []
         self["tls-cert"] = []
         self["tls-key"] = []
+        self["master-user"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
         """POP3 listener, a Twisted endpoint string (repeatable; default
@@ -214,6 +215,11 @@ class Options(usage.Options):
         """PEM certificate chain (repeatable: SNI picks by host name), or a
         directory of them (Let's Encrypt's live/). Turns on STLS."""
         self["tls-cert"].append(path)
+
+    def opt_master_user(self, name: str) -> None:
+        """A user who may log in as any other with its own password, by naming
+        the other as the SASL authorization identity (repeatable)."""
+        self["master-user"].append(name)
 
     def opt_tls_key(self, path: str) -> None:
         """PEM private key of the --tls-cert in the same position (repeatable;

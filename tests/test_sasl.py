@@ -20,7 +20,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv import errors, wire
-from popserv.credentials import CramMD5Credentials
+from popserv.credentials import CramMD5Credentials, IActAsPasswordCredentials
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password, verify_password
 from popserv.passwords.schemes import cram_md5_context
@@ -70,8 +70,12 @@ class PlainTests(SynchronousTestCase):
         self.assertEqual(plain.step(None), Challenge(b""))
         self.assertIsInstance(plain.step(b"\0alice\0secret"), Success)
 
-    def test_other_authzid_refused(self):
-        self.assertRaises(AuthzidRefused, Plain(SASLContext()).step, b"bob\0alice\0secret")
+    def test_other_authzid(self):
+        """Another authzid gives credentials only a master-aware checker handles."""
+        credentials = Plain(SASLContext()).step(b"bob\0alice\0secret").credentials
+        self.assertFalse(IUsernamePassword.providedBy(credentials))
+        self.assertTrue(IActAsPasswordCredentials.providedBy(credentials))
+        self.assertEqual((credentials.username, credentials.authzid), (b"alice", "bob"))
 
     def test_malformed(self):
         for message in (b"", b"alice\0secret", b"a\0b\0c\0d", b"\0\0secret", b"\0alice\0",
@@ -416,8 +420,9 @@ class ScramExchangeTests(SynchronousTestCase):
     def test_names_and_authzid(self):
         step = Scram(SASLContext(), "SHA-256", False).step(b"n,a=a=3Db=2Cc,n=a=3Db=2Cc,r=x")
         self.assertEqual(step.username, "a=b,c")
-        self.assertRaises(AuthzidRefused, Scram(SASLContext(), "SHA-256", False).step,
-                          b"n,a=bob,n=alice,r=abc")
+        mechanism = Scram(SASLContext(), "SHA-256", False)
+        self.assertEqual(mechanism.step(b"n,a=bob,n=alice,r=abc").username, "alice")
+        self.assertEqual(mechanism._authzid, "bob")  # judged by the checker
         for message in (b"n,,n=al=2Xice,r=abc", b"n,,n=,r=abc", b"n,,r=abc,n=alice",
                         b"n,,m=ext,n=alice,r=abc", b"n,,n=alice,r=a,b", b"n,,n=alice\x07,r=abc",
                         b"n,,n=alice", b"\xff", b"garbage"):
@@ -462,8 +467,9 @@ def scram_login(client: poplib.POP3, scram_client, mechanism: str) -> bytes:
     return command(client, "")
 
 
-class ScramEndToEndTests(TLSTestCase):
-    """SCRAM against the password file over TCP and TLS: scramp, OpenSSL and mpop as clients."""
+class _SaslUsersTestCase(TLSTestCase):
+    """The TLS server with carol (SCRAM-SHA-256 keys only), a message each for bob and carol,
+    and every mechanism enabled."""
 
     def setUp(self):
         super().setUp()
@@ -473,6 +479,10 @@ class ScramEndToEndTests(TLSTestCase):
             deliver(self.layout.maildir_for(user), b"Subject: hi\n\nhello\n")
         names = tuple(m.name for m in MECHANISMS)
         self.factory.policy = evolve(self.factory.policy, sasl=names)
+
+
+class ScramEndToEndTests(_SaslUsersTestCase):
+    """SCRAM against the password file over TCP and TLS: scramp, OpenSSL and mpop as clients."""
 
     async def test_scramp_client(self):
         """Stored keys (carol) and keys derived from PLAIN (bob), SHA-256 and SHA-1."""
@@ -679,3 +689,71 @@ class ExternalEndToEndTests(TLSTestCase):
             "--login-options", "AUTH=EXTERNAL", "-u", "alice:"], env=os.environ)
         self.assertEqual(code, 0, err)
         self.assertEqual(len(out.splitlines()), 4)
+
+
+class MasterUserTests(_SaslUsersTestCase):
+    """--master-user: bob may log in as carol with his own password; carol may not as bob."""
+
+    extra_options = {"master-user": ["bob"]}
+
+    def auth_plain(self, authzid: str, user: str, password: str) -> tuple[bytes, bytes | None]:
+        c = self.pop()
+        try:
+            message = base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+            answer = command(c, f"AUTH PLAIN {message}")
+            top = c.top(1, 0)[1] if answer.startswith(b"+OK") else None
+            return answer, top
+        finally:
+            c.close()
+
+    async def test_plain(self):
+        answer, top = await self.run_in_thread(self.auth_plain, "carol", "bob", "bob pw")
+        self.assertTrue(answer.startswith(b"+OK Logged in, 1 messages"), answer)
+        self.assertIn(b"Subject: hi", top)
+        answer, _ = await self.run_in_thread(self.auth_plain, "bob", "carol", "pencil")
+        self.assertEqual(answer, wire.err(errors.AuthFailed()).rstrip())
+        answer, _ = await self.run_in_thread(self.auth_plain, "nobody", "bob", "bob pw")
+        self.assertEqual(answer, wire.err(errors.AuthFailed()).rstrip())
+
+    async def test_scram_authzid(self):
+        def login(authzid, user, password):
+            c = self.pop()
+            try:
+                scram_client = _ScramClientWithAuthzid(authzid, user, password)
+                return scram_login(c, scram_client, "SCRAM-SHA-256")
+            finally:
+                c.close()
+
+        answer = await self.run_in_thread(login, "carol", "bob", "bob pw")
+        self.assertTrue(answer.startswith(b"+OK Logged in"), answer)
+        answer = await self.run_in_thread(login, "bob", "carol", "pencil")
+        self.assertEqual(answer, wire.err(errors.AuthFailed()).rstrip())
+
+
+class _ScramClientWithAuthzid:
+    """A minimal SCRAM-SHA-256 client that sends a=authzid (scramp's client cannot)."""
+
+    def __init__(self, authzid: str, user: str, password: str) -> None:
+        self.gs2 = f"n,a={authzid},"
+        self.bare = f"n={user},r=clientnonce42"
+        self.password = password.encode()
+
+    def get_client_first(self) -> str:
+        return self.gs2 + self.bare
+
+    def set_server_first(self, message: str) -> None:
+        self.server_first = message
+
+    def get_client_final(self) -> str:
+        fields = dict(item.split("=", 1) for item in self.server_first.split(","))
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, base64.b64decode(fields["s"]),
+                                     int(fields["i"]))
+        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+        without_proof = f"c={base64.b64encode(self.gs2.encode()).decode()},r={fields['r']}"
+        message = f"{self.bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.new(hashlib.sha256(client_key).digest(), message, "sha256").digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        return f"{without_proof},p={base64.b64encode(proof).decode()}"
+
+    def set_server_final(self, message: str) -> None:
+        self.server_final = message

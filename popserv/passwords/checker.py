@@ -25,7 +25,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from popserv.credentials import ICramMD5Credentials, IExternalCredentials, IScramCredentials
+from popserv.credentials import (
+    IActAsPasswordCredentials,
+    ICramMD5Credentials,
+    IExternalCredentials,
+    IScramCredentials,
+)
 from popserv.errors import TemporaryFailure
 from popserv.interfaces import IScramKeySource, ISecretInventory
 from popserv.passwords.passwdfile import PasswdFile, UserEntry
@@ -64,6 +69,10 @@ def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
         if found is not None:
             return found
     return None
+
+
+def _printable(value: str) -> str:
+    return value[:64].encode("unicode_escape").decode("ascii")
 
 
 @cache
@@ -117,12 +126,17 @@ class PasswdFileChecker:
         IUsernameHashedPassword,
         IScramCredentials,
         IExternalCredentials,
+        IActAsPasswordCredentials,
     )
 
-    def __init__(self, passwd: PasswdFile, reactor: Any = None) -> None:
+    def __init__(
+        self, passwd: PasswdFile, reactor: Any = None, masters: Iterable[str] = ()
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.passwd = passwd
+        #: Users who may log in as any other (SASL authzid), e.g. for migrations.
+        self.masters = frozenset(masters)
         self._reactor = reactor
         self._coverage: tuple[object, dict[str, str]] | None = None
 
@@ -146,8 +160,29 @@ class PasswdFileChecker:
         return Deferred.fromCoroutine(self._check(credentials))
 
     async def _check(self, credentials: Any) -> str:
+        name = await self._authenticate(credentials)
+        return self._act_as(name, getattr(credentials, "authzid", None))
+
+    def _act_as(self, name: str, authzid: str | None) -> str:
+        """
+        The avatar id: ``name``, or the user it asked to act as (SASL authzid)
+        when ``name`` is one of the admin's master users and that user exists.
+        """
+        if not authzid or authzid == name:
+            return name
+        if name not in self.masters:
+            log.info("{user} may not log in as {other}", user=name, other=_printable(authzid))
+            raise UnauthorizedLogin()
+        if not is_valid_username(authzid) or self._entry(authzid) is None:
+            raise UnauthorizedLogin()
+        log.info("Master user {master} logs in as {user}", master=name, user=authzid)
+        return authzid
+
+    async def _authenticate(self, credentials: Any) -> str:
         name = _user_name(credentials.username)
-        if IUsernamePassword.providedBy(credentials):
+        if IUsernamePassword.providedBy(credentials) or IActAsPasswordCredentials.providedBy(
+            credentials
+        ):
             return await self._check_password(name, credentials.password)
         if IUsernameHashedPassword.providedBy(credentials):
             return await self._check_hashed(name, credentials)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from twisted.cred.credentials import UsernamePassword
 
+from popserv.credentials import ActAsPasswordCredentials
 from popserv.sasl.mechanism import (
-    AuthzidRefused,
     Challenge,
     SASLContext,
     SASLMalformed,
     Step,
     Success,
+    split_utf8,
 )
 
 #: RFC 4616: servers must accept 255 octets per field; a little more is kept.
@@ -29,7 +30,8 @@ def _credentials(authzid: bytes, authcid: bytes, password: bytes) -> Success:
     if len(authcid) > MAX_FIELD or len(password) > MAX_FIELD or len(authzid) > MAX_FIELD:
         raise SASLMalformed("field too long")
     if authzid and authzid != authcid:
-        raise AuthzidRefused("authorization identity differs from the user")
+        act_as = split_utf8(authzid, "authzid")
+        return Success(ActAsPasswordCredentials(authcid, password, act_as))
     return Success(UsernamePassword(authcid, password))
 
 

@@ -30,7 +30,6 @@ from scramp.utils import saslprep
 from popserv.credentials import ScramCredentials
 from popserv.passwords.scram import DEFAULT_ITERATIONS, HASHES, ScramKeys, derived_salt
 from popserv.sasl.mechanism import (
-    AuthzidRefused,
     Challenge,
     SASLContext,
     SASLMalformed,
@@ -106,6 +105,7 @@ class Scram:
         self._nonce = ""
         self._server_first = ""
         self._keys: ScramKeys | None = None
+        self._authzid: str | None = None
 
     def step(self, response: bytes | None) -> Step | NeedKeys:
         if self._stage == "start":
@@ -138,8 +138,8 @@ class Scram:
         if authzid:
             if not authzid.startswith("a="):
                 raise ScramFailed("malformed authzid")
-            if _prepared(_unescape(authzid[2:])) != username:
-                raise AuthzidRefused("authorization identity differs from the user")
+            act_as = _prepared(_unescape(authzid[2:]))
+            self._authzid = act_as if act_as != username else None
         nonce = pairs[1][1]
         if not _NONCE.fullmatch(nonce):
             raise ScramFailed("bad client nonce")
@@ -206,7 +206,7 @@ class Scram:
         message = auth_message.encode("utf-8")
         self._stage = "done"
         signature = base64.b64encode(self._keys.server_signature(message))
-        credentials = ScramCredentials(self._username, self._hash, message, proof)
+        credentials = ScramCredentials(self._username, self._hash, message, proof, self._authzid)
         return Success(credentials, final=b"v=" + signature)
 
 
