@@ -16,9 +16,8 @@ from cryptography.x509.oid import NameOID
 from popserv.credentials import ExternalCredentials
 from popserv.sasl.mechanism import (
     AuthzidRefused,
-    Challenge,
+    ClientFirst,
     SASLContext,
-    SASLMalformed,
     Step,
     Success,
     split_utf8,
@@ -61,20 +60,15 @@ RULES: dict[str, Callable[[x509.Certificate], str | None]] = {
 }
 
 
-class External:
+class External(ClientFirst):
     """One EXTERNAL exchange under ``rule``."""
 
     def __init__(self, context: SASLContext, rule: str = "cn") -> None:
+        super().__init__(context)
         self._certificate = context.client_certificate
         self._rule = RULES[rule]
-        self._asked = False
 
-    def step(self, response: bytes | None) -> Step:
-        if response is None:
-            if self._asked:
-                raise SASLMalformed("no response")
-            self._asked = True
-            return Challenge()
+    def message(self, response: bytes) -> Step:
         if self._certificate is None:
             raise NoIdentity("no verified client certificate")
         identity = self._rule(self._certificate)

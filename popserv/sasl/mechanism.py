@@ -129,6 +129,29 @@ class AuthzidRefused(AuthFailed):
     """An authorization identity other than the authentication identity."""
 
 
+class ClientFirst:
+    """
+    A mechanism whose client sends everything in one message (PLAIN,
+    EXTERNAL, OAUTHBEARER ...): without an initial response, one empty
+    challenge asks for it; :meth:`message` turns it into the outcome.
+    """
+
+    def __init__(self, context: SASLContext) -> None:
+        self.context = context
+        self._asked = False
+
+    def step(self, response: bytes | None) -> Step:
+        if response is None:
+            if self._asked:
+                raise SASLMalformed("no response")
+            self._asked = True
+            return Challenge()
+        return self.message(response)
+
+    def message(self, response: bytes) -> Step:
+        raise NotImplementedError
+
+
 def split_utf8(data: bytes, what: str) -> str:
     """Decode a UTF-8 field of a SASL message, or fail the exchange."""
     try:

@@ -14,8 +14,7 @@ import json
 
 from popserv.credentials import OAuthTokenCredentials
 from popserv.sasl.mechanism import (
-    Challenge,
-    SASLContext,
+    ClientFirst,
     SASLMalformed,
     Step,
     Success,
@@ -52,25 +51,15 @@ def _pairs(text: str) -> dict[str, str]:
     return pairs
 
 
-class _OneMessage:
-    """A mechanism whose client sends everything in one message."""
-
-    def __init__(self, context: SASLContext) -> None:
-        self._asked = False
-
-    def step(self, response: bytes | None) -> Step:
-        if response is None:
-            if self._asked:
-                raise SASLMalformed("no response")
-            self._asked = True
-            return Challenge()
+class _OAuthMessage(ClientFirst):
+    def message(self, response: bytes) -> Step:
         return self._parse(split_utf8(response, "OAuth message"))
 
     def _parse(self, text: str) -> Success:
         raise NotImplementedError
 
 
-class OAuthBearer(_OneMessage):
+class OAuthBearer(_OAuthMessage):
     """``gs2-header kvsep *(key=value kvsep) kvsep``, e.g. ``n,a=user,^Aauth=Bearer T^A^A``."""
 
     def _parse(self, text: str) -> Success:
@@ -91,7 +80,7 @@ class OAuthBearer(_OneMessage):
         return Success(credentials, failure=OAUTHBEARER_ERROR)
 
 
-class XOAuth2(_OneMessage):
+class XOAuth2(_OAuthMessage):
     """``user=USER ^A auth=Bearer TOKEN ^A ^A``."""
 
     def _parse(self, text: str) -> Success:

@@ -13,6 +13,7 @@ from twisted.cred.credentials import UsernamePassword
 from popserv.credentials import ActAsPasswordCredentials
 from popserv.sasl.mechanism import (
     Challenge,
+    ClientFirst,
     SASLContext,
     SASLMalformed,
     Step,
@@ -35,18 +36,10 @@ def _credentials(authzid: bytes, authcid: bytes, password: bytes) -> Success:
     return Success(UsernamePassword(authcid, password))
 
 
-class Plain:
+class Plain(ClientFirst):
     """``[authzid] NUL authcid NUL passwd`` in one message."""
 
-    def __init__(self, context: SASLContext) -> None:
-        self._asked = False
-
-    def step(self, response: bytes | None) -> Step:
-        if response is None:
-            if self._asked:
-                raise SASLMalformed("no response")
-            self._asked = True
-            return Challenge()
+    def message(self, response: bytes) -> Step:
         parts = response.split(b"\0")
         if len(parts) != 3:
             raise SASLMalformed("PLAIN needs exactly two NULs")
