@@ -88,10 +88,6 @@ class MessageGone(PopError):
     text = "Message is no longer available"
 
 
-class UserFirst(PopError):
-    text = "Send USER first"
-
-
 # Logins
 
 
