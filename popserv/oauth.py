@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -30,6 +33,25 @@ log = Logger()
 
 #: Clock skew allowed on ``exp`` and ``nbf``, seconds.
 LEEWAY = 30
+
+#: RFC 7518 section 3.2: an HS256 key of at least 256 bits.
+MIN_SECRET = 32
+
+
+def _public_key(data: bytes) -> object | None:
+    """A public key from PEM/DER (SPKI or PKCS#1) or a certificate, or None."""
+    loaders = (
+        serialization.load_pem_public_key,
+        serialization.load_der_public_key,
+        lambda d: x509.load_pem_x509_certificate(d).public_key(),
+        lambda d: x509.load_der_x509_certificate(d).public_key(),
+    )
+    for load in loaders:
+        try:
+            return load(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    return None
 
 
 @implementer(ITokenValidator)
@@ -60,11 +82,23 @@ class JWTValidator:
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> JWTValidator:
-        """A validator whose key is in ``path``: a PEM public key (RS256/ES256) or a secret."""
+        """
+        A validator whose key is in ``path``: a public key (PEM or DER, SPKI
+        or PKCS#1) or a certificate for RS256/ES256, or else an HS256 secret
+        of at least 32 bytes.  Anything that looks like a key but cannot be
+        read is refused (ValueError): taken for a secret, a public key would
+        let anyone who has it sign tokens.
+        """
         data = Path(path).read_bytes()
-        if b"-----BEGIN PUBLIC KEY-----" in data:
-            return cls(data, ("RS256", "ES256"), **kwargs)
-        return cls(data.strip(), ("HS256",), **kwargs)
+        public_key = _public_key(data)
+        if public_key is not None:
+            return cls(public_key, ("RS256", "ES256"), **kwargs)  # type: ignore[arg-type]
+        secret = data.strip()
+        if secret.startswith((b"-----BEGIN", b"{", b"0\x82", b"0\x81")):
+            raise ValueError("looks like a key or JWKS but cannot be read as a public key")
+        if len(secret) < MIN_SECRET:
+            raise ValueError(f"an HS256 secret must be at least {MIN_SECRET} bytes")
+        return cls(secret, ("HS256",), **kwargs)
 
     def validate(self, token: str, user: str | None) -> str:
         options = {"require": ["exp"], "verify_aud": self._audience is not None}
@@ -102,9 +136,9 @@ class CallableValidator:
             result = self._function(token, user)
             if hasattr(result, "__await__"):
                 result = await result
-            if not result:
+            if not isinstance(result, str) or not result:
                 raise UnauthorizedLogin("token refused")
-            return str(result)
+            return result
 
         return Deferred.fromCoroutine(run())
 

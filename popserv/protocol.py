@@ -132,8 +132,10 @@ def apop_timestamp(hostname: str) -> bytes:
     return f"<{secrets.token_hex(16)}@{host}>".encode("ascii")
 
 
-def _printable(value: bytes | str, limit: int = 64) -> str:
-    """A user-supplied value made safe for one log line."""
+def _printable(value: bytes | str | None, limit: int = 64) -> str:
+    """A user-supplied value made safe for one log line (``-`` when there is none)."""
+    if value is None:
+        return "-"
     if isinstance(value, bytes):
         value = value.decode("utf-8", "backslashreplace")
     return value[:limit].encode("unicode_escape").decode("ascii")
@@ -200,6 +202,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         #: The language of human-readable texts (LANG), and UTF8 mode.
         self.language: Language = ENGLISH
         self.utf8 = False
+        self._running = False
+        self._run_again = False
         #: A command waiting for the client's next line (a SASL answer).
         self._line_waiter: Deferred[wire.Line] | None = None
         self._user: bytes | None = None
@@ -299,6 +303,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
         a QUIT among them that is a drop: nothing is deleted.
         """
         self._input_ended = True
+        if self._line_waiter is not None and not self._queue:
+            # A SASL exchange waits for an answer that can no longer come.
+            self._line_waiter.cancel()
         self._run_queue()
 
     def writeConnectionLost(self) -> None:
@@ -383,7 +390,24 @@ class POP3Protocol(Protocol, TimeoutMixin):
         """
         Run queued commands one at a time, until one has to wait.  A command
         waiting for the client's next line (a SASL exchange) gets it.
+
+        Re-entrant calls (a command finishing inside the loop, as pipelined
+        SASL exchanges do) only ask the running loop to go round again, so
+        the stack stays flat however much the client pipelines.
         """
+        if self._running:
+            self._run_again = True
+            return
+        self._running = True
+        try:
+            self._run_again = True
+            while self._run_again:
+                self._run_again = False
+                self._run_queue_once()
+        finally:
+            self._running = False
+
+    def _run_queue_once(self) -> None:
         while self._queue and not self.output_paused and not self._closing:
             if self._line_waiter is not None:
                 waiter, self._line_waiter = self._line_waiter, None
@@ -553,11 +577,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
             _, mailbox, logout = await self.factory.portal.login(credentials, self.info, IMailbox)
         except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
             if failure is not None:
-                self.send(b"+ " + base64.b64encode(failure) + b"\r\n")
-                self._splitter.in_exchange = True
                 # The client's dummy answer; a cancel or junk ends it the same way.
                 with contextlib.suppress(errors.PopError):
-                    await self._sasl_response()
+                    await self._challenge(failure)
             await self._auth_failed(user, str(e) or type(e).__name__, failed)
             return
         except errors.PopError as e:
@@ -570,11 +592,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return
         self._mailbox, self._logout = mailbox, logout
         try:
-            if final is not None:
-                self._splitter.in_exchange = True
-                self.send(b"+ " + base64.b64encode(final) + b"\r\n")
-                if await self._sasl_response() != b"":
-                    raise SASLMalformed("non-empty answer to the final SASL data")
+            if final is not None and await self._challenge(final) != b"":
+                raise SASLMalformed("non-empty answer to the final SASL data")
             listing = await resolve(mailbox.listing())
         except BaseException:
             self._release()
@@ -595,12 +614,15 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def offered_mechanisms(self) -> list[MechanismInfo]:
         """The SASL mechanisms this connection may use, in the server's order of preference."""
         secure = self.info.secure
-        certified = self.info.tls is not None and self.info.tls.client_certificate is not None
+        tls = self.info.tls
+        certified = tls is not None and tls.client_certificate is not None
+        bound = tls is not None and bool(tls.channel_bindings)
         cleartext, apop = self.cleartext_login_allowed(), self.apop_allowed()
         return [
             m
             for m in self.factory.enabled_mechanisms()
             if (secure or not m.needs_tls)
+            and (bound or not m.needs_channel_binding)
             and (certified or not m.needs_client_certificate)
             and (cleartext or not m.exposes_password)
             and (apop or not m.challenge_response)
@@ -632,24 +654,19 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise SASLUnavailable() if known else SASLUnknownMechanism()
         exchange = mechanism.factory(self.sasl_context(offered))
         response = None if initial is None else _decode_sasl(initial, initial_response=True)
-        self._splitter.in_exchange = True
-        try:
-            for _ in range(MAX_ROUNDS):
-                try:
-                    step = exchange.step(response)
-                    if isinstance(step, NeedKeys):
-                        step = exchange.provide(await self._scram_keys(step))
-                except errors.AuthFailed as e:
-                    await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
-                    return
-                if isinstance(step, Success):
-                    break
-                self.send(b"+ " + base64.b64encode(step.data) + b"\r\n")
-                response = await self._sasl_response()
-            else:
-                raise SASLTooManyRounds()
-        finally:
-            self._splitter.in_exchange = False
+        for _ in range(MAX_ROUNDS):
+            try:
+                step = exchange.step(response)
+                if isinstance(step, NeedKeys):
+                    step = exchange.provide(await self._scram_keys(step))
+            except errors.AuthFailed as e:
+                await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
+                return
+            if isinstance(step, Success):
+                break
+            response = await self._challenge(step.data)
+        else:
+            raise SASLTooManyRounds()
         await self.login(
             step.credentials, errors.AuthFailed(), final=step.final, failure=step.failure
         )
@@ -662,8 +679,16 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return None
         return await resolve(source.scram_keys(need.username, need.hash_name))
 
-    async def _sasl_response(self) -> bytes:
-        """The client's next line in a SASL exchange, decoded; ``*`` cancels."""
+    async def _challenge(self, data: bytes) -> bytes:
+        """
+        Send a SASL challenge and return the client's answer, decoded (``*``
+        cancels).  Answers may be AUTH-long lines (tokens, SCRAM with
+        channel binding).
+        """
+        if self._lost:
+            raise CancelledError()
+        self._splitter.in_exchange = True
+        self.send(b"+ " + base64.b64encode(data) + b"\r\n")
         waiter = Deferred[wire.Line]()
         self._line_waiter = waiter
         try:

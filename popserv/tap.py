@@ -275,3 +275,5 @@ def token_validator(options: Mapping[str, Any]) -> JWTValidator | None:
         )
     except OSError as e:
         raise SystemExit(f"popserv: {key}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise SystemExit(f"popserv: {key}: {e}") from None

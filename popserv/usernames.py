@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import unicodedata
 
+from scramp.utils import ScramException, saslprep
+
 from popserv.errors import InvalidUsername
 
 #: Long enough for ``local-part@domain`` addresses (RFC 5321 limits a path to 256).
@@ -36,6 +38,15 @@ def validate_username(name: str) -> str:
         category = unicodedata.category(char)
         if category[0] == "C" or category in ("Zl", "Zp"):
             raise InvalidUsername("control character in user name")
+    if not name.isascii():
+        # Logins SASLprep the name they are given (RFC 6856); a name that
+        # SASLprep changes or refuses could never be matched.
+        try:
+            prepared = saslprep(name)
+        except ScramException:
+            raise InvalidUsername("user name refused by SASLprep") from None
+        if prepared != name:
+            raise InvalidUsername("user name not in SASLprep form (NFKC)")
     return name
 
 

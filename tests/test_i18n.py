@@ -110,3 +110,14 @@ class UTF8UserNameTests(TestCase):
         for name in (b"j\xfcrgen", "j\u00fcrgen\u0007".encode(), "\u200ej\u00fcrgen".encode()):
             with self.assertRaises(UnauthorizedLogin):
                 await self.checker.requestAvatarId(UsernamePassword(name, b"pw"))
+
+
+class UserNameFormTests(SynchronousTestCase):
+    def test_names_must_be_in_saslprep_form(self):
+        """Logins SASLprep the name, so a stored name it would change could never log in."""
+        from popserv.errors import InvalidUsername
+        from popserv.usernames import validate_username
+
+        self.assertEqual(validate_username("j\u00fcrgen"), "j\u00fcrgen")
+        for name in ("\ufb01le", "ju\u0308rgen", "\U0001f600x"):  # ligature, NFD, unassigned
+            self.assertRaises(InvalidUsername, validate_username, name)

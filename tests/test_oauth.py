@@ -178,3 +178,45 @@ class CurlOAuthTests(CurlTestCase):
                 "", "--oauth2-bearer", token(iss="https://evil.test"),
                 "--login-options", f"AUTH={mechanism}", user="alice:")
             self.assertEqual(code, 67, err)
+
+
+class ReviewRegressionTests(TestCase):
+    """Found in review of the OAuth code; each failed before its fix."""
+
+    def test_oauthbearer_without_authzid_logs_in(self):
+        s = Session()
+        s.factory.portal.registerChecker(TokenChecker(JWTValidator(SECRET)))
+        message = f"n,,\x01auth=Bearer {token()}\x01\x01".encode()
+        out = s.send(b"AUTH OAUTHBEARER " + base64.b64encode(message) + b"\r\n")
+        self.assertTrue(out.startswith(b"+OK Logged in"), out)
+
+    def test_key_files(self):
+        """Public keys in any usual form are public keys; never an HMAC secret by mistake."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = key.public_key()
+        forms = {
+            "spki.pem": public.public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo),
+            "pkcs1.pem": public.public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.PKCS1),
+            "spki.der": public.public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo),
+        }
+        signed = token(key=key, algorithm="RS256")
+        for name, data in forms.items():
+            path = Path(self.mktemp())
+            path.write_bytes(data)
+            validator = JWTValidator.from_file(path)
+            self.assertEqual(validator.validate(signed, None), "alice", name)
+            # Someone holding the public key cannot sign an HS256 token with it.
+            forged = jwt.encode({"sub": "victim", "exp": int(time.time()) + 60},
+                                b"x" * 32, algorithm="HS256")
+            self.assertRaises(UnauthorizedLogin, validator.validate, forged, None)
+        for data in (b'{"keys": []}', b"-----BEGIN PUBLIC KEY-----\nbroken\n", b"short"):
+            path = Path(self.mktemp())
+            path.write_bytes(data)
+            self.assertRaises(ValueError, JWTValidator.from_file, path)
+
+    async def test_callable_must_name_a_user(self):
+        with self.assertRaises(UnauthorizedLogin):
+            await CallableValidator(lambda value, user: True).validate("x", None)

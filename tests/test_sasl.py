@@ -14,15 +14,22 @@ from pathlib import Path
 import scramp
 from attrs import evolve
 from OpenSSL import SSL
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from popserv import errors, wire
 from popserv.credentials import CramMD5Credentials, IActAsPasswordCredentials
 from popserv.maildir import deliver
-from popserv.passwords import PasswdFile, hash_password, verify_password
+from popserv.passwords import (
+    PasswdFile,
+    PasswdFileChecker,
+    hash_password,
+    hash_secrets,
+    verify_password,
+)
 from popserv.passwords.schemes import cram_md5_context
 from popserv.passwords.scram import ScramKeys
 from popserv.protocol import State
@@ -757,3 +764,95 @@ class _ScramClientWithAuthzid:
 
     def set_server_final(self, message: str) -> None:
         self.server_final = message
+
+
+class ReviewRegressionTests(SynchronousTestCase):
+    """Found in review of the SASL code; each failed before its fix."""
+
+    def test_pipelined_exchanges_stay_in_step(self):
+        """Hundreds of pipelined AUTH + bad answer pairs: no recursion error, no desync."""
+        s = Session()
+        out = s.send(b"AUTH PLAIN\r\n!\r\n" * 400)
+        self.assertEqual(out, (b"+ \r\n" + wire.err(SASLMalformed())) * 400)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_long_second_answer(self):
+        """Every answer of an exchange may be AUTH-long, not only the first."""
+        s = Session(alice="p" * 300)
+        s.send(b"AUTH LOGIN\r\n")
+        s.send(b64(b"alice") + b"\r\n")
+        self.assertTrue(s.send(b64(b"p" * 300) + b"\r\n").startswith(b"+OK Logged in"))
+
+    def test_no_plus_without_binding_data(self):
+        """-PLUS is offered only when the TLS session has channel-binding data."""
+        from popserv.tls import TLSInfo
+
+        s = Session()
+        s.factory.policy = evolve(s.factory.policy, sasl=tuple(m.name for m in MECHANISMS))
+        s.protocol.info.secure = True
+        s.protocol.info.tls = TLSInfo("TLSv1.2", "x", None, None, None, {})
+        names = [m.name for m in s.protocol.offered_mechanisms()]
+        self.assertNotIn("SCRAM-SHA-256-PLUS", names)
+        self.assertIn("SCRAM-SHA-256", names)
+        self.assertFalse(s.protocol.sasl_context(s.protocol.offered_mechanisms())
+                         .channel_binding_offered)
+        s.protocol.info.tls = TLSInfo("TLSv1.3", "x", None, None, None, {"tls-exporter": b"x"})
+        self.assertIn("SCRAM-SHA-256-PLUS", [m.name for m in s.protocol.offered_mechanisms()])
+
+    def test_drop_during_key_lookup(self):
+        """The connection drops while SCRAM keys are looked up: nothing waits on afterwards."""
+        from twisted.internet.defer import Deferred
+
+        s = Session()
+        s.factory.policy = evolve(s.factory.policy, sasl=("SCRAM-SHA-256",))
+        pending = Deferred()
+        self.patch(s.protocol, "_scram_keys", lambda need: pending)
+        s.send(b"AUTH SCRAM-SHA-256 " + b64(b"n,,n=alice,r=abc") + b"\r\n")
+        s.protocol.connectionLost(None)
+        pending.callback(None)
+        self.assertIsNone(s.protocol._line_waiter)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_eof_during_an_exchange(self):
+        """A client that half-closes while an exchange waits for it is not waited on."""
+        s = Session()
+        s.send(b"AUTH LOGIN\r\n")
+        s.protocol.readConnectionLost()
+        self.assertTrue(s.transport.disconnecting)
+
+
+class LockedAccountTests(TestCase):
+    """A locked account ('!' or '*' field) logs in by no means, extra secrets or not."""
+
+    def setUp(self):
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.passwd = PasswdFile(path)
+        _, extras = hash_secrets("pencil", ["ARGON2ID", "SCRAM-SHA-256", "PLAIN"])
+        self.passwd.add("dave", "!" + hash_password("pencil", "SHA256"), extras)
+        self.checker = PasswdFileChecker(self.passwd)
+
+    async def test_refused_everywhere(self):
+        self.assertIsNone(await self.checker.scram_keys("dave", "SHA-256"))
+        challenge = b"<1.2@x>"
+        digest = hmac.new(b"pencil", challenge, "md5").hexdigest().encode()
+        for credentials in (CramMD5Credentials(b"dave", challenge, digest),
+                            UsernamePassword(b"dave", b"pencil")):
+            with self.assertRaises(UnauthorizedLogin):
+                await self.checker.requestAvatarId(credentials)
+        self.assertEqual(self.checker.coverage("apop"), "none")
+
+
+class SASLprepPasswordTests(TestCase):
+    async def test_prohibited_password_is_a_failed_login(self):
+        """Stored passwords SASLprep refuses make SCRAM fail quietly, USER/PASS too, no crash."""
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        passwd = PasswdFile(path)
+        passwd.add("emo", "{PLAIN-B64}" + base64.b64encode(b"pw\x07").decode())
+        passwd.add("carol", DOVEADM_SCRAM["SCRAM-SHA-256"])
+        checker = PasswdFileChecker(passwd)
+        self.assertIsNone(await checker.scram_keys("emo", "SHA-256"))
+        self.assertFalse(verify_password(DOVEADM_SCRAM["SCRAM-SHA-256"], "pencil\x07"))
+        with self.assertRaises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"carol", b"pencil\x07"))

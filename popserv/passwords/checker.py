@@ -151,7 +151,10 @@ class PasswdFileChecker:
             self._coverage = cached = (users, {})
         known = cached[1]
         if kind not in known:
-            usable = [any(usable_for(kind, s) for s in entry.secrets) for entry in users]
+            usable = [
+                not entry.locked and any(usable_for(kind, s) for s in entry.secrets)
+                for entry in users
+            ]
             known[kind] = "all" if usable and all(usable) else "some" if any(usable) else "none"
         return known[kind]
 
@@ -168,6 +171,11 @@ class PasswdFileChecker:
         The avatar id: ``name``, or the user it asked to act as (SASL authzid)
         when ``name`` is one of the admin's master users and that user exists.
         """
+        if authzid:
+            try:
+                authzid = _user_name(authzid)
+            except UnauthorizedLogin:
+                raise UnauthorizedLogin() from None
         if not authzid or authzid == name:
             return name
         if name not in self.masters:
@@ -189,7 +197,7 @@ class PasswdFileChecker:
         if IExternalCredentials.providedBy(credentials):
             # The TLS layer verified who it is; the account must exist and not be locked.
             entry = self._entry(name)
-            if entry is None or entry.password.startswith(("!", "*")):
+            if entry is None or entry.locked:
                 raise UnauthorizedLogin()
             return name
         if IScramCredentials.providedBy(credentials):
@@ -223,8 +231,8 @@ class PasswdFileChecker:
 
     async def _check_hashed(self, name: str, credentials: Any) -> str:
         entry = self._entry(name)
-        if entry is None:
-            log.debug("Login as unknown user {user}", user=name)
+        if entry is None or entry.locked:
+            log.debug("Login as unknown or locked user {user}", user=name)
             raise UnauthorizedLogin()
         plain = _first(plaintext_secret, entry.secrets)
         if plain is not None:
@@ -258,7 +266,7 @@ class PasswdFileChecker:
         if not is_valid_username(username):
             return None
         entry = self._entry(username)
-        if entry is None:
+        if entry is None or entry.locked:
             return None
         keys = _first(lambda secret: stored_scram_keys(secret, hash_name), entry.secrets)
         if keys is not None:
@@ -276,7 +284,12 @@ class PasswdFileChecker:
         salt = derived_salt(hash_name, username)
         pool = self._reactor.getThreadPool()
         derive = ScramKeys.derive
-        return await deferToThreadPool(self._reactor, pool, derive, hash_name, plain, salt)
+        try:
+            return await deferToThreadPool(self._reactor, pool, derive, hash_name, plain, salt)
+        except ValueError as e:
+            # A stored password SASLprep refuses: SCRAM cannot work for it.
+            log.info("{user} cannot log in with SCRAM: {why}", user=username, why=str(e))
+            return None
 
     def _entry(self, name: str) -> UserEntry | None:
         try:

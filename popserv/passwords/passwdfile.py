@@ -80,6 +80,15 @@ class UserEntry:
         return scheme_of(self.password)
 
     @property
+    def locked(self) -> bool:
+        """
+        Whether the account is locked: an empty password field, or one that
+        starts with ``!`` or ``*`` (the crypt(3) convention).  A locked
+        account logs in by no means, whatever secrets its extra fields hold.
+        """
+        return not self.password or self.password[0] in "!*"
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """Every stored form of the password: the field, then those in extra fields."""
         return (self.password, *extra_secrets(self.extra))

@@ -17,7 +17,7 @@ import hmac
 import secrets
 
 from attrs import frozen
-from scramp.utils import saslprep
+from scramp.utils import ScramException, saslprep
 
 #: SCRAM mechanism hash -> hashlib name.
 HASHES = {"SHA-1": "sha1", "SHA-256": "sha256"}
@@ -44,10 +44,16 @@ def derived_salt(hash_name: str, username: str) -> bytes:
 
 
 def normalize(password: str | bytes) -> bytes:
-    """RFC 5802's Normalize(): SASLprep as a stored string, UTF-8 encoded."""
+    """
+    RFC 5802's Normalize(): SASLprep as a stored string, UTF-8 encoded.
+    ValueError (UnicodeDecodeError included) for a password it refuses.
+    """
     if isinstance(password, bytes):
         password = password.decode("utf-8")
-    return saslprep(password).encode("utf-8")
+    try:
+        return saslprep(password).encode("utf-8")
+    except ScramException as e:
+        raise ValueError(f"SASLprep refuses the password: {e}") from None
 
 
 @frozen

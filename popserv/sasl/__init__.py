@@ -22,7 +22,12 @@ def _scram(hash_name: str, plus: bool) -> MechanismInfo:
     name = f"SCRAM-{hash_name}" + ("-PLUS" if plus else "")
     requires = f"scram-{hash_name.lower()}"
     return MechanismInfo(
-        name, scram(hash_name, plus), challenge_response=True, needs_tls=plus, requires=requires
+        name,
+        scram(hash_name, plus),
+        challenge_response=True,
+        needs_tls=plus,
+        needs_channel_binding=plus,
+        requires=requires,
     )
 
 

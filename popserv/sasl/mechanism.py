@@ -87,6 +87,9 @@ class MechanismInfo:
     challenge_response: bool = False
     #: Only offered under TLS (the -PLUS mechanisms, EXTERNAL).
     needs_tls: bool = False
+    #: Only offered when the TLS session has channel-binding data (-PLUS:
+    #: not on a resumed TLS 1.2 session, for one).
+    needs_channel_binding: bool = False
     #: Checked by a token validator: enabled by default only when the portal
     #: has a checker for OAuth token credentials.
     needs_token_checker: bool = False
