@@ -103,6 +103,16 @@ class ClientTestCase(ServerTestCase):
         self.assertEqual(code, expect, output.decode("utf-8", "replace"))
         return output
 
+    def assert_fetched_and_kept(self, commands: list[bytes], uids: list[bytes]) -> None:
+        """RETR 1-4 in order, no DELE; the mbox holds the four messages; the Maildir is intact."""
+        self.assertEqual(
+            [c for c in commands if c.startswith(b"RETR")],
+            [b"RETR 1", b"RETR 2", b"RETR 3", b"RETR 4"],
+        )
+        self.assertFalse([c for c in commands if c.startswith(b"DELE")])
+        self.assertEqual(self.mbox(), [unix(m) for m in self.messages])
+        self.assertEqual(self.uids(), uids)
+
     def uids(self) -> list[bytes]:
         """alice's UIDs (what UIDL lists): her Maildir base names, sorted."""
         return sorted(name.split(":")[0].encode() for name in self.files())
@@ -144,13 +154,7 @@ class MpopTests(ClientTestCase):
         commands = self.commands()
         self.assertIn(b"USER alice", commands)
         self.assertIn(b"PASS secret", commands)
-        self.assertEqual(
-            [c for c in commands if c.startswith(b"RETR")],
-            [b"RETR 1", b"RETR 2", b"RETR 3", b"RETR 4"],
-        )
-        self.assertFalse([c for c in commands if c.startswith(b"DELE")])
-        self.assertEqual(self.mbox(), [unix(m) for m in self.messages])
-        self.assertEqual(self.uids(), uids)
+        self.assert_fetched_and_kept(commands, uids)
 
         await self.mpop("--keep=off", "--only-new=off")
         commands = self.commands()
@@ -382,13 +386,7 @@ class GetmailTests(ClientTestCase):
         self.assertIn(b"4 messages (228 bytes) retrieved", output)
         commands = self.commands()
         self.assertIn(b"USER alice", commands)
-        self.assertEqual(
-            [c for c in commands if c.startswith(b"RETR")],
-            [b"RETR 1", b"RETR 2", b"RETR 3", b"RETR 4"],
-        )
-        self.assertFalse([c for c in commands if c.startswith(b"DELE")])
-        self.assertEqual(self.mbox(), [unix(m) for m in self.messages])
-        self.assertEqual(self.uids(), uids)
+        self.assert_fetched_and_kept(commands, uids)
 
     async def test_apop(self):
         """use_apop = true logs bob in with APOP; his message arrives intact."""
