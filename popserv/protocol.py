@@ -17,7 +17,6 @@ import binascii
 import contextlib
 import enum
 import inspect
-import re
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -118,27 +117,9 @@ async def resolve(value: T | Deferred[T]) -> T:
     return value
 
 
-_SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
-
-
 def apop_timestamp(hostname: str) -> bytes:
-    """
-    A fresh ``<random@host>`` for the greeting, from the system CSPRNG.
-
-    Letters, digits, ``.`` and ``-`` only: mpop refuses APOP when the
-    timestamp has ``+`` or ``=``.  Nothing in it leaks the pid or the clock.
-    """
-    host = _SAFE_HOST.sub("", hostname) or "localhost"
-    return f"<{secrets.token_hex(16)}@{host}>".encode("ascii")
-
-
-def _printable(value: bytes | str | None, limit: int = 64) -> str:
-    """A user-supplied value made safe for one log line (``-`` when there is none)."""
-    if value is None:
-        return "-"
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "backslashreplace")
-    return value[:limit].encode("unicode_escape").decode("ascii")
+    """A fresh ``<random@host>`` for the greeting, from the CSPRNG: no pid, no clock."""
+    return wire.msg_id(secrets.token_hex(16), hostname)
 
 
 @implementer(ISessionInfo)
@@ -584,7 +565,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return
         except errors.PopError as e:
             reason = e.detail or e.text
-            log.info("Login of {user} refused: {reason}", user=_printable(user), reason=reason)
+            log.info("Login of {user} refused: {reason}", user=wire.loggable(user), reason=reason)
             self.refuse(e)
             return
         if self._lost:
@@ -606,7 +587,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.state = State.TRANSACTION
         self._failures = 0
         count, octets = self._view.stat()
-        log.info("{user} logged in from {peer}", user=_printable(user), peer=self.info.where)
+        log.info("{user} logged in from {peer}", user=wire.loggable(user), peer=self.info.where)
         self.say("Logged in, {count} messages ({octets} octets)", count=count, octets=octets)
 
     # SASL (RFC 5034)
@@ -705,7 +686,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures += 1
         log.info(
             "Failed login for {user} from {peer}: {reason}",
-            user=_printable(user if isinstance(user, (bytes, str)) else repr(user)),
+            user=wire.loggable(user if isinstance(user, (bytes, str)) else repr(user)),
             peer=self.info.where,
             reason=reason,
         )

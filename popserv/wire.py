@@ -9,6 +9,7 @@ formats answers with :func:`ok` and :func:`err`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 
 from attrs import frozen
@@ -236,6 +237,28 @@ def parse_command(line: bytes, known: dict[str, ArgParser] = ARGUMENTS) -> Comma
 
 
 # Responses
+
+
+_MSG_ID_HOST = re.compile(r"[^A-Za-z0-9.-]")
+
+
+def msg_id(local: str, hostname: str) -> bytes:
+    """
+    A ``<local@host>`` challenge in msg-id form (APOP's timestamp, CRAM-MD5's
+    challenge), the host cut down to letters, digits, ``.`` and ``-``: mpop
+    refuses APOP when the timestamp has ``+`` or ``=``.
+    """
+    host = _MSG_ID_HOST.sub("", hostname) or "localhost"
+    return f"<{local}@{host}>".encode("ascii")
+
+
+def loggable(value: bytes | str | None, limit: int = 64) -> str:
+    """A client-supplied value made safe for one log line (``-`` when there is none)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    return value[:limit].encode("unicode_escape").decode("ascii")
 
 
 def ok(text: str = "") -> bytes:

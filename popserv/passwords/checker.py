@@ -46,6 +46,7 @@ from popserv.passwords.schemes import (
 )
 from popserv.passwords.scram import ScramKeys, derived_salt
 from popserv.usernames import is_valid_username
+from popserv.wire import loggable
 
 log = Logger()
 T = TypeVar("T")
@@ -69,10 +70,6 @@ def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
         if found is not None:
             return found
     return None
-
-
-def _printable(value: str) -> str:
-    return value[:64].encode("unicode_escape").decode("ascii")
 
 
 @cache
@@ -179,7 +176,7 @@ class PasswdFileChecker:
         if not authzid or authzid == name:
             return name
         if name not in self.masters:
-            log.info("{user} may not log in as {other}", user=name, other=_printable(authzid))
+            log.info("{user} may not log in as {other}", user=name, other=loggable(authzid))
             raise UnauthorizedLogin()
         if not is_valid_username(authzid) or self._entry(authzid) is None:
             raise UnauthorizedLogin()

@@ -14,20 +14,20 @@ import re
 import secrets
 import time
 
+from popserv import wire
 from popserv.credentials import CramMD5Credentials
 from popserv.sasl.mechanism import Challenge, SASLContext, SASLMalformed, Step, Success
 
 _ANSWER = re.compile(rb"(.+) ([0-9a-fA-F]{32})")
-_SAFE_HOST = re.compile(r"[^A-Za-z0-9.-]")
 
 
 class CramMD5:
     """One CRAM-MD5 exchange."""
 
     def __init__(self, context: SASLContext) -> None:
-        host = _SAFE_HOST.sub("", context.hostname) or "localhost"
         # RFC 2195 asks for a msg-id style, globally unique challenge.
-        self.challenge = f"<{secrets.token_hex(8)}.{int(time.time())}@{host}>".encode("ascii")
+        local = f"{secrets.token_hex(8)}.{int(time.time())}"
+        self.challenge = wire.msg_id(local, context.hostname)
         self._sent = False
 
     def step(self, response: bytes | None) -> Step:
