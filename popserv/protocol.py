@@ -976,10 +976,13 @@ class POP3Factory(Factory):
             return [m for m in self.sasl if m.name in chosen]
         asking = self.tls is not None and self.tls.config.client_ca is not None
         tokens = IOAuthTokenCredentials in self.portal.checkers
+        # One coverage question per kind, not per mechanism (-PLUS twins share one).
+        kinds = {m.requires for m in self.sasl if m.requires is not None}
+        everyone = {kind for kind in kinds if self.coverage(kind) == "all"}
         return [
             m
             for m in self.sasl
-            if (m.requires is None or self.coverage(m.requires) == "all")
+            if (m.requires is None or m.requires in everyone)
             and (asking or not m.needs_client_certificate)
             and (tokens or not m.needs_token_checker)
         ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from scramp.utils import ScramException, saslprep
@@ -61,6 +61,12 @@ def usable_for(kind: str, stored: str) -> bool:
     if kind.startswith("scram-"):
         return stored_scram_keys(stored, kind.removeprefix("scram-").upper()) is not None
     return False
+
+
+#: Keys derived from a PLAIN password, kept for the checker's second look in
+#: the same login (and the next ones): PBKDF2 is deliberately slow.  The salt
+#: and inputs are fixed while the server runs, so the keys are too.
+_derive_keys = lru_cache(maxsize=1024)(ScramKeys.derive)
 
 
 def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
@@ -280,7 +286,7 @@ class PasswdFileChecker:
             return None
         salt = derived_salt(hash_name, username)
         pool = self._reactor.getThreadPool()
-        derive = ScramKeys.derive
+        derive = _derive_keys
         try:
             return await deferToThreadPool(self._reactor, pool, derive, hash_name, plain, salt)
         except ValueError as e:
