@@ -153,3 +153,76 @@ def _header_end(lines: bytes) -> int:
         return -1
     first = min(candidates)
     return first + (2 if lines[first + 1 : first + 2] == b"\n" else 3)
+
+
+class BodyDecoder:
+    """
+    Reads a dot-stuffed multi-line body (SMTP/LMTP DATA) fed in chunks of
+    any size, up to the line that is a lone ``.``.
+
+    Keeps the unstuffed body as a list of chunks, CRLF line ends as sent.
+    Past ``limit`` octets it keeps reading to the end but stores nothing
+    and sets :attr:`overflow`, so the answer can come after the whole
+    message, as SMTP requires.  Only a CRLF ``.`` CRLF ends the body: a
+    bare LF never does, so no message can be smuggled inside another.
+    """
+
+    __slots__ = ("_midline", "_tail", "chunks", "done", "limit", "overflow", "size")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflow = False
+        self.done = False
+        self._tail = b""
+        #: True when the kept tail does not start at the beginning of a line.
+        self._midline = False
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take more of the body.  Return None while it goes on; at its end,
+        the bytes that followed the terminating line (the next commands).
+        """
+        if self.done:
+            raise ValueError("the body has ended")
+        buffer = self._tail + data if self._tail else data
+        cut = buffer.rfind(CRLF)
+        if cut < 0:
+            self._keep(buffer)
+            return None
+        lead = b"" if self._midline else CRLF
+        lines = lead + buffer[: cut + 2]
+        end = lines.find(b"\r\n.\r\n")
+        if end >= 0:
+            self._take(lines[: end + 2], len(lead))
+            self.done = True
+            self._tail = b""
+            return buffer[end + 5 - len(lead) :]
+        self._take(lines, len(lead))
+        self._midline = False
+        self._keep(buffer[cut + 2 :])
+        return None
+
+    def _take(self, lines: bytes, lead: int) -> None:
+        body = lines.replace(b"\r\n.", CRLF)[lead:]
+        self.size += len(body)
+        if self.overflow:
+            return
+        if self.limit is not None and self.size > self.limit:
+            self.overflow = True
+            self.chunks.clear()
+        elif body:
+            self.chunks.append(body)
+
+    def _keep(self, partial_line: bytes) -> None:
+        """Hold the start of a line, unless it alone is past the limit."""
+        if self.limit is not None and self.size + len(partial_line) > self.limit:
+            # Counted and dropped; the last octet may be the CR of a CRLF.
+            self.size += len(partial_line) - 1
+            self.overflow = True
+            self.chunks.clear()
+            self._tail = partial_line[-1:]
+            self._midline = True
+        else:
+            self._tail = partial_line

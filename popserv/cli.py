@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -18,6 +19,16 @@ from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 
+from popserv.delivery import (
+    EX_CONFIG,
+    EX_NOUSER,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    DeliveryError,
+    Directory,
+    deliver_message,
+)
 from popserv.errors import InvalidUsername
 from popserv.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
 from popserv.passwords import (
@@ -33,6 +44,7 @@ from popserv.passwords import (
     hash_password,
     hash_secrets,
 )
+from popserv.quota import Quota, parse_count, parse_size
 from popserv.usernames import validate_username
 
 PROG = "popserv"
@@ -59,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     globalLogPublisher.addObserver(_WARNINGS)
     try:
-        command: Callable[[argparse.Namespace], None] = args.command
-        command(args)
+        command: Callable[[argparse.Namespace], int | None] = args.command
+        status = command(args)
+        if status is not None:
+            return status
     except _EXPECTED as e:
         return _fail(str(e))
     except InvalidUsername as e:
@@ -161,6 +175,33 @@ def _parser() -> argparse.ArgumentParser:
         "pw", parents=[scheme], help="print a password's stored form, like doveadm pw"
     )
     pw.set_defaults(command=_pw)
+
+    deliver = commands.add_parser(
+        "deliver",
+        parents=[paths],
+        help="deliver a message read on stdin (an MDA for Postfix, procmail, fdm)",
+        description="Deliver the message on standard input into a user's Maildir, with"
+        " the user's quota. Exit status as in sysexits.h: 0 delivered, 67 no such user,"
+        " 73 mailbox full, 75 temporary failure (the MTA retries), 64 bad usage.",
+    )
+    who = deliver.add_mutually_exclusive_group()
+    who.add_argument("--user", "-u", help="the user to deliver to")
+    who.add_argument(
+        "--recipient",
+        "-r",
+        help="the envelope recipient; its local part names the user (user+tag works)",
+    )
+    deliver.add_argument(
+        "--from",
+        "-f",
+        dest="sender",
+        help="the envelope sender, for Return-Path (default: $SENDER, or the mbox From_ line)",
+    )
+    deliver.add_argument(
+        "--quota-bytes", type=parse_size, help="default quota when the user has none, e.g. 1G"
+    )
+    deliver.add_argument("--quota-messages", type=parse_count, help="default message limit")
+    deliver.set_defaults(command=_deliver)
     return parser
 
 
@@ -287,6 +328,64 @@ def _pw(args: argparse.Namespace) -> None:
     password = _read_password()
     for scheme in schemes:
         print(hash_password(password, scheme))
+
+
+def _deliver(args: argparse.Namespace) -> int:
+    """``popserv deliver``: every failure is an exit status an MTA understands."""
+    try:
+        return _deliver_stdin(args)
+    except DeliveryError as e:
+        print(f"{PROG}: {e.status} {e.text}", file=sys.stderr)
+        return e.exit_status
+    except InvalidUsername:
+        print(f"{PROG}: 5.1.1 User unknown", file=sys.stderr)
+        return EX_NOUSER
+    except ValueError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except Exception as e:
+        # Anything unexpected: the MTA keeps the message and retries.
+        print(f"{PROG}: 4.3.0 {type(e).__name__}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+
+
+def _deliver_stdin(args: argparse.Namespace) -> int:
+    recipient_address = args.recipient or os.environ.get("RECIPIENT")
+    if not args.user and not args.recipient:
+        print(f"{PROG}: deliver needs --user or --recipient", file=sys.stderr)
+        return EX_USAGE
+    layout = _layout(args)
+    passwd = PasswdFile(layout.passwd_path)
+    directory = Directory(layout, passwd, (), quota=Quota(args.quota_bytes, args.quota_messages))
+    if args.user:
+        recipient = directory.recipient(args.user, recipient_address)
+    else:
+        recipient = directory.resolve(args.recipient, any_domain=True)
+    message = sys.stdin.buffer.read()
+    sender = args.sender or os.environ.get("SENDER")
+    if message.startswith(b"From "):
+        # An mbox postmark (procmail, fdm, Postfix with flags=F): not part of the message.
+        postmark, _, message = message.partition(b"\n")
+        if sender is None:
+            words = postmark.split()
+            sender = words[1].decode("utf-8", "replace") if len(words) > 1 else None
+    header = _trace_lines(message, sender, recipient.address)
+    [result] = deliver_message([(recipient, header)], [message], atomic=True)
+    if result is not None:
+        raise result
+    return EX_OK
+
+
+def _trace_lines(message: bytes, sender: str | None, recipient: str) -> bytes:
+    """Return-Path and Delivered-To, unless the MTA already put the same ones on top."""
+    head = message.split(b"\n\n", 1)[0].lower()
+    lines = []
+    if sender is not None and not head.startswith(b"return-path:"):
+        lines.append(f"Return-Path: <{sender}>")
+    delivered = f"Delivered-To: {recipient}"
+    if delivered.lower().encode("utf-8", "replace") not in head:
+        lines.append(delivered)
+    return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
 
 
 if __name__ == "__main__":

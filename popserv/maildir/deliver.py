@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from attrs import define
+
 from popserv.body import WireSizeCounter
 from popserv.layout import ensure_maildir
-from popserv.maildir.names import make_unique
+from popserv.maildir.names import host_part, make_unique
 
 #: Read and write in pieces this big, so large messages stream through.
 CHUNK_SIZE = 64 * 1024
@@ -44,14 +47,25 @@ _NO_LINKS = frozenset(
 )
 
 
-def _chunks(source: bytes | BinaryIO) -> Iterator[bytes]:
+#: What a message can be handed over as: all of it, a binary stream read in
+#: chunks, or an iterable of chunks (what an SMTP receiver collects).
+Source = bytes | BinaryIO | Iterable[bytes]
+
+
+def _chunks(source: Source) -> Iterator[bytes]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source)
         for start in range(0, len(view), CHUNK_SIZE):
             yield bytes(view[start : start + CHUNK_SIZE])
         return
-    while chunk := source.read(CHUNK_SIZE):
-        yield chunk
+    read = getattr(source, "read", None)
+    if read is not None:
+        while chunk := read(CHUNK_SIZE):
+            yield chunk
+        return
+    for chunk in source:  # type: ignore[union-attr]
+        if chunk:
+            yield chunk
 
 
 #: A CRLF line end whose CR is not itself preceded by a CR.  ``x\r\r\n`` is
@@ -60,7 +74,7 @@ def _chunks(source: bytes | BinaryIO) -> Iterator[bytes]:
 _PLAIN_CRLF = re.compile(rb"(?<!\r)\r\n")
 
 
-def _write_lf(fd: int, source: bytes | BinaryIO) -> tuple[int, int]:
+def _write_lf(fd: int, source: Source) -> tuple[int, int]:
     """
     Write ``source`` to ``fd`` with CRLF line ends turned into LF; return
     the (stored, wire) sizes.  Reading the file back gives exactly the lines
@@ -121,13 +135,65 @@ def _publish(tmp_path: Path, final_path: Path) -> bool:
     return False
 
 
-def deliver(maildir: Path, source: bytes | BinaryIO, *, hostname: str | None = None) -> str:
+@define
+class PendingDelivery:
     """
-    Store one message in ``maildir`` (created if missing); return its file name in ``new/``.
+    A message written and synced under ``tmp/``, not yet visible.
 
-    Blocking: call it in a thread.  ``source`` is the whole message or a
-    binary stream read in chunks.  On any failure nothing appears in
-    ``new/``, the ``tmp/`` file is removed and the error is raised.
+    :meth:`publish` makes it appear in ``new/``; :meth:`discard` removes it.
+    Several recipients' copies can be prepared first and published only
+    when all were written, so a disk error delivers to none of them.
+    """
+
+    maildir: Path
+    tmp_name: str
+    stored_size: int
+    wire_size: int
+    _done: bool = False
+
+    @property
+    def final_name(self) -> str:
+        return f"{self.tmp_name},S={self.stored_size},W={self.wire_size}"
+
+    def publish(self) -> str:
+        """Link the message into ``new/`` and sync it; return its name there."""
+        if self._done:
+            raise RuntimeError("delivery already published or discarded")
+        self._done = True
+        tmp_path = self.maildir / "tmp" / self.tmp_name
+        final_path = self.maildir / "new" / self.final_name
+        published = False
+        try:
+            linked = _publish(tmp_path, final_path)
+            published = True
+            # Until new/ is synced the message could vanish in a crash; fail
+            # loudly (so the sender retries) rather than acknowledge it.
+            fsync_directory(self.maildir / "new")
+        except BaseException:
+            if published:
+                _unlink_quietly(final_path)
+            _unlink_quietly(tmp_path)
+            raise
+        if linked:
+            # Delivered whatever happens here; clean_tmp removes a leftover later.
+            _unlink_quietly(tmp_path)
+        return self.final_name
+
+    def discard(self) -> None:
+        """Remove the unpublished message; later calls do nothing."""
+        if not self._done:
+            self._done = True
+            _unlink_quietly(self.maildir / "tmp" / self.tmp_name)
+
+
+def prepare(
+    maildir: Path, source: Source, *, header: bytes = b"", hostname: str | None = None
+) -> PendingDelivery:
+    """
+    Write ``header`` then ``source`` under ``maildir/tmp`` (the Maildir is
+    created if missing) and fsync it.  Blocking: call it in a thread.
+
+    On any failure the ``tmp/`` file is removed and the error is raised.
     """
     maildir = Path(maildir)
     ensure_maildir(maildir)
@@ -136,42 +202,63 @@ def deliver(maildir: Path, source: bytes | BinaryIO, *, hostname: str | None = N
     fd = os.open(
         tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
-    published: Path | None = None
     try:
         try:
-            stored, wire = _write_lf(fd, source)
+            stored, wire = _write_lf(fd, itertools.chain((header,), _chunks(source)))
             os.fsync(fd)
         finally:
             os.close(fd)
-        final_name = f"{tmp_name},S={stored},W={wire}"
-        final_path = maildir / "new" / final_name
-        linked = _publish(tmp_path, final_path)
-        published = final_path
-        # Until new/ is synced the message could vanish in a crash; fail loudly
-        # (so the sender retries) rather than acknowledge it.
-        fsync_directory(maildir / "new")
     except BaseException:
-        if published is not None:
-            _unlink_quietly(published)
         _unlink_quietly(tmp_path)
         raise
-    if linked:
-        # Delivered whatever happens here; clean_tmp removes a leftover later.
-        _unlink_quietly(tmp_path)
-    return final_name
+    return PendingDelivery(maildir, tmp_name, stored, wire)
+
+
+def deliver(
+    maildir: Path, source: Source, *, header: bytes = b"", hostname: str | None = None
+) -> str:
+    """
+    Store one message in ``maildir`` (created if missing); return its file name in ``new/``.
+
+    Blocking: call it in a thread.  ``header`` (trace fields) is stored
+    before the message.  On any failure nothing appears in ``new/``, the
+    ``tmp/`` file is removed and the error is raised.
+    """
+    return prepare(maildir, source, header=header, hostname=hostname).publish()
+
+
+#: The ``tmp/`` names :func:`make_unique` gives: the writer's pid and host.
+_OUR_TMP_NAME = re.compile(r"\d+\.M\d+P(?P<pid>\d{1,10})Q\d+R[0-9a-f]+\.(?P<host>.+)")
+
+
+def _writer_is_dead(name: str, hostname: str) -> bool:
+    """True if ``name`` was made by a process of this host that no longer runs."""
+    match = _OUR_TMP_NAME.fullmatch(name)
+    if match is None or match["host"] != hostname:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, and someone else's
+    return False
 
 
 def clean_tmp(maildir: Path, older_than: float = STALE_TMP_SECONDS) -> int:
     """
-    Remove files in ``maildir/tmp`` untouched for ``older_than`` seconds.
+    Remove the deliveries that died halfway from ``maildir/tmp``: files
+    untouched for ``older_than`` seconds, and at once those a popserv process
+    of this host wrote and then died without finishing (a crash, kill -9).
 
-    Those are deliveries that died halfway.  Return how many were removed.
+    Return how many were removed.
     """
     limit = time.time() - older_than
+    hostname = host_part(None)
     removed = 0
     try:
         entries = os.scandir(Path(maildir) / "tmp")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return 0
     with entries:
         for entry in entries:
@@ -179,7 +266,7 @@ def clean_tmp(maildir: Path, older_than: float = STALE_TMP_SECONDS) -> int:
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 st = entry.stat(follow_symlinks=False)
-                if max(st.st_mtime, st.st_atime) < limit:
+                if max(st.st_mtime, st.st_atime) < limit or _writer_is_dead(entry.name, hostname):
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:

@@ -116,7 +116,8 @@ def uidl_for(unique: str) -> str:
     return "X" + hashlib.sha1(raw, usedforsecurity=False).hexdigest()
 
 
-def _hostname(hostname: str | None) -> str:
+def host_part(hostname: str | None) -> str:
+    """The host as it appears in names made here (``/``, ``:``, ``,`` escaped)."""
     host = socket.gethostname() if hostname is None else hostname
     return host.translate(_HOST_ESCAPES) or "localhost"
 
@@ -141,7 +142,7 @@ def make_unique(
     micro = int((now - seconds) * 1_000_000)
     name = (
         f"{seconds}.M{micro}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}"
-        f".{_hostname(hostname)}"
+        f".{host_part(hostname)}"
     )
     if stored_size is not None:
         name += f",S={stored_size}"
