@@ -16,20 +16,26 @@ from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.accounts import AccountSettings
+from popserv.delivery import Directory
+from popserv.errors import InvalidUsername
 from popserv.firstrun import announce, bootstrap
 from popserv.layout import Layout
+from popserv.maildir import clean_tmp
 from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
+from popserv.quota import Quota
 from popserv.realm import MaildirRealm
+from popserv.receive import ReceiverFactory, ReceiverSettings
 from popserv.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server, token_validator
-from popserv.tls import TLSServer
+from popserv.tls import ALPN_SMTP, TLSServer
 
 log = Logger()
 
@@ -72,17 +78,87 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     )
 
 
+def make_receiver(
+    options: Mapping[str, Any], pop3: POP3Factory, *, lmtp: bool, reactor: Any = None
+) -> ReceiverFactory:
+    """
+    The SMTP (or LMTP) receiver for ``options``, delivering to the Maildirs
+    and users ``pop3`` serves; its TLS uses the same certificates.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    hostname = pop3.policy.hostname
+    domains = options.get("domain") or [hostname, "localhost"]
+    quota = Quota(options.get("quota-bytes"), options.get("quota-messages"))
+    directory = Directory(
+        layout,
+        PasswdFile(layout.passwd_path),
+        domains,
+        quota=quota,
+        delimiter=options.get("recipient-delimiter", "+") or "",
+    )
+    settings = ReceiverSettings(
+        hostname=hostname,
+        max_message_size=options.get("max-message-size") or 25 * 1024 * 1024,
+    )
+    tls = TLSServer(pop3.tls.config, alpn=ALPN_SMTP) if pop3.tls is not None else None
+    return ReceiverFactory(
+        directory, settings, lmtp=lmtp, tls=tls, is_local=pop3.policy.is_local, reactor=reactor
+    )
+
+
+class TmpCleaner(Service):
+    """
+    At start, removes from every user's ``tmp/`` the deliveries a crash or
+    kill left half-written (they were never visible, and never will be).
+    """
+
+    def __init__(self, layout: Layout, passwd: PasswdFile, reactor: Any) -> None:
+        self.layout = layout
+        self.passwd = passwd
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        pool = self._reactor.getThreadPool()
+        deferToThreadPool(self._reactor, pool, self._clean).addCallbacks(
+            self._cleaned, lambda f: log.failure("Cleaning tmp/ failed", f)
+        )
+
+    def _clean(self) -> int:
+        removed = 0
+        try:
+            users = self.passwd.users()
+        except OSError:
+            return 0
+        for entry in users:
+            try:
+                removed += clean_tmp(self.layout.maildir_for(entry.name))
+            except (OSError, InvalidUsername):
+                continue
+        return removed
+
+    def _cleaned(self, removed: int) -> None:
+        if removed:
+            log.info("Removed {count} unfinished deliveries from tmp/", count=removed)
+
+
 class CertificateReloader(Service):
     """
     Reloads the TLS certificates on SIGHUP, and whenever their files change
     (checked every ``interval`` seconds), so renewals need no restart.
+    ``also`` are other servers (the receiver's) built from the same files.
     """
 
-    def __init__(self, tls: TLSServer, interval: float, reactor: Any) -> None:
+    def __init__(
+        self, tls: TLSServer, interval: float, reactor: Any, also: Sequence[TLSServer] = ()
+    ) -> None:
         self.tls = tls
+        self.also = tuple(also)
         self._reactor = reactor
         self._interval = interval
-        self._loop = LoopingCall(tls.reload_if_changed)
+        self._loop = LoopingCall(self._reload_if_changed)
         self._loop.clock = reactor
         self._previous_handler: Any = None
 
@@ -110,8 +186,17 @@ class CertificateReloader(Service):
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
 
+    def _reload_if_changed(self) -> None:
+        if self.tls.reload_if_changed():
+            for other in self.also:
+                other.reload()
+
+    def _reload(self) -> None:
+        for server in (self.tls, *self.also):
+            server.reload()
+
     def _hangup(self, signum: int, frame: object) -> None:
-        self._reactor.callFromThread(self.tls.reload)
+        self._reactor.callFromThread(self._reload)
 
 
 def makeService(options: Mapping[str, Any]) -> MultiService:
@@ -123,17 +208,25 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
 
     factory = make_factory(options, reactor)
     top = MultiService()
+    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    TmpCleaner(layout, PasswdFile(layout.passwd_path), reactor).setServiceParent(top)
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
-    for description in plain:
-        endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    listeners: list[tuple[str, Any]] = [(d, factory) for d in plain]
+    receivers = []
+    for key, lmtp in (("smtp", False), ("lmtp", True)):
+        if options.get(key):
+            receiver = make_receiver(options, factory, lmtp=lmtp, reactor=reactor)
+            receivers.append(receiver)
+            listeners += [(d, receiver) for d in options[key]]
     if factory.tls is not None:
         secure = TLSMemoryBIOFactory(factory.tls, False, factory)
-        for description in options.get("pop3s") or []:
-            endpoint = serverFromString(reactor, description)
-            StreamServerEndpointService(endpoint, secure).setServiceParent(top)
+        listeners += [(d, secure) for d in options.get("pop3s") or []]
         interval = options.get("tls-reload-interval") or 60.0
-        CertificateReloader(factory.tls, interval, reactor).setServiceParent(top)
+        others = [r.tls for r in receivers if r.tls is not None]
+        CertificateReloader(factory.tls, interval, reactor, others).setServiceParent(top)
+    for description, listener in listeners:
+        endpoint = serverFromString(reactor, description)
+        StreamServerEndpointService(endpoint, listener).setServiceParent(top)
     _warn_about_cleartext(plain, factory)
     return top
 
@@ -160,4 +253,4 @@ def _loopback_only(endpoint: str) -> bool:
     ) or endpoint.startswith("unix:")
 
 
-__all__ = ["Options", "makeService", "make_factory"]
+__all__ = ["Options", "makeService", "make_factory", "make_receiver"]

@@ -11,6 +11,7 @@ from twisted.python import usage
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
 from popserv.oauth import JWTValidator
+from popserv.quota import parse_count, parse_size
 from popserv.sasl import MECHANISMS
 from popserv.sasl.external import RULES
 from popserv.tls import (
@@ -45,6 +46,13 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError("must be > 0")
     return number
+
+
+def _size(value: str) -> int:
+    size = parse_size(value)
+    if size is None:
+        raise ValueError("must be > 0")
+    return size
 
 
 def _tristate(value: str) -> bool | None:
@@ -171,6 +179,34 @@ class Options(usage.Options):
             "CA file for client certificates: asked for, not required (SASL EXTERNAL).",
         ],
         [
+            "max-message-size",
+            None,
+            25 * 1024 * 1024,
+            "Largest message the SMTP/LMTP receiver accepts (SIZE), e.g. 25M.",
+            _size,
+        ],
+        [
+            "quota-bytes",
+            None,
+            None,
+            "Default mailbox quota for delivery, e.g. 1G (users may override it with"
+            " quota_bytes= in the password file).",
+            parse_size,
+        ],
+        [
+            "quota-messages",
+            None,
+            None,
+            "Default limit of messages per mailbox for delivery.",
+            parse_count,
+        ],
+        [
+            "recipient-delimiter",
+            None,
+            "+",
+            "Delivery to user+tag@domain goes to user ('' to turn it off).",
+        ],
+        [
             "tls-reload-interval",
             None,
             60.0,
@@ -200,6 +236,9 @@ class Options(usage.Options):
         self["tls-cert"] = []
         self["tls-key"] = []
         self["master-user"] = []
+        self["smtp"] = []
+        self["lmtp"] = []
+        self["domain"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
         """POP3 listener, a Twisted endpoint string (repeatable; default
@@ -220,6 +259,21 @@ class Options(usage.Options):
         """A user who may log in as any other with its own password, by naming
         the other as the SASL authorization identity (repeatable)."""
         self["master-user"].append(name)
+
+    def opt_smtp(self, endpoint: str) -> None:
+        """Receive mail for local users by SMTP, an endpoint string (repeatable;
+        off unless given). E.g. tcp:25, tcp:2525:interface=127.0.0.1"""
+        self["smtp"].append(endpoint)
+
+    def opt_lmtp(self, endpoint: str) -> None:
+        """Receive mail from the local MTA by LMTP (repeatable; off unless
+        given). E.g. unix:/run/popserv/lmtp.sock"""
+        self["lmtp"].append(endpoint)
+
+    def opt_domain(self, domain: str) -> None:
+        """A mail domain whose users' mail SMTP accepts (repeatable; default:
+        the host name and localhost)."""
+        self["domain"].append(domain)
 
     def opt_tls_key(self, path: str) -> None:
         """PEM private key of the --tls-cert in the same position (repeatable;

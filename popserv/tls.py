@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from attrs import field, frozen
 from cryptography import x509
@@ -44,6 +45,8 @@ log = Logger()
 #: The ALPN protocol id of POP3 (IANA "TLS Application-Layer Protocol
 #: Negotiation (ALPN) Protocol IDs").
 ALPN_POP3 = b"pop3"
+#: ... and of SMTP, for the receiver's STARTTLS.
+ALPN_SMTP = b"smtp"
 
 #: Mozilla's "intermediate" TLS 1.2 ciphers (TLS 1.3 suites are all fine and
 #: left to OpenSSL).  DHE suites are only used if DH parameters are set.
@@ -83,7 +86,7 @@ class CertificateError(Exception):
 
 class ALPNRefused(SSL.Error):
     """
-    The client offered ALPN protocols, none of them POP3.  An ``SSL.Error``,
+    The client offered ALPN protocols, none of them ours.  An ``SSL.Error``,
     so that Twisted's TLS layer ends the connection as a failed handshake.
     """
 
@@ -310,9 +313,18 @@ def _preference(certificate: x509.Certificate, now: datetime) -> tuple[bool, dat
     return valid, certificate.not_valid_after_utc
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    if ALPN_POP3 in offered:
-        return ALPN_POP3
+def _alpn_selector(protocol: bytes) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    """An ALPN callback that takes ``protocol`` and refuses any other offer."""
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+        if protocol in offered:
+            return protocol
+        return _refuse_alpn(offered)
+
+    return select
+
+
+def _refuse_alpn(offered: list[bytes]) -> NoReturn:
     # Raising makes pyOpenSSL end the handshake with a fatal alert.  The
     # arguments have the shape of OpenSSL's error queue, which Twisted reads.
     offers = b", ".join(offered).decode("ascii", "replace")
@@ -332,12 +344,13 @@ class TLSServer:
     certificate, picked by SNI, rebuilt by :meth:`reload`.
     """
 
-    def __init__(self, config: TLSConfig) -> None:
+    def __init__(self, config: TLSConfig, *, alpn: bytes = ALPN_POP3) -> None:
         if not config.certificates:
             raise CertificateError("TLS needs at least one certificate")
         if config.min_version not in VERSIONS:
             raise CertificateError(f"TLS minimum version must be one of {', '.join(VERSIONS)}")
         self.config = config
+        self.alpn = alpn
         self._default: SSL.Context
         self._by_name: dict[str, SSL.Context] = {}
         self._stamps: tuple[tuple[int, int], ...] = ()
@@ -396,7 +409,7 @@ class TLSServer:
         # Resumption: the session cache needs an id context; tickets are on.
         context.set_session_id(b"popserv")
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-        context.set_alpn_select_callback(_select_alpn)
+        context.set_alpn_select_callback(_alpn_selector(self.alpn))
         if config.client_ca is not None:
             _read(config.client_ca)
             try:

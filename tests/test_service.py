@@ -109,11 +109,30 @@ class MakeServiceTests(TestCase):
         self.patch(sys, "stdout", open(os.devnull, "w"))  # the first-start message
         self.addCleanup(sys.stdout.close)
         service = makeService(options)
-        listeners = list(service)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(len(listeners), 2)
-        self.assertTrue(all(isinstance(s, StreamServerEndpointService) for s in listeners))
         self.assertIs(listeners[0].factory, listeners[1].factory)
         self.assertTrue((Path(data) / "passwd").exists())
+
+    def test_receivers(self):
+        """--smtp and --lmtp add listeners with their own factories; both are off by default."""
+        data = self.mktemp()
+        options = Options()
+        options.parseOptions(
+            ["--data", data, "--hostname", "h", "--smtp", "tcp:0:interface=127.0.0.1",
+             "--lmtp", "unix:" + self.mktemp(), "--domain", "example.org",
+             "--max-message-size", "10M", "--quota-bytes", "1G"]
+        )  # fmt: skip
+        self.patch(sys, "stdout", open(os.devnull, "w"))
+        self.addCleanup(sys.stdout.close)
+        listeners = [s for s in makeService(options) if isinstance(s, StreamServerEndpointService)]
+        _pop3, smtp, lmtp = (s.factory for s in listeners)
+        self.assertFalse(smtp.lmtp)
+        self.assertTrue(lmtp.lmtp)
+        self.assertEqual(smtp.settings.max_message_size, 10 * 1024**2)
+        self.assertEqual(smtp.directory.domains, {"example.org"})
+        self.assertEqual(smtp.directory.quota.bytes, 1024**3)
+        self.assertRaises(UsageError, Options().parseOptions, ["--max-message-size", "0"])
 
 
 class TLSServiceTests(TestCase):

@@ -1,0 +1,540 @@
+"""
+The optional mail receiver: ESMTP for other mail servers (``--smtp``) and
+LMTP for the local MTA (``--lmtp``), delivering into the users' Maildirs.
+
+Built on Twisted's ESMTP server class (address parsing, EHLO, STARTTLS,
+timeouts), with what a receiving server on the open internet needs on top:
+
+- mail only for local users of the configured domains, never relayed;
+- SIZE, PIPELINING, 8BITMIME, ENHANCEDSTATUSCODES and STARTTLS;
+- one command at a time: while a command waits on the disk (a quota look,
+  a delivery), later pipelined input is held, and reading pauses;
+- DATA read in chunks with C-speed unstuffing (:class:`BodyDecoder`), so
+  a 25 MB message is not 300,000 Python calls, and no line limit inside it;
+- LMTP (RFC 2033): LHLO, and after DATA one reply per recipient.
+
+Delivery runs in the reactor's thread pool through :mod:`popserv.delivery`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.internet import protocol
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from popserv.body import BodyDecoder
+from popserv.delivery import (
+    BadAddress,
+    DeliveryError,
+    Directory,
+    MailboxFull,
+    MessageTooBig,
+    Recipient,
+    StorageFailed,
+    check_room,
+    deliver_message,
+    received_field,
+    trace_header,
+)
+from popserv.tls import TLSServer
+from popserv.wire import loggable
+
+log = Logger()
+
+#: RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets; a
+#: little slack for the ESMTP parameters clients add.
+MAX_COMMAND_LINE = 2048
+
+#: Input held while a command waits for the disk, before the connection
+#: is considered abusive (reading is paused long before that).
+MAX_HELD = 1024 * 1024
+
+#: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
+NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
+
+
+@frozen
+class ReceiverSettings:
+    """Limits and names of one SMTP or LMTP listener."""
+
+    hostname: str
+    #: SIZE (RFC 1870): the largest message accepted, in octets.
+    max_message_size: int = 25 * 1024 * 1024
+    #: RFC 5321 section 4.5.3.1.8: at least 100 must be accepted.
+    max_recipients: int = 100
+    #: RFC 5321 section 4.5.3.2: 5 minutes for a command, 10 for DATA blocks.
+    timeout: float = 300.0
+    #: Errors in one session before it is closed (Postfix: 20).
+    max_errors: int = 20
+
+
+def _peer_text(peer: IAddress) -> str:
+    host = getattr(peer, "host", None)
+    return f"[{host}]" if host else "local"
+
+
+class ReceiverProtocol(smtp.ESMTP):
+    """One ESMTP session with a mail client or another server."""
+
+    factory: ReceiverFactory
+    #: The ``with`` protocol of Received fields (RFC 3848), without the S for TLS.
+    protocol_name = "ESMTP"
+    hello_verbs = (b"HELO", b"EHLO")
+
+    def __init__(self, factory: ReceiverFactory) -> None:
+        super().__init__(chal={}, contextFactory=factory.tls)
+        self.factory = factory
+        self.host = factory.settings.hostname.encode("idna")
+        self.timeout = factory.settings.timeout
+        self._pending: Deferred[Any] | None = None
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._reader: BodyDecoder | None = None
+        self._greeted = False
+        self._extended = False
+        self._declared_size = 0
+        self._recipients: list[Recipient] = []
+        self._errors = 0
+        self._discard = False
+
+    # The session's words
+
+    def greeting(self) -> bytes:
+        return self.host + b" " + self.protocol_name.encode() + b" popserv"
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(self.factory.settings.max_message_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        return ext
+
+    def reply(self, code: int, text: str) -> None:
+        """Send one reply line; 4xx and 5xx count towards :attr:`max_errors`."""
+        self.transport.write(f"{code} {text}\r\n".encode("utf-8", "replace"))
+        if code >= 400:
+            self._errors += 1
+            if self._errors >= self.factory.settings.max_errors:
+                self.transport.write(b"421 4.7.0 Too many errors, closing\r\n")
+                self.transport.loseConnection()
+
+    # Input: commands one at a time, DATA in chunks
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._discard = False
+        if self._pending is not None:
+            self._hold(data)
+            return
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        self._process(data)
+
+    def _process(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end and not self.transport.disconnecting:
+            if self._pending is not None:
+                self._hold(data[pos:])
+                return
+            if self._reader is not None:
+                rest = self._reader.feed(data[pos:] if pos else data)
+                if rest is None:
+                    return
+                data, pos, end = rest, 0, len(rest)
+                self._run(self._end_of_data)
+                continue
+            newline = data.find(b"\r\n", pos)
+            if newline < 0:
+                self._buffer = data[pos:]
+                if len(self._buffer) > MAX_COMMAND_LINE:
+                    self._line_too_long()
+                return
+            if newline - pos > MAX_COMMAND_LINE:
+                self._line_too_long()
+                return
+            line = data[pos:newline]
+            pos = newline + 2
+            self._command(line)
+            if self._discard:
+                return
+
+    def _hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self._held_size += len(data)
+        self.transport.pauseProducing()
+        if self._held_size > MAX_HELD:
+            self.transport.write(b"421 4.7.0 Too much pipelined input, closing\r\n")
+            self.transport.loseConnection()
+
+    def _run(self, handler: Callable[..., Any], *args: Any) -> None:
+        """Call a command handler; if it answers later, hold input until it has."""
+        try:
+            result = handler(*args)
+        except Exception:
+            log.failure("SMTP command failed")
+            self.reply(451, "4.3.0 Internal error, try again later")
+            self._reset_transaction()
+            return
+        if isinstance(result, Deferred) and not result.called:
+            self._pending = result
+            result.addErrback(self._internal_error)
+            result.addBoth(self._resume)
+        elif isinstance(result, Deferred):
+            result.addErrback(self._internal_error)
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("SMTP command failed", failure)
+        self.reply(451, "4.3.0 Internal error, try again later")
+        self._reset_transaction()
+
+    def _resume(self, _: object) -> None:
+        self._pending = None
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        if not self.transport.disconnecting:
+            self.transport.resumeProducing()
+            if held:
+                self._process(held)
+
+    def _command(self, line: bytes) -> None:
+        verb, _, rest = line.strip().partition(b" ")
+        if not verb:
+            self.reply(500, "5.5.2 Syntax error")
+            return
+        name = verb.upper()
+        if not name.isalpha() or len(name) > 16:
+            self.reply(500, "5.5.1 Command unrecognized")
+            return
+        handler = getattr(self, "cmd_" + name.decode("ascii"), None)
+        if handler is None:
+            self.reply(500, "5.5.1 Command unrecognized")
+            return
+        self._run(handler, rest.strip())
+
+    def _line_too_long(self) -> None:
+        self.reply(500, "5.5.2 Line too long")
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        self.transport.write(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
+        self.transport.loseConnection()
+
+    # Commands
+
+    def cmd_HELO(self, rest: bytes) -> None:
+        self._hello(rest, extended=False)
+
+    def cmd_EHLO(self, rest: bytes) -> None:
+        self._hello(rest, extended=True)
+
+    def _hello(self, rest: bytes, *, extended: bool) -> None:
+        if not rest:
+            self.reply(501, "5.5.4 Say who you are")
+            return
+        peer = _peer_text(self.transport.getPeer())
+        self._helo = (rest, peer.encode())
+        self._greeted = True
+        self._extended = extended
+        self._reset_transaction()
+        if extended:
+            self.sendCode(
+                250, self.host + b" Hello " + peer.encode() + b"\n" + self.listExtensions()
+            )
+        else:
+            self.sendCode(250, self.host + b" Hello " + peer.encode())
+
+    def cmd_MAIL(self, rest: bytes) -> None:
+        if not self._greeted:
+            self.reply(503, "5.5.1 Send EHLO first")
+            return
+        if self._from is not None:
+            self.reply(503, "5.5.1 Sender already given")
+            return
+        if not rest.isascii():
+            self.reply(553, NON_ASCII)
+            return
+        match = self.mail_re.match(rest)
+        if match is None:
+            self.reply(501, "5.5.2 Syntax: MAIL FROM:<address>")
+            return
+        address = self._address(match["path"], "5.1.7 Bad sender address syntax")
+        if address is None:
+            return
+        declared = 0
+        for parameter in (match["opts"] or b"").split():
+            key, _, value = parameter.partition(b"=")
+            key = key.upper()
+            if not self._extended:
+                self.reply(555, "5.5.4 Parameters need EHLO")
+                return
+            if key == b"SIZE" and value.isdigit() and len(value) <= 20:
+                declared = int(value)
+            elif key == b"BODY" and value.upper() in (b"7BIT", b"8BITMIME"):
+                pass
+            else:
+                self.reply(555, "5.5.4 Unsupported parameter")
+                return
+        if declared > self.factory.settings.max_message_size:
+            self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+            return
+        self._from = address
+        self._declared_size = declared
+        self._recipients = []
+        self.reply(250, "2.1.0 Sender OK")
+
+    def cmd_RCPT(self, rest: bytes) -> Deferred[None] | None:
+        if self._from is None:
+            self.reply(503, "5.5.1 Need MAIL before RCPT")
+            return None
+        if not rest.isascii():
+            self.reply(553, NON_ASCII)
+            return None
+        match = self.rcpt_re.match(rest)
+        if match is None:
+            self.reply(501, "5.5.2 Syntax: RCPT TO:<address>")
+            return None
+        if match["opts"]:
+            self.reply(555, "5.5.4 Unsupported parameter")
+            return None
+        if len(self._recipients) >= self.factory.settings.max_recipients:
+            self.reply(452, "4.5.3 Too many recipients")
+            return None
+        address = self._address(match["path"], "5.1.3 Bad recipient address syntax")
+        if not address:
+            if address == "":
+                self.reply(501, "5.1.3 Bad recipient address syntax")
+            return None
+        try:
+            recipient = self.factory.resolve(address, self.transport.getPeer())
+        except DeliveryError as e:
+            log.info(
+                "Refused recipient {address}: {reason}",
+                address=loggable(address, 128),
+                reason=e.text,
+            )
+            self.reply(e.reply, f"{e.status} {e.text}")
+            return None
+        if recipient.quota.unlimited:
+            self._accept(recipient)
+            return None
+        # Quota: refuse at once when the mailbox is full, or when the SIZE
+        # the client declared would not fit.
+        room = self.factory.in_thread(check_room, recipient, self._declared_size)
+        return room.addCallbacks(
+            lambda _: self._accept(recipient), lambda f: self._refuse_recipient(f, recipient)
+        )
+
+    def _accept(self, recipient: Recipient) -> None:
+        self._recipients.append(recipient)
+        self.reply(250, "2.1.5 Recipient OK")
+
+    def _refuse_recipient(self, failure: Failure, recipient: Recipient) -> None:
+        error = failure.value if failure.check(DeliveryError) else StorageFailed()
+        if isinstance(error, MailboxFull):
+            log.info("Refused recipient {user}: mailbox full", user=loggable(recipient.user))
+        self.reply(error.reply, f"{error.status} {error.text}")
+
+    def _address(self, path: bytes, bad: str) -> str | None:
+        """The address in a MAIL or RCPT path (``""`` for ``<>``); None after replying."""
+        try:
+            address = smtp.Address(path, b"")
+        except smtp.AddressError:
+            self.reply(501, bad)
+            return None
+        local = address.local.decode("ascii")
+        domain = address.domain.decode("ascii") if address.domain else ""
+        return f"{local}@{domain}" if domain else local
+
+    def cmd_DATA(self, rest: bytes) -> None:
+        if self._from is None:
+            self.reply(503, "5.5.1 Need MAIL before DATA")
+            return
+        if not self._recipients:
+            self.reply(554, "5.5.1 No valid recipients")
+            return
+        self._reader = BodyDecoder(self.factory.settings.max_message_size)
+        self.setTimeout(max(self.timeout, 600.0))
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _end_of_data(self) -> Deferred[None] | None:
+        reader, self._reader = self._reader, None
+        assert reader is not None
+        self.setTimeout(self.timeout)
+        recipients, sender = self._recipients, self._from or ""
+        self._reset_transaction()
+        if reader.overflow:
+            self._answer(recipients, [MessageTooBig()] * len(recipients))
+            return None
+        queue_id = secrets.token_hex(6).upper()
+        copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
+        work = self.factory.in_thread(
+            deliver_message,
+            copies,
+            reader.chunks,
+            atomic=not self.per_recipient_replies,
+        )
+
+        def delivered(results: list[DeliveryError | None]) -> None:
+            stored = sum(1 for r in results if r is None)
+            log.info(
+                "Message {id}: {size} octets from {sender}, stored for {stored} of"
+                " {count} recipients",
+                id=queue_id,
+                size=reader.size,
+                sender=loggable(sender or "<>", 128),
+                stored=stored,
+                count=len(results),
+            )
+            self._answer(recipients, results)
+
+        return work.addCallback(delivered)
+
+    #: LMTP answers DATA once per recipient; SMTP once for all.
+    per_recipient_replies = False
+
+    def _answer(
+        self, recipients: Sequence[Recipient], results: Sequence[DeliveryError | None]
+    ) -> None:
+        if self.per_recipient_replies:
+            for result in results:
+                self._reply_result(result)
+        else:
+            self._reply_result(next((r for r in results if r is not None), None))
+
+    def _reply_result(self, result: DeliveryError | None) -> None:
+        if result is None:
+            self.reply(250, "2.0.0 Message accepted for delivery")
+        else:
+            self.reply(result.reply, f"{result.status} {result.text}")
+
+    def _trace(self, sender: str, recipient: Recipient, queue_id: str) -> bytes:
+        helo = (self._helo[0] or b"").decode("ascii", "replace")
+        helo = "".join(c for c in helo if "!" <= c <= "~")[:100] or "unknown"
+        name = self.protocol_name + ("S" if self.startedTLS else "")
+        received = received_field(
+            helo=helo,
+            peer=_peer_text(self.transport.getPeer()),
+            host=self.factory.settings.hostname,
+            protocol=name,
+            queue_id=queue_id,
+            recipient=recipient.address,
+        )
+        return trace_header(sender, recipient.address, received)
+
+    def cmd_RSET(self, rest: bytes) -> None:
+        self._reset_transaction()
+        self.reply(250, "2.0.0 OK")
+
+    def _reset_transaction(self) -> None:
+        self._from = None
+        self._declared_size = 0
+        self._recipients = []
+
+    def cmd_NOOP(self, rest: bytes) -> None:
+        self.reply(250, "2.0.0 OK")
+
+    def cmd_VRFY(self, rest: bytes) -> None:
+        self.reply(252, "2.5.2 Cannot VRFY user, but will accept message")
+
+    def cmd_EXPN(self, rest: bytes) -> None:
+        self.reply(502, "5.5.1 EXPN not available")
+
+    def cmd_HELP(self, rest: bytes) -> None:
+        self.reply(214, "2.0.0 See RFC 5321")
+
+    def cmd_QUIT(self, rest: bytes) -> None:
+        self.reply(221, "2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def cmd_STARTTLS(self, rest: bytes) -> None:
+        """
+        STARTTLS (RFC 3207).  Whatever the client sent after the command in
+        clear is thrown away, and everything learned before is forgotten.
+        """
+        if self.startedTLS:
+            self.reply(503, "5.5.1 TLS already active")
+            return
+        if not self.canStartTLS:
+            self.reply(454, "4.7.0 TLS not available")
+            return
+        self._discard = True
+        self._buffer = b""
+        self._greeted = False
+        self._reset_transaction()
+        self.reply(220, "2.0.0 Ready to start TLS")
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+
+
+class LMTPProtocol(ReceiverProtocol):
+    """One LMTP session (RFC 2033) with the local MTA."""
+
+    protocol_name = "LMTP"
+    per_recipient_replies = True
+
+    def cmd_HELO(self, rest: bytes) -> None:
+        self.reply(500, "5.5.1 Use LHLO")
+
+    cmd_EHLO = cmd_HELO
+
+    def cmd_LHLO(self, rest: bytes) -> None:
+        self._hello(rest, extended=True)
+
+
+class ReceiverFactory(protocol.ServerFactory):
+    """Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through ``directory``."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        settings: ReceiverSettings,
+        *,
+        lmtp: bool = False,
+        tls: TLSServer | None = None,
+        is_local: Callable[[IAddress], bool] = lambda peer: False,
+        reactor: IReactorThreads | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        self.directory = directory
+        self.settings = settings
+        self.lmtp = lmtp
+        self.tls = tls
+        self.is_local = is_local
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: IAddress) -> ReceiverProtocol:
+        return (LMTPProtocol if self.lmtp else ReceiverProtocol)(self)
+
+    def resolve(self, address: str, peer: IAddress) -> Recipient:
+        """
+        The local recipient for ``address``.  Over LMTP the MTA has routed
+        the mail already, so any domain is taken; over SMTP only ours, and
+        a bare local part only from a local client.
+        """
+        if not address:
+            raise BadAddress("empty")
+        if self.lmtp:
+            return self.directory.resolve(address, any_domain=True)
+        # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
+        local = isinstance(peer, UNIXAddress) or self.is_local(peer)
+        return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
+
+    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        reactor: Any = self.reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
