@@ -451,7 +451,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if not self._closing:
             self._take_lines()
         # The queue is short only when the splitter holds no whole line.
-        if self._reading_paused and len(self._queue) < self.factory.policy.max_queued_commands // 2:
+        low = max(self.factory.policy.max_queued_commands // 2, 1)
+        if self._reading_paused and len(self._queue) < low:
             self._pause_reading(False)
         if self._input_ended and not (self._queue or self._busy or self._stream is not None):
             self.close()

@@ -33,6 +33,23 @@ from popserv.tls import TLSServer
 
 log = Logger()
 
+#: twistd options that set a Policy field of the same meaning.
+LIMIT_OPTIONS = {
+    "idle-timeout": "idle_timeout",
+    "login-timeout": "login_timeout",
+    "auth-failure-delay": "auth_failure_delay",
+    "auth-failure-max-delay": "auth_failure_max_delay",
+    "max-auth-failures": "max_auth_failures",
+    "max-connections": "max_connections",
+    "max-connections-per-ip": "max_connections_per_ip",
+    "ipv6-prefix": "ipv6_prefix",
+    "max-user-sessions": "max_user_sessions",
+    "max-line-length": "max_line_length",
+    "max-auth-line-length": "max_auth_line_length",
+    "max-queued-commands": "max_queued_commands",
+    "trusted-network": "trusted_networks",
+}
+
 
 def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory:
     """The POP3 factory for ``options`` (the keys of :class:`popserv.tap.Options`)."""
@@ -53,11 +70,12 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     if validator is not None:
         checkers.append(TokenChecker(validator))
     portal = Portal(realm, checkers)
+    limits = {
+        field: options[option] for option, field in LIMIT_OPTIONS.items() if option in options
+    }
     policy = Policy(
         hostname=hostname,
-        idle_timeout=options.get("idle-timeout", 600.0),
-        auth_failure_delay=options.get("auth-failure-delay", 2.0),
-        max_auth_failures=options.get("max-auth-failures", 3),
+        **limits,
         account=defaults,
         apop=options.get("apop"),
         allow_cleartext_auth=bool(options.get("allow-cleartext-auth")),
@@ -135,7 +153,47 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
         interval = options.get("tls-reload-interval") or 60.0
         CertificateReloader(factory.tls, interval, reactor).setServiceParent(top)
     _warn_about_cleartext(plain, factory)
+    ensure_fd_limit(factory.policy.max_connections)
     return top
+
+
+#: File descriptors a session may hold: its socket, the Maildir lock, a message.
+FDS_PER_CONNECTION = 3
+#: Descriptors beside the sessions': listeners, the password file, the log, threads.
+FDS_SPARE = 64
+
+
+def ensure_fd_limit(max_connections: int, resource_module: Any = None) -> int:
+    """
+    Raise the soft limit on open files (``ulimit -n``, often 1024) to what
+    ``max_connections`` sessions need, as far as the hard limit allows; warn
+    when that is not enough.  Return the soft limit in force.
+    """
+    if resource_module is None:
+        try:
+            import resource as resource_module
+        except ImportError:  # not on POSIX
+            return -1
+    needed = max_connections * FDS_PER_CONNECTION + FDS_SPARE
+    soft, hard = resource_module.getrlimit(resource_module.RLIMIT_NOFILE)
+    if soft == resource_module.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource_module.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource_module.setrlimit(resource_module.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        log.warn(
+            "Open-file limit {soft} is too low for --max-connections {connections} (needs about"
+            " {needed}): raise it (LimitNOFILE= in systemd, ulimit -n) or lower --max-connections",
+            soft=soft,
+            connections=max_connections,
+            needed=needed,
+        )
+    return soft
 
 
 def _warn_about_cleartext(endpoints: Sequence[str], factory: POP3Factory) -> None:
