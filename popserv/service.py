@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,7 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from popserv.accounts import AccountSettings
 from popserv.firstrun import announce, bootstrap
-from popserv.layout import Layout
+from popserv.layout import Layout, Owner
 from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
@@ -51,14 +52,20 @@ LIMIT_OPTIONS = {
 }
 
 
-def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory:
-    """The POP3 factory for ``options`` (the keys of :class:`popserv.tap.Options`)."""
+def make_factory(
+    options: Mapping[str, Any], reactor: Any = None, *, owner: Owner | None = None
+) -> POP3Factory:
+    """
+    The POP3 factory for ``options`` (the keys of :class:`popserv.tap.Options`).
+    ``owner`` (uid, gid) is who will run it, when root starts it and drops
+    privileges: files made on the first start are given to that user.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    layout = layout_of(options)
     hostname = options.get("hostname") or socket.getfqdn()
     if not options.get("passwd"):
-        account = bootstrap(layout, hostname)
+        account = bootstrap(layout, hostname, owner)
         if account is not None:
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
     passwd = PasswdFile(layout.passwd_path)
@@ -88,6 +95,67 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     return POP3Factory(
         portal, policy, clock=reactor, announce=realm.announcement, tls=tls, sasl=mechanisms
     )
+
+
+def layout_of(options: Mapping[str, Any]) -> Layout:
+    """Where the options say the data lives."""
+    return Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+
+
+def service_owner(options: Any) -> Owner | None:
+    """
+    Who twistd will run as after binding its ports (``twistd --uid/--gid``,
+    read from the twistd options above ours), when it starts as root; None
+    when privileges are not dropped.
+    """
+    parent = getattr(options, "parent", None)
+    uid = parent.get("uid") if parent is not None else None
+    if uid is None or os.getuid() != 0:
+        return None
+    gid = parent.get("gid")
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+    return uid, gid
+
+
+class AccessCheck(Service):
+    """
+    At start-up, after twistd dropped privileges: says so, loudly, when this
+    user cannot read the password file or create Maildirs under the data
+    directory, instead of failing every login with a puzzling [SYS/PERM].
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def startService(self) -> None:
+        super().startService()
+        for problem in self.problems():
+            log.error(
+                "{problem}: give the files to the user popserv runs as (uid {uid}), for"
+                " example chown -R that user {data}",
+                problem=problem,
+                uid=os.getuid(),
+                data=str(self.layout.data_dir),
+            )
+
+    def problems(self) -> list[str]:
+        """What this process cannot do that serving mail needs."""
+        # os.access and os.path answer False where pathlib would raise EACCES.
+        found = []
+        passwd = self.layout.passwd_path
+        if not os.access(passwd, os.R_OK):
+            found.append(f"Cannot read the password file {passwd}")
+        # The server creates a new user's Maildir in the data directory (not
+        # in, say, /home for a /home/{user}/Maildir template).
+        head = self.layout.maildir_template.split("{user}", 1)[0]
+        parent = Path(head) if head.endswith(os.sep) else Path(head).parent
+        inside = parent == self.layout.data_dir or self.layout.data_dir in parent.parents
+        if inside and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+            found.append(f"Cannot create Maildirs in {parent}")
+        return found
 
 
 class CertificateReloader(Service):
@@ -139,8 +207,9 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
     """
     from twisted.internet import reactor
 
-    factory = make_factory(options, reactor)
+    factory = make_factory(options, reactor, owner=service_owner(options))
     top = MultiService()
+    AccessCheck(layout_of(options)).setServiceParent(top)
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
     for description in plain:
         endpoint = serverFromString(reactor, description)

@@ -9,6 +9,7 @@ formats answers with :func:`ok` and :func:`err`.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable, Iterable, Iterator
 
@@ -296,6 +297,12 @@ def msg_id(local: str, hostname: str) -> bytes:
     """
     host = _MSG_ID_HOST.sub("", hostname) or "localhost"
     return f"<{local}@{host}>".encode("ascii")
+
+
+# Codecs are imported when first used; look this one up now, while the
+# standard library can still be read (not after twistd --chroot, or --uid
+# with Python installed where that user cannot read it).
+codecs.lookup("unicode_escape")
 
 
 def loggable(value: bytes | str | None, limit: int = 64) -> str:
