@@ -1120,7 +1120,7 @@ class POP3Factory(Factory):
 
     # Connections
 
-    def buildProtocol(self, addr: interfaces.IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: interfaces.IAddress | None) -> Any:
         """A session, or, over the connection limits, a refusal that costs next to nothing."""
         why = self._over_limit(addr)
         if why is None:
@@ -1130,7 +1130,7 @@ class POP3Factory(Factory):
         refusal.factory = self
         return refusal
 
-    def _over_limit(self, addr: interfaces.IAddress) -> str | None:
+    def _over_limit(self, addr: interfaces.IAddress | None) -> str | None:
         """Why a new connection from ``addr`` is refused, or None."""
         policy = self.policy
         if len(self.sessions) >= policy.max_connections:
@@ -1146,7 +1146,7 @@ class POP3Factory(Factory):
             return None
         return self.policy.client_key(peer)
 
-    def _log_refusal(self, addr: interfaces.IAddress, why: str) -> None:
+    def _log_refusal(self, addr: interfaces.IAddress | None, why: str) -> None:
         self._refused += 1
         now = self.clock.seconds()
         last = self._refusal_logged_at

@@ -109,10 +109,9 @@ def service_owner(options: Any) -> Owner | None:
     when privileges are not dropped.
     """
     parent = getattr(options, "parent", None)
-    uid = parent.get("uid") if parent is not None else None
-    if uid is None or os.getuid() != 0:
+    if parent is None or parent.get("uid") is None or os.getuid() != 0:
         return None
-    gid = parent.get("gid")
+    uid, gid = parent["uid"], parent.get("gid")
     if gid is None:
         import pwd
 

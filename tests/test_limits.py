@@ -291,7 +291,7 @@ class _CountingChecker(InMemoryUsernamePasswordDatabaseDontUse):
 
 
 class PenaltyTests(SynchronousTestCase):
-    def fail(self, connection, at: float, s: Session) -> None:
+    def failed_login(self, connection, at: float, s: Session) -> None:
         """A wrong password whose -ERR comes ``at`` seconds later, not sooner."""
         connection.send(b"USER alice\r\n")
         self.assertEqual(connection.send(b"PASS wrong\r\n"), b"")
@@ -304,18 +304,18 @@ class PenaltyTests(SynchronousTestCase):
         """2, 4, 8, then 15 s: a new connection does not start the count again."""
         s = Session()
         for delay in (2, 4, 8):
-            self.fail(s, delay, s)
+            self.failed_login(s, delay, s)
         self.assertTrue(s.transport.disconnecting)  # three in one session
         again = s.connect()
-        self.fail(again, 15, s)
-        self.fail(again, 15, s)
+        self.failed_login(again, 15, s)
+        self.failed_login(again, 15, s)
 
     def test_the_wait_comes_before_the_check(self):
         """A penalised client's next attempt is not even checked until its wait is over."""
         s = Session()
         checker = _CountingChecker(alice=b"secret")
         s.factory.portal.registerChecker(checker)
-        self.fail(s, 2, s)
+        self.failed_login(s, 2, s)
         self.assertEqual(checker.checks, 1)
         s.send(b"USER alice\r\nPASS secret\r\n")
         s.advance(1.75)
@@ -326,13 +326,13 @@ class PenaltyTests(SynchronousTestCase):
 
     def test_success_forgives(self):
         s = Session()
-        self.fail(s, 2, s)
-        self.fail(s, 4, s)
+        self.failed_login(s, 2, s)
+        self.failed_login(s, 4, s)
         s.send(b"USER alice\r\nPASS secret\r\n")
         s.advance(4)
         self.assertTrue(s.take().startswith(b"+OK"))
         self.assertEqual(len(s.factory.penalties), 0)
-        self.fail(s.connect(), 2, s)
+        self.failed_login(s.connect(), 2, s)
 
     def test_hanging_up_gains_nothing(self):
         """A client that hangs up instead of waiting for the -ERR is still counted."""
@@ -348,7 +348,7 @@ class PenaltyTests(SynchronousTestCase):
     def test_other_clients_are_not_delayed(self):
         """One client's penalty never holds up another's login (no blocking waits)."""
         s = Session(policy=policy(allow_cleartext_auth=True))
-        self.fail(s, 2, s)
+        self.failed_login(s, 2, s)
         s.send(b"USER alice\r\nPASS wrong\r\n")
         remote = s.connect(REMOTE_PEER)
         remote.send(b"USER alice\r\n")
@@ -358,14 +358,14 @@ class PenaltyTests(SynchronousTestCase):
     def test_trusted_clients_get_the_fixed_delay(self):
         s = Session(policy=policy(trusted_networks=["127.0.0.0/8"]))
         for _ in range(3):
-            self.fail(s, 2, s)
-        self.fail(s.connect(), 2, s)
+            self.failed_login(s, 2, s)
+        self.failed_login(s.connect(), 2, s)
         self.assertEqual(len(s.factory.penalties), 0)
 
     def test_every_login_path_counts(self):
         """USER/PASS, APOP and SASL failures all feed one count, and all wait."""
         s = Session()
-        self.fail(s, 2, s)
+        self.failed_login(s, 2, s)
         digest = b"0" * 32
         s.send(b"APOP alice " + digest + b"\r\n")
         s.advance(3.75)
@@ -382,7 +382,7 @@ class PenaltyTests(SynchronousTestCase):
 
     def test_apop_success_waits_the_penalty(self):
         s = Session()
-        self.fail(s, 2, s)
+        self.failed_login(s, 2, s)
         timestamp = s.greeting.split()[-1]
         digest = md5(timestamp + b"secret").hexdigest().encode()
         self.assertEqual(s.send(b"APOP alice " + digest + b"\r\n"), b"")
