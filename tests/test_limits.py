@@ -408,6 +408,15 @@ class PipelineBoundTests(SynchronousTestCase):
         self.assertEqual(s.take().count(b"-ERR Unknown command\r\n"), 21845)
         self.assertEqual(s.transport.producerState, "producing")
 
+    def test_a_queue_of_one_still_resumes(self):
+        """max_queued_commands=1: reading pauses behind a waiting login, and resumes after."""
+        s = Session(policy=policy(max_queued_commands=1))
+        s.send(b"USER alice\r\nPASS bad\r\nNOOP\r\n")
+        self.assertEqual(s.transport.producerState, "paused")
+        s.advance(2)
+        self.assertEqual(s.transport.producerState, "producing")
+        self.assertTrue(s.take().endswith(wire.err(errors.BadState())))
+
     def test_half_close_answers_lines_still_in_the_splitter(self):
         s = Session()
         s.protocol.output_paused = True
