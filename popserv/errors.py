@@ -121,6 +121,18 @@ class MailboxInUse(PopError):
     text = "Mailbox is locked by another session"
 
 
+class TooManySessions(PopError):
+    """
+    The user already has :attr:`Policy.max_user_sessions` sessions.  IN-USE
+    (RFC 2449 section 8.1.2) rather than SYS/TEMP: the login was right and
+    the maildrop is busy with other sessions, which is what IN-USE tells a
+    client (do not ask for the password again; close another session).
+    """
+
+    code = "IN-USE"
+    text = "Too many sessions for this user, try again later"
+
+
 class LoginDelayed(PopError):
     code = "LOGIN-DELAY"
     text = "Logged in too recently, try again later"
@@ -137,6 +149,12 @@ class TooManyFailures(PopError):
 class TemporaryFailure(PopError):
     code = "SYS/TEMP"
     text = "Temporary server failure, try again later"
+
+
+class TooManyConnections(TemporaryFailure):
+    """A connection over the server's or one client's connection limit (RFC 3206 SYS/TEMP)."""
+
+    text = "Too many connections, try again later"
 
 
 class PermanentFailure(PopError):

@@ -20,7 +20,7 @@ from typing import TextIO
 
 from attrs import frozen
 
-from popserv.layout import Layout, ensure_maildir
+from popserv.layout import Layout, Owner, ensure_maildir, give_to, missing
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
 from popserv.usernames import is_valid_username
@@ -62,17 +62,33 @@ def welcome_message(user: str, hostname: str) -> bytes:
     return message.as_bytes()
 
 
-def bootstrap(layout: Layout, hostname: str) -> FirstAccount | None:
-    """Create the first account if there is no password file yet."""
+def bootstrap(layout: Layout, hostname: str, owner: Owner | None = None) -> FirstAccount | None:
+    """
+    Create the first account if there is no password file yet.
+
+    ``owner`` (uid, gid) is who the server will run as: root starting
+    ``twistd --uid`` creates the files, and hands all it created to that
+    user, or the server could not read its own password file.
+    """
     passwd = PasswdFile(layout.passwd_path)
     if passwd.exists():
         return None
     user = first_user_name()
     password = secrets.token_urlsafe(12)
+    maildir = layout.maildir_for(user)
+    created = [
+        *missing(layout.data_dir),
+        *missing(maildir),
+        *missing(layout.passwd_path.parent),
+        layout.passwd_path,
+        passwd.lock_path,
+    ]
     layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    maildir = ensure_maildir(layout.maildir_for(user))
+    ensure_maildir(maildir)
     passwd.add(user, hash_password(password))
     deliver(maildir, welcome_message(user, hostname), hostname=hostname)
+    if owner is not None:
+        give_to(owner, created)
     return FirstAccount(user, password)
 
 

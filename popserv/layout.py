@@ -14,6 +14,7 @@ Default layout under the data directory (``./popserv-data``)::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from attrs import frozen
@@ -58,3 +59,34 @@ def ensure_maildir(path: Path) -> Path:
     for sub in MAILDIR_SUBDIRS:
         (path / sub).mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+#: A user id and group id to give files to.
+Owner = tuple[int, int]
+
+
+def missing(path: Path) -> list[Path]:
+    """``path`` and each of its ancestors that do not exist yet, outermost first."""
+    absent: list[Path] = []
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            break
+        absent.append(candidate)
+    return absent[::-1]
+
+
+def give_to(owner: Owner, paths: Iterable[Path]) -> None:
+    """
+    Hand ``paths`` (and, for directories, all they hold) to ``owner``, so a
+    server that drops root privileges (``twistd --uid``) can use what root
+    created for it.  Symbolic links are changed, never followed.
+    """
+    uid, gid = owner
+    for path in paths:
+        if not os.path.lexists(path):
+            continue
+        os.lchown(path, uid, gid)
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    os.lchown(os.path.join(root, name), uid, gid)

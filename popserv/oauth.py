@@ -28,6 +28,7 @@ from zope.interface import implementer
 from popserv.credentials import IOAuthTokenCredentials
 from popserv.interfaces import ITokenValidator
 from popserv.usernames import is_valid_username
+from popserv.wire import loggable
 
 log = Logger()
 
@@ -164,10 +165,14 @@ class TokenChecker:
         try:
             identity = await maybeDeferred(self.validator.validate, credentials.token, user)
         except UnauthorizedLogin as e:
-            log.info("OAuth token for {user} refused: {why}", user=user or "-", why=str(e))
+            log.info("OAuth token for {user} refused: {why}", user=loggable(user), why=str(e))
             raise UnauthorizedLogin() from None
         if user and user != identity:
-            log.info("OAuth token is for {identity}, not {user}", identity=identity, user=user)
+            log.info(
+                "OAuth token is for {identity}, not {user}",
+                identity=loggable(identity),
+                user=loggable(user),
+            )
             raise UnauthorizedLogin()
         if not is_valid_username(identity):
             raise UnauthorizedLogin()

@@ -18,16 +18,16 @@ import contextlib
 import enum
 import inspect
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.cred.portal import Portal
+from twisted.cred.portal import IRealm, Portal
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -49,6 +49,7 @@ from popserv.interfaces import (
 )
 from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
+from popserv.penalty import PenaltyTable
 from popserv.policy import Policy
 from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
@@ -195,6 +196,10 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._stream: Iterator[bytes] | None = None
         self._stream_done: Deferred[None] | None = None
         self._sleeping: Deferred[None] | None = None
+        #: When the login attempt under way began (its penalty counts from there).
+        self._attempt_started: float | None = None
+        #: The deadline for logging in (Policy.login_timeout), until logged in.
+        self._login_timer: Any = None
         self.info = SessionInfo(None, secure=False)
 
     # Connection
@@ -202,12 +207,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         policy = self.factory.policy
         self._splitter.max_length = policy.max_line_length
+        self._splitter.auth_max_length = policy.max_auth_line_length
         self.setTimeout(policy.idle_timeout)
+        self._login_timer = self.callLater(policy.login_timeout, self._login_timed_out)
         self.transport.registerProducer(_OutputGate(self), True)
         self.language = self.factory.languages.default
         peer = self.transport.getPeer()
         self.info = SessionInfo(peer, secure=self.is_secure(), local=policy.is_local(peer))
-        self.factory.sessions.add(self)
+        self.factory.session_opened(self)
         greeting = "POP3 server ready"
         if self.factory.apop_offered() and self.apop_allowed():
             self.timestamp = apop_timestamp(policy.hostname)
@@ -262,8 +269,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 error=reason.getErrorMessage(),
             )
         self._lost = self._closing = True
-        self.factory.sessions.discard(self)
+        self.factory.session_closed(self)
         self.setTimeout(None)
+        self._cancel_login_timer()
         self._queue.clear()
         try:
             if self._line_waiter is not None:
@@ -284,6 +292,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         a QUIT among them that is a drop: nothing is deleted.
         """
         self._input_ended = True
+        self._take_lines()
         if self._line_waiter is not None and not self._queue:
             # A SASL exchange waits for an answer that can no longer come.
             self._line_waiter.cancel()
@@ -306,6 +315,24 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._closing = True
         self._queue.clear()
         self.transport.abortConnection()
+
+    def _login_timed_out(self) -> None:
+        """
+        No login within :attr:`Policy.login_timeout` of connecting: close at
+        once, without a response, like an autologout.  Activity does not
+        extend it, so a client dripping a byte at a time, or one that never
+        finishes its TLS handshake, cannot hold the connection.
+        """
+        self._login_timer = None
+        log.info("No login from {peer} in time, closing", peer=self.info.where)
+        self._closing = True
+        self._queue.clear()
+        self.transport.abortConnection()
+
+    def _cancel_login_timer(self) -> None:
+        timer, self._login_timer = self._login_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def send(self, data: bytes) -> None:
         if not self._closing:
@@ -354,13 +381,24 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if self._closing:
             return
         self.resetTimeout()
-        self._queue.extend(self._splitter.feed(data))
-        if len(self._queue) >= self.factory.policy.max_queued_commands:
-            self._pause_reading(True)
+        self._take_lines(data)
         self._run_queue()
 
+    def _take_lines(self, data: bytes = b"") -> None:
+        """
+        Move lines from the splitter into the queue, up to
+        :attr:`Policy.max_queued_commands`; the rest stay in the splitter as
+        received bytes, and reading pauses until the queue runs low.
+        """
+        limit = self.factory.policy.max_queued_commands
+        room = max(limit - len(self._queue), 0)
+        if data or room:
+            self._queue.extend(self._splitter.feed(data, max_lines=room))
+        if len(self._queue) >= limit:
+            self._pause_reading(True)
+
     def _pause_reading(self, pause: bool) -> None:
-        if pause != self._reading_paused and not self._lost:
+        if pause != self._reading_paused and not self._lost and not self._closing:
             self._reading_paused = pause
             if pause:
                 self.transport.pauseProducing()
@@ -389,7 +427,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self._running = False
 
     def _run_queue_once(self) -> None:
-        while self._queue and not self.output_paused and not self._closing:
+        while not self.output_paused and not self._closing:
+            if not self._queue:
+                self._take_lines()
+                if not self._queue:
+                    break
             if self._line_waiter is not None:
                 waiter, self._line_waiter = self._line_waiter, None
                 waiter.callback(self._queue.popleft())
@@ -406,7 +448,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
             if not done.called:
                 self._busy = True
                 done.addBoth(self._command_done)
-        if self._reading_paused and len(self._queue) < self.factory.policy.max_queued_commands // 2:
+        if not self._closing:
+            self._take_lines()
+        # The queue is short only when the splitter holds no whole line.
+        low = max(self.factory.policy.max_queued_commands // 2, 1)
+        if self._reading_paused and len(self._queue) < low:
             self._pause_reading(False)
         if self._input_ended and not (self._queue or self._busy or self._stream is not None):
             self.close()
@@ -521,6 +567,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         user, self._user = self._user, None
         self.state = State.AUTHORIZATION
         assert user is not None
+        await self._begin_attempt()
         await self.login(UsernamePassword(user, password))
 
     async def do_apop(self, name: bytes, digest: bytes) -> None:
@@ -530,6 +577,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise errors.TLSRequired()
         if not self.timestamp:
             raise errors.APOPUnavailable()
+        await self._begin_attempt()
         if len(digest) != 32 or not all(c in b"0123456789abcdefABCDEF" for c in digest):
             await self._auth_failed(name, "malformed APOP digest", errors.APOPFailed())
             return
@@ -555,7 +603,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         """
         user = credentials.username
         try:
-            _, mailbox, logout = await self.factory.portal.login(credentials, self.info, IMailbox)
+            _, mailbox, logout = await self.factory.login(credentials, self.info)
         except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
             if failure is not None:
                 # The client's dummy answer; a cancel or junk ends it the same way.
@@ -568,6 +616,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
             log.info("Login of {user} refused: {reason}", user=wire.loggable(user), reason=reason)
             self.refuse(e)
             return
+        self._attempt_started = None
+        self.factory.login_succeeded(self.info.peer)
         if self._lost:
             logout()
             return
@@ -585,6 +635,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._view = MaildropView(listing)
         self.account = IAccountSettings(mailbox, self.factory.policy.account)
         self.state = State.TRANSACTION
+        self._cancel_login_timer()
         self._failures = 0
         count, octets = self._view.stat()
         log.info("{user} logged in from {peer}", user=wire.loggable(user), peer=self.info.where)
@@ -633,6 +684,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if mechanism is None:
             known = any(m.name == wanted for m in self.factory.enabled_mechanisms())
             raise SASLUnavailable() if known else SASLUnknownMechanism()
+        await self._begin_attempt()
         exchange = mechanism.factory(self.sasl_context(offered))
         response = None if initial is None else _decode_sasl(initial, initial_response=True)
         for _ in range(MAX_ROUNDS):
@@ -680,9 +732,24 @@ class POP3Protocol(Protocol, TimeoutMixin):
             raise errors.LineTooLong()
         return _decode_sasl(line)
 
+    async def _begin_attempt(self) -> None:
+        """
+        A login attempt begins: first wait out the client's failed-login
+        penalty, before anything is checked, so that parallel attempts, or
+        hanging up rather than waiting for the -ERR, gain nothing.
+        """
+        self._attempt_started = self.factory.clock.seconds()
+        delay = self.factory.login_delay(self.info.peer)
+        if delay > 0:
+            await self.sleep(delay)
+
     async def _auth_failed(
         self, user: object, reason: str, answer: errors.PopError | None = None
     ) -> None:
+        """
+        Count a failed login, and answer it when the client's penalty says,
+        counted from the start of the attempt: 2, 4, 8, up to 15 s.
+        """
         self._failures += 1
         log.info(
             "Failed login for {user} from {peer}: {reason}",
@@ -690,7 +757,11 @@ class POP3Protocol(Protocol, TimeoutMixin):
             peer=self.info.where,
             reason=reason,
         )
-        await self.sleep(self.factory.policy.auth_failure_delay)
+        due = self.factory.login_failed(self.info.peer)
+        started, self._attempt_started = self._attempt_started, None
+        elapsed = 0.0 if started is None else self.factory.clock.seconds() - started
+        if due > elapsed:
+            await self.sleep(due - elapsed)
         if self._failures >= self.factory.policy.max_auth_failures:
             self.refuse(errors.TooManyFailures())
             self.close()
@@ -916,15 +987,91 @@ COMMANDS: dict[State, dict[str, Handler]] = {
 IMPLEMENTED = frozenset(verb for table in COMMANDS.values() for verb in table)
 
 
+class _Refused(Protocol):
+    """
+    A connection over the limits: one fixed ``-ERR [SYS/TEMP]`` line and a
+    close, with no session behind it and nothing read.
+
+    On implicit TLS (port 995) the line would need a TLS handshake first,
+    the costliest part of a connection and exactly what a flood is after;
+    such connections are closed at once, before the handshake, and clients
+    report a failed connection, which they retry like the -ERR.
+    """
+
+    def connectionMade(self) -> None:
+        if interfaces.ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
+        self.transport.write(wire.err(errors.TooManyConnections()))
+        self.transport.loseConnection()
+
+
+@implementer(IRealm)
+class _CountingRealm:
+    """
+    Stands before the portal's realm for one login: counts the sessions of
+    each user (the avatar id) from a successful login until its logout, and
+    refuses a user already at :attr:`Policy.max_user_sessions` before the
+    realm opens anything.
+    """
+
+    def __init__(self, factory: POP3Factory, realm: Any) -> None:
+        self._factory = factory
+        self._realm = realm
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces_: Any) -> Deferred[Any]:
+        user = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
+        counts = self._factory.user_sessions
+        limit = self._factory.policy.max_user_sessions
+        if counts[user] >= limit:
+            raise errors.TooManySessions(f"{limit} sessions already")
+        counts[user] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                counts[user] -= 1
+                if counts[user] <= 0:
+                    del counts[user]
+
+        def opened(result: tuple[Any, Any, Callable[[], object]]) -> tuple[Any, Any, Any]:
+            interface, avatar, logout = result
+
+            def logout_and_release() -> None:
+                try:
+                    logout()
+                finally:
+                    release()
+
+            return interface, avatar, logout_and_release
+
+        def failed(failure: Failure) -> Failure:
+            release()
+            return failure
+
+        d = maybeDeferred(self._realm.requestAvatar, avatarId, mind, *interfaces_)
+        return d.addCallbacks(opened, failed)
+
+
 class POP3Factory(Factory):
     """
     Builds POP3 sessions that log in through ``portal``.
 
     The portal's realm must answer ``requestAvatar(avatarId, mind, IMailbox)``;
     ``mind`` is an :class:`ISessionInfo`.
+
+    The factory keeps the limits that span sessions (see :class:`Policy`):
+    connections in all and per client, sessions per user, and each
+    client's failed-login penalty.
     """
 
     protocol = POP3Protocol
+
+    #: Seconds between two log lines about refused connections, so a flood
+    #: does not become a flood of log lines as well.
+    REFUSAL_LOG_INTERVAL = 60.0
 
     def __init__(
         self,
@@ -953,8 +1100,119 @@ class POP3Factory(Factory):
         self.languages = languages or Languages()
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
+        #: Open sessions by client (Policy.client_key), trusted clients left out.
+        self.connections_per_client: Counter[str] = Counter()
+        self._client_of: dict[POP3Protocol, str] = {}
+        #: Logged-in sessions by user (avatar id).
+        self.user_sessions: Counter[str] = Counter()
+        #: Failed logins by client.
+        self.penalties = PenaltyTable(
+            self.clock,
+            initial=self.policy.auth_failure_delay,
+            maximum=self.policy.auth_failure_max_delay,
+            expiry=self.policy.auth_penalty_expiry,
+            capacity=self.policy.auth_penalty_clients,
+        )
+        self._refused = 0
+        self._refusal_logged_at: float | None = None
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
+
+    # Connections
+
+    def buildProtocol(self, addr: interfaces.IAddress | None) -> Any:
+        """A session, or, over the connection limits, a refusal that costs next to nothing."""
+        why = self._over_limit(addr)
+        if why is None:
+            return super().buildProtocol(addr)
+        self._log_refusal(addr, why)
+        refusal = _Refused()
+        refusal.factory = self
+        return refusal
+
+    def _over_limit(self, addr: interfaces.IAddress | None) -> str | None:
+        """Why a new connection from ``addr`` is refused, or None."""
+        policy = self.policy
+        if len(self.sessions) >= policy.max_connections:
+            return f"{policy.max_connections} connections in all"
+        key = self._client_key(addr)
+        if key is not None and self.connections_per_client[key] >= policy.max_connections_per_ip:
+            return f"{policy.max_connections_per_ip} connections from {key}"
+        return None
+
+    def _client_key(self, peer: interfaces.IAddress | None) -> str | None:
+        """The key per-client limits count by; None for trusted clients and UNIX sockets."""
+        if self.policy.is_trusted(peer):
+            return None
+        return self.policy.client_key(peer)
+
+    def _log_refusal(self, addr: interfaces.IAddress | None, why: str) -> None:
+        self._refused += 1
+        now = self.clock.seconds()
+        last = self._refusal_logged_at
+        if last is None or now - last >= self.REFUSAL_LOG_INTERVAL:
+            log.warn(
+                "Refused {count} connection(s) over the limits since the last such"
+                " message; the latest from {peer}: {why}",
+                count=self._refused,
+                peer=SessionInfo(addr, secure=False).where,
+                why=why,
+            )
+            self._refused = 0
+            self._refusal_logged_at = now
+
+    def session_opened(self, session: POP3Protocol) -> None:
+        """Count a new session (from its connectionMade)."""
+        self.sessions.add(session)
+        key = self._client_key(session.info.peer)
+        if key is not None:
+            self._client_of[session] = key
+            self.connections_per_client[key] += 1
+
+    def session_closed(self, session: POP3Protocol) -> None:
+        """Stop counting a session (from its connectionLost)."""
+        self.sessions.discard(session)
+        key = self._client_of.pop(session, None)
+        if key is not None:
+            self.connections_per_client[key] -= 1
+            if self.connections_per_client[key] <= 0:
+                del self.connections_per_client[key]
+
+    # Logins
+
+    def login(self, credentials: Any, mind: ISessionInfo) -> Deferred[Any]:
+        """
+        ``Portal.login(credentials, mind, IMailbox)`` with the portal's own
+        checkers and realm, counting each user's sessions on the way (see
+        :class:`_CountingRealm`); fires with ``(interface, mailbox, logout)``.
+        """
+        portal = Portal(_CountingRealm(self, self.portal.realm))
+        portal.checkers = self.portal.checkers
+        return portal.login(credentials, mind, IMailbox)
+
+    def login_delay(self, peer: interfaces.IAddress | None) -> float:
+        """How long a login attempt from ``peer`` waits before it is checked."""
+        key = self._client_key(peer)
+        return 0.0 if key is None else self.penalties.delay(key)
+
+    def login_failed(self, peer: interfaces.IAddress | None) -> float:
+        """
+        Count a failed login from ``peer``; return how long after the start
+        of the attempt its -ERR is due: the growing penalty, or the fixed
+        :attr:`Policy.auth_failure_delay` for trusted clients and UNIX sockets.
+        """
+        key = self._client_key(peer)
+        if key is None:
+            return self.policy.auth_failure_delay
+        return self.penalties.failed(key)
+
+    def login_succeeded(self, peer: interfaces.IAddress | None) -> None:
+        """A login from ``peer`` succeeded: its failures are forgiven."""
+        key = self._client_key(peer)
+        if key is not None:
+            self.penalties.succeeded(key)
+
+    # Capabilities
 
     def apop_offered(self) -> bool:
         """

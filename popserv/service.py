@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,7 +25,7 @@ from popserv.accounts import AccountSettings
 from popserv.delivery import Directory
 from popserv.errors import InvalidUsername
 from popserv.firstrun import announce, bootstrap
-from popserv.layout import Layout
+from popserv.layout import Layout, Owner
 from popserv.maildir import clean_tmp
 from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
@@ -39,15 +40,38 @@ from popserv.tls import ALPN_SMTP, TLSServer
 
 log = Logger()
 
+#: twistd options that set a Policy field of the same meaning.
+LIMIT_OPTIONS = {
+    "idle-timeout": "idle_timeout",
+    "login-timeout": "login_timeout",
+    "auth-failure-delay": "auth_failure_delay",
+    "auth-failure-max-delay": "auth_failure_max_delay",
+    "max-auth-failures": "max_auth_failures",
+    "max-connections": "max_connections",
+    "max-connections-per-ip": "max_connections_per_ip",
+    "ipv6-prefix": "ipv6_prefix",
+    "max-user-sessions": "max_user_sessions",
+    "max-line-length": "max_line_length",
+    "max-auth-line-length": "max_auth_line_length",
+    "max-queued-commands": "max_queued_commands",
+    "trusted-network": "trusted_networks",
+}
 
-def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory:
-    """The POP3 factory for ``options`` (the keys of :class:`popserv.tap.Options`)."""
+
+def make_factory(
+    options: Mapping[str, Any], reactor: Any = None, *, owner: Owner | None = None
+) -> POP3Factory:
+    """
+    The POP3 factory for ``options`` (the keys of :class:`popserv.tap.Options`).
+    ``owner`` (uid, gid) is who will run it, when root starts it and drops
+    privileges: files made on the first start are given to that user.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    layout = layout_of(options)
     hostname = options.get("hostname") or socket.getfqdn()
     if not options.get("passwd"):
-        account = bootstrap(layout, hostname)
+        account = bootstrap(layout, hostname, owner)
         if account is not None:
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
     passwd = PasswdFile(layout.passwd_path)
@@ -59,11 +83,12 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
     if validator is not None:
         checkers.append(TokenChecker(validator))
     portal = Portal(realm, checkers)
+    limits = {
+        field: options[option] for option, field in LIMIT_OPTIONS.items() if option in options
+    }
     policy = Policy(
         hostname=hostname,
-        idle_timeout=options.get("idle-timeout", 600.0),
-        auth_failure_delay=options.get("auth-failure-delay", 2.0),
-        max_auth_failures=options.get("max-auth-failures", 3),
+        **limits,
         account=defaults,
         apop=options.get("apop"),
         allow_cleartext_auth=bool(options.get("allow-cleartext-auth")),
@@ -87,7 +112,7 @@ def make_receiver(
     """
     if reactor is None:
         from twisted.internet import reactor
-    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    layout = layout_of(options)
     hostname = pop3.policy.hostname
     domains = options.get("domain") or [hostname, "localhost"]
     quota = Quota(options.get("quota-bytes"), options.get("quota-messages"))
@@ -142,6 +167,66 @@ class TmpCleaner(Service):
     def _cleaned(self, removed: int) -> None:
         if removed:
             log.info("Removed {count} unfinished deliveries from tmp/", count=removed)
+
+
+def layout_of(options: Mapping[str, Any]) -> Layout:
+    """Where the options say the data lives."""
+    return Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+
+
+def service_owner(options: Any) -> Owner | None:
+    """
+    Who twistd will run as after binding its ports (``twistd --uid/--gid``,
+    read from the twistd options above ours), when it starts as root; None
+    when privileges are not dropped.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("uid") is None or os.getuid() != 0:
+        return None
+    uid, gid = parent["uid"], parent.get("gid")
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+    return uid, gid
+
+
+class AccessCheck(Service):
+    """
+    At start-up, after twistd dropped privileges: says so, loudly, when this
+    user cannot read the password file or create Maildirs under the data
+    directory, instead of failing every login with a puzzling [SYS/PERM].
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def startService(self) -> None:
+        super().startService()
+        for problem in self.problems():
+            log.error(
+                "{problem}: give the files to the user popserv runs as (uid {uid}), for"
+                " example chown -R that user {data}",
+                problem=problem,
+                uid=os.getuid(),
+                data=str(self.layout.data_dir),
+            )
+
+    def problems(self) -> list[str]:
+        """What this process cannot do that serving mail needs."""
+        # os.access and os.path answer False where pathlib would raise EACCES.
+        found = []
+        passwd = self.layout.passwd_path
+        if not os.access(passwd, os.R_OK):
+            found.append(f"Cannot read the password file {passwd}")
+        # The server creates a new user's Maildir in the data directory (not
+        # in, say, /home for a /home/{user}/Maildir template).
+        head = self.layout.maildir_template.split("{user}", 1)[0]
+        parent = Path(head) if head.endswith(os.sep) else Path(head).parent
+        inside = parent == self.layout.data_dir or self.layout.data_dir in parent.parents
+        if inside and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+            found.append(f"Cannot create Maildirs in {parent}")
+        return found
 
 
 class CertificateReloader(Service):
@@ -206,10 +291,11 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
     """
     from twisted.internet import reactor
 
-    factory = make_factory(options, reactor)
+    factory = make_factory(options, reactor, owner=service_owner(options))
     top = MultiService()
-    layout = Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    layout = layout_of(options)
     TmpCleaner(layout, PasswdFile(layout.passwd_path), reactor).setServiceParent(top)
+    AccessCheck(layout).setServiceParent(top)
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
     listeners: list[tuple[str, Any]] = [(d, factory) for d in plain]
     receivers = []
@@ -228,7 +314,47 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
         endpoint = serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, listener).setServiceParent(top)
     _warn_about_cleartext(plain, factory)
+    ensure_fd_limit(factory.policy.max_connections)
     return top
+
+
+#: File descriptors a session may hold: its socket, the Maildir lock, a message.
+FDS_PER_CONNECTION = 3
+#: Descriptors beside the sessions': listeners, the password file, the log, threads.
+FDS_SPARE = 64
+
+
+def ensure_fd_limit(max_connections: int, resource_module: Any = None) -> int:
+    """
+    Raise the soft limit on open files (``ulimit -n``, often 1024) to what
+    ``max_connections`` sessions need, as far as the hard limit allows; warn
+    when that is not enough.  Return the soft limit in force.
+    """
+    if resource_module is None:
+        try:
+            import resource as resource_module
+        except ImportError:  # not on POSIX
+            return -1
+    needed = max_connections * FDS_PER_CONNECTION + FDS_SPARE
+    soft, hard = resource_module.getrlimit(resource_module.RLIMIT_NOFILE)
+    if soft == resource_module.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource_module.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource_module.setrlimit(resource_module.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        log.warn(
+            "Open-file limit {soft} is too low for --max-connections {connections} (needs about"
+            " {needed}): raise it (LimitNOFILE= in systemd, ulimit -n) or lower --max-connections",
+            soft=soft,
+            connections=max_connections,
+            needed=needed,
+        )
+    return soft
 
 
 def _warn_about_cleartext(endpoints: Sequence[str], factory: POP3Factory) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -11,6 +12,7 @@ from twisted.python import usage
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
 from popserv.oauth import JWTValidator
+from popserv.policy import Policy
 from popserv.quota import parse_count, parse_size
 from popserv.sasl import MECHANISMS
 from popserv.sasl.external import RULES
@@ -55,6 +57,23 @@ def _size(value: str) -> int:
     return size
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return number
+
+    return parse
+
+
+def _prefix_length(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 128:
+        raise ValueError("must be 1 to 128")
+    return number
+
+
 def _tristate(value: str) -> bool | None:
     """``yes``/``no``/``auto`` as True/False/None."""
     choices = {"yes": True, "on": True, "no": False, "off": False, "auto": None}
@@ -82,6 +101,10 @@ def _identity_rule(value: str) -> str:
     return value
 
 
+#: The Policy defaults, which the options show.
+_DEFAULTS = Policy(hostname="localhost")
+
+
 class Options(usage.Options):
     """Options of ``twistd popserv``."""
 
@@ -105,17 +128,82 @@ class Options(usage.Options):
             _positive_float,
         ],
         [
+            "login-timeout",
+            None,
+            _DEFAULTS.login_timeout,
+            "Seconds from connecting to logging in, TLS handshake included, before the"
+            " connection is closed (a total, not reset by activity).",
+            _positive_float,
+        ],
+        [
             "auth-failure-delay",
             None,
-            2.0,
-            "Seconds before answering a failed login.",
+            _DEFAULTS.auth_failure_delay,
+            "Seconds before answering a client's first failed login; each further"
+            " failure from the same client doubles it.",
+            _non_negative_float,
+        ],
+        [
+            "auth-failure-max-delay",
+            None,
+            _DEFAULTS.auth_failure_max_delay,
+            "The longest failed-login delay.",
             _non_negative_float,
         ],
         [
             "max-auth-failures",
             None,
-            3,
+            _DEFAULTS.max_auth_failures,
             "Failed logins before the connection closes.",
+            _positive_int,
+        ],
+        [
+            "max-connections",
+            None,
+            _DEFAULTS.max_connections,
+            "Connections open at once, in all.",
+            _positive_int,
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            _DEFAULTS.max_connections_per_ip,
+            "Connections open at once from one IPv4 address or IPv6 network (--ipv6-prefix).",
+            _positive_int,
+        ],
+        [
+            "ipv6-prefix",
+            None,
+            _DEFAULTS.ipv6_prefix,
+            "IPv6 clients are counted and penalised per network of this many bits.",
+            _prefix_length,
+        ],
+        [
+            "max-user-sessions",
+            None,
+            _DEFAULTS.max_user_sessions,
+            "Sessions logged in at once as one user.",
+            _positive_int,
+        ],
+        [
+            "max-line-length",
+            None,
+            _DEFAULTS.max_line_length,
+            "Longest command line in octets, CRLF included (RFC 2449: 255).",
+            _at_least(255),
+        ],
+        [
+            "max-auth-line-length",
+            None,
+            _DEFAULTS.max_auth_line_length,
+            "Longest AUTH line or SASL response in octets (OAuth tokens need a few KB).",
+            _at_least(255),
+        ],
+        [
+            "max-queued-commands",
+            None,
+            _DEFAULTS.max_queued_commands,
+            "Pipelined commands read ahead; reading pauses while this many wait.",
             _positive_int,
         ],
         [
@@ -239,6 +327,7 @@ class Options(usage.Options):
         self["smtp"] = []
         self["lmtp"] = []
         self["domain"] = []
+        self["trusted-network"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
         """POP3 listener, a Twisted endpoint string (repeatable; default
@@ -275,6 +364,15 @@ class Options(usage.Options):
         the host name and localhost)."""
         self["domain"].append(domain)
 
+    def opt_trusted_network(self, network: str) -> None:
+        """A network (CIDR) of clients such as a webmail or a proxy, each
+        speaking for many users: exempt from --max-connections-per-ip and the
+        growing failed-login delay (repeatable; default: none)."""
+        try:
+            self["trusted-network"].append(ipaddress.ip_network(network, strict=False))
+        except ValueError:
+            raise usage.UsageError(f"--trusted-network: not a network: {network!r}") from None
+
     def opt_tls_key(self, path: str) -> None:
         """PEM private key of the --tls-cert in the same position (repeatable;
         not needed when the certificate file holds its key)."""
@@ -287,6 +385,8 @@ class Options(usage.Options):
             raise usage.UsageError("--pop3s needs a certificate: give --tls-cert")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs a --tls-cert")
+        if self["auth-failure-max-delay"] < self["auth-failure-delay"]:
+            raise usage.UsageError("--auth-failure-max-delay must be >= --auth-failure-delay")
         if self["tls-min-version"] not in VERSIONS:
             raise usage.UsageError(f"--tls-min-version must be one of {', '.join(VERSIONS)}")
         try:

@@ -9,6 +9,7 @@ formats answers with :func:`ok` and :func:`err`.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable, Iterable, Iterator
 
@@ -47,9 +48,22 @@ class LineSplitter:
     to its end are discarded, so the session stays in step with the client.
     An ``AUTH`` line, and every line while :attr:`in_exchange` is set (the
     client's SASL answers), may be up to :attr:`auth_max_length` long.
+
+    :meth:`feed` can hand out a few lines at a time: the rest stay here as
+    the bytes they came in, not split.  Split, 64 KB of two-letter commands
+    would be 20,000 objects, about a megabyte, held for a client that
+    pipelines and never reads its answers.
     """
 
-    __slots__ = ("_buffer", "_discarding", "auth_max_length", "in_exchange", "max_length")
+    __slots__ = (
+        "_buffer",
+        "_discarding",
+        "_owed",
+        "_start",
+        "auth_max_length",
+        "in_exchange",
+        "max_length",
+    )
 
     def __init__(
         self, max_length: int = MAX_COMMAND_LINE, auth_max_length: int = MAX_AUTH_LINE
@@ -58,7 +72,11 @@ class LineSplitter:
         self.auth_max_length = auth_max_length
         self.in_exchange = False
         self._buffer = b""
+        #: Where the unsplit bytes start in :attr:`_buffer` (no copy per line).
+        self._start = 0
         self._discarding = False
+        #: A TooLong for a line being discarded, not yet handed out.
+        self._owed = False
 
     def _limit(self, line_start: bytes) -> int:
         """The longest line allowed, given how it starts."""
@@ -66,15 +84,30 @@ class LineSplitter:
             return max(self.max_length, self.auth_max_length)
         return self.max_length
 
-    def feed(self, data: bytes) -> list[Line]:
-        """Return the complete lines (or TooLong markers) that ``data`` finishes."""
-        buffer = self._buffer + data if self._buffer else data
+    def feed(self, data: bytes = b"", max_lines: int | None = None) -> list[Line]:
+        """
+        Return the complete lines (or TooLong markers) that ``data`` finishes,
+        at most ``max_lines`` of them; further complete lines wait here for
+        the next call (``feed()`` with no data takes them).
+        """
+        if not data:
+            buffer, start = self._buffer, self._start
+        elif self._start < len(self._buffer):
+            buffer, start = self._buffer[self._start :] + data, 0
+        else:
+            buffer, start = data, 0
         lines: list[Line] = []
-        start = 0
+        if self._owed and max_lines != 0:
+            self._owed = False
+            lines.append(TooLong())
         while True:
             end = buffer.find(b"\n", start)
             if end < 0:
                 break
+            if max_lines is not None and len(lines) >= max_lines:
+                # Complete lines remain: keep them as bytes, for later.
+                self._buffer, self._start = buffer, start
+                return lines
             if self._discarding:
                 self._discarding = False
             elif end + 1 - start > self.max_length and end + 1 - start > self._limit(
@@ -91,16 +124,30 @@ class LineSplitter:
         if self._discarding:
             rest = b""
         elif len(rest) > self.max_length and len(rest) > self._limit(rest[:5]):
-            lines.append(TooLong())
+            if max_lines is None or len(lines) < max_lines:
+                lines.append(TooLong())
+            else:
+                self._owed = True
             self._discarding = True
             rest = b""
-        self._buffer = rest
+        self._buffer, self._start = rest, 0
         return lines
+
+    @property
+    def buffered(self) -> int:
+        """How many received octets wait here, unsplit."""
+        return len(self._buffer) - self._start
+
+    def has_line(self) -> bool:
+        """Whether a complete line waits here (:meth:`feed` would return it)."""
+        return self._owed or self._buffer.find(b"\n", self._start) >= 0
 
     def discard(self) -> None:
         """Forget any partial line (STLS: nothing read before TLS may count)."""
         self._buffer = b""
+        self._start = 0
         self._discarding = False
+        self._owed = False
 
 
 # Commands
@@ -250,6 +297,12 @@ def msg_id(local: str, hostname: str) -> bytes:
     """
     host = _MSG_ID_HOST.sub("", hostname) or "localhost"
     return f"<{local}@{host}>".encode("ascii")
+
+
+# Codecs are imported when first used; look this one up now, while the
+# standard library can still be read (not after twistd --chroot, or --uid
+# with Python installed where that user cannot read it).
+codecs.lookup("unicode_escape")
 
 
 def loggable(value: bytes | str | None, limit: int = 64) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -25,6 +26,29 @@ LOCAL_PEER = IPv4Address("TCP", "127.0.0.1", 4321)
 REMOTE_PEER = IPv4Address("TCP", "192.0.2.1", 4321)
 
 
+class Connection:
+    """One more client connection to a :class:`Session`'s factory."""
+
+    def __init__(self, factory: POP3Factory, peer: IAddress) -> None:
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = factory.buildProtocol(peer)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def send(self, data: bytes) -> bytes:
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def close(self) -> None:
+        """The client hangs up."""
+        self.protocol.connectionLost(None)
+
+
 class Session:
     """A POP3 protocol over a StringTransport, with a fake clock."""
 
@@ -32,7 +56,7 @@ class Session:
         self,
         messages=MESSAGES,
         policy: Policy | None = None,
-        peer: IPv4Address = LOCAL_PEER,
+        peer: IAddress = LOCAL_PEER,
         **users: str,
     ) -> None:
         self.clock = Clock()
@@ -51,6 +75,18 @@ class Session:
         self.protocol = self.factory.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
+
+    def advance(self, seconds: float, step: float = 0.25) -> None:
+        """
+        Let ``seconds`` pass on the fake clock in small steps, so that a wait
+        which starts another (a failed login's penalty, then the rest of its
+        delay) runs through too.
+        """
+        self.clock.pump([step] * round(seconds / step))
+
+    def connect(self, peer: IAddress = LOCAL_PEER) -> Connection:
+        """Another client of the same server."""
+        return Connection(self.factory, peer)
 
     def take(self) -> bytes:
         data = self.transport.value()

@@ -603,6 +603,7 @@ class TimeoutTests(SynchronousTestCase):
 
     def test_activity_resets_timer(self):
         s = Session()
+        s.login()
         s.clock.advance(500)
         s.send(b"CAPA\r\n")
         s.clock.advance(500)

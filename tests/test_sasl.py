@@ -219,11 +219,13 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(s.send(b"NOOP\r\n"), wire.err(errors.BadState()))
 
     def test_wrong_password_is_a_failed_login(self):
-        """Same delay, same [AUTH], same counting as USER/PASS: the third closes."""
+        """Same penalty, same [AUTH], same counting as USER/PASS: the third closes."""
         s = Session()
-        for attempt in range(3):
+        for attempt, delay in enumerate([2, 4, 8]):
             self.assertEqual(s.send(b"AUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n"), b"")
-            s.clock.advance(s.factory.policy.auth_failure_delay)
+            s.advance(delay - 0.25)
+            self.assertEqual(s.take(), b"")
+            s.advance(0.25)
             out = s.take()
             self.assertIn(b"-ERR [AUTH] ", out)
             self.assertEqual(s.transport.disconnecting, attempt == 2)

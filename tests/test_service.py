@@ -33,6 +33,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 import popserv
 from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
 from popserv.firstrun import _port_of
+from popserv.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
 from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
 
 REPO = Path(popserv.__file__).resolve().parent.parent
@@ -72,8 +73,82 @@ class OptionsTests(SynchronousTestCase):
         """Bad values stop twistd with a usage error, not a traceback."""
         for argv in (["--apop", "maybe"], ["--expire", "-1"], ["--login-delay", "soon"],
                      ["--sasl", "PLAIN,GSSAPI"],
-                     ["--idle-timeout", "0"], ["--max-auth-failures", "0"]):
+                     ["--idle-timeout", "0"], ["--max-auth-failures", "0"],
+                     ["--login-timeout", "0"], ["--max-connections", "0"],
+                     ["--max-connections-per-ip", "-1"], ["--max-user-sessions", "x"],
+                     ["--ipv6-prefix", "0"], ["--ipv6-prefix", "129"],
+                     ["--max-line-length", "254"], ["--max-auth-line-length", "100"],
+                     ["--max-queued-commands", "0"], ["--trusted-network", "webmail"],
+                     ["--auth-failure-delay", "20"]):
             self.assertRaises(UsageError, self.parse, *argv)
+
+    def test_limit_defaults(self):
+        """Each limit's option defaults to the Policy's own value."""
+        options = self.parse()
+        policy = Policy(hostname="h")
+        for option, field in LIMIT_OPTIONS.items():
+            self.assertEqual(options[option], getattr(policy, field) if field != "trusted_networks"
+                             else [], option)
+        self.assertEqual((policy.login_timeout, policy.max_connections,
+                          policy.max_connections_per_ip, policy.max_user_sessions,
+                          policy.ipv6_prefix, policy.auth_failure_max_delay),
+                         (60.0, 1000, 20, 10, 64, 15.0))
+        self.assertEqual(policy.trusted_networks, ())
+
+    def test_limits_reach_the_policy(self):
+        options = self.parse(
+            "--data", self.mktemp(), "--passwd", self.mktemp(), "--hostname", "h",
+            "--login-timeout", "30", "--auth-failure-delay", "1", "--auth-failure-max-delay",
+            "10", "--max-connections", "500", "--max-connections-per-ip", "5",
+            "--ipv6-prefix", "56", "--max-user-sessions", "2", "--max-line-length", "512",
+            "--max-auth-line-length", "16384", "--max-queued-commands", "8",
+            "--trusted-network", "10.0.0.1/8", "--trusted-network", "2001:db8::/32",
+        )
+        policy = make_factory(options, reactor).policy
+        self.assertEqual(
+            (policy.login_timeout, policy.auth_failure_delay, policy.auth_failure_max_delay,
+             policy.max_connections, policy.max_connections_per_ip, policy.ipv6_prefix,
+             policy.max_user_sessions, policy.max_line_length, policy.max_auth_line_length,
+             policy.max_queued_commands),
+            (30, 1, 10, 500, 5, 56, 2, 512, 16384, 8))
+        self.assertEqual([str(n) for n in policy.trusted_networks], ["10.0.0.0/8", "2001:db8::/32"])
+
+
+class _Resource:
+    """A stand-in for the resource module."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft, hard, refuse=False):
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which):
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        if self.refuse:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+class FileLimitTests(SynchronousTestCase):
+    def test_raised_to_what_the_connections_need(self):
+        resource = _Resource(1024, 65536)
+        self.assertEqual(ensure_fd_limit(1000, resource), 3064)
+        self.assertEqual(resource.limits, (3064, 65536))
+
+    def test_enough_already(self):
+        resource = _Resource(100_000, 100_000, refuse=True)
+        self.assertEqual(ensure_fd_limit(1000, resource), 100_000)
+
+    def test_hard_limit_too_low_warns(self):
+        resource = _Resource(1024, 2048)
+        with capturedLogs() as events:
+            self.assertEqual(ensure_fd_limit(1000, resource), 2048)
+        (warning,) = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertIn("Open-file limit 2048 is too low for --max-connections 1000", warning)
 
 
 class PluginTests(SynchronousTestCase):

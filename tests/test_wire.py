@@ -54,6 +54,66 @@ class LineSplitterTests(SynchronousTestCase):
                 self.assertNotIn(b"\n", line)
 
 
+def feed_in_batches(splitter: wire.LineSplitter, data: bytes, step: int, batch: int):
+    """Feed ``data`` ``step`` bytes at a time, taking at most ``batch`` lines per call."""
+    out: list[wire.Line] = []
+    for i in range(0, len(data), step):
+        lines = splitter.feed(data[i : i + step], max_lines=batch)
+        assert len(lines) <= batch
+        out += lines
+        while batch and splitter.has_line():
+            out += splitter.feed(max_lines=batch)
+    return out
+
+
+class BatchTests(SynchronousTestCase):
+    def test_at_most_max_lines(self):
+        splitter = wire.LineSplitter()
+        self.assertEqual(splitter.feed(b"A\nB\nC\nD", max_lines=2), [b"A", b"B"])
+        self.assertTrue(splitter.has_line())
+        self.assertEqual(splitter.buffered, 3)
+        self.assertEqual(splitter.feed(max_lines=2), [b"C"])
+        self.assertFalse(splitter.has_line())
+        self.assertEqual(splitter.feed(b"\n"), [b"D"])
+
+    def test_zero_lines_keeps_everything(self):
+        splitter = wire.LineSplitter()
+        self.assertEqual(splitter.feed(b"NOOP\r\n" * 3, max_lines=0), [])
+        self.assertEqual(splitter.feed(), [b"NOOP"] * 3)
+
+    def test_long_line_behind_a_batch(self):
+        """A too-long line waiting behind the batch is still read through and refused once."""
+        splitter = wire.LineSplitter()
+        data = b"A\n" + b"x" * 1000 + b"\nB\n"
+        self.assertEqual(splitter.feed(data, max_lines=1), [b"A"])
+        self.assertEqual(splitter.feed(max_lines=1), [wire.TooLong()])
+        self.assertEqual(splitter.feed(), [b"B"])
+
+    def test_never_more_than_max_lines(self):
+        """A line found too long while the batch is full is refused on the next call."""
+        splitter = wire.LineSplitter()
+        self.assertEqual(splitter.feed(b"x" * 1000, max_lines=0), [])
+        self.assertTrue(splitter.has_line())
+        self.assertEqual(splitter.feed(b"x" * 1000 + b"\nNOOP\n"), [wire.TooLong(), b"NOOP"])
+
+    def test_discard_drops_waiting_lines(self):
+        splitter = wire.LineSplitter()
+        splitter.feed(b"STLS\r\nUSER x\r\n", max_lines=1)
+        splitter.discard()
+        self.assertEqual((splitter.buffered, splitter.feed()), (0, []))
+
+    @given(st.binary(max_size=2000), st.integers(1, 300), st.integers(0, 5))
+    @settings(max_examples=200, deadline=None)
+    def test_batches_give_the_same_lines(self, data, step, batch):
+        whole = wire.LineSplitter().feed(data)
+        splitter = wire.LineSplitter()
+        batched = feed_in_batches(splitter, data, step, batch)
+        if batch == 0:
+            self.assertEqual(batched, [])
+            batched = splitter.feed()
+        self.assertEqual(batched, whole)
+
+
 class ParseTests(SynchronousTestCase):
     def test_parse(self):
         self.assertEqual(wire.parse_command(b"top 3 10"), wire.Command("TOP", (3, 10)))
