@@ -19,6 +19,7 @@ Delivery runs in the reactor's thread pool through :mod:`popserv.delivery`.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ from popserv.delivery import (
     received_field,
     trace_header,
 )
+from popserv.policy import Policy
 from popserv.tls import TLSServer
 from popserv.wire import loggable
 
@@ -106,6 +108,11 @@ class ReceiverProtocol(smtp.ESMTP):
         self._recipients: list[Recipient] = []
         self._errors = 0
         self._discard = False
+        self.client_key: str | None = None
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        self.factory.session_closed(self)
 
     # The session's words
 
@@ -494,8 +501,20 @@ class LMTPProtocol(ReceiverProtocol):
         self._hello(rest, extended=True)
 
 
+class _Refused(protocol.Protocol):
+    """A connection over the limits: one 421 line and a close, nothing read."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        self.transport.loseConnection()
+
+
 class ReceiverFactory(protocol.ServerFactory):
-    """Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through ``directory``."""
+    """
+    Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through
+    ``directory``, within the connection limits of ``policy`` (the POP3
+    ones: in all, and per client IP or IPv6 network, trusted ones exempt).
+    """
 
     def __init__(
         self,
@@ -504,7 +523,7 @@ class ReceiverFactory(protocol.ServerFactory):
         *,
         lmtp: bool = False,
         tls: TLSServer | None = None,
-        is_local: Callable[[IAddress], bool] = lambda peer: False,
+        policy: Policy | None = None,
         reactor: IReactorThreads | None = None,
     ) -> None:
         if reactor is None:
@@ -515,11 +534,35 @@ class ReceiverFactory(protocol.ServerFactory):
         self.settings = settings
         self.lmtp = lmtp
         self.tls = tls
-        self.is_local = is_local
+        self.policy = policy or Policy(hostname=settings.hostname)
         self.reactor = reactor
+        self.sessions = 0
+        self.per_client: Counter[str] = Counter()
 
-    def buildProtocol(self, addr: IAddress) -> ReceiverProtocol:
-        return (LMTPProtocol if self.lmtp else ReceiverProtocol)(self)
+    def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
+        key = self._client_key(addr)
+        if self.sessions >= self.policy.max_connections or (
+            key is not None and self.per_client[key] >= self.policy.max_connections_per_ip
+        ):
+            log.warn("Refused a connection over the limits from {peer}", peer=_peer_text(addr))
+            return _Refused()
+        session = (LMTPProtocol if self.lmtp else ReceiverProtocol)(self)
+        session.client_key = key
+        self.sessions += 1
+        if key is not None:
+            self.per_client[key] += 1
+        return session
+
+    def session_closed(self, session: ReceiverProtocol) -> None:
+        self.sessions -= 1
+        key = session.client_key
+        if key is not None:
+            self.per_client[key] -= 1
+            if self.per_client[key] <= 0:
+                del self.per_client[key]
+
+    def _client_key(self, peer: IAddress) -> str | None:
+        return None if self.policy.is_trusted(peer) else self.policy.client_key(peer)
 
     def resolve(self, address: str, peer: IAddress) -> Recipient:
         """
@@ -532,7 +575,7 @@ class ReceiverFactory(protocol.ServerFactory):
         if self.lmtp:
             return self.directory.resolve(address, any_domain=True)
         # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
-        local = isinstance(peer, UNIXAddress) or self.is_local(peer)
+        local = isinstance(peer, UNIXAddress) or self.policy.is_local(peer)
         return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:

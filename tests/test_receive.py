@@ -630,3 +630,27 @@ class RealClientTests(ReceiverTestCase):
         [bob] = self.stored("bob")
         self.assertIn(b"with LMTP id", bob)
         self.assertIn(b"Delivered-To: bob+x@example.org\n", bob)
+
+
+class ConnectionLimitTests(ReceiverTestCase):
+    """The POP3 connection limits hold for SMTP too (counted separately)."""
+
+    options = {"max-connections-per-ip": 2}
+
+    async def test_per_client_limit(self):
+        """A third connection from one address gets a 421; after one closes, a new one works."""
+        first = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(first.close)
+        second = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(second.close)
+        third = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(third.close)
+        self.assertEqual(third.greeting, [b"421 4.7.0 Too many connections, try again later"])
+        self.assertEqual(self.smtp.sessions, 2)
+        first.send(b"QUIT\r\n")
+        self.assertEqual(await self.in_thread(first.codes, 1), [b"221 2.0.0 Bye"])
+        with self.assertRaises(EOFError):
+            await self.in_thread(first.line)
+        fourth = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(fourth.close)
+        self.assertTrue(fourth.greeting[0].startswith(b"220 mx.example.org ESMTP"))
