@@ -578,6 +578,24 @@ class TLSReceiverTests(ReceiverTestCase):
             [b"503 5.5.1 Need MAIL before RCPT", b"503 5.5.1 Send EHLO first", b"221 2.0.0 Bye"],
         )
 
+    async def test_swaks_starttls(self):
+        """swaks, which needs Net::SSLeay for TLS, requires STARTTLS and checks nothing else."""
+        if shutil.which("swaks") is None:
+            raise SkipTest("swaks is not installed")
+        probe = subprocess.run(["perl", "-MNet::SSLeay", "-e", "1"], check=False)
+        if probe.returncode:
+            raise SkipTest("swaks cannot do TLS without Net::SSLeay (libnet-ssleay-perl)")
+        result = await self.in_thread(
+            subprocess.run,
+            ["swaks", "--server", "127.0.0.1", "--port", str(self.ports["smtp"]), "--tls",
+             "--from", "a@remote.test", "--to", "alice@example.org", "--body", "over TLS"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        [stored] = self.stored("alice")
+        self.assertIn(b" with ESMTPS id ", stored)
+        self.assertIn(b"\n\nover TLS\n", stored)
+
     def test_alpn_is_smtp(self):
         """The receiver's TLS takes ALPN ``smtp`` (and so refuses ``pop3``)."""
         self.assertEqual(self.smtp.tls.alpn, b"smtp")
