@@ -17,6 +17,7 @@ from pathlib import Path
 from attrs import asdict
 
 from bench._dataset import Dataset, Sizes
+from bench._profile import RATE, Profiler, find_py_spy
 from bench._report import details, table
 from bench._runner import Config, Runner, run_all
 from bench._servers import Dovecot, Popserv, Server, TwistedMail, raise_nofile
@@ -73,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--twistd", default=None, help="twistd to run (default: next to this python)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample popserv with py-spy during each benchmark's first run;"
+        " stacks go to DIR, a summary after the table",
+    )
+    p.add_argument("--py-spy", default=None, help="the py-spy to use (default: on PATH)")
     args = p.parse_args(argv)
     unknown = set(args.servers) - set(ALL_SERVERS)
     if unknown:
@@ -168,7 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             server.start()
 
-        runner = Runner(config, dataset, servers, lambda s: print(s, flush=True))
+        profiler = None
+        if args.profile:
+            py_spy = find_py_spy(args.py_spy)
+            if py_spy is None:
+                skipped.append("no profile: py-spy not found (pip install py-spy, or --py-spy)")
+            else:
+                profiler = Profiler(py_spy, args.profile)
+        runner = Runner(config, dataset, servers, lambda s: print(s, flush=True), profiler)
         run_all(runner, args.only, restart)
         names = list(servers)
         print()
@@ -190,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {note}")
         print()
         print(details(runner.measurements))
+        if profiler is not None:
+            print(f"\npopserv profiles (py-spy, {RATE} Hz; stacks in {args.profile}):")
+            for label, summary in profiler.summaries:
+                print(f"{label}:\n{summary}")
         print(f"\ntotal {time.monotonic() - began:.0f} s")
         if args.json:
             args.json.write_text(

@@ -112,9 +112,9 @@ class Connection(asyncio.Protocol):
         assert isinstance(result, bytes)
         return result
 
-    async def body(self, keep: bool = False) -> Body:
+    async def body(self, keep: bool = False, lines: bool = True) -> Body:
         """The next multi-line body, counted (and kept if asked)."""
-        self._reader = BodyReader(keep)
+        self._reader = BodyReader(keep, lines)
         result = await self._wait()
         assert isinstance(result, Body)
         return result
@@ -131,10 +131,10 @@ class Connection(asyncio.Protocol):
             raise ServerError(f"{line.split()[0].decode()}: {status[:80]!r}")
         return status
 
-    async def multiline(self, line: bytes, keep: bool = False) -> Body:
+    async def multiline(self, line: bytes, keep: bool = False, lines: bool = True) -> Body:
         """Send a command with a multi-line answer; return the counted body."""
         await self.ok(line)
-        return await self.body(keep)
+        return await self.body(keep, lines)
 
     def close(self) -> None:
         if self.transport is not None:

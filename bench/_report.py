@@ -95,7 +95,7 @@ def _number(value: float | None) -> str:
         return f"{value:.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"
-    return f"{value:.3g}"
+    return f"{value:#.3g}"
 
 
 def _ratio(value: float | None) -> str:

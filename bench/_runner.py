@@ -28,8 +28,9 @@ from bench._dataset import (
     password,
 )
 from bench._messages import make_message
+from bench._profile import Profiler
 from bench._report import Measurement, Target, percentile
-from bench._servers import HOST, RawSender, Server, pss_kib
+from bench._servers import HOST, RawSender, Server, open_files_limit, pss_kib
 from bench._workers import DeliverySpec, HoldSpec, LoadSpec, Records, Workers, merged, split
 
 #: Seconds given to forked workers to be ready before a timed load starts.
@@ -49,6 +50,8 @@ class Config:
     clients: int = 2
     b3_warm_runs: int = 3
     b4_levels: list[int] = field(factory=lambda: [1000, 10000])
+    #: Memory varies little between runs, and 10,000 Dovecot processes take a while.
+    b4_repeat: int = 1
     b5_rate: float = 50.0
     b5_delete_fraction: float = 0.1
 
@@ -73,7 +76,9 @@ class Runner:
         dataset: Dataset,
         servers: dict[str, Server],
         say: Callable[[str], None] = print,
+        profiler: Profiler | None = None,
     ) -> None:
+        self.profiler = profiler
         self.config = config
         self.dataset = dataset
         self.servers = servers
@@ -97,12 +102,28 @@ class Runner:
             self.measurements.append(m)
         return self._by_key[key]
 
-    def _each(self, bench: str, run: Callable[[Server], None]) -> None:
-        for rep in range(self.config.repeat):
+    def _each(self, bench: str, run: Callable[[Server], None], repeat: int | None = None) -> None:
+        repeat = self.config.repeat if repeat is None else repeat
+        for rep in range(repeat):
             for server in self.servers.values():
-                self.say(f"{bench} on {server.name} (run {rep + 1}/{self.config.repeat})")
+                self.say(f"{bench} on {server.name} (run {rep + 1}/{repeat})")
+                profiling = (
+                    self.profiler is not None
+                    and rep == 0
+                    and server.name == "popserv"
+                    and server.process is not None
+                    and not bench.startswith("B4")
+                )
                 try:
-                    run(server)
+                    if profiling:
+                        assert self.profiler is not None and server.process is not None
+                        self.profiler.start(server.process.pid, bench)
+                    try:
+                        run(server)
+                    finally:
+                        if profiling:
+                            assert self.profiler is not None
+                            self.profiler.stop()
                 except Exception as e:
                     self.say(f"  FAILED: {type(e).__name__}: {e}")
                     self.notes.append(f"{bench} on {server.name}: {type(e).__name__}: {e}")
@@ -377,7 +398,7 @@ class Runner:
             ) -> None:
                 self._hold(server, level, per, held, procs, restart)
 
-            self._each(f"B4 @{level}", run)
+            self._each(f"B4 @{level}", run, self.config.b4_repeat)
 
     def _hold(
         self,
@@ -427,8 +448,10 @@ class Runner:
             f" logins took {max(logins):.1f} s"
         )
         if failed or dropped:
+            limit = open_files_limit(pids[0]) if pids else None
             self.notes.append(
                 f"B4 @{level} on {server.name}: {failed} logins failed, {dropped} dropped"
+                f" (its open-files limit: {limit}, {len(pids)} processes)"
             )
 
 

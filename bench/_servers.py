@@ -453,6 +453,18 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def open_files_limit(pid: int) -> int | None:
+    """The soft open-files limit of process ``pid`` (from /proc/PID/limits)."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def pss_kib(pids: list[int]) -> int:
     """The summed proportional set size of ``pids`` in KiB (smaps_rollup)."""
     total = 0
