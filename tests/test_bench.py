@@ -6,6 +6,7 @@ names.  No servers, no timing.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +26,7 @@ from bench import (
     read_body,
     wire_size,
 )
+from bench._client import Connection, ServerError
 from bench._report import table
 
 MESSAGES = [
@@ -178,3 +180,70 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(m.ratio("dovecot"), 0.5)
         self.assertEqual(m.verdict(), "MISSED")
         self.assertIn("0.50x", table([m], ["popserv", "dovecot"]))
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the client writes; no socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class ConnectionTests(SynchronousTestCase):
+    """The client's protocol object fed bytes by hand: no sockets, no timing."""
+
+    def run_exchange(self, coroutine_for, replies: list[bytes]):
+        async def main():
+            connection = Connection()
+            transport = FakeTransport()
+            connection.connection_made(transport)
+            task = asyncio.ensure_future(coroutine_for(connection))
+            for reply in replies:
+                await asyncio.sleep(0)
+                connection.data_received(reply)
+            return await task, transport.written
+
+        return asyncio.run(main())
+
+    def test_status_then_body_split_anywhere(self):
+        """A status line and the body after it, in one chunk or split mid-pattern."""
+        message = make_message(500, seed=3)
+        response = b"+OK 1 octets\r\n" + encode_body(message)
+        for cut in (1, 10, 15, 16, len(response) - 3, len(response) - 1):
+
+            async def retr(connection):
+                return await connection.multiline(b"RETR 1", lines=False)
+
+            body, written = self.run_exchange(retr, [response[:cut], response[cut:]])
+            self.assertEqual(written, [b"RETR 1\r\n"])
+            self.assertEqual(body.octets, wire_size(message), cut)
+
+    def test_err_is_an_error(self):
+        async def stat(connection):
+            return await connection.ok(b"STAT")
+
+        with self.assertRaises(ServerError):
+            self.run_exchange(stat, [b"-ERR [IN-USE] locked\r\n"])
+
+    def test_desync_surfaces(self):
+        """A bare-LF body fails the command that read it."""
+
+        async def retr(connection):
+            return await connection.multiline(b"RETR 1")
+
+        with self.assertRaises(DesyncError):
+            self.run_exchange(retr, [b"+OK\r\nbad\nline\r\n.\r\n"])
