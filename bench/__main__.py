@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configure(args: argparse.Namespace) -> tuple[Config, Sizes]:
     config, sizes = Config(), Sizes()
     if args.quick:
-        config = Config(repeat=1, duration=2.0, warmup=0.5, b3_warm_runs=1, b4_levels=[300])
-        sizes = Sizes(b3_messages=10_000, b4_users=300, b2_size=5 * 1024 * 1024)
+        config = Config(repeat=1, duration=1.5, warmup=0.5, b3_warm_runs=1, b4_levels=[300])
+        sizes = Sizes(b3_messages=5_000, b4_users=300, b2_size=5 * 1024 * 1024)
     if args.repeat:
         config.repeat = args.repeat
     if args.duration:
