@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -172,12 +173,15 @@ class Popserv(Server):
         super().__init__(dataset)
         self.tree = tree
         self.twistd = twistd
-        self.receiver = popserv_has_receiver(tree, twistd)
-        self.smtp_port = self.lmtp_port = None
-        if self.receiver:
-            self.lmtp_port = free_port()
-            self.smtp_port = free_port()
+        options = popserv_options(tree, twistd)
+        self.receiver = "--smtp" in options
+        self.smtp_port = free_port() if self.receiver else None
+        self.lmtp_port = free_port() if self.receiver and "--lmtp" in options else None
+        # B5 delivers by LMTP when it can, as to Dovecot; by SMTP otherwise.
+        if self.lmtp_port is not None:
             self.delivery, self.delivery_port = "lmtp", self.lmtp_port
+        elif self.smtp_port is not None:
+            self.delivery, self.delivery_port = "smtp", self.smtp_port
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -205,15 +209,10 @@ class Popserv(Server):
             "--pop3",
             f"tcp:{self.port}:interface={HOST}:backlog=4096",
         ]
-        if self.receiver:
-            cmd += [
-                "--smtp",
-                f"tcp:{self.smtp_port}:interface={HOST}",
-                "--lmtp",
-                f"tcp:{self.lmtp_port}:interface={HOST}",
-                "--domain",
-                "example.org",
-            ]
+        if self.smtp_port is not None:
+            cmd += ["--smtp", f"tcp:{self.smtp_port}:interface={HOST}", "--domain", "example.org"]
+        if self.lmtp_port is not None:
+            cmd += ["--lmtp", f"tcp:{self.lmtp_port}:interface={HOST}"]
         return cmd
 
     def version(self) -> str:
@@ -229,8 +228,8 @@ class Popserv(Server):
             return ""
 
 
-def popserv_has_receiver(tree: Path, twistd: str) -> bool:
-    """Whether ``twistd popserv --help`` (from ``tree``) lists ``--smtp``."""
+def popserv_options(tree: Path, twistd: str) -> set[str]:
+    """The long options ``twistd popserv --help`` lists (run from ``tree``)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     try:
         out = subprocess.run(
@@ -243,8 +242,8 @@ def popserv_has_receiver(tree: Path, twistd: str) -> bool:
             cwd=tree,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "--smtp" in out.stdout
+        return set()
+    return set(re.findall(r"--[a-z][a-z0-9-]*", out.stdout))
 
 
 def _dovecot_binary() -> str | None:
