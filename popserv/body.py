@@ -22,7 +22,11 @@ TERMINATOR = b".\r\n"
 
 def _to_crlf(lines: bytes) -> bytes:
     """Convert whole lines (ending in LF) to CRLF line ends."""
-    return lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    # Stored mail rarely holds a CR (popserv stores LF): a scan for one is far
+    # cheaper than a replace pass that changes nothing.
+    if b"\r" in lines:
+        lines = lines.replace(b"\r\n", b"\n")
+    return lines.replace(b"\n", b"\r\n")
 
 
 class WireSizeCounter:
@@ -106,7 +110,9 @@ class BodyEncoder:
         """Encode complete lines, which start at the start of a line."""
         if self._limit is not None:
             lines = self._limit_lines(lines)
-        out = _to_crlf(lines).replace(b"\n.", b"\n..")
+        out = _to_crlf(lines)
+        if b"\n." in out:
+            out = out.replace(b"\n.", b"\n..")
         if out[:1] == b".":
             out = b"." + out
         return out

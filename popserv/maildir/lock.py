@@ -53,9 +53,12 @@ class MaildropLock:
             if e.errno in _CONTENDED:
                 raise MailboxInUse("maildrop locked by another session") from None
             raise TemporaryFailure(f"cannot lock: {e.strerror}") from None
+        holder = f"{os.getpid()}\n".encode("ascii")
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            # Rewriting the same pid at every login costs a journal commit.
+            if os.pread(fd, 32, 0) != holder:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder, 0)
         except OSError:
             pass  # The pid is only a hint for humans; the lock is what counts.
         return cls(path, fd)
