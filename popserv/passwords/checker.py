@@ -78,6 +78,11 @@ def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
     return None
 
 
+#: Schemes checked at once on the reactor thread: a comparison, no hashing
+#: worth a trip through the thread pool.
+_INSTANT_SCHEMES = frozenset({"PLAIN"})
+
+
 @cache
 def _dummy_hash() -> str:
     """A hash of a random password, checked for unknown users to spend the same time."""
@@ -217,7 +222,10 @@ class PasswdFileChecker:
         stored = None if entry is None else entry.password
         pool = self._reactor.getThreadPool()
         try:
-            matches = await deferToThreadPool(self._reactor, pool, _verify, stored, password)
+            if stored is not None and scheme_of(stored) in _INSTANT_SCHEMES:
+                matches = _verify(stored, password)
+            else:
+                matches = await deferToThreadPool(self._reactor, pool, _verify, stored, password)
         except UnknownScheme as e:
             log.error(
                 "Cannot check the password of {user} (scheme {scheme}): {why}",
