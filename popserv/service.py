@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from popserv.accounts import AccountSettings
 from popserv.firstrun import announce, bootstrap
 from popserv.layout import Layout
+from popserv.maildir.uidls import DOVECOT
 from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
@@ -46,7 +47,9 @@ def make_factory(options: Mapping[str, Any], reactor: Any = None) -> POP3Factory
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
     passwd = PasswdFile(layout.passwd_path)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
-    realm = MaildirRealm(layout, passwd, defaults, reactor=reactor)
+    realm = MaildirRealm(
+        layout, passwd, defaults, reactor=reactor, uidl_format=options.get("uidl-format") or DOVECOT
+    )
     masters = options.get("master-user") or []
     checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor, masters=masters)]
     validator = options["oauth"] if "oauth" in options else token_validator(options)

@@ -1,18 +1,42 @@
 """
 Moving from Dovecot: a Maildir with a ``dovecot-uidlist`` keeps its UIDLs.
 
-The store on Maildirs with hand-written uidlists (damaged ones too).
+First the store on Maildirs with hand-written uidlists (damaged ones too),
+then the real thing: a private Dovecot serves a Maildir over POP3, which
+makes it write its uidlist, and popserv, serving the same Maildir with the
+same password file, must answer UIDL and LIST exactly as Dovecot did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import poplib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
 
 from popserv.maildir import MaildirMailbox
 from popserv.maildir.names import digest_uidl
 from popserv.maildir.uidlist import UIDLIST_FILE
+from popserv.service import make_factory
 from tests.test_maildir import MaildirTestCase
+
+#: Where distributions put Dovecot's pop3 service binary.
+POP3_BINARIES = (
+    "/usr/lib/dovecot/pop3",
+    "/usr/libexec/dovecot/pop3",
+    "/usr/local/libexec/dovecot/pop3",
+)
 
 UIDVALIDITY = 1795516063  # 0x6b05669f
 
@@ -153,3 +177,188 @@ class MigratedMaildirTests(MaildirTestCase):
         self.assertEqual(await self.read(mailbox, 3), b"odd\n")
         await mailbox.commit([3], [])
         self.assertNotIn(":2,S", self.files(maildir, "cur"))
+
+
+def _pop3_binary() -> str | None:
+    return next((path for path in POP3_BINARIES if os.access(path, os.X_OK)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateDovecot:
+    """A Dovecot serving POP3 on 127.0.0.1 from files under ``root``; stop() ends it."""
+
+    def __init__(self, root: Path, passwd: Path, maildir: Path, settings: str = "") -> None:
+        self.root = root
+        self.port = _free_port()
+        self.log = root / "dovecot.log"
+        self.output = ""
+        root.mkdir(parents=True)
+        # Dovecot's sockets live in base_dir, and socket paths are limited to
+        # about 100 bytes: a trial temp path is too long.
+        run = Path(tempfile.mkdtemp(prefix="popserv-dovecot-"))
+        run.chmod(0o755)
+        self.run_dir = run
+        if os.geteuid() == 0:
+            users = ""
+        else:
+            me = os.environ.get("USER") or str(os.getuid())
+            users = (
+                f"default_internal_user = {me}\ndefault_login_user = {me}\n"
+                f"default_internal_group = {os.getgid()}\n"
+            )
+        config = root / "dovecot.conf"
+        config.write_text(
+            f"base_dir = {run}\n"
+            f"state_dir = {run}/state\n"
+            f"instance_name = popserv-test-{self.port}\n"
+            f"{users}"
+            "protocols = pop3\n"
+            "listen = 127.0.0.1\n"
+            "ssl = no\n"
+            "disable_plaintext_auth = no\n"
+            "auth_mechanisms = plain\n"
+            f"log_path = {self.log}\n"
+            f"mail_location = maildir:{maildir}\n"
+            "first_valid_uid = 1\n"
+            f"passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
+            f"userdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
+            f"service pop3-login {{\n  inet_listener pop3 {{\n    port = {self.port}\n  }}\n}}\n"
+            f"{settings}\n"
+        )
+        self.process = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"Dovecot did not start: {self.output}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """
+        End this Dovecot: its master and the processes it started, which
+        share the process group it leads (start_new_session), so nothing
+        else is touched.  SIGKILL, as a SIGTERM'd master lingers a second
+        waiting for its children; each POP3 session is over by then (QUIT
+        answered), so no Maildir write is cut short.
+        """
+        # Also when the master died on its own: its children may remain.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        assert self.process.stderr is not None
+        self.output = self.process.stderr.read().decode(errors="replace")
+        self.process.stderr.close()
+        if self.log.exists():
+            self.output += self.log.read_text(errors="replace")
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def fetch(port: int, user: str, password: str) -> tuple[list[bytes], list[bytes]]:
+    """UIDL and LIST over POP3, as poplib gets them; changes nothing."""
+    client = poplib.POP3("127.0.0.1", port, timeout=10)
+    try:
+        client.user(user)
+        client.pass_(password)
+        return client.uidl()[1], client.list()[1]
+    finally:
+        client.quit()
+
+
+class RealDovecotTests(TestCase):
+    """popserv against a real Dovecot on the same Maildir."""
+
+    def setUp(self) -> None:
+        if shutil.which("dovecot") is None or _pop3_binary() is None:
+            raise SkipTest(
+                "Dovecot's POP3 server is not installed (apt-get install dovecot-pop3d)"
+            )
+        self.root = Path(self.mktemp()).absolute()
+        self.maildir = self.root / "mail" / "alice"
+        for sub in ("cur", "new", "tmp"):
+            (self.maildir / sub).mkdir(parents=True)
+        # Names as different writers make them: plain (Postfix), with sizes
+        # (Dovecot's LDA), already in cur/ with flags, and with no time at all.
+        messages = {
+            "new/1700000003.V801I1M1.mx.test": b"Subject: three\n\nbody\n.dot\n",
+            "new/1700000001.M1P1Q1.mx.test,S=19,W=22": b"Subject: one\n\nbody\n",
+            "cur/1700000002.M2P1.mx.test:2,S": b"Subject: two\r\n\r\ncrlf body\r\n",
+            "new/plainname": b"Subject: no time\n\nlast\n",
+            "cur/1699999999.M9P9.mx.test:2,FS": b"Subject: flagged\n\n" + b"line\n" * 50,
+        }
+        for name, data in messages.items():
+            (self.maildir / name).write_bytes(data)
+        uid = gid = 65534 if os.geteuid() == 0 else None
+        ids = f"{uid}:{gid}" if uid is not None else f"{os.getuid()}:{os.getgid()}"
+        self.passwd = self.root / "passwd"
+        self.passwd.write_text(f"alice:{{PLAIN}}pw:{ids}::{self.maildir}\n")
+        if uid is not None:
+            # Dovecot will not run mail processes as root: the Maildir is nobody's,
+            # and its auth process (user dovecot) must reach the password file.
+            for path in [self.root, *self.root.rglob("*")]:
+                os.chown(path, uid, gid)
+            self.root.parent.chmod(0o755)
+
+    def dovecot(self, settings: str = "") -> list[list[bytes]]:
+        """UIDL and LIST from a Dovecot started (and stopped) for this call."""
+        dovecot = PrivateDovecot(self.root / f"dovecot{time.monotonic_ns()}", self.passwd,
+                                 self.maildir, settings)
+        try:
+            return list(fetch(dovecot.port, "alice", "pw"))
+        finally:
+            dovecot.stop()
+
+    async def popserv(self, uidl_format: str = "dovecot") -> list[list[bytes]]:
+        """UIDL and LIST from popserv serving the same Maildir and password file."""
+        options = {
+            "data": str(self.root / "popserv"),
+            "passwd": str(self.passwd),
+            "maildir": str(self.root / "mail" / "{user}"),
+            "hostname": "pop.test",
+            "uidl-format": uidl_format,
+        }
+        factory = make_factory(options, reactor)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        try:
+            return list(await deferToThread(fetch, port.getHost().port, "alice", "pw"))
+        finally:
+            for _ in range(200):
+                if not factory.sessions:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            await port.stopListening()
+
+    async def test_same_uidls_as_dovecot(self) -> None:
+        """After Dovecot served the Maildir, popserv lists the same UIDLs and sizes."""
+        uidl, listing = await deferToThread(self.dovecot)
+        self.assertTrue((self.maildir / UIDLIST_FILE).exists())
+        self.assertRegex(uidl[0].decode(), r"^1 [0-9a-f]{16}$")
+        self.assertEqual(await self.popserv(), [uidl, listing])
+
+    async def test_other_formats(self) -> None:
+        """The same for other pop3_uidl_format values, given to popserv as --uidl-format."""
+        for uidl_format in ("%v.%u", "%08Xv%08Xu", "%g", "%Mf"):
+            expected = await deferToThread(self.dovecot, f"pop3_uidl_format = {uidl_format}")
+            self.assertEqual(await self.popserv(uidl_format), expected, uidl_format)
+
+    async def test_saved_uidls(self) -> None:
+        """UIDLs Dovecot saved in the uidlist (pop3_save_uidl) are served by default."""
+        expected = await deferToThread(
+            self.dovecot, "pop3_uidl_format = %v.%u\npop3_save_uidl = yes"
+        )
+        self.assertIn(b" P", (self.maildir / UIDLIST_FILE).read_bytes())
+        self.assertEqual(await self.popserv(), expected)

@@ -31,6 +31,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import popserv
+import popserv.service
 from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
 from popserv.firstrun import _port_of
 from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
@@ -72,8 +73,24 @@ class OptionsTests(SynchronousTestCase):
         """Bad values stop twistd with a usage error, not a traceback."""
         for argv in (["--apop", "maybe"], ["--expire", "-1"], ["--login-delay", "soon"],
                      ["--sasl", "PLAIN,GSSAPI"],
-                     ["--idle-timeout", "0"], ["--max-auth-failures", "0"]):
+                     ["--idle-timeout", "0"], ["--max-auth-failures", "0"],
+                     ["--uidl-format", "%m"], ["--uidl-format", "plain"]):
             self.assertRaises(UsageError, self.parse, *argv)
+
+    def test_uidl_format(self):
+        """--uidl-format: dovecot by default, maildir, or a Dovecot format, on to the realm."""
+        self.assertEqual(self.parse()["uidl-format"], "dovecot")
+        for value in ("maildir", "%v.%u", "%08Xu%08Xv", "dovecot"):
+            scheme = self.parse("--uidl-format", value)["uidl-format"]
+            self.assertEqual(scheme.text, value)
+            data = self.mktemp()
+            os.makedirs(data)
+            Path(data, "passwd").write_text("")
+            factory = popserv.service.make_factory(
+                {"data": data, "passwd": str(Path(data, "passwd")), "uidl-format": scheme},
+                reactor,
+            )
+            self.assertIs(factory.portal.realm.uidl_format, scheme)
 
 
 class PluginTests(SynchronousTestCase):
