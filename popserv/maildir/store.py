@@ -70,6 +70,11 @@ def _open_regular(path: Path) -> int:
     No symlinks (a user could point one at a file only the server may read)
     and no FIFOs or devices (O_NONBLOCK so opening one cannot hang).
     """
+    return _open_regular_stat(path)[0]
+
+
+def _open_regular_stat(path: Path) -> tuple[int, os.stat_result]:
+    """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -77,12 +82,13 @@ def _open_regular(path: Path) -> int:
             raise FileNotFoundError(errno.ENOENT, "not a regular file") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise FileNotFoundError(errno.ENOENT, "not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, status
 
 
 def _find(maildir: Path, unique: str) -> tuple[int, str] | None:
@@ -125,15 +131,21 @@ def _chasing(
 
 def _measure(maildir: Path, size_needed: bool, where: int, name: str) -> tuple[int | None, float]:
     """The wire size (if needed; reads the whole file) and mtime of a message."""
-    fd = _open_regular(maildir / _SUBDIRS[where] / name)
+    fd, status = _open_regular_stat(maildir / _SUBDIRS[where] / name)
     try:
-        mtime = os.fstat(fd).st_mtime
         if not size_needed:
-            return None, mtime
+            return None, status.st_mtime
+        # A cold scan reads every file, and in a busy server each system call
+        # waits for the GIL again: a short read past the size fstat gave is
+        # the end, without one more read() to be told so.
         counter = WireSizeCounter()
+        remaining = status.st_size
         while chunk := os.read(fd, READ_CHUNK):
             counter.feed(chunk)
-        return counter.result(), mtime
+            remaining -= len(chunk)
+            if remaining <= 0 and len(chunk) < READ_CHUNK:
+                break
+        return counter.result(), status.st_mtime
     finally:
         os.close(fd)
 
