@@ -350,8 +350,8 @@ class RealDovecotTests(TestCase):
         self.assertEqual(await self.popserv(), [uidl, listing])
 
     async def test_other_formats(self) -> None:
-        """The same for other pop3_uidl_format values, given to popserv as --uidl-format."""
-        for uidl_format in ("%v.%u", "%08Xv%08Xu", "%g", "%Mf"):
+        """The same for the common other pop3_uidl_format values, given as --uidl-format."""
+        for uidl_format in ("%u", "%v.%u", "%v-%u", "%08Xv%08Xu", "%g", "%f", "%Mf"):
             expected = await deferToThread(self.dovecot, f"pop3_uidl_format = {uidl_format}")
             self.assertEqual(await self.popserv(uidl_format), expected, uidl_format)
 

@@ -44,6 +44,8 @@ from pathlib import Path
 INDEX_FILE = "popserv.index"
 
 _MAGIC = "popserv-index"
+#: Bump it whenever what a wire size means changes (popserv.body's
+#: WireSizeCounter): old indexes are then ignored and rebuilt, not trusted.
 _VERSION = "1"
 
 #: Generous bytes per entry for a sane index: a 255-byte name plus numbers.
@@ -78,7 +80,7 @@ def decode_index(data: bytes) -> dict[str, Entry] | None:
     """The entries of an index file's bytes, or None if it is not a sound one."""
     head, newline, body = data.partition(b"\n")
     fields = head.split(b" ")
-    if not newline or len(fields) != 4 or fields[:2] != [b"popserv-index", b"1"]:
+    if not newline or len(fields) != 4 or fields[:2] != [_MAGIC.encode(), _VERSION.encode()]:
         return None
     try:
         count = int(fields[2])
