@@ -43,9 +43,9 @@ class EncodingTests(SynchronousTestCase):
         }
         self.assertEqual(decode_index(encode_index(entries)), entries)
 
-    def test_line_ends_left_out(self) -> None:
-        """A name with a line end cannot be stored; it is left out (and measured each time)."""
-        data = encode_index({"bad\nname": (1, 1.0), "good": (2, 2.0)})
+    def test_unstorable_names_left_out(self) -> None:
+        """Names with a line end, or empty, cannot be stored; they are left out."""
+        data = encode_index({"bad\nname": (1, 1.0), "": (3, 3.0), "good": (2, 2.0)})
         self.assertEqual(decode_index(data), {"good": (2, 2.0)})
 
     def test_damage_detected(self) -> None:
@@ -300,6 +300,19 @@ class StoreIndexTests(MaildirTestCase):
         mailbox.close()
         mailbox = await self.open(maildir)
         self.assertEqual(len(mailbox.listing()), 2)
+
+    async def test_unstorable_names(self) -> None:
+        """Files whose names cannot be indexed are measured each time, without rewrites."""
+        maildir = self.maildir()
+        self.plain(maildir, 2)
+        self.put(maildir, "cur", ":2,S", b"no unique part\n")
+        self.put(maildir, "new", "line\nend", b"odd name\n")
+        mailbox = await self.open(maildir)
+        self.assertTrue(await mailbox.index_saved())
+        mailbox.close()
+        scan = self.scan(maildir)
+        self.assertEqual((scan.counted, scan.indexed), (2, 2))
+        self.assertIsNone(scan.index_update)
 
     async def test_disabled(self) -> None:
         """index=False: files are read each time and no index is written."""

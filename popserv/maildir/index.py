@@ -64,11 +64,19 @@ Entry = tuple[int, float]
 _tmp_counter = itertools.count()
 
 
+def storable(unique: str) -> bool:
+    """Whether an entry for ``unique`` can be stored (not empty, no line end)."""
+    return bool(unique) and "\n" not in unique
+
+
 def encode_index(entries: Mapping[str, Entry]) -> bytes:
-    """The bytes of an index holding ``entries`` (names with line ends are left out)."""
+    """
+    The bytes of an index holding ``entries``; names that are not
+    :func:`storable` are left out (those files are measured each time).
+    """
     lines = []
     for unique, (size, received) in entries.items():
-        if "\n" in unique:
+        if not storable(unique):
             continue
         lines.append(f"{size} {received!r} {unique}\n")
     body = "".join(lines).encode("utf-8", "surrogateescape")

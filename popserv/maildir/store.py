@@ -38,7 +38,7 @@ from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStrea
 from popserv.layout import ensure_maildir
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.deliver import fsync_directory
-from popserv.maildir.index import Entry, load_index, save_index
+from popserv.maildir.index import Entry, load_index, save_index, storable
 from popserv.maildir.lock import MaildropLock
 from popserv.maildir.names import MaildirName, parse_name, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
@@ -253,7 +253,8 @@ def _measure_all(
                     result.counted += 1
                 if received is None:
                     received = mtime
-            result.entries[unique] = (size, received)
+            if storable(unique):
+                result.entries[unique] = (size, received)
         result.messages[unique] = (where, name, size, received)
     return result
 
@@ -492,7 +493,9 @@ class MaildirMailbox:
                 listed=scan.uidlist_listed,
             )
             if scan.uidlist_skipped:
-                log.warn(
+                # info, not warn: popserv never rewrites the file, so this
+                # would repeat at every login of the user.
+                log.info(
                     "Skipped {skipped} damaged lines of a dovecot-uidlist",
                     skipped=scan.uidlist_skipped,
                 )
