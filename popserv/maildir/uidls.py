@@ -166,24 +166,77 @@ def parse_uidl_format(text: str) -> UidlScheme:
     return UidlScheme(text, tuple(pieces), re.compile(shape, re.DOTALL))
 
 
-def _expand(piece: _Directive, value: str) -> str:
-    for modifier in piece.modifiers:
-        if modifier == "X":
-            value = format(int(value), "x")
-        elif modifier == "M":
-            raw = value.encode("utf-8", "surrogateescape")
-            value = hashlib.md5(raw, usedforsecurity=False).hexdigest()
-        elif modifier == "L":
-            value = value.lower()
-        else:
-            value = value.upper()
+def _expand(piece: _Directive, value: int | str) -> str:
+    """One directive's text for ``value`` (a number for %u and %v)."""
+    if piece.modifiers == "X":
+        text = format(value, "x")  # The common case, %08Xu, without a detour.
+    else:
+        text = str(value)
+        for modifier in piece.modifiers:
+            if modifier == "X":
+                text = format(int(text), "x")
+            elif modifier == "M":
+                raw = text.encode("utf-8", "surrogateescape")
+                text = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+            elif modifier == "L":
+                text = text.lower()
+            else:
+                text = text.upper()
     if piece.offset is not None:
-        start = piece.offset if piece.offset >= 0 else max(len(value) + piece.offset, 0)
+        start = piece.offset if piece.offset >= 0 else max(len(text) + piece.offset, 0)
         end = None if piece.width is None else start + piece.width
-        return value[start:end]
+        return text[start:end]
     if piece.width is not None:
-        return value.rjust(piece.width, "0") if piece.zero_pad else value[: piece.width]
-    return value
+        return text.rjust(piece.width, "0") if piece.zero_pad else text[: piece.width]
+    return text
+
+
+#: A template with what is the same for every message (%v) already expanded.
+_Prepared = tuple["str | _Directive", ...]
+
+
+def _prepare(scheme: UidlScheme, uidlist: Uidlist | None) -> _Prepared | None:
+    """
+    ``scheme``'s pieces with %v expanded and literals merged, once per
+    uidlist rather than per message; None if %v is used and unknown.
+    """
+    uidvalidity = uidlist.uidvalidity if uidlist is not None else None
+    out: list[str | _Directive] = []
+    for piece in scheme.pieces:
+        part: str | _Directive = piece
+        if isinstance(piece, _Directive) and piece.variable == "v":
+            if uidvalidity is None:
+                return None
+            part = _expand(piece, uidvalidity)
+        if isinstance(part, str) and out and isinstance(out[-1], str):
+            out[-1] += part
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _render(pieces: _Prepared | None, unique: str, record: UidlistRecord | None) -> str | None:
+    if record is not None and record.pop3_uidl is not None:
+        # An empty P record stands for the base file name.
+        uid = record.pop3_uidl or unique
+        return uid if is_valid_uidl(uid) else None
+    if pieces is None:
+        return None
+    out = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+        elif piece.variable == "u":
+            if record is None:
+                return None
+            out.append(_expand(piece, record.uid))
+        elif piece.variable == "g":
+            guid = record.guid if record is not None else None
+            out.append(_expand(piece, guid or unique))
+        else:
+            out.append(_expand(piece, unique))
+    uid = "".join(out)
+    return uid if is_valid_uidl(uid) else None
 
 
 def render(
@@ -193,31 +246,7 @@ def render(
     The UIDL Dovecot served for the message named ``unique`` (its base file
     name), or None when it cannot be known or is no valid RFC 1939 unique-id.
     """
-    if record is not None and record.pop3_uidl is not None:
-        # An empty P record stands for the base file name.
-        uid = record.pop3_uidl or unique
-        return uid if is_valid_uidl(uid) else None
-    out = []
-    for piece in scheme.pieces:
-        if isinstance(piece, str):
-            out.append(piece)
-            continue
-        variable = piece.variable
-        if variable == "u":
-            if record is None:
-                return None
-            value = str(record.uid)
-        elif variable == "v":
-            if uidlist is None or uidlist.uidvalidity is None:
-                return None
-            value = str(uidlist.uidvalidity)
-        elif variable == "g":
-            value = record.guid if record is not None and record.guid else unique
-        else:
-            value = unique
-        out.append(_expand(piece, value))
-    uid = "".join(out)
-    return uid if is_valid_uidl(uid) else None
+    return _render(_prepare(scheme, uidlist), unique, record)
 
 
 def assign_uidls(
@@ -234,13 +263,14 @@ def assign_uidls(
     shape = scheme.shape
     assert shape is not None
     needs_record = scheme.needs_record
+    pieces = _prepare(scheme, uidlist)
     uids: list[str] = []
     taken: set[str] = set()
     for unique in uniques:
         record = records.get(unique)
         uid = None
         if record is not None or not needs_record:
-            uid = render(scheme, unique, record, uidlist)
+            uid = _render(pieces, unique, record)
         if uid is None:
             uid = uidl_for(unique)
             if uid in saved or shape.fullmatch(uid) is not None:
