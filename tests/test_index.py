@@ -106,6 +106,21 @@ class FileTests(MaildirTestCase):
         self.assertEqual(stat.S_IMODE((maildir / INDEX_FILE).stat().st_mode), 0o600)
         self.assertEqual(sorted(os.listdir(maildir)), sorted(["cur", INDEX_FILE, "new", "tmp"]))
 
+    def test_stale_temporary_files_removed(self) -> None:
+        """Temporary files of a writer that died are removed by a later save; fresh ones stay."""
+        maildir = self.maildir()
+        stale = maildir / f"{INDEX_FILE}.999999.0.tmp"
+        fresh = maildir / f"{INDEX_FILE}.999999.1.tmp"
+        other = maildir / "other.tmp"
+        for path in (stale, fresh, other):
+            path.write_bytes(b"x")
+        os.utime(stale, (1000.0, 1000.0))
+        os.utime(other, (1000.0, 1000.0))
+        save_index(maildir, {"a": (1, 1.0)})
+        self.assertFalse(stale.exists())
+        self.assertTrue(fresh.exists())
+        self.assertTrue(other.exists())
+
     def test_empty_removes(self) -> None:
         """Saving no entries removes the index."""
         maildir = self.maildir()

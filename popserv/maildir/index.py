@@ -36,6 +36,7 @@ import itertools
 import math
 import os
 import stat
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,9 @@ _MAX_ENTRY_BYTES = 320
 _MAX_HEADER_BYTES = 64
 
 _READ_CHUNK = 1 << 20
+
+#: A temporary index file this old was left by a writer that died.
+STALE_TMP_SECONDS = 3600
 
 #: Errors that mean "this user may not write here": then there is no index.
 _NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -188,4 +192,19 @@ def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _remove_stale_tmp(maildir)
     return True
+
+
+def _remove_stale_tmp(maildir: Path) -> None:
+    """Remove temporary index files a crashed writer left (none is that old otherwise)."""
+    limit = time.time() - STALE_TMP_SECONDS
+    prefix = INDEX_FILE + "."
+    with contextlib.suppress(OSError), os.scandir(maildir) as entries:
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
