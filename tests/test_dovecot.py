@@ -10,8 +10,10 @@ same password file, must answer UIDL and LIST exactly as Dovecot did.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import poplib
+import pwd
 import shutil
 import signal
 import socket
@@ -204,13 +206,17 @@ class PrivateDovecot:
         run.chmod(0o755)
         self.run_dir = run
         if os.geteuid() == 0:
-            users = ""
+            users = chroot = ""
         else:
-            me = os.environ.get("USER") or str(os.getuid())
+            # Not root: run every process as this user, with no chroot (checked
+            # by hand as nobody; CI runs as root).
             users = (
-                f"default_internal_user = {me}\ndefault_login_user = {me}\n"
-                f"default_internal_group = {os.getgid()}\n"
+                f"default_internal_user = {pwd.getpwuid(os.getuid()).pw_name}\n"
+                f"default_login_user = {pwd.getpwuid(os.getuid()).pw_name}\n"
+                f"default_internal_group = {grp.getgrgid(os.getgid()).gr_name}\n"
+                "service anvil {\n  chroot =\n}\n"
             )
+            chroot = "  chroot =\n"
         config = root / "dovecot.conf"
         config.write_text(
             f"base_dir = {run}\n"
@@ -227,7 +233,8 @@ class PrivateDovecot:
             "first_valid_uid = 1\n"
             f"passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
             f"userdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
-            f"service pop3-login {{\n  inet_listener pop3 {{\n    port = {self.port}\n  }}\n}}\n"
+            f"service pop3-login {{\n{chroot}"
+            f"  inet_listener pop3 {{\n    port = {self.port}\n  }}\n}}\n"
             f"{settings}\n"
         )
         self.process = subprocess.Popen(
