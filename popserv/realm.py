@@ -20,6 +20,7 @@ from popserv.errors import LoginDelayed, storage_failure
 from popserv.interfaces import IMailbox
 from popserv.layout import Layout
 from popserv.maildir import MaildirMailbox
+from popserv.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.passwords import PasswdFile
 
 log = Logger()
@@ -30,7 +31,11 @@ LAST_LOGIN_FILE = "popserv.lastlogin"
 
 @implementer(IRealm)
 class MaildirRealm:
-    """Opens ``layout.maildir_for(user)`` for each login."""
+    """
+    Opens ``layout.maildir_for(user)`` for each login, with UIDLs as
+    ``uidl_format`` says (a ``--uidl-format`` value, see
+    :mod:`popserv.maildir.uidls`) and a ``popserv.index`` unless ``index`` is false.
+    """
 
     def __init__(
         self,
@@ -39,9 +44,15 @@ class MaildirRealm:
         defaults: AccountSettings | None = None,
         *,
         reactor: Any = None,
+        uidl_format: UidlScheme | str = DOVECOT,
+        index: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        if isinstance(uidl_format, str):
+            uidl_format = parse_uidl_format(uidl_format)
+        self.uidl_format = uidl_format
+        self.index = index
         self.layout = layout
         self.passwd = passwd
         self.defaults = defaults or AccountSettings()
@@ -105,6 +116,8 @@ class MaildirRealm:
             reactor=self._reactor,
             login_delay=settings.login_delay,
             expire_days=settings.expire_days,
+            uidl_format=self.uidl_format,
+            index=self.index,
         )
         self._last_login[user] = now
         if settings.login_delay > 0:

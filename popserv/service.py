@@ -27,6 +27,7 @@ from popserv.errors import InvalidUsername
 from popserv.firstrun import announce, bootstrap
 from popserv.layout import Layout, Owner
 from popserv.maildir import clean_tmp
+from popserv.maildir.uidls import DOVECOT
 from popserv.oauth import TokenChecker
 from popserv.passwords import PasswdFile, PasswdFileChecker
 from popserv.policy import Policy
@@ -76,7 +77,9 @@ def make_factory(
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
     passwd = PasswdFile(layout.passwd_path)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
-    realm = MaildirRealm(layout, passwd, defaults, reactor=reactor)
+    realm = MaildirRealm(
+        layout, passwd, defaults, reactor=reactor, uidl_format=options.get("uidl-format") or DOVECOT
+    )
     masters = options.get("master-user") or []
     checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor, masters=masters)]
     validator = options["oauth"] if "oauth" in options else token_validator(options)

@@ -11,6 +11,7 @@ from twisted.python import usage
 
 from popserv.accounts import parse_expire, parse_login_delay
 from popserv.layout import DEFAULT_DATA_DIR
+from popserv.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.oauth import JWTValidator
 from popserv.policy import Policy
 from popserv.quota import parse_count, parse_size
@@ -93,6 +94,11 @@ def _mechanisms(value: str) -> tuple[str, ...] | None:
     if unknown:
         raise ValueError(f"unknown: {', '.join(unknown)}; known: {', '.join(known)}")
     return names
+
+
+def _uidl_format(value: str) -> UidlScheme:
+    """``dovecot``, ``maildir`` or a Dovecot ``pop3_uidl_format`` such as ``%08Xu%08Xv``."""
+    return parse_uidl_format(value.strip())
 
 
 def _identity_rule(value: str) -> str:
@@ -253,6 +259,15 @@ class Options(usage.Options):
         ["oauth-issuer", None, None, "Required 'iss' of OAuth tokens."],
         ["oauth-audience", None, None, "Required 'aud' of OAuth tokens."],
         ["oauth-user-claim", None, "sub", "The token claim that names the user."],
+        [
+            "uidl-format",
+            None,
+            DOVECOT,
+            "UIDLs: dovecot (serve the ones Dovecot served where a dovecot-uidlist exists,"
+            " else popserv's own), maildir (always popserv's own: the file's unique name),"
+            " or a Dovecot pop3_uidl_format such as %08Xu%08Xv, %v.%u, %g.",
+            _uidl_format,
+        ],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted: 1.2 or 1.3."],
         [
             "tls-ciphers",

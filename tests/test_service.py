@@ -31,6 +31,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import popserv
+import popserv.service
 from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
 from popserv.firstrun import _port_of
 from popserv.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
@@ -79,8 +80,24 @@ class OptionsTests(SynchronousTestCase):
                      ["--ipv6-prefix", "0"], ["--ipv6-prefix", "129"],
                      ["--max-line-length", "254"], ["--max-auth-line-length", "100"],
                      ["--max-queued-commands", "0"], ["--trusted-network", "webmail"],
-                     ["--auth-failure-delay", "20"]):
+                     ["--auth-failure-delay", "20"],
+                     ["--uidl-format", "%m"], ["--uidl-format", "plain"]):
             self.assertRaises(UsageError, self.parse, *argv)
+
+    def test_uidl_format(self):
+        """--uidl-format: dovecot by default, maildir, or a Dovecot format, on to the realm."""
+        self.assertEqual(self.parse()["uidl-format"], "dovecot")
+        for value in ("maildir", "%v.%u", "%08Xu%08Xv", "dovecot"):
+            scheme = self.parse("--uidl-format", value)["uidl-format"]
+            self.assertEqual(scheme.text, value)
+            data = self.mktemp()
+            os.makedirs(data)
+            Path(data, "passwd").write_text("")
+            factory = popserv.service.make_factory(
+                {"data": data, "passwd": str(Path(data, "passwd")), "uidl-format": scheme},
+                reactor,
+            )
+            self.assertIs(factory.portal.realm.uidl_format, scheme)
 
     def test_limit_defaults(self):
         """Each limit's option defaults to the Policy's own value."""

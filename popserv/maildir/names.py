@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import secrets
 import socket
 import time
@@ -29,6 +30,8 @@ INFO_SEPARATORS = ":!;"
 
 #: RFC 1939 section 7: a unique-id is 1 to 70 characters in 0x21-0x7E.
 MAX_UIDL_LENGTH = 70
+
+_VALID_UIDL = re.compile(rf"[\x21-\x7e]{{1,{MAX_UIDL_LENGTH}}}")
 
 #: More digits than any plausible time or size; also keeps ``int()`` cheap.
 _MAX_DIGITS = 20
@@ -100,6 +103,11 @@ def with_flag(filename: str, flag: str) -> str:
     return f"{unique}{separator}2,{''.join(sorted(flags + flag))}"
 
 
+def is_valid_uidl(uid: str) -> bool:
+    """True if RFC 1939 allows ``uid`` as a unique-id: 1 to 70 characters in 0x21-0x7E."""
+    return _VALID_UIDL.fullmatch(uid) is not None
+
+
 def uidl_for(unique: str) -> str:
     """
     The POP3 unique-id of the message whose unique name is ``unique``.
@@ -107,8 +115,13 @@ def uidl_for(unique: str) -> str:
     The name itself when RFC 1939 allows it, so UIDLs match what other
     Maildir servers report; otherwise a digest of it, which is just as stable.
     """
-    if 0 < len(unique) <= MAX_UIDL_LENGTH and all("!" <= c <= "~" for c in unique):
+    if _VALID_UIDL.fullmatch(unique) is not None:
         return unique
+    return digest_uidl(unique)
+
+
+def digest_uidl(unique: str) -> str:
+    """``X`` and the SHA-1 of ``unique``: a valid, stable UIDL for any name."""
     try:
         raw = unique.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:

@@ -36,9 +36,13 @@ from popserv.body import WireSizeCounter
 from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.layout import ensure_maildir
+from popserv.maildir.columns import PackedStrings
 from popserv.maildir.deliver import fsync_directory
+from popserv.maildir.index import Entry, load_index, save_index, storable
 from popserv.maildir.lock import MaildropLock
-from popserv.maildir.names import MaildirName, parse_name, uidl_for, with_flag
+from popserv.maildir.names import parse_name, with_flag
+from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
+from popserv.maildir.uidls import DOVECOT, UidlScheme, assign_uidls, parse_uidl_format
 
 log = Logger()
 
@@ -51,6 +55,10 @@ _SUBDIRS = ("new", "cur")
 #: Read size when a message's wire size has to be counted.
 READ_CHUNK = 64 * 1024
 
+#: Stands for an empty unique name (a file named ``:2,S``) in ``_Scan.uniques``,
+#: where "" means "the same as the UIDL".  No file name can contain ``/``.
+_EMPTY_UNIQUE = "/"
+
 #: How often to chase a message that keeps moving before calling it gone.
 _LOOKUP_TRIES = 3
 
@@ -62,6 +70,11 @@ def _open_regular(path: Path) -> int:
     No symlinks (a user could point one at a file only the server may read)
     and no FIFOs or devices (O_NONBLOCK so opening one cannot hang).
     """
+    return _open_regular_stat(path)[0]
+
+
+def _open_regular_stat(path: Path) -> tuple[int, os.stat_result]:
+    """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -69,12 +82,13 @@ def _open_regular(path: Path) -> int:
             raise FileNotFoundError(errno.ENOENT, "not a regular file") from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
             raise FileNotFoundError(errno.ENOENT, "not a regular file")
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, status
 
 
 def _find(maildir: Path, unique: str) -> tuple[int, str] | None:
@@ -117,32 +131,79 @@ def _chasing(
 
 def _measure(maildir: Path, size_needed: bool, where: int, name: str) -> tuple[int | None, float]:
     """The wire size (if needed; reads the whole file) and mtime of a message."""
-    fd = _open_regular(maildir / _SUBDIRS[where] / name)
+    fd, status = _open_regular_stat(maildir / _SUBDIRS[where] / name)
     try:
-        mtime = os.fstat(fd).st_mtime
         if not size_needed:
-            return None, mtime
+            return None, status.st_mtime
+        # A cold scan reads every file, and in a busy server each system call
+        # waits for the GIL again: a short read past the size fstat gave is
+        # the end, without one more read() to be told so.
         counter = WireSizeCounter()
+        remaining = status.st_size
         while chunk := os.read(fd, READ_CHUNK):
             counter.feed(chunk)
-        return counter.result(), mtime
+            remaining -= len(chunk)
+            if remaining <= 0 and len(chunk) < READ_CHUNK:
+                break
+        return counter.result(), status.st_mtime
     finally:
         os.close(fd)
 
 
+#: Cap on the ``dovecot-uidlist`` bytes read per message listed, plus a header;
+#: a Dovecot line is a UID, a few fields and a file name.
+_UIDLIST_BYTES_PER_MESSAGE = 1024
+_UIDLIST_HEADER_BYTES = 4096
+
+
+def _read_uidlist(maildir: Path, messages: int) -> Uidlist | None:
+    """The Maildir's ``dovecot-uidlist``, or None if there is none or it is unusable."""
+    try:
+        fd = _open_regular(maildir / UIDLIST_FILE)
+    except OSError:
+        return None
+    limit = _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages
+    data = bytearray()
+    try:
+        while chunk := os.read(fd, READ_CHUNK * 16):
+            data += chunk
+            if len(data) > limit:
+                return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return parse_uidlist(bytes(data))
+
+
 @frozen
-class _Index:
-    """A scan's result: the listing plus where each message's file is."""
+class _Scan:
+    """A scan's result: the listing, where each message's file is, and what to log."""
 
     listing: Listing
-    names: list[str]
+    #: Each message's unique name, "" where it is its UIDL (as usual); None if always.
+    uniques: PackedStrings | None
+    #: The rest of each file name (``:2,S``), shared strings; and NEW or CUR.
+    infos: list[str]
     places: bytearray
+    #: Files read to learn their size, and sizes the index had.
     counted: int
+    indexed: int
+    #: Messages whose UIDL came from ``dovecot-uidlist``, and its damaged lines.
+    uidlist_listed: int
+    uidlist_skipped: int
+    #: The index to write (entries, possibly none), or None if it is current.
+    index_update: dict[str, Entry] | None
 
 
-def _scan(maildir: Path) -> _Index:
-    """Index the messages of ``maildir``, ordered by delivery time then unique part."""
-    found: dict[str, tuple[int, str, MaildirName]] = {}
+#: What a scan keeps of each file while it works: NEW or CUR, the file name,
+#: and the wire size and delivery time the name gives, if it does.
+_Found = tuple[int, str, "int | None", "int | None"]
+
+
+def _list_files(maildir: Path) -> dict[str, _Found]:
+    """The message files in ``new/`` and ``cur/``, by unique name."""
+    found: dict[str, _Found] = {}
     # new/ before cur/: a message moving between them during the scan is then
     # seen at least once.  Seen twice, the cur/ entry (read last) wins.
     for where, sub in enumerate(_SUBDIRS):
@@ -152,44 +213,126 @@ def _scan(maildir: Path) -> _Index:
                 if name.startswith(".") or not entry.is_file(follow_symlinks=False):
                     continue
                 parsed = parse_name(name)
-                found[parsed.unique] = (where, name, parsed)
+                # Tuples of numbers and strings only, not the parsed object:
+                # the garbage collector stops tracking those, so 100,000 of
+                # them do not set off full collections, each of which holds
+                # the GIL (and stalls the reactor) for tens of milliseconds.
+                found[parsed.unique] = (where, name, parsed.wire_size, parsed.timestamp)
+    return found
+
+
+@define
+class _Measured:
+    """What :func:`_measure_all` found: sizes and times the names lack."""
+
+    #: unique name -> (NEW or CUR, file name, wire size, delivery time)
+    messages: dict[str, tuple[int, str, int, float]]
+    #: Index entries for the messages whose names lack either.
+    entries: dict[str, Entry]
+    counted: int = 0
+    indexed: int = 0
+
+
+def _measure_all(
+    maildir: Path, found: dict[str, _Found], known: dict[str, Entry]
+) -> _Measured:
+    """Each message's wire size and delivery time: from its name, the index, or its file."""
+    result = _Measured({}, {})
+    for unique, (listed_where, listed_name, named_size, timestamp) in found.items():
+        where, name, size = listed_where, listed_name, named_size
+        received: float | None = timestamp
+        if size is None or received is None:
+            entry = known.get(unique)
+            if entry is not None:
+                if size is None:
+                    size = entry[0]
+                    result.indexed += 1
+                if received is None:
+                    received = entry[1]
+            else:
+                measure = partial(_measure, maildir, size is None)
+                try:
+                    where, name, (counted_size, mtime) = _chasing(maildir, where, name, measure)
+                except FileNotFoundError:
+                    continue  # Deleted by someone else meanwhile.
+                if size is None:
+                    assert counted_size is not None
+                    size = counted_size
+                    result.counted += 1
+                if received is None:
+                    received = mtime
+            if storable(unique):
+                result.entries[unique] = (size, received)
+        result.messages[unique] = (where, name, size, received)
+    return result
+
+
+def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
+    """
+    Index the messages of ``maildir``: those ``dovecot-uidlist`` lists in
+    Dovecot's order (see :mod:`popserv.maildir.uidls`), then the others by
+    delivery time and unique name.
+    """
+    found = _list_files(maildir)
+    # None: an index is there but unusable, so it is rewritten whatever happens.
+    loaded = load_index(maildir, len(found)) if use_index else {}
+    known = loaded or {}
+    measured = _measure_all(maildir, found, known)
+    del found
+    uidlist = _read_uidlist(maildir, len(measured.messages)) if scheme.reads_uidlist else None
+    records = uidlist.records if uidlist is not None else {}
 
     rows = []
-    counted = 0
-    for unique, (listed_where, listed_name, parsed) in found.items():
-        where, name = listed_where, listed_name
-        size = parsed.wire_size
-        received: float | None = parsed.timestamp
-        flags = parsed.flags
-        if size is None or received is None:
-            measure = partial(_measure, maildir, size is None)
-            try:
-                where, name, (counted_size, mtime) = _chasing(maildir, where, name, measure)
-            except FileNotFoundError:
-                continue  # Deleted by someone else meanwhile.
-            if size is None:
-                assert counted_size is not None
-                size = counted_size
-                counted += 1
-            if received is None:
-                received = mtime
-            flags = parse_name(name).flags
-        assert size is not None and received is not None
-        rows.append((received, unique, where, name, size, "S" in flags))
-    rows.sort(key=lambda row: (row[0], row[1]))
+    intern: dict[str, str] = {}
+    for unique, (where, name, size, received) in measured.messages.items():
+        record = records.get(unique)
+        if record is None:
+            key: tuple[object, ...] = (2, received, unique)
+        elif record.pop3_order is None:
+            key = (1, record.uid)
+        else:
+            key = (0, record.pop3_order, record.uid)
+        info = name[len(unique) :]
+        # The info part, ":2,S" and the like, is the same string for most.
+        info = intern.setdefault(info, info)
+        # Tuples, not objects: a scan may build 100,000 of them.
+        rows.append((key, unique, where, info, size, received))
+    rows.sort(key=lambda row: row[0])
 
+    seen = {info: "S" in parse_name(info).flags for info in intern}
+    uniques = [row[1] for row in rows]
+    uids = assign_uidls(uniques, scheme, uidlist)
     listing = Listing(
-        uids=tuple(uidl_for(row[1]) for row in rows),
+        uids=PackedStrings(uids),
         sizes=array("q", [row[4] for row in rows]),
-        received=array("d", [row[0] for row in rows]),
-        seen=tuple(row[5] for row in rows),
+        received=array("d", [row[5] for row in rows]),
+        seen=tuple([seen[row[3]] for row in rows]),
     )
-    names = [row[3] for row in rows]
-    places = bytearray(row[2] for row in rows)
-    return _Index(listing, names, places, counted)
+    own = all(uid is unique for uid, unique in zip(uids, uniques, strict=True))
+    unique_column = (
+        None
+        if own
+        else PackedStrings(
+            "" if uid == unique else (unique or _EMPTY_UNIQUE)
+            for uid, unique in zip(uids, uniques, strict=True)
+        )
+    )
+    return _Scan(
+        listing,
+        unique_column,
+        [row[3] for row in rows],
+        bytearray(row[2] for row in rows),
+        measured.counted,
+        measured.indexed,
+        sum(1 for unique in uniques if unique in records) if records else 0,
+        uidlist.skipped if uidlist is not None else 0,
+        measured.entries if use_index and measured.entries != loaded else None,
+    )
 
 
-def _open_locked(maildir: Path) -> tuple[MaildropLock, _Index]:
+def _open_locked(
+    maildir: Path, scheme: UidlScheme, use_index: bool
+) -> tuple[MaildropLock, _Scan]:
     """In a thread: create the Maildir if needed, lock it, index it."""
     try:
         ensure_maildir(maildir)
@@ -197,7 +340,7 @@ def _open_locked(maildir: Path) -> tuple[MaildropLock, _Index]:
         raise storage_failure("cannot create the maildir", e) from None
     lock = MaildropLock.acquire(maildir)
     try:
-        return lock, _scan(maildir)
+        return lock, _scan(maildir, scheme, use_index)
     except OSError as e:
         lock.release()
         raise storage_failure("cannot scan the maildir", e) from None
@@ -273,9 +416,7 @@ class MaildirMailbox:
         self,
         path: Path,
         lock: MaildropLock,
-        listing: Listing,
-        names: list[str],
-        places: bytearray,
+        scan: _Scan,
         *,
         reactor: IReactorThreads,
         login_delay: int = 0,
@@ -285,13 +426,27 @@ class MaildirMailbox:
         self.login_delay = login_delay
         self.expire_days = expire_days
         self._lock = lock
-        self._listing = listing
-        # Where each message's file is: its current name, and NEW or CUR.
-        self._names = names
-        self._places = places
+        self._listing = scan.listing
+        # Where each message's file is: NEW or CUR, and its name, which is its
+        # unique name (mostly the UIDL, so not stored twice) and its info.
+        self._places = scan.places
+        self._uniques = scan.uniques
+        self._infos = scan.infos
         self._reactor = reactor
-        self._committing = False
+        # Thread jobs (a commit) the lock must outlive.
+        self._jobs = 0
         self._close_requested = False
+        # The index write does not hold the lock: a client that logs out and
+        # straight back in must not find its maildrop in use.  Concurrent
+        # writers are harmless, as every entry any of them writes is true
+        # (see popserv.maildir.index), and each replaces the file atomically.
+        self._index_saved: Deferred[bool] = Deferred()
+        if scan.index_update is None:
+            self._index_saved.callback(False)
+        else:
+            self._in_thread(save_index, path, scan.index_update).addCallbacks(
+                self._index_saved.callback, self._index_not_saved
+            )
 
     @classmethod
     def open(
@@ -301,9 +456,15 @@ class MaildirMailbox:
         reactor: IReactorThreads | None = None,
         login_delay: int = 0,
         expire_days: int | None = None,
+        uidl_format: UidlScheme | str = DOVECOT,
+        index: bool = True,
     ) -> Deferred[MaildirMailbox]:
         """
         Create (if missing), lock and index the Maildir at ``path``, in a thread.
+
+        ``uidl_format`` is a ``--uidl-format`` value (see
+        :mod:`popserv.maildir.uidls`); ``index`` says whether to keep sizes
+        counted by reading in ``popserv.index`` (see :mod:`popserv.maildir.index`).
 
         Fails with :class:`~popserv.errors.MailboxInUse` when another session
         has it, :class:`~popserv.errors.TemporaryFailure` on I/O errors, or
@@ -317,6 +478,7 @@ class MaildirMailbox:
             reactor = default_reactor  # type: ignore[assignment]
         assert reactor is not None
         path = Path(path)
+        scheme = parse_uidl_format(uidl_format) if isinstance(uidl_format, str) else uidl_format
         cancelled = False
 
         def cancel(_: Deferred[MaildirMailbox]) -> None:
@@ -325,22 +487,30 @@ class MaildirMailbox:
 
         result: Deferred[MaildirMailbox] = Deferred(cancel)
 
-        def opened(parts: tuple[MaildropLock, _Index]) -> None:
-            lock, index = parts
+        def opened(parts: tuple[MaildropLock, _Scan]) -> None:
+            lock, scan = parts
             if cancelled:
                 lock.release()
                 return
             log.debug(
-                "Opened a maildrop of {count} messages, {counted} sized by reading",
-                count=len(index.listing),
-                counted=index.counted,
+                "Opened a maildrop of {count} messages: {counted} sized by reading,"
+                " {indexed} from the index, {listed} UIDLs from dovecot-uidlist",
+                count=len(scan.listing),
+                counted=scan.counted,
+                indexed=scan.indexed,
+                listed=scan.uidlist_listed,
             )
+            if scan.uidlist_skipped:
+                # info, not warn: popserv never rewrites the file, so this
+                # would repeat at every login of the user.
+                log.info(
+                    "Skipped {skipped} damaged lines of a dovecot-uidlist",
+                    skipped=scan.uidlist_skipped,
+                )
             mailbox = cls(
                 path,
                 lock,
-                index.listing,
-                index.names,
-                index.places,
+                scan,
                 reactor=reactor,
                 login_delay=login_delay,
                 expire_days=expire_days,
@@ -351,15 +521,49 @@ class MaildirMailbox:
             if not cancelled:
                 result.errback(failure)
 
-        work = deferToThreadPool(reactor, reactor.getThreadPool(), _open_locked, path)
+        work = deferToThreadPool(
+            reactor, reactor.getThreadPool(), _open_locked, path, scheme, index
+        )
         work.addCallbacks(opened, failed)
         return result
 
     def listing(self) -> Listing:
         return self._listing
 
+    def index_saved(self) -> Deferred[bool]:
+        """
+        Fires when the index update this session started (if any) is over:
+        True if an index was written or removed, False if none was needed
+        or this user may not write it.  For tests and tools; sessions need
+        not wait.
+        """
+        saved: Deferred[bool] = Deferred()
+
+        def passed(result: bool) -> bool:
+            saved.callback(result)
+            return result
+
+        self._index_saved.addCallback(passed)
+        return saved
+
+    def _index_not_saved(self, failure: Failure) -> None:
+        # A cache that cannot be written costs time, not correctness.
+        log.info(
+            "Could not write the maildrop index: {error}", error=failure.getErrorMessage()
+        )
+        self._index_saved.callback(False)
+
+    def _name_of(self, index: int, infos: Sequence[str] | None = None) -> str:
+        """The file name of message ``index`` (``infos``: a copy of the column, in a thread)."""
+        unique = self._uniques[index] if self._uniques is not None else ""
+        if not unique:
+            unique = self._listing.uids[index]
+        elif unique == _EMPTY_UNIQUE:
+            unique = ""
+        return unique + (self._infos if infos is None else infos)[index]
+
     def _path_of(self, index: int) -> Path:
-        return self.path / _SUBDIRS[self._places[index]] / self._names[index]
+        return self.path / _SUBDIRS[self._places[index]] / self._name_of(index)
 
     def open_message(self, index: int) -> MessageStream | Deferred[MessageStream]:  # type: ignore[override]
         """
@@ -379,9 +583,11 @@ class MaildirMailbox:
             fd = _open_regular(self.path / _SUBDIRS[where] / name)
             return open(fd, "rb", buffering=0)
 
+        listed = self._name_of(index)
+
         def chase() -> tuple[int, str, MessageStream]:
             try:
-                return _chasing(self.path, self._places[index], self._names[index], reopen)
+                return _chasing(self.path, self._places[index], listed, reopen)
             except FileNotFoundError:
                 raise MessageGone("message file vanished") from None
             except OSError as e:
@@ -390,7 +596,8 @@ class MaildirMailbox:
         def moved(found: tuple[int, str, MessageStream]) -> MessageStream:
             where, name, stream = found
             self._places[index] = where
-            self._names[index] = name
+            # Same unique name, other info: keep the info part only.
+            self._infos[index] = name[len(parse_name(name).unique) :]
             return stream
 
         return self._in_thread(chase).addCallback(moved)
@@ -403,21 +610,31 @@ class MaildirMailbox:
         fails the commit with :class:`~popserv.errors.CommitFailed`, after
         all the other changes were made.
         """
-        gone = set(deleted)
-        deletions = [(self._places[i], self._names[i]) for i in sorted(gone)]
-        marks = [
-            (self._places[i], self._names[i])
-            for i in sorted(set(retrieved) - gone)
-            if self._places[i] == NEW or "S" not in parse_name(self._names[i]).flags
-        ]
-        self._committing = True
-        work = self._in_thread(_apply, self.path, deletions, marks)
-        work.addBoth(self._commit_over)
-        return work.addCallback(self._committed)
+        # Naming 100,000 files is per-message work: done in the thread too,
+        # on copies of the two columns a moved message changes.
+        places, infos = bytes(self._places), list(self._infos)
 
-    def _commit_over(self, result: T) -> T:
-        self._committing = False
-        if self._close_requested:
+        def plan_and_apply() -> _Outcome:
+            gone = set(deleted)
+            deletions = [(places[i], self._name_of(i, infos)) for i in sorted(gone)]
+            unseen = {info: "S" not in parse_name(info).flags for info in set(infos)}
+            marks = [
+                (places[i], self._name_of(i, infos))
+                for i in sorted(set(retrieved) - gone)
+                if places[i] == NEW or unseen[infos[i]]
+            ]
+            return _apply(self.path, deletions, marks)
+
+        return self._job(plan_and_apply).addCallback(self._committed)
+
+    def _job(self, f: Callable[..., T], *args: object) -> Deferred[T]:
+        """Run ``f`` in a thread, keeping the lock until it is over."""
+        self._jobs += 1
+        return self._in_thread(f, *args).addBoth(self._job_over)
+
+    def _job_over(self, result: T) -> T:
+        self._jobs -= 1
+        if self._close_requested and not self._jobs:
             self._lock.release()
         return result
 
@@ -439,7 +656,7 @@ class MaildirMailbox:
     def close(self) -> None:
         """Release the lock (after a running commit, if any); later calls do nothing."""
         self._close_requested = True
-        if not self._committing:
+        if not self._jobs:
             self._lock.release()
 
     def _in_thread(self, f: Callable[..., T], *args: object) -> Deferred[T]:
