@@ -9,7 +9,7 @@ run, set ``POPSERV_FUZZ_EXAMPLES`` (see README.rst, "Fuzzing")::
 
     POPSERV_FUZZ_EXAMPLES=20000 python -m twisted.trial tests.test_fuzz
 
-The stateful tests get a tenth of that (each example is a whole session).
+The stateful tests get a fifth of that (each example is a whole session).
 Runs stay derandomized (tests/__init__.py), so a failure reproduces.
 """
 
@@ -18,15 +18,34 @@ from __future__ import annotations
 import base64
 import functools
 import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from popserv import errors, wire
 from popserv.body import BodyDecoder, BodyEncoder, WireSizeCounter, wire_size
+from popserv.interfaces import IMailbox, MessageStream
+from popserv.layout import ensure_maildir
+from popserv.maildir import MaildirMailbox, deliver
+from popserv.memory import MemoryMaildrop, MemoryRealm
 from popserv.passwords.scram import ScramKeys
-from popserv.protocol import _decode_sasl
+from popserv.policy import Policy
+from popserv.protocol import POP3Factory, _decode_sasl
 from popserv.sasl import MECHANISMS, external_mechanism
 from popserv.sasl.mechanism import (
     MAX_ROUNDS,
@@ -39,6 +58,7 @@ from popserv.sasl.mechanism import (
 from popserv.sasl.scram import NeedKeys
 
 from .certs import CA
+from .support import LOCAL_PEER
 
 
 def examples(normal: int, share: int = 1) -> int:
@@ -500,3 +520,469 @@ class SASLFuzzTests(SynchronousTestCase):
     @fuzz(300)
     def test_base64_round_trip(self, data):
         self.assertEqual(_decode_sasl(base64.b64encode(data)), data)
+
+
+# Whole sessions, as a state machine
+
+
+@implementer(IReactorThreads)
+class _SyncThreads:
+    """A reactor whose "thread pool" runs work at once, so Maildir calls finish synchronously."""
+
+    def getThreadPool(self):
+        return self
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+SYNC = _SyncThreads()
+
+
+@implementer(IRealm)
+class _MaildirRealm:
+    """alice's Maildir, opened and locked without threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        opened = MaildirMailbox.open(self.path, reactor=SYNC)
+        return opened.addCallback(lambda mailbox: (IMailbox, mailbox, mailbox.close))
+
+
+def maildir_contents(path: Path) -> list[bytes]:
+    """The messages of a Maildir, as the store lists and reads them."""
+    result = MaildirMailbox.open(path, reactor=SYNC)
+    mailboxes: list[MaildirMailbox] = []
+    result.addCallback(mailboxes.append)
+    (mailbox,) = mailboxes
+    try:
+        contents = []
+        for index in range(len(mailbox.listing())):
+            opened: list[MessageStream] = []
+            maybeDeferred(mailbox.open_message, index).addCallback(opened.append)
+            with opened[0] as stream:
+                contents.append(stream.read())
+        return contents
+    finally:
+        mailbox.close()
+
+
+def encoded(message: bytes, body_lines: int | None = None) -> bytes:
+    return encode_chunks([message], body_lines)
+
+
+MESSAGE = st.one_of(
+    LINEY,
+    st.sampled_from([b"", b"Subject: x\r\n\r\nbody\r\n.\r\n..\r\n", b"A: 1\n\nl1\nl2\nl3"]),
+)
+NUMBERS = st.integers(1, 5)
+BAD_NUMBERS = st.sampled_from(
+    [
+        b"0",
+        b"-1",
+        b"99",
+        b"abc",
+        b"",
+        b"1 2",
+        b"1 ",
+        b" 1",
+        b"+1",
+        b"99999999999999999999",
+        b"\xd9\xa1",
+    ]
+)
+UIDL_RE = re.compile(rb"[\x21-\x7e]{1,70}")
+
+
+class POP3Sessions(RuleBasedStateMachine):
+    """
+    Random sessions of valid and invalid commands against a maildrop,
+    checked against a model of what RFC 1939 says they must do.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.logged: list[dict] = []
+        self.observer = lambda event: (
+            self.logged.append(event)
+            if event.get("log_level") in (LogLevel.error, LogLevel.critical)
+            else None
+        )
+        globalLogPublisher.addObserver(self.observer)
+        self.transport: StringTransport | None = None
+        self.protocol = None
+
+    # The store, by kind (subclasses)
+
+    def make_store(self, messages: list[bytes]):
+        raise NotImplementedError
+
+    def contents(self) -> list[bytes]:
+        raise NotImplementedError
+
+    # Sessions
+
+    @initialize(messages=st.lists(MESSAGE, max_size=5), log_in=st.booleans())
+    def start(self, messages, log_in):
+        realm = self.make_store(messages)
+        #: What the store holds, in listing order, as it reads it back.
+        self.stored = self.contents()
+        # Stored as delivered (the order of same-second deliveries is the store's).
+        self.assertEqual(
+            sorted(encoded(m) for m in self.stored),
+            sorted(encoded(m) for m in messages),
+            "stored form",
+        )
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        policy = Policy(
+            hostname="pop.example.org",
+            login_timeout=1e9,
+            idle_timeout=1e9,
+            max_auth_failures=10**6,
+        )
+        self.factory = POP3Factory(Portal(realm, [checker]), policy, clock=self.clock)
+        self.connect(log_in)
+
+    def connect(self, log_in: bool = False) -> None:
+        self.transport = StringTransport(peerAddress=LOCAL_PEER)
+        self.protocol = self.factory.buildProtocol(LOCAL_PEER)
+        self.protocol.makeConnection(self.transport)
+        greeting = self.take()
+        self.assertTrue(greeting.startswith(b"+OK ") and greeting.endswith(b"\r\n"), greeting)
+        self.state = "AUTHORIZATION"
+        self.user: bytes | None = None
+        self.deleted: set[int] = set()
+        self.uids: dict[int, bytes] = {}
+        if log_in:
+            self.send_user(True)
+            self.send_password(True)
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def assertTrue(self, condition, message=None) -> None:
+        if not condition:
+            raise AssertionError(message)
+
+    def assertEqual(self, a, b, message=None) -> None:
+        if a != b:
+            raise AssertionError(f"{a!r} != {b!r}" + (f" ({message})" if message else ""))
+
+    def command(self, line: bytes) -> tuple[bytes, bytes | None]:
+        """
+        Send one command line; return its status line and, for a multi-line
+        +OK, its body (stuffed, with the final ``.`` line).  Checks that the
+        server wrote exactly one response.
+        """
+        self.protocol.dataReceived(line + b"\r\n")
+        # Long enough for any failed-login penalty (at most 15 s, twice).
+        self.clock.pump([1.0] * 35)
+        out = self.take()
+        status, sep, rest = out.partition(b"\r\n")
+        self.assertTrue(sep, f"no complete response to {line!r}: {out!r}")
+        self.assertTrue(status.startswith((b"+OK", b"-ERR")), status)
+        command = self.parsed(line)
+        multiline = isinstance(command, wire.Command) and (
+            command.verb in ("CAPA", "RETR", "TOP")
+            or (command.verb in ("LIST", "UIDL") and not command.args)
+        )
+        if status.startswith(b"+OK") and multiline:
+            self.assertTrue(rest == b".\r\n" or rest.endswith(b"\r\n.\r\n"), rest[-20:])
+            body_lines = rest[:-3].split(b"\r\n")[:-1]
+            self.assertTrue(b"." not in body_lines, "a lone '.' inside a multi-line answer")
+            return status, rest
+        self.assertEqual(rest, b"", f"more than one response to {line!r}")
+        return status, None
+
+    @staticmethod
+    def parsed(line: bytes):
+        try:
+            return wire.parse_command(line)
+        except errors.PopError as e:
+            return e
+
+    def live(self) -> list[int]:
+        return [n for n in range(1, len(self.stored) + 1) if n not in self.deleted]
+
+    def is_live(self, number: int) -> bool:
+        return (
+            self.state == "TRANSACTION"
+            and 1 <= number <= len(self.stored)
+            and (number not in self.deleted)
+        )
+
+    def expect_err(self, line: bytes) -> bytes:
+        status, _ = self.command(line)
+        self.assertTrue(status.startswith(b"-ERR"), f"{line!r} -> {status!r}")
+        return status
+
+    # Logging in
+
+    @rule(right=st.booleans())
+    def user(self, right):
+        self.send_user(right)
+
+    def send_user(self, right):
+        name = b"alice" if right else b"bob"
+        if self.state == "TRANSACTION":
+            self.expect_err(b"USER " + name)
+            return
+        status, _ = self.command(b"USER " + name)
+        self.assertEqual(status, b"+OK Send PASS")
+        self.state, self.user = "USER_GIVEN", name
+
+    @rule(right=st.booleans())
+    def password(self, right):
+        self.send_password(right)
+
+    def send_password(self, right):
+        line = b"PASS " + (b"secret" if right else b"wrong")
+        if self.state != "USER_GIVEN":
+            self.expect_err(line)
+            return
+        status, _ = self.command(line)
+        if right and self.user == b"alice":
+            count, octets = len(self.stored), sum(wire_size(m) for m in self.stored)
+            self.assertEqual(status, b"+OK Logged in, %d messages (%d octets)" % (count, octets))
+            self.state = "TRANSACTION"
+        else:
+            self.assertTrue(status.startswith(b"-ERR [AUTH]"), status)
+            self.state = "AUTHORIZATION"
+
+    @rule()
+    def login(self):
+        """USER and PASS right, as most sessions start (so TRANSACTION gets explored)."""
+        self.send_user(True)
+        self.send_password(True)
+
+    # TRANSACTION
+
+    @rule()
+    def stat(self):
+        if self.state != "TRANSACTION":
+            self.expect_err(b"STAT")
+            return
+        status, _ = self.command(b"STAT")
+        live = self.live()
+        octets = sum(wire_size(self.stored[n - 1]) for n in live)
+        self.assertEqual(status, b"+OK %d %d" % (len(live), octets))
+        # STAT matches LIST.
+        _, body = self.command(b"LIST")
+        lines = body[:-3].split(b"\r\n")[:-1]
+        self.assertEqual(len(lines), len(live))
+        self.assertEqual(sum(int(line.split()[1]) for line in lines), octets)
+
+    @rule(number=st.one_of(st.none(), NUMBERS))
+    def list(self, number):
+        line = b"LIST" if number is None else b"LIST %d" % number
+        if self.state != "TRANSACTION" or (number is not None and not self.is_live(number)):
+            self.expect_err(line)
+            return
+        status, body = self.command(line)
+        if number is not None:
+            self.assertEqual(status, b"+OK %d %d" % (number, wire_size(self.stored[number - 1])))
+            return
+        expected = b"".join(b"%d %d\r\n" % (n, wire_size(self.stored[n - 1])) for n in self.live())
+        self.assertEqual(body, expected + b".\r\n")
+
+    @rule(number=st.one_of(st.none(), NUMBERS))
+    def uidl(self, number):
+        line = b"UIDL" if number is None else b"UIDL %d" % number
+        if self.state != "TRANSACTION" or (number is not None and not self.is_live(number)):
+            self.expect_err(line)
+            return
+        status, body = self.command(line)
+        if number is not None:
+            _, n, uid = status.split(b" ")
+            pairs = [(int(n), uid)]
+        else:
+            pairs = [
+                (int(n), uid)
+                for n, uid in (entry.split(b" ") for entry in body[:-3].split(b"\r\n")[:-1])
+            ]
+            self.assertEqual([n for n, _ in pairs], self.live())
+        for n, uid in pairs:
+            self.assertTrue(UIDL_RE.fullmatch(uid), uid)
+            self.assertEqual(self.uids.setdefault(n, uid), uid, "UIDL changed")
+        self.assertEqual(len(set(self.uids.values())), len(self.uids), "UIDLs not unique")
+
+    @rule(number=NUMBERS)
+    def retr(self, number):
+        line = b"RETR %d" % number
+        if not self.is_live(number):
+            self.expect_err(line)
+            return
+        status, body = self.command(line)
+        message = self.stored[number - 1]
+        self.assertEqual(status, b"+OK %d octets" % wire_size(message))
+        self.assertEqual(body, encoded(message))
+
+    @rule(number=NUMBERS, lines=st.integers(0, 4))
+    def top(self, number, lines):
+        line = b"TOP %d %d" % (number, lines)
+        if not self.is_live(number):
+            self.expect_err(line)
+            return
+        _, body = self.command(line)
+        self.assertEqual(body, encoded(self.stored[number - 1], lines))
+
+    @rule(number=NUMBERS)
+    def dele(self, number):
+        line = b"DELE %d" % number
+        if not self.is_live(number):
+            self.expect_err(line)
+            return
+        status, _ = self.command(line)
+        self.assertEqual(status, b"+OK Message %d deleted" % number)
+        self.deleted.add(number)
+
+    @rule()
+    def rset(self):
+        if self.state != "TRANSACTION":
+            self.expect_err(b"RSET")
+            return
+        status, _ = self.command(b"RSET")
+        self.deleted.clear()
+        octets = sum(wire_size(m) for m in self.stored)
+        self.assertEqual(status, b"+OK %d messages (%d octets)" % (len(self.stored), octets))
+
+    @rule()
+    def noop(self):
+        if self.state != "TRANSACTION":
+            self.expect_err(b"NOOP")
+            return
+        self.assertEqual(self.command(b"NOOP")[0], b"+OK")
+
+    # Nonsense
+
+    @rule(
+        verb=st.sampled_from([b"RETR", b"DELE", b"LIST", b"UIDL", b"TOP", b"TOP 1", b"retr"]),
+        argument=BAD_NUMBERS,
+    )
+    def bad_number(self, verb, argument):
+        """0, negative, out of range, not numbers, too many: -ERR, in any state."""
+        line = verb + b" " + argument
+        number = self.parsed(line)
+        if (
+            isinstance(number, wire.Command)
+            and number.args
+            and all(self.is_live(n) for n in number.args[:1])
+        ):
+            return  # TOP 1 1 and the like are valid
+        self.expect_err(line)
+
+    @rule(line=st.binary(max_size=300))
+    def garbage(self, line):
+        line = line.replace(b"\n", b"")
+        stripped = line[:-1] if line.endswith(b"\r") else line
+        if len(line) + 2 <= wire.MAX_COMMAND_LINE and isinstance(
+            self.parsed(stripped), wire.Command
+        ):
+            return  # a real command: the other rules cover those
+        self.expect_err(line)
+
+    @rule(
+        length=st.integers(254, 3000), verb=st.sampled_from([b"NOOP ", b"PASS ", b"X", b"RETR 1"])
+    )
+    def long_line(self, length, verb):
+        status = self.expect_err(verb + b"x" * length)
+        self.assertEqual(status, b"-ERR Line too long")
+
+    # Ends
+
+    @rule(hang_up=st.booleans(), log_in=st.booleans())
+    def end(self, hang_up, log_in):
+        """
+        QUIT: the DELEted messages, and only they, are gone.  A hang-up
+        without QUIT: nothing is deleted.  Either way the lock is released
+        (the next session logs in).
+        """
+        if hang_up:
+            self.protocol.connectionLost(None)
+        else:
+            status, _ = self.command(b"QUIT")
+            self.assertTrue(status.startswith(b"+OK"), status)
+            self.assertTrue(self.transport.disconnecting, "QUIT did not close")
+            if self.state == "TRANSACTION":
+                self.stored = [m for n, m in enumerate(self.stored, 1) if n not in self.deleted]
+            self.protocol.connectionLost(None)
+        self.assertEqual(self.contents(), self.stored)
+        self.connect(log_in)
+
+    @invariant()
+    def nothing_logged_as_an_error(self):
+        self.assertEqual([formatEvent(e) for e in self.logged], [])
+
+    def teardown(self):
+        globalLogPublisher.removeObserver(self.observer)
+        if self.protocol is not None:
+            self.protocol.connectionLost(None)
+
+
+class MemorySessions(POP3Sessions):
+    def make_store(self, messages):
+        self.maildrop = MemoryMaildrop(messages)
+        return MemoryRealm({"alice": self.maildrop})
+
+    def contents(self):
+        return self.maildrop.contents()
+
+
+class MaildirSessions(POP3Sessions):
+    def make_store(self, messages):
+        self.path = Path(tempfile.mkdtemp(prefix="popserv-fuzz-")) / "alice"
+        ensure_maildir(self.path)
+        for message in messages:
+            deliver(self.path, message)
+        return _MaildirRealm(self.path)
+
+    def contents(self):
+        return maildir_contents(self.path)
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def _stateful_settings(normal: int) -> settings:
+    return settings(
+        max_examples=examples(normal, share=5),
+        stateful_step_count=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
+
+class MemorySessionTests(MemorySessions.TestCase):
+    """Sessions on the in-memory store."""
+
+    settings = _stateful_settings(40)
+
+    def test_sessions(self):
+        """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""
+        self.runTest()
+
+
+class MaildirSessionTests(MaildirSessions.TestCase):
+    """Sessions on a real Maildir in a temporary directory."""
+
+    settings = _stateful_settings(25)
+
+    def test_sessions(self):
+        """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""
+        self.runTest()
