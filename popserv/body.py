@@ -223,7 +223,12 @@ class BodyDecoder:
 
     def _keep(self, partial_line: bytes) -> None:
         """Hold the start of a line, unless it alone is past the limit."""
-        if self.limit is not None and self.size + len(partial_line) > self.limit:
+        if not self._midline and partial_line in (b"", b".", b".\r"):
+            # Nothing of the line yet, or it may still be the terminating
+            # line: keep it whole whatever the limit, or the end of the body
+            # would be missed (a dropped line start sets _midline).
+            self._tail = partial_line
+        elif self.limit is not None and self.size + len(partial_line) > self.limit:
             # Counted and dropped; the last octet may be the CR of a CRLF.
             self.size += len(partial_line) - 1
             self.overflow = True

@@ -314,9 +314,16 @@ def loggable(value: bytes | str | None, limit: int = 64) -> str:
     return value[:limit].encode("unicode_escape").decode("ascii")
 
 
+#: A CR or LF inside a response text would end the line early and desync
+#: the client; every text becomes one line, whatever a translation holds.
+_ONE_LINE = str.maketrans("\r\n", "  ")
+
+
 def ok(text: str = "") -> bytes:
-    """A ``+OK`` line."""
-    return b"+OK " + text.encode("utf-8") + b"\r\n" if text else b"+OK\r\n"
+    """A ``+OK`` line (a CR or LF in ``text`` becomes a space)."""
+    if not text:
+        return b"+OK\r\n"
+    return b"+OK " + text.translate(_ONE_LINE).encode("utf-8") + b"\r\n"
 
 
 def err(error: PopError, text: str | None = None) -> bytes:
@@ -325,7 +332,8 @@ def err(error: PopError, text: str | None = None) -> bytes:
     translation), never its detail.
     """
     code = f"[{error.code}] " if error.code else ""
-    return f"-ERR {code}{error.text if text is None else text}\r\n".encode()
+    line = f"{code}{error.text if text is None else text}".translate(_ONE_LINE)
+    return f"-ERR {line}\r\n".encode()
 
 
 def multiline(lines: Iterable[bytes], batch: int = 1024) -> Iterator[bytes]:

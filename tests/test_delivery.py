@@ -77,6 +77,20 @@ class BodyDecoderTests(SynchronousTestCase):
         self.assertEqual(decoder.chunks, [])
         self.assertEqual(rest, b"NOOP\r\n")
 
+    def test_over_the_limit_dot_line_split_across_reads(self):
+        """
+        A ``.`` line arriving in two reads (``.`` then CRLF) still ends a body
+        that is over the limit; it was taken for content, so the session read
+        on into the next message's commands.
+        """
+        cases = [(b".\r\nNOOP\r\n", 0), (b"x" * 20 + b"\r\n.\r\nNOOP\r\n", 10),
+                 (b"\r\r\n.\r\nNOOP\r\n", 0)]
+        for data, limit in cases:
+            for sizes in ([len(data) - 8, 1], [1]):
+                decoder, rest = decode(data, sizes, limit)
+                self.assertEqual(rest, b"NOOP\r\n")
+                self.assertEqual(decoder.overflow, limit < len(data) - 9)
+
     @given(st.binary(max_size=300), st.lists(st.integers(1, 40), min_size=1, max_size=8))
     def test_round_trip(self, message, sizes):
         """decode(encode(x)) is x with CRLF line ends, for any bytes and any chunking."""
