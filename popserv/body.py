@@ -161,6 +161,18 @@ def _header_end(lines: bytes) -> int:
     return first + (2 if lines[first + 1 : first + 2] == b"\n" else 3)
 
 
+#: The line that ends a multi-line body, with the line end before it.
+_END_OF_BODY = b"\r\n.\r\n"
+
+
+def _held_back(text: bytes) -> int:
+    """How many trailing octets of ``text`` could begin :data:`_END_OF_BODY`."""
+    for size in (4, 3, 2, 1):
+        if text.endswith(_END_OF_BODY[:size]):
+            return size
+    return 0
+
+
 class BodyDecoder:
     """
     Reads a dot-stuffed multi-line body (SMTP/LMTP DATA) fed in chunks of
@@ -171,9 +183,12 @@ class BodyDecoder:
     and sets :attr:`overflow`, so the answer can come after the whole
     message, as SMTP requires.  Only a CRLF ``.`` CRLF ends the body: a
     bare LF never does, so no message can be smuggled inside another.
+
+    Work is linear in the input: at most four octets (a possible start of
+    the end line) are held between chunks, however long a line is.
     """
 
-    __slots__ = ("_midline", "_tail", "chunks", "done", "limit", "overflow", "size")
+    __slots__ = ("_lead", "_tail", "chunks", "done", "limit", "overflow", "size")
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
@@ -181,9 +196,11 @@ class BodyDecoder:
         self.size = 0
         self.overflow = False
         self.done = False
-        self._tail = b""
-        #: True when the kept tail does not start at the beginning of a line.
-        self._midline = False
+        # The body starts a line: a CRLF is put before it, and taken out of
+        # the output again (_lead), so a first line "." or ".x" needs no
+        # special case.
+        self._tail = CRLF
+        self._lead = 2
 
     def feed(self, data: bytes) -> bytes | None:
         """
@@ -192,26 +209,26 @@ class BodyDecoder:
         """
         if self.done:
             raise ValueError("the body has ended")
-        buffer = self._tail + data if self._tail else data
-        cut = buffer.rfind(CRLF)
-        if cut < 0:
-            self._keep(buffer)
-            return None
-        lead = b"" if self._midline else CRLF
-        lines = lead + buffer[: cut + 2]
-        end = lines.find(b"\r\n.\r\n")
+        text = self._tail + data
+        # Only the new octets (and the held ones before them) can hold the end.
+        end = text.find(_END_OF_BODY)
         if end >= 0:
-            self._take(lines[: end + 2], len(lead))
+            self._take(text[: end + 2])
             self.done = True
             self._tail = b""
-            return buffer[end + 5 - len(lead) :]
-        self._take(lines, len(lead))
-        self._midline = False
-        self._keep(buffer[cut + 2 :])
+            return text[end + 5 :]
+        keep = _held_back(text)
+        if keep < len(text):
+            self._take(text[: len(text) - keep])
+            self._tail = text[len(text) - keep :]
+        else:
+            self._tail = text
         return None
 
-    def _take(self, lines: bytes, lead: int) -> None:
-        body = lines.replace(b"\r\n.", CRLF)[lead:]
+    def _take(self, text: bytes) -> None:
+        body = text.replace(b"\r\n.", CRLF) if b"\r\n." in text else text
+        if self._lead:
+            body, self._lead = body[self._lead :], 0
         self.size += len(body)
         if self.overflow:
             return
@@ -220,20 +237,3 @@ class BodyDecoder:
             self.chunks.clear()
         elif body:
             self.chunks.append(body)
-
-    def _keep(self, partial_line: bytes) -> None:
-        """Hold the start of a line, unless it alone is past the limit."""
-        if not self._midline and partial_line in (b"", b".", b".\r"):
-            # Nothing of the line yet, or it may still be the terminating
-            # line: keep it whole whatever the limit, or the end of the body
-            # would be missed (a dropped line start sets _midline).
-            self._tail = partial_line
-        elif self.limit is not None and self.size + len(partial_line) > self.limit:
-            # Counted and dropped; the last octet may be the CR of a CRLF.
-            self.size += len(partial_line) - 1
-            self.overflow = True
-            self.chunks.clear()
-            self._tail = partial_line[-1:]
-            self._midline = True
-        else:
-            self._tail = partial_line

@@ -293,3 +293,25 @@ class DeliverCommandTests(SynchronousTestCase):
         self.layout.passwd_path.unlink()
         result = self.deliver("--user", "frank", message=b"x\n")
         self.assertEqual(result.returncode, EX_TEMPFAIL)
+
+
+class BodyDecoderBoundaryTests(SynchronousTestCase):
+    def test_terminator_split_at_every_offset_around_the_limit(self):
+        """At, below and over the limit, every split of the end line is seen."""
+        for size, overflow in ((99, False), (100, False), (101, True), (5000, True)):
+            body = b"x" * (size - 2) + b"\r\n"
+            wire = body + b".\r\nNEXT"
+            for cut in range(len(body) - 3, len(body) + 3):
+                decoder = BodyDecoder(100)
+                self.assertIsNone(decoder.feed(wire[:cut]), (size, cut))
+                rest = decoder.feed(wire[cut:])
+                self.assertEqual((rest, decoder.overflow), (b"NEXT", overflow), (size, cut))
+
+    def test_long_lines_are_linear(self):
+        """A 25 MB body without a line end is held back four octets at a time, not whole."""
+        decoder = BodyDecoder()
+        for _ in range(400):
+            decoder.feed(b"a" * 65536)
+            self.assertLessEqual(len(decoder._tail), 4)
+        self.assertEqual(decoder.feed(b"\r\n.\r\n"), b"")
+        self.assertEqual(decoder.size, 400 * 65536 + 2)
