@@ -18,11 +18,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from attrs import define, frozen
 from twisted.internet.defer import Deferred
@@ -39,6 +40,7 @@ from popserv.layout import ensure_maildir
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.deliver import fsync_directory
 from popserv.maildir.index import Entry, load_index, save_index, storable
+from popserv.maildir.listcache import encode_listing, load_listing, save_listing, settled, stat_key
 from popserv.maildir.lock import MaildropLock
 from popserv.maildir.names import parse_name, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
@@ -330,17 +332,55 @@ def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
     )
 
 
+def _listing_keys(maildir: Path, scheme: UidlScheme) -> list[Any] | None:
+    """The listing cache's key (see :mod:`popserv.maildir.listcache`); None if no Maildir."""
+    new, cur = stat_key(maildir / "new"), stat_key(maildir / "cur")
+    if new is None or cur is None:
+        return None
+    uidlist = stat_key(maildir / UIDLIST_FILE) if scheme.reads_uidlist else None
+    return [new, cur, uidlist]
+
+
 def _open_locked(
     maildir: Path, scheme: UidlScheme, use_index: bool
 ) -> tuple[MaildropLock, _Scan]:
     """In a thread: create the Maildir if needed, lock it, index it."""
+    started = time.time_ns()
     try:
-        ensure_maildir(maildir)
+        keys = _listing_keys(maildir, scheme)
+        if keys is None:
+            # Only a new user's first login gets here: no mkdir calls at every login.
+            ensure_maildir(maildir)
     except OSError as e:
         raise storage_failure("cannot create the maildir", e) from None
     lock = MaildropLock.acquire(maildir)
     try:
-        return lock, _scan(maildir, scheme, use_index)
+        cached = load_listing(maildir, keys, scheme.text) if use_index and keys else None
+        if cached is not None:
+            return lock, _Scan(
+                cached.listing,
+                cached.uniques,
+                cached.infos,
+                cached.places,
+                counted=0,
+                indexed=0,
+                uidlist_listed=cached.uidlist_listed,
+                uidlist_skipped=0,
+                index_update=None,
+            )
+        scan = _scan(maildir, scheme, use_index)
+        if use_index and keys and settled(keys, started):
+            data = encode_listing(
+                keys,
+                scheme.text,
+                listing=scan.listing,
+                uniques=scan.uniques,
+                infos=scan.infos,
+                places=scan.places,
+                uidlist_listed=scan.uidlist_listed,
+            )
+            save_listing(maildir, data)
+        return lock, scan
     except OSError as e:
         lock.release()
         raise storage_failure("cannot scan the maildir", e) from None
