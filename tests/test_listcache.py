@@ -165,3 +165,23 @@ class ListingCacheTests(MaildirTestCase):
             decode_listing(encoded(["a", "b"], ["", ""], ["", "../x"]), keys, "dovecot"))
         self.assertIsNotNone(
             decode_listing(encoded(["a", "b"], ["", ""], ["", "/"]), keys, "dovecot"))
+
+
+class NothingToCommitTests(MaildirTestCase):
+    async def test_no_thread_when_nothing_to_do(self) -> None:
+        """Retrieved messages already seen in cur/, none deleted: no thread job."""
+        maildir = self.maildir()
+        self.put(maildir, "cur", "1000.P1.host,W=2:2,S")
+        self.put(maildir, "new", "1001.P1.host,W=2")
+        mailbox = await self.open(maildir)
+
+        def no_thread(*args: object) -> None:
+            raise AssertionError("a thread job for a commit with nothing to do")
+
+        real = mailbox._in_thread
+        self.patch(mailbox, "_in_thread", no_thread)
+        self.assertIsNone(await mailbox.commit([], [0]))
+        # A message still in new/ has to be marked: that goes to the thread.
+        self.patch(mailbox, "_in_thread", real)
+        await mailbox.commit([], [0, 1])
+        self.assertEqual(self.files(maildir, "new"), [])

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from attrs import define, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -60,6 +60,10 @@ READ_CHUNK = 64 * 1024
 #: Stands for an empty unique name (a file named ``:2,S``) in ``_Scan.uniques``,
 #: where "" means "the same as the UIDL".  No file name can contain ``/``.
 _EMPTY_UNIQUE = "/"
+
+#: Up to this many retrieved messages, a commit with no deletions checks on the
+#: reactor thread whether it has anything to do (a quick, pure check).
+_INLINE_COMMIT_CHECK = 1000
 
 #: How often to chase a message that keeps moving before calling it gone.
 _LOOKUP_TRIES = 3
@@ -532,14 +536,16 @@ class MaildirMailbox:
             if cancelled:
                 lock.release()
                 return
-            log.debug(
-                "Opened a maildrop of {count} messages: {counted} sized by reading,"
-                " {indexed} from the index, {listed} UIDLs from dovecot-uidlist",
-                count=len(scan.listing),
-                counted=scan.counted,
-                indexed=scan.indexed,
-                listed=scan.uidlist_listed,
-            )
+            # twistd writes debug events too: only the scans that read files.
+            if scan.counted:
+                log.debug(
+                    "Opened a maildrop of {count} messages: {counted} sized by reading,"
+                    " {indexed} from the index, {listed} UIDLs from dovecot-uidlist",
+                    count=len(scan.listing),
+                    counted=scan.counted,
+                    indexed=scan.indexed,
+                    listed=scan.uidlist_listed,
+                )
             if scan.uidlist_skipped:
                 # info, not warn: popserv never rewrites the file, so this
                 # would repeat at every login of the user.
@@ -650,6 +656,16 @@ class MaildirMailbox:
         fails the commit with :class:`~popserv.errors.CommitFailed`, after
         all the other changes were made.
         """
+        if not deleted and len(retrieved) <= _INLINE_COMMIT_CHECK:
+            # The steady state of a client that leaves mail on the server:
+            # everything it retrieved is already seen in cur/.  Then there is
+            # nothing to do, and a thread-pool round trip would cost more than
+            # this check.
+            places, infos = self._places, self._infos
+            if all(
+                places[i] == CUR and "S" in parse_name(infos[i]).flags for i in retrieved
+            ):
+                return succeed(None)
         # Naming 100,000 files is per-message work: done in the thread too,
         # on copies of the two columns a moved message changes.
         places, infos = bytes(self._places), list(self._infos)
