@@ -215,6 +215,13 @@ class Popserv(Server):
             cmd += ["--lmtp", f"tcp:{self.lmtp_port}:interface={HOST}"]
         return cmd
 
+    def reset_caches(self, user: str) -> None:
+        # popserv.index (sizes read from files) and popserv.listing (the last
+        # scan), as Dovecot's dovecot.index* and dovecot-uidlist go for it.
+        for entry in self.maildir(user).iterdir():
+            if entry.name.startswith(("popserv.index", "popserv.listing")) and entry.is_file():
+                entry.unlink()
+
     def version(self) -> str:
         try:
             out = subprocess.run(

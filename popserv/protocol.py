@@ -143,6 +143,23 @@ class SessionInfo:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on the TCP connection under ``transport``
+    (a TLS wrapper's too).  An answer is written whole, so there is nothing
+    to coalesce; with it on, the small last write of a long response (the
+    final ``.`` of a RETR) waits for the client's ACK of what went before,
+    up to the client's delayed-ACK timer (40 ms on Linux).
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        set_no_delay = getattr(candidate, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # OSError: not TCP after all (a UNIX socket), or already closing.
+            with contextlib.suppress(OSError):
+                set_no_delay(True)
+            return
+
+
 @implementer(interfaces.IPushProducer)
 class _OutputGate:
     """Tells the session when the transport's send buffer is full or drained."""
@@ -210,6 +227,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._splitter.auth_max_length = policy.max_auth_line_length
         self.setTimeout(policy.idle_timeout)
         self._login_timer = self.callLater(policy.login_timeout, self._login_timed_out)
+        _no_delay(self.transport)
         self.transport.registerProducer(_OutputGate(self), True)
         self.language = self.factory.languages.default
         peer = self.transport.getPeer()

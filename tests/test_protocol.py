@@ -9,6 +9,7 @@ from hashlib import md5
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -33,6 +34,29 @@ class GreetingTests(SynchronousTestCase):
         self.assertIsNotNone(match)
         self.assertNotEqual(first.greeting, second.greeting)
 
+    def test_nagle_off(self):
+        """
+        TCP_NODELAY is set on the connection, also under a TLS wrapper: the
+        last small write of a long answer must not wait for the client's ACK.
+        """
+
+        class NoDelayTransport(StringTransport):
+            no_delay = False
+
+            def setTcpNoDelay(self, enabled):
+                self.no_delay = enabled
+
+        class Wrapper(StringTransport):
+            def __init__(self, inner):
+                super().__init__(peerAddress=inner.getPeer())
+                self.transport = inner
+
+        s = Session()
+        for transport in (NoDelayTransport(), Wrapper(NoDelayTransport())):
+            protocol = s.factory.buildProtocol(transport.getPeer())
+            protocol.makeConnection(transport)
+            tcp = getattr(transport, "transport", transport)
+            self.assertTrue(tcp.no_delay)
 
     def test_no_timestamp_when_apop_is_off(self):
         """With APOP off the greeting has no timestamp and APOP is refused at once."""

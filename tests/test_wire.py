@@ -203,6 +203,25 @@ class BodyEncoderTests(SynchronousTestCase):
             normalised += b"\r\n"
         self.assertEqual(plain, normalised)
 
+    @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b".."]), max_size=60),
+           st.integers(1, 9))
+    @settings(max_examples=500, deadline=None)
+    def test_retr_matches_line_by_line(self, parts, step):
+        """
+        RETR encodes whole chunks, partial lines included, holding back only
+        a CR at a chunk's end: it must agree with encoding line by line.
+        """
+        data = b"".join(parts)
+        expected = []
+        lines = data.split(b"\n")
+        last = lines.pop()
+        for stored in lines:
+            line = stored[:-1] if stored.endswith(b"\r") else stored
+            expected.append((b"." if line.startswith(b".") else b"") + line + b"\r\n")
+        if last:
+            expected.append((b"." if last.startswith(b".") else b"") + last + b"\r\n")
+        self.assertEqual(encode(data, step), b"".join(expected) + b".\r\n")
+
     @given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"H: v\n"]), max_size=60),
            st.integers(1, 9), st.integers(0, 5))
     @settings(max_examples=300, deadline=None)

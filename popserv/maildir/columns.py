@@ -26,6 +26,18 @@ class PackedStrings(Sequence[str]):
         typecode = "I" if len(self._blob) < 2**32 else "Q"
         self._ends = array(typecode, accumulate(map(len, items)))
 
+    @classmethod
+    def from_parts(cls, blob: str, ends: array[int]) -> PackedStrings:
+        """Rebuild from :meth:`parts` (the caller checked that they fit together)."""
+        self = cls.__new__(cls)
+        self._blob = blob
+        self._ends = ends
+        return self
+
+    def parts(self) -> tuple[str, array[int]]:
+        """All the strings joined, and the end offset of each."""
+        return self._blob, self._ends
+
     def __len__(self) -> int:
         return len(self._ends)
 

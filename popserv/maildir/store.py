@@ -18,14 +18,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from attrs import define, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from popserv.layout import ensure_maildir
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.deliver import fsync_directory
 from popserv.maildir.index import Entry, load_index, save_index, storable
+from popserv.maildir.listcache import encode_listing, load_listing, save_listing, settled, stat_key
 from popserv.maildir.lock import MaildropLock
 from popserv.maildir.names import parse_name, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
@@ -58,6 +60,10 @@ READ_CHUNK = 64 * 1024
 #: Stands for an empty unique name (a file named ``:2,S``) in ``_Scan.uniques``,
 #: where "" means "the same as the UIDL".  No file name can contain ``/``.
 _EMPTY_UNIQUE = "/"
+
+#: Up to this many retrieved messages, a commit with no deletions checks on the
+#: reactor thread whether it has anything to do (a quick, pure check).
+_INLINE_COMMIT_CHECK = 1000
 
 #: How often to chase a message that keeps moving before calling it gone.
 _LOOKUP_TRIES = 3
@@ -330,17 +336,55 @@ def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
     )
 
 
+def _listing_keys(maildir: Path, scheme: UidlScheme) -> list[Any] | None:
+    """The listing cache's key (see :mod:`popserv.maildir.listcache`); None if no Maildir."""
+    new, cur = stat_key(maildir / "new"), stat_key(maildir / "cur")
+    if new is None or cur is None:
+        return None
+    uidlist = stat_key(maildir / UIDLIST_FILE) if scheme.reads_uidlist else None
+    return [new, cur, uidlist]
+
+
 def _open_locked(
     maildir: Path, scheme: UidlScheme, use_index: bool
 ) -> tuple[MaildropLock, _Scan]:
     """In a thread: create the Maildir if needed, lock it, index it."""
+    started = time.time_ns()
     try:
-        ensure_maildir(maildir)
+        keys = _listing_keys(maildir, scheme)
+        if keys is None:
+            # Only a new user's first login gets here: no mkdir calls at every login.
+            ensure_maildir(maildir)
     except OSError as e:
         raise storage_failure("cannot create the maildir", e) from None
     lock = MaildropLock.acquire(maildir)
     try:
-        return lock, _scan(maildir, scheme, use_index)
+        cached = load_listing(maildir, keys, scheme.text) if use_index and keys else None
+        if cached is not None:
+            return lock, _Scan(
+                cached.listing,
+                cached.uniques,
+                cached.infos,
+                cached.places,
+                counted=0,
+                indexed=0,
+                uidlist_listed=cached.uidlist_listed,
+                uidlist_skipped=0,
+                index_update=None,
+            )
+        scan = _scan(maildir, scheme, use_index)
+        if use_index and keys and settled(keys, started):
+            data = encode_listing(
+                keys,
+                scheme.text,
+                listing=scan.listing,
+                uniques=scan.uniques,
+                infos=scan.infos,
+                places=scan.places,
+                uidlist_listed=scan.uidlist_listed,
+            )
+            save_listing(maildir, data)
+        return lock, scan
     except OSError as e:
         lock.release()
         raise storage_failure("cannot scan the maildir", e) from None
@@ -492,14 +536,16 @@ class MaildirMailbox:
             if cancelled:
                 lock.release()
                 return
-            log.debug(
-                "Opened a maildrop of {count} messages: {counted} sized by reading,"
-                " {indexed} from the index, {listed} UIDLs from dovecot-uidlist",
-                count=len(scan.listing),
-                counted=scan.counted,
-                indexed=scan.indexed,
-                listed=scan.uidlist_listed,
-            )
+            # twistd writes debug events too: only the scans that read files.
+            if scan.counted:
+                log.debug(
+                    "Opened a maildrop of {count} messages: {counted} sized by reading,"
+                    " {indexed} from the index, {listed} UIDLs from dovecot-uidlist",
+                    count=len(scan.listing),
+                    counted=scan.counted,
+                    indexed=scan.indexed,
+                    listed=scan.uidlist_listed,
+                )
             if scan.uidlist_skipped:
                 # info, not warn: popserv never rewrites the file, so this
                 # would repeat at every login of the user.
@@ -610,6 +656,16 @@ class MaildirMailbox:
         fails the commit with :class:`~popserv.errors.CommitFailed`, after
         all the other changes were made.
         """
+        if not deleted and len(retrieved) <= _INLINE_COMMIT_CHECK:
+            # The steady state of a client that leaves mail on the server:
+            # everything it retrieved is already seen in cur/.  Then there is
+            # nothing to do, and a thread-pool round trip would cost more than
+            # this check.
+            places, infos = self._places, self._infos
+            if all(
+                places[i] == CUR and "S" in parse_name(infos[i]).flags for i in retrieved
+            ):
+                return succeed(None)
         # Naming 100,000 files is per-message work: done in the thread too,
         # on copies of the two columns a moved message changes.
         places, infos = bytes(self._places), list(self._infos)
