@@ -351,7 +351,7 @@ def _deliver(args: argparse.Namespace) -> int:
 
 def _deliver_stdin(args: argparse.Namespace) -> int:
     recipient_address = args.recipient or os.environ.get("RECIPIENT")
-    if not args.user and not args.recipient:
+    if not args.user and not recipient_address:
         print(f"{PROG}: deliver needs --user or --recipient", file=sys.stderr)
         return EX_USAGE
     layout = _layout(args)
@@ -360,15 +360,17 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     if args.user:
         recipient = directory.recipient(args.user, recipient_address)
     else:
-        recipient = directory.resolve(args.recipient, any_domain=True)
+        recipient = directory.resolve(recipient_address, any_domain=True)
     message = sys.stdin.buffer.read()
-    sender = args.sender or os.environ.get("SENDER")
+    sender = args.sender if args.sender is not None else os.environ.get("SENDER")
     if message.startswith(b"From "):
         # An mbox postmark (procmail, fdm, Postfix with flags=F): not part of the message.
         postmark, _, message = message.partition(b"\n")
         if sender is None:
             words = postmark.split()
             sender = words[1].decode("utf-8", "replace") if len(words) > 1 else None
+    if sender == "MAILER-DAEMON":
+        sender = ""  # how mbox postmarks spell the null sender
     header = _trace_lines(message, sender, recipient.address)
     [result] = deliver_message([(recipient, header)], [message], atomic=True)
     if result is not None:
@@ -376,14 +378,26 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _header_lines(message: bytes) -> list[bytes]:
+    """The message's header lines, lower-cased, without line ends (LF or CRLF)."""
+    lines = []
+    for raw in message.split(b"\n"):
+        line = raw.rstrip(b"\r")
+        if not line:
+            break
+        lines.append(line.lower())
+    return lines
+
+
 def _trace_lines(message: bytes, sender: str | None, recipient: str) -> bytes:
     """Return-Path and Delivered-To, unless the MTA already put the same ones on top."""
-    head = message.split(b"\n\n", 1)[0].lower()
+    head = _header_lines(message)
     lines = []
-    if sender is not None and not head.startswith(b"return-path:"):
+    if sender is not None and not (head and head[0].startswith(b"return-path:")):
         lines.append(f"Return-Path: <{sender}>")
     delivered = f"Delivered-To: {recipient}"
-    if delivered.lower().encode("utf-8", "replace") not in head:
+    wanted = delivered.lower().encode("utf-8", "surrogateescape")
+    if not any(line.replace(b"\t", b" ").strip() == wanted for line in head):
         lines.append(delivered)
     return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
 

@@ -32,9 +32,7 @@ log = Logger()
 #: sysexits.h
 EX_OK = 0
 EX_USAGE = 64
-EX_DATAERR = 65
 EX_NOUSER = 67
-EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
@@ -48,14 +46,6 @@ class DeliveryError(Exception):
     status = "4.3.0"
     text = "Temporary local problem, try again later"
     exit_status = EX_TEMPFAIL
-
-    @property
-    def permanent(self) -> bool:
-        return self.reply >= 500
-
-    def smtp(self) -> str:
-        """The reply line (without CRLF): ``550 5.1.1 User unknown``."""
-        return f"{self.reply} {self.status} {self.text}"
 
 
 class UnknownUser(DeliveryError):
@@ -149,6 +139,8 @@ class Directory:
         candidates += [local, local.lower()]
         if self.delimiter and self.delimiter in local:
             base = local.split(self.delimiter, 1)[0]
+            if domain:
+                candidates += [f"{base}@{domain}", f"{base}@{domain}".lower()]
             candidates += [base, base.lower()]
         for name in dict.fromkeys(candidates):
             user = self._user(name)
@@ -171,7 +163,10 @@ class Directory:
         return user_recipient(self, address or user, user)
 
     def quota_for(self, user: str) -> Quota:
-        entry = self.passwd.lookup(user)
+        try:
+            entry = self.passwd.lookup(user)
+        except OSError:
+            raise LookupFailed("passwd") from None
         if entry is None:
             return self.quota
         try:
@@ -288,9 +283,11 @@ def deliver_message(
             for _, delivery in pending:
                 delivery.discard()
             return [failed] * len(copies)
+        published: list[PendingDelivery] = []
         for i, delivery in pending:
             try:
                 delivery.publish()
+                published.append(delivery)
             except OSError as e:
                 log.error(
                     "Delivery to {user} failed: {error}",
@@ -298,6 +295,12 @@ def deliver_message(
                     error=e.strerror or e,
                 )
                 results[i] = StorageFailed()
+                if atomic:
+                    # One answer for all: take back the copies already out,
+                    # or the sender's retry would deliver them twice.
+                    for done in published:
+                        done.withdraw()
+                    return [StorageFailed()] * len(copies)
     finally:
         for _, delivery in pending:
             delivery.discard()  # a no-op once published

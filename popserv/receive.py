@@ -81,8 +81,11 @@ class ReceiverSettings:
 
 
 def _peer_text(peer: IAddress) -> str:
+    """The client as Received fields show it (RFC 5321 section 4.1.3 address literals)."""
     host = getattr(peer, "host", None)
-    return f"[{host}]" if host else "local"
+    if not host:
+        return "local"
+    return f"[IPv6:{host}]" if ":" in host else f"[{host}]"
 
 
 class ReceiverProtocol(smtp.ESMTP):
@@ -91,7 +94,6 @@ class ReceiverProtocol(smtp.ESMTP):
     factory: ReceiverFactory
     #: The ``with`` protocol of Received fields (RFC 3848), without the S for TLS.
     protocol_name = "ESMTP"
-    hello_verbs = (b"HELO", b"EHLO")
 
     def __init__(self, factory: ReceiverFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls)
@@ -131,13 +133,20 @@ class ReceiverProtocol(smtp.ESMTP):
         return ext
 
     def reply(self, code: int, text: str) -> None:
-        """Send one reply line; 4xx and 5xx count towards :attr:`max_errors`."""
+        """
+        Send one reply line.  Permanent refusals count towards
+        :attr:`ReceiverSettings.max_errors` over SMTP (the MTA on LMTP is
+        trusted); temporary ones, like 452 for too many recipients, do not.
+        """
         self.transport.write(f"{code} {text}\r\n".encode("utf-8", "replace"))
-        if code >= 400:
+        if code >= 500 and not self.per_recipient_replies:
             self._errors += 1
-            if self._errors >= self.factory.settings.max_errors:
-                self.transport.write(b"421 4.7.0 Too many errors, closing\r\n")
-                self.transport.loseConnection()
+
+    def _check_errors(self) -> None:
+        """Close a session that only errs, between replies, never inside one group."""
+        if self._errors >= self.factory.settings.max_errors and not self.transport.disconnecting:
+            self.transport.write(b"421 4.7.0 Too many errors, closing\r\n")
+            self.transport.loseConnection()
 
     # Input: commands one at a time, DATA in chunks
 
@@ -176,6 +185,8 @@ class ReceiverProtocol(smtp.ESMTP):
             line = data[pos:newline]
             pos = newline + 2
             self._command(line)
+            if self._pending is None:
+                self._check_errors()
             if self._discard:
                 return
 
@@ -210,6 +221,7 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _resume(self, _: object) -> None:
         self._pending = None
+        self._check_errors()
         held, self._held, self._held_size = b"".join(self._held), [], 0
         if not self.transport.disconnecting:
             self.transport.resumeProducing()
@@ -366,6 +378,9 @@ class ReceiverProtocol(smtp.ESMTP):
         return f"{local}@{domain}" if domain else local
 
     def cmd_DATA(self, rest: bytes) -> None:
+        if rest:
+            self.reply(501, "5.5.4 DATA takes no parameters")
+            return
         if self._from is None:
             self.reply(503, "5.5.1 Need MAIL before DATA")
             return
@@ -394,6 +409,10 @@ class ReceiverProtocol(smtp.ESMTP):
             atomic=not self.per_recipient_replies,
         )
 
+        def failed(failure: Failure) -> list[DeliveryError | None]:
+            log.failure("Delivery of message {id} failed", failure, id=queue_id)
+            return [DeliveryError()] * len(copies)
+
         def delivered(results: list[DeliveryError | None]) -> None:
             stored = sum(1 for r in results if r is None)
             log.info(
@@ -407,7 +426,7 @@ class ReceiverProtocol(smtp.ESMTP):
             )
             self._answer(recipients, results)
 
-        return work.addCallback(delivered)
+        return work.addErrback(failed).addCallback(delivered)
 
     #: LMTP answers DATA once per recipient; SMTP once for all.
     per_recipient_replies = False
@@ -471,6 +490,9 @@ class ReceiverProtocol(smtp.ESMTP):
         STARTTLS (RFC 3207).  Whatever the client sent after the command in
         clear is thrown away, and everything learned before is forgotten.
         """
+        if rest:
+            self.reply(501, "5.5.4 STARTTLS takes no parameters")
+            return
         if self.startedTLS:
             self.reply(503, "5.5.1 TLS already active")
             return

@@ -269,6 +269,18 @@ class DeliverCommandTests(SynchronousTestCase):
         [path] = self.files("frank")
         self.assertEqual(path.read_bytes(), message)
 
+    def test_trace_fields_for_crlf_mail_and_the_null_sender(self):
+        """A CRLF message whose body names the user still gets Delivered-To; a
+        MAILER-DAEMON postmark is the null sender; $RECIPIENT alone will do."""
+        message = b"From MAILER-DAEMON Tue Nov 24\nSubject: hi\r\n\r\nDelivered-To: frank\r\n"
+        result = self.deliver(message=message, env={"RECIPIENT": "frank"})
+        self.assertEqual(result.returncode, EX_OK, result.stderr)
+        [path] = self.files("frank")
+        self.assertEqual(
+            path.read_bytes(),
+            b"Return-Path: <>\nDelivered-To: frank\nSubject: hi\n\nDelivered-To: frank\n",
+        )
+
     def test_exit_statuses(self):
         unknown = self.deliver("--user", "nobody", message=b"x\n")
         self.assertEqual(

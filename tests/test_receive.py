@@ -18,12 +18,12 @@ import subprocess
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from popserv import delivery
+from popserv import delivery, receive
 from popserv.delivery import BadAddress, RelayDenied, UnknownUser
 from popserv.layout import Layout
 from popserv.passwords import PasswdFile, hash_password
@@ -672,3 +672,85 @@ class ConnectionLimitTests(ReceiverTestCase):
         fourth = await self.in_thread(SMTPClient, self.ports["smtp"])
         self.addCleanup(fourth.close)
         self.assertTrue(fourth.greeting[0].startswith(b"220 mx.example.org ESMTP"))
+
+
+class ReviewRegressionTests(ReceiverTestCase):
+    """Bugs a review found, each with the test that failed before the fix."""
+
+    async def test_lmtp_refusals_are_not_errors(self):
+        """An MTA's 25 unknown recipients do not close the LMTP session."""
+        client = await self.in_thread(SMTPClient, self.ports["lmtp"])
+        self.addCleanup(client.close)
+        unknown = b"".join(b"RCPT TO:<nobody%d@example.org>\r\n" % n for n in range(25))
+        client.send(
+            b"LHLO mta\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+            + unknown
+            + b"DATA\r\n"
+        )
+        replies = await self.in_thread(client.codes, 29)
+        self.assertEqual(replies[-1], START_DATA)
+        client.send(b"Subject: s\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        self.assertEqual(
+            await self.in_thread(client.codes, 2),
+            [b"250 2.0.0 Message accepted for delivery", b"221 2.0.0 Bye"],
+        )
+
+    async def test_smtp_publish_failure_takes_back_the_other_copies(self):
+        """SMTP all-or-nothing holds when linking into new/ fails for one recipient."""
+        real = deliver_module.PendingDelivery.publish
+
+        def publish(pending):
+            if pending.maildir == self.maildir("bob"):
+                raise OSError(errno.EXDEV, "cross-device link")
+            return real(pending)
+
+        self.patch(deliver_module.PendingDelivery, "publish", publish)
+        with self.assertRaises(smtplib.SMTPDataError) as raised:
+            await self.in_thread(
+                self.smtplib_send,
+                "a@remote.test",
+                ["alice@example.org", "bob@example.org"],
+                b"Subject: s\r\n\r\nhi\r\n",
+            )
+        self.assertEqual(raised.exception.smtp_code, 452)
+        self.assertEqual(self.stored("alice") + self.stored("bob"), [])
+
+    async def test_lmtp_internal_error_answers_every_recipient(self):
+        def broken(*args, **kwargs):
+            raise RuntimeError("bug")
+
+        self.patch(receive, "deliver_message", broken)
+        client = await self.in_thread(SMTPClient, self.ports["lmtp"])
+        self.addCleanup(client.close)
+        client.send(
+            b"LHLO mta\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+            b"RCPT TO:<bob@example.org>\r\nDATA\r\n"
+        )
+        await self.in_thread(client.codes, 5)
+        client.send(b"Subject: s\r\n\r\nhi\r\n.\r\nNOOP\r\n")
+        self.assertEqual(
+            await self.in_thread(client.codes, 3),
+            [b"451 4.3.0 Temporary local problem, try again later"] * 2 + [b"250 2.0.0 OK"],
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_parameters_and_plus_tags_of_virtual_users(self):
+        PasswdFile(self.layout.passwd_path).add("dave@example.org", hash_password("x", "PLAIN"))
+        self.assertEqual(
+            self.smtp.resolve("dave+news@example.org", IPv4Address("TCP", "192.0.2.7", 1)).user,
+            "dave@example.org",
+        )
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(b"EHLO c\r\nSTARTTLS now\r\nDATA x\r\n")
+        replies = await self.in_thread(client.codes, 3)
+        self.assertEqual(
+            replies[1:],
+            [b"501 5.5.4 STARTTLS takes no parameters", b"501 5.5.4 DATA takes no parameters"],
+        )
+
+    def test_ipv6_address_literal(self):
+        from popserv.receive import _peer_text
+
+        self.assertEqual(_peer_text(IPv4Address("TCP", "192.0.2.1", 1)), "[192.0.2.1]")
+        self.assertEqual(_peer_text(IPv6Address("TCP", "::1", 1)), "[IPv6:::1]")

@@ -179,6 +179,15 @@ class PendingDelivery:
             _unlink_quietly(tmp_path)
         return self.final_name
 
+    def withdraw(self) -> None:
+        """
+        Take a just-published message back out of ``new/`` (best effort),
+        when the other copies of an all-or-nothing delivery failed.
+        """
+        _unlink_quietly(self.maildir / "new" / self.final_name)
+        with contextlib.suppress(OSError):
+            fsync_directory(self.maildir / "new")
+
     def discard(self) -> None:
         """Remove the unpublished message; later calls do nothing."""
         if not self._done:
