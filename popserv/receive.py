@@ -344,7 +344,7 @@ class ReceiverProtocol(smtp.ESMTP):
                 address=loggable(address, 128),
                 reason=e.text,
             )
-            self.reply(e.reply, f"{e.status} {e.text}")
+            self.refuse(e)
             return None
         if recipient.quota.unlimited:
             self._accept(recipient)
@@ -361,9 +361,15 @@ class ReceiverProtocol(smtp.ESMTP):
         self.reply(250, "2.1.5 Recipient OK")
 
     def _refuse_recipient(self, failure: Failure, recipient: Recipient) -> None:
+        if not failure.check(DeliveryError):
+            log.failure("Quota check for {user} failed", failure, user=loggable(recipient.user))
         error = failure.value if failure.check(DeliveryError) else StorageFailed()
         if isinstance(error, MailboxFull):
             log.info("Refused recipient {user}: mailbox full", user=loggable(recipient.user))
+        self.refuse(error)
+
+    def refuse(self, error: DeliveryError) -> None:
+        """Answer with a delivery error's fixed reply."""
         self.reply(error.reply, f"{error.status} {error.text}")
 
     def _address(self, path: bytes, bad: str) -> str | None:
@@ -444,7 +450,7 @@ class ReceiverProtocol(smtp.ESMTP):
         if result is None:
             self.reply(250, "2.0.0 Message accepted for delivery")
         else:
-            self.reply(result.reply, f"{result.status} {result.text}")
+            self.refuse(result)
 
     def _trace(self, sender: str, recipient: Recipient, queue_id: str) -> bytes:
         helo = (self._helo[0] or b"").decode("ascii", "replace")
