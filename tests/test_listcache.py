@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
+
 from popserv.maildir import listcache, store
 from popserv.maildir.listcache import LISTING_FILE, decode_listing
 
@@ -47,6 +49,8 @@ class ListingCacheTests(MaildirTestCase):
         mailbox = await self.open(self.maildir_path)
         listing = mailbox.listing()
         result = list(listing.uids), list(listing.sizes)
+        # The listing is written after the login is answered.
+        await mailbox.index_saved()
         mailbox.close()
         return result
 
@@ -165,6 +169,29 @@ class ListingCacheTests(MaildirTestCase):
             decode_listing(encoded(["a", "b"], ["", ""], ["", "../x"]), keys, "dovecot"))
         self.assertIsNotNone(
             decode_listing(encoded(["a", "b"], ["", ""], ["", "/"]), keys, "dovecot"))
+
+
+class BackgroundWriteTests(MaildirTestCase):
+    async def test_login_answered_before_listing_written(self) -> None:
+        """The scan's listing is stored in a later thread job, not before the login."""
+        self.patch(listcache, "SETTLE_NS", -(10**15))
+        maildir = self.maildir()
+        self.put(maildir, "cur", "1000.P1.host,W=2:2,S", b"ab")
+        jobs = []
+        real = store.MaildirMailbox._in_thread
+
+        def held(mailbox: store.MaildirMailbox, f: object, *args: object) -> object:
+            jobs.append((real, mailbox, f, args))
+            return Deferred()
+
+        self.patch(store.MaildirMailbox, "_in_thread", held)
+        mailbox = await self.open(maildir)
+        self.assertEqual(list(mailbox.listing().uids), ["1000.P1.host,W=2"])
+        self.assertFalse((maildir / LISTING_FILE).exists())
+        self.assertEqual(len(jobs), 1)
+        _, _, f, args = jobs[0]
+        f(*args)  # type: ignore[operator]
+        self.assertTrue((maildir / LISTING_FILE).exists())
 
 
 class NothingToCommitTests(MaildirTestCase):

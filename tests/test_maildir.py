@@ -42,9 +42,12 @@ from popserv.maildir import (
     deliver,
     make_unique,
     parse_name,
+    store,
     uidl_for,
     with_flag,
 )
+from popserv.maildir.names import common_name_fields
+from popserv.maildir.uidls import parse_uidl_format
 from popserv.protocol import resolve
 
 
@@ -671,3 +674,78 @@ def _encode(message: bytes) -> bytes:
     """What RETR sends for ``message``."""
     encoder = BodyEncoder()
     return encoder.feed(message) + encoder.finish()
+
+
+#: Names of every shape a scan may meet: the common one (``,W=`` and a time),
+#: other separators, flags, no ``,W=``, doubled or damaged fields, odd names.
+_VARIED_NAMES = [
+    "1700000000.M1P2Q3.host,S=10,W=12:2,S",
+    "1700000001.M1P2Q3.host,S=10,W=12:2,",
+    "1700000002.M1P2Q3.host,W=12,S=10:2,FRS",
+    "1700000003.M1P2Q3.host,W=12",
+    "1700000004.M1P2Q3.host,W=12!2,S",
+    "1700000005.M1P2Q3.host,W=12;2,S",
+    "1700000006.M1P2Q3.ho!st,W=12",
+    "1700000007.M1P2Q3.host,W=12,W=13:2,S",
+    "1700000008.M1P2Q3.host,W=x1:2,S",
+    "1700000009.M1P2Q3.host,W=:2,S",
+    "1700000010.M1P2Q3.host,W=123456789012345678901:2,S",
+    "1700000011.M1P2Q3.host:2,S",
+    "1700000012.M1P2Q3.host",
+    "1700000013,W=5.M1:2,S",
+    "x1700000014.M1P2Q3.host,W=12:2,S",
+    ".1700000015.host,W=12:2,S",
+    "\u0661700000016.M1.host,W=12:2,S",
+    "1700000017.M1.host,W=\u0661:2,S",
+    "1700000018.M1.host,W=12:2,S:extra",
+    "1700000019.M1.host,X=1,W=12,Y=2:3,odd",
+    ":2,S",
+    "plainname",
+    "1700000020..host,W=0:2,T",
+    "01700000021.M1.host,W=007:2,S",
+]
+
+
+class CommonNameTests(TestCase):
+    def test_same_as_parse_name(self) -> None:
+        """Where the common-shape parser answers, it says what parse_name says."""
+        taken = 0
+        for name in _VARIED_NAMES:
+            fields = common_name_fields(name)
+            parsed = parse_name(name)
+            if fields is not None:
+                taken += 1
+                self.assertEqual(fields, (parsed.unique, parsed.wire_size, parsed.timestamp), name)
+        self.assertGreaterEqual(taken, 6)
+
+    @given(st.lists(st.sampled_from("0123456789.,:!;W=SxM2"), max_size=30).map("".join))
+    @settings(max_examples=500)
+    def test_same_as_parse_name_any(self, name: str) -> None:
+        fields = common_name_fields(name)
+        if fields is not None:
+            parsed = parse_name(name)
+            self.assertEqual(fields, (parsed.unique, parsed.wire_size, parsed.timestamp))
+
+
+class LeanListingTests(MaildirTestCase):
+    def test_lean_listing_same_as_general(self) -> None:
+        """The scan's lean path finds the same files, uniques, sizes and times."""
+        maildir = self.maildir()
+        for i, name in enumerate(_VARIED_NAMES):
+            self.put(maildir, "cur" if i % 3 else "new", name, b"x" * i)
+        self.assertEqual(
+            list(store._list_files(maildir).items()),
+            list(store._list_files(maildir, lean=False).items()),
+        )
+
+    def test_scan_same_as_general(self) -> None:
+        """Whole scans agree (UIDLs, sizes, order, seen), lean or not."""
+        maildir = self.maildir()
+        for i, name in enumerate(_VARIED_NAMES):
+            self.put(maildir, "cur" if i % 3 else "new", name, b"x" * i)
+        lean = store._scan(maildir, parse_uidl_format("dovecot"), False)
+        self.patch(store, "common_name_fields", lambda name: None)
+        general = store._scan(maildir, parse_uidl_format("dovecot"), False)
+        self.assertEqual(lean.listing, general.listing)
+        self.assertEqual(lean.infos, general.infos)
+        self.assertEqual(lean.places, general.places)
