@@ -46,7 +46,7 @@ from popserv.maildir import (
     uidl_for,
     with_flag,
 )
-from popserv.maildir.names import common_name_fields
+from popserv.maildir.commonnames import common_columns, split_common
 from popserv.maildir.uidls import parse_uidl_format
 from popserv.protocol import resolve
 
@@ -707,45 +707,173 @@ _VARIED_NAMES = [
 
 
 class CommonNameTests(TestCase):
+    def check_agrees(self, names: list[str]) -> int:
+        """split_common agrees with parse_name on every name it takes; returns how many."""
+        matches, others = split_common(names)
+        taken = [unique + info for unique, _, _, info in matches]
+        self.assertEqual(sorted(taken + others), sorted(names))
+        self.assertEqual(others, [name for name in names if name not in set(taken)])
+        for unique, stamp, wire, info in matches:
+            parsed = parse_name(unique + info)
+            self.assertEqual(
+                (unique, int(wire), int(stamp)),
+                (parsed.unique, parsed.wire_size, parsed.timestamp),
+                unique + info,
+            )
+            self.assertTrue(all(0x21 <= ord(c) <= 0x7E for c in unique), unique)
+        return len(matches)
+
     def test_same_as_parse_name(self) -> None:
         """Where the common-shape parser answers, it says what parse_name says."""
-        taken = 0
-        for name in _VARIED_NAMES:
-            fields = common_name_fields(name)
-            parsed = parse_name(name)
-            if fields is not None:
-                taken += 1
-                self.assertEqual(fields, (parsed.unique, parsed.wire_size, parsed.timestamp), name)
-        self.assertGreaterEqual(taken, 6)
+        self.assertGreaterEqual(self.check_agrees(_VARIED_NAMES), 4)
 
-    @given(st.lists(st.sampled_from("0123456789.,:!;W=SxM2"), max_size=30).map("".join))
-    @settings(max_examples=500)
-    def test_same_as_parse_name_any(self, name: str) -> None:
-        fields = common_name_fields(name)
-        if fields is not None:
-            parsed = parse_name(name)
-            self.assertEqual(fields, (parsed.unique, parsed.wire_size, parsed.timestamp))
+    def test_takes_dovecot_and_own_names(self) -> None:
+        """Dovecot's names and those deliveries here make are all of the common shape."""
+        ours = make_unique(2, 3, hostname="mail.example.org")
+        names = ["1715680000.M0P4242Q0.bench.example.org,S=2048,W=2092:2,S", ours + ":2,", ours]
+        matches, others = split_common(names)
+        self.assertEqual((len(matches), others), (3, []))
+
+    @given(st.lists(st.lists(st.sampled_from("0123456789.,:!;W=SxM2"), max_size=30).map("".join)))
+    @settings(max_examples=300)
+    def test_same_as_parse_name_any(self, names: list[str]) -> None:
+        self.check_agrees(names)
+
+    @given(st.lists(st.text(max_size=40).filter(lambda n: "\0" not in n), max_size=5))
+    @settings(max_examples=300)
+    def test_same_as_parse_name_any_text(self, names: list[str]) -> None:
+        self.check_agrees(["1700000000." + name for name in names] + names)
 
 
-class LeanListingTests(MaildirTestCase):
-    def test_lean_listing_same_as_general(self) -> None:
-        """The scan's lean path finds the same files, uniques, sizes and times."""
-        maildir = self.maildir()
-        for i, name in enumerate(_VARIED_NAMES):
-            self.put(maildir, "cur" if i % 3 else "new", name, b"x" * i)
-        self.assertEqual(
-            list(store._list_files(maildir).items()),
-            list(store._list_files(maildir, lean=False).items()),
-        )
+#: Common names only: ties in time, a unique name that is a prefix of
+#: another, flags and none, both places.
+_COMMON_NAMES = [
+    ("cur", "1700000005.M1P2Q3.host,S=10,W=12:2,S"),
+    ("cur", "1700000005.M1P2Q3.host,S=10,W=123:2,S"),
+    ("new", "1700000005.M1P2Q3.host,S=10,W=1234"),
+    ("cur", "1700000004.Z.host,W=7:2,FRS"),
+    ("new", "1700000004.A.host,W=0"),
+    ("cur", "1700000006.M2.host,W=3:2,"),
+    ("cur", "1600000000.old,W=9:2,T"),
+]
 
-    def test_scan_same_as_general(self) -> None:
-        """Whole scans agree (UIDLs, sizes, order, seen), lean or not."""
-        maildir = self.maildir()
-        for i, name in enumerate(_VARIED_NAMES):
-            self.put(maildir, "cur" if i % 3 else "new", name, b"x" * i)
-        lean = store._scan(maildir, parse_uidl_format("dovecot"), False)
-        self.patch(store, "common_name_fields", lambda name: None)
-        general = store._scan(maildir, parse_uidl_format("dovecot"), False)
-        self.assertEqual(lean.listing, general.listing)
+
+class CommonScanTests(MaildirTestCase):
+    def scans(
+        self, maildir: Path, uidl_format: str = "dovecot", use_index: bool = False
+    ) -> tuple[store._Scan, store._Scan]:
+        """The scan as it runs, and the same with the common-name path turned off."""
+        scheme = parse_uidl_format(uidl_format)
+        lean = store._scan(maildir, scheme, use_index)
+        self.patch(store, "common_columns", lambda places: None)
+        try:
+            general = store._scan(maildir, scheme, use_index)
+        finally:
+            self.patch(store, "common_columns", common_columns)
+        return lean, general
+
+    def assertSameScan(self, lean: store._Scan, general: store._Scan) -> None:
+        self.assertEqual(list(lean.listing.uids), list(general.listing.uids))
+        self.assertEqual(list(lean.listing.sizes), list(general.listing.sizes))
+        self.assertEqual(list(lean.listing.received or ()), list(general.listing.received or ()))
+        self.assertEqual(list(lean.listing.seen or ()), list(general.listing.seen or ()))
         self.assertEqual(lean.infos, general.infos)
         self.assertEqual(lean.places, general.places)
+        self.assertEqual(lean.uniques, general.uniques)
+
+    def test_common_names(self) -> None:
+        """A Maildir of common names: the same scan either way, for each UIDL scheme."""
+        maildir = self.maildir()
+        for sub, name in _COMMON_NAMES:
+            self.put(maildir, sub, name)
+        for uidl_format in ("dovecot", "maildir", "%08Xu%08Xv", "%u-%v"):
+            lean, general = self.scans(maildir, uidl_format)
+            self.assertSameScan(lean, general)
+            self.assertEqual(lean.listing.uids[0], "1600000000.old,W=9")
+            self.assertEqual(len(lean.listing), len(_COMMON_NAMES))
+
+    def test_common_path_taken(self) -> None:
+        """The common-name path really runs for such a Maildir (and not for others)."""
+        maildir = self.maildir()
+        for sub, name in _COMMON_NAMES:
+            self.put(maildir, sub, name)
+        calls = []
+
+        def spy(places: object) -> object:
+            calls.append(places)
+            return common_columns(places)  # type: ignore[arg-type]
+
+        self.patch(store, "common_columns", spy)
+        store._scan(maildir, parse_uidl_format("dovecot"), False)
+        self.assertEqual(len(calls), 1)
+        store._scan(maildir, parse_uidl_format("%Mf"), False)
+        self.put(maildir, "cur", "odd-name")
+        store._scan(maildir, parse_uidl_format("dovecot"), False)
+        self.assertEqual(len(calls), 1)
+
+    def test_varied_names(self) -> None:
+        """Names of other shapes among them: the same scan (the general path for all)."""
+        maildir = self.maildir()
+        for i, name in enumerate(_VARIED_NAMES):
+            self.put(maildir, "cur" if i % 3 else "new", name, b"x" * i)
+        self.assertSameScan(*self.scans(maildir))
+
+    def test_moved_during_listing(self) -> None:
+        """The same unique name in new/ and cur/: one message, the cur/ file."""
+        maildir = self.maildir()
+        self.put(maildir, "new", "1700000000.A.host,W=2")
+        self.put(maildir, "cur", "1700000000.A.host,W=2:2,S")
+        lean, general = self.scans(maildir)
+        self.assertSameScan(lean, general)
+        self.assertEqual((lean.infos, lean.places), ([":2,S"], bytearray([store.CUR])))
+
+    def test_long_name(self) -> None:
+        """A unique name over 70 characters gets a digest UIDL, as elsewhere."""
+        maildir = self.maildir()
+        self.put(maildir, "cur", "1700000000." + "h" * 70 + ",W=2:2,S")
+        self.put(maildir, "cur", "1700000001.B.host,W=2:2,S")
+        lean, general = self.scans(maildir)
+        self.assertSameScan(lean, general)
+        self.assertTrue(lean.listing.uids[0].startswith("X"))
+
+    def test_template_naming_every_message(self) -> None:
+        """A format that names messages without a uidlist record (%Mf) is honoured."""
+        maildir = self.maildir()
+        self.put(maildir, "cur", "1700000000.A.host,W=2:2,S")
+        lean, general = self.scans(maildir, "%Mf")
+        self.assertSameScan(lean, general)
+        self.assertNotEqual(lean.listing.uids[0], "1700000000.A.host,W=2")
+
+    def test_stale_index_emptied(self) -> None:
+        """An index kept for names without sizes is emptied once no name needs it."""
+        maildir = self.maildir()
+        self.put(maildir, "cur", "1700000000.A.host:2,S")
+        first = store._scan(maildir, parse_uidl_format("dovecot"), True)
+        assert first.index_update
+        store.save_index(maildir, first.index_update)
+        os.rename(
+            maildir / "cur" / "1700000000.A.host:2,S",
+            maildir / "cur" / "1700000000.A.host,W=3:2,S",
+        )
+        lean, general = self.scans(maildir, use_index=True)
+        self.assertEqual((lean.index_update, general.index_update), ({}, {}))
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["new", "cur"]),
+                st.integers(1_000_000_000, 9_999_999_999),
+                st.text("ABZaz09.=-_", min_size=0, max_size=8),
+                st.integers(0, 10**6),
+                st.sampled_from(["", ":2,", ":2,S", ":2,FS", ":1,x"]),
+            ),
+            max_size=12,
+        )
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_any_common_names(self, files: list[tuple[str, int, str, int, str]]) -> None:
+        maildir = self.maildir()
+        for sub, stamp, rest, wire, info in files:
+            self.put(maildir, sub, f"{stamp}.{rest},W={wire}{info if sub == 'cur' else ''}")
+        self.assertSameScan(*self.scans(maildir))
+

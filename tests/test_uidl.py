@@ -172,6 +172,27 @@ class UidlFormatTests(SynchronousTestCase):
         self.assertEqual(uidls(MAILDIR), NAMES)
         self.assertFalse(parse_uidl_format(MAILDIR).reads_uidlist)
 
+    def test_names_are_uidls(self) -> None:
+        """
+        Which formats serve a message without a uidlist record its own name,
+        and the promise holds for a dotted name (the scan's shortcut relies on it).
+        """
+        name = "1700000000.M1P2.host,S=1,W=2"
+        for text, expected in [
+            (MAILDIR, True),
+            (DOVECOT, True),
+            ("%u", True),
+            ("%08Xv-%Mu", True),
+            ("%u.%v", False),
+            ("%Mf", False),
+            ("%g", False),
+            ("%u%f", False),
+        ]:
+            scheme = parse_uidl_format(text)
+            self.assertEqual(scheme.names_are_uidls, expected, text)
+            if expected:
+                self.assertEqual(assign_uidls([name], scheme, None), [name], text)
+
     def test_refused(self) -> None:
         """Unknown variables and modifiers, %m (mbox-only) and misplaced parts are refused."""
         for text in ("", "abc", "%", "%q", "%{uid}", "%U3g", "%X08u", "%Xg", "%MXu", "%Eu",

@@ -88,42 +88,6 @@ def parse_name(filename: str) -> MaildirName:
     return MaildirName(unique, flags, stored, wire, timestamp)
 
 
-def common_name_fields(filename: str) -> tuple[str, int, int] | None:
-    """
-    The unique part, wire size and timestamp of a name of the common shape
-    ``TIME.REST,..,W=SIZE[,..][:2,FLAGS]``, exactly as :func:`parse_name`
-    gives them; None for any other name (then call :func:`parse_name`).
-
-    A scan calls this for each of up to 100,000 files: a few string
-    operations, no object per name (building one was half of a cold scan).
-    Only names whose parse is certain are taken: ``:`` as the info separator,
-    or none and no ``!`` or ``;`` that could be one; exactly one ``,W=``
-    field; a ``.`` before the first ``,``; both numbers plain decimal.
-    """
-    unique, colon, _ = filename.partition(":")
-    if not colon and ("!" in filename or ";" in filename):
-        return None
-    w = unique.find(",W=")
-    if w < 0 or unique.find(",W=", w + 3) >= 0:
-        return None
-    end = unique.find(",", w + 3)
-    wire = unique[w + 3 :] if end < 0 else unique[w + 3 : end]
-    # The first "," exists (the one of ",W="); the time is before the first "." ahead of it.
-    dot = unique.find(".", 0, unique.find(","))
-    head = unique[:dot]
-    if (
-        dot > 0
-        and len(head) <= _MAX_DIGITS
-        and head.isascii()
-        and head.isdigit()
-        and 0 < len(wire) <= _MAX_DIGITS
-        and wire.isascii()
-        and wire.isdigit()
-    ):
-        return unique, int(wire), int(head)
-    return None
-
-
 def with_flag(filename: str, flag: str) -> str:
     """
     ``filename`` with ``flag`` added to its info, flags kept sorted in ASCII

@@ -39,11 +39,12 @@ from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.layout import ensure_maildir
 from popserv.maildir.columns import PackedStrings
+from popserv.maildir.commonnames import Match, common_columns, split_common
 from popserv.maildir.deliver import fsync_directory
 from popserv.maildir.index import Entry, load_index, save_index, storable
 from popserv.maildir.listcache import encode_listing, load_listing, save_listing, settled, stat_key
 from popserv.maildir.lock import MaildropLock
-from popserv.maildir.names import common_name_fields, parse_name, with_flag
+from popserv.maildir.names import parse_name, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
 from popserv.maildir.uidls import DOVECOT, UidlScheme, assign_uidls, parse_uidl_format
 
@@ -211,32 +212,36 @@ class _Scan:
 _Found = tuple[int, str, "int | None", "int | None"]
 
 
-def _list_files(maildir: Path, *, lean: bool = True) -> dict[str, _Found]:
-    """
-    The message files in ``new/`` and ``cur/``, by unique name.
-
-    ``lean=False`` parses every name with the general parser (for tests: the
-    result must be the same).
-    """
-    found: dict[str, _Found] = {}
+def _list_names(maildir: Path) -> tuple[list[str], list[str]]:
+    """The names of the message files in ``new/`` and ``cur/``."""
+    listed = []
     # new/ before cur/: a message moving between them during the scan is then
-    # seen at least once.  Seen twice, the cur/ entry (read last) wins.
-    for where, sub in enumerate(_SUBDIRS):
+    # seen at least once.
+    for sub in _SUBDIRS:
         with os.scandir(maildir / sub) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                    continue
-                # Tuples of numbers and strings only, not the parsed object:
-                # the garbage collector stops tracking those, so 100,000 of
-                # them do not set off full collections, each of which holds
-                # the GIL (and stalls the reactor) for tens of milliseconds.
-                fields = common_name_fields(name) if lean else None
-                if fields is None:
-                    parsed = parse_name(name)
-                    found[parsed.unique] = (where, name, parsed.wire_size, parsed.timestamp)
-                else:
-                    found[fields[0]] = (where, name, fields[1], fields[2])
+            listed.append(
+                [
+                    entry.name
+                    for entry in entries
+                    if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")
+                ]
+            )
+    return listed[NEW], listed[CUR]
+
+
+def _found(places: Sequence[tuple[list[Match], list[str]]]) -> dict[str, _Found]:
+    """Each message by unique name; seen in two places, the last (``cur/``) wins."""
+    found: dict[str, _Found] = {}
+    for where, (common, others) in enumerate(places):
+        # Tuples of numbers and strings only, not the parsed object:
+        # the garbage collector stops tracking those, so 100,000 of
+        # them do not set off full collections, each of which holds
+        # the GIL (and stalls the reactor) for tens of milliseconds.
+        for unique, stamp, wire, info in common:
+            found[unique] = (where, unique + info, int(wire), int(stamp))
+        for name in others:
+            parsed = parse_name(name)
+            found[parsed.unique] = (where, name, parsed.wire_size, parsed.timestamp)
     return found
 
 
@@ -292,14 +297,36 @@ def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
     Dovecot's order (see :mod:`popserv.maildir.uidls`), then the others by
     delivery time and unique name.
     """
-    found = _list_files(maildir)
+    names = _list_names(maildir)
+    count = sum(map(len, names))
     # None: an index is there but unusable, so it is rewritten whatever happens.
-    loaded = load_index(maildir, len(found)) if use_index else {}
-    known = loaded or {}
-    measured = _measure_all(maildir, found, known)
-    del found
-    uidlist = _read_uidlist(maildir, len(measured.messages)) if scheme.reads_uidlist else None
+    loaded = load_index(maildir, count) if use_index else {}
+    uidlist = _read_uidlist(maildir, count) if scheme.reads_uidlist else None
     records = uidlist.records if uidlist is not None else {}
+    places = [split_common(listed) for listed in names]
+    del names
+    if scheme.names_are_uidls and not records and not any(others for _, others in places):
+        columns = common_columns([common for common, _ in places])
+        if columns is not None:
+            return _Scan(
+                Listing(
+                    uids=PackedStrings(columns.uniques),
+                    sizes=columns.sizes,
+                    received=columns.received,
+                    seen=columns.seen,
+                ),
+                None,
+                columns.infos,
+                columns.places,
+                counted=0,
+                indexed=0,
+                uidlist_listed=0,
+                uidlist_skipped=uidlist.skipped if uidlist is not None else 0,
+                # Every size and time is in the names: an index has nothing to keep.
+                index_update={} if use_index and loaded != {} else None,
+            )
+    measured = _measure_all(maildir, _found(places), loaded or {})
+    del places
 
     rows = []
     intern: dict[str, str] = {}

@@ -104,6 +104,21 @@ class UidlScheme:
         """Whether only messages the uidlist lists can be named by the template."""
         return any(isinstance(p, _Directive) and p.variable in _NUMERIC for p in self.pieces)
 
+    @property
+    def names_are_uidls(self) -> bool:
+        """
+        Whether, without ``dovecot-uidlist`` records, every message whose
+        unique name is a valid UIDL with a ``.`` in it (as Maildir names
+        are) is served that name: the template needs a record to name a
+        message, and nothing it makes can have a ``.``, so no name can be
+        mistaken for one of its UIDLs (see :func:`assign_uidls`).
+        """
+        if not self.reads_uidlist:
+            return True
+        return self.needs_record and all(
+            "." not in p if isinstance(p, str) else _kind(p) != _ANY for p in self.pieces
+        )
+
 
 def _directive(match: re.Match[str]) -> _Directive:
     offset_text, width_text, modifiers, variable = match.groups()
@@ -124,7 +139,8 @@ def _directive(match: re.Match[str]) -> _Directive:
     return _Directive(variable, modifiers, offset, width or None, zero_pad)
 
 
-def _shape(piece: _Directive) -> str:
+def _kind(piece: _Directive) -> str:
+    """The character class of what ``piece`` can expand to."""
     kind = _DIGITS if piece.variable in _NUMERIC else _ANY
     for modifier in piece.modifiers:
         if modifier in "XM":
@@ -133,7 +149,7 @@ def _shape(piece: _Directive) -> str:
             kind = _HEX_UPPER
         elif modifier == "L" and kind == _HEX_UPPER:
             kind = _HEX
-    return kind + "*"
+    return kind
 
 
 def parse_uidl_format(text: str) -> UidlScheme:
@@ -162,7 +178,7 @@ def parse_uidl_format(text: str) -> UidlScheme:
         at = match.end()
     if not any(isinstance(p, _Directive) for p in pieces):
         raise ValueError("the format must use at least one of %u %v %g %f")
-    shape = "".join(_shape(p) if isinstance(p, _Directive) else re.escape(p) for p in pieces)
+    shape = "".join(_kind(p) + "*" if isinstance(p, _Directive) else re.escape(p) for p in pieces)
     return UidlScheme(text, tuple(pieces), re.compile(shape, re.DOTALL))
 
 
