@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -877,3 +878,58 @@ class CommonScanTests(MaildirTestCase):
             self.put(maildir, sub, f"{stamp}.{rest},W={wire}{info if sub == 'cur' else ''}")
         self.assertSameScan(*self.scans(maildir))
 
+
+
+class ThreadedMeasureTests(MaildirTestCase):
+    """Files without ``,W=`` are read in several threads when there are many."""
+
+    def setUp(self) -> None:
+        self.patch(store, "_MEASURE_BATCH", 3)
+        self.maildir_path = self.maildir()
+        self.bodies = {
+            f"{1000 + i}.P{i}.host": b"line\n" * i + (b".dot\r\n" if i % 2 else b"end")
+            for i in range(20)
+        }
+        for i, (name, body) in enumerate(self.bodies.items()):
+            sub, info = ("cur", ":2,S") if i % 3 else ("new", "")
+            self.put(self.maildir_path, sub, name + info, body)
+
+    def test_same_as_one_thread(self) -> None:
+        """Sizes, times and order are those of a scan in one thread."""
+        scheme = parse_uidl_format("dovecot")
+        threaded = store._scan(self.maildir_path, scheme, False)
+        self.assertEqual(list(threaded.listing.sizes), [retr_size(b) for b in self.bodies.values()])
+        self.patch(store, "_MEASURE_BATCH", 1000)
+        single = store._scan(self.maildir_path, scheme, False)
+        self.assertEqual(threaded, single)
+
+    def test_deleted_meanwhile(self) -> None:
+        """A file deleted by someone else during the scan is left out, the rest counted."""
+        real = store._measure
+        gone = "1007.P7.host:2,S"
+
+        def measure(directories: list[str], size_needed: bool, where: int, name: str) -> object:
+            if name == gone:
+                os.unlink(directories[where] + name)
+            return real(directories, size_needed, where, name)
+
+        self.patch(store, "_measure", measure)
+        scan = store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+        self.assertEqual(len(scan.listing), 19)
+        self.assertNotIn("1007.P7.host", list(scan.listing.uids))
+
+    def test_failure_stops_the_scan(self) -> None:
+        """An unreadable file fails the scan (the login gets [SYS/TEMP]); no thread lingers."""
+        real = store._measure
+
+        def measure(directories: list[str], size_needed: bool, where: int, name: str) -> object:
+            if name.startswith("1011."):
+                raise PermissionError(errno.EACCES, "injected")
+            return real(directories, size_needed, where, name)
+
+        self.patch(store, "_measure", measure)
+        with self.assertRaises(PermissionError):
+            store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+        self.assertEqual(
+            [t.name for t in threading.enumerate() if t.name.startswith("popserv-measure")], []
+        )

@@ -21,6 +21,7 @@ import stat
 import time
 from array import array
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from operator import itemgetter
 from pathlib import Path
@@ -81,7 +82,7 @@ def _open_regular(path: Path) -> int:
     return _open_regular_stat(path)[0]
 
 
-def _open_regular_stat(path: Path) -> tuple[int, os.stat_result]:
+def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
     """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -125,11 +126,13 @@ def _chasing(
     Run ``action(where, name)``; if the file is gone, find where the message
     moved and run it there.  Raise ``FileNotFoundError`` if it is really gone.
     """
-    unique = parse_name(name).unique
+    unique = None
     for _ in range(_LOOKUP_TRIES):
         try:
             return where, name, action(where, name)
         except FileNotFoundError:
+            if unique is None:
+                unique = parse_name(name).unique
             found = _find(maildir, unique)
             if found is None:
                 raise
@@ -137,9 +140,15 @@ def _chasing(
     return where, name, action(where, name)
 
 
-def _measure(maildir: Path, size_needed: bool, where: int, name: str) -> tuple[int | None, float]:
-    """The wire size (if needed; reads the whole file) and mtime of a message."""
-    fd, status = _open_regular_stat(maildir / _SUBDIRS[where] / name)
+def _measure(
+    directories: Sequence[str], size_needed: bool, where: int, name: str
+) -> tuple[int | None, float]:
+    """
+    The wire size (if needed; reads the whole file) and mtime of a message;
+    ``directories`` are the paths of ``new/`` and ``cur/`` with a final ``/``
+    (strings, not Paths: joining Paths was a third of measuring a small file).
+    """
+    fd, status = _open_regular_stat(directories[where] + name)
     try:
         if not size_needed:
             return None, status.st_mtime
@@ -257,36 +266,84 @@ class _Measured:
     indexed: int = 0
 
 
+#: A cold scan of files without ``,W=`` reads them in this many threads:
+#: most of a read is waiting on the disk and in the kernel, which threads
+#: overlap (a cold scan of 100,000 small files on 2 cores: 8.7 s in one
+#: thread, 5.7 s in two, 4.3 s in four; more were slower, and when the files
+#: are in the page cache four cost 2.6 s against 1.9 in two).
+_MEASURE_THREADS = 4
+#: Files per thread job, and the most read without extra threads.
+_MEASURE_BATCH = 256
+
+#: Where a measured file was found, its name there, and (wire size, mtime).
+_Measurement = tuple[int, str, tuple["int | None", float]]
+
+
+def _measure_batch(maildir: Path, batch: list[_Found]) -> list[_Measurement | None]:
+    """Measure each file (None: deleted by someone else meanwhile)."""
+    out: list[_Measurement | None] = []
+    directories = [f"{maildir / sub}/" for sub in _SUBDIRS]
+    for where, name, size, _ in batch:
+        try:
+            measure = partial(_measure, directories, size is None)
+            out.append(_chasing(maildir, where, name, measure))
+        except FileNotFoundError:
+            out.append(None)
+    return out
+
+
+def _measure_files(maildir: Path, files: list[_Found]) -> list[_Measurement | None]:
+    """:func:`_measure_batch` of ``files``, in several threads when there are many."""
+    if len(files) <= _MEASURE_BATCH:
+        return _measure_batch(maildir, files)
+    batches = [files[at : at + _MEASURE_BATCH] for at in range(0, len(files), _MEASURE_BATCH)]
+    pool = ThreadPoolExecutor(_MEASURE_THREADS, thread_name_prefix="popserv-measure")
+    try:
+        return [
+            outcome
+            for batch in pool.map(partial(_measure_batch, maildir), batches)
+            for outcome in batch
+        ]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _measure_all(
     maildir: Path, found: dict[str, _Found], known: dict[str, Entry]
 ) -> _Measured:
     """Each message's wire size and delivery time: from its name, the index, or its file."""
     result = _Measured({}, {})
-    for unique, (listed_where, listed_name, named_size, timestamp) in found.items():
-        where, name, size = listed_where, listed_name, named_size
+    unknown: list[str] = []
+    for unique, (where, name, named_size, timestamp) in found.items():
+        size: int | None = named_size
         received: float | None = timestamp
         if size is None or received is None:
             entry = known.get(unique)
-            if entry is not None:
-                if size is None:
-                    size = entry[0]
-                    result.indexed += 1
-                if received is None:
-                    received = entry[1]
-            else:
-                measure = partial(_measure, maildir, size is None)
-                try:
-                    where, name, (counted_size, mtime) = _chasing(maildir, where, name, measure)
-                except FileNotFoundError:
-                    continue  # Deleted by someone else meanwhile.
-                if size is None:
-                    assert counted_size is not None
-                    size = counted_size
-                    result.counted += 1
-                if received is None:
-                    received = mtime
+            if entry is None:
+                unknown.append(unique)
+                continue
+            if size is None:
+                size = entry[0]
+                result.indexed += 1
+            if received is None:
+                received = entry[1]
             if storable(unique):
                 result.entries[unique] = (size, received)
+        result.messages[unique] = (where, name, size, received)
+    measurements = _measure_files(maildir, [found[unique] for unique in unknown])
+    for unique, measurement in zip(unknown, measurements, strict=True):
+        if measurement is None:
+            continue
+        where, name, (counted_size, mtime) = measurement
+        _, _, size, received = found[unique]
+        if size is None:
+            assert counted_size is not None
+            size = counted_size
+            result.counted += 1
+        if received is None:
+            received = mtime
+        if storable(unique):
+            result.entries[unique] = (size, received)
         result.messages[unique] = (where, name, size, received)
     return result
 
