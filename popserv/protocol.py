@@ -38,6 +38,7 @@ from zope.interface import implementer
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
 from popserv.body import BodyEncoder
+from popserv.coalesce import Coalescer
 from popserv.credentials import APOPCredentials, IOAuthTokenCredentials, IScramCredentials
 from popserv.interfaces import (
     IAccountSettings,
@@ -187,6 +188,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def __init__(self) -> None:
         self.state = State.AUTHORIZATION
         self.output_paused = False
+        #: Answers produced by one batch of work go out in one send().
+        self._output = Coalescer()
         self.account: IAccountSettings = AccountSettings()
         self.timestamp = b""
         self._splitter = wire.LineSplitter()
@@ -354,7 +357,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     def send(self, data: bytes) -> None:
         if not self._closing:
-            self.transport.write(data)
+            self._output.write(self.transport, data)
 
     def text(self, template: str, **fields: object) -> str:
         """A human-readable text in the session's language (LANG)."""
@@ -379,6 +382,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         is flushed (the producer would hold it open).
         """
         if not self._closing:
+            self._output.flush(self.transport)
             self._closing = True
             self._queue.clear()
             self.transport.unregisterProducer()
@@ -436,6 +440,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self._run_again = True
             return
         self._running = True
+        self._output.hold()
         try:
             self._run_again = True
             while self._run_again:
@@ -443,6 +448,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 self._run_queue_once()
         finally:
             self._running = False
+            self._output.release(self.transport)
 
     def _run_queue_once(self) -> None:
         while not self.output_paused and not self._closing:
@@ -515,10 +521,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
     # Output
 
     def output_resumed(self) -> None:
-        if self._stream is not None:
-            self._pump_stream()
-        if self._stream is None:
-            self._run_queue()
+        self._output.hold()
+        try:
+            if self._stream is not None:
+                self._pump_stream()
+            if self._stream is None:
+                self._run_queue()
+        finally:
+            self._output.release(self.transport)
 
     def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
         """
@@ -810,6 +820,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures = 0
         self.language = self.factory.languages.default
         self.say("Begin TLS negotiation")
+        # In clear, before the handshake starts (Twisted sends what it holds first).
+        self._output.flush(self.transport)
         self.transport.startTLS(tls)
         self.info.secure = True
 
