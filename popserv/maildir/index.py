@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import math
 import os
 import stat
@@ -40,6 +39,8 @@ import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+
+from popserv.maildir.cachefile import read_capped, replace_file
 
 #: The index file, in the Maildir's root next to ``popserv.lock``.
 INDEX_FILE = "popserv.index"
@@ -54,8 +55,6 @@ _VERSION = "1"
 _MAX_ENTRY_BYTES = 320
 _MAX_HEADER_BYTES = 64
 
-_READ_CHUNK = 1 << 20
-
 #: A temporary index file this old was left by a writer that died.
 STALE_TMP_SECONDS = 3600
 
@@ -64,8 +63,6 @@ _NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 #: (wire size, delivery time) of one message.
 Entry = tuple[int, float]
-
-_tmp_counter = itertools.count()
 
 
 def storable(unique: str) -> bool:
@@ -134,20 +131,15 @@ def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:
         return {}
     except OSError:
         return None
-    limit = _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages
-    data = bytearray()
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        while chunk := os.read(fd, _READ_CHUNK):
-            data += chunk
-            if len(data) > limit:
-                return None
+        data = read_capped(fd, _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return decode_index(bytes(data))
+    return decode_index(data) if data is not None else None
 
 
 def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
@@ -169,28 +161,11 @@ def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
                 return False
             raise
         return True
-    data = encode_index(entries)
-    tmp = maildir / f"{INDEX_FILE}.{os.getpid()}.{next(_tmp_counter)}.tmp"
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        replace_file(target, encode_index(entries))
     except OSError as e:
         if e.errno in _NOT_WRITABLE:
             return False
-        raise
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        # No fsync: a cache may be lost in a crash; a torn one fails its checksum.
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise
     _remove_stale_tmp(maildir)
     return True

@@ -32,7 +32,6 @@ sizes, in its order; a CRC-32 of the sections guards against torn writes.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from popserv.interfaces import Listing
+from popserv.maildir.cachefile import replace_file
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.names import MAX_UIDL_LENGTH, parse_name
 
@@ -61,8 +61,6 @@ _MAX_BYTES = 1 << 30
 
 #: The UIDL blob: printable ASCII only (its pieces' lengths are checked apart).
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
-
-_tmp_counter = itertools.count()
 
 def stat_key(path: Path | str) -> list[int] | None:
     """The cache key of one path, [inode, mtime ns, ctime ns]; None if it does not exist."""
@@ -267,26 +265,8 @@ def load_listing(maildir: Path, keys: list[Any], scheme: str) -> Cached | None:
 
 def save_listing(maildir: Path, data: bytes) -> None:
     """Replace ``maildir``'s listing file atomically; failures only cost speed."""
-    target = maildir / LISTING_FILE
-    tmp = maildir / f"{LISTING_FILE}.{os.getpid()}.{next(_tmp_counter)}.tmp"
-    try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except OSError:
-        return
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        # No fsync: a cache lost in a crash is rebuilt; a torn one fails its CRC.
-        os.replace(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        replace_file(maildir / LISTING_FILE, data)
 
 
 def remove_listing(maildir: Path) -> None:

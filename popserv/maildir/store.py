@@ -39,6 +39,7 @@ from popserv.body import WireSizeCounter
 from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.layout import ensure_maildir
+from popserv.maildir.cachefile import read_capped
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.commonnames import Match, common_columns, split_common
 from popserv.maildir.deliver import fsync_directory
@@ -179,18 +180,13 @@ def _read_uidlist(maildir: Path, messages: int) -> Uidlist | None:
         fd = _open_regular(maildir / UIDLIST_FILE)
     except OSError:
         return None
-    limit = _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages
-    data = bytearray()
     try:
-        while chunk := os.read(fd, READ_CHUNK * 16):
-            data += chunk
-            if len(data) > limit:
-                return None
+        data = read_capped(fd, _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return parse_uidlist(bytes(data))
+    return parse_uidlist(data) if data is not None else None
 
 
 @frozen
