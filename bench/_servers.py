@@ -148,10 +148,24 @@ class Server:
         return process_tree(self.process.pid)
 
     def reset_caches(self, user: str) -> None:
-        """Forget what the server keeps on disk about ``user``'s maildrop (for B3 'first')."""
+        """
+        Forget what any server keeps on disk about ``user``'s maildrop (for
+        B3 'first'): B3's maildrops are shared, and one server's files
+        (Dovecot's ``dovecot-uidlist``, which popserv reads for its UIDLs)
+        must not change another's first login.  popserv's ``popserv.index``
+        and ``popserv.listing``; Dovecot's ``dovecot.index*``,
+        ``dovecot-uidlist`` and the like; twisted.mail keeps none.
+        """
+        for entry in self.maildir(user).iterdir():
+            if entry.name.startswith(_CACHE_PREFIXES) and entry.is_file():
+                entry.unlink()
 
     def version(self) -> str:
         return ""
+
+
+#: The cache files servers leave in a Maildir's root.
+_CACHE_PREFIXES = ("popserv.index", "popserv.listing", "dovecot")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -175,6 +189,13 @@ class Popserv(Server):
         self.twistd = twistd
         options = popserv_options(tree, twistd)
         self.receiver = "--smtp" in options
+        # Every client of the bench is on 127.0.0.1, and B4 holds 10,000
+        # sessions: the limits are raised as Dovecot's are (see its config).
+        self.limits = (
+            ["--max-connections", "30000", "--max-connections-per-ip", "30000"]
+            if "--max-connections-per-ip" in options
+            else []
+        )
         self.smtp_port = free_port() if self.receiver else None
         self.lmtp_port = free_port() if self.receiver and "--lmtp" in options else None
         # B5 delivers by LMTP when it can, as to Dovecot; by SMTP otherwise.
@@ -208,19 +229,13 @@ class Popserv(Server):
             "bench.example.org",
             "--pop3",
             f"tcp:{self.port}:interface={HOST}:backlog=4096",
+            *self.limits,
         ]
         if self.smtp_port is not None:
             cmd += ["--smtp", f"tcp:{self.smtp_port}:interface={HOST}", "--domain", "example.org"]
         if self.lmtp_port is not None:
             cmd += ["--lmtp", f"tcp:{self.lmtp_port}:interface={HOST}"]
         return cmd
-
-    def reset_caches(self, user: str) -> None:
-        # popserv.index (sizes read from files) and popserv.listing (the last
-        # scan), as Dovecot's dovecot.index* and dovecot-uidlist go for it.
-        for entry in self.maildir(user).iterdir():
-            if entry.name.startswith(("popserv.index", "popserv.listing")) and entry.is_file():
-                entry.unlink()
 
     def version(self) -> str:
         try:
@@ -360,12 +375,6 @@ service auth {{
         self.write_config()
         assert self.binary is not None
         return [self.binary, "-F", "-c", str(self.config)]
-
-    def reset_caches(self, user: str) -> None:
-        maildir = self.maildir(user)
-        for entry in maildir.iterdir():
-            if entry.name.startswith("dovecot") and entry.is_file():
-                entry.unlink()
 
     def version(self) -> str:
         assert self.binary is not None
