@@ -10,8 +10,10 @@ depends on timing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -45,6 +47,15 @@ class ListingCacheTests(MaildirTestCase):
 
         self.patch(store, "_scan", refuse)
 
+    @contextlib.contextmanager
+    def patch_scan_refused(self) -> Iterator[None]:
+        real = store._scan
+        self.forbid_scan()
+        try:
+            yield
+        finally:
+            store._scan = real
+
     async def uids_and_sizes(self) -> tuple[list[str], list[int]]:
         mailbox = await self.open(self.maildir_path)
         listing = mailbox.listing()
@@ -67,6 +78,20 @@ class ListingCacheTests(MaildirTestCase):
         # Messages open where the cache says they are.
         self.assertEqual(await self.read(mailbox, 2), b"xx")
         self.assertEqual(await self.read(mailbox, 3), b"new\n")
+
+    async def test_one_and_no_message(self) -> None:
+        """A cached listing of one message, or of none, is read back (one crashed every login)."""
+        self.trust_at_once()
+        for keep in (1, 0):
+            files = [path for sub in ("new", "cur") for path in (self.maildir_path / sub).iterdir()]
+            for path in files[keep:]:
+                path.unlink()
+            age(self.maildir_path)
+            cold = await self.uids_and_sizes()
+            self.assertEqual(len(cold[0]), keep)
+            self.assertTrue((self.maildir_path / LISTING_FILE).exists())
+            with self.patch_scan_refused():
+                self.assertEqual(await self.uids_and_sizes(), cold)
 
     async def test_new_delivery_invalidates(self) -> None:
         self.trust_at_once()

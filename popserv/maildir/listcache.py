@@ -152,7 +152,7 @@ def _strings(blob: bytes, ends_bytes: bytes, typecode: Any, count: int) -> Packe
     text = blob.decode("utf-8", "surrogateescape")
     if len(ends) != count or (count and ends[-1] != len(text)):
         return None
-    if count and min(map(int.__sub__, ends[1:], ends)) < 0:
+    if count > 1 and min(map(int.__sub__, ends[1:], ends)) < 0:
         return None
     return PackedStrings.from_parts(text, ends)
 
