@@ -54,6 +54,24 @@ class MaildropView:
         deleted = self._deleted
         return (i + 1 for i in range(len(deleted)) if not deleted[i])
 
+    def live_runs(self, most: int = 1024) -> Iterator[range]:
+        """
+        The indexes (from 0) of the messages not marked deleted, as runs of
+        consecutive ones, each at most ``most`` long: a listing of 100,000
+        messages is formatted a run at a time, without a step per message.
+        """
+        deleted = self._deleted
+        count = len(deleted)
+        at = 0
+        while at < count:
+            start = deleted.find(0, at)
+            if start < 0:
+                return
+            limit = min(start + most, count)
+            stop = deleted.find(1, start, limit)
+            at = stop if stop >= 0 else limit
+            yield range(start, at)
+
     def delete(self, number: int) -> None:
         index = self.index(number)
         self._deleted[index] = 1

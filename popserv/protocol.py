@@ -871,7 +871,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         count, octets = view.stat()
         sizes = view.listing.sizes
         self.say("{count} messages ({octets} octets)", count=count, octets=octets)
-        return self.stream(wire.multiline(b"%d %d" % (n, sizes[n - 1]) for n in view.live()))
+        return self.stream(wire.numbered(view.live_runs(), lambda run: sizes[run.start : run.stop]))
 
     def do_uidl(self, number: int | None = None) -> Awaitable[None] | None:
         view = self.view
@@ -880,9 +880,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             return None
         uids = view.listing.uids
         self.say("Unique-ID listing follows")
-        return self.stream(
-            wire.multiline(b"%d %s" % (n, uids[n - 1].encode("ascii")) for n in view.live())
-        )
+        return self.stream(wire.numbered(view.live_runs(), lambda run: uids[run.start : run.stop]))
 
     def do_dele(self, number: int) -> None:
         self.view.delete(number)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from attrs import frozen
 
@@ -355,6 +355,19 @@ def multiline(lines: Iterable[bytes], batch: int = 1024) -> Iterator[bytes]:
     yield b".\r\n"
 
 
+def numbered(runs: Iterable[range], values: Callable[[range], Sequence[object]]) -> Iterator[bytes]:
+    """
+    The body of a LIST or UIDL listing and its ``.`` line: ``N VALUE`` for
+    each message index in ``runs`` (N counts from 1), ``values(run)`` giving
+    the run's values (ASCII).  One write per run, formatted by C-level
+    ``map`` and ``join``.
+    """
+    for run in runs:
+        text = "\r\n".join(map("{} {}".format, range(run.start + 1, run.stop + 1), values(run)))
+        yield (text + "\r\n").encode("ascii")
+    yield b".\r\n"
+
+
 __all__ = [
     "ARGUMENTS",
     "Command",
@@ -365,6 +378,7 @@ __all__ = [
     "TooLong",
     "err",
     "multiline",
+    "numbered",
     "ok",
     "parse_command",
     "split_command",

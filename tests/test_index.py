@@ -91,6 +91,12 @@ class PackedStringsTests(SynchronousTestCase):
         self.assertRaises(IndexError, packed.__getitem__, -6)
         self.assertEqual(list(PackedStrings()), [])
 
+    @given(st.lists(st.text(max_size=5), max_size=12), st.integers(-14, 14), st.integers(-14, 14),
+           st.sampled_from([None, 1, 2, -1]))
+    def test_slices(self, items: list[str], start: int, stop: int, step: int | None) -> None:
+        """Every slice is the list's slice (contiguous ones are cut out in one pass)."""
+        self.assertEqual(PackedStrings(items)[start:stop:step], items[start:stop:step])
+
 
 class FileTests(MaildirTestCase):
     def test_absent(self) -> None:

@@ -235,6 +235,25 @@ class MaildropViewTests(SynchronousTestCase):
     def view(self, **kw):
         return MaildropView(Listing(uids=("a", "b", "c"), sizes=(10, 20, 30), **kw))
 
+    @given(st.lists(st.booleans(), max_size=40), st.integers(1, 5))
+    def test_live_runs(self, deleted: list[bool], most: int) -> None:
+        """Runs cover exactly the live messages, in order, each consecutive and short enough."""
+        count = len(deleted)
+        view = MaildropView(Listing(uids=[str(i) for i in range(count)], sizes=[1] * count))
+        for i, gone in enumerate(deleted):
+            if gone:
+                view.delete(i + 1)
+        runs = list(view.live_runs(most))
+        self.assertEqual([i + 1 for run in runs for i in run], list(view.live()))
+        self.assertTrue(all(0 < len(run) <= most and run.step == 1 for run in runs))
+
+    def test_numbered(self) -> None:
+        """LIST/UIDL bodies: N VALUE lines from runs, then the terminator."""
+        values = ["a", "b", "c", "d"]
+        body = b"".join(wire.numbered([range(2), range(3, 4)], lambda r: values[r.start : r.stop]))
+        self.assertEqual(body, b"1 a\r\n2 b\r\n4 d\r\n.\r\n")
+        self.assertEqual(b"".join(wire.numbered([], lambda r: [])), b".\r\n")
+
     def test_delete_reset(self):
         view = self.view()
         view.delete(2)

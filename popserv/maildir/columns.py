@@ -49,7 +49,15 @@ class PackedStrings(Sequence[str]):
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            if start >= stop:
+                return []
+            # The bounds of each string, then one C-level pass to cut them out.
+            ends = self._ends
+            bounds = ends[start - 1 : stop] if start else array(ends.typecode, [0]) + ends[:stop]
+            return list(map(self._blob.__getitem__, map(slice, bounds, bounds[1:])))
         ends = self._ends
         if index < 0:
             index += len(ends)
