@@ -6,6 +6,7 @@ Maildirs on disk.
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import os
 import re
@@ -933,3 +934,44 @@ class ThreadedMeasureTests(MaildirTestCase):
         self.assertEqual(
             [t.name for t in threading.enumerate() if t.name.startswith("popserv-measure")], []
         )
+
+
+class CollectorPauseTests(MaildirTestCase):
+    def setUp(self) -> None:
+        self.patch(store, "_GC_PAUSE_FILES", 1)
+        self.maildir_path = self.maildir()
+        self.put(self.maildir_path, "cur", "1700000000.A.host,W=2:2,S")
+
+    def scan_seeing_gc(self) -> list[bool]:
+        seen = []
+        real = store._scan_names
+
+        def spy(*args: object) -> object:
+            seen.append(gc.isenabled())
+            return real(*args)  # type: ignore[arg-type]
+
+        self.patch(store, "_scan_names", spy)
+        store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+        return seen
+
+    def test_paused_then_resumed(self) -> None:
+        """A big scan runs without the collector, which is back on afterwards."""
+        self.assertTrue(gc.isenabled())
+        self.assertEqual(self.scan_seeing_gc(), [False])
+        self.assertTrue(gc.isenabled())
+
+    def test_left_off_if_it_was(self) -> None:
+        """An application that turned the collector off keeps it off."""
+        gc.disable()
+        self.addCleanup(gc.enable)
+        self.scan_seeing_gc()
+        self.assertFalse(gc.isenabled())
+
+    def test_nested(self) -> None:
+        """Overlapping scans: the collector resumes when the last one ends."""
+        pause = store._CollectorPause()
+        with pause:
+            with pause:
+                self.assertFalse(gc.isenabled())
+            self.assertFalse(gc.isenabled())
+        self.assertTrue(gc.isenabled())

@@ -16,8 +16,10 @@ the message is really gone.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
+import threading
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -344,6 +346,39 @@ def _measure_all(
     return result
 
 
+#: Scans of at least this many files hold off the cyclic garbage collector.
+_GC_PAUSE_FILES = 10_000
+class _CollectorPause:
+    """
+    No cyclic garbage collection while a big scan builds its columns: the
+    hundreds of thousands of short-lived tuples it makes set off collections
+    that traverse the server's whole heap (70-170 ms of a 0.35 s scan of
+    100,000 names, measured).  A scan makes no cycles; collection resumes
+    when the last concurrent scan ends, unless it was off before.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._holders = 0
+        self._was_enabled = False
+
+    def __enter__(self) -> None:
+        with self._guard:
+            if not self._holders:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._holders += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._guard:
+            self._holders -= 1
+            if not self._holders and self._was_enabled:
+                gc.enable()
+
+
+_collector_paused = _CollectorPause()
+
+
 def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
     """
     Index the messages of ``maildir``: those ``dovecot-uidlist`` lists in
@@ -351,6 +386,16 @@ def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
     delivery time and unique name.
     """
     names = _list_names(maildir)
+    if sum(map(len, names)) < _GC_PAUSE_FILES:
+        return _scan_names(maildir, scheme, use_index, names)
+    with _collector_paused:
+        return _scan_names(maildir, scheme, use_index, names)
+
+
+def _scan_names(
+    maildir: Path, scheme: UidlScheme, use_index: bool, names: tuple[list[str], list[str]]
+) -> _Scan:
+    """:func:`_scan` once the directories are listed."""
     count = sum(map(len, names))
     # None: an index is there but unusable, so it is rewritten whatever happens.
     loaded = load_index(maildir, count) if use_index else {}
