@@ -348,6 +348,8 @@ def _measure_all(
 
 #: Scans of at least this many files hold off the cyclic garbage collector.
 _GC_PAUSE_FILES = 10_000
+
+
 class _CollectorPause:
     """
     No cyclic garbage collection while a big scan builds its columns: the
