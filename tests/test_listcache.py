@@ -18,7 +18,8 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred
 
-from popserv.maildir import listcache, store
+from popserv.errors import MailboxInUse
+from popserv.maildir import MaildirMailbox, listcache, store
 from popserv.maildir.listcache import LISTING_FILE, decode_listing
 
 from .test_maildir import MaildirTestCase
@@ -237,3 +238,67 @@ class NothingToCommitTests(MaildirTestCase):
         self.patch(mailbox, "_in_thread", real)
         await mailbox.commit([], [0, 1])
         self.assertEqual(self.files(maildir, "new"), [])
+
+
+class InlineOpenTests(MaildirTestCase):
+    """Small maildrops with a current listing open without a thread-pool job."""
+
+    def setUp(self) -> None:
+        self.patch(listcache, "SETTLE_NS", -(10**15))
+        self.maildir_path = self.maildir()
+        for i in range(3):
+            self.put(self.maildir_path, "cur", f"{1000 + i}.P{i}.host,W={i + 2}:2,S", b"x" * i)
+        age(self.maildir_path)
+
+    async def cache_listing(self) -> list[str]:
+        mailbox = await self.open(self.maildir_path)
+        uids = list(mailbox.listing().uids)
+        await mailbox.index_saved()
+        mailbox.close()
+        return uids
+
+    def count_thread_jobs(self) -> list[object]:
+        jobs: list[object] = []
+        real = store.deferToThreadPool
+
+        def counting(reactor: object, pool: object, f: object, *args: object) -> object:
+            jobs.append(f)
+            return real(reactor, pool, f, *args)  # type: ignore[arg-type]
+
+        self.patch(store, "deferToThreadPool", counting)
+        return jobs
+
+    async def test_cached_small_maildrop_inline(self) -> None:
+        """The same listing, at once, no thread; the lock is really held."""
+        uids = await self.cache_listing()
+        jobs = self.count_thread_jobs()
+        opened = MaildirMailbox.open(self.maildir_path)
+        self.assertTrue(opened.called)
+        mailbox = await opened
+        self.addCleanup(mailbox.close)
+        self.assertEqual(list(mailbox.listing().uids), uids)
+        self.assertEqual(jobs, [])
+        with self.assertRaises(MailboxInUse):
+            await MaildirMailbox.open(self.maildir_path)
+
+    async def test_first_login_in_thread(self) -> None:
+        """No listing cached yet: the scan runs in the thread pool."""
+        jobs = self.count_thread_jobs()
+        await self.cache_listing()
+        self.assertEqual(jobs, [store._open_locked, store._save_caches])
+
+    async def test_big_directory_in_thread(self) -> None:
+        """Directories over the size limit go to the thread pool even when cached."""
+        await self.cache_listing()
+        self.patch(store, "INLINE_DIRECTORY_BYTES", 0)
+        jobs = self.count_thread_jobs()
+        await self.cache_listing()
+        self.assertEqual(jobs, [store._open_locked])
+
+    async def test_changed_maildrop_in_thread(self) -> None:
+        """A delivery since the listing was cached: a scan in a thread, which sees it."""
+        await self.cache_listing()
+        self.put(self.maildir_path, "new", "2000.P7.host", b"new\n")
+        jobs = self.count_thread_jobs()
+        self.assertEqual(len(await self.cache_listing()), 4)
+        self.assertIn(store._open_locked, jobs)

@@ -46,7 +46,14 @@ from popserv.maildir.columns import PackedStrings
 from popserv.maildir.commonnames import Match, common_columns, split_common
 from popserv.maildir.deliver import fsync_directory
 from popserv.maildir.index import Entry, load_index, save_index, storable
-from popserv.maildir.listcache import encode_listing, load_listing, save_listing, settled, stat_key
+from popserv.maildir.listcache import (
+    Cached,
+    encode_listing,
+    load_listing,
+    save_listing,
+    settled,
+    stat_key,
+)
 from popserv.maildir.lock import MaildropLock
 from popserv.maildir.names import parse_name, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
@@ -508,17 +515,7 @@ def _open_locked(
     try:
         cached = load_listing(maildir, keys, scheme.text) if use_index and keys else None
         if cached is not None:
-            return lock, _Scan(
-                cached.listing,
-                cached.uniques,
-                cached.infos,
-                cached.places,
-                counted=0,
-                indexed=0,
-                uidlist_listed=cached.uidlist_listed,
-                uidlist_skipped=0,
-                index_update=None,
-            )
+            return lock, _cached_scan(cached)
         scan = _scan(maildir, scheme, use_index)
         if use_index and keys and settled(keys, started):
             # Written by the mailbox after the login is answered (see
@@ -532,6 +529,50 @@ def _open_locked(
     except BaseException:
         lock.release()
         raise
+
+
+def _cached_scan(cached: Cached) -> _Scan:
+    """A scan's result as the listing cache kept it."""
+    return _Scan(
+        cached.listing,
+        cached.uniques,
+        cached.infos,
+        cached.places,
+        counted=0,
+        indexed=0,
+        uidlist_listed=cached.uidlist_listed,
+        uidlist_skipped=0,
+        index_update=None,
+    )
+
+
+#: A maildrop whose ``new/`` and ``cur/`` directories are at most this large
+#: (their ``st_size``: on ext4 a 4 KiB block holds about 50 Maildir names)
+#: is opened in the reactor thread when its listing cache is current.
+INLINE_DIRECTORY_BYTES = 16 * 1024
+
+
+def _open_cached(maildir: Path, scheme: UidlScheme) -> tuple[MaildropLock, _Scan] | None:
+    """
+    Lock a small maildrop and take its listing from the cache, or None when
+    it is not that simple (then :func:`_open_locked` runs in a thread).
+
+    A few ``stat`` calls, a non-blocking ``flock`` and one small read: the
+    thread-pool round trip they replace cost a quarter of a short session
+    (bench B1: 720 -> 960 sessions/s).  Anything that could take long (a
+    big directory, a scan, reading messages) stays in the thread pool.
+    """
+    try:
+        statuses = [os.stat(maildir / sub) for sub in _SUBDIRS]
+    except OSError:
+        return None
+    if any(status.st_size > INLINE_DIRECTORY_BYTES for status in statuses):
+        return None
+    keys = _listing_keys(maildir, scheme)
+    cached = load_listing(maildir, keys, scheme.text) if keys else None
+    if cached is None:
+        return None
+    return MaildropLock.acquire(maildir), _cached_scan(cached)
 
 
 def _save_caches(
@@ -691,7 +732,8 @@ class MaildirMailbox:
         index: bool = True,
     ) -> Deferred[MaildirMailbox]:
         """
-        Create (if missing), lock and index the Maildir at ``path``, in a thread.
+        Create (if missing), lock and index the Maildir at ``path``, in a
+        thread (or at once for a small one whose listing is cached).
 
         ``uidl_format`` is a ``--uidl-format`` value (see
         :mod:`popserv.maildir.uidls`); ``index`` says whether to keep sizes
@@ -754,6 +796,14 @@ class MaildirMailbox:
             if not cancelled:
                 result.errback(failure)
 
+        try:
+            parts = _open_cached(path, scheme) if index else None
+        except Exception:
+            failed(Failure())
+            return result
+        if parts is not None:
+            opened(parts)
+            return result
         work = deferToThreadPool(
             reactor, reactor.getThreadPool(), _open_locked, path, scheme, index
         )
