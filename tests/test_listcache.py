@@ -94,6 +94,19 @@ class ListingCacheTests(MaildirTestCase):
             with self.patch_scan_refused():
                 self.assertEqual(await self.uids_and_sizes(), cold)
 
+    async def test_decoding_bug_costs_no_login(self) -> None:
+        """A cache that makes the decoder fail is logged and ignored: the Maildir is scanned."""
+        self.trust_at_once()
+        age(self.maildir_path)
+        cold = await self.uids_and_sizes()
+
+        def broken(*args: object) -> None:
+            raise ValueError("a decoding bug")
+
+        self.patch(listcache, "decode_listing", broken)
+        self.assertEqual(await self.uids_and_sizes(), cold)
+        self.assertTrue(self.flushLoggedErrors(ValueError))
+
     async def test_new_delivery_invalidates(self) -> None:
         self.trust_at_once()
         age(self.maildir_path)

@@ -42,6 +42,8 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from popserv.interfaces import Listing
 from popserv.maildir.cachefile import replace_file
 from popserv.maildir.columns import PackedStrings
@@ -58,6 +60,8 @@ SETTLE_NS = 2_000_000_000
 
 #: A listing file beyond this is not read (10 million messages of 100 bytes).
 _MAX_BYTES = 1 << 30
+
+log = Logger()
 
 #: The UIDL blob: printable ASCII only (its pieces' lengths are checked apart).
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
@@ -260,7 +264,13 @@ def load_listing(maildir: Path, keys: list[Any], scheme: str) -> Cached | None:
         return None
     finally:
         os.close(fd)
-    return decode_listing(data, keys, scheme)
+    try:
+        return decode_listing(data, keys, scheme)
+    except Exception:
+        # A cache must never cost a login: a decoding bug (one refused every
+        # one-message listing once) is logged, and the Maildir is scanned.
+        log.failure("Ignored a listing cache that could not be decoded")
+        return None
 
 
 def save_listing(maildir: Path, data: bytes) -> None:
