@@ -315,3 +315,29 @@ class InlineOpenTests(MaildirTestCase):
         jobs = self.count_thread_jobs()
         self.assertEqual(len(await self.cache_listing()), 4)
         self.assertIn(store._open_locked, jobs)
+
+    async def test_commit_just_before_the_lock(self) -> None:
+        """
+        A session that deleted a message and let go of the lock just before
+        this open: its cached listing is not taken, inline or in the thread pool.
+        """
+        from popserv.maildir.lock import MaildropLock
+
+        real = MaildropLock.acquire
+        for inline_limit in (store.INLINE_DIRECTORY_BYTES, 0):
+            self.patch(store, "INLINE_DIRECTORY_BYTES", inline_limit)
+            uids = await self.cache_listing()
+            victim = next((self.maildir_path / "cur").iterdir())
+
+            def acquire(maildir: Path, victim: Path = victim) -> MaildropLock:
+                if victim.exists():
+                    victim.unlink()
+                return real(maildir)
+
+            self.patch(store.MaildropLock, "acquire", staticmethod(acquire))
+            mailbox = await self.open(self.maildir_path)
+            self.assertEqual(len(mailbox.listing()), len(uids) - 1)
+            await mailbox.index_saved()
+            mailbox.close()
+            self.patch(store.MaildropLock, "acquire", real)
+            age(self.maildir_path)

@@ -66,6 +66,7 @@ log = Logger()
 #: The UIDL blob: printable ASCII only (its pieces' lengths are checked apart).
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
+
 def stat_key(path: Path | str) -> list[int] | None:
     """The cache key of one path, [inode, mtime ns, ctime ns]; None if it does not exist."""
     try:

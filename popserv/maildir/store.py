@@ -513,7 +513,10 @@ def _open_locked(
         raise storage_failure("cannot create the maildir", e) from None
     lock = MaildropLock.acquire(maildir)
     try:
-        cached = load_listing(maildir, keys, scheme.text) if use_index and keys else None
+        # Again under the lock: a session that committed (deleted) meanwhile
+        # changed the directories, and its listing must not be taken.
+        keys = _listing_keys(maildir, scheme) if use_index else None
+        cached = load_listing(maildir, keys, scheme.text) if keys else None
         if cached is not None:
             return lock, _cached_scan(cached)
         scan = _scan(maildir, scheme, use_index)
@@ -568,11 +571,20 @@ def _open_cached(maildir: Path, scheme: UidlScheme) -> tuple[MaildropLock, _Scan
         return None
     if any(status.st_size > INLINE_DIRECTORY_BYTES for status in statuses):
         return None
-    keys = _listing_keys(maildir, scheme)
-    cached = load_listing(maildir, keys, scheme.text) if keys else None
+    lock = MaildropLock.acquire(maildir)
+    try:
+        # Under the lock, as in _open_locked.
+        keys = _listing_keys(maildir, scheme)
+        cached = load_listing(maildir, keys, scheme.text) if keys else None
+    except OSError:
+        cached = None  # The thread pool's open reports it properly.
+    except BaseException:
+        lock.release()
+        raise
     if cached is None:
+        lock.release()
         return None
-    return MaildropLock.acquire(maildir), _cached_scan(cached)
+    return lock, _cached_scan(cached)
 
 
 def _save_caches(
