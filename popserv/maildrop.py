@@ -49,11 +49,6 @@ class MaildropView:
     def uid(self, number: int) -> str:
         return self.listing.uids[self.index(number)]
 
-    def live(self) -> Iterator[int]:
-        """Numbers of the messages not marked deleted, in order."""
-        deleted = self._deleted
-        return (i + 1 for i in range(len(deleted)) if not deleted[i])
-
     def live_runs(self, most: int = 1024) -> Iterator[range]:
         """
         The indexes (from 0) of the messages not marked deleted, as runs of
