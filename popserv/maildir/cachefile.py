@@ -11,22 +11,35 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import stat
 from pathlib import Path
 
 _tmp_counter = itertools.count()
 
-#: Read size for cache files.
-_READ_CHUNK = 1 << 20
 
-
-def read_capped(fd: int, limit: int) -> bytes | None:
-    """All of ``fd`` from where it is, or None if it holds more than ``limit`` octets."""
-    data = bytearray()
-    while chunk := os.read(fd, _READ_CHUNK):
-        data += chunk
-        if len(data) > limit:
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """
+    The whole of the regular file at ``path``; None if it is something else
+    (a directory, a FIFO) or holds more than ``limit`` octets.  A symlink is
+    not followed; ``OSError`` (``FileNotFoundError`` if there is none) when
+    it cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
             return None
-    return bytes(data)
+        # One octet more than fstat said: one read usually meets the end.
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, max(status.st_size - total, 0) + 1):
+            total += len(chunk)
+            if total > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def replace_file(target: Path, data: bytes) -> None:

@@ -34,13 +34,12 @@ import contextlib
 import errno
 import math
 import os
-import stat
 import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from popserv.maildir.cachefile import read_capped, replace_file
+from popserv.maildir.cachefile import read_regular, replace_file
 
 #: The index file, in the Maildir's root next to ``popserv.lock``.
 INDEX_FILE = "popserv.index"
@@ -124,21 +123,11 @@ def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:
     Blocking: call it in a thread.
     """
     try:
-        fd = os.open(
-            maildir / INDEX_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
+        data = read_regular(maildir / INDEX_FILE, _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages)
     except FileNotFoundError:
         return {}
     except OSError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = read_capped(fd, _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     return decode_index(data) if data is not None else None
 
 

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import re
-import stat
 import sys
 import zlib
 from array import array
@@ -45,7 +44,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from popserv.interfaces import Listing
-from popserv.maildir.cachefile import replace_file
+from popserv.maildir.cachefile import read_regular, replace_file
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.names import MAX_UIDL_LENGTH, parse_name
 
@@ -242,29 +241,11 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
 def load_listing(maildir: Path, keys: list[Any], scheme: str) -> Cached | None:
     """``maildir``'s cached listing if it matches ``keys``; None otherwise.  Blocking."""
     try:
-        fd = os.open(
-            maildir / LISTING_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
+        data = read_regular(maildir / LISTING_FILE, _MAX_BYTES)
     except OSError:
         return None
-    try:
-        st = os.fstat(fd)
-        # A regular file only, of a sane size; read in one go (its size is known).
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_BYTES:
-            return None
-        chunks = []
-        remaining = st.st_size
-        while remaining > 0:
-            chunk = os.read(fd, remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-    except OSError:
+    if data is None:
         return None
-    finally:
-        os.close(fd)
     try:
         return decode_listing(data, keys, scheme)
     except Exception:

@@ -41,7 +41,7 @@ from popserv.body import WireSizeCounter
 from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.layout import ensure_maildir
-from popserv.maildir.cachefile import read_capped
+from popserv.maildir.cachefile import read_regular
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.commonnames import Match, common_columns, split_common
 from popserv.maildir.deliver import fsync_directory
@@ -185,16 +185,11 @@ _UIDLIST_HEADER_BYTES = 4096
 
 def _read_uidlist(maildir: Path, messages: int) -> Uidlist | None:
     """The Maildir's ``dovecot-uidlist``, or None if there is none or it is unusable."""
+    limit = _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages
     try:
-        fd = _open_regular(maildir / UIDLIST_FILE)
+        data = read_regular(maildir / UIDLIST_FILE, limit)
     except OSError:
         return None
-    try:
-        data = read_capped(fd, _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
     return parse_uidlist(data) if data is not None else None
 
 
