@@ -24,7 +24,7 @@ from operator import itemgetter
 
 from attrs import frozen
 
-from popserv.maildir.names import MAX_UIDL_LENGTH, parse_name
+from popserv.maildir.names import MAX_UIDL_LENGTH, seen
 
 #: ``TIME.REST[,S=N],W=N`` then nothing or ``:INFO``, where TIME has exactly
 #: ten digits (2001 to 2286) so that ordering by the whole unique name is
@@ -88,7 +88,7 @@ def common_columns(places: Sequence[list[Match]]) -> CommonColumns | None:
         uniques, times, wires, infos = take(uniques), take(times), take(wires), take(infos)
         where = bytearray(take(where))
     shared = list(map(sys.intern, infos))
-    seen_of = {info: "S" in parse_name(info).flags for info in set(shared)}
+    seen_of = {info: seen(info) for info in set(shared)}
     return CommonColumns(
         uniques,
         array("q", map(int, wires)),

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from popserv.interfaces import Listing
 from popserv.maildir.cachefile import read_regular, replace_file
 from popserv.maildir.columns import PackedStrings
-from popserv.maildir.names import MAX_UIDL_LENGTH, parse_name
+from popserv.maildir.names import MAX_UIDL_LENGTH, seen
 
 LISTING_FILE = "popserv.listing"
 
@@ -228,7 +228,7 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
     ):
         return None
     infos = [table[i] for i in positions]
-    seen_of = ["S" in parse_name(info).flags for info in table]
+    seen_of = [seen(info) for info in table]
     listing = Listing(
         uids=uids,
         sizes=sizes,

@@ -88,6 +88,11 @@ def parse_name(filename: str) -> MaildirName:
     return MaildirName(unique, flags, stored, wire, timestamp)
 
 
+def seen(filename: str) -> bool:
+    """Whether a file name (or just its info part, ``:2,FS``) carries the Seen flag."""
+    return "S" in parse_name(filename).flags
+
+
 def with_flag(filename: str, flag: str) -> str:
     """
     ``filename`` with ``flag`` added to its info, flags kept sorted in ASCII

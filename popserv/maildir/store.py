@@ -55,7 +55,7 @@ from popserv.maildir.listcache import (
     stat_key,
 )
 from popserv.maildir.lock import MaildropLock
-from popserv.maildir.names import parse_name, with_flag
+from popserv.maildir.names import parse_name, seen, with_flag
 from popserv.maildir.uidlist import UIDLIST_FILE, Uidlist, parse_uidlist
 from popserv.maildir.uidls import DOVECOT, UidlScheme, assign_uidls, parse_uidl_format
 
@@ -454,14 +454,14 @@ def _scan_names(
         rows.sort(key=itemgetter(1))
         rows.sort(key=itemgetter(5))
 
-    seen = {info: "S" in parse_name(info).flags for info in intern}
+    seen_of = {info: seen(info) for info in intern}
     uniques = [row[1] for row in rows]
     uids = assign_uidls(uniques, scheme, uidlist)
     listing = Listing(
         uids=PackedStrings(uids),
         sizes=array("q", [row[4] for row in rows]),
         received=array("d", [row[5] for row in rows]),
-        seen=tuple([seen[row[3]] for row in rows]),
+        seen=tuple([seen_of[row[3]] for row in rows]),
     )
     own = all(uid is unique for uid, unique in zip(uids, uniques, strict=True))
     unique_column = (
@@ -908,7 +908,7 @@ class MaildirMailbox:
             # this check.
             places, infos = self._places, self._infos
             if all(
-                places[i] == CUR and "S" in parse_name(infos[i]).flags for i in retrieved
+                places[i] == CUR and seen(infos[i]) for i in retrieved
             ):
                 return succeed(None)
         # Naming 100,000 files is per-message work: done in the thread too,
@@ -918,7 +918,7 @@ class MaildirMailbox:
         def plan_and_apply() -> _Outcome:
             gone = set(deleted)
             deletions = [(places[i], self._name_of(i, infos)) for i in sorted(gone)]
-            unseen = {info: "S" not in parse_name(info).flags for info in set(infos)}
+            unseen = {info: not seen(info) for info in set(infos)}
             marks = [
                 (places[i], self._name_of(i, infos))
                 for i in sorted(set(retrieved) - gone)
