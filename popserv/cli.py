@@ -12,9 +12,9 @@ import argparse
 import getpass
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
@@ -31,6 +31,7 @@ from popserv.delivery import (
 )
 from popserv.errors import InvalidUsername
 from popserv.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
+from popserv.maildir.directory import MaildirPath
 from popserv.passwords import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
@@ -129,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="where Maildirs are, with {user} (default: DIR/mail/{user})",
     )
+    paths.add_argument(
+        "--follow-maildir-symlinks",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="follow symbolic links in the Maildir's path from {user} on (as the server option)",
+    )
     schemes = ", ".join(HASH_SCHEMES)
     scheme = argparse.ArgumentParser(add_help=False)
     scheme.add_argument(
@@ -210,6 +217,7 @@ def _layout(args: argparse.Namespace) -> Layout:
         getattr(args, "data", DEFAULT_DATA_DIR),
         getattr(args, "passwd", None),
         getattr(args, "maildir", None),
+        follow_symlinks=getattr(args, "follow_maildir_symlinks", False),
     )
 
 
@@ -275,7 +283,7 @@ def _user_add(args: argparse.Namespace) -> None:
     existed = maildir.is_dir()
     passwd.add(name, stored, secrets)
     try:
-        ensure_maildir(maildir)
+        ensure_maildir(layout.maildir_location(name))
     except OSError:
         passwd.remove(name)
         raise
@@ -297,22 +305,30 @@ def _user_del(args: argparse.Namespace) -> None:
     passwd = PasswdFile(layout.passwd_path)
     name = validate_username(args.name)
     _existing(passwd, name)
-    maildir = layout.maildir_for(name)
+    location = layout.maildir_location(name)
+    maildir = location.path
     passwd.remove(name)
     if not maildir.exists():
         print(f"removed user {name}")
     elif args.purge:
-        _purge(maildir)
+        _purge(location)
         print(f"removed user {name} and deleted the Maildir {maildir}")
     else:
         print(f"removed user {name}; the Maildir {maildir} is kept (--purge deletes it)")
 
 
-def _purge(maildir: Path) -> None:
-    if maildir.is_symlink():
-        maildir.unlink()
-    else:
-        shutil.rmtree(maildir)
+def _purge(maildir: MaildirPath) -> None:
+    """
+    Delete the Maildir, reached as the server reaches it: a symbolic link
+    in its path is removed (or refused), never followed into.
+    """
+    *above, name = maildir.parts
+    parent = MaildirPath(maildir.root, tuple(above), maildir.follow_symlinks)
+    with parent.opened() as (directory,):
+        if stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+            os.unlink(name, dir_fd=directory)
+        else:
+            shutil.rmtree(name, dir_fd=directory)
 
 
 def _user_list(args: argparse.Namespace) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import email.utils
 import threading
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 from popserv.errors import InvalidUsername
 from popserv.layout import Layout
 from popserv.maildir.deliver import PendingDelivery, prepare
+from popserv.maildir.directory import MaildirPath
 from popserv.passwords import PasswdFile
 from popserv.quota import OverQuota, Quota, maildir_usage
 
@@ -88,7 +88,7 @@ class Recipient:
 
     address: str
     user: str
-    maildir: Path
+    maildir: MaildirPath
     quota: Quota
 
 
@@ -178,7 +178,7 @@ class Directory:
 
 def user_recipient(directory: Directory, address: str, user: str) -> Recipient:
     try:
-        maildir = directory.layout.maildir_for(user)
+        maildir = directory.layout.maildir_location(user)
     except InvalidUsername:
         raise UnknownUser(user) from None
     return Recipient(address, user, maildir, directory.quota_for(user))
@@ -190,11 +190,11 @@ def _domain(domain: str) -> str:
 
 # Delivery (blocking: these run in a thread)
 
-_locks: dict[Path, threading.Lock] = {}
+_locks: dict[MaildirPath, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def _lock_for(maildir: Path) -> threading.Lock:
+def _lock_for(maildir: MaildirPath) -> threading.Lock:
     """One lock per Maildir in this process, so two deliveries cannot both
     pass the quota check and both be stored."""
     with _locks_guard:
@@ -253,10 +253,11 @@ def deliver_message(
     Nothing half-written is ever visible.  Blocking: run it in a thread.
     """
     results: list[DeliveryError | None] = [None] * len(copies)
-    first_of: dict[Path, int] = {}
+    first_of: dict[MaildirPath, int] = {}
     for i, (recipient, _) in enumerate(copies):
         first_of.setdefault(recipient.maildir, i)
-    targets = sorted(first_of.items())
+    # One order for taking the locks, whoever delivers.
+    targets = sorted(first_of.items(), key=lambda target: str(target[0]))
     locks = [_lock_for(maildir) for maildir, _ in targets]
     size = sum(len(chunk) for chunk in chunks)
     pending: list[tuple[int, PendingDelivery]] = []

@@ -84,9 +84,10 @@ def bootstrap(layout: Layout, hostname: str, owner: Owner | None = None) -> Firs
         passwd.lock_path,
     ]
     layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ensure_maildir(maildir)
+    location = layout.maildir_location(user)
+    ensure_maildir(location)
     passwd.add(user, hash_password(password))
-    deliver(maildir, welcome_message(user, hostname), hostname=hostname)
+    deliver(location, welcome_message(user, hostname), hostname=hostname)
     if owner is not None:
         give_to(owner, created)
     return FirstAccount(user, password)

@@ -9,6 +9,10 @@ Default layout under the data directory (``./popserv-data``)::
 
 ``--maildir`` takes a template with ``{user}`` so an existing tree
 (``/home/{user}/Maildir``, a Dovecot ``mail_location``) can be served as is.
+The template's directories before the one named by ``{user}`` are the
+operator's; from that one on, a user may control the path, so symbolic links
+there are refused unless ``--follow-maildir-symlinks`` allows them (see
+:mod:`popserv.maildir.directory`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from pathlib import Path
 
 from attrs import frozen
 
+from popserv.maildir.directory import MaildirPath
 from popserv.usernames import validate_username
 
 DEFAULT_DATA_DIR = "popserv-data"
-MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 
 
 @frozen
@@ -32,6 +36,9 @@ class Layout:
     data_dir: Path
     passwd_path: Path
     maildir_template: str
+    #: Follow symbolic links in the user's part of the Maildir's path
+    #: (never inside a Maildir): for sites that link Maildirs on purpose.
+    follow_symlinks: bool = False
 
     @classmethod
     def create(
@@ -39,26 +46,44 @@ class Layout:
         data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR,
         passwd: str | os.PathLike[str] | None = None,
         maildir_template: str | None = None,
+        *,
+        follow_symlinks: bool = False,
     ) -> Layout:
         data = Path(data_dir).absolute()
         passwd_path = Path(passwd).absolute() if passwd else data / "passwd"
         template = maildir_template or str(data / "mail" / "{user}")
         if "{user}" not in template:
             raise ValueError("the maildir template must contain {user}")
-        return cls(data, passwd_path, template)
+        return cls(data, passwd_path, template, follow_symlinks)
 
     def maildir_for(self, user: str) -> Path:
         """The Maildir of ``user`` (a name already checked, checked again here)."""
+        return self.maildir_location(user).path
+
+    def maildir_location(self, user: str) -> MaildirPath:
+        """
+        The Maildir of ``user`` as popserv opens it: the template's
+        directories before the one ``{user}`` is in are followed as given,
+        the rest without symbolic links unless :attr:`follow_symlinks`.
+        """
         validate_username(user)
-        return Path(self.maildir_template.replace("{user}", user))
+        parts = Path(self.maildir_template).parts
+        first = next(i for i, part in enumerate(parts) if "{user}" in part)
+        return MaildirPath(
+            Path(*parts[:first]) if first else Path(),
+            tuple(part.replace("{user}", user) for part in parts[first:]),
+            self.follow_symlinks,
+        )
 
 
-def ensure_maildir(path: Path) -> Path:
-    """Create ``path`` with ``cur/``, ``new/`` and ``tmp/`` (mode 0700) if missing."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for sub in MAILDIR_SUBDIRS:
-        (path / sub).mkdir(mode=0o700, exist_ok=True)
-    return path
+def ensure_maildir(path: MaildirPath | Path) -> Path:
+    """
+    Create the Maildir at ``path`` with ``cur/``, ``new/`` and ``tmp/``
+    (mode 0700) where missing, without following a symbolic link into it.
+    """
+    location = MaildirPath.of(path)
+    os.close(location.open(create=True))
+    return location.path
 
 
 #: A user id and group id to give files to.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from attrs import evolve, frozen
 
+from popserv.maildir.directory import MaildirPath
 from popserv.maildir.names import parse_name
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -114,30 +115,31 @@ def _dovecot_rule(value: str) -> dict[str, int | None]:
     return changes
 
 
-def maildir_usage(maildir: Path) -> Usage:
+def maildir_usage(maildir: MaildirPath | Path) -> Usage:
     """
     Count the messages in ``new/`` and ``cur/`` and their stored size.
 
     Sizes come from ``,S=`` in the names where present, else from ``stat``.
-    Blocking: call it in a thread.
+    A Maildir not made yet holds nothing.  Blocking: call it in a thread.
     """
     total = count = 0
-    for sub in ("new", "cur"):
-        try:
-            entries = os.scandir(maildir / sub)
-        except FileNotFoundError:
-            continue
-        with entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                size = parse_name(entry.name).stored_size
-                if size is None:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    size = st.st_size
-                total += size
-                count += 1
+    try:
+        directories = MaildirPath.of(maildir).opened("new", "cur")
+        with directories as (_, *places):
+            for place in places:
+                with os.scandir(place) as entries:
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        size = parse_name(entry.name).stored_size
+                        if size is None:
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                            except FileNotFoundError:
+                                continue
+                            size = st.st_size
+                        total += size
+                        count += 1
+    except FileNotFoundError:
+        return Usage(0, 0)
     return Usage(total, count)

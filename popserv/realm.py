@@ -6,7 +6,6 @@ Maildir, with the user's LOGIN-DELAY and EXPIRE settings.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from twisted.cred.portal import IRealm
@@ -20,6 +19,7 @@ from popserv.errors import LoginDelayed, storage_failure
 from popserv.interfaces import IMailbox
 from popserv.layout import Layout
 from popserv.maildir import MaildirMailbox
+from popserv.maildir.directory import MaildirPath
 from popserv.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.passwords import PasswdFile
 
@@ -100,7 +100,7 @@ class MaildirRealm:
 
     async def _open(self, user: str) -> tuple[Any, MaildirMailbox, Any]:
         settings = self.settings_for(user)
-        path = self.layout.maildir_for(user)
+        path = self.layout.maildir_location(user)
         now = self._reactor.seconds()
         if settings.login_delay > 0:
             last = self._last_login.get(user)
@@ -132,14 +132,19 @@ class MaildirRealm:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
 
-def _read_last_login(maildir: Path) -> float | None:
+def _read_last_login(maildir: MaildirPath) -> float | None:
     try:
-        return os.stat(maildir / LAST_LOGIN_FILE).st_mtime
+        with maildir.opened() as (top,):
+            return os.stat(LAST_LOGIN_FILE, dir_fd=top, follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return None
 
 
-def _write_last_login(maildir: Path, when: float) -> None:
-    stamp = maildir / LAST_LOGIN_FILE
-    stamp.touch(mode=0o600)
-    os.utime(stamp, (when, when))
+def _write_last_login(maildir: MaildirPath, when: float) -> None:
+    with maildir.opened() as (top,):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(LAST_LOGIN_FILE, flags, 0o600, dir_fd=top)
+        try:
+            os.utime(fd, (when, when))
+        finally:
+            os.close(fd)

@@ -162,7 +162,7 @@ class TmpCleaner(Service):
             return 0
         for entry in users:
             try:
-                removed += clean_tmp(self.layout.maildir_for(entry.name))
+                removed += clean_tmp(self.layout.maildir_location(entry.name))
             except (OSError, InvalidUsername):
                 continue
         return removed
@@ -174,7 +174,12 @@ class TmpCleaner(Service):
 
 def layout_of(options: Mapping[str, Any]) -> Layout:
     """Where the options say the data lives."""
-    return Layout.create(options["data"], options.get("passwd"), options.get("maildir"))
+    return Layout.create(
+        options["data"],
+        options.get("passwd"),
+        options.get("maildir"),
+        follow_symlinks=bool(options.get("follow-maildir-symlinks")),
+    )
 
 
 def service_owner(options: Any) -> Owner | None:

@@ -330,6 +330,13 @@ class Options(usage.Options):
             None,
             "Allow APOP without TLS from non-local clients.",
         ],
+        [
+            "follow-maildir-symlinks",
+            None,
+            "Follow symbolic links in the part of --maildir from {user} on (such as"
+            " /home/alice/Maildir -> /srv/mail/alice). Off: refused and logged, so a user"
+            " cannot point the server at files that are not theirs. Never inside a Maildir.",
+        ],
     ]
 
     def __init__(self) -> None:

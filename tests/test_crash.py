@@ -319,7 +319,7 @@ class StoreFaultTests(SynchronousTestCase):
         """EIO or ENOSPC deleting at UPDATE: -ERR [SYS/TEMP], the messages stay."""
         for code in (errno.EIO, errno.ENOSPC):
 
-            def unlink(path, code=code):
+            def unlink(*args, code=code, **kwargs):
                 raise OSError(code, os.strerror(code))
 
             client = self.logged_in()

@@ -15,18 +15,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv.maildir import MaildirMailbox
+from popserv.maildir import MaildirMailbox, index
 from popserv.maildir.columns import PackedStrings
-from popserv.maildir.index import (
-    INDEX_FILE,
-    decode_index,
-    encode_index,
-    load_index,
-    save_index,
-)
-from popserv.maildir.store import _scan
+from popserv.maildir.directory import MaildirPath
+from popserv.maildir.index import INDEX_FILE, Entry, decode_index, encode_index
 from popserv.maildir.uidls import parse_uidl_format
-from tests.test_maildir import MaildirTestCase, retr_size
+from tests.test_maildir import MaildirTestCase, retr_size, scan
+
+
+def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:
+    with MaildirPath.of(maildir).opened() as (top,):
+        return index.load_index(top, messages)
+
+
+def save_index(maildir: Path, entries: dict[str, Entry]) -> bool:
+    with MaildirPath.of(maildir).opened() as (top,):
+        return index.save_index(top, entries)
 
 BODY = b"Subject: indexed\n\nline one\nline two\n"
 
@@ -194,7 +198,7 @@ class StoreIndexTests(MaildirTestCase):
         return names
 
     def scan(self, maildir: Path):
-        return _scan(maildir, parse_uidl_format("dovecot"), True)
+        return scan(maildir, parse_uidl_format("dovecot"), True)
 
     async def test_cold_then_warm(self) -> None:
         """The first login reads every file and writes the index; the next reads none."""

@@ -49,7 +49,8 @@ from popserv.maildir import (
     with_flag,
 )
 from popserv.maildir.commonnames import common_columns, split_common
-from popserv.maildir.uidls import parse_uidl_format
+from popserv.maildir.directory import MaildirPath
+from popserv.maildir.uidls import UidlScheme, parse_uidl_format
 from popserv.protocol import resolve
 
 
@@ -63,6 +64,18 @@ def retr_size(stored: bytes) -> int:
     assert out.endswith(b".\r\n")
     body = out[:-3]
     return len(re.sub(rb"(^|\n)\.", rb"\1", body))
+
+
+def acquire(maildir: Path) -> MaildropLock:
+    """Lock the Maildir at ``maildir`` as a session does."""
+    with MaildirPath.of(maildir).opened() as (top,):
+        return MaildropLock.acquire(top)
+
+
+def scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> store._Scan:
+    """Scan the Maildir at ``maildir`` as a login does."""
+    with MaildirPath.of(maildir).opened("new", "cur") as (top, *places):
+        return store._scan(top, places, scheme, use_index)
 
 
 def valid_uidl(uid: str) -> bool:
@@ -219,16 +232,16 @@ class LockTests(MaildirTestCase):
     def test_exclusive(self) -> None:
         """A second lock in the same process fails until the first is released."""
         maildir = self.maildir()
-        lock = MaildropLock.acquire(maildir)
-        self.assertRaises(MailboxInUse, MaildropLock.acquire, maildir)
+        lock = acquire(maildir)
+        self.assertRaises(MailboxInUse, acquire, maildir)
         lock.release()
         lock.release()
-        MaildropLock.acquire(maildir).release()
+        acquire(maildir).release()
 
     def test_file(self) -> None:
         """The lock file is private and names the holder's pid."""
         maildir = self.maildir()
-        lock = MaildropLock.acquire(maildir)
+        lock = acquire(maildir)
         self.addCleanup(lock.release)
         path = maildir / LOCK_FILE
         self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
@@ -240,7 +253,7 @@ class LockTests(MaildirTestCase):
         target = maildir / "target"
         target.write_text("keep")
         (maildir / LOCK_FILE).symlink_to(target)
-        self.assertRaises(PermanentFailure, MaildropLock.acquire, maildir)
+        self.assertRaises(PermanentFailure, acquire, maildir)
         self.assertEqual(target.read_text(), "keep")
 
     async def test_killed_holder(self) -> None:
@@ -293,27 +306,39 @@ class OpenTests(MaildirTestCase):
         await self.open(maildir)
 
     async def test_scan_failure_releases(self) -> None:
-        """A scan that fails gives TemporaryFailure and leaves the Maildir unlocked."""
-        # A file whose full path exceeds PATH_MAX while the Maildir's own paths
-        # do not: the lock succeeds, reading the file fails (even as root).
+        """A scan that fails gives an -ERR [SYS/*] and leaves the Maildir unlocked."""
+        maildir = self.maildir()
+
+        def unreadable(places: object) -> object:
+            raise PermissionError(errno.EACCES, "injected")
+
+        self.patch(store, "_list_names", unreadable)
+        with self.assertRaises(PermanentFailure) as caught:
+            await MaildirMailbox.open(maildir)
+        self.assertIn("scan", caught.exception.detail)
+        acquire(maildir).release()
+
+    async def test_long_paths(self) -> None:
+        """Files are reached from the Maildir's descriptor, so PATH_MAX bounds no message."""
         maildir = Path(self.mktemp())
         # trial's own clean-up cannot remove paths this long; rmtree works by fd.
         self.addCleanup(shutil.rmtree, maildir)
         while len(str(maildir)) < 3800:
             maildir = maildir / ("d" * 200)
         maildir = maildir / ("e" * (3999 - len(str(maildir))))
-        self.assertEqual(len(str(maildir)), 4000)
         ensure_maildir(maildir)
-        new = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fd = os.open("1." + "n" * 240, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=new)
+        name = "1." + "n" * 240
+        with MaildirPath.of(maildir).opened("new") as (_, new):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=new)
+            os.write(fd, b"x\n")
             os.close(fd)
-        finally:
-            os.close(new)
-        with self.assertRaises(PermanentFailure) as caught:
-            await MaildirMailbox.open(maildir)
-        self.assertIn("scan", caught.exception.detail)
-        MaildropLock.acquire(maildir).release()
+        mailbox = await MaildirMailbox.open(maildir)
+        self.addCleanup(mailbox.close)
+        await mailbox.index_saved()
+        self.assertEqual(list(mailbox.listing().sizes), [3])
+        stream = await resolve(mailbox.open_message(0))
+        with stream:
+            self.assertEqual(stream.read(), b"x\n")
 
     async def test_file_instead_of_maildir(self) -> None:
         """A file where the Maildir should be is for an administrator: SYS/PERM."""
@@ -335,7 +360,7 @@ class OpenTests(MaildirTestCase):
         with self.assertRaises(TemporaryFailure) as caught:
             await MaildirMailbox.open(maildir)
         self.assertEqual(caught.exception.code, "SYS/TEMP")
-        MaildropLock.acquire(maildir).release()
+        acquire(maildir).release()
 
     async def test_cancel_releases(self) -> None:
         """Cancelling an open releases the lock once the scan is over."""
@@ -346,7 +371,7 @@ class OpenTests(MaildirTestCase):
             await opening
         for _ in range(100):
             try:
-                MaildropLock.acquire(maildir).release()
+                acquire(maildir).release()
                 return
             except MailboxInUse:
                 await deferLater(reactor, 0.01, lambda: None)
@@ -766,10 +791,10 @@ class CommonScanTests(MaildirTestCase):
     ) -> tuple[store._Scan, store._Scan]:
         """The scan as it runs, and the same with the common-name path turned off."""
         scheme = parse_uidl_format(uidl_format)
-        lean = store._scan(maildir, scheme, use_index)
+        lean = scan(maildir, scheme, use_index)
         self.patch(store, "common_columns", lambda places: None)
         try:
-            general = store._scan(maildir, scheme, use_index)
+            general = scan(maildir, scheme, use_index)
         finally:
             self.patch(store, "common_columns", common_columns)
         return lean, general
@@ -806,11 +831,11 @@ class CommonScanTests(MaildirTestCase):
             return common_columns(places)  # type: ignore[arg-type]
 
         self.patch(store, "common_columns", spy)
-        store._scan(maildir, parse_uidl_format("dovecot"), False)
+        scan(maildir, parse_uidl_format("dovecot"), False)
         self.assertEqual(len(calls), 1)
-        store._scan(maildir, parse_uidl_format("%Mf"), False)
+        scan(maildir, parse_uidl_format("%Mf"), False)
         self.put(maildir, "cur", "odd-name")
-        store._scan(maildir, parse_uidl_format("dovecot"), False)
+        scan(maildir, parse_uidl_format("dovecot"), False)
         self.assertEqual(len(calls), 1)
 
     def test_varied_names(self) -> None:
@@ -850,9 +875,10 @@ class CommonScanTests(MaildirTestCase):
         """An index kept for names without sizes is emptied once no name needs it."""
         maildir = self.maildir()
         self.put(maildir, "cur", "1700000000.A.host:2,S")
-        first = store._scan(maildir, parse_uidl_format("dovecot"), True)
+        first = scan(maildir, parse_uidl_format("dovecot"), True)
         assert first.index_update
-        store.save_index(maildir, first.index_update)
+        with MaildirPath.of(maildir).opened() as (top,):
+            store.save_index(top, first.index_update)
         os.rename(
             maildir / "cur" / "1700000000.A.host:2,S",
             maildir / "cur" / "1700000000.A.host,W=3:2,S",
@@ -898,10 +924,10 @@ class ThreadedMeasureTests(MaildirTestCase):
     def test_same_as_one_thread(self) -> None:
         """Sizes, times and order are those of a scan in one thread."""
         scheme = parse_uidl_format("dovecot")
-        threaded = store._scan(self.maildir_path, scheme, False)
+        threaded = scan(self.maildir_path, scheme, False)
         self.assertEqual(list(threaded.listing.sizes), [retr_size(b) for b in self.bodies.values()])
         self.patch(store, "_MEASURE_BATCH", 1000)
-        single = store._scan(self.maildir_path, scheme, False)
+        single = scan(self.maildir_path, scheme, False)
         self.assertEqual(threaded, single)
 
     def test_deleted_meanwhile(self) -> None:
@@ -909,28 +935,28 @@ class ThreadedMeasureTests(MaildirTestCase):
         real = store._measure
         gone = "1007.P7.host:2,S"
 
-        def measure(directories: list[str], size_needed: bool, where: int, name: str) -> object:
+        def measure(places: list[int], size_needed: bool, where: int, name: str) -> object:
             if name == gone:
-                os.unlink(directories[where] + name)
-            return real(directories, size_needed, where, name)
+                os.unlink(name, dir_fd=places[where])
+            return real(places, size_needed, where, name)
 
         self.patch(store, "_measure", measure)
-        scan = store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
-        self.assertEqual(len(scan.listing), 19)
-        self.assertNotIn("1007.P7.host", list(scan.listing.uids))
+        scanned = scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+        self.assertEqual(len(scanned.listing), 19)
+        self.assertNotIn("1007.P7.host", list(scanned.listing.uids))
 
     def test_failure_stops_the_scan(self) -> None:
         """An unreadable file fails the scan (the login gets [SYS/TEMP]); no thread lingers."""
         real = store._measure
 
-        def measure(directories: list[str], size_needed: bool, where: int, name: str) -> object:
+        def measure(places: list[int], size_needed: bool, where: int, name: str) -> object:
             if name.startswith("1011."):
                 raise PermissionError(errno.EACCES, "injected")
-            return real(directories, size_needed, where, name)
+            return real(places, size_needed, where, name)
 
         self.patch(store, "_measure", measure)
         with self.assertRaises(PermissionError):
-            store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+            scan(self.maildir_path, parse_uidl_format("dovecot"), False)
         self.assertEqual(
             [t.name for t in threading.enumerate() if t.name.startswith("popserv-measure")], []
         )
@@ -951,7 +977,7 @@ class CollectorPauseTests(MaildirTestCase):
             return real(*args)  # type: ignore[arg-type]
 
         self.patch(store, "_scan_names", spy)
-        store._scan(self.maildir_path, parse_uidl_format("dovecot"), False)
+        scan(self.maildir_path, parse_uidl_format("dovecot"), False)
         return seen
 
     def test_paused_then_resumed(self) -> None:

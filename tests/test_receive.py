@@ -499,7 +499,7 @@ class FailureTests(ReceiverTestCase):
         real = delivery.prepare
 
         def prepare(maildir, *args, **kwargs):
-            if maildir == self.maildir("bob"):
+            if str(maildir) == str(self.maildir("bob")):
                 raise OSError(errno.EIO, "I/O error")
             return real(maildir, *args, **kwargs)
 
@@ -700,7 +700,7 @@ class ReviewRegressionTests(ReceiverTestCase):
         real = deliver_module.PendingDelivery.publish
 
         def publish(pending):
-            if pending.maildir == self.maildir("bob"):
+            if str(pending.maildir) == str(self.maildir("bob")):
                 raise OSError(errno.EXDEV, "cross-device link")
             return real(pending)
 

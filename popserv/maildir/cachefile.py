@@ -3,7 +3,9 @@ The Maildir's own cache files (``popserv.index``, ``popserv.listing``,
 and reading ``dovecot-uidlist``): bounded reads and atomic replacement.
 
 Caches are never fsynced: one lost in a crash is rebuilt, and a torn one
-fails its checksum.  Blocking: call these in a thread.
+fails its checksum.  Each file is named relative to the Maildir's directory
+descriptor (see :mod:`popserv.maildir.directory`).  Blocking: call these in
+a thread.
 """
 
 from __future__ import annotations
@@ -12,19 +14,18 @@ import contextlib
 import itertools
 import os
 import stat
-from pathlib import Path
 
 _tmp_counter = itertools.count()
 
 
-def read_regular(path: Path, limit: int) -> bytes | None:
+def read_regular(name: str, limit: int, *, dir_fd: int) -> bytes | None:
     """
-    The whole of the regular file at ``path``; None if it is something else
+    The whole of the regular file ``name`` in the directory ``dir_fd``; None if it is something else
     (a directory, a FIFO) or holds more than ``limit`` octets.  A symlink is
     not followed; ``OSError`` (``FileNotFoundError`` if there is none) when
     it cannot be opened or read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
@@ -42,14 +43,19 @@ def read_regular(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def replace_file(target: Path, data: bytes) -> None:
+def replace_file(name: str, data: bytes, *, dir_fd: int) -> None:
     """
-    Replace ``target`` with ``data`` atomically, through a temporary file
-    beside it (``NAME.PID.N.tmp``, mode 0600); ``OSError`` if that fails,
-    with no temporary file left behind.
+    Replace the file ``name`` in the directory ``dir_fd`` with ``data``
+    atomically, through a temporary file beside it (``NAME.PID.N.tmp``,
+    mode 0600); ``OSError`` if that fails, with no temporary file left behind.
     """
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.{next(_tmp_counter)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    tmp = f"{name}.{os.getpid()}.{next(_tmp_counter)}.tmp"
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     try:
         try:
             view = memoryview(data)
@@ -57,8 +63,8 @@ def replace_file(target: Path, data: bytes) -> None:
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise

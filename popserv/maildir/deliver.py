@@ -25,7 +25,7 @@ from typing import BinaryIO
 from attrs import define
 
 from popserv.body import WireSizeCounter
-from popserv.layout import ensure_maildir
+from popserv.maildir.directory import MaildirPath
 from popserv.maildir.names import host_part, make_unique
 
 #: Read and write in pieces this big, so large messages stream through.
@@ -114,25 +114,27 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _publish(tmp_path: Path, final_path: Path) -> bool:
-    """Put the tmp file at ``final_path``; True if ``tmp_path`` still exists (linked)."""
+def _publish(tmp: int, new: int, tmp_name: str, final_name: str) -> bool:
+    """Put the tmp file at ``new/final_name``; True if it is still in ``tmp/`` (linked)."""
     try:
-        os.link(tmp_path, final_path)
+        os.link(tmp_name, final_name, src_dir_fd=tmp, dst_dir_fd=new, follow_symlinks=False)
         return True
     except OSError as e:
         if e.errno not in _NO_LINKS:
             raise
     # No hard links here: rename, which would silently replace an existing
     # file, so check first (names are unique, this only guards against bugs).
-    if os.path.lexists(final_path):
-        raise FileExistsError(errno.EEXIST, "delivery target exists")
-    os.rename(tmp_path, final_path)
-    return False
+    try:
+        os.stat(final_name, dir_fd=new, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(tmp_name, final_name, src_dir_fd=tmp, dst_dir_fd=new)
+        return False
+    raise FileExistsError(errno.EEXIST, "delivery target exists")
+
+
+def _unlink_quietly(name: str, directory: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=directory)
 
 
 @define
@@ -145,7 +147,7 @@ class PendingDelivery:
     when all were written, so a disk error delivers to none of them.
     """
 
-    maildir: Path
+    maildir: MaildirPath
     tmp_name: str
     stored_size: int
     wire_size: int
@@ -160,43 +162,54 @@ class PendingDelivery:
         if self._done:
             raise RuntimeError("delivery already published or discarded")
         self._done = True
-        tmp_path = self.maildir / "tmp" / self.tmp_name
-        final_path = self.maildir / "new" / self.final_name
-        published = False
         try:
-            linked = _publish(tmp_path, final_path)
-            published = True
+            with self.maildir.opened("tmp", "new") as (_, tmp, new):
+                return self._publish_in(tmp, new)
+        except BaseException:
+            self._remove_tmp()
+            raise
+
+    def _publish_in(self, tmp: int, new: int) -> str:
+        final_name = self.final_name
+        linked = _publish(tmp, new, self.tmp_name, final_name)
+        try:
             # Until new/ is synced the message could vanish in a crash; fail
             # loudly (so the sender retries) rather than acknowledge it.
-            fsync_directory(self.maildir / "new")
+            os.fsync(new)
         except BaseException:
-            if published:
-                _unlink_quietly(final_path)
-            _unlink_quietly(tmp_path)
+            _unlink_quietly(final_name, new)
             raise
         if linked:
             # Delivered whatever happens here; clean_tmp removes a leftover later.
-            _unlink_quietly(tmp_path)
-        return self.final_name
+            _unlink_quietly(self.tmp_name, tmp)
+        return final_name
+
+    def _remove_tmp(self) -> None:
+        with contextlib.suppress(OSError), self.maildir.opened("tmp") as (_, tmp):
+            _unlink_quietly(self.tmp_name, tmp)
 
     def withdraw(self) -> None:
         """
         Take a just-published message back out of ``new/`` (best effort),
         when the other copies of an all-or-nothing delivery failed.
         """
-        _unlink_quietly(self.maildir / "new" / self.final_name)
-        with contextlib.suppress(OSError):
-            fsync_directory(self.maildir / "new")
+        with contextlib.suppress(OSError), self.maildir.opened("new") as (_, new):
+            _unlink_quietly(self.final_name, new)
+            os.fsync(new)
 
     def discard(self) -> None:
         """Remove the unpublished message; later calls do nothing."""
         if not self._done:
             self._done = True
-            _unlink_quietly(self.maildir / "tmp" / self.tmp_name)
+            self._remove_tmp()
 
 
 def prepare(
-    maildir: Path, source: Source, *, header: bytes = b"", hostname: str | None = None
+    maildir: MaildirPath | Path,
+    source: Source,
+    *,
+    header: bytes = b"",
+    hostname: str | None = None,
 ) -> PendingDelivery:
     """
     Write ``header`` then ``source`` under ``maildir/tmp`` (the Maildir is
@@ -204,27 +217,33 @@ def prepare(
 
     On any failure the ``tmp/`` file is removed and the error is raised.
     """
-    maildir = Path(maildir)
-    ensure_maildir(maildir)
+    maildir = MaildirPath.of(maildir)
     tmp_name = make_unique(None, None, hostname=hostname)
-    tmp_path = maildir / "tmp" / tmp_name
-    fd = os.open(
-        tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    try:
+    with maildir.opened("tmp", create=True) as (_, tmp):
+        fd = os.open(
+            tmp_name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=tmp,
+        )
         try:
-            stored, wire = _write_lf(fd, itertools.chain((header,), _chunks(source)))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        _unlink_quietly(tmp_path)
-        raise
+            try:
+                stored, wire = _write_lf(fd, itertools.chain((header,), _chunks(source)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(tmp_name, tmp)
+            raise
     return PendingDelivery(maildir, tmp_name, stored, wire)
 
 
 def deliver(
-    maildir: Path, source: Source, *, header: bytes = b"", hostname: str | None = None
+    maildir: MaildirPath | Path,
+    source: Source,
+    *,
+    header: bytes = b"",
+    hostname: str | None = None,
 ) -> str:
     """
     Store one message in ``maildir`` (created if missing); return its file name in ``new/``.
@@ -254,7 +273,7 @@ def _writer_is_dead(name: str, hostname: str) -> bool:
     return False
 
 
-def clean_tmp(maildir: Path, older_than: float = STALE_TMP_SECONDS) -> int:
+def clean_tmp(maildir: MaildirPath | Path, older_than: float = STALE_TMP_SECONDS) -> int:
     """
     Remove the deliveries that died halfway from ``maildir/tmp``: files
     untouched for ``older_than`` seconds, and at once those a popserv process
@@ -263,20 +282,24 @@ def clean_tmp(maildir: Path, older_than: float = STALE_TMP_SECONDS) -> int:
     Return how many were removed.
     """
     limit = time.time() - older_than
-    hostname = host_part(None)
-    removed = 0
     try:
-        entries = os.scandir(Path(maildir) / "tmp")
+        with MaildirPath.of(maildir).opened("tmp") as (_, tmp):
+            return _remove_unfinished(tmp, limit, host_part(None))
     except (FileNotFoundError, NotADirectoryError):
         return 0
-    with entries:
+
+
+def _remove_unfinished(tmp: int, limit: float, hostname: str) -> int:
+    """:func:`clean_tmp` in the directory ``tmp``."""
+    removed = 0
+    with os.scandir(tmp) as entries:
         for entry in entries:
             try:
                 if not entry.is_file(follow_symlinks=False):
                     continue
                 st = entry.stat(follow_symlinks=False)
                 if max(st.st_mtime, st.st_atime) < limit or _writer_is_dead(entry.name, hostname):
-                    os.unlink(entry.path)
+                    os.unlink(entry.name, dir_fd=tmp)
                     removed += 1
             except FileNotFoundError:
                 continue

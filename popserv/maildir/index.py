@@ -37,7 +37,6 @@ import os
 import time
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 
 from popserv.maildir.cachefile import read_regular, replace_file
 
@@ -114,16 +113,19 @@ def decode_index(data: bytes) -> dict[str, Entry] | None:
     return entries
 
 
-def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:
+def load_index(maildir: int, messages: int) -> dict[str, Entry] | None:
     """
-    Read ``maildir``'s index: its entries, none if there is no index, or
-    None if there is one but it is unusable (and should be rewritten).
+    Read the index of the Maildir whose directory descriptor is ``maildir``:
+    its entries, none if there is no index, or None if there is one but it
+    is unusable (and should be rewritten).
 
     ``messages`` (how many the scan found) bounds the size worth reading.
     Blocking: call it in a thread.
     """
     try:
-        data = read_regular(maildir / INDEX_FILE, _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages)
+        data = read_regular(
+            INDEX_FILE, _MAX_HEADER_BYTES + _MAX_ENTRY_BYTES * messages, dir_fd=maildir
+        )
     except FileNotFoundError:
         return {}
     except OSError:
@@ -131,18 +133,18 @@ def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:
     return decode_index(data) if data is not None else None
 
 
-def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
+def save_index(maildir: int, entries: Mapping[str, Entry]) -> bool:
     """
-    Replace ``maildir``'s index atomically; with no entries, remove it.
+    Replace the index of the Maildir ``maildir`` (a directory descriptor)
+    atomically; with no entries, remove it.
 
     Return False when this user may not write there (then there is simply
     no index); raise ``OSError`` on other failures, leaving no temporary
     file behind.  Blocking: call it in a thread.
     """
-    target = maildir / INDEX_FILE
     if not entries:
         try:
-            os.unlink(target)
+            os.unlink(INDEX_FILE, dir_fd=maildir)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -151,7 +153,7 @@ def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
             raise
         return True
     try:
-        replace_file(target, encode_index(entries))
+        replace_file(INDEX_FILE, encode_index(entries), dir_fd=maildir)
     except OSError as e:
         if e.errno in _NOT_WRITABLE:
             return False
@@ -160,7 +162,7 @@ def save_index(maildir: Path, entries: Mapping[str, Entry]) -> bool:
     return True
 
 
-def _remove_stale_tmp(maildir: Path) -> None:
+def _remove_stale_tmp(maildir: int) -> None:
     """Remove temporary index files a crashed writer left (none is that old otherwise)."""
     limit = time.time() - STALE_TMP_SECONDS
     prefix = INDEX_FILE + "."
@@ -171,4 +173,4 @@ def _remove_stale_tmp(maildir: Path) -> None:
                 continue
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_mtime < limit:
-                    os.unlink(entry.path)
+                    os.unlink(name, dir_fd=maildir)

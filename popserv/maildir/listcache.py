@@ -38,7 +38,6 @@ import re
 import sys
 import zlib
 from array import array
-from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
@@ -66,13 +65,9 @@ log = Logger()
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
 
 
-def stat_key(path: Path | str) -> list[int] | None:
-    """The cache key of one path, [inode, mtime ns, ctime ns]; None if it does not exist."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+def stat_key(status: os.stat_result) -> list[int]:
+    """The cache key of one file or directory: [inode, mtime ns, ctime ns]."""
+    return [status.st_ino, status.st_mtime_ns, status.st_ctime_ns]
 
 
 def settled(keys: list[Any], started_ns: int) -> bool:
@@ -238,10 +233,13 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
     return Cached(listing, uniques, infos, places, listed)
 
 
-def load_listing(maildir: Path, keys: list[Any], scheme: str) -> Cached | None:
-    """``maildir``'s cached listing if it matches ``keys``; None otherwise.  Blocking."""
+def load_listing(maildir: int, keys: list[Any], scheme: str) -> Cached | None:
+    """
+    The cached listing of the Maildir ``maildir`` (a directory descriptor)
+    if it matches ``keys``; None otherwise.  Blocking.
+    """
     try:
-        data = read_regular(maildir / LISTING_FILE, _MAX_BYTES)
+        data = read_regular(LISTING_FILE, _MAX_BYTES, dir_fd=maildir)
     except OSError:
         return None
     if data is None:
@@ -255,14 +253,14 @@ def load_listing(maildir: Path, keys: list[Any], scheme: str) -> Cached | None:
         return None
 
 
-def save_listing(maildir: Path, data: bytes) -> None:
-    """Replace ``maildir``'s listing file atomically; failures only cost speed."""
+def save_listing(maildir: int, data: bytes) -> None:
+    """Replace the Maildir's listing file atomically; failures only cost speed."""
     with contextlib.suppress(OSError):
-        replace_file(maildir / LISTING_FILE, data)
+        replace_file(LISTING_FILE, data, dir_fd=maildir)
 
 
-def remove_listing(maildir: Path) -> None:
+def remove_listing(maildir: int) -> None:
     """Remove a listing file that no longer matches (it would only be read in vain)."""
     with contextlib.suppress(OSError):
-        os.unlink(maildir / LISTING_FILE)
+        os.unlink(LISTING_FILE, dir_fd=maildir)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from pathlib import Path
 
 from popserv.errors import MailboxInUse, TemporaryFailure, storage_failure
 
@@ -25,25 +24,29 @@ _CONTENDED = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
 class MaildropLock:
     """An exclusive lock on one Maildir, held until :meth:`release`."""
 
-    __slots__ = ("_fd", "path")
+    __slots__ = ("_fd",)
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
+    def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, maildir: Path) -> MaildropLock:
+    def acquire(cls, maildir: int) -> MaildropLock:
         """
-        Lock ``maildir`` without waiting (a quick, blocking call).
+        Lock the Maildir whose directory descriptor is ``maildir``, without
+        waiting (a quick, blocking call).
 
         Raise :class:`MailboxInUse` if another session holds it, or
         :class:`TemporaryFailure` (or ``PermanentFailure``, see
         :func:`~popserv.errors.storage_failure`) if the lock file cannot be opened.
         """
-        path = maildir / LOCK_FILE
         try:
             # O_NOFOLLOW: a symlink planted here must not make us write elsewhere.
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                LOCK_FILE,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=maildir,
+            )
         except OSError as e:
             raise storage_failure("cannot open the lock file", e) from None
         try:
@@ -61,7 +64,7 @@ class MaildropLock:
                 os.pwrite(fd, holder, 0)
         except OSError:
             pass  # The pid is only a hint for humans; the lock is what counts.
-        return cls(path, fd)
+        return cls(fd)
 
     @property
     def held(self) -> bool:

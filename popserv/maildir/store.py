@@ -15,6 +15,7 @@ the message is really gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -40,11 +41,10 @@ from zope.interface import implementer
 from popserv.body import WireSizeCounter
 from popserv.errors import CommitFailed, MessageGone, storage_failure
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
-from popserv.layout import ensure_maildir
 from popserv.maildir.cachefile import read_regular
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.commonnames import Match, common_columns, split_common
-from popserv.maildir.deliver import fsync_directory
+from popserv.maildir.directory import MaildirPath, SymlinkRefused
 from popserv.maildir.index import Entry, load_index, save_index, storable
 from popserv.maildir.listcache import (
     Cached,
@@ -82,20 +82,27 @@ _INLINE_COMMIT_CHECK = 1000
 _LOOKUP_TRIES = 3
 
 
-def _open_regular(path: Path) -> int:
+#: The Maildir's ``new/`` and ``cur/`` as directory descriptors, by NEW and CUR.
+_Places = Sequence[int]
+
+
+def _open_regular(name: str, directory: int) -> int:
     """
-    Open a message file for reading; anything but a regular file counts as absent.
+    Open the message file ``name`` in ``directory`` for reading; anything
+    but a regular file counts as absent.
 
     No symlinks (a user could point one at a file only the server may read)
     and no FIFOs or devices (O_NONBLOCK so opening one cannot hang).
     """
-    return _open_regular_stat(path)[0]
+    return _open_regular_stat(name, directory)[0]
 
 
-def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
+def _open_regular_stat(name: str, directory: int) -> tuple[int, os.stat_result]:
     """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
+        )
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise FileNotFoundError(errno.ENOENT, "not a regular file") from None
@@ -110,14 +117,10 @@ def _open_regular_stat(path: Path | str) -> tuple[int, os.stat_result]:
     return fd, status
 
 
-def _find(maildir: Path, unique: str) -> tuple[int, str] | None:
+def _find(places: _Places, unique: str) -> tuple[int, str] | None:
     """Where the message with this unique part is now, as (NEW or CUR, file name)."""
-    for where, sub in enumerate(_SUBDIRS):
-        try:
-            entries = os.scandir(maildir / sub)
-        except FileNotFoundError:
-            continue
-        with entries:
+    for where, directory in enumerate(places):
+        with os.scandir(directory) as entries:
             for entry in entries:
                 name = entry.name
                 if (
@@ -130,7 +133,7 @@ def _find(maildir: Path, unique: str) -> tuple[int, str] | None:
 
 
 def _chasing(
-    maildir: Path, where: int, name: str, action: Callable[[int, str], T]
+    places: _Places, where: int, name: str, action: Callable[[int, str], T]
 ) -> tuple[int, str, T]:
     """
     Run ``action(where, name)``; if the file is gone, find where the message
@@ -143,7 +146,7 @@ def _chasing(
         except FileNotFoundError:
             if unique is None:
                 unique = parse_name(name).unique
-            found = _find(maildir, unique)
+            found = _find(places, unique)
             if found is None:
                 raise
             where, name = found
@@ -151,14 +154,10 @@ def _chasing(
 
 
 def _measure(
-    directories: Sequence[str], size_needed: bool, where: int, name: str
+    places: _Places, size_needed: bool, where: int, name: str
 ) -> tuple[int | None, float]:
-    """
-    The wire size (if needed; reads the whole file) and mtime of a message;
-    ``directories`` are the paths of ``new/`` and ``cur/`` with a final ``/``
-    (strings, not Paths: joining Paths was a third of measuring a small file).
-    """
-    fd, status = _open_regular_stat(directories[where] + name)
+    """The wire size (if needed; reads the whole file) and mtime of a message."""
+    fd, status = _open_regular_stat(name, places[where])
     try:
         if not size_needed:
             return None, status.st_mtime
@@ -183,11 +182,11 @@ _UIDLIST_BYTES_PER_MESSAGE = 1024
 _UIDLIST_HEADER_BYTES = 4096
 
 
-def _read_uidlist(maildir: Path, messages: int) -> Uidlist | None:
+def _read_uidlist(maildir: int, messages: int) -> Uidlist | None:
     """The Maildir's ``dovecot-uidlist``, or None if there is none or it is unusable."""
     limit = _UIDLIST_HEADER_BYTES + _UIDLIST_BYTES_PER_MESSAGE * messages
     try:
-        data = read_regular(maildir / UIDLIST_FILE, limit)
+        data = read_regular(UIDLIST_FILE, limit, dir_fd=maildir)
     except OSError:
         return None
     return parse_uidlist(data) if data is not None else None
@@ -221,13 +220,13 @@ class _Scan:
 _Found = tuple[int, str, "int | None", "int | None"]
 
 
-def _list_names(maildir: Path) -> tuple[list[str], list[str]]:
+def _list_names(places: _Places) -> tuple[list[str], list[str]]:
     """The names of the message files in ``new/`` and ``cur/``."""
     listed = []
     # new/ before cur/: a message moving between them during the scan is then
     # seen at least once.
-    for sub in _SUBDIRS:
-        with os.scandir(maildir / sub) as entries:
+    for directory in places:
+        with os.scandir(directory) as entries:
             listed.append(
                 [
                     entry.name
@@ -279,29 +278,28 @@ _MEASURE_BATCH = 256
 _Measurement = tuple[int, str, tuple["int | None", float]]
 
 
-def _measure_batch(maildir: Path, batch: list[_Found]) -> list[_Measurement | None]:
+def _measure_batch(places: _Places, batch: list[_Found]) -> list[_Measurement | None]:
     """Measure each file (None: deleted by someone else meanwhile)."""
     out: list[_Measurement | None] = []
-    directories = [f"{maildir / sub}/" for sub in _SUBDIRS]
     for where, name, size, _ in batch:
         try:
-            measure = partial(_measure, directories, size is None)
-            out.append(_chasing(maildir, where, name, measure))
+            measure = partial(_measure, places, size is None)
+            out.append(_chasing(places, where, name, measure))
         except FileNotFoundError:
             out.append(None)
     return out
 
 
-def _measure_files(maildir: Path, files: list[_Found]) -> list[_Measurement | None]:
+def _measure_files(places: _Places, files: list[_Found]) -> list[_Measurement | None]:
     """:func:`_measure_batch` of ``files``, in several threads when there are many."""
     if len(files) <= _MEASURE_BATCH:
-        return _measure_batch(maildir, files)
+        return _measure_batch(places, files)
     batches = [files[at : at + _MEASURE_BATCH] for at in range(0, len(files), _MEASURE_BATCH)]
     pool = ThreadPoolExecutor(_MEASURE_THREADS, thread_name_prefix="popserv-measure")
     try:
         return [
             outcome
-            for batch in pool.map(partial(_measure_batch, maildir), batches)
+            for batch in pool.map(partial(_measure_batch, places), batches)
             for outcome in batch
         ]
     finally:
@@ -309,7 +307,7 @@ def _measure_files(maildir: Path, files: list[_Found]) -> list[_Measurement | No
 
 
 def _measure_all(
-    maildir: Path, found: dict[str, _Found], known: dict[str, Entry]
+    places: _Places, found: dict[str, _Found], known: dict[str, Entry]
 ) -> _Measured:
     """Each message's wire size and delivery time: from its name, the index, or its file."""
     result = _Measured({}, {})
@@ -330,7 +328,7 @@ def _measure_all(
             if storable(unique):
                 result.entries[unique] = (size, received)
         result.messages[unique] = (where, name, size, received)
-    measurements = _measure_files(maildir, [found[unique] for unique in unknown])
+    measurements = _measure_files(places, [found[unique] for unique in unknown])
     for unique, measurement in zip(unknown, measurements, strict=True):
         if measurement is None:
             continue
@@ -383,21 +381,26 @@ class _CollectorPause:
 _collector_paused = _CollectorPause()
 
 
-def _scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> _Scan:
+def _scan(maildir: int, places: _Places, scheme: UidlScheme, use_index: bool) -> _Scan:
     """
-    Index the messages of ``maildir``: those ``dovecot-uidlist`` lists in
-    Dovecot's order (see :mod:`popserv.maildir.uidls`), then the others by
-    delivery time and unique name.
+    Index the messages of the Maildir ``maildir`` (a directory descriptor;
+    ``places``: its ``new/`` and ``cur/``): those ``dovecot-uidlist`` lists
+    in Dovecot's order (see :mod:`popserv.maildir.uidls`), then the others
+    by delivery time and unique name.
     """
-    names = _list_names(maildir)
+    names = _list_names(places)
     if sum(map(len, names)) < _GC_PAUSE_FILES:
-        return _scan_names(maildir, scheme, use_index, names)
+        return _scan_names(maildir, places, scheme, use_index, names)
     with _collector_paused:
-        return _scan_names(maildir, scheme, use_index, names)
+        return _scan_names(maildir, places, scheme, use_index, names)
 
 
 def _scan_names(
-    maildir: Path, scheme: UidlScheme, use_index: bool, names: tuple[list[str], list[str]]
+    maildir: int,
+    places: _Places,
+    scheme: UidlScheme,
+    use_index: bool,
+    names: tuple[list[str], list[str]],
 ) -> _Scan:
     """:func:`_scan` once the directories are listed."""
     count = sum(map(len, names))
@@ -405,10 +408,10 @@ def _scan_names(
     loaded = load_index(maildir, count) if use_index else {}
     uidlist = _read_uidlist(maildir, count) if scheme.reads_uidlist else None
     records = uidlist.records if uidlist is not None else {}
-    places = [split_common(listed) for listed in names]
+    split = [split_common(listed) for listed in names]
     del names
-    if scheme.names_are_uidls and not records and not any(others for _, others in places):
-        columns = common_columns([common for common, _ in places])
+    if scheme.names_are_uidls and not records and not any(others for _, others in split):
+        columns = common_columns([common for common, _ in split])
         if columns is not None:
             return _Scan(
                 Listing(
@@ -427,8 +430,8 @@ def _scan_names(
                 # Every size and time is in the names: an index has nothing to keep.
                 index_update={} if use_index and loaded != {} else None,
             )
-    measured = _measure_all(maildir, _found(places), loaded or {})
-    del places
+    measured = _measure_all(places, _found(split), loaded or {})
+    del split
 
     rows = []
     intern: dict[str, str] = {}
@@ -485,48 +488,50 @@ def _scan_names(
     )
 
 
-def _listing_keys(maildir: Path, scheme: UidlScheme) -> list[Any] | None:
-    """The listing cache's key (see :mod:`popserv.maildir.listcache`); None if no Maildir."""
-    new, cur = stat_key(maildir / "new"), stat_key(maildir / "cur")
-    if new is None or cur is None:
-        return None
-    uidlist = stat_key(maildir / UIDLIST_FILE) if scheme.reads_uidlist else None
-    return [new, cur, uidlist]
+def _listing_keys(maildir: int, places: _Places, scheme: UidlScheme) -> list[Any]:
+    """The listing cache's key (see :mod:`popserv.maildir.listcache`)."""
+    keys: list[Any] = [stat_key(os.fstat(places[NEW])), stat_key(os.fstat(places[CUR]))]
+    uidlist = None
+    if scheme.reads_uidlist:
+        with contextlib.suppress(FileNotFoundError):
+            uidlist = stat_key(os.stat(UIDLIST_FILE, dir_fd=maildir, follow_symlinks=False))
+    keys.append(uidlist)
+    return keys
 
 
 def _open_locked(
-    maildir: Path, scheme: UidlScheme, use_index: bool
+    location: MaildirPath, scheme: UidlScheme, use_index: bool
 ) -> tuple[MaildropLock, _Scan]:
     """In a thread: create the Maildir if needed, lock it, index it."""
     started = time.time_ns()
-    try:
-        keys = _listing_keys(maildir, scheme)
-        if keys is None:
-            # Only a new user's first login gets here: no mkdir calls at every login.
-            ensure_maildir(maildir)
-    except OSError as e:
-        raise storage_failure("cannot create the maildir", e) from None
-    lock = MaildropLock.acquire(maildir)
-    try:
-        # Again under the lock: a session that committed (deleted) meanwhile
-        # changed the directories, and its listing must not be taken.
-        keys = _listing_keys(maildir, scheme) if use_index else None
-        cached = load_listing(maildir, keys, scheme.text) if keys else None
-        if cached is not None:
-            return lock, _cached_scan(cached)
-        scan = _scan(maildir, scheme, use_index)
-        if use_index and keys and settled(keys, started):
-            # Written by the mailbox after the login is answered (see
-            # _save_caches): encoding and writing 100,000 entries (8 MB)
-            # took 20-30 ms of a cold login.
-            scan = evolve(scan, cache_as=(keys, scheme.text))
-        return lock, scan
-    except OSError as e:
-        lock.release()
-        raise storage_failure("cannot scan the maildir", e) from None
-    except BaseException:
-        lock.release()
-        raise
+    with contextlib.ExitStack() as stack:
+        try:
+            # Only a new user's first login creates anything: no mkdir at every login.
+            opened = location.opened(*_SUBDIRS, create=True)
+            maildir, *places = stack.enter_context(opened)
+        except OSError as e:
+            raise storage_failure("cannot open the maildir", e) from None
+        lock = MaildropLock.acquire(maildir)
+        try:
+            # Under the lock: a session that committed (deleted) meanwhile
+            # changed the directories, and its listing must not be taken.
+            keys = _listing_keys(maildir, places, scheme) if use_index else None
+            cached = load_listing(maildir, keys, scheme.text) if keys else None
+            if cached is not None:
+                return lock, _cached_scan(cached)
+            scan = _scan(maildir, places, scheme, use_index)
+            if use_index and keys and settled(keys, started):
+                # Written by the mailbox after the login is answered (see
+                # _save_caches): encoding and writing 100,000 entries (8 MB)
+                # took 20-30 ms of a cold login.
+                scan = evolve(scan, cache_as=(keys, scheme.text))
+            return lock, scan
+        except OSError as e:
+            lock.release()
+            raise storage_failure("cannot scan the maildir", e) from None
+        except BaseException:
+            lock.release()
+            raise
 
 
 def _cached_scan(cached: Cached) -> _Scan:
@@ -550,40 +555,49 @@ def _cached_scan(cached: Cached) -> _Scan:
 INLINE_DIRECTORY_BYTES = 16 * 1024
 
 
-def _open_cached(maildir: Path, scheme: UidlScheme) -> tuple[MaildropLock, _Scan] | None:
+def _open_cached(
+    location: MaildirPath, scheme: UidlScheme
+) -> tuple[MaildropLock, _Scan] | None:
     """
     Lock a small maildrop and take its listing from the cache, or None when
     it is not that simple (then :func:`_open_locked` runs in a thread).
 
-    A few ``stat`` calls, a non-blocking ``flock`` and one small read: the
-    thread-pool round trip they replace cost a quarter of a short session
-    (bench B1: 720 -> 960 sessions/s).  Anything that could take long (a
-    big directory, a scan, reading messages) stays in the thread pool.
+    A few ``open`` and ``fstat`` calls, a non-blocking ``flock`` and one
+    small read: the thread-pool round trip they replace cost a quarter of a
+    short session (bench B1: 720 -> 960 sessions/s).  Anything that could
+    take long (a big directory, a scan, reading messages) stays in the
+    thread pool.
     """
-    try:
-        statuses = [os.stat(maildir / sub) for sub in _SUBDIRS]
-    except OSError:
-        return None
-    if any(status.st_size > INLINE_DIRECTORY_BYTES for status in statuses):
-        return None
-    lock = MaildropLock.acquire(maildir)
-    try:
-        # Under the lock, as in _open_locked.
-        keys = _listing_keys(maildir, scheme)
-        cached = load_listing(maildir, keys, scheme.text) if keys else None
-    except OSError:
-        cached = None  # The thread pool's open reports it properly.
-    except BaseException:
-        lock.release()
-        raise
-    if cached is None:
-        lock.release()
-        return None
-    return lock, _cached_scan(cached)
+    with contextlib.ExitStack() as stack:
+        try:
+            maildir, *places = stack.enter_context(location.opened(*_SUBDIRS))
+        except SymlinkRefused as e:
+            raise storage_failure("cannot open the maildir", e) from None
+        except OSError:
+            return None  # The thread pool's open reports it properly.
+        try:
+            if any(os.fstat(fd).st_size > INLINE_DIRECTORY_BYTES for fd in places):
+                return None
+        except OSError:
+            return None
+        lock = MaildropLock.acquire(maildir)
+        try:
+            # Under the lock, as in _open_locked.
+            keys = _listing_keys(maildir, places, scheme)
+            cached = load_listing(maildir, keys, scheme.text)
+        except OSError:
+            cached = None  # The thread pool's open reports it properly.
+        except BaseException:
+            lock.release()
+            raise
+        if cached is None:
+            lock.release()
+            return None
+        return lock, _cached_scan(cached)
 
 
 def _save_caches(
-    maildir: Path,
+    location: MaildirPath,
     index_update: dict[str, Entry] | None,
     listing: tuple[Any, ...] | None,
 ) -> bool:
@@ -596,22 +610,23 @@ def _save_caches(
     listing is only ever read under the key of the directories it was made
     from, which a later change (this session's commit included) moves on.
     """
-    try:
-        return save_index(maildir, index_update) if index_update is not None else False
-    finally:
-        # Also when the index could not be written (save_listing never raises).
-        if listing is not None:
-            keys, scheme, columns, uniques, infos, places, uidlist_listed = listing
-            data = encode_listing(
-                keys,
-                scheme,
-                listing=columns,
-                uniques=uniques,
-                infos=infos,
-                places=places,
-                uidlist_listed=uidlist_listed,
-            )
-            save_listing(maildir, data)
+    with location.opened() as (maildir,):
+        try:
+            return save_index(maildir, index_update) if index_update is not None else False
+        finally:
+            # Also when the index could not be written (save_listing never raises).
+            if listing is not None:
+                keys, scheme, columns, uniques, infos, places, uidlist_listed = listing
+                data = encode_listing(
+                    keys,
+                    scheme,
+                    listing=columns,
+                    uniques=uniques,
+                    infos=infos,
+                    places=places,
+                    uidlist_listed=uidlist_listed,
+                )
+                save_listing(maildir, data)
 
 
 @define
@@ -627,15 +642,29 @@ class _Outcome:
 
 
 def _apply(
-    maildir: Path, deletions: Sequence[tuple[int, str]], marks: Sequence[tuple[int, str]]
+    location: MaildirPath,
+    deletions: Sequence[tuple[int, str]],
+    marks: Sequence[tuple[int, str]],
 ) -> _Outcome:
     """In a thread: delete and mark seen, then make it durable."""
+    try:
+        with location.opened(*_SUBDIRS) as (_, *places):
+            return _apply_in(places, deletions, marks)
+    except OSError:
+        # The Maildir could not be reached (and is logged if refused).
+        return _Outcome(failed=len(deletions), unmarked=len(marks))
+
+
+def _apply_in(
+    places: _Places, deletions: Sequence[tuple[int, str]], marks: Sequence[tuple[int, str]]
+) -> _Outcome:
+    """:func:`_apply` in the Maildir's ``new/`` and ``cur/``."""
     outcome = _Outcome()
     touched: set[int] = set()
     deleted_in: set[int] = set()
 
     def unlink(where: int, name: str) -> None:
-        os.unlink(maildir / _SUBDIRS[where] / name)
+        os.unlink(name, dir_fd=places[where])
         touched.add(where)
         deleted_in.add(where)
 
@@ -643,12 +672,12 @@ def _apply(
         target = with_flag(name, "S")
         if where == CUR and target == name:
             return
-        os.rename(maildir / _SUBDIRS[where] / name, maildir / "cur" / target)
+        os.rename(name, target, src_dir_fd=places[where], dst_dir_fd=places[CUR])
         touched.update((where, CUR))
 
     for where, name in deletions:
         try:
-            _chasing(maildir, where, name, unlink)
+            _chasing(places, where, name, unlink)
             outcome.deleted += 1
         except FileNotFoundError:
             outcome.missing += 1
@@ -656,13 +685,13 @@ def _apply(
             outcome.failed += 1
     for where, name in marks:
         try:
-            _chasing(maildir, where, name, mark_seen)
+            _chasing(places, where, name, mark_seen)
             outcome.marked += 1
         except OSError:
             outcome.unmarked += 1
     for where in sorted(touched):
         try:
-            fsync_directory(maildir / _SUBDIRS[where])
+            os.fsync(places[where])
         except OSError:
             if where in deleted_in:
                 outcome.unsynced += 1
@@ -679,7 +708,7 @@ class MaildirMailbox:
 
     def __init__(
         self,
-        path: Path,
+        location: MaildirPath,
         lock: MaildropLock,
         scan: _Scan,
         *,
@@ -687,7 +716,8 @@ class MaildirMailbox:
         login_delay: int = 0,
         expire_days: int | None = None,
     ) -> None:
-        self.path = path
+        self.location = location
+        self.path = location.path
         self.login_delay = login_delay
         self.expire_days = expire_days
         self._lock = lock
@@ -723,14 +753,14 @@ class MaildirMailbox:
                     scan.uidlist_listed,
                 )
             )
-            self._in_thread(_save_caches, path, scan.index_update, listing).addCallbacks(
+            self._in_thread(_save_caches, location, scan.index_update, listing).addCallbacks(
                 self._index_saved.callback, self._index_not_saved
             )
 
     @classmethod
     def open(
         cls,
-        path: Path,
+        path: MaildirPath | Path | str,
         *,
         reactor: IReactorThreads | None = None,
         login_delay: int = 0,
@@ -742,6 +772,10 @@ class MaildirMailbox:
         Create (if missing), lock and index the Maildir at ``path``, in a
         thread (or at once for a small one whose listing is cached).
 
+        ``path`` is reached without following symbolic links (see
+        :mod:`popserv.maildir.directory`): a plain path's last component and
+        everything inside the Maildir must not be one.
+
         ``uidl_format`` is a ``--uidl-format`` value (see
         :mod:`popserv.maildir.uidls`); ``index`` says whether to keep sizes
         counted by reading in ``popserv.index`` (see :mod:`popserv.maildir.index`).
@@ -749,7 +783,8 @@ class MaildirMailbox:
         Fails with :class:`~popserv.errors.MailboxInUse` when another session
         has it, :class:`~popserv.errors.TemporaryFailure` on I/O errors, or
         :class:`~popserv.errors.PermanentFailure` on those only an
-        administrator can cure (permissions, a file where a directory should be).
+        administrator can cure (permissions, a file where a directory should
+        be, a symbolic link refused).
         Cancelling the result releases the lock once the scan is over.
         """
         if reactor is None:
@@ -757,7 +792,7 @@ class MaildirMailbox:
 
             reactor = default_reactor  # type: ignore[assignment]
         assert reactor is not None
-        path = Path(path)
+        location = MaildirPath.of(path)
         scheme = parse_uidl_format(uidl_format) if isinstance(uidl_format, str) else uidl_format
         cancelled = False
 
@@ -790,7 +825,7 @@ class MaildirMailbox:
                     skipped=scan.uidlist_skipped,
                 )
             mailbox = cls(
-                path,
+                location,
                 lock,
                 scan,
                 reactor=reactor,
@@ -804,7 +839,7 @@ class MaildirMailbox:
                 result.errback(failure)
 
         try:
-            parts = _open_cached(path, scheme) if index else None
+            parts = _open_cached(location, scheme) if index else None
         except Exception:
             failed(Failure())
             return result
@@ -812,7 +847,7 @@ class MaildirMailbox:
             opened(parts)
             return result
         work = deferToThreadPool(
-            reactor, reactor.getThreadPool(), _open_locked, path, scheme, index
+            reactor, reactor.getThreadPool(), _open_locked, location, scheme, index
         )
         work.addCallbacks(opened, failed)
         return result
@@ -853,9 +888,6 @@ class MaildirMailbox:
             unique = ""
         return unique + (self._infos if infos is None else infos)[index]
 
-    def _path_of(self, index: int) -> Path:
-        return self.path / _SUBDIRS[self._places[index]] / self._name_of(index)
-
     def open_message(self, index: int) -> MessageStream | Deferred[MessageStream]:  # type: ignore[override]
         """
         Open message ``index`` for reading.
@@ -863,22 +895,23 @@ class MaildirMailbox:
         Directly when the file is where the scan saw it; otherwise the lookup
         runs in a thread and the result is a ``Deferred``.
         """
+        listed = self._name_of(index)
         try:
-            return open(_open_regular(self._path_of(index)), "rb", buffering=0)
+            with self.location.opened(_SUBDIRS[self._places[index]]) as (_, directory):
+                return open(_open_regular(listed, directory), "rb", buffering=0)
         except FileNotFoundError:
             pass
         except OSError as e:
             raise storage_failure("cannot open a message", e) from None
 
-        def reopen(where: int, name: str) -> MessageStream:
-            fd = _open_regular(self.path / _SUBDIRS[where] / name)
-            return open(fd, "rb", buffering=0)
-
-        listed = self._name_of(index)
-
         def chase() -> tuple[int, str, MessageStream]:
             try:
-                return _chasing(self.path, self._places[index], listed, reopen)
+                with self.location.opened(*_SUBDIRS) as (_, *places):
+
+                    def reopen(where: int, name: str) -> MessageStream:
+                        return open(_open_regular(name, places[where]), "rb", buffering=0)
+
+                    return _chasing(places, self._places[index], listed, reopen)
             except FileNotFoundError:
                 raise MessageGone("message file vanished") from None
             except OSError as e:
@@ -924,7 +957,7 @@ class MaildirMailbox:
                 for i in sorted(set(retrieved) - gone)
                 if places[i] == NEW or unseen[infos[i]]
             ]
-            return _apply(self.path, deletions, marks)
+            return _apply(self.location, deletions, marks)
 
         return self._job(plan_and_apply).addCallback(self._committed)
 

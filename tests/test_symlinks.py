@@ -1,0 +1,292 @@
+"""
+Symbolic links a user plants in or as a Maildir: never followed by the
+server, the delivery paths, the quota scan or the start-up clean-up.
+
+Each attack is one the hardening review carried out against a real server:
+a user who can write inside a Maildir (``/home/{user}/Maildir``) replaces
+``cur/``, ``new/``, ``tmp/`` or the Maildir itself with a link.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import time
+from pathlib import Path
+
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from popserv.delivery import StorageFailed, check_room
+from popserv.layout import Layout, ensure_maildir
+from popserv.maildir import MaildirMailbox, clean_tmp, deliver
+from popserv.maildir.directory import MaildirPath, SymlinkRefused
+from popserv.quota import Quota, maildir_usage
+from tests.test_end_to_end import ServerTestCase
+
+SECRET = b"alice:{ARGON2ID}secret-hash-of-the-server\n"
+
+
+def plant_directory(parent: Path, name: str) -> Path:
+    """A directory the attacker wants the server to read or change, with one file."""
+    target = parent / name
+    target.mkdir(parents=True)
+    (target / "passwd").write_bytes(SECRET)
+    return target
+
+
+def replace_with_link(path: Path, target: Path) -> None:
+    """What the attacker does: move the real directory away, link in its place."""
+    os.rename(path, path.with_name(path.name + ".real"))
+    path.symlink_to(target)
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_user_part_of_the_template(self) -> None:
+        """The directories from the one ``{user}`` is in are the user's; the rest the operator's."""
+        layout = Layout.create("/srv/data", maildir_template="/home/{user}/Maildir")
+        location = layout.maildir_location("alice")
+        self.assertEqual(location.root, Path("/home"))
+        self.assertEqual(location.parts, ("alice", "Maildir"))
+        self.assertEqual(location.path, Path("/home/alice/Maildir"))
+        self.assertFalse(location.follow_symlinks)
+        default = Layout.create("/srv/data").maildir_location("bob")
+        self.assertEqual((default.root, default.parts), (Path("/srv/data/mail"), ("bob",)))
+        inside = Layout.create("/d", maildir_template="/var/mail/{user}.d/Maildir")
+        self.assertEqual(inside.maildir_location("c").parts, ("c.d", "Maildir"))
+
+    def test_follow_option(self) -> None:
+        layout = Layout.create("/srv/data", follow_symlinks=True)
+        self.assertTrue(layout.maildir_location("alice").follow_symlinks)
+
+
+class StoreTests(TestCase):
+    """The store and the delivery paths, on real directories and links."""
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.maildir = ensure_maildir(self.base / "alice")
+        self.victim = plant_directory(self.base, "victim")
+        self.logged: list[dict] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def refusals(self) -> list[str]:
+        return [
+            event["path"]
+            for event in self.logged
+            if "Refused a symbolic link" in event.get("log_format", "")
+        ]
+
+    async def assert_login_refused(self, location: MaildirPath | Path) -> None:
+        with self.assertRaises(Exception) as caught:
+            await MaildirMailbox.open(location)
+        self.assertEqual(getattr(caught.exception, "code", None), "SYS/PERM")
+
+    async def test_cur_linked_to_another_directory(self) -> None:
+        """Not listed, not read, not renamed: the login fails [SYS/PERM] and is logged."""
+        replace_with_link(self.maildir / "cur", self.victim)
+        await self.assert_login_refused(self.maildir)
+        self.assertEqual(os.listdir(self.victim), ["passwd"])
+        self.assertEqual(self.refusals(), [str(self.maildir / "cur")])
+
+    async def test_new_linked(self) -> None:
+        replace_with_link(self.maildir / "new", self.victim)
+        await self.assert_login_refused(self.maildir)
+        self.assertEqual(os.listdir(self.victim), ["passwd"])
+
+    async def test_maildir_itself_linked_to_another_users(self) -> None:
+        """A Maildir that is a link to bob's is not bob's mail for alice."""
+        bob = ensure_maildir(self.base / "bob")
+        deliver(bob, b"Subject: for bob only\n\nsecret\n")
+        link = self.base / "mallory"
+        link.symlink_to(bob)
+        await self.assert_login_refused(link)
+        self.assertEqual(self.refusals(), [str(link)])
+
+    async def test_linked_maildir_followed_when_allowed(self) -> None:
+        """With the operator's option the Maildir's path is followed, never what is inside."""
+        real = ensure_maildir(self.base / "elsewhere")
+        deliver(real, b"Subject: hi\n\nhello\n")
+        link = self.base / "carol"
+        link.symlink_to(real)
+        allowed = MaildirPath(self.base, ("carol",), follow_symlinks=True)
+        mailbox = await MaildirMailbox.open(allowed)
+        self.assertEqual(len(mailbox.listing()), 1)
+        mailbox.close()
+        replace_with_link(real / "cur", self.victim)
+        await self.assert_login_refused(allowed)
+
+    async def test_cur_swapped_during_a_session(self) -> None:
+        """A link swapped in after the login: RETR and the commit refuse, nothing is unlinked."""
+        deliver(self.maildir, b"Subject: one\n\nbody\n")
+        mailbox = await MaildirMailbox.open(self.maildir)
+        self.addCleanup(mailbox.close)
+        name = os.listdir(self.maildir / "new")[0]
+        # The victim directory holds a file of the same name as the message.
+        (self.victim / name).write_bytes(b"not yours\n")
+        replace_with_link(self.maildir / "new", self.victim)
+        with self.assertRaises(Exception) as caught:
+            mailbox.open_message(0)
+        self.assertEqual(caught.exception.code, "SYS/PERM")
+        with self.assertRaises(Exception) as failed:
+            await mailbox.commit([0], [])
+        self.assertEqual(failed.exception.code, "SYS/TEMP")
+        self.assertEqual(sorted(os.listdir(self.victim)), sorted(["passwd", name]))
+
+    def test_delivery_refuses_linked_tmp_and_new(self) -> None:
+        """Nothing is written through a linked tmp/ or linked into a linked new/."""
+        for sub in ("tmp", "new"):
+            maildir = ensure_maildir(self.base / f"to-{sub}")
+            target = plant_directory(self.base, f"target-{sub}")
+            replace_with_link(maildir / sub, target)
+            with self.assertRaises(SymlinkRefused):
+                deliver(maildir, b"Subject: x\n\ny\n")
+            self.assertEqual(os.listdir(target), ["passwd"])
+            if sub == "new":
+                # The message written under tmp/ is taken back.
+                self.assertEqual(os.listdir(maildir / "tmp"), [])
+
+    def test_delivery_through_a_linked_maildir(self) -> None:
+        target = ensure_maildir(self.base / "target")
+        link = self.base / "linked"
+        link.symlink_to(target)
+        with self.assertRaises(SymlinkRefused):
+            deliver(link, b"Subject: x\n\ny\n")
+        self.assertEqual(os.listdir(target / "tmp") + os.listdir(target / "new"), [])
+
+    def test_clean_tmp_does_not_follow(self) -> None:
+        """The start-up clean-up removes no file of a directory linked as tmp/."""
+        old = time.time() - 10 * 86400
+        os.utime(self.victim / "passwd", (old, old))
+        replace_with_link(self.maildir / "tmp", self.victim)
+        with self.assertRaises(SymlinkRefused):
+            clean_tmp(self.maildir)
+        self.assertEqual(os.listdir(self.victim), ["passwd"])
+
+    def test_quota_scan_does_not_follow(self) -> None:
+        """The quota scan neither counts nor stats the files of a linked new/."""
+        replace_with_link(self.maildir / "new", self.victim)
+        self.assertRaises(SymlinkRefused, maildir_usage, self.maildir)
+        layout = Layout.create(self.base, maildir_template=str(self.base / "{user}"))
+        from popserv.delivery import Recipient
+
+        recipient = Recipient("a@x", "alice", layout.maildir_location("alice"), Quota(10**6))
+        self.assertRaises(StorageFailed, check_room, recipient, 10)
+
+    async def test_cache_files_inside_are_not_followed(self) -> None:
+        """Index, listing and lock files that are links are never written through."""
+        from popserv.maildir.index import INDEX_FILE
+        from popserv.maildir.listcache import LISTING_FILE
+
+        target = self.victim / "passwd"
+        for name in (INDEX_FILE, LISTING_FILE):
+            (self.maildir / name).symlink_to(target)
+        # A name without ,W= makes the scan keep an index.
+        (self.maildir / "new" / "1.plain.host").write_bytes(b"Subject: x\n\ny\n")
+        mailbox = await MaildirMailbox.open(self.maildir)
+        await mailbox.index_saved()
+        mailbox.close()
+        self.assertEqual(target.read_bytes(), SECRET)
+
+
+class ServerTests(ServerTestCase):
+    """The attacks of the review, over POP3 with poplib against the real server."""
+
+    apop_user = False
+
+    def session(self) -> poplib.POP3:
+        client = self.pop()
+        client.user("alice")
+        client.pass_("secret")
+        return client
+
+    async def test_cur_linked_to_the_data_directory(self) -> None:
+        """The review's attack: UIDL listed passwd, RETR served it, QUIT renamed it."""
+        passwd = self.layout.passwd_path
+        before = passwd.read_bytes()
+        replace_with_link(self.maildir / "cur", self.layout.data_dir)
+
+        def attack() -> str:
+            client = self.pop()
+            client.user("alice")
+            try:
+                client.pass_("secret")
+            except poplib.error_proto as e:
+                return e.args[0].decode()
+            finally:
+                client.close()
+            return "+OK"
+
+        answer = await deferToThread(attack)
+        self.assertTrue(answer.startswith("-ERR [SYS/PERM]"), answer)
+        self.assertEqual(passwd.read_bytes(), before)
+        self.assertTrue(passwd.exists())
+
+    async def test_maildir_link_to_another_user(self) -> None:
+        """Alice's Maildir replaced by a link to bob's does not serve bob's mail."""
+        bob = ensure_maildir(self.layout.maildir_for("bob"))
+        deliver(bob, b"Subject: bob's\n\nprivate\n")
+        os.rename(self.maildir, self.maildir.with_name("alice.real"))
+        self.maildir.symlink_to(bob)
+
+        def attack() -> str:
+            client = self.pop()
+            client.user("alice")
+            try:
+                client.pass_("secret")
+                return "+OK " + repr(client.uidl())
+            except poplib.error_proto as e:
+                return e.args[0].decode()
+            finally:
+                client.close()
+
+        answer = await deferToThread(attack)
+        self.assertTrue(answer.startswith("-ERR [SYS/PERM]"), answer)
+
+    async def test_dele_after_swap_unlinks_nothing_elsewhere(self) -> None:
+        """cur/ swapped for a link mid-session: DELE + QUIT fails, the other files stay."""
+        elsewhere = plant_directory(Path(self.mktemp()).absolute(), "elsewhere")
+
+        def attack() -> tuple[str, list[str]]:
+            client = self.session()
+            names = sorted(os.listdir(self.maildir / "new"))
+            # Same names in the other directory: what an unlink would hit.
+            for name in names:
+                (elsewhere / name).write_bytes(b"x\n")
+            replace_with_link(self.maildir / "new", elsewhere)
+            client.dele(1)
+            try:
+                answer = client.quit().decode()
+            except poplib.error_proto as e:
+                answer = e.args[0].decode()
+            client.close()
+            return answer, names
+
+        answer, names = await deferToThread(attack)
+        self.assertTrue(answer.startswith("-ERR [SYS/TEMP]"), answer)
+        self.assertEqual(sorted(os.listdir(elsewhere)), sorted(["passwd", *names]))
+
+
+class FollowOptionServerTests(ServerTestCase):
+    """``--follow-maildir-symlinks``: linked Maildirs are served, links inside still refused."""
+
+    apop_user = False
+    options = {"follow-maildir-symlinks": True}
+
+    async def test_linked_maildir_served(self) -> None:
+        real = self.maildir.with_name("alice.real")
+        os.rename(self.maildir, real)
+        self.maildir.symlink_to(real)
+
+        def fetch() -> int:
+            client = self.pop()
+            client.user("alice")
+            client.pass_("secret")
+            count = client.stat()[0]
+            client.quit()
+            return count
+
+        self.assertEqual(await deferToThread(fetch), len(self.messages))
