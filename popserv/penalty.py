@@ -3,11 +3,13 @@ Failed logins per client, and how long that client's next answers wait.
 
 Like Dovecot's auth_penalty: a client's first failed login is answered
 after ``initial`` seconds, and each further failure doubles that, up to
-``maximum`` (2, 4, 8, 15 s); a successful login from the client, or
-``expiry`` seconds without a failure, forgets it.  While a client has a
-penalty, each of its login attempts waits before the credentials are even
-checked, so running many attempts in parallel, or hanging up instead of
-waiting for the ``-ERR``, gains an attacker nothing.
+``maximum`` (2, 4, 8, 15 s); ``expiry`` seconds without a failure forget
+it.  Failures are counted per client and, within it, per user name tried
+(as Dovecot's anvil does): a successful login forgives only that user's
+failures, so an attacker who can log in to an account of their own cannot
+wipe out the penalty their guesses at other accounts earned.  While a
+client has a penalty, each of its login attempts waits before the
+credentials are even checked (see :mod:`popserv.admission`).
 
 Pure apart from the clock it reads: no timers, no I/O.  The table is
 bounded: it holds at most ``capacity`` clients, forgetting the one that
@@ -21,11 +23,20 @@ from collections import OrderedDict
 from attrs import define
 from twisted.internet.interfaces import IReactorTime
 
+#: User names remembered per client; further ones share one count that no
+#: success forgives (a client trying thousands of names is guessing).
+MAX_USERS_PER_CLIENT = 64
+
+#: The count of the user names past :data:`MAX_USERS_PER_CLIENT`.
+_OTHERS = "\0others"
+
 
 @define
 class _Entry:
     failures: int
     last: float
+    #: Failures by user name tried; they add up to :attr:`failures`.
+    by_user: dict[str, int]
 
 
 class PenaltyTable:
@@ -68,26 +79,35 @@ class PenaltyTable:
         """How long a new login attempt from ``key`` waits before it is checked."""
         return self.penalty(self.failures(key))
 
-    def failed(self, key: str) -> float:
+    def failed(self, key: str, user: str = "") -> float:
         """
-        Count a failed login from ``key``; return how long after the attempt
-        began its ``-ERR`` is due.
+        Count a failed login from ``key`` as ``user``; return how long after
+        the attempt began its ``-ERR`` is due.
         """
         self._expire()
         now = self._clock.seconds()
         entry = self._entries.pop(key, None)
         if entry is None:
-            entry = _Entry(0, now)
+            entry = _Entry(0, now, {})
         entry.failures += 1
         entry.last = now
+        by_user = entry.by_user
+        if user not in by_user and len(by_user) >= MAX_USERS_PER_CLIENT:
+            user = _OTHERS
+        by_user[user] = by_user.get(user, 0) + 1
         self._entries[key] = entry
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return self.penalty(entry.failures)
 
-    def succeeded(self, key: str) -> None:
-        """A login from ``key`` succeeded: forget its failures."""
-        self._entries.pop(key, None)
+    def succeeded(self, key: str, user: str = "") -> None:
+        """``user`` logged in from ``key``: forgive that user's failures from it."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.failures -= entry.by_user.pop(user, 0)
+        if entry.failures <= 0:
+            del self._entries[key]
 
     def _expire(self) -> None:
         """Drop the entries whose last failure is older than :attr:`expiry`."""

@@ -18,7 +18,7 @@ import contextlib
 import enum
 import inspect
 import secrets
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
+from popserv.admission import IAdmission, ILease, ILoginTurn, LocalAdmission, OverLimit
 from popserv.body import BodyEncoder
 from popserv.coalesce import Coalescer
 from popserv.credentials import APOPCredentials, IOAuthTokenCredentials, IScramCredentials
@@ -50,7 +51,6 @@ from popserv.interfaces import (
 )
 from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
-from popserv.penalty import PenaltyTable
 from popserv.policy import Policy
 from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
@@ -216,8 +216,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._stream: Iterator[bytes] | None = None
         self._stream_done: Deferred[None] | None = None
         self._sleeping: Deferred[None] | None = None
-        #: When the login attempt under way began (its penalty counts from there).
-        self._attempt_started: float | None = None
+        #: The login attempt under way: its turn to be checked (see popserv.admission).
+        self._turn: ILoginTurn | None = None
+        #: What admission granted this connection, given back when it ends;
+        #: or, until it answers, the question.
+        self.lease: ILease | None = None
+        self.admitting: Deferred[ILease] | None = None
         #: The deadline for logging in (Policy.login_timeout), until logged in.
         self._login_timer: Any = None
         self.info = SessionInfo(None, secure=False)
@@ -225,6 +229,31 @@ class POP3Protocol(Protocol, TimeoutMixin):
     # Connection
 
     def connectionMade(self) -> None:
+        admitting, self.admitting = self.admitting, None
+        if admitting is None:
+            self._start()
+            return
+        # Admission is asking elsewhere: nothing is read or said until it answers.
+        self.transport.pauseProducing()
+        admitting.addCallbacks(self._admitted, self._not_admitted)
+
+    def _admitted(self, lease: ILease) -> None:
+        if self.transport.disconnecting or self._lost:
+            lease.release()
+            return
+        self.lease = lease
+        self.transport.resumeProducing()
+        self._start()
+
+    def _not_admitted(self, failure: Failure) -> None:
+        self._lost = self._closing = True
+        if not failure.check(OverLimit):
+            log.failure("Admitting a connection failed", failure)
+        self.transport.write(wire.err(errors.TooManyConnections()))
+        self.transport.loseConnection()
+
+    def _start(self) -> None:
+        """The connection is admitted: set the timers and greet."""
         policy = self.factory.policy
         self._splitter.max_length = policy.max_line_length
         self._splitter.auth_max_length = policy.max_auth_line_length
@@ -291,6 +320,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             )
         self._lost = self._closing = True
         self.factory.session_closed(self)
+        self._end_turn()
         self.setTimeout(None)
         self._cancel_login_timer()
         self._queue.clear()
@@ -640,12 +670,14 @@ class POP3Protocol(Protocol, TimeoutMixin):
             await self._auth_failed(user, str(e) or type(e).__name__, failed)
             return
         except errors.PopError as e:
+            self._end_turn()
             reason = e.detail or e.text
             log.info("Login of {user} refused: {reason}", user=wire.loggable(user), reason=reason)
             self.refuse(e)
             return
-        self._attempt_started = None
-        self.factory.login_succeeded(self.info.peer)
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.succeeded(_penalty_name(user))
         if self._lost:
             logout()
             return
@@ -762,14 +794,24 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     async def _begin_attempt(self) -> None:
         """
-        A login attempt begins: first wait out the client's failed-login
-        penalty, before anything is checked, so that parallel attempts, or
-        hanging up rather than waiting for the -ERR, gain nothing.
+        A login attempt begins: first wait for its turn (see
+        :mod:`popserv.admission`): behind the client's other attempts while
+        it is penalised, then out the penalty, before anything is checked,
+        so that parallel attempts, or hanging up rather than waiting for
+        the -ERR, gain nothing.
         """
-        self._attempt_started = self.factory.clock.seconds()
-        delay = self.factory.login_delay(self.info.peer)
-        if delay > 0:
-            await self.sleep(delay)
+        self._end_turn()
+        factory = self.factory
+        waiting = factory.admission.login_turn(factory.client_key(self.info.peer))
+        # Cancelled, giving up the place, if the connection is lost meanwhile.
+        self._sleeping = waiting  # type: ignore[assignment]
+        self._turn = await waiting
+
+    def _end_turn(self) -> None:
+        """The attempt under way ends without a verdict: its turn passes on."""
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.release()
 
     async def _auth_failed(
         self, user: object, reason: str, answer: errors.PopError | None = None
@@ -785,9 +827,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
             peer=self.info.where,
             reason=reason,
         )
-        due = self.factory.login_failed(self.info.peer)
-        started, self._attempt_started = self._attempt_started, None
-        elapsed = 0.0 if started is None else self.factory.clock.seconds() - started
+        turn, self._turn = self._turn, None
+        now = self.factory.clock.seconds()
+        if turn is None:
+            due, elapsed = self.factory.policy.auth_failure_delay, 0.0
+        else:
+            due, elapsed = await turn.failed(_penalty_name(user)), now - turn.started
         if due > elapsed:
             await self.sleep(due - elapsed)
         if self._failures >= self.factory.policy.max_auth_failures:
@@ -941,6 +986,22 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.close()
 
 
+def answered(result: Deferred[T]) -> T | Failure | None:
+    """What ``result`` has fired with (taking it), or None while it has not fired."""
+    if not result.called:
+        return None
+    box: list[T | Failure] = []
+    result.addBoth(box.append)
+    return box[0] if box else None
+
+
+def _penalty_name(user: object) -> str:
+    """The user name a login attempt's penalty is counted under."""
+    if isinstance(user, bytes):
+        return user.decode("utf-8", "replace")
+    return user if isinstance(user, str) else repr(user)
+
+
 def _decode_sasl(line: bytes, initial_response: bool = False) -> bytes:
     """
     A SASL response line, base64-decoded: ``*`` cancels the exchange, and
@@ -1037,50 +1098,39 @@ class _Refused(Protocol):
 @implementer(IRealm)
 class _CountingRealm:
     """
-    Stands before the portal's realm for one login: counts the sessions of
-    each user (the avatar id) from a successful login until its logout, and
-    refuses a user already at :attr:`Policy.max_user_sessions` before the
-    realm opens anything.
+    Stands before the application's realm: holds an admission lease for
+    each user's session (the avatar id) from a successful login until its
+    logout, and refuses a user already at :attr:`Policy.max_user_sessions`
+    before the realm opens anything.
     """
 
-    def __init__(self, factory: POP3Factory, realm: Any) -> None:
-        self._factory = factory
+    def __init__(self, admission: IAdmission, realm: Any) -> None:
+        self._admission = admission
         self._realm = realm
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces_: Any) -> Deferred[Any]:
         user = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
-        counts = self._factory.user_sessions
-        limit = self._factory.policy.max_user_sessions
-        if counts[user] >= limit:
-            raise errors.TooManySessions(f"{limit} sessions already")
-        counts[user] += 1
-        released = False
+        return Deferred.fromCoroutine(self._open(user, avatarId, mind, interfaces_))
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                counts[user] -= 1
-                if counts[user] <= 0:
-                    del counts[user]
+    async def _open(
+        self, user: str, avatarId: Any, mind: Any, interfaces_: tuple[Any, ...]
+    ) -> tuple[Any, Any, Callable[[], None]]:
+        lease = await self._admission.user_session(user)
+        try:
+            interface, avatar, logout = await maybeDeferred(
+                self._realm.requestAvatar, avatarId, mind, *interfaces_
+            )
+        except BaseException:
+            lease.release()
+            raise
 
-        def opened(result: tuple[Any, Any, Callable[[], object]]) -> tuple[Any, Any, Any]:
-            interface, avatar, logout = result
+        def logout_and_release() -> None:
+            try:
+                logout()
+            finally:
+                lease.release()
 
-            def logout_and_release() -> None:
-                try:
-                    logout()
-                finally:
-                    release()
-
-            return interface, avatar, logout_and_release
-
-        def failed(failure: Failure) -> Failure:
-            release()
-            return failure
-
-        d = maybeDeferred(self._realm.requestAvatar, avatarId, mind, *interfaces_)
-        return d.addCallbacks(opened, failed)
+        return interface, avatar, logout_and_release
 
 
 class POP3Factory(Factory):
@@ -1111,12 +1161,16 @@ class POP3Factory(Factory):
         tls: TLSServer | None = None,
         sasl: Sequence[MechanismInfo] | None = None,
         languages: Languages | None = None,
+        admission: IAdmission | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.portal = portal
         self.policy = policy or Policy()
         self.clock: Any = clock
+        #: Connection limits, user sessions and the failed-login penalty,
+        #: shared with the SMTP/LMTP receiver when the service gives both one.
+        self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
         self._announce = announce
         #: The TLS server side for STLS, or None when no certificate is set.
         self.tls = tls
@@ -1128,19 +1182,6 @@ class POP3Factory(Factory):
         self.languages = languages or Languages()
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
-        #: Open sessions by client (Policy.client_key), trusted clients left out.
-        self.connections_per_client: Counter[str] = Counter()
-        self._client_of: dict[POP3Protocol, str] = {}
-        #: Logged-in sessions by user (avatar id).
-        self.user_sessions: Counter[str] = Counter()
-        #: Failed logins by client.
-        self.penalties = PenaltyTable(
-            self.clock,
-            initial=self.policy.auth_failure_delay,
-            maximum=self.policy.auth_failure_max_delay,
-            expiry=self.policy.auth_penalty_expiry,
-            capacity=self.policy.auth_penalty_clients,
-        )
         self._refused = 0
         self._refusal_logged_at: float | None = None
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.
@@ -1150,25 +1191,24 @@ class POP3Factory(Factory):
 
     def buildProtocol(self, addr: interfaces.IAddress | None) -> Any:
         """A session, or, over the connection limits, a refusal that costs next to nothing."""
-        why = self._over_limit(addr)
-        if why is None:
-            return super().buildProtocol(addr)
-        self._log_refusal(addr, why)
-        refusal = _Refused()
-        refusal.factory = self
-        return refusal
+        admitting = self.admission.connection("pop3", self.client_key(addr))
+        answer = answered(admitting)
+        if isinstance(answer, Failure):
+            why = answer.getErrorMessage() if answer.check(OverLimit) else "admission failed"
+            if not answer.check(OverLimit):
+                log.failure("Admitting a connection failed", answer)
+            self._log_refusal(addr, why)
+            refusal = _Refused()
+            refusal.factory = self
+            return refusal
+        session = super().buildProtocol(addr)
+        if answer is None:
+            session.admitting = admitting
+        else:
+            session.lease = answer
+        return session
 
-    def _over_limit(self, addr: interfaces.IAddress | None) -> str | None:
-        """Why a new connection from ``addr`` is refused, or None."""
-        policy = self.policy
-        if len(self.sessions) >= policy.max_connections:
-            return f"{policy.max_connections} connections in all"
-        key = self._client_key(addr)
-        if key is not None and self.connections_per_client[key] >= policy.max_connections_per_ip:
-            return f"{policy.max_connections_per_ip} connections from {key}"
-        return None
-
-    def _client_key(self, peer: interfaces.IAddress | None) -> str | None:
+    def client_key(self, peer: interfaces.IAddress | None) -> str | None:
         """The key per-client limits count by; None for trusted clients and UNIX sockets."""
         if self.policy.is_trusted(peer):
             return None
@@ -1190,21 +1230,15 @@ class POP3Factory(Factory):
             self._refusal_logged_at = now
 
     def session_opened(self, session: POP3Protocol) -> None:
-        """Count a new session (from its connectionMade)."""
+        """Track a new session (from its connectionMade)."""
         self.sessions.add(session)
-        key = self._client_key(session.info.peer)
-        if key is not None:
-            self._client_of[session] = key
-            self.connections_per_client[key] += 1
 
     def session_closed(self, session: POP3Protocol) -> None:
-        """Stop counting a session (from its connectionLost)."""
+        """Stop tracking a session and give back its admission (from its connectionLost)."""
         self.sessions.discard(session)
-        key = self._client_of.pop(session, None)
-        if key is not None:
-            self.connections_per_client[key] -= 1
-            if self.connections_per_client[key] <= 0:
-                del self.connections_per_client[key]
+        lease, session.lease = session.lease, None
+        if lease is not None:
+            lease.release()
 
     # Logins
 
@@ -1214,31 +1248,9 @@ class POP3Factory(Factory):
         checkers and realm, counting each user's sessions on the way (see
         :class:`_CountingRealm`); fires with ``(interface, mailbox, logout)``.
         """
-        portal = Portal(_CountingRealm(self, self.portal.realm))
+        portal = Portal(_CountingRealm(self.admission, self.portal.realm))
         portal.checkers = self.portal.checkers
         return portal.login(credentials, mind, IMailbox)
-
-    def login_delay(self, peer: interfaces.IAddress | None) -> float:
-        """How long a login attempt from ``peer`` waits before it is checked."""
-        key = self._client_key(peer)
-        return 0.0 if key is None else self.penalties.delay(key)
-
-    def login_failed(self, peer: interfaces.IAddress | None) -> float:
-        """
-        Count a failed login from ``peer``; return how long after the start
-        of the attempt its -ERR is due: the growing penalty, or the fixed
-        :attr:`Policy.auth_failure_delay` for trusted clients and UNIX sockets.
-        """
-        key = self._client_key(peer)
-        if key is None:
-            return self.policy.auth_failure_delay
-        return self.penalties.failed(key)
-
-    def login_succeeded(self, peer: interfaces.IAddress | None) -> None:
-        """A login from ``peer`` succeeded: its failures are forgiven."""
-        key = self._client_key(peer)
-        if key is not None:
-            self.penalties.succeeded(key)
 
     # Capabilities
 

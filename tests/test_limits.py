@@ -11,6 +11,7 @@ from hashlib import md5
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
 from popserv import errors, wire
+from popserv.admission import LocalAdmission
 from popserv.interfaces import IMailbox
 from popserv.memory import MemoryMailbox, MemoryMaildrop
 from popserv.policy import Policy
@@ -69,7 +71,8 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(s.connect(v4("192.0.2.1")).greeting.startswith(b"+OK"))
         self.assertEqual(s.connect(v4("192.0.2.1")).greeting, REFUSED)
         self.assertTrue(s.connect(v4("192.0.2.2")).greeting.startswith(b"+OK"))
-        self.assertEqual(dict(s.factory.connections_per_client), {"192.0.2.1": 2, "192.0.2.2": 1})
+        clients = s.factory.admission.clients("pop3")
+        self.assertEqual(clients, {"192.0.2.1": 2, "192.0.2.2": 1})
 
     def test_ipv6_counted_per_64(self):
         """Addresses in one /64 are one client; the next /64 is another."""
@@ -77,7 +80,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(s.connect(v6("2001:db8:1:2:ffff:ffff:ffff:9")).greeting.startswith(b"+OK"))
         self.assertEqual(s.connect(v6("2001:db8:1:2::3")).greeting, REFUSED)
         self.assertTrue(s.connect(v6("2001:db8:1:3::1")).greeting.startswith(b"+OK"))
-        self.assertIn("2001:db8:1:2::/64", s.factory.connections_per_client)
+        self.assertIn("2001:db8:1:2::/64", s.factory.admission.clients("pop3"))
 
     def test_ipv6_prefix_is_a_setting(self):
         s = Session(policy=policy(max_connections_per_ip=1, ipv6_prefix=48),
@@ -97,7 +100,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         for _ in range(4):
             self.assertTrue(s.connect(v4("192.0.2.7")).greeting.startswith(b"+OK"))
         self.assertEqual(s.connect(v4("192.0.2.7")).greeting, REFUSED)
-        self.assertEqual(dict(s.factory.connections_per_client), {})
+        self.assertEqual(dict(s.factory.admission.clients("pop3")), {})
 
     def test_loopback_is_not_trusted_by_default(self):
         s = Session(policy=policy(max_connections_per_ip=1))
@@ -121,7 +124,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(s.transport.disconnected)
         s.protocol.connectionLost(None)
         self.assertEqual(s.factory.sessions, set())
-        self.assertEqual(dict(s.factory.connections_per_client), {})
+        self.assertEqual(dict(s.factory.admission.clients("pop3")), {})
 
     def test_implicit_tls_refused_before_the_handshake(self):
         """On a TLS transport a refusal says nothing (it would need a handshake): it aborts."""
@@ -235,7 +238,7 @@ class UserSessionLimitTests(SynchronousTestCase):
         self.assertEqual(self.login(third), wire.err(errors.TooManySessions()))
         self.assertEqual(wire.err(errors.TooManySessions())[:14], b"-ERR [IN-USE] ")
         self.assertEqual(self.realm.opened, 2)
-        self.assertEqual(s.factory.user_sessions["alice"], 2)
+        self.assertEqual(s.factory.admission.user_sessions["alice"], 2)
 
     def test_not_a_failed_login(self):
         """The password was right: no failure counted, no penalty, no wait."""
@@ -245,7 +248,7 @@ class UserSessionLimitTests(SynchronousTestCase):
         for _ in range(5):
             self.assertEqual(self.login(other), wire.err(errors.TooManySessions()))
         self.assertFalse(other.transport.disconnecting)
-        self.assertEqual(len(s.factory.penalties), 0)
+        self.assertEqual(len(s.factory.admission.penalties), 0)
 
     def test_counted_until_the_session_ends(self):
         """QUIT and a dropped connection both give the place back."""
@@ -266,9 +269,9 @@ class UserSessionLimitTests(SynchronousTestCase):
         s.login()
         for _ in range(3):
             self.assertEqual(self.login(s.connect()), wire.err(errors.MailboxInUse()))
-        self.assertEqual(dict(s.factory.user_sessions), {"alice": 1})
+        self.assertEqual(dict(s.factory.admission.user_sessions), {"alice": 1})
         s.send(b"QUIT\r\n")
-        self.assertEqual(dict(s.factory.user_sessions), {})
+        self.assertEqual(dict(s.factory.admission.user_sessions), {})
 
     def test_users_are_separate(self):
         s = self.session(limit=1)
@@ -331,7 +334,7 @@ class PenaltyTests(SynchronousTestCase):
         s.send(b"USER alice\r\nPASS secret\r\n")
         s.advance(4)
         self.assertTrue(s.take().startswith(b"+OK"))
-        self.assertEqual(len(s.factory.penalties), 0)
+        self.assertEqual(len(s.factory.admission.penalties), 0)
         self.failed_login(s.connect(), 2, s)
 
     def test_hanging_up_gains_nothing(self):
@@ -340,10 +343,10 @@ class PenaltyTests(SynchronousTestCase):
         for _ in range(3):
             c = s.connect()
             c.send(b"USER alice\r\nPASS wrong\r\n")
-            s.advance(s.factory.login_delay(LOCAL_PEER))
+            s.advance(s.factory.admission.penalties.delay("127.0.0.1"))
             c.close()
-        self.assertEqual(s.factory.penalties.failures("127.0.0.1"), 3)
-        self.assertEqual(s.factory.login_delay(LOCAL_PEER), 8)
+        self.assertEqual(s.factory.admission.penalties.failures("127.0.0.1"), 3)
+        self.assertEqual(s.factory.admission.penalties.delay("127.0.0.1"), 8)
 
     def test_other_clients_are_not_delayed(self):
         """One client's penalty never holds up another's login (no blocking waits)."""
@@ -360,7 +363,7 @@ class PenaltyTests(SynchronousTestCase):
         for _ in range(3):
             self.failed_login(s, 2, s)
         self.failed_login(s.connect(), 2, s)
-        self.assertEqual(len(s.factory.penalties), 0)
+        self.assertEqual(len(s.factory.admission.penalties), 0)
 
     def test_every_login_path_counts(self):
         """USER/PASS, APOP and SASL failures all feed one count, and all wait."""
@@ -378,7 +381,7 @@ class PenaltyTests(SynchronousTestCase):
         self.assertEqual(sasl.take(), b"")
         s.advance(0.25)
         self.assertEqual(sasl.take(), wire.err(errors.AuthFailed()))
-        self.assertEqual(s.factory.penalties.failures("127.0.0.1"), 3)
+        self.assertEqual(s.factory.admission.penalties.failures("127.0.0.1"), 3)
 
     def test_apop_success_waits_the_penalty(self):
         s = Session()
@@ -428,3 +431,152 @@ class PipelineBoundTests(SynchronousTestCase):
         self.assertEqual(out.count(b"-ERR"), 100)
         self.assertTrue(out.endswith(b"+OK Bye\r\n"))
         self.assertTrue(s.transport.disconnecting)
+
+
+class ParallelPenaltyTests(SynchronousTestCase):
+    """The penalty belongs to the client, not to one attempt or one connection."""
+
+    SECONDS = 45
+
+    def attack(self, connections: int) -> int:
+        """
+        ``connections`` connections from one address guessing alice's
+        password for :attr:`SECONDS` seconds, each trying again as soon as
+        it is answered (and reconnecting when closed); return the checks made.
+        """
+        s = Session()
+        checker = _CountingChecker(alice=b"secret")
+        s.factory.portal.checkers = {}
+        s.factory.portal.registerChecker(checker)
+        clients = [s.connect() for _ in range(connections)]
+        for client in clients:
+            client.send(b"USER alice\r\nPASS wrong\r\n")
+        for _ in range(self.SECONDS * 4):
+            s.advance(0.25)
+            for n, client in enumerate(clients):
+                if client.transport.disconnecting:
+                    client.close()
+                    clients[n] = s.connect()
+                    clients[n].send(b"USER alice\r\nPASS wrong\r\n")
+                elif b"-ERR" in client.take():
+                    client.send(b"USER alice\r\nPASS wrong\r\n")
+        return checker.checks
+
+    def test_parallel_connections_guess_no_faster(self):
+        """
+        One client guesses 2, 4, 8, 15 s apart.  Twenty in parallel take
+        turns, one check at a time, and guess no faster (57 checks in 45 s
+        before the fix).
+        """
+        sequential = self.attack(1)
+        self.assertEqual(sequential, 5)
+        # This checker answers at once, so the first failure is counted before
+        # the other nineteen are checked; a checker in a thread would let the
+        # first round (at most max_connections_per_ip) through together.
+        self.assertLessEqual(self.attack(20), sequential + 1)
+
+    def test_turns_are_one_check_at_a_time(self):
+        """Once penalised, a client's attempts wait their turn: one check per penalty."""
+        s = Session()
+        checker = _CountingChecker(alice=b"secret")
+        s.factory.portal.checkers = {}
+        s.factory.portal.registerChecker(checker)
+        s.send(b"USER alice\r\nPASS wrong\r\n")
+        self.assertEqual(checker.checks, 1)
+        clients = [s.connect() for _ in range(5)]
+        for client in clients:
+            client.send(b"USER alice\r\nPASS wrong\r\n")
+        # The first waits 2 s, then each next one waits its own, longer penalty.
+        for elapsed, expected in ((1.75, 1), (0.25, 2), (3.75, 2), (0.25, 3), (7.75, 3), (0.25, 4)):
+            s.advance(elapsed)
+            self.assertEqual(checker.checks, expected, elapsed)
+
+    def test_a_login_of_ones_own_forgives_only_its_own_failures(self):
+        """Alternating guesses at alice with logins as bob keeps alice's penalty growing."""
+        s = Session(bob="bobs")
+        s.realm.maildrops["bob"] = MemoryMaildrop([])
+        delays = []
+        for _ in range(3):
+            guess = s.connect()
+            guess.send(b"USER alice\r\nPASS wrong\r\n")
+            waited = 0.0
+            while b"-ERR" not in guess.take():
+                s.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+            own = s.connect()
+            own.send(b"USER bob\r\nPASS bobs\r\n")
+            s.advance(16)
+            self.assertIn(b"+OK Logged in", own.take())
+            own.send(b"QUIT\r\n")
+        self.assertEqual(delays, [2, 4, 8])
+        self.assertEqual(s.factory.admission.penalties.failures("127.0.0.1"), 3)
+
+    def test_hanging_up_in_the_queue_gives_up_the_place(self):
+        """A client that leaves while waiting its turn does not hold up the next."""
+        s = Session()
+        s.send(b"USER alice\r\nPASS wrong\r\n")
+        s.advance(2)
+        waiting = s.connect()
+        waiting.send(b"USER alice\r\nPASS wrong\r\n")
+        waiting.close()
+        after = s.connect()
+        after.send(b"USER alice\r\nPASS secret\r\n")
+        s.advance(2)
+        self.assertIn(b"+OK Logged in", after.take())
+        self.assertEqual(s.factory.admission._turns, {})
+
+
+class _LaterAdmission(LocalAdmission):
+    """Answers connection questions only when told, as one asking another process would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[tuple[Deferred, Deferred]] = []
+
+    def connection(self, service, client):
+        later: Deferred = Deferred()
+        self.asked.append((later, super().connection(service, client)))
+        return later
+
+    def answer(self):
+        asked, self.asked = self.asked, []
+        for later, answer in asked:
+            answer.chainDeferred(later)
+
+
+class PendingAdmissionTests(SynchronousTestCase):
+    """An admission that answers later: the session waits, reading and saying nothing."""
+
+    def setUp(self):
+        self.s = Session()
+        self.admission = _LaterAdmission(policy(max_connections_per_ip=1), self.s.clock)
+        self.s.factory.admission = self.admission
+
+    def test_greeting_waits_for_the_answer(self):
+        waiting = self.s.connect(v4("192.0.2.9"))
+        self.assertEqual(waiting.greeting, b"")
+        self.assertEqual(waiting.transport.producerState, "paused")
+        self.admission.answer()
+        self.assertTrue(waiting.take().startswith(b"+OK POP3 server ready"))
+        self.assertEqual(waiting.transport.producerState, "producing")
+        self.assertTrue(waiting.send(b"CAPA\r\n").startswith(b"+OK Capability list follows"))
+        waiting.close()
+        self.assertEqual(self.admission.clients("pop3"), {})
+
+    def test_refused_later(self):
+        first, second = self.s.connect(v4("192.0.2.9")), self.s.connect(v4("192.0.2.9"))
+        self.admission.answer()
+        self.assertTrue(first.take().startswith(b"+OK"))
+        self.assertEqual(second.take(), REFUSED)
+        self.assertTrue(second.transport.disconnecting)
+        second.close()
+        self.assertEqual(self.admission.clients("pop3"), {"192.0.2.9": 1})
+
+    def test_gone_before_the_answer(self):
+        """A client that leaves before admission answers leaves no count behind."""
+        waiting = self.s.connect(v4("192.0.2.9"))
+        waiting.close()
+        self.admission.answer()
+        self.assertEqual(self.admission.clients("pop3"), {})
+        self.assertEqual(waiting.take(), b"")

@@ -30,13 +30,33 @@ class PenaltyTableTests(SynchronousTestCase):
         self.assertEqual(self.table.delay("192.0.2.2"), 0)
         self.assertEqual(self.table.failed("192.0.2.2"), 2)
 
-    def test_success_forgets(self):
-        self.table.failed("192.0.2.1")
-        self.table.failed("192.0.2.1")
-        self.table.succeeded("192.0.2.1")
+    def test_success_forgets_that_users_failures(self):
+        self.table.failed("192.0.2.1", "alice")
+        self.table.failed("192.0.2.1", "alice")
+        self.table.succeeded("192.0.2.1", "alice")
         self.assertEqual(self.table.delay("192.0.2.1"), 0)
-        self.assertEqual(self.table.failed("192.0.2.1"), 2)
-        self.table.succeeded("198.51.100.1")  # never failed: nothing happens
+        self.assertEqual(self.table.failed("192.0.2.1", "alice"), 2)
+        self.table.succeeded("198.51.100.1", "alice")  # never failed: nothing happens
+
+    def test_success_as_another_user_forgives_nothing_else(self):
+        """Guesses at alice, then a login as the attacker's own bob: alice's stay."""
+        for _ in range(3):
+            self.table.failed("192.0.2.1", "alice")
+        self.table.failed("192.0.2.1", "bob")
+        self.table.succeeded("192.0.2.1", "bob")
+        self.assertEqual(self.table.failures("192.0.2.1"), 3)
+        self.assertEqual(self.table.delay("192.0.2.1"), 8)
+        self.table.succeeded("192.0.2.1", "alice")
+        self.assertEqual(self.table.failures("192.0.2.1"), 0)
+
+    def test_many_user_names_share_one_unforgiven_count(self):
+        from popserv.penalty import MAX_USERS_PER_CLIENT
+
+        for n in range(MAX_USERS_PER_CLIENT + 10):
+            self.table.failed("192.0.2.1", f"user{n}")
+        for n in range(MAX_USERS_PER_CLIENT, MAX_USERS_PER_CLIENT + 10):
+            self.table.succeeded("192.0.2.1", f"user{n}")
+        self.assertEqual(self.table.failures("192.0.2.1"), MAX_USERS_PER_CLIENT + 10)
 
     def test_expiry_after_the_last_failure(self):
         self.table.failed("a")
