@@ -388,7 +388,7 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     if sender == "MAILER-DAEMON":
         sender = ""  # how mbox postmarks spell the null sender
     header = _trace_lines(message, sender, recipient.address)
-    [result] = deliver_message([(recipient, header)], [message], atomic=True)
+    [result] = deliver_message([(recipient, header)], message, atomic=True)
     if result is not None:
         raise result
     return EX_OK

@@ -14,8 +14,10 @@ reports, so every way in says the same thing.
 from __future__ import annotations
 
 import email.utils
+import os
 import threading
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -237,16 +239,23 @@ def received_field(
     )
 
 
+def _size_of(message: bytes | BinaryIO) -> int:
+    if isinstance(message, bytes):
+        return len(message)
+    return message.seek(0, os.SEEK_END)
+
+
 def deliver_message(
     copies: Sequence[tuple[Recipient, bytes]],
-    chunks: Sequence[bytes],
+    message: bytes | BinaryIO,
     *,
     atomic: bool,
 ) -> list[DeliveryError | None]:
     """
-    Store the message in ``chunks`` once per distinct Maildir in ``copies``
-    (each a recipient and the trace header for it); return, per copy, None
-    when stored or the :class:`DeliveryError` that refused it.
+    Store ``message`` once per distinct Maildir in ``copies`` (each a
+    recipient and the trace header for it); return, per copy, None when
+    stored or the :class:`DeliveryError` that refused it.  A file (the
+    receiver's spool) is read from its start for each copy, in chunks.
 
     ``atomic`` (SMTP, one reply for all): every copy is stored or none is.
     Otherwise (LMTP, the CLI) each copy succeeds or fails on its own.
@@ -259,7 +268,7 @@ def deliver_message(
     # One order for taking the locks, whoever delivers.
     targets = sorted(first_of.items(), key=lambda target: str(target[0]))
     locks = [_lock_for(maildir) for maildir, _ in targets]
-    size = sum(len(chunk) for chunk in chunks)
+    size = _size_of(message)
     pending: list[tuple[int, PendingDelivery]] = []
     for lock in locks:
         lock.acquire()
@@ -268,7 +277,9 @@ def deliver_message(
             recipient, header = copies[i]
             try:
                 check_room(recipient, size + len(header))
-                stored = prepare(recipient.maildir, chunks, header=header)
+                if not isinstance(message, bytes):
+                    message.seek(0)
+                stored = prepare(recipient.maildir, message, header=header)
                 pending.append((i, stored))
             except DeliveryError as e:
                 results[i] = e

@@ -11,6 +11,9 @@ timeouts), with what a receiving server on the open internet needs on top:
   a delivery), later pipelined input is held, and reading pauses;
 - DATA read in chunks with C-speed unstuffing (:class:`BodyDecoder`), so
   a 25 MB message is not 300,000 Python calls, and no line limit inside it;
+- DATA written to a spool file as it arrives (:mod:`popserv.spool`), the
+  size limit enforced on the way, so a session holds at most about 64 KiB
+  of message in memory however large the message;
 - LMTP (RFC 2033): LHLO, and after DATA one reply per recipient.
 
 Delivery runs in the reactor's thread pool through :mod:`popserv.delivery`.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from attrs import frozen
@@ -48,6 +52,7 @@ from popserv.delivery import (
     trace_header,
 )
 from popserv.policy import Policy
+from popserv.spool import Spool
 from popserv.tls import TLSServer
 from popserv.wire import loggable
 
@@ -78,6 +83,10 @@ class ReceiverSettings:
     timeout: float = 300.0
     #: Errors in one session before it is closed (Postfix: 20).
     max_errors: int = 20
+    #: Where DATA is spooled (made, mode 0700, if missing).  None is the
+    #: system's temporary directory, which is often a tmpfs, so memory;
+    #: ``twistd popserv`` uses ``.spool`` in the data directory.
+    spool_dir: Path | None = None
 
 
 def _peer_text(peer: IAddress) -> str:
@@ -104,6 +113,8 @@ class ReceiverProtocol(smtp.ESMTP):
         self._held: list[bytes] = []
         self._held_size = 0
         self._reader: BodyDecoder | None = None
+        #: The message of the DATA under way, until it is handed to delivery.
+        self._spool: Spool | None = None
         self._greeted = False
         self._extended = False
         self._declared_size = 0
@@ -114,6 +125,8 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
+        self._drop_spool()
+        self._reader = None
         self.factory.session_closed(self)
 
     # The session's words
@@ -168,6 +181,10 @@ class ReceiverProtocol(smtp.ESMTP):
                 return
             if self._reader is not None:
                 rest = self._reader.feed(data[pos:] if pos else data)
+                if self._reader.overflow:
+                    # Too big: nothing more is kept, and the disk is freed
+                    # now rather than at the end.
+                    self._drop_spool()
                 if rest is None:
                     return
                 data, pos, end = rest, 0, len(rest)
@@ -393,12 +410,29 @@ class ReceiverProtocol(smtp.ESMTP):
         if not self._recipients:
             self.reply(554, "5.5.1 No valid recipients")
             return
-        self._reader = BodyDecoder(self.factory.settings.max_message_size)
+        try:
+            spool = self.factory.open_spool()
+        except OSError as e:
+            log.error(
+                "Cannot make a spool file in {directory}: {error}",
+                directory=str(self.factory.settings.spool_dir or "the temporary directory"),
+                error=e.strerror or str(e),
+            )
+            self.refuse(DeliveryError())
+            return
+        self._spool = spool
+        self._reader = BodyDecoder(self.factory.settings.max_message_size, sink=spool.write)
         self.setTimeout(max(self.timeout, 600.0))
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
+    def _drop_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+
     def _end_of_data(self) -> Deferred[None] | None:
         reader, self._reader = self._reader, None
+        spool, self._spool = self._spool, None
         assert reader is not None
         self.setTimeout(self.timeout)
         recipients, sender = self._recipients, self._from or ""
@@ -406,14 +440,34 @@ class ReceiverProtocol(smtp.ESMTP):
         if reader.overflow:
             self._answer(recipients, [MessageTooBig()] * len(recipients))
             return None
+        assert spool is not None
+        try:
+            message = spool.finish()
+        except OSError as e:
+            spool.close()
+            log.error("Cannot write a spool file: {error}", error=e.strerror or str(e))
+            self._answer(recipients, [StorageFailed()] * len(recipients))
+            return None
         queue_id = secrets.token_hex(6).upper()
-        copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
-        work = self.factory.in_thread(
-            deliver_message,
-            copies,
-            reader.chunks,
-            atomic=not self.per_recipient_replies,
-        )
+        try:
+            copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
+            work = self.factory.in_thread(
+                deliver_message,
+                copies,
+                message,
+                atomic=not self.per_recipient_replies,
+            )
+        except BaseException:
+            spool.close()
+            raise
+
+        def delivery_over(result: object) -> object:
+            # The thread reads the spool: it is closed (and its space freed)
+            # only now, even if the client has gone meanwhile.
+            spool.close()
+            return result
+
+        work.addBoth(delivery_over)
 
         def failed(failure: Failure) -> list[DeliveryError | None]:
             log.failure("Delivery of message {id} failed", failure, id=queue_id)
@@ -605,6 +659,10 @@ class ReceiverFactory(protocol.ServerFactory):
         # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
         local = isinstance(peer, UNIXAddress) or self.policy.is_local(peer)
         return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
+
+    def open_spool(self) -> Spool:
+        """A new spool file for one message (raises OSError)."""
+        return Spool.open(self.settings.spool_dir)
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         reactor: Any = self.reactor

@@ -106,6 +106,12 @@ def make_factory(
     )
 
 
+#: Where the receiver spools DATA, in the data directory: on the disk that
+#: holds the mail, where the system's /tmp may be a tmpfs, so memory.  The
+#: dot keeps it apart from any user's Maildir (user names cannot start so).
+SPOOL_DIR = ".spool"
+
+
 def make_receiver(
     options: Mapping[str, Any], pop3: POP3Factory, *, lmtp: bool, reactor: Any = None
 ) -> ReceiverFactory:
@@ -129,6 +135,7 @@ def make_receiver(
     settings = ReceiverSettings(
         hostname=hostname,
         max_message_size=options.get("max-message-size") or 25 * 1024 * 1024,
+        spool_dir=layout.data_dir / SPOOL_DIR,
     )
     tls = TLSServer(pop3.tls.config, alpn=ALPN_SMTP) if pop3.tls is not None else None
     return ReceiverFactory(

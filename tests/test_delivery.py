@@ -77,6 +77,19 @@ class BodyDecoderTests(SynchronousTestCase):
         self.assertEqual(decoder.chunks, [])
         self.assertEqual(rest, b"NOOP\r\n")
 
+    def test_sink(self):
+        """With a sink, the body goes there as it comes and nothing is kept;
+        past the limit the sink hears nothing more."""
+        given: list[bytes] = []
+        decoder = BodyDecoder(20, sink=given.append)
+        self.assertIsNone(decoder.feed(b"..one\r\ntwo\r"))
+        self.assertEqual(b"".join(given), b".one\r\ntwo")
+        self.assertIsNone(decoder.feed(b"\nthree and more\r\n"))
+        self.assertTrue(decoder.overflow)
+        self.assertEqual(b"".join(given), b".one\r\ntwo")
+        self.assertEqual(decoder.feed(b".\r\nNOOP\r\n"), b"NOOP\r\n")
+        self.assertEqual(decoder.chunks, [])
+
     def test_over_the_limit_dot_line_split_across_reads(self):
         """
         A ``.`` line arriving in two reads (``.`` then CRLF) still ends a body
