@@ -31,7 +31,7 @@ from attrs import frozen
 from twisted.internet import protocol
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorThreads
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -69,6 +69,12 @@ MAX_HELD = 1024 * 1024
 #: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
 NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
 
+#: Commands that move no mail.  Past :attr:`ReceiverSettings.max_junk_commands`
+#: of them (unknown commands count too) without a message taken, the session
+#: is closed.  Postfix counts NOOP, VRFY, ETRN and RSET; a client can stall
+#: as well with HELP or by greeting again and again.
+JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP", b"HELO", b"EHLO", b"LHLO"))
+
 
 @frozen
 class ReceiverSettings:
@@ -83,6 +89,16 @@ class ReceiverSettings:
     timeout: float = 300.0
     #: Errors in one session before it is closed (Postfix: 20).
     max_errors: int = 20
+    #: Commands that move no mail (:data:`JUNK_COMMANDS`, and unknown ones)
+    #: before the session is closed; counted afresh after each message taken.
+    #: Postfix's smtpd_junk_command_limit is 100 too.
+    max_junk_commands: int = 100
+    #: The longest a session may last, whatever it does, so that a client
+    #: dripping NOOPs inside the idle timeout cannot hold a connection slot
+    #: for ever.  30 minutes still carries a 25 MB message at 15 KB/s; MTAs
+    #: reuse a connection for 5 minutes at most (Postfix's
+    #: smtp_connection_reuse_time_limit: 300 s).
+    max_session_time: float = 30 * 60.0
     #: Where DATA is spooled (made, mode 0700, if missing).  None is the
     #: system's temporary directory, which is often a tmpfs, so memory;
     #: ``twistd popserv`` uses ``.spool`` in the data directory.
@@ -120,13 +136,28 @@ class ReceiverProtocol(smtp.ESMTP):
         self._declared_size = 0
         self._recipients: list[Recipient] = []
         self._errors = 0
+        self._junk = 0
+        #: The end of :attr:`ReceiverSettings.max_session_time`; it came while
+        #: a command was waiting on the disk (``_expired``), so the session
+        #: ends once that one is answered.
+        self._deadline: IDelayedCall | None = None
+        self._expired = False
         self._discard = False
         self.client_key: str | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._deadline = self.factory.clock.callLater(
+            self.factory.settings.max_session_time, self._session_expired
+        )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
         self._drop_spool()
         self._reader = None
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         self.factory.session_closed(self)
 
     # The session's words
@@ -238,6 +269,9 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _resume(self, _: object) -> None:
         self._pending = None
+        if self._expired:
+            self._session_expired()
+            return
         self._check_errors()
         held, self._held, self._held_size = b"".join(self._held), [], 0
         if not self.transport.disconnecting:
@@ -247,18 +281,50 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")
+        name = verb.upper()
+        handler = None
+        if name.isalpha() and len(name) <= 16:
+            handler = getattr(self, "cmd_" + name.decode("ascii"), None)
+        if (handler is None or name in JUNK_COMMANDS) and self._too_much_junk():
+            return
         if not verb:
             self.reply(500, "5.5.2 Syntax error")
-            return
-        name = verb.upper()
-        if not name.isalpha() or len(name) > 16:
+        elif handler is None:
             self.reply(500, "5.5.1 Command unrecognized")
+        else:
+            self._run(handler, rest.strip())
+
+    def _too_much_junk(self) -> bool:
+        """Count one command that moves no mail; close the session past the limit."""
+        self._junk += 1
+        if self._junk <= self.factory.settings.max_junk_commands:
+            return False
+        log.info(
+            "Closing a session from {peer}: too many commands without mail",
+            peer=_peer_text(self.transport.getPeer()),
+        )
+        self.transport.write(b"421 4.7.0 Too many commands without mail, closing\r\n")
+        self.transport.loseConnection()
+        return True
+
+    def _session_expired(self) -> None:
+        """
+        :attr:`ReceiverSettings.max_session_time` is over: a 421 and a close,
+        at once (inside DATA too: the sender keeps the message and retries),
+        but never while a delivery is under way, which must get its answer.
+        """
+        self._deadline = None
+        if self.transport.disconnecting:
             return
-        handler = getattr(self, "cmd_" + name.decode("ascii"), None)
-        if handler is None:
-            self.reply(500, "5.5.1 Command unrecognized")
+        if self._pending is not None:
+            self._expired = True
             return
-        self._run(handler, rest.strip())
+        log.info(
+            "Closing a session from {peer}: it lasted too long",
+            peer=_peer_text(self.transport.getPeer()),
+        )
+        self.transport.write(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n")
+        self.transport.loseConnection()
 
     def _line_too_long(self) -> None:
         self.reply(500, "5.5.2 Line too long")
@@ -494,6 +560,8 @@ class ReceiverProtocol(smtp.ESMTP):
     def _answer(
         self, recipients: Sequence[Recipient], results: Sequence[DeliveryError | None]
     ) -> None:
+        if any(result is None for result in results):
+            self._junk = 0  # a message was taken: the client is doing real work
         if self.per_recipient_replies:
             for result in results:
                 self._reply_result(result)
@@ -596,6 +664,7 @@ class ReceiverFactory(protocol.ServerFactory):
     Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through
     ``directory``, within the connection limits of ``policy`` (the POP3
     ones: in all, and per client IP or IPv6 network, trusted ones exempt).
+    ``clock`` times the session limit (default: ``reactor``).
     """
 
     def __init__(
@@ -607,6 +676,7 @@ class ReceiverFactory(protocol.ServerFactory):
         tls: TLSServer | None = None,
         policy: Policy | None = None,
         reactor: IReactorThreads | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -618,6 +688,7 @@ class ReceiverFactory(protocol.ServerFactory):
         self.tls = tls
         self.policy = policy or Policy(hostname=settings.hostname)
         self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.sessions = 0
         self.per_client: Counter[str] = Counter()
 

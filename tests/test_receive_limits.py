@@ -1,6 +1,7 @@
 """
 The receiver against clients that would exhaust it: DATA streamed to a
-spool file, memory per session measured.  Real sockets over loopback, real
+spool file, memory per session measured; the limits on commands without
+mail and on a session's length.  Real sockets over loopback, real
 Maildirs, real files.
 """
 
@@ -11,15 +12,18 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 import tracemalloc
 import weakref
 from pathlib import Path
 
 from attrs import evolve
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from popserv import receive
+from popserv.receive import ReceiverSettings
 from popserv.service import SPOOL_DIR
 from popserv.spool import SPOOL_BUFFER, Spool
 
@@ -341,3 +345,133 @@ class StreamingLimitTests(ReceiverTestCase):
             [b"452 4.3.1 Insufficient system storage, try again later", b"250 2.0.0 OK"],
         )
         self.assertEqual(self.stored("alice") + self.tmp_files("alice"), [])
+
+
+class SessionLimitTests(ReceiverTestCase):
+    """Commands without mail, and the session's length, are bounded."""
+
+    def test_defaults(self):
+        settings = ReceiverSettings(hostname="mx.example.org")
+        self.assertEqual(settings.max_junk_commands, 100)
+        self.assertEqual(settings.max_session_time, 1800.0)
+        self.assertEqual(self.smtp.settings.spool_dir, self.layout.data_dir / ".spool")
+
+    async def test_dripping_noops(self):
+        """The 101st NOOP (or RSET, VRFY, HELP, EHLO) with no message taken
+        gets 421 4.7.0 and the connection closes."""
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n" * 25 + b"EHLO c\r\n")
+        replies = await self.in_thread(client.codes, 100)
+        self.assertEqual(replies[-1], b"214 2.0.0 See RFC 5321")
+        self.assertEqual(
+            await self.in_thread(client.codes, 1),
+            [b"421 4.7.0 Too many commands without mail, closing"],
+        )
+        with self.assertRaises(EOFError):
+            await self.in_thread(client.line)
+
+    async def test_unknown_commands_count_over_lmtp(self):
+        """LMTP does not count refusals as errors, but junk it does count."""
+        client = await self.in_thread(SMTPClient, self.ports["lmtp"])
+        self.addCleanup(client.close)
+        client.send(b"BOGUS\r\n" * 101)
+        replies = await self.in_thread(client.codes, 101)
+        self.assertEqual(replies[-2], b"500 5.5.1 Command unrecognized")
+        self.assertEqual(replies[-1], b"421 4.7.0 Too many commands without mail, closing")
+
+    async def test_a_message_taken_starts_the_count_again(self):
+        """Postfix's rule: the count starts again after a message is taken."""
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(
+            b"NOOP\r\n" * 90
+            + b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        )
+        await self.in_thread(client.codes, 94)
+        client.send(b"Subject: s\r\n\r\nhi\r\n.\r\n" + b"NOOP\r\n" * 95 + b"QUIT\r\n")
+        replies = await self.in_thread(client.codes, 97)
+        self.assertEqual(replies[0], b"250 2.0.0 Message accepted for delivery")
+        self.assertEqual(replies[1:], [b"250 2.0.0 OK"] * 95 + [b"221 2.0.0 Bye"])
+
+    def clocked(self) -> Clock:
+        clock = Clock()
+        self.smtp.clock = clock
+        return clock
+
+    async def test_session_time_limit(self):
+        """After 30 minutes, whatever the client does: 421 4.4.2 and a close."""
+        clock = self.clocked()
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        clock.advance(1799)
+        client.send(b"EHLO c\r\nNOOP\r\n")
+        await self.in_thread(client.reply)
+        self.assertEqual(await self.in_thread(client.codes, 1), [b"250 2.0.0 OK"])
+        clock.advance(1)
+        self.assertEqual(
+            await self.in_thread(client.codes, 1),
+            [b"421 4.4.2 mx.example.org Session too long, closing"],
+        )
+        with self.assertRaises(EOFError):
+            await self.in_thread(client.line)
+
+    async def test_session_time_limit_inside_data(self):
+        """Inside DATA too: the sender keeps its message, nothing is stored,
+        the spool goes."""
+        clock = self.clocked()
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(
+            b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        )
+        await self.in_thread(client.codes, 4)
+        await self.in_thread(client.send, b"Subject: slow\r\n\r\n" + b"s" * 100_000 + b"\r\n")
+        spool_dir = self.layout.data_dir / SPOOL_DIR
+        await wait_for(lambda: open_files_under(spool_dir) != [])
+        clock.advance(1800)
+        self.assertEqual(
+            await self.in_thread(client.codes, 1),
+            [b"421 4.4.2 mx.example.org Session too long, closing"],
+        )
+        await wait_for(lambda: self.smtp.sessions == 0)
+        self.assertEqual(open_files_under(spool_dir), [])
+        self.assertEqual(self.stored("alice"), [])
+
+    async def test_session_time_limit_waits_for_a_delivery(self):
+        """A delivery under way when time is up still gets its 250; then 421."""
+        clock = self.clocked()
+        entered, release = threading.Event(), threading.Event()
+        real = receive.deliver_message
+
+        def held(*args, **kwargs):
+            entered.set()
+            release.wait(10)
+            return real(*args, **kwargs)
+
+        self.patch(receive, "deliver_message", held)
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(
+            b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        )
+        await self.in_thread(client.codes, 4)
+        client.send(b"Subject: s\r\n\r\nhi\r\n.\r\nNOOP\r\n")
+        await self.in_thread(entered.wait, 10)
+        clock.advance(1800)
+        release.set()
+        self.assertEqual(
+            await self.in_thread(client.codes, 2),
+            [
+                b"250 2.0.0 Message accepted for delivery",
+                b"421 4.4.2 mx.example.org Session too long, closing",
+            ],
+        )
+        self.assertEqual(len(self.stored("alice")), 1)
+
+    async def test_smtplib_still_works(self):
+        """A normal session is far from every limit."""
+        await self.in_thread(
+            self.smtplib_send, "a@remote.test", ["alice@example.org"], b"Subject: s\r\n\r\nhi\r\n"
+        )
+        self.assertEqual(len(self.stored("alice")), 1)
