@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from attrs import frozen
-from twisted.internet import protocol
+from twisted.internet import interfaces, protocol
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorThreads, IReactorTime
@@ -36,8 +36,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from popserv.body import BodyDecoder
+from popserv.coalesce import write_now
 from popserv.delivery import (
     BadAddress,
     DeliveryError,
@@ -62,9 +64,18 @@ log = Logger()
 #: little slack for the ESMTP parameters clients add.
 MAX_COMMAND_LINE = 2048
 
-#: Input held while a command waits for the disk, before the connection
-#: is considered abusive (reading is paused long before that).
-MAX_HELD = 1024 * 1024
+#: Input held while a command waits for the disk or the client's reading,
+#: before the connection is considered abusive.  Reading pauses at once, so
+#: what is held is the rest of one read (64 KiB); this is the bound that
+#: keeps a session's memory under 256 KiB whatever the client does.
+MAX_HELD = 128 * 1024
+
+#: Replies to pipelined commands are joined up to this many octets before
+#: they are written: fewer system calls, and few enough objects in Twisted's
+#: send buffer that a client not reading its replies costs little memory
+#: before the output gate stops the session (each 27-octet reply written
+#: alone took 68 octets there).
+REPLY_BATCH = 4 * 1024
 
 #: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
 NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
@@ -105,6 +116,24 @@ class ReceiverSettings:
     spool_dir: Path | None = None
 
 
+@implementer(interfaces.IPushProducer)
+class _OutputGate:
+    """Tells the session when the transport's send buffer is full, and when it has drained."""
+
+    def __init__(self, session: ReceiverProtocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        self._session.output_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._session.output_blocked = False
+        self._session.unblocked()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _peer_text(peer: IAddress) -> str:
     """The client as Received fields show it (RFC 5321 section 4.1.3 address literals)."""
     host = getattr(peer, "host", None)
@@ -126,8 +155,14 @@ class ReceiverProtocol(smtp.ESMTP):
         self.host = factory.settings.hostname.encode("idna")
         self.timeout = factory.settings.timeout
         self._pending: Deferred[Any] | None = None
+        #: The client is not reading its replies: no more commands are run
+        #: (their replies would pile up here) until it does.
+        self.output_blocked = False
         self._held: list[bytes] = []
         self._held_size = 0
+        self._reading = True
+        #: Replies held while a batch of input is run (see REPLY_BATCH).
+        self._replies: bytearray | None = None
         self._reader: BodyDecoder | None = None
         #: The message of the DATA under way, until it is handed to delivery.
         self._spool: Spool | None = None
@@ -147,6 +182,7 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.transport.registerProducer(_OutputGate(self), True)
         self._deadline = self.factory.clock.callLater(
             self.factory.settings.max_session_time, self._session_expired
         )
@@ -182,14 +218,58 @@ class ReceiverProtocol(smtp.ESMTP):
         :attr:`ReceiverSettings.max_errors` over SMTP (the MTA on LMTP is
         trusted); temporary ones, like 452 for too many recipients, do not.
         """
-        self.transport.write(f"{code} {text}\r\n".encode("utf-8", "replace"))
+        self._write(f"{code} {text}\r\n".encode("utf-8", "replace"))
         if code >= 500 and not self.per_recipient_replies:
             self._errors += 1
+
+    def sendLine(self, line: bytes) -> None:
+        """Twisted's own replies (EHLO's, 354) take the same way as ours, in order."""
+        self._write(line + b"\r\n")
+
+    def _write(self, data: bytes) -> None:
+        if self._replies is None:
+            write_now(self.transport, data)
+            return
+        self._replies += data
+        if len(self._replies) >= REPLY_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._replies:
+            data = bytes(self._replies)
+            self._replies.clear()
+            write_now(self.transport, data)
+
+    def _run_batch(self, data: bytes) -> None:
+        """Run ``data``; the replies it makes go out together at the end."""
+        if self._replies is not None:  # re-entered from a command that answered at once
+            self._process(data)
+            return
+        self._replies = bytearray()
+        try:
+            self._process(data)
+        finally:
+            self._flush()
+            self._replies = None
 
     def _check_errors(self) -> None:
         """Close a session that only errs, between replies, never inside one group."""
         if self._errors >= self.factory.settings.max_errors and not self.transport.disconnecting:
-            self.transport.write(b"421 4.7.0 Too many errors, closing\r\n")
+            self._close(b"421 4.7.0 Too many errors, closing\r\n")
+
+    def _close(self, last: bytes = b"") -> None:
+        """
+        Send ``last`` and close once it is out; at once if the client does
+        not read (its send buffer full), or it could hold the connection for
+        ever.  The output gate is unregistered first: it would hold it too.
+        """
+        if last:
+            self._write(last)
+        self._flush()
+        self.transport.unregisterProducer()
+        if self.output_blocked:
+            self.transport.abortConnection()
+        else:
             self.transport.loseConnection()
 
     # Input: commands one at a time, DATA in chunks
@@ -197,17 +277,17 @@ class ReceiverProtocol(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         self._discard = False
-        if self._pending is not None:
+        if self._blocked():
             self._hold(data)
             return
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
-        self._process(data)
+        self._run_batch(data)
 
     def _process(self, data: bytes) -> None:
         pos, end = 0, len(data)
         while pos < end and not self.transport.disconnecting:
-            if self._pending is not None:
+            if self._blocked():
                 self._hold(data[pos:])
                 return
             if self._reader is not None:
@@ -238,13 +318,35 @@ class ReceiverProtocol(smtp.ESMTP):
             if self._discard:
                 return
 
+    def _blocked(self) -> bool:
+        """Input waits: for a command's answer from the disk, or for the client to read."""
+        return self._pending is not None or self.output_blocked
+
     def _hold(self, data: bytes) -> None:
         self._held.append(data)
         self._held_size += len(data)
-        self.transport.pauseProducing()
+        self._set_reading(False)
         if self._held_size > MAX_HELD:
-            self.transport.write(b"421 4.7.0 Too much pipelined input, closing\r\n")
-            self.transport.loseConnection()
+            self._close(b"421 4.7.0 Too much pipelined input, closing\r\n")
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading != self._reading and not self.transport.disconnecting:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    def unblocked(self) -> None:
+        """Nothing waits any more: run the input held meanwhile, then read on."""
+        if self._blocked() or self.transport.disconnecting:
+            return
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        if held:
+            data, self._buffer = self._buffer + held, b""
+            self._run_batch(data)
+        if not self._blocked():
+            self._set_reading(True)
 
     def _run(self, handler: Callable[..., Any], *args: Any) -> None:
         """Call a command handler; if it answers later, hold input until it has."""
@@ -273,11 +375,7 @@ class ReceiverProtocol(smtp.ESMTP):
             self._session_expired()
             return
         self._check_errors()
-        held, self._held, self._held_size = b"".join(self._held), [], 0
-        if not self.transport.disconnecting:
-            self.transport.resumeProducing()
-            if held:
-                self._process(held)
+        self.unblocked()
 
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")
@@ -303,8 +401,7 @@ class ReceiverProtocol(smtp.ESMTP):
             "Closing a session from {peer}: too many commands without mail",
             peer=_peer_text(self.transport.getPeer()),
         )
-        self.transport.write(b"421 4.7.0 Too many commands without mail, closing\r\n")
-        self.transport.loseConnection()
+        self._close(b"421 4.7.0 Too many commands without mail, closing\r\n")
         return True
 
     def _session_expired(self) -> None:
@@ -323,16 +420,14 @@ class ReceiverProtocol(smtp.ESMTP):
             "Closing a session from {peer}: it lasted too long",
             peer=_peer_text(self.transport.getPeer()),
         )
-        self.transport.write(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n")
-        self.transport.loseConnection()
+        self._close(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n")
 
     def _line_too_long(self) -> None:
         self.reply(500, "5.5.2 Line too long")
-        self.transport.loseConnection()
+        self._close()
 
     def timeoutConnection(self) -> None:
-        self.transport.write(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
-        self.transport.loseConnection()
+        self._close(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
 
     # Commands
 
@@ -611,7 +706,7 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def cmd_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0 Bye")
-        self.transport.loseConnection()
+        self._close()
 
     def cmd_STARTTLS(self, rest: bytes) -> None:
         """
@@ -632,6 +727,7 @@ class ReceiverProtocol(smtp.ESMTP):
         self._greeted = False
         self._reset_transaction()
         self.reply(220, "2.0.0 Ready to start TLS")
+        self._flush()  # in clear, before TLS starts
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 

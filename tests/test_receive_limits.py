@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -475,3 +476,47 @@ class SessionLimitTests(ReceiverTestCase):
             self.smtplib_send, "a@remote.test", ["alice@example.org"], b"Subject: s\r\n\r\nhi\r\n"
         )
         self.assertEqual(len(self.stored("alice")), 1)
+
+
+class UnreadRepliesTests(ReceiverTestCase):
+    """A client that sends and never reads cannot fill the server's memory with replies."""
+
+    async def test_replies_nobody_reads(self):
+        """
+        Over LMTP (where refusals are not errors) a client pipelines MAIL
+        commands, each refused, and never reads a reply: once the replies
+        fill the send buffer the server stops reading, so its memory stays
+        bounded and the client's sending stalls.
+        """
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("Linux only: other systems buffer differently")
+        command = b"MAIL FROM:<a@b>\r\n"
+        block = command * (65536 // len(command))
+        limit = 16 << 20
+        gc.collect()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+
+        def flood() -> int:
+            sock = socket.create_connection(("127.0.0.1", self.ports["lmtp"]), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(1.0)
+            sent = 0
+            try:
+                while sent < limit:
+                    sent += sock.send(block)
+            except TimeoutError:
+                pass
+            finally:
+                self.flood_socket = sock
+            return sent
+
+        sent = await self.in_thread(flood)
+        self.addCleanup(self.flood_socket.close)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        self.assertLess(sent, limit, "the server read everything")
+        self.assertLess(grown, SESSION_MEMORY, f"{grown / 1024:.0f} KiB for {sent} octets sent")
+        self.flood_socket.close()
+        await wait_for(lambda: self.smtp.sessions == 0)
