@@ -50,6 +50,7 @@ from popserv.delivery import (
     StorageFailed,
     check_room,
     deliver_message,
+    has_control,
     received_field,
     trace_header,
 )
@@ -552,6 +553,11 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _address(self, path: bytes, bad: str) -> str | None:
         """The address in a MAIL or RCPT path (``""`` for ``<>``); None after replying."""
+        # A CR in a quoted local part would become a header field of its own
+        # in Return-Path or Delivered-To: refused before anything else.
+        if has_control(path.decode("latin-1")):
+            self.reply(501, bad)
+            return None
         try:
             address = smtp.Address(path, b"")
         except smtp.AddressError:
