@@ -17,6 +17,7 @@ operations on whole chunks rather than a Python loop per line.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -220,21 +221,26 @@ class BodyDecoder:
     Reads a dot-stuffed multi-line body (SMTP/LMTP DATA) fed in chunks of
     any size, up to the line that is a lone ``.``.
 
-    Keeps the unstuffed body as a list of chunks, CRLF line ends as sent.
-    Past ``limit`` octets it keeps reading to the end but stores nothing
-    and sets :attr:`overflow`, so the answer can come after the whole
-    message, as SMTP requires.  Only a CRLF ``.`` CRLF ends the body: a
+    Hands the unstuffed body, CRLF line ends as sent, to ``sink`` piece by
+    piece as it arrives (the SMTP receiver's spool file), so nothing of it
+    stays here; without a sink it is kept in :attr:`chunks`.  Past ``limit``
+    octets it keeps reading to the end but passes on nothing more (and
+    drops :attr:`chunks`) and sets :attr:`overflow`, so the answer can come
+    after the whole message, as SMTP requires.  Only a CRLF ``.`` CRLF ends the body: a
     bare LF never does, so no message can be smuggled inside another.
 
     Work is linear in the input: at most four octets (a possible start of
     the end line) are held between chunks, however long a line is.
     """
 
-    __slots__ = ("_lead", "_tail", "chunks", "done", "limit", "overflow", "size")
+    __slots__ = ("_lead", "_sink", "_tail", "chunks", "done", "limit", "overflow", "size")
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, sink: Callable[[bytes], object] | None = None
+    ) -> None:
         self.limit = limit
         self.chunks: list[bytes] = []
+        self._sink = self.chunks.append if sink is None else sink
         self.size = 0
         self.overflow = False
         self.done = False
@@ -278,4 +284,4 @@ class BodyDecoder:
             self.overflow = True
             self.chunks.clear()
         elif body:
-            self.chunks.append(body)
+            self._sink(body)

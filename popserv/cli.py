@@ -25,11 +25,14 @@ from popserv.delivery import (
     EX_OK,
     EX_TEMPFAIL,
     EX_USAGE,
+    BadSender,
     DeliveryError,
     Directory,
     deliver_message,
+    has_control,
 )
 from popserv.errors import InvalidUsername
+from popserv.headers import header_field
 from popserv.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
 from popserv.maildir.directory import MaildirPath
 from popserv.passwords import (
@@ -387,8 +390,10 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
             sender = words[1].decode("utf-8", "replace") if len(words) > 1 else None
     if sender == "MAILER-DAEMON":
         sender = ""  # how mbox postmarks spell the null sender
+    if sender is not None and has_control(sender):
+        raise BadSender(sender)
     header = _trace_lines(message, sender, recipient.address)
-    [result] = deliver_message([(recipient, header)], [message], atomic=True)
+    [result] = deliver_message([(recipient, header)], message, atomic=True)
     if result is not None:
         raise result
     return EX_OK
@@ -408,14 +413,14 @@ def _header_lines(message: bytes) -> list[bytes]:
 def _trace_lines(message: bytes, sender: str | None, recipient: str) -> bytes:
     """Return-Path and Delivered-To, unless the MTA already put the same ones on top."""
     head = _header_lines(message)
-    lines = []
+    fields = []
     if sender is not None and not (head and head[0].startswith(b"return-path:")):
-        lines.append(f"Return-Path: <{sender}>")
-    delivered = f"Delivered-To: {recipient}"
-    wanted = delivered.lower().encode("utf-8", "surrogateescape")
+        fields.append(header_field("Return-Path", f"<{sender}>", eol="\n"))
+    delivered = header_field("Delivered-To", recipient, eol="\n")
+    wanted = delivered.rstrip("\n").lower().encode("utf-8", "surrogateescape")
     if not any(line.replace(b"\t", b" ").strip() == wanted for line in head):
-        lines.append(delivered)
-    return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+        fields.append(delivered)
+    return "".join(fields).encode("utf-8", "surrogateescape")
 
 
 if __name__ == "__main__":

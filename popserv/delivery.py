@@ -14,13 +14,17 @@ reports, so every way in says the same thing.
 from __future__ import annotations
 
 import email.utils
+import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 from attrs import frozen
 from twisted.logger import Logger
 
 from popserv.errors import InvalidUsername
+from popserv.headers import header_field
 from popserv.layout import Layout
 from popserv.maildir.deliver import PendingDelivery, prepare
 from popserv.maildir.directory import MaildirPath
@@ -32,6 +36,7 @@ log = Logger()
 #: sysexits.h
 EX_OK = 0
 EX_USAGE = 64
+EX_DATAERR = 65
 EX_NOUSER = 67
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
@@ -60,6 +65,10 @@ class BadAddress(DeliveryError):
     reply, status, text, exit_status = 501, "5.1.3", "Bad recipient address syntax", EX_USAGE
 
 
+class BadSender(DeliveryError):
+    reply, status, text, exit_status = 501, "5.1.7", "Bad sender address syntax", EX_DATAERR
+
+
 class MailboxFull(DeliveryError):
     reply, status, text, exit_status = 552, "5.2.2", "Mailbox full", EX_CANTCREAT
 
@@ -80,6 +89,18 @@ class LookupFailed(DeliveryError):
     """The user database could not be read: retry."""
 
     reply, status = 451, "4.3.0"
+
+
+#: RFC 5321 section 4.1.2: an address is printable ASCII and spaces, quoted
+#: strings and quoted pairs included (qtextSMTP, quoted-pairSMTP).  A control
+#: character in one is never mail, and a CR or LF would become a header
+#: field of its own once the address is written into Return-Path.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def has_control(address: str) -> bool:
+    """True if ``address`` holds a control character (C0 or DEL): refuse it."""
+    return _CONTROL.search(address) is not None
 
 
 @frozen
@@ -128,7 +149,7 @@ class Directory:
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
-        if not local or len(address) > 256:
+        if not local or len(address) > 256 or has_control(address):
             raise BadAddress(address)
         if domain:
             if not any_domain and _domain(domain) not in self.domains:
@@ -158,6 +179,8 @@ class Directory:
 
     def recipient(self, user: str, address: str | None = None) -> Recipient:
         """The recipient for a user named directly (``popserv deliver --user``)."""
+        if address is not None and has_control(address):
+            raise BadAddress(address)
         if self._user(user) is None:
             raise UnknownUser(user)
         return user_recipient(self, address or user, user)
@@ -219,34 +242,46 @@ def check_room(recipient: Recipient, incoming: int = 0) -> None:
 
 
 def trace_header(sender: str, recipient: str, received: str | None = None) -> bytes:
-    """``Return-Path``, ``Delivered-To`` and an optional ``Received`` field, CRLF ended."""
-    lines = [f"Return-Path: <{sender}>", f"Delivered-To: {recipient}"]
+    """
+    ``Return-Path``, ``Delivered-To`` and an optional ``Received`` field (from
+    :func:`received_field`), CRLF ended; ValueError if a value holds a CR, LF
+    or other control character (:func:`popserv.headers.header_field`).
+    """
+    fields = [header_field("Return-Path", f"<{sender}>"), header_field("Delivered-To", recipient)]
     if received:
-        lines.append(received)
-    return "".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape")
+        fields.append(received)
+    return "".join(fields).encode("utf-8", "surrogateescape")
 
 
 def received_field(
     *, helo: str, peer: str, host: str, protocol: str, queue_id: str, recipient: str | None
 ) -> str:
-    """A ``Received`` trace field (RFC 5321 section 4.4), folded over lines."""
-    destination = f"\r\n\tfor <{recipient}>" if recipient else ""
-    return (
-        f"Received: from {helo} ({peer})\r\n\tby {host} (popserv) with {protocol} id {queue_id}"
-        f"{destination};\r\n\t{email.utils.formatdate(localtime=True)}"
-    )
+    """A ``Received`` trace field (RFC 5321 section 4.4), folded over lines, CRLF ended."""
+    lines = [f"from {helo} ({peer})", f"by {host} (popserv) with {protocol} id {queue_id}"]
+    if recipient:
+        lines.append(f"for <{recipient}>")
+    lines[-1] += ";"
+    lines.append(email.utils.formatdate(localtime=True))
+    return header_field("Received", *lines)
+
+
+def _size_of(message: bytes | BinaryIO) -> int:
+    if isinstance(message, bytes):
+        return len(message)
+    return message.seek(0, os.SEEK_END)
 
 
 def deliver_message(
     copies: Sequence[tuple[Recipient, bytes]],
-    chunks: Sequence[bytes],
+    message: bytes | BinaryIO,
     *,
     atomic: bool,
 ) -> list[DeliveryError | None]:
     """
-    Store the message in ``chunks`` once per distinct Maildir in ``copies``
-    (each a recipient and the trace header for it); return, per copy, None
-    when stored or the :class:`DeliveryError` that refused it.
+    Store ``message`` once per distinct Maildir in ``copies`` (each a
+    recipient and the trace header for it); return, per copy, None when
+    stored or the :class:`DeliveryError` that refused it.  A file (the
+    receiver's spool) is read from its start for each copy, in chunks.
 
     ``atomic`` (SMTP, one reply for all): every copy is stored or none is.
     Otherwise (LMTP, the CLI) each copy succeeds or fails on its own.
@@ -259,7 +294,7 @@ def deliver_message(
     # One order for taking the locks, whoever delivers.
     targets = sorted(first_of.items(), key=lambda target: str(target[0]))
     locks = [_lock_for(maildir) for maildir, _ in targets]
-    size = sum(len(chunk) for chunk in chunks)
+    size = _size_of(message)
     pending: list[tuple[int, PendingDelivery]] = []
     for lock in locks:
         lock.acquire()
@@ -268,7 +303,9 @@ def deliver_message(
             recipient, header = copies[i]
             try:
                 check_room(recipient, size + len(header))
-                stored = prepare(recipient.maildir, chunks, header=header)
+                if not isinstance(message, bytes):
+                    message.seek(0)
+                stored = prepare(recipient.maildir, message, header=header)
                 pending.append((i, stored))
             except DeliveryError as e:
                 results[i] = e

@@ -14,12 +14,12 @@ from __future__ import annotations
 import getpass
 import secrets
 import sys
-from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import TextIO
 
 from attrs import frozen
 
+from popserv.headers import header_field
 from popserv.layout import Layout, Owner, ensure_maildir, give_to, missing
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
@@ -46,20 +46,26 @@ def first_user_name() -> str:
 
 
 def welcome_message(user: str, hostname: str) -> bytes:
-    message = EmailMessage()
-    message["From"] = f"popserv <postmaster@{hostname}>"
-    message["To"] = f"{user}@{hostname}"
-    message["Subject"] = "Welcome to popserv"
-    message["Date"] = formatdate(localtime=True)
-    message["Message-ID"] = make_msgid(domain=hostname)
-    message.set_content(
+    """The first user's first message; its fields made by the one safe function."""
+    fields = [
+        ("From", f"popserv <postmaster@{hostname}>"),
+        ("To", f"{user}@{hostname}"),
+        ("Subject", "Welcome to popserv"),
+        ("Date", formatdate(localtime=True)),
+        ("Message-ID", make_msgid(domain=hostname)),
+        ("Content-Type", 'text/plain; charset="utf-8"'),
+        ("Content-Transfer-Encoding", "8bit"),
+        ("MIME-Version", "1.0"),
+    ]
+    body = (
         f"Hello {user},\n\n"
         "popserv is running and this message came from your Maildir.\n\n"
         "Add more users with:  popserv user add NAME\n"
-        "Change this password: popserv user passwd " + user + "\n"
+        f"Change this password: popserv user passwd {user}\n"
         "Delete this message with your client, or: DELE 1 then QUIT.\n"
     )
-    return message.as_bytes()
+    header = "".join(header_field(name, value, eol="\n") for name, value in fields)
+    return (header + "\n" + body).encode("utf-8")
 
 
 def bootstrap(layout: Layout, hostname: str, owner: Owner | None = None) -> FirstAccount | None:

@@ -11,6 +11,9 @@ timeouts), with what a receiving server on the open internet needs on top:
   a delivery), later pipelined input is held, and reading pauses;
 - DATA read in chunks with C-speed unstuffing (:class:`BodyDecoder`), so
   a 25 MB message is not 300,000 Python calls, and no line limit inside it;
+- DATA written to a spool file as it arrives (:mod:`popserv.spool`), the
+  size limit enforced on the way, so a session holds at most about 64 KiB
+  of message in memory however large the message;
 - LMTP (RFC 2033): LHLO, and after DATA one reply per recipient.
 
 Delivery runs in the reactor's thread pool through :mod:`popserv.delivery`.
@@ -21,19 +24,22 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from attrs import frozen
-from twisted.internet import protocol
+from twisted.internet import interfaces, protocol
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorThreads
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from popserv.body import BodyDecoder
+from popserv.coalesce import write_now
 from popserv.delivery import (
     BadAddress,
     DeliveryError,
@@ -44,10 +50,12 @@ from popserv.delivery import (
     StorageFailed,
     check_room,
     deliver_message,
+    has_control,
     received_field,
     trace_header,
 )
 from popserv.policy import Policy
+from popserv.spool import Spool
 from popserv.tls import TLSServer
 from popserv.wire import loggable
 
@@ -57,12 +65,27 @@ log = Logger()
 #: little slack for the ESMTP parameters clients add.
 MAX_COMMAND_LINE = 2048
 
-#: Input held while a command waits for the disk, before the connection
-#: is considered abusive (reading is paused long before that).
-MAX_HELD = 1024 * 1024
+#: Input held while a command waits for the disk or the client's reading,
+#: before the connection is considered abusive.  Reading pauses at once, so
+#: what is held is the rest of one read (64 KiB); this is the bound that
+#: keeps a session's memory under 256 KiB whatever the client does.
+MAX_HELD = 128 * 1024
+
+#: Replies to pipelined commands are joined up to this many octets before
+#: they are written: fewer system calls, and few enough objects in Twisted's
+#: send buffer that a client not reading its replies costs little memory
+#: before the output gate stops the session (each 27-octet reply written
+#: alone took 68 octets there).
+REPLY_BATCH = 4 * 1024
 
 #: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
 NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
+
+#: Commands that move no mail.  Past :attr:`ReceiverSettings.max_junk_commands`
+#: of them (unknown commands count too) without a message taken, the session
+#: is closed.  Postfix counts NOOP, VRFY, ETRN and RSET; a client can stall
+#: as well with HELP or by greeting again and again.
+JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP", b"HELO", b"EHLO", b"LHLO"))
 
 
 @frozen
@@ -78,6 +101,38 @@ class ReceiverSettings:
     timeout: float = 300.0
     #: Errors in one session before it is closed (Postfix: 20).
     max_errors: int = 20
+    #: Commands that move no mail (:data:`JUNK_COMMANDS`, and unknown ones)
+    #: before the session is closed; counted afresh after each message taken.
+    #: Postfix's smtpd_junk_command_limit is 100 too.
+    max_junk_commands: int = 100
+    #: The longest a session may last, whatever it does, so that a client
+    #: dripping NOOPs inside the idle timeout cannot hold a connection slot
+    #: for ever.  30 minutes still carries a 25 MB message at 15 KB/s; MTAs
+    #: reuse a connection for 5 minutes at most (Postfix's
+    #: smtp_connection_reuse_time_limit: 300 s).
+    max_session_time: float = 30 * 60.0
+    #: Where DATA is spooled (made, mode 0700, if missing).  None is the
+    #: system's temporary directory, which is often a tmpfs, so memory;
+    #: ``twistd popserv`` uses ``.spool`` in the data directory.
+    spool_dir: Path | None = None
+
+
+@implementer(interfaces.IPushProducer)
+class _OutputGate:
+    """Tells the session when the transport's send buffer is full, and when it has drained."""
+
+    def __init__(self, session: ReceiverProtocol) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        self._session.output_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._session.output_blocked = False
+        self._session.unblocked()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _peer_text(peer: IAddress) -> str:
@@ -101,19 +156,45 @@ class ReceiverProtocol(smtp.ESMTP):
         self.host = factory.settings.hostname.encode("idna")
         self.timeout = factory.settings.timeout
         self._pending: Deferred[Any] | None = None
+        #: The client is not reading its replies: no more commands are run
+        #: (their replies would pile up here) until it does.
+        self.output_blocked = False
         self._held: list[bytes] = []
         self._held_size = 0
+        self._reading = True
+        #: Replies held while a batch of input is run (see REPLY_BATCH).
+        self._replies: bytearray | None = None
         self._reader: BodyDecoder | None = None
+        #: The message of the DATA under way, until it is handed to delivery.
+        self._spool: Spool | None = None
         self._greeted = False
         self._extended = False
         self._declared_size = 0
         self._recipients: list[Recipient] = []
         self._errors = 0
+        self._junk = 0
+        #: The end of :attr:`ReceiverSettings.max_session_time`; it came while
+        #: a command was waiting on the disk (``_expired``), so the session
+        #: ends once that one is answered.
+        self._deadline: IDelayedCall | None = None
+        self._expired = False
         self._discard = False
         self.client_key: str | None = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.registerProducer(_OutputGate(self), True)
+        self._deadline = self.factory.clock.callLater(
+            self.factory.settings.max_session_time, self._session_expired
+        )
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
         super().connectionLost(reason)
+        self._drop_spool()
+        self._reader = None
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         self.factory.session_closed(self)
 
     # The session's words
@@ -138,14 +219,58 @@ class ReceiverProtocol(smtp.ESMTP):
         :attr:`ReceiverSettings.max_errors` over SMTP (the MTA on LMTP is
         trusted); temporary ones, like 452 for too many recipients, do not.
         """
-        self.transport.write(f"{code} {text}\r\n".encode("utf-8", "replace"))
+        self._write(f"{code} {text}\r\n".encode("utf-8", "replace"))
         if code >= 500 and not self.per_recipient_replies:
             self._errors += 1
+
+    def sendLine(self, line: bytes) -> None:
+        """Twisted's own replies (EHLO's, 354) take the same way as ours, in order."""
+        self._write(line + b"\r\n")
+
+    def _write(self, data: bytes) -> None:
+        if self._replies is None:
+            write_now(self.transport, data)
+            return
+        self._replies += data
+        if len(self._replies) >= REPLY_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._replies:
+            data = bytes(self._replies)
+            self._replies.clear()
+            write_now(self.transport, data)
+
+    def _run_batch(self, data: bytes) -> None:
+        """Run ``data``; the replies it makes go out together at the end."""
+        if self._replies is not None:  # re-entered from a command that answered at once
+            self._process(data)
+            return
+        self._replies = bytearray()
+        try:
+            self._process(data)
+        finally:
+            self._flush()
+            self._replies = None
 
     def _check_errors(self) -> None:
         """Close a session that only errs, between replies, never inside one group."""
         if self._errors >= self.factory.settings.max_errors and not self.transport.disconnecting:
-            self.transport.write(b"421 4.7.0 Too many errors, closing\r\n")
+            self._close(b"421 4.7.0 Too many errors, closing\r\n")
+
+    def _close(self, last: bytes = b"") -> None:
+        """
+        Send ``last`` and close once it is out; at once if the client does
+        not read (its send buffer full), or it could hold the connection for
+        ever.  The output gate is unregistered first: it would hold it too.
+        """
+        if last:
+            self._write(last)
+        self._flush()
+        self.transport.unregisterProducer()
+        if self.output_blocked:
+            self.transport.abortConnection()
+        else:
             self.transport.loseConnection()
 
     # Input: commands one at a time, DATA in chunks
@@ -153,21 +278,25 @@ class ReceiverProtocol(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         self._discard = False
-        if self._pending is not None:
+        if self._blocked():
             self._hold(data)
             return
         if self._buffer:
             data, self._buffer = self._buffer + data, b""
-        self._process(data)
+        self._run_batch(data)
 
     def _process(self, data: bytes) -> None:
         pos, end = 0, len(data)
         while pos < end and not self.transport.disconnecting:
-            if self._pending is not None:
+            if self._blocked():
                 self._hold(data[pos:])
                 return
             if self._reader is not None:
                 rest = self._reader.feed(data[pos:] if pos else data)
+                if self._reader.overflow:
+                    # Too big: nothing more is kept, and the disk is freed
+                    # now rather than at the end.
+                    self._drop_spool()
                 if rest is None:
                     return
                 data, pos, end = rest, 0, len(rest)
@@ -190,13 +319,35 @@ class ReceiverProtocol(smtp.ESMTP):
             if self._discard:
                 return
 
+    def _blocked(self) -> bool:
+        """Input waits: for a command's answer from the disk, or for the client to read."""
+        return self._pending is not None or self.output_blocked
+
     def _hold(self, data: bytes) -> None:
         self._held.append(data)
         self._held_size += len(data)
-        self.transport.pauseProducing()
+        self._set_reading(False)
         if self._held_size > MAX_HELD:
-            self.transport.write(b"421 4.7.0 Too much pipelined input, closing\r\n")
-            self.transport.loseConnection()
+            self._close(b"421 4.7.0 Too much pipelined input, closing\r\n")
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading != self._reading and not self.transport.disconnecting:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    def unblocked(self) -> None:
+        """Nothing waits any more: run the input held meanwhile, then read on."""
+        if self._blocked() or self.transport.disconnecting:
+            return
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        if held:
+            data, self._buffer = self._buffer + held, b""
+            self._run_batch(data)
+        if not self._blocked():
+            self._set_reading(True)
 
     def _run(self, handler: Callable[..., Any], *args: Any) -> None:
         """Call a command handler; if it answers later, hold input until it has."""
@@ -221,35 +372,63 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _resume(self, _: object) -> None:
         self._pending = None
+        if self._expired:
+            self._session_expired()
+            return
         self._check_errors()
-        held, self._held, self._held_size = b"".join(self._held), [], 0
-        if not self.transport.disconnecting:
-            self.transport.resumeProducing()
-            if held:
-                self._process(held)
+        self.unblocked()
 
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")
+        name = verb.upper()
+        handler = None
+        if name.isalpha() and len(name) <= 16:
+            handler = getattr(self, "cmd_" + name.decode("ascii"), None)
+        if (handler is None or name in JUNK_COMMANDS) and self._too_much_junk():
+            return
         if not verb:
             self.reply(500, "5.5.2 Syntax error")
-            return
-        name = verb.upper()
-        if not name.isalpha() or len(name) > 16:
+        elif handler is None:
             self.reply(500, "5.5.1 Command unrecognized")
+        else:
+            self._run(handler, rest.strip())
+
+    def _too_much_junk(self) -> bool:
+        """Count one command that moves no mail; close the session past the limit."""
+        self._junk += 1
+        if self._junk <= self.factory.settings.max_junk_commands:
+            return False
+        log.info(
+            "Closing a session from {peer}: too many commands without mail",
+            peer=_peer_text(self.transport.getPeer()),
+        )
+        self._close(b"421 4.7.0 Too many commands without mail, closing\r\n")
+        return True
+
+    def _session_expired(self) -> None:
+        """
+        :attr:`ReceiverSettings.max_session_time` is over: a 421 and a close,
+        at once (inside DATA too: the sender keeps the message and retries),
+        but never while a delivery is under way, which must get its answer.
+        """
+        self._deadline = None
+        if self.transport.disconnecting:
             return
-        handler = getattr(self, "cmd_" + name.decode("ascii"), None)
-        if handler is None:
-            self.reply(500, "5.5.1 Command unrecognized")
+        if self._pending is not None:
+            self._expired = True
             return
-        self._run(handler, rest.strip())
+        log.info(
+            "Closing a session from {peer}: it lasted too long",
+            peer=_peer_text(self.transport.getPeer()),
+        )
+        self._close(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n")
 
     def _line_too_long(self) -> None:
         self.reply(500, "5.5.2 Line too long")
-        self.transport.loseConnection()
+        self._close()
 
     def timeoutConnection(self) -> None:
-        self.transport.write(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
-        self.transport.loseConnection()
+        self._close(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
 
     # Commands
 
@@ -374,6 +553,11 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def _address(self, path: bytes, bad: str) -> str | None:
         """The address in a MAIL or RCPT path (``""`` for ``<>``); None after replying."""
+        # A CR in a quoted local part would become a header field of its own
+        # in Return-Path or Delivered-To: refused before anything else.
+        if has_control(path.decode("latin-1")):
+            self.reply(501, bad)
+            return None
         try:
             address = smtp.Address(path, b"")
         except smtp.AddressError:
@@ -393,12 +577,29 @@ class ReceiverProtocol(smtp.ESMTP):
         if not self._recipients:
             self.reply(554, "5.5.1 No valid recipients")
             return
-        self._reader = BodyDecoder(self.factory.settings.max_message_size)
+        try:
+            spool = self.factory.open_spool()
+        except OSError as e:
+            log.error(
+                "Cannot make a spool file in {directory}: {error}",
+                directory=str(self.factory.settings.spool_dir or "the temporary directory"),
+                error=e.strerror or str(e),
+            )
+            self.refuse(DeliveryError())
+            return
+        self._spool = spool
+        self._reader = BodyDecoder(self.factory.settings.max_message_size, sink=spool.write)
         self.setTimeout(max(self.timeout, 600.0))
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
+    def _drop_spool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+
     def _end_of_data(self) -> Deferred[None] | None:
         reader, self._reader = self._reader, None
+        spool, self._spool = self._spool, None
         assert reader is not None
         self.setTimeout(self.timeout)
         recipients, sender = self._recipients, self._from or ""
@@ -406,14 +607,34 @@ class ReceiverProtocol(smtp.ESMTP):
         if reader.overflow:
             self._answer(recipients, [MessageTooBig()] * len(recipients))
             return None
+        assert spool is not None
+        try:
+            message = spool.finish()
+        except OSError as e:
+            spool.close()
+            log.error("Cannot write a spool file: {error}", error=e.strerror or str(e))
+            self._answer(recipients, [StorageFailed()] * len(recipients))
+            return None
         queue_id = secrets.token_hex(6).upper()
-        copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
-        work = self.factory.in_thread(
-            deliver_message,
-            copies,
-            reader.chunks,
-            atomic=not self.per_recipient_replies,
-        )
+        try:
+            copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
+            work = self.factory.in_thread(
+                deliver_message,
+                copies,
+                message,
+                atomic=not self.per_recipient_replies,
+            )
+        except BaseException:
+            spool.close()
+            raise
+
+        def delivery_over(result: object) -> object:
+            # The thread reads the spool: it is closed (and its space freed)
+            # only now, even if the client has gone meanwhile.
+            spool.close()
+            return result
+
+        work.addBoth(delivery_over)
 
         def failed(failure: Failure) -> list[DeliveryError | None]:
             log.failure("Delivery of message {id} failed", failure, id=queue_id)
@@ -440,6 +661,8 @@ class ReceiverProtocol(smtp.ESMTP):
     def _answer(
         self, recipients: Sequence[Recipient], results: Sequence[DeliveryError | None]
     ) -> None:
+        if any(result is None for result in results):
+            self._junk = 0  # a message was taken: the client is doing real work
         if self.per_recipient_replies:
             for result in results:
                 self._reply_result(result)
@@ -489,7 +712,7 @@ class ReceiverProtocol(smtp.ESMTP):
 
     def cmd_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0 Bye")
-        self.transport.loseConnection()
+        self._close()
 
     def cmd_STARTTLS(self, rest: bytes) -> None:
         """
@@ -510,6 +733,7 @@ class ReceiverProtocol(smtp.ESMTP):
         self._greeted = False
         self._reset_transaction()
         self.reply(220, "2.0.0 Ready to start TLS")
+        self._flush()  # in clear, before TLS starts
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 
@@ -542,6 +766,7 @@ class ReceiverFactory(protocol.ServerFactory):
     Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through
     ``directory``, within the connection limits of ``policy`` (the POP3
     ones: in all, and per client IP or IPv6 network, trusted ones exempt).
+    ``clock`` times the session limit (default: ``reactor``).
     """
 
     def __init__(
@@ -553,6 +778,7 @@ class ReceiverFactory(protocol.ServerFactory):
         tls: TLSServer | None = None,
         policy: Policy | None = None,
         reactor: IReactorThreads | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -564,6 +790,7 @@ class ReceiverFactory(protocol.ServerFactory):
         self.tls = tls
         self.policy = policy or Policy(hostname=settings.hostname)
         self.reactor = reactor
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
         self.sessions = 0
         self.per_client: Counter[str] = Counter()
 
@@ -605,6 +832,10 @@ class ReceiverFactory(protocol.ServerFactory):
         # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
         local = isinstance(peer, UNIXAddress) or self.policy.is_local(peer)
         return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
+
+    def open_spool(self) -> Spool:
+        """A new spool file for one message (raises OSError)."""
+        return Spool.open(self.settings.spool_dir)
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         reactor: Any = self.reactor

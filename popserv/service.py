@@ -106,6 +106,12 @@ def make_factory(
     )
 
 
+#: Where the receiver spools DATA, in the data directory: on the disk that
+#: holds the mail, where the system's /tmp may be a tmpfs, so memory.  The
+#: dot keeps it apart from any user's Maildir (user names cannot start so).
+SPOOL_DIR = ".spool"
+
+
 def make_receiver(
     options: Mapping[str, Any], pop3: POP3Factory, *, lmtp: bool, reactor: Any = None
 ) -> ReceiverFactory:
@@ -129,6 +135,7 @@ def make_receiver(
     settings = ReceiverSettings(
         hostname=hostname,
         max_message_size=options.get("max-message-size") or 25 * 1024 * 1024,
+        spool_dir=layout.data_dir / SPOOL_DIR,
     )
     tls = TLSServer(pop3.tls.config, alpn=ALPN_SMTP) if pop3.tls is not None else None
     return ReceiverFactory(
@@ -206,8 +213,10 @@ class AccessCheck(Service):
     directory, instead of failing every login with a puzzling [SYS/PERM].
     """
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, spool_dir: Path | None = None) -> None:
         self.layout = layout
+        #: The receiver's spool directory, when SMTP or LMTP is on.
+        self.spool_dir = spool_dir
 
     def startService(self) -> None:
         super().startService()
@@ -234,6 +243,13 @@ class AccessCheck(Service):
         inside = parent == self.layout.data_dir or self.layout.data_dir in parent.parents
         if inside and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
             found.append(f"Cannot create Maildirs in {parent}")
+        # The receiver makes its spool directory at the first DATA, and
+        # answers every DATA with a 451 if it cannot.
+        if self.spool_dir is not None:
+            spool = self.spool_dir
+            where = spool if os.path.isdir(spool) else spool.parent
+            if os.path.isdir(where) and not os.access(where, os.W_OK | os.X_OK):
+                found.append(f"Cannot spool incoming mail in {spool}")
         return found
 
 
@@ -303,7 +319,8 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
     top = MultiService()
     layout = layout_of(options)
     TmpCleaner(layout, PasswdFile(layout.passwd_path), reactor).setServiceParent(top)
-    AccessCheck(layout).setServiceParent(top)
+    receiving = bool(options.get("smtp") or options.get("lmtp"))
+    AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None).setServiceParent(top)
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
     listeners: list[tuple[str, Any]] = [(d, factory) for d in plain]
     receivers = []

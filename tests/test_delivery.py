@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from popserv.body import BodyDecoder, BodyEncoder
 from popserv.delivery import (
     EX_CANTCREAT,
+    EX_DATAERR,
     EX_NOUSER,
     EX_OK,
     EX_TEMPFAIL,
@@ -76,6 +77,19 @@ class BodyDecoderTests(SynchronousTestCase):
         self.assertTrue(decoder.overflow)
         self.assertEqual(decoder.chunks, [])
         self.assertEqual(rest, b"NOOP\r\n")
+
+    def test_sink(self):
+        """With a sink, the body goes there as it comes and nothing is kept;
+        past the limit the sink hears nothing more."""
+        given: list[bytes] = []
+        decoder = BodyDecoder(20, sink=given.append)
+        self.assertIsNone(decoder.feed(b"..one\r\ntwo\r"))
+        self.assertEqual(b"".join(given), b".one\r\ntwo")
+        self.assertIsNone(decoder.feed(b"\nthree and more\r\n"))
+        self.assertTrue(decoder.overflow)
+        self.assertEqual(b"".join(given), b".one\r\ntwo")
+        self.assertEqual(decoder.feed(b".\r\nNOOP\r\n"), b"NOOP\r\n")
+        self.assertEqual(decoder.chunks, [])
 
     def test_over_the_limit_dot_line_split_across_reads(self):
         """
@@ -293,6 +307,28 @@ class DeliverCommandTests(SynchronousTestCase):
         usage = self.deliver(message=b"x\n")
         self.assertEqual(usage.returncode, EX_USAGE)
         self.assertEqual(self.files("gina"), [])
+
+    def test_control_characters_in_addresses(self):
+        """A CR in the recipient or the sender would forge a header field:
+        refused (64 and 65, permanent), nothing stored."""
+        message = b"Subject: hi\n\nbody\n"
+        recipient = self.deliver(message=message, env={"RECIPIENT": "frank\rX-Injected: yes"})
+        self.assertEqual(
+            (recipient.returncode, recipient.stderr),
+            (EX_USAGE, b"popserv: 5.1.3 Bad recipient address syntax\n"),
+        )
+        named = self.deliver("--user", "frank", message=message, env={"RECIPIENT": "f\nX: y"})
+        self.assertEqual(named.returncode, EX_USAGE)
+        sender = self.deliver(
+            "--user", "frank", message=message, env={"SENDER": '"a\rX-Injected: yes"@b.c'}
+        )
+        self.assertEqual(
+            (sender.returncode, sender.stderr),
+            (EX_DATAERR, b"popserv: 5.1.7 Bad sender address syntax\n"),
+        )
+        postmark = self.deliver("--user", "frank", message=b"From a\x00b Tue\n" + message)
+        self.assertEqual(postmark.returncode, EX_DATAERR)
+        self.assertEqual(self.files("frank") + self.files("frank", "tmp"), [])
 
     def test_write_failure_is_temporary_and_leaves_nothing(self):
         """A real write failure (EFBIG from RLIMIT_FSIZE) halfway: exit 75, nothing visible."""

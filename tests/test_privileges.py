@@ -116,6 +116,24 @@ class OwnershipTests(SynchronousTestCase):
         elsewhere = Layout.create(layout.data_dir, maildir_template="/home/{user}/Maildir")
         self.assertEqual(len(AccessCheck(elsewhere).problems()), 1)
 
+    def test_access_check_of_the_receivers_spool(self):
+        """With SMTP or LMTP on, a spool directory this user cannot write is named."""
+        layout = Layout.create(Path(self.mktemp()))
+        layout.data_dir.mkdir(parents=True)
+        PasswdFile(layout.passwd_path).add("alice", hash_password("x", "PLAIN"))
+        spool = layout.data_dir / ".spool"
+        self.assertEqual(AccessCheck(layout, spool).problems(), [])
+        self.patch(os, "access", lambda path, mode: path != layout.data_dir)
+        self.assertEqual(
+            AccessCheck(layout, spool).problems(), [f"Cannot spool incoming mail in {spool}"]
+        )
+        self.assertEqual(AccessCheck(layout).problems(), [])
+        spool.mkdir()  # made earlier, by root say
+        self.patch(os, "access", lambda path, mode: path != spool)
+        self.assertEqual(
+            AccessCheck(layout, spool).problems(), [f"Cannot spool incoming mail in {spool}"]
+        )
+
 
 class TwistdUidTests(TestCase):
     """``twistd --uid nobody`` started as root, on a high port, served as nobody."""
