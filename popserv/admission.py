@@ -20,16 +20,26 @@ is None, are neither counted nor penalised beyond the fixed delay.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from attrs import define
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from popserv.errors import TooManySessions
 from popserv.penalty import PenaltyTable
 from popserv.policy import Policy
+
+log = Logger()
+
+T = TypeVar("T")
 
 
 class OverLimit(Exception):
@@ -241,4 +251,144 @@ class LocalAdmission:
             del self._turns[client]
 
 
-__all__ = ["IAdmission", "ILease", "ILoginTurn", "LocalAdmission", "OverLimit"]
+# The listeners' side: asking at accept time, refusing cheaply, waiting.
+
+
+def answered(result: Deferred[T]) -> T | Failure | None:
+    """What ``result`` has fired with (taking it), or None while it has not fired."""
+    if not result.called:
+        return None
+    box: list[T | Failure] = []
+    result.addBoth(box.append)
+    return box[0] if box else None
+
+
+@define
+class Admitted:
+    """Admission's answer to a new connection, as a listener's factory sees it."""
+
+    #: The lease granted at once, or None.
+    lease: ILease | None = None
+    #: The question still open (an implementation asking elsewhere), or None.
+    pending: Deferred[ILease] | None = None
+    #: Why the connection is refused, or None.
+    refused: str | None = None
+
+
+def ask(admission: IAdmission, service: str, client: str | None) -> Admitted:
+    """Ask ``admission`` about a new connection, from a factory's ``buildProtocol``."""
+    question = admission.connection(service, client)
+    answer = answered(question)
+    if answer is None:
+        return Admitted(pending=question)
+    if isinstance(answer, Failure):
+        if not answer.check(OverLimit):
+            log.failure("Admitting a connection failed", answer)
+            return Admitted(refused="admission failed")
+        return Admitted(refused=answer.getErrorMessage())
+    return Admitted(lease=answer)
+
+
+class RefusedConnection(Protocol):
+    """
+    A connection over the limits: one fixed line and a close, with no session
+    behind it and nothing read.
+
+    On implicit TLS (port 995) the line would need a TLS handshake first,
+    the costliest part of a connection and exactly what a flood is after;
+    such connections are closed at once, before the handshake, and clients
+    report a failed connection, which they retry like the refusal.
+    """
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+
+    def connectionMade(self) -> None:
+        if interfaces.ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()
+            return
+        self.transport.write(self.line)
+        self.transport.loseConnection()
+
+
+def wait_for_admission(
+    transport: Any,
+    pending: Deferred[ILease],
+    start: Callable[[ILease], object],
+    refusal: bytes,
+    gone: Callable[[], bool],
+) -> None:
+    """
+    Hold a new connection (nothing read, nothing said) until admission
+    answers: then ``start`` the session with its lease, or send ``refusal``
+    and close.  ``gone`` says whether the client left meanwhile; then a late
+    lease is given straight back.
+    """
+    transport.pauseProducing()
+
+    def admitted(lease: ILease) -> None:
+        if gone():
+            lease.release()
+            return
+        transport.resumeProducing()
+        start(lease)
+
+    def refused(failure: Failure) -> None:
+        if not failure.check(OverLimit):
+            log.failure("Admitting a connection failed", failure)
+        if not gone():
+            transport.write(refusal)
+            transport.loseConnection()
+
+    pending.addCallbacks(admitted, refused)
+
+
+class RefusalLog:
+    """
+    Log refused connections at most once per :attr:`INTERVAL`, with a count,
+    so that a flood does not become a flood of log lines as well.
+    """
+
+    INTERVAL = 60.0
+
+    def __init__(self, clock: IReactorTime, service: str) -> None:
+        self._clock = clock
+        self._service = service
+        self._refused = 0
+        self._logged_at: float | None = None
+
+    def refused(self, peer: str, why: str) -> None:
+        self._refused += 1
+        now = self._clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= self.INTERVAL:
+            log.warn(
+                "Refused {count} {service} connection(s) over the limits since the last such"
+                " message; the latest from {peer}: {why}",
+                count=self._refused,
+                service=self._service,
+                peer=peer,
+                why=why,
+            )
+            self._refused = 0
+            self._logged_at = now
+
+
+def client_key(policy: Policy, peer: IAddress | None) -> str | None:
+    """The key per-client limits count by; None for trusted clients and UNIX sockets."""
+    return None if policy.is_trusted(peer) else policy.client_key(peer)
+
+
+__all__ = [
+    "Admitted",
+    "IAdmission",
+    "ILease",
+    "ILoginTurn",
+    "LocalAdmission",
+    "OverLimit",
+    "RefusalLog",
+    "RefusedConnection",
+    "answered",
+    "ask",
+    "client_key",
+    "wait_for_admission",
+]

@@ -37,7 +37,17 @@ from zope.interface import implementer
 
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
-from popserv.admission import IAdmission, ILease, ILoginTurn, LocalAdmission, OverLimit
+from popserv.admission import (
+    IAdmission,
+    ILease,
+    ILoginTurn,
+    LocalAdmission,
+    RefusalLog,
+    RefusedConnection,
+    ask,
+    client_key,
+    wait_for_admission,
+)
 from popserv.body import BodyEncoder
 from popserv.coalesce import Coalescer
 from popserv.credentials import APOPCredentials, IOAuthTokenCredentials, IScramCredentials
@@ -233,24 +243,17 @@ class POP3Protocol(Protocol, TimeoutMixin):
         if admitting is None:
             self._start()
             return
-        # Admission is asking elsewhere: nothing is read or said until it answers.
-        self.transport.pauseProducing()
-        admitting.addCallbacks(self._admitted, self._not_admitted)
+        wait_for_admission(
+            self.transport,
+            admitting,
+            self._admitted,
+            wire.err(errors.TooManyConnections()),
+            lambda: self._lost,
+        )
 
     def _admitted(self, lease: ILease) -> None:
-        if self.transport.disconnecting or self._lost:
-            lease.release()
-            return
         self.lease = lease
-        self.transport.resumeProducing()
         self._start()
-
-    def _not_admitted(self, failure: Failure) -> None:
-        self._lost = self._closing = True
-        if not failure.check(OverLimit):
-            log.failure("Admitting a connection failed", failure)
-        self.transport.write(wire.err(errors.TooManyConnections()))
-        self.transport.loseConnection()
 
     def _start(self) -> None:
         """The connection is admitted: set the timers and greet."""
@@ -986,15 +989,6 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.close()
 
 
-def answered(result: Deferred[T]) -> T | Failure | None:
-    """What ``result`` has fired with (taking it), or None while it has not fired."""
-    if not result.called:
-        return None
-    box: list[T | Failure] = []
-    result.addBoth(box.append)
-    return box[0] if box else None
-
-
 def _penalty_name(user: object) -> str:
     """The user name a login attempt's penalty is counted under."""
     if isinstance(user, bytes):
@@ -1076,25 +1070,6 @@ COMMANDS: dict[State, dict[str, Handler]] = {
 IMPLEMENTED = frozenset(verb for table in COMMANDS.values() for verb in table)
 
 
-class _Refused(Protocol):
-    """
-    A connection over the limits: one fixed ``-ERR [SYS/TEMP]`` line and a
-    close, with no session behind it and nothing read.
-
-    On implicit TLS (port 995) the line would need a TLS handshake first,
-    the costliest part of a connection and exactly what a flood is after;
-    such connections are closed at once, before the handshake, and clients
-    report a failed connection, which they retry like the -ERR.
-    """
-
-    def connectionMade(self) -> None:
-        if interfaces.ISSLTransport.providedBy(self.transport):
-            self.transport.abortConnection()
-            return
-        self.transport.write(wire.err(errors.TooManyConnections()))
-        self.transport.loseConnection()
-
-
 @implementer(IRealm)
 class _CountingRealm:
     """
@@ -1147,10 +1122,6 @@ class POP3Factory(Factory):
 
     protocol = POP3Protocol
 
-    #: Seconds between two log lines about refused connections, so a flood
-    #: does not become a flood of log lines as well.
-    REFUSAL_LOG_INTERVAL = 60.0
-
     def __init__(
         self,
         portal: Portal,
@@ -1182,8 +1153,7 @@ class POP3Factory(Factory):
         self.languages = languages or Languages()
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
-        self._refused = 0
-        self._refusal_logged_at: float | None = None
+        self._refusals = RefusalLog(self.clock, "POP3")
         #: Sources of CAPA lines, in order; TLS and SASL add theirs.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
 
@@ -1191,43 +1161,19 @@ class POP3Factory(Factory):
 
     def buildProtocol(self, addr: interfaces.IAddress | None) -> Any:
         """A session, or, over the connection limits, a refusal that costs next to nothing."""
-        admitting = self.admission.connection("pop3", self.client_key(addr))
-        answer = answered(admitting)
-        if isinstance(answer, Failure):
-            why = answer.getErrorMessage() if answer.check(OverLimit) else "admission failed"
-            if not answer.check(OverLimit):
-                log.failure("Admitting a connection failed", answer)
-            self._log_refusal(addr, why)
-            refusal = _Refused()
+        admitted = ask(self.admission, "pop3", self.client_key(addr))
+        if admitted.refused is not None:
+            self._refusals.refused(SessionInfo(addr, secure=False).where, admitted.refused)
+            refusal = RefusedConnection(wire.err(errors.TooManyConnections()))
             refusal.factory = self
             return refusal
         session = super().buildProtocol(addr)
-        if answer is None:
-            session.admitting = admitting
-        else:
-            session.lease = answer
+        session.lease, session.admitting = admitted.lease, admitted.pending
         return session
 
     def client_key(self, peer: interfaces.IAddress | None) -> str | None:
         """The key per-client limits count by; None for trusted clients and UNIX sockets."""
-        if self.policy.is_trusted(peer):
-            return None
-        return self.policy.client_key(peer)
-
-    def _log_refusal(self, addr: interfaces.IAddress | None, why: str) -> None:
-        self._refused += 1
-        now = self.clock.seconds()
-        last = self._refusal_logged_at
-        if last is None or now - last >= self.REFUSAL_LOG_INTERVAL:
-            log.warn(
-                "Refused {count} connection(s) over the limits since the last such"
-                " message; the latest from {peer}: {why}",
-                count=self._refused,
-                peer=SessionInfo(addr, secure=False).where,
-                why=why,
-            )
-            self._refused = 0
-            self._refusal_logged_at = now
+        return client_key(self.policy, peer)
 
     def session_opened(self, session: POP3Protocol) -> None:
         """Track a new session (from its connectionMade)."""

@@ -22,7 +22,6 @@ Delivery runs in the reactor's thread pool through :mod:`popserv.delivery`.
 from __future__ import annotations
 
 import secrets
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,16 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from popserv.admission import (
+    IAdmission,
+    ILease,
+    LocalAdmission,
+    RefusalLog,
+    RefusedConnection,
+    ask,
+    client_key,
+    wait_for_admission,
+)
 from popserv.body import BodyDecoder
 from popserv.coalesce import write_now
 from popserv.delivery import (
@@ -77,6 +86,9 @@ MAX_HELD = 128 * 1024
 #: before the output gate stops the session (each 27-octet reply written
 #: alone took 68 octets there).
 REPLY_BATCH = 4 * 1024
+
+#: The refusal of a connection over the limits.
+TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 
 #: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
 NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
@@ -179,9 +191,28 @@ class ReceiverProtocol(smtp.ESMTP):
         self._deadline: IDelayedCall | None = None
         self._expired = False
         self._discard = False
-        self.client_key: str | None = None
+        #: What admission granted this connection, given back when it ends;
+        #: or, until it answers, the question.
+        self.lease: ILease | None = None
+        self.admitting: Deferred[ILease] | None = None
+        self._gone = False
 
     def connectionMade(self) -> None:
+        admitting, self.admitting = self.admitting, None
+        if admitting is None:
+            self._start()
+        else:
+            wait_for_admission(self.transport, admitting, self._admitted, TOO_MANY, self._left)
+
+    def _left(self) -> bool:
+        return self._gone
+
+    def _admitted(self, lease: ILease) -> None:
+        self.lease = lease
+        self._start()
+
+    def _start(self) -> None:
+        """The connection is admitted: greet, and start the session's clock."""
         super().connectionMade()
         self.transport.registerProducer(_OutputGate(self), True)
         self._deadline = self.factory.clock.callLater(
@@ -189,6 +220,7 @@ class ReceiverProtocol(smtp.ESMTP):
         )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
+        self._gone = True
         super().connectionLost(reason)
         self._drop_spool()
         self._reader = None
@@ -753,14 +785,6 @@ class LMTPProtocol(ReceiverProtocol):
         self._hello(rest, extended=True)
 
 
-class _Refused(protocol.Protocol):
-    """A connection over the limits: one 421 line and a close, nothing read."""
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-        self.transport.loseConnection()
-
-
 class ReceiverFactory(protocol.ServerFactory):
     """
     Makes SMTP (or, with ``lmtp``, LMTP) sessions that deliver through
@@ -779,6 +803,7 @@ class ReceiverFactory(protocol.ServerFactory):
         policy: Policy | None = None,
         reactor: IReactorThreads | None = None,
         clock: IReactorTime | None = None,
+        admission: IAdmission | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -791,33 +816,28 @@ class ReceiverFactory(protocol.ServerFactory):
         self.policy = policy or Policy(hostname=settings.hostname)
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        #: Connection limits, shared with POP3 when the service gives both one.
+        self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
+        self.service = "lmtp" if lmtp else "smtp"
+        self._refusals = RefusalLog(self.clock, self.service.upper())
+        #: Sessions open now.
         self.sessions = 0
-        self.per_client: Counter[str] = Counter()
 
     def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
-        key = self._client_key(addr)
-        if self.sessions >= self.policy.max_connections or (
-            key is not None and self.per_client[key] >= self.policy.max_connections_per_ip
-        ):
-            log.warn("Refused a connection over the limits from {peer}", peer=_peer_text(addr))
-            return _Refused()
+        admitted = ask(self.admission, self.service, client_key(self.policy, addr))
+        if admitted.refused is not None:
+            self._refusals.refused(_peer_text(addr), admitted.refused)
+            return RefusedConnection(TOO_MANY)
         session = (LMTPProtocol if self.lmtp else ReceiverProtocol)(self)
-        session.client_key = key
+        session.lease, session.admitting = admitted.lease, admitted.pending
         self.sessions += 1
-        if key is not None:
-            self.per_client[key] += 1
         return session
 
     def session_closed(self, session: ReceiverProtocol) -> None:
         self.sessions -= 1
-        key = session.client_key
-        if key is not None:
-            self.per_client[key] -= 1
-            if self.per_client[key] <= 0:
-                del self.per_client[key]
-
-    def _client_key(self, peer: IAddress) -> str | None:
-        return None if self.policy.is_trusted(peer) else self.policy.client_key(peer)
+        lease, session.lease = session.lease, None
+        if lease is not None:
+            lease.release()
 
     def resolve(self, address: str, peer: IAddress) -> Recipient:
         """

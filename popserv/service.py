@@ -139,7 +139,13 @@ def make_receiver(
     )
     tls = TLSServer(pop3.tls.config, alpn=ALPN_SMTP) if pop3.tls is not None else None
     return ReceiverFactory(
-        directory, settings, lmtp=lmtp, tls=tls, policy=pop3.policy, reactor=reactor
+        directory,
+        settings,
+        lmtp=lmtp,
+        tls=tls,
+        policy=pop3.policy,
+        reactor=reactor,
+        admission=pop3.admission,
     )
 
 

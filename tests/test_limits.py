@@ -145,8 +145,8 @@ class ConnectionLimitTests(SynchronousTestCase):
             s.connect(REMOTE_PEER)
         warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
         self.assertEqual(len(warnings), 2)
-        self.assertIn("Refused 1 connection(s)", warnings[0])
-        self.assertIn("Refused 50 connection(s)", warnings[1])
+        self.assertIn("Refused 1 POP3 connection(s)", warnings[0])
+        self.assertIn("Refused 50 POP3 connection(s)", warnings[1])
         self.assertIn("1 connections in all", warnings[1])
         self.assertIn("192.0.2.1:4321", warnings[1])
 

@@ -673,6 +673,15 @@ class ConnectionLimitTests(ReceiverTestCase):
         self.addCleanup(fourth.close)
         self.assertTrue(fourth.greeting[0].startswith(b"220 mx.example.org ESMTP"))
 
+    async def test_one_admission_for_every_listener(self):
+        """POP3, SMTP and LMTP ask one admission, which counts each service apart."""
+        self.assertIs(self.smtp.admission, self.pop3.admission)
+        self.assertIs(self.lmtp.admission, self.pop3.admission)
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        self.assertEqual(self.smtp.admission.clients("smtp"), {"127.0.0.1": 1})
+        self.assertEqual(self.smtp.admission.clients("lmtp"), {})
+
 
 class ReviewRegressionTests(ReceiverTestCase):
     """Bugs a review found, each with the test that failed before the fix."""
