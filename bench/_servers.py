@@ -196,6 +196,10 @@ class Popserv(Server):
             if "--max-connections-per-ip" in options
             else []
         )
+        # B3's and B4's maildrops are shared with the other servers through
+        # symbolic links (see Dataset), which popserv refuses by default.
+        if "--follow-maildir-symlinks" in options:
+            self.limits.append("--follow-maildir-symlinks")
         self.smtp_port = free_port() if self.receiver else None
         self.lmtp_port = free_port() if self.receiver and "--lmtp" in options else None
         # B5 delivers by LMTP when it can, as to Dovecot; by SMTP otherwise.

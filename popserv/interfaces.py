@@ -32,6 +32,18 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
 
+class PortalLike(Protocol):
+    """
+    What the POP3 factory needs of a portal: ``twisted.cred.portal.Portal``
+    or any object with its two public methods (an application's own login
+    service, say).  Only these are called; a Portal's checkers are never read.
+    """
+
+    def login(self, credentials: object, mind: object, *interfaces: object) -> Deferred[tuple]: ...
+
+    def listCredentialsInterfaces(self) -> list[object]: ...
+
+
 class MessageStream(Protocol):
     """A message opened for reading: a binary file-like object."""
 

@@ -58,6 +58,7 @@ from popserv.interfaces import (
     ISecretInventory,
     ISessionInfo,
     MessageStream,
+    PortalLike,
 )
 from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
@@ -769,8 +770,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     async def _scram_keys(self, need: NeedKeys) -> Any:
         """A user's SCRAM keys from the checker that verifies SCRAM logins, if it has them."""
-        checker = self.factory.portal.checkers.get(IScramCredentials)
-        source = IScramKeySource(checker, None)
+        source = IScramKeySource(self.factory.accounts, None)
         if source is None:
             return None
         return await resolve(source.scram_keys(need.username, need.hash_name))
@@ -1084,6 +1084,8 @@ class _CountingRealm:
         self._realm = realm
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces_: Any) -> Deferred[Any]:
+        if IMailbox not in interfaces_:
+            return maybeDeferred(self._realm.requestAvatar, avatarId, mind, *interfaces_)
         user = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
         return Deferred.fromCoroutine(self._open(user, avatarId, mind, interfaces_))
 
@@ -1124,7 +1126,7 @@ class POP3Factory(Factory):
 
     def __init__(
         self,
-        portal: Portal,
+        portal: PortalLike,
         policy: Policy | None = None,
         *,
         clock: interfaces.IReactorTime | None = None,
@@ -1133,15 +1135,22 @@ class POP3Factory(Factory):
         sasl: Sequence[MechanismInfo] | None = None,
         languages: Languages | None = None,
         admission: IAdmission | None = None,
+        accounts: object = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.portal = portal
+        #: What answers questions about accounts, usually the password
+        #: checker: as an ISecretInventory, which challenge-response logins
+        #: to offer; as an IScramKeySource, SCRAM's keys.  None: offer them
+        #: when the portal takes their credentials, and no SCRAM.
+        self.accounts = accounts
         self.policy = policy or Policy()
         self.clock: Any = clock
         #: Connection limits, user sessions and the failed-login penalty,
         #: shared with the SMTP/LMTP receiver when the service gives both one.
         self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
+
         self._announce = announce
         #: The TLS server side for STLS, or None when no certificate is set.
         self.tls = tls
@@ -1190,13 +1199,41 @@ class POP3Factory(Factory):
 
     def login(self, credentials: Any, mind: ISessionInfo) -> Deferred[Any]:
         """
-        ``Portal.login(credentials, mind, IMailbox)`` with the portal's own
-        checkers and realm, counting each user's sessions on the way (see
-        :class:`_CountingRealm`); fires with ``(interface, mailbox, logout)``.
+        ``portal.login(credentials, mind, IMailbox)``, counting each user's
+        sessions; fires with ``(interface, mailbox, logout)``.
+
+        A ``twisted.cred`` Portal's own checkers and realm do the work, with
+        the realm behind :class:`_CountingRealm`, so sessions are counted by
+        avatar id and a user at the limit is refused before the realm opens
+        anything.  That Portal is made per login (it costs two attributes)
+        so that an application which changes its Portal's realm or checkers
+        later is followed, and its realm is never replaced in its hands.
+        Any other portal is called as it is, and its sessions are counted
+        by login name once it has logged in.
         """
-        portal = Portal(_CountingRealm(self.admission, self.portal.realm))
-        portal.checkers = self.portal.checkers
-        return portal.login(credentials, mind, IMailbox)
+        portal = self.portal
+        if isinstance(portal, Portal):
+            counting = Portal(_CountingRealm(self.admission, portal.realm))
+            counting.checkers = portal.checkers
+            return counting.login(credentials, mind, IMailbox)
+        return Deferred.fromCoroutine(self._login_counted(credentials, mind))
+
+    async def _login_counted(self, credentials: Any, mind: ISessionInfo) -> Any:
+        """Another kind of portal: its sessions are counted by login name."""
+        interface, mailbox, logout = await self.portal.login(credentials, mind, IMailbox)
+        try:
+            lease = await self.admission.user_session(_penalty_name(credentials.username))
+        except BaseException:
+            logout()
+            raise
+
+        def logout_and_release() -> None:
+            try:
+                logout()
+            finally:
+                lease.release()
+
+        return interface, mailbox, logout_and_release
 
     # Capabilities
 
@@ -1219,7 +1256,7 @@ class POP3Factory(Factory):
         if chosen is not None:
             return [m for m in self.sasl if m.name in chosen]
         asking = self.tls is not None and self.tls.config.client_ca is not None
-        tokens = IOAuthTokenCredentials in self.portal.checkers
+        tokens = IOAuthTokenCredentials in self._credential_kinds()
         # One coverage question per kind, not per mechanism (-PLUS twins share one).
         kinds = {m.requires for m in self.sasl if m.requires is not None}
         everyone = {kind for kind in kinds if self.coverage(kind) == "all"}
@@ -1233,17 +1270,25 @@ class POP3Factory(Factory):
 
     def coverage(self, kind: str) -> str:
         """
-        How many accounts could pass ``kind`` of challenge-response login, as
-        the checker of its credentials says (``IScramCredentials`` for SCRAM,
-        which must also be an ``IScramKeySource``; ``IUsernameHashedPassword``
-        otherwise): ``"all"`` when it cannot tell, ``"none"`` without one.
+        How many accounts could pass ``kind`` of challenge-response login:
+        ``"none"`` when the portal takes no credentials of its kind
+        (``IScramCredentials`` for SCRAM, which also needs an
+        :class:`IScramKeySource` among :attr:`accounts`;
+        ``IUsernameHashedPassword`` otherwise), else what :attr:`accounts`
+        says as an :class:`ISecretInventory`, or ``"all"`` when it cannot tell.
         """
         scram = kind.startswith("scram-")
-        checker = self.portal.checkers.get(IScramCredentials if scram else IUsernameHashedPassword)
-        if checker is None or (scram and IScramKeySource(checker, None) is None):
+        wanted = IScramCredentials if scram else IUsernameHashedPassword
+        if wanted not in self._credential_kinds():
             return "none"
-        inventory = ISecretInventory(checker, None)
+        if scram and IScramKeySource(self.accounts, None) is None:
+            return "none"
+        inventory = ISecretInventory(self.accounts, None)
         return "all" if inventory is None else inventory.coverage(kind)
+
+    def _credential_kinds(self) -> list[Any]:
+        """The credentials interfaces the portal can check."""
+        return list(self.portal.listCredentialsInterfaces())
 
     def announcement(self) -> Announcement:
         """LOGIN-DELAY and EXPIRE as CAPA states them before login."""

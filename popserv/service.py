@@ -81,7 +81,8 @@ def make_factory(
         layout, passwd, defaults, reactor=reactor, uidl_format=options.get("uidl-format") or DOVECOT
     )
     masters = options.get("master-user") or []
-    checkers: list[Any] = [PasswdFileChecker(passwd, reactor=reactor, masters=masters)]
+    passwords = PasswdFileChecker(passwd, reactor=reactor, masters=masters)
+    checkers: list[Any] = [passwords]
     validator = options["oauth"] if "oauth" in options else token_validator(options)
     if validator is not None:
         checkers.append(TokenChecker(validator))
@@ -102,7 +103,13 @@ def make_factory(
     rule = options.get("external-identity") or "cn"
     mechanisms = [external_mechanism(rule) if m is EXTERNAL else m for m in MECHANISMS]
     return POP3Factory(
-        portal, policy, clock=reactor, announce=realm.announcement, tls=tls, sasl=mechanisms
+        portal,
+        policy,
+        clock=reactor,
+        announce=realm.announcement,
+        tls=tls,
+        sasl=mechanisms,
+        accounts=passwords,
     )
 
 

@@ -10,8 +10,10 @@ import base64
 from hashlib import md5
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -580,3 +582,62 @@ class PendingAdmissionTests(SynchronousTestCase):
         self.admission.answer()
         self.assertEqual(self.admission.clients("pop3"), {})
         self.assertEqual(waiting.take(), b"")
+
+
+class _OwnPortal:
+    """An application's own login service: not a twisted.cred Portal, no checkers."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def listCredentialsInterfaces(self):
+        return [IUsernamePassword]
+
+    def login(self, credentials, mind, *interfaces):
+        if credentials.username != b"alice" or not credentials.checkPassword(b"secret"):
+            return fail(UnauthorizedLogin())
+        mailbox = MemoryMailbox(MemoryMaildrop(MESSAGES))
+
+        def logout():
+            self.closed += 1
+            mailbox.close()
+
+        return succeed((IMailbox, mailbox, logout))
+
+
+class OwnPortalTests(SynchronousTestCase):
+    """The factory calls the portal it was given; it never reaches into a Portal's checkers."""
+
+    def setUp(self):
+        self.s = Session(policy=policy(max_user_sessions=1))
+        self.portal = _OwnPortal()
+        self.s.factory.portal = self.portal
+
+    def login(self, connection, password=b"secret"):
+        connection.send(b"USER alice\r\n")
+        return connection.send(b"PASS " + password + b"\r\n")
+
+    def test_login_through_it(self):
+        self.assertTrue(self.login(self.s.connect()).startswith(b"+OK Logged in, 3 messages"))
+
+    def test_refusal_is_a_failed_login(self):
+        connection = self.s.connect()
+        self.assertEqual(self.login(connection, b"wrong"), b"")
+        self.s.advance(2)
+        self.assertEqual(connection.take(), wire.err(errors.AuthFailed()))
+        self.assertEqual(self.s.factory.admission.penalties.failures("127.0.0.1"), 1)
+
+    def test_offers_only_what_it_takes(self):
+        """No IUsernameHashedPassword among its credentials: no APOP, no CRAM-MD5."""
+        self.assertFalse(self.s.factory.apop_offered())
+        names = [m.name for m in self.s.factory.enabled_mechanisms()]
+        self.assertNotIn("CRAM-MD5", names)
+        self.assertIn("PLAIN", names)
+
+    def test_sessions_counted_by_login_name(self):
+        first, second = self.s.connect(), self.s.connect()
+        self.assertTrue(self.login(first).startswith(b"+OK"))
+        self.assertEqual(self.login(second), wire.err(errors.TooManySessions()))
+        self.assertEqual(self.portal.closed, 1)  # the refused session's mailbox
+        first.send(b"QUIT\r\n")
+        self.assertEqual(self.s.factory.admission.user_sessions, {})

@@ -67,14 +67,18 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(s.protocol._failures, 0)
 
     def test_auto_follows_the_portal(self):
-        """Auto: offered only when a checker can verify APOP credentials."""
+        """
+        Auto: offered only when the portal takes APOP credentials and the
+        accounts (an ISecretInventory, the checker as a rule) have one it can check.
+        """
         s = Session()
+        self.assertTrue(s.factory.apop_offered())  # it cannot tell: offered
+        s.factory.accounts = _Inventory(False)
+        self.assertFalse(s.factory.apop_offered())
+        s.factory.accounts = _Inventory(True)
+        self.assertTrue(s.factory.apop_offered())
         del s.factory.portal.checkers[IUsernameHashedPassword]
         self.assertFalse(s.factory.apop_offered())
-        s.factory.portal.checkers[IUsernameHashedPassword] = _Inventory(False)
-        self.assertFalse(s.factory.apop_offered())
-        s.factory.portal.checkers[IUsernameHashedPassword] = _Inventory(True)
-        self.assertTrue(s.factory.apop_offered())
 
 
 @implementer(ISecretInventory)
