@@ -337,13 +337,14 @@ class StoreFaultTests(SynchronousTestCase):
         """EIO or ENOSPC opening a message: -ERR [SYS/TEMP], and the session goes on."""
         for code in (errno.EIO, errno.ENOSPC):
 
-            def failing_open(path, code=code):
+            def failing_open(fd, code=code):
+                os.close(fd)
                 raise OSError(code, os.strerror(code))
 
             client = self.logged_in()
-            self.patch(maildir_store, "_open_regular", failing_open)
+            self.patch(maildir_store, "_checked_regular", failing_open)
             answer = client.send(b"RETR 1\r\nTOP 2 0\r\n")
-            self.patch(maildir_store, "_open_regular", _open_regular)
+            self.patch(maildir_store, "_checked_regular", _checked_regular)
             failed = b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n"
             self.assertEqual(answer, failed * 2)
             self.assertEqual(client.send(b"NOOP\r\n"), b"+OK\r\n")
@@ -369,5 +370,5 @@ class StoreFaultTests(SynchronousTestCase):
         self.next_client_works()
 
 
-_open_regular = maildir_store._open_regular
+_checked_regular = maildir_store._checked_regular
 _open_message = MaildirMailbox.open_message

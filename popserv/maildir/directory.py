@@ -25,13 +25,15 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.logger import Logger
 
 log = Logger()
 
 #: Open a directory, never through a symbolic link.
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Open a directory whose path the operator lets popserv follow.
+_FOLLOWING = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 #: The Maildir's subdirectories.
 SUBDIRS = ("cur", "new", "tmp")
@@ -60,6 +62,21 @@ class MaildirPath:
     root: Path
     parts: tuple[str, ...]
     follow_symlinks: bool = False
+    #: What the first ``open`` opens, as a string: the path to the first of
+    #: the user's components (O_NOFOLLOW guards the last component only), or
+    #: the whole path when it may be followed.  Every RETR opens it.
+    _first: str = field(init=False, eq=False, repr=False)
+    _rest: tuple[str, ...] = field(init=False, eq=False, repr=False)
+
+    @_first.default
+    def _first_default(self) -> str:
+        if self.follow_symlinks or not self.parts:
+            return str(self.path)
+        return str(self.root / self.parts[0])
+
+    @_rest.default
+    def _rest_default(self) -> tuple[str, ...]:
+        return () if self.follow_symlinks else self.parts[1:]
 
     @classmethod
     def of(cls, where: MaildirPath | str | os.PathLike[str]) -> MaildirPath:
@@ -86,26 +103,35 @@ class MaildirPath:
         link met where it is not allowed; it is also logged, with its path.
         Blocking, but quick: a few ``open`` calls.
         """
-        if self.follow_symlinks:
-            fd = _open_followed(self.path, create)
-        else:
-            fd = _open_followed(self.root, create)
-            where = self.root
-            for part in self.parts:
-                where = where / part
-                try:
-                    fd = _replace(fd, open_subdirectory(fd, part, create=create, shown=where))
-                except BaseException:
-                    os.close(fd)
-                    raise
+        flags = _FOLLOWING if self.follow_symlinks or not self.parts else DIRECTORY_FLAGS
+        try:
+            fd = os.open(self._first, flags)
+        except OSError:
+            # Missing, or a link: the careful way, which creates and explains.
+            fd = self._open_first(create)
+        for part in self._rest:
+            try:
+                fd = _replace(fd, open_subdirectory(fd, part, create=create, within=self))
+            except BaseException:
+                os.close(fd)
+                raise
         if create:
             try:
                 for sub in SUBDIRS:
-                    os.close(open_subdirectory(fd, sub, create=True, shown=self.path / sub))
+                    os.close(open_subdirectory(fd, sub, create=True, within=self))
             except BaseException:
                 os.close(fd)
                 raise
         return fd
+
+    def _open_first(self, create: bool) -> int:
+        if self.follow_symlinks or not self.parts:
+            return _open_followed(self.path, create)
+        root = _open_followed(self.root, create)
+        try:
+            return open_subdirectory(root, self.parts[0], create=create, within=self.root)
+        finally:
+            os.close(root)
 
     @contextlib.contextmanager
     def opened(self, *subdirs: str, create: bool = False) -> Iterator[tuple[int, ...]]:
@@ -117,11 +143,26 @@ class MaildirPath:
         fds = [self.open(create=create)]
         try:
             for sub in subdirs:
-                fds.append(open_subdirectory(fds[0], sub, shown=self.path / sub))
+                fds.append(open_subdirectory(fds[0], sub, within=self))
             yield tuple(fds)
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def open_file(self, subdir: str, name: str, flags: int) -> int:
+        """
+        Open ``name`` in the Maildir's ``subdir`` with ``flags`` (add
+        ``O_NOFOLLOW``): :meth:`opened` without its generator, for RETR.
+        """
+        top = self.open()
+        try:
+            directory = open_subdirectory(top, subdir, within=self)
+        finally:
+            os.close(top)
+        try:
+            return os.open(name, flags, dir_fd=directory)
+        finally:
+            os.close(directory)
 
 
 def _replace(old: int, new: int) -> int:
@@ -132,21 +173,21 @@ def _replace(old: int, new: int) -> int:
 def _open_followed(path: Path, create: bool) -> int:
     """The operator's part of the path: followed, created (with its parents) if asked."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(path, _FOLLOWING)
     except FileNotFoundError:
         if not create:
             raise
     path.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return os.open(path, _FOLLOWING)
 
 
 def open_subdirectory(
-    parent: int, name: str, *, create: bool = False, shown: Path | str | None = None
+    parent: int, name: str, *, create: bool = False, within: object = None
 ) -> int:
     """
     The directory ``name`` inside the directory ``parent``, never through a
-    symbolic link (:class:`SymlinkRefused`, logged with ``shown``, the path
-    to name in the log); made (mode 0700) if missing and ``create``.
+    symbolic link (:class:`SymlinkRefused`, logged with the path ``within``
+    names, the parent's); made (mode 0700) if missing and ``create``.
     """
     try:
         return os.open(name, DIRECTORY_FLAGS, dir_fd=parent)
@@ -156,7 +197,7 @@ def open_subdirectory(
     except OSError as e:
         # O_NOFOLLOW|O_DIRECTORY on a symbolic link: ELOOP, or ENOTDIR on Linux.
         if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent, name):
-            refused = SymlinkRefused(Path(shown if shown is not None else name))
+            refused = SymlinkRefused(Path(str(within)) / name if within is not None else Path(name))
             log.warn(
                 "Refused a symbolic link where a Maildir directory should be: {path}",
                 path=str(refused.path),
@@ -165,7 +206,7 @@ def open_subdirectory(
         raise
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, DIRECTORY_MODE, dir_fd=parent)
-    return open_subdirectory(parent, name, create=False, shown=shown)
+    return open_subdirectory(parent, name, create=False, within=within)
 
 
 def _is_symlink(parent: int, name: str) -> bool:

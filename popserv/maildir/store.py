@@ -97,16 +97,23 @@ def _open_regular(name: str, directory: int) -> int:
     return _open_regular_stat(name, directory)[0]
 
 
+#: How message files are opened: never through a symlink, never hanging on a FIFO.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _open_regular_stat(name: str, directory: int) -> tuple[int, os.stat_result]:
     """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
     try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory
-        )
+        fd = os.open(name, _READ_FLAGS, dir_fd=directory)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise FileNotFoundError(errno.ENOENT, "not a regular file") from None
         raise
+    return _checked_regular(fd)
+
+
+def _checked_regular(fd: int) -> tuple[int, os.stat_result]:
+    """``fd`` and its status if it is a regular file; else closed, and FileNotFoundError."""
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
@@ -897,12 +904,14 @@ class MaildirMailbox:
         """
         listed = self._name_of(index)
         try:
-            with self.location.opened(_SUBDIRS[self._places[index]]) as (_, directory):
-                return open(_open_regular(listed, directory), "rb", buffering=0)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
+            fd = self.location.open_file(_SUBDIRS[self._places[index]], listed, _READ_FLAGS)
+            return open(_checked_regular(fd)[0], "rb", buffering=0)
+        except SymlinkRefused as e:
             raise storage_failure("cannot open a message", e) from None
+        except OSError as e:
+            # Gone, moved, or a link in the message's place: look it up again.
+            if e.errno not in (errno.ENOENT, errno.ELOOP):
+                raise storage_failure("cannot open a message", e) from None
 
         def chase() -> tuple[int, str, MessageStream]:
             try:
