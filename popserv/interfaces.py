@@ -23,7 +23,7 @@ Every method may return its result directly or as a ``Deferred``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import field, frozen
 from zope.interface import Attribute, Interface
@@ -39,9 +39,9 @@ class PortalLike(Protocol):
     service, say).  Only these are called; a Portal's checkers are never read.
     """
 
-    def login(self, credentials: object, mind: object, *interfaces: object) -> Deferred[tuple]: ...
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]: ...
 
-    def listCredentialsInterfaces(self) -> list[object]: ...
+    def listCredentialsInterfaces(self) -> list[Any]: ...
 
 
 class MessageStream(Protocol):
