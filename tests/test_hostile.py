@@ -264,7 +264,8 @@ class TotalLimitTests(_HealthyServerMixin, ServerTestCase):
 
 
 class SlowClientTests(_HealthyServerMixin, ServerTestCase):
-    options = {"login-timeout": 0.5}
+    # Long enough for an argon2id login on a loaded machine (assert_healthy).
+    options = {"login-timeout": 2.0}
 
     def drip_until_closed(self, first: bytes, drip: bytes) -> int:
         """Send ``first``, then ``drip`` each time 0.1 s pass without news; return the drips."""
@@ -297,7 +298,7 @@ class SlowClientTests(_HealthyServerMixin, ServerTestCase):
 
 
 class SlowTLSTests(_HealthyServerMixin, TLSTestCase):
-    extra_options = {"login-timeout": 0.5}
+    extra_options = {"login-timeout": 2.0}
 
     def wait_closed(self, port: int, send: bytes) -> bytes:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
