@@ -1097,17 +1097,22 @@ class _CountingRealm:
             interface, avatar, logout = await maybeDeferred(
                 self._realm.requestAvatar, avatarId, mind, *interfaces_
             )
-        except BaseException:
+        except Exception:
             lease.release()
             raise
+        return interface, avatar, _releasing(logout, lease)
 
-        def logout_and_release() -> None:
-            try:
-                logout()
-            finally:
-                lease.release()
 
-        return interface, avatar, logout_and_release
+def _releasing(logout: Callable[[], object], lease: ILease) -> Callable[[], None]:
+    """``logout``, then the session's admission lease given back, whatever happens."""
+
+    def logout_and_release() -> None:
+        try:
+            logout()
+        finally:
+            lease.release()
+
+    return logout_and_release
 
 
 class POP3Factory(Factory):
@@ -1223,17 +1228,10 @@ class POP3Factory(Factory):
         interface, mailbox, logout = await self.portal.login(credentials, mind, IMailbox)
         try:
             lease = await self.admission.user_session(_penalty_name(credentials.username))
-        except BaseException:
+        except Exception:
             logout()
             raise
-
-        def logout_and_release() -> None:
-            try:
-                logout()
-            finally:
-                lease.release()
-
-        return interface, mailbox, logout_and_release
+        return interface, mailbox, _releasing(logout, lease)
 
     # Capabilities
 
