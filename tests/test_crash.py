@@ -28,6 +28,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from popserv.files import checked_regular
 from popserv.layout import Layout, ensure_maildir
 from popserv.maildir import MaildirMailbox, deliver, parse_name
 from popserv.maildir import store as maildir_store
@@ -342,9 +343,9 @@ class StoreFaultTests(SynchronousTestCase):
                 raise OSError(code, os.strerror(code))
 
             client = self.logged_in()
-            self.patch(maildir_store, "_checked_regular", failing_open)
+            self.patch(maildir_store, "checked_regular", failing_open)
             answer = client.send(b"RETR 1\r\nTOP 2 0\r\n")
-            self.patch(maildir_store, "_checked_regular", _checked_regular)
+            self.patch(maildir_store, "checked_regular", checked_regular)
             failed = b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n"
             self.assertEqual(answer, failed * 2)
             self.assertEqual(client.send(b"NOOP\r\n"), b"+OK\r\n")
@@ -370,5 +371,4 @@ class StoreFaultTests(SynchronousTestCase):
         self.next_client_works()
 
 
-_checked_regular = maildir_store._checked_regular
 _open_message = MaildirMailbox.open_message

@@ -25,6 +25,7 @@ from typing import BinaryIO
 from attrs import define
 
 from popserv.body import WireSizeCounter
+from popserv.files import fsync_directory
 from popserv.maildir.directory import MaildirPath
 from popserv.maildir.names import host_part, make_unique
 
@@ -105,15 +106,6 @@ def _write_lf(fd: int, source: Source) -> tuple[int, int]:
     return stored, counter.result()
 
 
-def fsync_directory(path: Path) -> None:
-    """Make a directory's entries (new, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: int, new: int, tmp_name: str, final_name: str) -> bool:
     """Put the tmp file at ``new/final_name``; True if it is still in ``tmp/`` (linked)."""
     try:
@@ -175,7 +167,7 @@ class PendingDelivery:
         try:
             # Until new/ is synced the message could vanish in a crash; fail
             # loudly (so the sender retries) rather than acknowledge it.
-            os.fsync(new)
+            fsync_directory(new)
         except BaseException:
             _unlink_quietly(final_name, new)
             raise
@@ -195,7 +187,7 @@ class PendingDelivery:
         """
         with contextlib.suppress(OSError), self.maildir.opened("new") as (_, new):
             _unlink_quietly(self.final_name, new)
-            os.fsync(new)
+            fsync_directory(new)
 
     def discard(self) -> None:
         """Remove the unpublished message; later calls do nothing."""

@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Mapping
 
-from popserv.maildir.cachefile import read_regular, replace_file
+from popserv.files import read_regular, replace_file
 
 #: The index file, in the Maildir's root next to ``popserv.lock``.
 INDEX_FILE = "popserv.index"

@@ -42,8 +42,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from popserv.files import read_regular, replace_file
 from popserv.interfaces import Listing
-from popserv.maildir.cachefile import read_regular, replace_file
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.names import MAX_UIDL_LENGTH, seen
 

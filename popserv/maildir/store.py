@@ -19,7 +19,6 @@ import contextlib
 import errno
 import gc
 import os
-import stat
 import threading
 import time
 from array import array
@@ -40,8 +39,14 @@ from zope.interface import implementer
 
 from popserv.body import WireSizeCounter
 from popserv.errors import CommitFailed, MessageGone, storage_failure
+from popserv.files import (
+    READ_FLAGS,
+    checked_regular,
+    fsync_directory,
+    open_regular,
+    read_regular,
+)
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
-from popserv.maildir.cachefile import read_regular
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.commonnames import Match, common_columns, split_common
 from popserv.maildir.directory import MaildirPath, SymlinkRefused
@@ -86,42 +91,10 @@ _LOOKUP_TRIES = 3
 _Places = Sequence[int]
 
 
-def _open_regular(name: str, directory: int) -> int:
-    """
-    Open the message file ``name`` in ``directory`` for reading; anything
-    but a regular file counts as absent.
-
-    No symlinks (a user could point one at a file only the server may read)
-    and no FIFOs or devices (O_NONBLOCK so opening one cannot hang).
-    """
-    return _open_regular_stat(name, directory)[0]
-
-
-#: How message files are opened: never through a symlink, never hanging on a FIFO.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def _open_regular_stat(name: str, directory: int) -> tuple[int, os.stat_result]:
-    """:func:`_open_regular`, with the file's status (one ``fstat`` for both)."""
-    try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=directory)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise FileNotFoundError(errno.ENOENT, "not a regular file") from None
-        raise
-    return _checked_regular(fd)
-
-
-def _checked_regular(fd: int) -> tuple[int, os.stat_result]:
-    """``fd`` and its status if it is a regular file; else closed, and FileNotFoundError."""
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise FileNotFoundError(errno.ENOENT, "not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, status
+def _open_stream(name: str, directory: int) -> MessageStream:
+    """The message file ``name`` in ``directory``, open for reading (see :func:`open_regular`)."""
+    fd, _ = open_regular(name, dir_fd=directory)
+    return open(fd, "rb", buffering=0)
 
 
 def _find(places: _Places, unique: str) -> tuple[int, str] | None:
@@ -164,7 +137,7 @@ def _measure(
     places: _Places, size_needed: bool, where: int, name: str
 ) -> tuple[int | None, float]:
     """The wire size (if needed; reads the whole file) and mtime of a message."""
-    fd, status = _open_regular_stat(name, places[where])
+    fd, status = open_regular(name, dir_fd=places[where])
     try:
         if not size_needed:
             return None, status.st_mtime
@@ -698,7 +671,7 @@ def _apply_in(
             outcome.unmarked += 1
     for where in sorted(touched):
         try:
-            os.fsync(places[where])
+            fsync_directory(places[where])
         except OSError:
             if where in deleted_in:
                 outcome.unsynced += 1
@@ -904,8 +877,8 @@ class MaildirMailbox:
         """
         listed = self._name_of(index)
         try:
-            fd = self.location.open_file(_SUBDIRS[self._places[index]], listed, _READ_FLAGS)
-            return open(_checked_regular(fd)[0], "rb", buffering=0)
+            fd = self.location.open_file(_SUBDIRS[self._places[index]], listed, READ_FLAGS)
+            return open(checked_regular(fd)[0], "rb", buffering=0)
         except SymlinkRefused as e:
             raise storage_failure("cannot open a message", e) from None
         except OSError as e:
@@ -918,7 +891,7 @@ class MaildirMailbox:
                 with self.location.opened(*_SUBDIRS) as (_, *places):
 
                     def reopen(where: int, name: str) -> MessageStream:
-                        return open(_open_regular(name, places[where]), "rb", buffering=0)
+                        return _open_stream(name, places[where])
 
                     return _chasing(places, self._places[index], listed, reopen)
             except FileNotFoundError:

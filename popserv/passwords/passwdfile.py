@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
@@ -26,6 +25,7 @@ from attrs import field, frozen
 from twisted.logger import Logger
 
 from popserv.errors import InvalidUsername
+from popserv.files import replace_file
 from popserv.passwords.schemes import SCHEMES, extra_secrets, scheme_of
 from popserv.usernames import validate_username
 
@@ -200,7 +200,6 @@ class PasswdFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._lock = threading.Lock()
         self._cache: tuple[tuple[int, int, int], _Contents] | None = None
 
@@ -354,42 +353,15 @@ class PasswdFile:
             except FileNotFoundError:
                 old, data = None, b""
             lines = change(_parse(data, self.path, warn=False))
-            self._replace(b"".join(line + b"\n" for line in lines), old)
+            # Durable, and with the owner and mode an administrator gave the
+            # file (say root:popserv 0640), so the server can still read it.
+            # Under the lock: the temporary file is PATH.tmp.
+            data = b"".join(line + b"\n" for line in lines)
+            replace_file(self.path, data, durable=True, like=old, locked=True)
         with self._lock:
             self._cache = None
 
-    def _replace(self, data: bytes, old: os.stat_result | None) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        fd = os.open(self._tmp_path, flags, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                if old is not None:
-                    # Keep the owner and mode an administrator gave the file
-                    # (say root:popserv 0640), so the server can still read it.
-                    with suppress(PermissionError):
-                        os.fchown(fd, old.st_uid, old.st_gid)
-                    os.fchmod(fd, stat.S_IMODE(old.st_mode))
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self._tmp_path, self.path)
-        except BaseException:
-            self._tmp_path.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.path.parent)
 
 
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
