@@ -31,7 +31,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from popserv.files import checked_regular
 from popserv.layout import Layout, ensure_maildir
 from popserv.maildir import MaildirMailbox, deliver, parse_name
-from popserv.maildir import store as maildir_store
+from popserv.maildir import commit as maildir_commit
+from popserv.maildir import mailbox as maildir_mailbox
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
 
@@ -325,9 +326,9 @@ class StoreFaultTests(SynchronousTestCase):
 
             client = self.logged_in()
             self.assertEqual(client.send(b"DELE 1\r\n"), b"+OK Message 1 deleted\r\n")
-            self.patch(maildir_store.os, "unlink", unlink)
+            self.patch(maildir_commit.os, "unlink", unlink)
             answer = client.send(b"QUIT\r\n")
-            self.patch(maildir_store.os, "unlink", os.unlink)
+            self.patch(maildir_commit.os, "unlink", os.unlink)
             self.assertEqual(answer, b"-ERR [SYS/TEMP] Some deleted messages were not removed\r\n")
             self.assertTrue(client.transport.disconnecting)
             client.close()
@@ -343,9 +344,9 @@ class StoreFaultTests(SynchronousTestCase):
                 raise OSError(code, os.strerror(code))
 
             client = self.logged_in()
-            self.patch(maildir_store, "checked_regular", failing_open)
+            self.patch(maildir_mailbox, "checked_regular", failing_open)
             answer = client.send(b"RETR 1\r\nTOP 2 0\r\n")
-            self.patch(maildir_store, "checked_regular", checked_regular)
+            self.patch(maildir_mailbox, "checked_regular", checked_regular)
             failed = b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n"
             self.assertEqual(answer, failed * 2)
             self.assertEqual(client.send(b"NOOP\r\n"), b"+OK\r\n")

@@ -19,8 +19,11 @@ from pathlib import Path
 from twisted.internet.defer import Deferred
 
 from popserv.errors import MailboxInUse
-from popserv.maildir import MaildirMailbox, listcache, store
+from popserv.maildir import MaildirMailbox, listcache, opening
+from popserv.maildir import mailbox as maildir_mailbox
 from popserv.maildir.listcache import LISTING_FILE, decode_listing
+from popserv.maildir.lock import MaildropLock
+from popserv.maildir.places import CUR
 
 from .test_maildir import MaildirTestCase
 
@@ -46,16 +49,16 @@ class ListingCacheTests(MaildirTestCase):
         def refuse(*args: object) -> None:
             raise AssertionError("scanned although the listing was cached")
 
-        self.patch(store, "_scan", refuse)
+        self.patch(opening, "scan", refuse)
 
     @contextlib.contextmanager
     def patch_scan_refused(self) -> Iterator[None]:
-        real = store._scan
+        real = opening.scan
         self.forbid_scan()
         try:
             yield
         finally:
-            store._scan = real
+            opening.scan = real
 
     async def uids_and_sizes(self) -> tuple[list[str], list[int]]:
         mailbox = await self.open(self.maildir_path)
@@ -124,7 +127,7 @@ class ListingCacheTests(MaildirTestCase):
         age(self.maildir_path)  # Even with the times put back: the ctime moved.
         mailbox = await self.open(self.maildir_path)
         self.assertEqual(list(mailbox.listing().seen), [True, True, True, True])
-        self.assertEqual(mailbox._places[3], store.CUR)
+        self.assertEqual(mailbox._places[3], CUR)
 
     async def test_deletion_invalidates(self) -> None:
         self.trust_at_once()
@@ -217,13 +220,13 @@ class BackgroundWriteTests(MaildirTestCase):
         maildir = self.maildir()
         self.put(maildir, "cur", "1000.P1.host,W=2:2,S", b"ab")
         jobs = []
-        real = store.MaildirMailbox._in_thread
+        real = MaildirMailbox._in_thread
 
-        def held(mailbox: store.MaildirMailbox, f: object, *args: object) -> object:
+        def held(mailbox: MaildirMailbox, f: object, *args: object) -> object:
             jobs.append((real, mailbox, f, args))
             return Deferred()
 
-        self.patch(store.MaildirMailbox, "_in_thread", held)
+        self.patch(MaildirMailbox, "_in_thread", held)
         mailbox = await self.open(maildir)
         self.assertEqual(list(mailbox.listing().uids), ["1000.P1.host,W=2"])
         self.assertFalse((maildir / LISTING_FILE).exists())
@@ -272,13 +275,13 @@ class InlineOpenTests(MaildirTestCase):
 
     def count_thread_jobs(self) -> list[object]:
         jobs: list[object] = []
-        real = store.deferToThreadPool
+        real = maildir_mailbox.deferToThreadPool
 
         def counting(reactor: object, pool: object, f: object, *args: object) -> object:
             jobs.append(f)
             return real(reactor, pool, f, *args)  # type: ignore[arg-type]
 
-        self.patch(store, "deferToThreadPool", counting)
+        self.patch(maildir_mailbox, "deferToThreadPool", counting)
         return jobs
 
     async def test_cached_small_maildrop_inline(self) -> None:
@@ -298,15 +301,15 @@ class InlineOpenTests(MaildirTestCase):
         """No listing cached yet: the scan runs in the thread pool."""
         jobs = self.count_thread_jobs()
         await self.cache_listing()
-        self.assertEqual(jobs, [store._open_locked, store._save_caches])
+        self.assertEqual(jobs, [opening.open_locked, opening.save_caches])
 
     async def test_big_directory_in_thread(self) -> None:
         """Directories over the size limit go to the thread pool even when cached."""
         await self.cache_listing()
-        self.patch(store, "INLINE_DIRECTORY_BYTES", 0)
+        self.patch(opening, "INLINE_DIRECTORY_BYTES", 0)
         jobs = self.count_thread_jobs()
         await self.cache_listing()
-        self.assertEqual(jobs, [store._open_locked])
+        self.assertEqual(jobs, [opening.open_locked])
 
     async def test_changed_maildrop_in_thread(self) -> None:
         """A delivery since the listing was cached: a scan in a thread, which sees it."""
@@ -314,18 +317,16 @@ class InlineOpenTests(MaildirTestCase):
         self.put(self.maildir_path, "new", "2000.P7.host", b"new\n")
         jobs = self.count_thread_jobs()
         self.assertEqual(len(await self.cache_listing()), 4)
-        self.assertIn(store._open_locked, jobs)
+        self.assertIn(opening.open_locked, jobs)
 
     async def test_commit_just_before_the_lock(self) -> None:
         """
         A session that deleted a message and let go of the lock just before
         this open: its cached listing is not taken, inline or in the thread pool.
         """
-        from popserv.maildir.lock import MaildropLock
-
         real = MaildropLock.acquire
-        for inline_limit in (store.INLINE_DIRECTORY_BYTES, 0):
-            self.patch(store, "INLINE_DIRECTORY_BYTES", inline_limit)
+        for inline_limit in (opening.INLINE_DIRECTORY_BYTES, 0):
+            self.patch(opening, "INLINE_DIRECTORY_BYTES", inline_limit)
             uids = await self.cache_listing()
             victim = next((self.maildir_path / "cur").iterdir())
 
@@ -334,10 +335,10 @@ class InlineOpenTests(MaildirTestCase):
                     victim.unlink()
                 return real(maildir)
 
-            self.patch(store.MaildropLock, "acquire", staticmethod(acquire))
+            self.patch(MaildropLock, "acquire", staticmethod(acquire))
             mailbox = await self.open(self.maildir_path)
             self.assertEqual(len(mailbox.listing()), len(uids) - 1)
             await mailbox.index_saved()
             mailbox.close()
-            self.patch(store.MaildropLock, "acquire", real)
+            self.patch(MaildropLock, "acquire", real)
             age(self.maildir_path)

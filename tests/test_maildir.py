@@ -44,12 +44,15 @@ from popserv.maildir import (
     deliver,
     make_unique,
     parse_name,
-    store,
     uidl_for,
     with_flag,
 )
+from popserv.maildir import index as maildir_index
+from popserv.maildir import scan as maildir_scan
 from popserv.maildir.commonnames import common_columns, split_common
 from popserv.maildir.directory import MaildirPath
+from popserv.maildir.places import CUR
+from popserv.maildir.scan import Scan
 from popserv.maildir.uidls import UidlScheme, parse_uidl_format
 from popserv.protocol import resolve
 
@@ -72,10 +75,10 @@ def acquire(maildir: Path) -> MaildropLock:
         return MaildropLock.acquire(top)
 
 
-def scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> store._Scan:
+def scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> Scan:
     """Scan the Maildir at ``maildir`` as a login does."""
     with MaildirPath.of(maildir).opened("new", "cur") as (top, *places):
-        return store._scan(top, places, scheme, use_index)
+        return maildir_scan.scan(top, places, scheme, use_index)
 
 
 def valid_uidl(uid: str) -> bool:
@@ -312,7 +315,7 @@ class OpenTests(MaildirTestCase):
         def unreadable(places: object) -> object:
             raise PermissionError(errno.EACCES, "injected")
 
-        self.patch(store, "_list_names", unreadable)
+        self.patch(maildir_scan, "list_messages", unreadable)
         with self.assertRaises(PermanentFailure) as caught:
             await MaildirMailbox.open(maildir)
         self.assertIn("scan", caught.exception.detail)
@@ -788,18 +791,18 @@ _COMMON_NAMES = [
 class CommonScanTests(MaildirTestCase):
     def scans(
         self, maildir: Path, uidl_format: str = "dovecot", use_index: bool = False
-    ) -> tuple[store._Scan, store._Scan]:
+    ) -> tuple[Scan, Scan]:
         """The scan as it runs, and the same with the common-name path turned off."""
         scheme = parse_uidl_format(uidl_format)
         lean = scan(maildir, scheme, use_index)
-        self.patch(store, "common_columns", lambda places: None)
+        self.patch(maildir_scan, "common_columns", lambda places: None)
         try:
             general = scan(maildir, scheme, use_index)
         finally:
-            self.patch(store, "common_columns", common_columns)
+            self.patch(maildir_scan, "common_columns", common_columns)
         return lean, general
 
-    def assertSameScan(self, lean: store._Scan, general: store._Scan) -> None:
+    def assertSameScan(self, lean: Scan, general: Scan) -> None:
         self.assertEqual(list(lean.listing.uids), list(general.listing.uids))
         self.assertEqual(list(lean.listing.sizes), list(general.listing.sizes))
         self.assertEqual(list(lean.listing.received or ()), list(general.listing.received or ()))
@@ -830,7 +833,7 @@ class CommonScanTests(MaildirTestCase):
             calls.append(places)
             return common_columns(places)  # type: ignore[arg-type]
 
-        self.patch(store, "common_columns", spy)
+        self.patch(maildir_scan, "common_columns", spy)
         scan(maildir, parse_uidl_format("dovecot"), False)
         self.assertEqual(len(calls), 1)
         scan(maildir, parse_uidl_format("%Mf"), False)
@@ -852,7 +855,7 @@ class CommonScanTests(MaildirTestCase):
         self.put(maildir, "cur", "1700000000.A.host,W=2:2,S")
         lean, general = self.scans(maildir)
         self.assertSameScan(lean, general)
-        self.assertEqual((lean.infos, lean.places), ([":2,S"], bytearray([store.CUR])))
+        self.assertEqual((lean.infos, lean.places), ([":2,S"], bytearray([CUR])))
 
     def test_long_name(self) -> None:
         """A unique name over 70 characters gets a digest UIDL, as elsewhere."""
@@ -878,7 +881,7 @@ class CommonScanTests(MaildirTestCase):
         first = scan(maildir, parse_uidl_format("dovecot"), True)
         assert first.index_update
         with MaildirPath.of(maildir).opened() as (top,):
-            store.save_index(top, first.index_update)
+            maildir_index.save_index(top, first.index_update)
         os.rename(
             maildir / "cur" / "1700000000.A.host:2,S",
             maildir / "cur" / "1700000000.A.host,W=3:2,S",
@@ -911,7 +914,7 @@ class ThreadedMeasureTests(MaildirTestCase):
     """Files without ``,W=`` are read in several threads when there are many."""
 
     def setUp(self) -> None:
-        self.patch(store, "_MEASURE_BATCH", 3)
+        self.patch(maildir_scan, "_MEASURE_BATCH", 3)
         self.maildir_path = self.maildir()
         self.bodies = {
             f"{1000 + i}.P{i}.host": b"line\n" * i + (b".dot\r\n" if i % 2 else b"end")
@@ -926,13 +929,13 @@ class ThreadedMeasureTests(MaildirTestCase):
         scheme = parse_uidl_format("dovecot")
         threaded = scan(self.maildir_path, scheme, False)
         self.assertEqual(list(threaded.listing.sizes), [retr_size(b) for b in self.bodies.values()])
-        self.patch(store, "_MEASURE_BATCH", 1000)
+        self.patch(maildir_scan, "_MEASURE_BATCH", 1000)
         single = scan(self.maildir_path, scheme, False)
         self.assertEqual(threaded, single)
 
     def test_deleted_meanwhile(self) -> None:
         """A file deleted by someone else during the scan is left out, the rest counted."""
-        real = store._measure
+        real = maildir_scan._measure
         gone = "1007.P7.host:2,S"
 
         def measure(places: list[int], size_needed: bool, where: int, name: str) -> object:
@@ -940,21 +943,21 @@ class ThreadedMeasureTests(MaildirTestCase):
                 os.unlink(name, dir_fd=places[where])
             return real(places, size_needed, where, name)
 
-        self.patch(store, "_measure", measure)
+        self.patch(maildir_scan, "_measure", measure)
         scanned = scan(self.maildir_path, parse_uidl_format("dovecot"), False)
         self.assertEqual(len(scanned.listing), 19)
         self.assertNotIn("1007.P7.host", list(scanned.listing.uids))
 
     def test_failure_stops_the_scan(self) -> None:
         """An unreadable file fails the scan (the login gets [SYS/TEMP]); no thread lingers."""
-        real = store._measure
+        real = maildir_scan._measure
 
         def measure(places: list[int], size_needed: bool, where: int, name: str) -> object:
             if name.startswith("1011."):
                 raise PermissionError(errno.EACCES, "injected")
             return real(places, size_needed, where, name)
 
-        self.patch(store, "_measure", measure)
+        self.patch(maildir_scan, "_measure", measure)
         with self.assertRaises(PermissionError):
             scan(self.maildir_path, parse_uidl_format("dovecot"), False)
         self.assertEqual(
@@ -964,19 +967,19 @@ class ThreadedMeasureTests(MaildirTestCase):
 
 class CollectorPauseTests(MaildirTestCase):
     def setUp(self) -> None:
-        self.patch(store, "_GC_PAUSE_FILES", 1)
+        self.patch(maildir_scan, "_GC_PAUSE_FILES", 1)
         self.maildir_path = self.maildir()
         self.put(self.maildir_path, "cur", "1700000000.A.host,W=2:2,S")
 
     def scan_seeing_gc(self) -> list[bool]:
         seen = []
-        real = store._scan_names
+        real = maildir_scan._scan_names
 
         def spy(*args: object) -> object:
             seen.append(gc.isenabled())
             return real(*args)  # type: ignore[arg-type]
 
-        self.patch(store, "_scan_names", spy)
+        self.patch(maildir_scan, "_scan_names", spy)
         scan(self.maildir_path, parse_uidl_format("dovecot"), False)
         return seen
 
@@ -995,9 +998,33 @@ class CollectorPauseTests(MaildirTestCase):
 
     def test_nested(self) -> None:
         """Overlapping scans: the collector resumes when the last one ends."""
-        pause = store._CollectorPause()
+        pause = maildir_scan._CollectorPause()
         with pause:
             with pause:
                 self.assertFalse(gc.isenabled())
             self.assertFalse(gc.isenabled())
         self.assertTrue(gc.isenabled())
+
+
+class ScanLayerTests(TestCase):
+    def test_no_twisted(self) -> None:
+        """
+        The blocking scan imports no Twisted, directly or through the modules
+        it uses (the packages' own ``__init__`` aside, which re-export the
+        Twisted side too).
+        """
+        root = Path(maildir_scan.__file__).parent.parent
+        code = (
+            "import sys, types\n"
+            f"for name, path in (('popserv', {str(root)!r}),"
+            f" ('popserv.maildir', {str(root / 'maildir')!r})):\n"
+            "    module = types.ModuleType(name)\n"
+            "    module.__path__ = [path]\n"
+            "    sys.modules[name] = module\n"
+            "import popserv.maildir.scan\n"
+            "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'twisted'))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        self.assertEqual(out.stdout, "[]\n")

@@ -10,8 +10,8 @@ and most MTAs and mail clients use it.
 from popserv.maildir.deliver import clean_tmp, deliver
 from popserv.maildir.index import INDEX_FILE
 from popserv.maildir.lock import LOCK_FILE, MaildropLock
+from popserv.maildir.mailbox import MaildirMailbox
 from popserv.maildir.names import MaildirName, make_unique, parse_name, uidl_for, with_flag
-from popserv.maildir.store import MaildirMailbox
 from popserv.maildir.uidlist import UIDLIST_FILE
 from popserv.maildir.uidls import UidlScheme, parse_uidl_format
 
