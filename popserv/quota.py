@@ -21,6 +21,7 @@ from attrs import evolve, frozen
 
 from popserv.maildir.directory import MaildirPath
 from popserv.maildir.names import parse_name
+from popserv.maildir.places import SUBDIRS, list_messages
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE = re.compile(r"\s*(\d{1,20})\s*([bkmgt]?)b?\s*", re.IGNORECASE)
@@ -117,29 +118,25 @@ def _dovecot_rule(value: str) -> dict[str, int | None]:
 
 def maildir_usage(maildir: MaildirPath | Path) -> Usage:
     """
-    Count the messages in ``new/`` and ``cur/`` and their stored size.
+    Count the messages in ``new/`` and ``cur/`` and their stored size: the
+    files a POP3 session would list (:func:`~popserv.maildir.places.list_messages`).
 
     Sizes come from ``,S=`` in the names where present, else from ``stat``.
     A Maildir not made yet holds nothing.  Blocking: call it in a thread.
     """
     total = count = 0
     try:
-        directories = MaildirPath.of(maildir).opened("new", "cur")
-        with directories as (_, *places):
-            for place in places:
-                with os.scandir(place) as entries:
-                    for entry in entries:
-                        if entry.name.startswith("."):
+        with MaildirPath.of(maildir).opened(*SUBDIRS) as (_, *places):
+            for place, names in zip(places, list_messages(places), strict=True):
+                for name in names:
+                    size = parse_name(name).stored_size
+                    if size is None:
+                        try:
+                            size = os.stat(name, dir_fd=place, follow_symlinks=False).st_size
+                        except FileNotFoundError:
                             continue
-                        size = parse_name(entry.name).stored_size
-                        if size is None:
-                            try:
-                                st = entry.stat(follow_symlinks=False)
-                            except FileNotFoundError:
-                                continue
-                            size = st.st_size
-                        total += size
-                        count += 1
+                    total += size
+                    count += 1
     except FileNotFoundError:
         return Usage(0, 0)
     return Usage(total, count)

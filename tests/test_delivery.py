@@ -155,6 +155,15 @@ class QuotaTests(SynchronousTestCase):
         (maildir / "cur" / "1.2.host:2,S").write_bytes(b"abc")
         self.assertEqual(maildir_usage(maildir), Usage(9, 2))
 
+    def test_usage_counts_what_a_session_lists(self):
+        """A link, a directory or a dot file in new/ or cur/ is no message: not counted."""
+        maildir = Path(self.mktemp())
+        deliver(maildir, b"12345\n")
+        (maildir / "cur" / "2.link.host,S=1000:2,S").symlink_to(maildir / "new")
+        (maildir / "cur" / "3.dir.host,S=1000").mkdir()
+        (maildir / "new" / ".hidden,S=1000").write_bytes(b"x")
+        self.assertEqual(maildir_usage(maildir), Usage(6, 1))
+
     def test_check_room(self):
         layout = Layout.create(self.mktemp())
         layout.data_dir.mkdir(parents=True)
