@@ -257,10 +257,3 @@ def save_listing(maildir: int, data: bytes) -> None:
     """Replace the Maildir's listing file atomically; failures only cost speed."""
     with contextlib.suppress(OSError):
         replace_file(LISTING_FILE, data, dir_fd=maildir)
-
-
-def remove_listing(maildir: int) -> None:
-    """Remove a listing file that no longer matches (it would only be read in vain)."""
-    with contextlib.suppress(OSError):
-        os.unlink(LISTING_FILE, dir_fd=maildir)
-

@@ -23,11 +23,6 @@ import time
 
 from attrs import frozen
 
-#: Separators between the unique part and the info (``2,FLAGS``).  ``:`` is
-#: the standard one and can never occur in a unique part; the others can, so
-#: they only count when ``2,`` follows.
-INFO_SEPARATORS = ":!;"
-
 #: RFC 1939 section 7: a unique-id is 1 to 70 characters in 0x21-0x7E.
 MAX_UIDL_LENGTH = 70
 
@@ -56,6 +51,8 @@ class MaildirName:
 
 def _split_info(filename: str) -> tuple[str, str | None]:
     """Split ``filename`` into its unique part and its info (``None`` if absent)."""
+    # ``:`` is the standard separator and can never occur in a unique part;
+    # ``!`` and ``;`` can, so they only count when ``2,`` follows.
     unique, colon, info = filename.partition(":")
     if colon:
         return unique, info
