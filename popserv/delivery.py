@@ -26,10 +26,11 @@ from twisted.logger import Logger
 from popserv.errors import InvalidUsername
 from popserv.headers import header_field
 from popserv.layout import Layout
+from popserv.maildir import maildirsize
 from popserv.maildir.deliver import PendingDelivery, prepare
 from popserv.maildir.directory import MaildirPath
 from popserv.passwords import PasswdFile
-from popserv.quota import OverQuota, Quota, maildir_usage
+from popserv.quota import OverQuota, Quota, current_usage
 
 log = Logger()
 
@@ -229,7 +230,7 @@ def check_room(recipient: Recipient, incoming: int = 0) -> None:
     if recipient.quota.unlimited:
         return
     try:
-        usage = maildir_usage(recipient.maildir)
+        usage = current_usage(recipient.maildir, recipient.quota)
     except OSError as e:
         raise StorageFailed(str(e)) from None
     if recipient.quota.full(usage):
@@ -339,6 +340,9 @@ def deliver_message(
                     for done in published:
                         done.withdraw()
                     return [StorageFailed()] * len(copies)
+        for delivery in published:
+            # Counted where the quota is kept (see popserv.maildir.maildirsize).
+            maildirsize.record(delivery.maildir, delivery.stored_size, 1)
     finally:
         for _, delivery in pending:
             delivery.discard()  # a no-op once published

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from attrs import evolve, frozen
 
+from popserv.maildir import maildirsize
 from popserv.maildir.directory import MaildirPath
 from popserv.maildir.names import parse_name
 from popserv.maildir.places import SUBDIRS, list_messages
@@ -124,19 +126,48 @@ def maildir_usage(maildir: MaildirPath | Path) -> Usage:
     Sizes come from ``,S=`` in the names where present, else from ``stat``.
     A Maildir not made yet holds nothing.  Blocking: call it in a thread.
     """
-    total = count = 0
     try:
         with MaildirPath.of(maildir).opened(*SUBDIRS) as (_, *places):
-            for place, names in zip(places, list_messages(places), strict=True):
-                for name in names:
-                    size = parse_name(name).stored_size
-                    if size is None:
-                        try:
-                            size = os.stat(name, dir_fd=place, follow_symlinks=False).st_size
-                        except FileNotFoundError:
-                            continue
-                    total += size
-                    count += 1
+            return _count(places)
     except FileNotFoundError:
         return Usage(0, 0)
+
+
+def current_usage(maildir: MaildirPath | Path, quota: Quota, now: float | None = None) -> Usage:
+    """
+    What the Maildir holds, for checking ``quota``: as its ``maildirsize``
+    says (one small read), rebuilt from a listing when the file is missing,
+    long, of another quota, or says "full" and is stale (see
+    :mod:`popserv.maildir.maildirsize`).  Blocking: call it in a thread.
+    """
+    line = maildirsize.quota_line(quota.bytes, quota.messages)
+    now = time.time() if now is None else now
+    try:
+        with MaildirPath.of(maildir).opened(*SUBDIRS) as (top, *places):
+            stated = maildirsize.read_usage(top, line)
+            if stated is not None:
+                total, count, modified = stated
+                usage = Usage(total, count)
+                if not (quota.full(usage) and now - modified > maildirsize.STALE_SECONDS):
+                    return usage
+            usage = _count(places)
+            maildirsize.write(top, line, usage.bytes, usage.messages)
+            return usage
+    except FileNotFoundError:
+        return Usage(0, 0)
+
+
+def _count(places: Sequence[int]) -> Usage:
+    """:func:`maildir_usage` in the Maildir's ``new/`` and ``cur/``."""
+    total = count = 0
+    for place, names in zip(places, list_messages(places), strict=True):
+        for name in names:
+            size = parse_name(name).stored_size
+            if size is None:
+                try:
+                    size = os.stat(name, dir_fd=place, follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue
+            total += size
+            count += 1
     return Usage(total, count)

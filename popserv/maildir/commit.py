@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from attrs import define
 
 from popserv.files import fsync_directory
+from popserv.maildir import maildirsize
 from popserv.maildir.directory import MaildirPath
-from popserv.maildir.names import with_flag
+from popserv.maildir.names import parse_name, with_flag
 from popserv.maildir.places import CUR, SUBDIRS, Places, chasing
 
 
@@ -30,6 +31,8 @@ class Outcome:
     marked: int = 0
     unmarked: int = 0
     unsynced: int = 0
+    #: Stored octets deleted, when the Maildir keeps a maildirsize.
+    freed: int = 0
 
 
 def apply(
@@ -39,23 +42,38 @@ def apply(
 ) -> Outcome:
     """In a thread: delete and mark seen, then make it durable."""
     try:
-        with location.opened(*SUBDIRS) as (_, *places):
-            return _apply_in(places, deletions, marks)
+        with location.opened(*SUBDIRS) as (top, *places):
+            # Deletions free quota: counted where it is kept, if it is.
+            counting = bool(deletions) and maildirsize.exists(top)
+            outcome = _apply_in(places, deletions, marks, counting)
+            if outcome.deleted and counting:
+                maildirsize.append(top, -outcome.freed, -outcome.deleted)
+            return outcome
     except OSError:
         # The Maildir could not be reached (and is logged if refused).
         return Outcome(failed=len(deletions), unmarked=len(marks))
 
 
 def _apply_in(
-    places: Places, deletions: Sequence[tuple[int, str]], marks: Sequence[tuple[int, str]]
+    places: Places,
+    deletions: Sequence[tuple[int, str]],
+    marks: Sequence[tuple[int, str]],
+    counting: bool = False,
 ) -> Outcome:
-    """:func:`apply` in the Maildir's ``new/`` and ``cur/``."""
+    """:func:`apply` in the Maildir's ``new/`` and ``cur/``; ``counting``: sum the octets freed."""
     outcome = Outcome()
     touched: set[int] = set()
     deleted_in: set[int] = set()
 
     def unlink(where: int, name: str) -> None:
-        os.unlink(name, dir_fd=places[where])
+        if counting:
+            size = parse_name(name).stored_size
+            if size is None:
+                size = os.stat(name, dir_fd=places[where], follow_symlinks=False).st_size
+            os.unlink(name, dir_fd=places[where])
+            outcome.freed += size
+        else:
+            os.unlink(name, dir_fd=places[where])
         touched.add(where)
         deleted_in.add(where)
 
