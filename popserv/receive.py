@@ -24,7 +24,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from attrs import frozen
 from twisted.internet import interfaces, protocol
@@ -161,6 +161,15 @@ class ReceiverProtocol(smtp.ESMTP):
     factory: ReceiverFactory
     #: The ``with`` protocol of Received fields (RFC 3848), without the S for TLS.
     protocol_name = "ESMTP"
+    #: The verbs this receiver answers and the method of each: a table, so
+    #: that client input never names a method.
+    VERBS: ClassVar[dict[bytes, str]] = {
+        verb: f"cmd_{verb.decode()}"
+        for verb in (
+            b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET",
+            b"NOOP", b"VRFY", b"EXPN", b"HELP", b"QUIT", b"STARTTLS",
+        )
+    }
 
     def __init__(self, factory: ReceiverFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls)
@@ -413,9 +422,8 @@ class ReceiverProtocol(smtp.ESMTP):
     def _command(self, line: bytes) -> None:
         verb, _, rest = line.strip().partition(b" ")
         name = verb.upper()
-        handler = None
-        if name.isalpha() and len(name) <= 16:
-            handler = getattr(self, "cmd_" + name.decode("ascii"), None)
+        method = self.VERBS.get(name)
+        handler = None if method is None else getattr(self, method)
         if (handler is None or name in JUNK_COMMANDS) and self._too_much_junk():
             return
         if not verb:
@@ -775,6 +783,7 @@ class LMTPProtocol(ReceiverProtocol):
 
     protocol_name = "LMTP"
     per_recipient_replies = True
+    VERBS: ClassVar[dict[bytes, str]] = {**ReceiverProtocol.VERBS, b"LHLO": "cmd_LHLO"}
 
     def cmd_HELO(self, rest: bytes) -> None:
         self.reply(500, "5.5.1 Use LHLO")

@@ -519,3 +519,17 @@ class UnreadRepliesTests(ReceiverTestCase):
         self.assertLess(grown, SESSION_MEMORY, f"{grown / 1024:.0f} KiB for {sent} octets sent")
         self.flood_socket.close()
         await wait_for(lambda: self.smtp.sessions == 0)
+
+
+class VerbTableTests(SynchronousTestCase):
+    def test_every_verb_in_one_table(self):
+        """Each cmd_ method is reached through the table, and nothing else is."""
+        from popserv.receive import LMTPProtocol, ReceiverProtocol
+
+        for cls in (ReceiverProtocol, LMTPProtocol):
+            methods = {name for name in dir(cls) if name.startswith("cmd_")}
+            self.assertEqual(set(cls.VERBS.values()), methods)
+            for verb, method in cls.VERBS.items():
+                self.assertEqual(method, "cmd_" + verb.decode())
+        self.assertNotIn(b"LHLO", ReceiverProtocol.VERBS)
+        self.assertIn(b"LHLO", LMTPProtocol.VERBS)
