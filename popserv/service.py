@@ -85,7 +85,7 @@ def make_factory(
     checkers: list[Any] = [passwords]
     validator = options["oauth"] if "oauth" in options else token_validator(options)
     if validator is not None:
-        checkers.append(TokenChecker(validator))
+        checkers.append(TokenChecker(validator, passwd.rules))
     portal = Portal(realm, checkers)
     limits = {
         field: options[option] for option, field in LIMIT_OPTIONS.items() if option in options

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+from hashlib import md5
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from popserv.credentials import (
+    ActAsPasswordCredentials,
+    APOPCredentials,
+    CramMD5Credentials,
+    ExternalCredentials,
+    ScramCredentials,
+)
+from popserv.delivery import Directory, UnknownUser
 from popserv.errors import InvalidUsername
+from popserv.interfaces import IMailbox
+from popserv.layout import Layout, ensure_maildir
+from popserv.maildir import deliver
+from popserv.passwords import PasswdFile, PasswdFileChecker, UserExists, hash_secrets
+from popserv.passwords.scram import ScramKeys
+from popserv.realm import MaildirRealm
 from popserv.usernames import (
     KEEP,
     UsernameRules,
@@ -108,3 +130,179 @@ class LoggableTests(SynchronousTestCase):
         self.assertEqual(loggable_username(b"\xff"), loggable(b"\xff"))
         self.assertEqual(loggable_username("\u200ex\u00e9"), "\\u200ex\\xe9")
         self.assertEqual(loggable_username(None), "-")
+
+
+class PasswdFileTests(SynchronousTestCase):
+    """Names stored as written, looked up normalised."""
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def passwd(self, text: str, rules: UsernameRules = UsernameRules()) -> PasswdFile:
+        self.path.write_text(text, encoding="utf-8")
+        return PasswdFile(self.path, rules)
+
+    def test_mixed_case_names_keep_working(self) -> None:
+        """An existing Alice is found as alice, ALICE and in full width, and stays Alice."""
+        passwd = self.passwd("Alice:{PLAIN}a\n")
+        for name in ("Alice", "alice", "ALICE", FULL_WIDTH_ALICE):
+            self.assertEqual(passwd.lookup(name).name, "Alice", name)  # type: ignore[union-attr]
+
+    def test_case_kept(self) -> None:
+        passwd = self.passwd("Alice:{PLAIN}a\nalice:{PLAIN}b\n", UsernameRules(case=KEEP))
+        self.assertEqual(passwd.lookup("Alice").password, "{PLAIN}a")  # type: ignore[union-attr]
+        self.assertEqual(passwd.lookup("alice").password, "{PLAIN}b")  # type: ignore[union-attr]
+        self.assertIsNone(passwd.lookup("ALICE"))
+        self.assertEqual(passwd.lookup("\uff21lice").name, "Alice")  # type: ignore[union-attr]
+
+    def test_names_alike_once_folded_are_one_user(self) -> None:
+        """The first line counts, as for a repeated name, and the log says why."""
+        with capturedLogs() as events:
+            passwd = self.passwd("Alice:{PLAIN}a\nalice:{PLAIN}b\n")
+            self.assertEqual(passwd.lookup("alice").password, "{PLAIN}a")  # type: ignore[union-attr]
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warning["number"], 2)
+        self.assertIn("--username-case", formatEvent(warning))
+
+    def test_mixed_script_lines_skipped(self) -> None:
+        """Skipped with the reason, never the line; allowed when the rules say so."""
+        text = f"{HOMOGLYPH_ALICE}:{{PLAIN}}s3cr3t\nalice:{{PLAIN}}a\n"
+        with capturedLogs() as events:
+            passwd = self.passwd(text)
+            self.assertIsNone(passwd.lookup(HOMOGLYPH_ALICE))
+            self.assertEqual(passwd.lookup("alice").password, "{PLAIN}a")  # type: ignore[union-attr]
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warning["number"], 1)
+        self.assertIn("mixes scripts", formatEvent(warning))
+        self.assertNotIn("s3cr3t", repr(warning))
+        allowing = self.passwd(text, UsernameRules(mixed_scripts=True))
+        self.assertEqual(allowing.lookup(HOMOGLYPH_ALICE).name, HOMOGLYPH_ALICE)  # type: ignore[union-attr]
+
+    def test_add_stores_the_normalised_name(self) -> None:
+        passwd = self.passwd("")
+        self.assertEqual(passwd.add(FULL_WIDTH_ALICE.upper(), "{PLAIN}a").name, "alice")
+        self.assertEqual(self.path.read_text(), "alice:{PLAIN}a\n")
+        self.assertRaises(UserExists, passwd.add, "Alice", "{PLAIN}b")
+        self.assertRaises(InvalidUsername, passwd.add, HOMOGLYPH_ALICE, "{PLAIN}b")
+
+    def test_changes_find_the_stored_name(self) -> None:
+        """passwd, extra fields and del reach Alice by any form of her name."""
+        passwd = self.passwd("Alice:{PLAIN}a\n")
+        passwd.set_password("ALICE", "{PLAIN}new")
+        passwd.set_extra(FULL_WIDTH_ALICE, "quota_bytes", "1000")
+        self.assertEqual(self.path.read_text(), "Alice:{PLAIN}new::::::quota_bytes=1000\n")
+        passwd.remove("alice")
+        self.assertEqual(self.path.read_text(), "")
+
+
+class CheckerTests(TestCase):
+    """Every kind of login looks the name up normalised; the avatar is the stored name."""
+
+    def setUp(self) -> None:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stored, extras = hash_secrets("pw", ["PLAIN", "SCRAM-SHA-256"])
+        path.write_text(f"Alice:{stored}::::::{extras_field(extras)}\nbob:{{PLAIN}}bob-pw\n")
+        self.passwd = PasswdFile(path)
+        self.checker = PasswdFileChecker(self.passwd, masters=["BOB"])
+
+    async def login(self, credentials) -> str:
+        return await self.checker.requestAvatarId(credentials)
+
+    async def test_user_pass(self) -> None:
+        for name in ("Alice", "alice", "ALICE", FULL_WIDTH_ALICE):
+            self.assertEqual(await self.login(UsernamePassword(name.encode(), b"pw")), "Alice")
+
+    async def test_challenge_response(self) -> None:
+        stamp = b"<1.2@host>"
+        apop = md5(stamp + b"pw").hexdigest().encode()
+        avatar = await self.login(APOPCredentials(FULL_WIDTH_ALICE.encode(), stamp, apop))
+        self.assertEqual(avatar, "Alice")
+        cram = hmac.new(b"pw", stamp, "md5").hexdigest().encode()
+        self.assertEqual(await self.login(CramMD5Credentials(b"ALICE", stamp, cram)), "Alice")
+
+    async def test_external(self) -> None:
+        self.assertEqual(await self.login(ExternalCredentials("ALICE")), "Alice")
+
+    async def test_scram(self) -> None:
+        """A SCRAM exchange as ALICE against Alice's stored keys."""
+        keys = await self.checker.scram_keys("ALICE", "SHA-256")
+        self.assertEqual(keys, await self.checker.scram_keys("Alice", "SHA-256"))
+        client = ScramKeys.derive("SHA-256", "pw", keys.salt, keys.iterations)
+        message = b"n=ALICE,r=x,r=xy,s=s,i=4096,c=biws,r=xy"
+        signature = hmac.new(client.stored_key, message, "sha256").digest()
+        client_key = hmac.new(
+            hashlib.pbkdf2_hmac("sha256", b"pw", keys.salt, keys.iterations),
+            b"Client Key",
+            "sha256",
+        ).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        credentials = ScramCredentials("ALICE", "SHA-256", message, proof)
+        self.assertEqual(await self.login(credentials), "Alice")
+
+    async def test_master_user_normalised(self) -> None:
+        """--master-user BOB is bob; the user acted as is found by any form of its name."""
+        credentials = ActAsPasswordCredentials(b"Bob", b"bob-pw", "\uff41LICE")
+        self.assertEqual(await self.login(credentials), "Alice")
+
+    async def test_homoglyph_fails_like_an_unknown_user(self) -> None:
+        for credentials in (
+            UsernamePassword(HOMOGLYPH_ALICE.encode(), b"pw"),
+            APOPCredentials(HOMOGLYPH_ALICE.encode(), b"<1.2@host>", b"0" * 32),
+            ExternalCredentials(HOMOGLYPH_ALICE),
+        ):
+            d = self.checker.requestAvatarId(credentials)
+            await self.assertFailure(d, UnauthorizedLogin)
+        self.assertIsNone(await self.checker.scram_keys(HOMOGLYPH_ALICE, "SHA-256"))
+
+    async def test_case_kept(self) -> None:
+        checker = PasswdFileChecker(PasswdFile(self.passwd.path, UsernameRules(case=KEEP)))
+        self.assertEqual(await checker.requestAvatarId(UsernamePassword(b"Alice", b"pw")), "Alice")
+        d = checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))
+        await self.assertFailure(d, UnauthorizedLogin)
+
+
+class DirectoryTests(SynchronousTestCase):
+    """Delivery finds users as logins do, and writes to the stored name's Maildir."""
+
+    def setUp(self) -> None:
+        self.layout = Layout.create(self.mktemp())
+        self.layout.data_dir.mkdir(parents=True)
+        self.layout.passwd_path.write_text("Alice:{PLAIN}a\n")
+        self.directory = Directory(self.layout, PasswdFile(self.layout.passwd_path), ["x.test"])
+
+    def test_resolve(self) -> None:
+        for address in ("alice@x.test", "ALICE+news@x.test", f"{FULL_WIDTH_ALICE}@x.test"):
+            recipient = self.directory.resolve(address)
+            self.assertEqual(recipient.user, "Alice", address)
+            self.assertEqual(recipient.maildir.path, self.layout.maildir_for("Alice"))
+
+    def test_named_user(self) -> None:
+        """``popserv deliver --user ALICE`` delivers to Alice's Maildir, not one named ALICE."""
+        recipient = self.directory.recipient("ALICE")
+        self.assertEqual(recipient.maildir.path, self.layout.maildir_for("Alice"))
+
+    def test_homoglyph_unknown(self) -> None:
+        self.assertRaises(UnknownUser, self.directory.resolve, f"{HOMOGLYPH_ALICE}@x.test")
+        self.assertRaises(UnknownUser, self.directory.recipient, HOMOGLYPH_ALICE)
+
+
+def extras_field(extras: dict[str, str]) -> str:
+    return " ".join(f"{key}={value}" for key, value in extras.items())
+
+
+class RealmTests(TestCase):
+    async def test_other_checkers_open_the_stored_name(self) -> None:
+        """An avatar id from elsewhere (an OAuth token's ALICE) opens the file's Alice."""
+        layout = Layout.create(self.mktemp())
+        layout.data_dir.mkdir(parents=True)
+        layout.passwd_path.write_text("Alice:{PLAIN}a\n")
+        deliver(ensure_maildir(layout.maildir_for("Alice")), b"Subject: hi\n\nhello\n")
+        realm = MaildirRealm(layout, PasswdFile(layout.passwd_path), index=False)
+        _, mailbox, logout = await realm.requestAvatar("ALICE", None, IMailbox)
+        try:
+            self.assertEqual(len(mailbox.listing()), 1)
+        finally:
+            logout()
+        self.assertFalse(layout.maildir_for("ALICE").exists())
