@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import os
+import sys
 from hashlib import md5
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from popserv.cli import main
 from popserv.credentials import (
     ActAsPasswordCredentials,
     APOPCredentials,
@@ -29,6 +34,8 @@ from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, PasswdFileChecker, UserExists, hash_secrets
 from popserv.passwords.scram import ScramKeys
 from popserv.realm import MaildirRealm
+from popserv.service import make_factory, make_receiver
+from popserv.tap import Options, username_rules
 from popserv.usernames import (
     KEEP,
     UsernameRules,
@@ -306,3 +313,97 @@ class RealmTests(TestCase):
         finally:
             logout()
         self.assertFalse(layout.maildir_for("ALICE").exists())
+
+
+class CommandTests(SynchronousTestCase):
+    """``popserv user`` and ``popserv deliver`` normalise names as the server does."""
+
+    def setUp(self) -> None:
+        self.data = Path(self.mktemp())
+        self.passwd = self.data / "passwd"
+
+    def run_cli(self, *argv: str, stdin: str = "pw\n") -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdin", io.StringIO(stdin))
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main(["--data", str(self.data), *argv])
+        return code, out.getvalue(), err.getvalue()
+
+    def test_add_stores_the_normal_form(self) -> None:
+        code, out, _ = self.run_cli("user", "add", FULL_WIDTH_ALICE.upper())
+        self.assertEqual(code, 0)
+        self.assertTrue(out.startswith(f"added user alice (given as {FULL_WIDTH_ALICE.upper()})"))
+        self.assertEqual(self.passwd.read_text().split(":")[0], "alice")
+        self.assertTrue((self.data / "mail" / "alice" / "new").is_dir())
+        code, _, err = self.run_cli("user", "add", "Alice")
+        self.assertEqual((code, err), (1, "popserv: user 'alice' already exists\n"))
+
+    def test_add_keeps_case_when_asked(self) -> None:
+        code, _, _ = self.run_cli("user", "add", "Alice", "--username-case", "keep")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.passwd.read_text().split(":")[0], "Alice")
+
+    def test_mixed_scripts_refused(self) -> None:
+        code, _, err = self.run_cli("user", "add", HOMOGLYPH_ALICE)
+        self.assertEqual((code, err), (1, "popserv: invalid user name: user name mixes scripts\n"))
+        self.assertFalse(self.passwd.exists())
+        code, _, _ = self.run_cli("user", "add", HOMOGLYPH_ALICE, "--allow-mixed-script-names")
+        self.assertEqual(code, 0)
+
+    def test_passwd_and_del_reach_the_stored_name(self) -> None:
+        """An existing Alice (say from Dovecot) is changed and purged as ALICE."""
+        self.data.mkdir()
+        self.passwd.write_text("Alice:{PLAIN}old\n")
+        maildir = ensure_maildir(self.data / "mail" / "Alice")
+        self.assertEqual(self.run_cli("user", "passwd", "ALICE", stdin="new\n")[0], 0)
+        self.assertTrue(self.passwd.read_text().startswith("Alice:{ARGON2ID}"))
+        code, out, _ = self.run_cli("user", "del", FULL_WIDTH_ALICE, "--purge")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.passwd.read_text(), "")
+        self.assertFalse(maildir.exists())
+
+    def test_deliver(self) -> None:
+        self.data.mkdir()
+        self.passwd.write_text("Alice:{PLAIN}a\n")
+        maildir = ensure_maildir(self.data / "mail" / "Alice")
+        for who in (("--user", "ALICE"), ("--recipient", f"{FULL_WIDTH_ALICE}+tag@x.test")):
+            stdin = io.TextIOWrapper(io.BytesIO(b"Subject: hi\n\nhello\n"))
+            self.patch(sys, "stdin", stdin)
+            out, err = io.StringIO(), io.StringIO()
+            self.patch(sys, "stdout", out)
+            self.patch(sys, "stderr", err)
+            self.assertEqual(main(["--data", str(self.data), "deliver", *who]), 0, err.getvalue())
+        self.assertEqual(len(os.listdir(maildir / "new")), 2)
+        self.assertEqual(sorted(os.listdir(self.data / "mail")), ["Alice"])
+
+
+class OptionTests(SynchronousTestCase):
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), *argv])
+        return options
+
+    def test_defaults(self) -> None:
+        self.assertEqual(username_rules(self.parse()), UsernameRules(case="fold"))
+
+    def test_given(self) -> None:
+        options = self.parse("--username-case", "keep", "--allow-mixed-script-names")
+        self.assertEqual(username_rules(options), UsernameRules(KEEP, mixed_scripts=True))
+
+    def test_refused(self) -> None:
+        self.assertRaises(UsageError, self.parse, "--username-case", "upper")
+        self.assertRaises(UsageError, self.parse, "--master-user", HOMOGLYPH_ALICE)
+
+    def test_factory_uses_them(self) -> None:
+        """The server's checker and receiver match names by the options' rules."""
+        data = Path(self.mktemp())
+        data.mkdir()
+        (data / "passwd").write_text("Alice:{PLAIN}a\n")
+        options = {"data": str(data), "passwd": str(data / "passwd"), "hostname": "h"}
+        for case, found in (("fold", True), ("keep", False)):
+            factory = make_factory({**options, "username-case": case})
+            checker = factory.portal.checkers[IUsernamePassword]
+            self.assertEqual(checker.passwd.lookup("alice") is not None, found)
+            receiver = make_receiver({**options, "username-case": case}, factory, lmtp=True)
+            self.assertEqual(receiver.directory.passwd.rules.case, case)
