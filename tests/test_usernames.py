@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import os
+import poplib
 import sys
 from hashlib import md5
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -46,6 +47,8 @@ from popserv.usernames import (
     validate_username,
 )
 from popserv.wire import loggable
+
+from .test_end_to_end import ServerTestCase
 
 #: "alice" with a Cyrillic a (U+0430) for the Latin one.
 HOMOGLYPH_ALICE = "\u0430lice"
@@ -407,3 +410,77 @@ class OptionTests(SynchronousTestCase):
             self.assertEqual(checker.passwd.lookup("alice") is not None, found)
             receiver = make_receiver({**options, "username-case": case}, factory, lmtp=True)
             self.assertEqual(receiver.directory.passwd.rules.case, case)
+
+
+class PoplibTests(ServerTestCase):
+    """Over real POP3: alice (argon2id) and bob (PLAIN), case folded by default."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def login(self, user: str, password: str, *, apop: bool = False) -> bytes:
+        """Log in with poplib (UTF-8 names); the answer, +OK or -ERR."""
+        client = self.pop()
+        try:
+            if apop:
+                answer = client.apop(user, password)
+            else:
+                client.user(user)
+                answer = client.pass_(password)
+        except poplib.error_proto as e:
+            client.close()
+            return e.args[0]
+        client.quit()  # releases the maildrop before the next login
+        return answer
+
+    def logged(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.events)
+
+    async def test_case_folded(self) -> None:
+        for name in ("ALICE", "Alice"):
+            answer = await self.run_in_thread(self.login, name, "secret")
+            self.assertTrue(answer.startswith(b"+OK Logged in, 4 messages"), (name, answer))
+        answer = await self.run_in_thread(lambda: self.login("BOB", "bob pw", apop=True))
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+
+    async def test_full_width_name_is_alice(self) -> None:
+        answer = await self.run_in_thread(self.login, FULL_WIDTH_ALICE, "secret")
+        self.assertTrue(answer.startswith(b"+OK Logged in, 4 messages"), answer)
+        await self.wait_idle()
+        self.assertIn("alice logged in from", self.logged())
+        self.assertNotIn("uff41", self.logged())
+
+    async def test_homoglyph_fails_like_an_unknown_user(self) -> None:
+        """The same answer as for a user that does not exist; the log shows the \\u0430."""
+        homoglyph = await self.run_in_thread(self.login, HOMOGLYPH_ALICE, "secret")
+        unknown = await self.run_in_thread(self.login, "zelda", "secret")
+        self.assertEqual(homoglyph, unknown)
+        self.assertTrue(homoglyph.startswith(b"-ERR [AUTH]"), homoglyph)
+        await self.wait_idle()
+        self.assertIn("Failed login for \\u0430lice from", self.logged())
+
+
+class CaseKeptTests(ServerTestCase):
+    options = {"username-case": "keep"}
+
+    def test_exact_names_only(self) -> None:
+        def login(name: str) -> bytes:
+            client = self.pop()
+            try:
+                client.user(name)
+                answer = client.pass_("secret")
+            except poplib.error_proto as e:
+                client.close()
+                return e.args[0]
+            client.quit()
+            return answer
+
+        return self.run_in_thread(
+            lambda: self.assertEqual(
+                [login(n)[:3] for n in ("alice", "ALICE", FULL_WIDTH_ALICE)],
+                [b"+OK", b"-ER", b"+OK"],
+            )
+        )
