@@ -528,7 +528,8 @@ class CheckerTests(TestCase):
         self.checker.passwd.add("erin", stored, extras)
         keys = await self.checker.scram_keys("erin", "SHA-256")
         self.assertTrue(keys.matches("pencil"))
-        self.assertIsNone(await self.checker.scram_keys("erin", "SHA-1"))
+        # No SHA-1 secret: decoys, as for an unknown user.
+        self.assertFalse((await self.checker.scram_keys("erin", "SHA-1")).matches("pencil"))
         challenge = b"<1.2@x>"
         digest = hmac.new(b"pencil", challenge, "md5").hexdigest().encode()
         name = await self.checker.requestAvatarId(CramMD5Credentials(b"erin", challenge, digest))

@@ -35,6 +35,8 @@ from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, PasswdFileChecker, UserExists, hash_secrets
 from popserv.passwords.scram import ScramKeys
 from popserv.realm import MaildirRealm
+from popserv.sasl.mechanism import SASLContext
+from popserv.sasl.scram import Scram
 from popserv.service import make_factory, make_receiver
 from popserv.tap import Options, username_rules
 from popserv.usernames import (
@@ -251,6 +253,23 @@ class CheckerTests(TestCase):
         credentials = ScramCredentials("ALICE", "SHA-256", message, proof)
         self.assertEqual(await self.login(credentials), "Alice")
 
+    async def test_scram_salts_tell_no_names_apart(self) -> None:
+        """
+        The salt a SCRAM exchange sends is the same for ALICE and alice; so
+        must it be for BOB and bob (keys derived from a PLAIN password) and
+        for ZOE and zoe, who does not exist: else comparing the salts of two
+        spellings would tell which names are users.
+        """
+
+        async def server_first(name: str) -> bytes:
+            exchange = Scram(SASLContext(), "SHA-256", plus=False)
+            need = exchange.step(f"n,,n={name},r=abcdef".encode())
+            keys = await self.checker.scram_keys(need.username, need.hash_name)
+            return exchange.provide(keys).data.split(b",")[1]  # s=salt
+
+        for one, other in (("ALICE", "alice"), ("BOB", "bob"), ("ZOE", "zoe")):
+            self.assertEqual(await server_first(one), await server_first(other), one)
+
     async def test_master_user_normalised(self) -> None:
         """--master-user BOB is bob; the user acted as is found by any form of its name."""
         credentials = ActAsPasswordCredentials(b"Bob", b"bob-pw", "\uff41LICE")
@@ -264,7 +283,7 @@ class CheckerTests(TestCase):
         ):
             d = self.checker.requestAvatarId(credentials)
             await self.assertFailure(d, UnauthorizedLogin)
-        self.assertIsNone(await self.checker.scram_keys(HOMOGLYPH_ALICE, "SHA-256"))
+        self.assertFalse((await self.checker.scram_keys(HOMOGLYPH_ALICE, "SHA-256")).matches("pw"))
 
     async def test_case_kept(self) -> None:
         checker = PasswdFileChecker(PasswdFile(self.passwd.path, UsernameRules(case=KEEP)))

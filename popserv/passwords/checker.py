@@ -274,15 +274,20 @@ class PasswdFileChecker:
         """
         The user's SCRAM keys: the stored ``{SCRAM-SHA-...}`` entry, or keys
         derived from a PLAIN password (in the thread pool: PBKDF2 is slow on
-        purpose).  None for an unknown user or one whose password is only a
-        hash SCRAM cannot use; the log says why for the latter.
+        purpose).  For an unknown user, or one whose password is only a hash
+        SCRAM cannot use (the log says why), decoys salted by the normalised
+        name: ``ALICE`` and ``alice`` get one salt whether or not alice
+        exists, as they would if she did.
         """
         return Deferred.fromCoroutine(self._scram_keys(username, hash_name))
 
-    async def _scram_keys(self, username: str, hash_name: str) -> ScramKeys | None:
+    async def _scram_keys(self, username: str, hash_name: str) -> ScramKeys:
         name = self._login_name(username)
         entry = None if name is None else self._entry(name)
-        return await self._keys_of(entry, name, hash_name)
+        keys = await self._keys_of(entry, name, hash_name)
+        if keys is None:
+            keys = ScramKeys.decoy(hash_name, derived_salt(hash_name, name or username))
+        return keys
 
     async def _keys_of(
         self, entry: UserEntry | None, name: str | None, hash_name: str
