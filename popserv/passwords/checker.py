@@ -37,6 +37,7 @@ from popserv.passwords.schemes import (
     DEFAULT_SCHEME,
     UnknownScheme,
     cram_md5_context,
+    hash_parameters,
     hash_password,
     plaintext_secret,
     scheme_of,
@@ -77,22 +78,49 @@ def _first(read: Callable[[str], T | None], secrets: Iterable[str]) -> T | None:
 
 
 #: Schemes checked at once on the reactor thread: a comparison, no hashing
-#: worth a trip through the thread pool.
+#: worth a trip through the thread pool.  Only a success is answered at
+#: once: a failure goes on to the thread pool like an unknown user's.
 _INSTANT_SCHEMES = frozenset({"PLAIN"})
 
 
 @cache
-def _dummy_hash() -> str:
-    """A hash of a random password, checked for unknown users to spend the same time."""
+def dummy_hash() -> str:
+    """
+    A hash of a random password in the default scheme, made once per
+    process (the checker makes it when built, so no login pays for it):
+    what a failed password check verifies when the user's own field would
+    have cost less, so that the time taken does not tell them apart.
+    """
     return hash_password(secrets.token_urlsafe(16), DEFAULT_SCHEME)
 
 
+def _as_costly_as_dummy(stored: str) -> bool:
+    """Whether checking ``stored`` takes the work checking the dummy hash does."""
+    parameters = hash_parameters(stored)
+    return parameters is not None and parameters == hash_parameters(dummy_hash())
+
+
 def _verify(stored: str | None, password: str | bytes) -> bool:
-    """Runs in the thread pool; an unknown user (``stored`` None) never matches."""
+    """
+    Runs in the thread pool.  Every failure costs at least one check of the
+    dummy hash: an unknown user's (``stored`` None) is just that, and a
+    wrong password for a field cheaper than it (PLAIN, a salted SHA, a
+    locked account, argon2 with lower costs, a broken entry) checks it too.
+    The default scheme's users, the usual case, fail in exactly the time
+    an unknown name does; a success is never delayed.
+    """
     if stored is None:
-        verify_password(_dummy_hash(), password)
+        verify_password(dummy_hash(), password)
         return False
-    return verify_password(stored, password)
+    try:
+        if verify_password(stored, password):
+            return True
+    except UnknownScheme:
+        verify_password(dummy_hash(), password)
+        raise
+    if not _as_costly_as_dummy(stored):
+        verify_password(dummy_hash(), password)
+    return False
 
 
 @implementer(ICredentialsChecker, ISecretInventory, IScramKeySource)
@@ -123,6 +151,7 @@ class PasswdFileChecker:
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        dummy_hash()
         self.passwd = passwd
         #: Users who may log in as any other (SASL authzid), e.g. for migrations;
         #: normalised like every name (an invalid one is a configuration error).
@@ -229,7 +258,9 @@ class PasswdFileChecker:
         pool = self._reactor.getThreadPool()
         try:
             if stored is not None and scheme_of(stored) in _INSTANT_SCHEMES:
-                matches = _verify(stored, password)
+                matches = verify_password(stored, password)
+                if not matches:
+                    await deferToThreadPool(self._reactor, pool, _verify, None, password)
             else:
                 matches = await deferToThreadPool(self._reactor, pool, _verify, stored, password)
         except UnknownScheme as e:
