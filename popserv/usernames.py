@@ -118,6 +118,16 @@ class UsernameRules:
         """:func:`normalize_username` under these rules."""
         return normalize_username(name, self)
 
+    def key(self, valid: str) -> str:
+        """
+        :meth:`normalize` of a name :func:`validate_username` accepted, at
+        less cost for an ASCII one (lower-casing ASCII changes nothing the
+        validation looks at): for reading a large password file.
+        """
+        if valid.isascii():
+            return valid.lower() if self.case == FOLD else valid
+        return self.normalize(valid)
+
 
 #: The defaults of ``twistd popserv`` and the ``popserv`` command.
 DEFAULT_RULES = UsernameRules()

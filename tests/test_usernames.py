@@ -92,6 +92,14 @@ class NormalizeTests(SynchronousTestCase):
                 continue
             self.assertEqual(normalize_username(once, rules), once)
             self.assertTrue(is_valid_username(once))
+            self.assertEqual(rules.key(validate_username(once)), once)
+        for rules in (UsernameRules(), UsernameRules(case=KEEP)):
+            if is_valid_username(name):
+                try:
+                    expected = normalize_username(name, rules)
+                except InvalidUsername:
+                    continue
+                self.assertEqual(rules.key(name), expected)
 
     def test_unknown_case_rule(self) -> None:
         self.assertRaises(ValueError, UsernameRules, case="upper")

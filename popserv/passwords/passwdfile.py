@@ -177,7 +177,7 @@ def _parse(data: bytes, path: Path, rules: UsernameRules, *, warn: bool) -> _Con
             text = raw.removesuffix(b"\r").decode("utf-8")
             if text.strip() and not text.lstrip().startswith("#"):
                 entry = parse_line(text, mixed_scripts=rules.mixed_scripts)
-                key = rules.normalize(entry.name)
+                key = rules.key(entry.name)
         except (RefusedName, InvalidUsername) as e:
             entry = None
             if warn:
