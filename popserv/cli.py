@@ -43,13 +43,14 @@ from popserv.passwords import (
     PasswdFile,
     PasswordTooLong,
     UnknownScheme,
+    UserEntry,
     UserExists,
     canonical_scheme,
     hash_password,
     hash_secrets,
 )
 from popserv.quota import Quota, parse_count, parse_size
-from popserv.usernames import validate_username
+from popserv.usernames import CASES, FOLD, UsernameRules
 
 PROG = "popserv"
 
@@ -139,6 +140,19 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="follow symbolic links in the Maildir's path from {user} on (as the server option)",
     )
+    paths.add_argument(
+        "--username-case",
+        choices=CASES,
+        default=argparse.SUPPRESS,
+        help="how user names match, as the server's option: fold (the default; Alice is"
+        " stored and found as alice) or keep (exactly)",
+    )
+    paths.add_argument(
+        "--allow-mixed-script-names",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="accept user names mixing scripts (Latin with Cyrillic...), as the server option",
+    )
     schemes = ", ".join(HASH_SCHEMES)
     scheme = argparse.ArgumentParser(add_help=False)
     scheme.add_argument(
@@ -224,6 +238,14 @@ def _layout(args: argparse.Namespace) -> Layout:
     )
 
 
+def _passwd(args: argparse.Namespace, layout: Layout | None = None) -> PasswdFile:
+    """The password file, matching names as the server does with the same options."""
+    rules = UsernameRules(
+        getattr(args, "username_case", FOLD), getattr(args, "allow_mixed_script_names", False)
+    )
+    return PasswdFile((layout or _layout(args)).passwd_path, rules)
+
+
 def _hash_schemes(names: list[str] | None) -> list[str]:
     """Check the schemes before asking for a password that could not be hashed."""
     return [_hash_scheme(name) for name in names or [DEFAULT_SCHEME]]
@@ -265,20 +287,27 @@ def _read_password() -> str:
     return password
 
 
-def _existing(passwd: PasswdFile, name: str) -> None:
+def _existing(passwd: PasswdFile, given: str) -> UserEntry:
+    """The entry the name ``given`` finds; its ``name`` is the one stored."""
+    name = passwd.rules.normalize(given)
     if not passwd.exists():
         raise CommandError(f"no password file at {passwd.path}")
-    if passwd.lookup(name) is None:
+    entry = passwd.lookup(name)
+    if entry is None:
         raise NoSuchUser(name)
+    return entry
 
 
 def _user_add(args: argparse.Namespace) -> None:
     layout = _layout(args)
-    passwd = PasswdFile(layout.passwd_path)
-    name = validate_username(args.name)
+    passwd = _passwd(args, layout)
+    # Stored normalised (NFKC, lower case unless --username-case keep), the
+    # form every login and delivery looks it up under.
+    name = passwd.rules.normalize(args.name)
     schemes = _hash_schemes(args.scheme)
-    if passwd.exists() and passwd.lookup(name) is not None:
-        raise UserExists(name)
+    existing = passwd.lookup(name) if passwd.exists() else None
+    if existing is not None:
+        raise UserExists(existing.name)
     stored, secrets = hash_secrets(_read_password(), schemes)
     maildir = layout.maildir_for(name)
     if layout.data_dir in maildir.parents:
@@ -291,23 +320,23 @@ def _user_add(args: argparse.Namespace) -> None:
         passwd.remove(name)
         raise
     kept = " (it already existed)" if existed else ""
-    print(f"added user {name}, Maildir {maildir}{kept}")
+    given = "" if name == args.name else f" (given as {args.name})"
+    print(f"added user {name}{given}, Maildir {maildir}{kept}")
 
 
 def _user_passwd(args: argparse.Namespace) -> None:
-    passwd = PasswdFile(_layout(args).passwd_path)
-    name = validate_username(args.name)
+    passwd = _passwd(args)
     schemes = _hash_schemes(args.scheme)
-    _existing(passwd, name)
+    name = _existing(passwd, args.name).name
     passwd.set_password(name, *hash_secrets(_read_password(), schemes))
     print(f"changed the password of {name}")
 
 
 def _user_del(args: argparse.Namespace) -> None:
     layout = _layout(args)
-    passwd = PasswdFile(layout.passwd_path)
-    name = validate_username(args.name)
-    _existing(passwd, name)
+    passwd = _passwd(args, layout)
+    # The stored name: its Maildir, not one named after how it was typed here.
+    name = _existing(passwd, args.name).name
     location = layout.maildir_location(name)
     maildir = location.path
     passwd.remove(name)
@@ -335,7 +364,7 @@ def _purge(maildir: MaildirPath) -> None:
 
 
 def _user_list(args: argparse.Namespace) -> None:
-    passwd = PasswdFile(_layout(args).passwd_path)
+    passwd = _passwd(args)
     if not passwd.exists():
         raise CommandError(f"no password file at {passwd.path}")
     for entry in passwd.users():
@@ -374,7 +403,7 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
         print(f"{PROG}: deliver needs --user or --recipient", file=sys.stderr)
         return EX_USAGE
     layout = _layout(args)
-    passwd = PasswdFile(layout.passwd_path)
+    passwd = _passwd(args, layout)
     directory = Directory(layout, passwd, (), quota=Quota(args.quota_bytes, args.quota_messages))
     if args.user:
         recipient = directory.recipient(args.user, recipient_address)

@@ -120,9 +120,11 @@ class Directory:
 
     An address is local when its domain is one of ``domains`` (any case,
     a trailing dot ignored) and its local part names a user in the password
-    file: exactly, else in lower case, else without a ``+tag``
-    (``delimiter``).  A user named by the whole address (``alice@example.org``,
-    Dovecot's virtual users) is found first.
+    file: as the file matches names (normalised: NFKC, and case folded
+    unless ``--username-case keep``), else in lower case, else without a
+    ``+tag`` (``delimiter``).  A user named by the whole address
+    (``alice@example.org``, Dovecot's virtual users) is found first.  The
+    recipient's user is the name as the file stores it.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class Directory:
         raise UnknownUser(local)
 
     def _user(self, name: str) -> str | None:
+        """The stored name of the user ``name`` names, or None."""
         try:
             entry = self.passwd.lookup(name)
         except OSError as e:
@@ -182,9 +185,10 @@ class Directory:
         """The recipient for a user named directly (``popserv deliver --user``)."""
         if address is not None and has_control(address):
             raise BadAddress(address)
-        if self._user(user) is None:
+        stored = self._user(user)
+        if stored is None:
             raise UnknownUser(user)
-        return user_recipient(self, address or user, user)
+        return user_recipient(self, address or user, stored)
 
     def quota_for(self, user: str) -> Quota:
         try:

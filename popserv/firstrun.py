@@ -19,11 +19,12 @@ from typing import TextIO
 
 from attrs import frozen
 
+from popserv.errors import InvalidUsername
 from popserv.headers import header_field
 from popserv.layout import Layout, Owner, ensure_maildir, give_to, missing
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
-from popserv.usernames import is_valid_username
+from popserv.usernames import DEFAULT_RULES, UsernameRules, is_valid_username
 
 FALLBACK_USER = "postmaster"
 
@@ -68,18 +69,27 @@ def welcome_message(user: str, hostname: str) -> bytes:
     return (header + "\n" + body).encode("utf-8")
 
 
-def bootstrap(layout: Layout, hostname: str, owner: Owner | None = None) -> FirstAccount | None:
+def bootstrap(
+    layout: Layout,
+    hostname: str,
+    owner: Owner | None = None,
+    rules: UsernameRules = DEFAULT_RULES,
+) -> FirstAccount | None:
     """
-    Create the first account if there is no password file yet.
+    Create the first account if there is no password file yet, its name
+    normalised under ``rules``.
 
     ``owner`` (uid, gid) is who the server will run as: root starting
     ``twistd --uid`` creates the files, and hands all it created to that
     user, or the server could not read its own password file.
     """
-    passwd = PasswdFile(layout.passwd_path)
+    passwd = PasswdFile(layout.passwd_path, rules)
     if passwd.exists():
         return None
-    user = first_user_name()
+    try:
+        user = rules.normalize(first_user_name())
+    except InvalidUsername:
+        user = FALLBACK_USER
     password = secrets.token_urlsafe(12)
     maildir = layout.maildir_for(user)
     created = [

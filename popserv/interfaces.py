@@ -171,7 +171,11 @@ class IScramKeySource(Interface):
         """
         The user's ``popserv.passwords.scram.ScramKeys`` for ``hash_name``
         (``SHA-1``/``SHA-256``), or None when there is no such user or no
-        usable secret; directly or as a Deferred.
+        usable secret; directly or as a Deferred.  A source that matches
+        names loosely (case, NFKC) should rather give decoy keys
+        (``ScramKeys.decoy``) salted by the name as it matches it: the
+        exchange's own decoys are salted by the name as the client spelt it,
+        so salts that agree across spellings would tell known names apart.
         """
 
 

@@ -66,7 +66,9 @@ class Layout:
         directories before the one ``{user}`` is in are followed as given,
         the rest without symbolic links unless :attr:`follow_symlinks`.
         """
-        validate_username(user)
+        # Only what makes a safe path: which names are users is the password
+        # file's business (its rules may allow mixed scripts).
+        validate_username(user, mixed_scripts=True)
         parts = Path(self.maildir_template).parts
         first = next(i for i, part in enumerate(parts) if "{user}" in part)
         return MaildirPath(

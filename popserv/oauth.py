@@ -26,8 +26,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popserv.credentials import IOAuthTokenCredentials
+from popserv.errors import InvalidUsername
 from popserv.interfaces import ITokenValidator
-from popserv.usernames import is_valid_username
+from popserv.usernames import DEFAULT_RULES, UsernameRules
 from popserv.wire import loggable
 
 log = Logger()
@@ -148,14 +149,17 @@ class CallableValidator:
 class TokenChecker:
     """
     Checks OAuth bearer tokens with a validator; the avatar id is the user
-    the token is for.  A user named by the client (OAUTHBEARER's authzid,
-    XOAUTH2's ``user=``) must be that same user.
+    the token is for, normalised under ``rules`` (those of the password
+    file, so the token's ``Alice`` is the file's ``alice`` when case is
+    folded).  A user named by the client (OAUTHBEARER's authzid, XOAUTH2's
+    ``user=``) must be that same user.
     """
 
     credentialInterfaces = (IOAuthTokenCredentials,)
 
-    def __init__(self, validator: ITokenValidator) -> None:
+    def __init__(self, validator: ITokenValidator, rules: UsernameRules = DEFAULT_RULES) -> None:
         self.validator = validator
+        self.rules = rules
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         return Deferred.fromCoroutine(self._check(credentials))
@@ -167,13 +171,22 @@ class TokenChecker:
         except UnauthorizedLogin as e:
             log.info("OAuth token for {user} refused: {why}", user=loggable(user), why=str(e))
             raise UnauthorizedLogin() from None
-        if user and user != identity:
+        try:
+            name = self.rules.normalize(identity)
+        except InvalidUsername:
+            log.info("OAuth token is for {identity}, not a user name", identity=loggable(identity))
+            raise UnauthorizedLogin() from None
+        if user and self._normalized(user) != name:
             log.info(
                 "OAuth token is for {identity}, not {user}",
                 identity=loggable(identity),
                 user=loggable(user),
             )
             raise UnauthorizedLogin()
-        if not is_valid_username(identity):
-            raise UnauthorizedLogin()
-        return identity
+        return name
+
+    def _normalized(self, user: str) -> str | None:
+        try:
+            return self.rules.normalize(user)
+        except InvalidUsername:
+            return None

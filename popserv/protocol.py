@@ -77,6 +77,7 @@ from popserv.sasl.mechanism import (
 )
 from popserv.sasl.scram import NeedKeys
 from popserv.tls import TLSInfo, TLSServer
+from popserv.usernames import loggable_username
 
 log = Logger()
 T = TypeVar("T")
@@ -676,7 +677,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
         except errors.PopError as e:
             self._end_turn()
             reason = e.detail or e.text
-            log.info("Login of {user} refused: {reason}", user=wire.loggable(user), reason=reason)
+            log.info(
+                "Login of {user} refused: {reason}", user=loggable_username(user), reason=reason
+            )
             self.refuse(e)
             return
         turn, self._turn = self._turn, None
@@ -702,7 +705,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._cancel_login_timer()
         self._failures = 0
         count, octets = self._view.stat()
-        log.info("{user} logged in from {peer}", user=wire.loggable(user), peer=self.info.where)
+        log.info("{user} logged in from {peer}", user=loggable_username(user), peer=self.info.where)
         self.say("Logged in, {count} messages ({octets} octets)", count=count, octets=octets)
 
     # SASL (RFC 5034)
@@ -826,7 +829,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures += 1
         log.info(
             "Failed login for {user} from {peer}: {reason}",
-            user=wire.loggable(user if isinstance(user, (bytes, str)) else repr(user)),
+            user=loggable_username(user if isinstance(user, (bytes, str)) else repr(user)),
             peer=self.info.where,
             reason=reason,
         )

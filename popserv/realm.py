@@ -98,7 +98,17 @@ class MaildirRealm:
         user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
         return Deferred.fromCoroutine(self._open(user))
 
+    def _stored_name(self, user: str) -> str:
+        """
+        The name the password file stores for ``user``, whose Maildir it is:
+        a checker other than the file's own (an OAuth token's ``ALICE``)
+        still opens the file's ``alice``.  ``user`` itself when not there.
+        """
+        entry = self.passwd.lookup(user) if self.passwd is not None else None
+        return user if entry is None else entry.name
+
     async def _open(self, user: str) -> tuple[Any, MaildirMailbox, Any]:
+        user = self._stored_name(user)
         settings = self.settings_for(user)
         path = self.layout.maildir_location(user)
         now = self._reactor.seconds()

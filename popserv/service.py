@@ -36,7 +36,13 @@ from popserv.quota import Quota
 from popserv.realm import MaildirRealm
 from popserv.receive import ReceiverFactory, ReceiverSettings
 from popserv.sasl import EXTERNAL, MECHANISMS, external_mechanism
-from popserv.tap import DEFAULT_POP3_ENDPOINT, Options, tls_server, token_validator
+from popserv.tap import (
+    DEFAULT_POP3_ENDPOINT,
+    Options,
+    tls_server,
+    token_validator,
+    username_rules,
+)
 from popserv.tls import ALPN_SMTP, TLSServer
 
 log = Logger()
@@ -71,11 +77,12 @@ def make_factory(
         from twisted.internet import reactor
     layout = layout_of(options)
     hostname = options.get("hostname") or socket.getfqdn()
+    rules = username_rules(options)
     if not options.get("passwd"):
-        account = bootstrap(layout, hostname, owner)
+        account = bootstrap(layout, hostname, owner, rules)
         if account is not None:
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
-    passwd = PasswdFile(layout.passwd_path)
+    passwd = PasswdFile(layout.passwd_path, rules)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     realm = MaildirRealm(
         layout, passwd, defaults, reactor=reactor, uidl_format=options.get("uidl-format") or DOVECOT
@@ -85,7 +92,7 @@ def make_factory(
     checkers: list[Any] = [passwords]
     validator = options["oauth"] if "oauth" in options else token_validator(options)
     if validator is not None:
-        checkers.append(TokenChecker(validator))
+        checkers.append(TokenChecker(validator, passwd.rules))
     portal = Portal(realm, checkers)
     limits = {
         field: options[option] for option, field in LIMIT_OPTIONS.items() if option in options
@@ -134,7 +141,7 @@ def make_receiver(
     quota = Quota(options.get("quota-bytes"), options.get("quota-messages"))
     directory = Directory(
         layout,
-        PasswdFile(layout.passwd_path),
+        PasswdFile(layout.passwd_path, username_rules(options)),
         domains,
         quota=quota,
         delimiter=options.get("recipient-delimiter", "+") or "",
@@ -331,7 +338,8 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
     factory = make_factory(options, reactor, owner=service_owner(options))
     top = MultiService()
     layout = layout_of(options)
-    TmpCleaner(layout, PasswdFile(layout.passwd_path), reactor).setServiceParent(top)
+    passwd = PasswdFile(layout.passwd_path, username_rules(options))
+    TmpCleaner(layout, passwd, reactor).setServiceParent(top)
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None).setServiceParent(top)
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])

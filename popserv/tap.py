@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from twisted.python import usage
 
 from popserv.accounts import parse_expire, parse_login_delay
+from popserv.errors import InvalidUsername
 from popserv.layout import DEFAULT_DATA_DIR
 from popserv.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.oauth import JWTValidator
@@ -25,6 +26,7 @@ from popserv.tls import (
     TLSServer,
     find_certificates,
 )
+from popserv.usernames import CASES, FOLD, UsernameRules
 
 #: Loopback only, on a port that needs no root: safe for a first start.
 DEFAULT_POP3_ENDPOINT = "tcp:1110:interface=127.0.0.1"
@@ -101,6 +103,12 @@ def _uidl_format(value: str) -> UidlScheme:
     return parse_uidl_format(value.strip())
 
 
+def _username_case(value: str) -> str:
+    if value not in CASES:
+        raise ValueError(f"must be one of {', '.join(CASES)}")
+    return value
+
+
 def _identity_rule(value: str) -> str:
     if value not in RULES:
         raise ValueError(f"must be one of {', '.join(RULES)}")
@@ -126,6 +134,15 @@ class Options(usage.Options):
         ["passwd", None, None, "Password file (default: DATA/passwd)."],
         ["maildir", None, None, "Maildir path template with {user} (default: DATA/mail/{user})."],
         ["hostname", None, None, "Host name for the greeting (default: the FQDN)."],
+        [
+            "username-case",
+            None,
+            FOLD,
+            "How user names match: fold (Alice, ALICE and alice are one user, as"
+            " Dovecot's auth_username_format=%Lu) or keep (exactly, as RFC 5321 allows)."
+            " Either way names are NFKC-normalised. Give the popserv command the same.",
+            _username_case,
+        ],
         [
             "idle-timeout",
             None,
@@ -320,6 +337,12 @@ class Options(usage.Options):
 
     optFlags: ClassVar[list[list[Any]]] = [
         [
+            "allow-mixed-script-names",
+            None,
+            "Accept user names that mix scripts (Latin with Cyrillic or Greek letters),"
+            " refused by default: they can look exactly like another user's name.",
+        ],
+        [
             "allow-cleartext-auth",
             None,
             "Allow USER/PASS without TLS from non-local clients (off: only under TLS"
@@ -409,6 +432,12 @@ class Options(usage.Options):
             raise usage.UsageError("--tls-key needs a --tls-cert")
         if self["auth-failure-max-delay"] < self["auth-failure-delay"]:
             raise usage.UsageError("--auth-failure-max-delay must be >= --auth-failure-delay")
+        rules = username_rules(self)
+        for name in self["master-user"]:
+            try:
+                rules.normalize(name)
+            except InvalidUsername as e:
+                raise usage.UsageError(f"--master-user {name!r}: {e.detail}") from None
         if self["tls-min-version"] not in VERSIONS:
             raise usage.UsageError(f"--tls-min-version must be one of {', '.join(VERSIONS)}")
         try:
@@ -417,6 +446,13 @@ class Options(usage.Options):
             # A usage error would bury the line under the whole option help.
             raise SystemExit(f"popserv: {e}") from None
         self["oauth"] = token_validator(self)
+
+
+def username_rules(options: Mapping[str, Any]) -> UsernameRules:
+    """How user names match: ``--username-case`` and ``--allow-mixed-script-names``."""
+    return UsernameRules(
+        options.get("username-case") or FOLD, bool(options.get("allow-mixed-script-names"))
+    )
 
 
 def tls_server(options: Mapping[str, Any]) -> TLSServer | None:

@@ -44,7 +44,10 @@ from popserv.passwords import (
     scheme_of,
     verify_password,
 )
+from popserv.passwords import checker as checker_module
+from popserv.passwords.checker import dummy_hash
 from popserv.passwords.passwdfile import parse_line
+from popserv.passwords.schemes import hash_parameters
 
 NON_ASCII = "pässwörd ✓ 密码"
 
@@ -254,6 +257,22 @@ class SchemeTests(SynchronousTestCase):
             "secret",
         ):
             self.assertIsNone(plaintext_secret(stored))
+
+    def test_hash_parameters(self) -> None:
+        """Scheme and costs without salt or checksum: equal ones cost the same to check."""
+        self.assertEqual(
+            hash_parameters("{ARGON2ID}" + ARGON2ID_REF), "ARGON2ID$argon2id$v=19$m=65536,t=2,p=1"
+        )
+        self.assertEqual(
+            hash_parameters(ARGON2ID_REF), hash_parameters("{ARGON2ID}" + ARGON2ID_REF)
+        )
+        self.assertEqual(hash_parameters(BCRYPT_REF), "BLF-CRYPT$2a$05")
+        self.assertEqual(hash_parameters(SHA512_CRYPT_REF), "SHA512-CRYPT$6")
+        self.assertEqual(
+            hash_parameters(hash_password("x")), hash_parameters(hash_password("y"))
+        )
+        for other in ("{PLAIN}x", "{SSHA256}" + "A" * 44, "{ARGON2ID}" + BCRYPT_REF, "!x", ""):
+            self.assertIsNone(hash_parameters(other), other)
 
     def test_scheme_of(self) -> None:
         self.assertEqual(scheme_of("{argon2id}$argon2id$..."), "ARGON2ID")
@@ -528,7 +547,8 @@ class CheckerTests(TestCase):
         self.checker.passwd.add("erin", stored, extras)
         keys = await self.checker.scram_keys("erin", "SHA-256")
         self.assertTrue(keys.matches("pencil"))
-        self.assertIsNone(await self.checker.scram_keys("erin", "SHA-1"))
+        # No SHA-1 secret: decoys, as for an unknown user.
+        self.assertFalse((await self.checker.scram_keys("erin", "SHA-1")).matches("pencil"))
         challenge = b"<1.2@x>"
         digest = hmac.new(b"pencil", challenge, "md5").hexdigest().encode()
         name = await self.checker.requestAvatarId(CramMD5Credentials(b"erin", challenge, digest))
@@ -628,3 +648,49 @@ class CheckerTests(TestCase):
             username = b"alice"
 
         return self.assertFailure(self.checker.requestAvatarId(Other()), UnhandledCredentials)
+
+
+class FailureCostTests(TestCase):
+    """
+    An unknown user costs one real check of the dummy hash, as a wrong
+    password of the default scheme costs one check of the user's hash; a
+    cheaper field's failure adds the dummy's.  (What is counted is what
+    runs: timings vary too much to assert on.)
+    """
+
+    def setUp(self) -> None:
+        CheckerTests.setUp(self)  # type: ignore[arg-type]  # the same users
+        self.checked: list[str] = []
+        real = checker_module.verify_password
+
+        def counting(stored: str, password: str | bytes) -> bool:
+            self.checked.append(stored)
+            return real(stored, password)
+
+        self.patch(checker_module, "verify_password", counting)
+
+    async def checks(self, user: bytes, password: bytes) -> list[str]:
+        del self.checked[:]
+        try:
+            await self.checker.requestAvatarId(UsernamePassword(user, password))
+        except UnauthorizedLogin:
+            pass
+        return ["dummy" if s == dummy_hash() else s.split("}")[0] + "}" for s in self.checked]
+
+    async def test_unknown_users_check_the_dummy(self) -> None:
+        for user in (b"zoe", "\u0430lice".encode(), b"../etc", b"\xff"):
+            self.assertEqual(await self.checks(user, b"guess"), ["dummy"], user)
+
+    async def test_default_scheme_checks_only_its_own(self) -> None:
+        self.assertEqual(await self.checks(b"alice", b"guess"), ["{ARGON2ID}"])
+        self.assertEqual(await self.checks(b"alice", b"secret"), ["{ARGON2ID}"])
+
+    async def test_cheaper_fields_fail_no_faster(self) -> None:
+        """PLAIN, SHA512-CRYPT and a broken entry: their own check, then the dummy's."""
+        self.assertEqual(await self.checks(b"bob", b"guess"), ["{PLAIN}", "dummy"])
+        self.assertEqual(await self.checks(b"carol", b"guess"), ["{SHA512-CRYPT}", "dummy"])
+        self.assertEqual(await self.checks(b"dave", b"guess"), ["{NOPE}", "dummy"])
+
+    async def test_successes_are_not_delayed(self) -> None:
+        self.assertEqual(await self.checks(b"bob", b"apop-secret"), ["{PLAIN}"])
+        self.assertEqual(await self.checks(b"carol", b"Hello world!"), ["{SHA512-CRYPT}"])

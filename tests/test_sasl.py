@@ -835,7 +835,8 @@ class LockedAccountTests(TestCase):
         self.checker = PasswdFileChecker(self.passwd)
 
     async def test_refused_everywhere(self):
-        self.assertIsNone(await self.checker.scram_keys("dave", "SHA-256"))
+        # Decoys, as for an unknown user: no password matches them.
+        self.assertFalse((await self.checker.scram_keys("dave", "SHA-256")).matches("pencil"))
         challenge = b"<1.2@x>"
         digest = hmac.new(b"pencil", challenge, "md5").hexdigest().encode()
         for credentials in (CramMD5Credentials(b"dave", challenge, digest),
@@ -854,7 +855,7 @@ class SASLprepPasswordTests(TestCase):
         passwd.add("emo", "{PLAIN-B64}" + base64.b64encode(b"pw\x07").decode())
         passwd.add("carol", DOVEADM_SCRAM["SCRAM-SHA-256"])
         checker = PasswdFileChecker(passwd)
-        self.assertIsNone(await checker.scram_keys("emo", "SHA-256"))
+        self.assertFalse((await checker.scram_keys("emo", "SHA-256")).matches("pw\x07"))
         self.assertFalse(verify_password(DOVEADM_SCRAM["SCRAM-SHA-256"], "pencil\x07"))
         with self.assertRaises(UnauthorizedLogin):
             await checker.requestAvatarId(UsernamePassword(b"carol", b"pencil\x07"))

@@ -5,6 +5,13 @@ Everything after the password is optional.  ``extra`` holds space-separated
 ``key=value`` fields (``login_delay=900 expire=30``); a bare ``key`` is a
 flag with an empty value.  Blank lines and ``#`` comments are allowed.
 
+Names are stored as written and looked up normalised
+(:func:`popserv.usernames.normalize_username` under the file's
+:class:`~popserv.usernames.UsernameRules`): with case folded, ``Alice`` in
+the file is found as ``alice`` or ``ALICE``, and still logs in to the Maildir
+named ``Alice``.  Two lines whose names normalise alike are one user: the
+first counts, as with a repeated name.
+
 Reads are cached: :meth:`PasswdFile.lookup` costs one ``stat`` while the
 file is unchanged.  Writes lock ``passwd.lock``, re-read the file, change
 only the lines of the user concerned (comments, other users and lines this
@@ -27,7 +34,7 @@ from twisted.logger import Logger
 from popserv.errors import InvalidUsername
 from popserv.files import replace_file
 from popserv.passwords.schemes import SCHEMES, extra_secrets, scheme_of
-from popserv.usernames import validate_username
+from popserv.usernames import DEFAULT_RULES, UsernameRules, validate_username
 
 log = Logger()
 
@@ -53,6 +60,10 @@ class NoSuchUser(KeyError):
 
 class InvalidField(ValueError):
     """A value that would break the ``:``-separated line format."""
+
+
+class RefusedName(ValueError):
+    """A line whose user name is refused; the reason is a fixed text, never the name."""
 
 
 def _readonly(mapping: Mapping[str, str]) -> Mapping[str, str]:
@@ -106,16 +117,19 @@ class UserEntry:
         return ":".join(parts)
 
 
-def parse_line(text: str) -> UserEntry:
-    """Parse one user line (not a comment); :class:`ValueError` when malformed."""
+def parse_line(text: str, *, mixed_scripts: bool = False) -> UserEntry:
+    """
+    Parse one user line (not a comment); :class:`ValueError` when malformed,
+    the name included (see :func:`popserv.usernames.validate_username`).
+    """
     parts = text.split(":", 2 + MIDDLE_FIELDS)
     if len(parts) < 2:
         raise ValueError("no password field")
     name, password = parts[0], parts[1]
     try:
-        validate_username(name)
+        validate_username(name, mixed_scripts=mixed_scripts)
     except InvalidUsername as e:
-        raise ValueError(e.detail) from None
+        raise RefusedName(e.detail) from None
     extra: dict[str, str] = {}
     if len(parts) > 2 + MIDDLE_FIELDS:
         for item in parts[-1].split():
@@ -133,48 +147,68 @@ def parse_line(text: str) -> UserEntry:
 
 @frozen
 class _Contents:
-    """A parsed file: its raw lines, the entry (if any) of each, the live ones."""
+    """
+    A parsed file: its raw lines, the entry (if any) of each and its lookup
+    key (its name normalised), the live entries.
+    """
 
     lines: tuple[bytes, ...]
     entries: tuple[UserEntry | None, ...]
-    #: name -> index of the user's first line, the one that counts.
+    keys: tuple[str | None, ...]
+    #: key -> index of the user's first line, the one that counts.
     first: Mapping[str, int]
     users: tuple[UserEntry, ...]
 
-    def get(self, name: str) -> UserEntry | None:
-        index = self.first.get(name)
+    def get(self, key: str) -> UserEntry | None:
+        index = self.first.get(key)
         return None if index is None else self.entries[index]
 
 
-def _parse(data: bytes, path: Path, *, warn: bool) -> _Contents:
+def _parse(data: bytes, path: Path, rules: UsernameRules, *, warn: bool) -> _Contents:
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
     entries: list[UserEntry | None] = []
+    keys: list[str | None] = []
     first: dict[str, int] = {}
     for index, raw in enumerate(lines):
-        entry = None
+        entry = key = None
         try:
             text = raw.removesuffix(b"\r").decode("utf-8")
             if text.strip() and not text.lstrip().startswith("#"):
-                entry = parse_line(text)
+                entry = parse_line(text, mixed_scripts=rules.mixed_scripts)
+                key = rules.key(entry.name)
+        except (RefusedName, InvalidUsername) as e:
+            entry = None
+            if warn:
+                log.warn(
+                    "{path}: line {number}: {why}, skipped",
+                    path=path,
+                    number=index + 1,
+                    why=e.args[0] if isinstance(e, RefusedName) else e.detail,
+                )
         except ValueError:
             # Never the line itself: it may hold a password.
             if warn:
                 log.warn("{path}: line {number} is malformed, skipped", path=path, number=index + 1)
-        if entry is not None:
-            if entry.name not in first:
-                first[entry.name] = index
+        if entry is not None and key is not None:
+            if key not in first:
+                first[key] = index
             elif warn:
+                earlier = first[key]
                 log.warn(
-                    "{path}: line {number} repeats user on line {earlier}, skipped",
+                    "{path}: line {number} repeats the user on line {earlier}{how}, skipped",
                     path=path,
                     number=index + 1,
-                    earlier=first[entry.name] + 1,
+                    earlier=earlier + 1,
+                    how=""
+                    if entries[earlier].name == entry.name  # type: ignore[union-attr]
+                    else " (names are matched without case: see --username-case)",
                 )
         entries.append(entry)
+        keys.append(key if entry is not None else None)
     users = tuple(entries[i] for i in first.values())
-    return _Contents(tuple(lines), tuple(entries), first, users)  # type: ignore[arg-type]
+    return _Contents(tuple(lines), tuple(entries), tuple(keys), first, users)  # type: ignore[arg-type]
 
 
 def _check_field(value: str, what: str) -> None:
@@ -194,11 +228,13 @@ class PasswdFile:
     A Dovecot passwd-file, read with a cache and rewritten atomically.
 
     Safe to use from several threads; writes from several processes are
-    serialised by ``flock`` on ``PATH.lock``.
+    serialised by ``flock`` on ``PATH.lock``.  ``rules`` say how names are
+    matched (see the module's docstring).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], rules: UsernameRules = DEFAULT_RULES) -> None:
         self.path = Path(path)
+        self.rules = rules
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
         self._cache: tuple[tuple[int, int, int], _Contents] | None = None
@@ -212,13 +248,20 @@ class PasswdFile:
 
     def lookup(self, name: str) -> UserEntry | None:
         """
-        The entry of ``name``, or None.
+        The entry of ``name`` (normalised first: ``ALICE`` finds ``Alice``
+        when case is folded), or None, also for a name the rules refuse.
+        The entry's :attr:`~UserEntry.name` is the name as stored, the one
+        its Maildir is named after.
 
         Raises :class:`FileNotFoundError` (or another :class:`OSError`) when
         the file is missing or unreadable: that is a server fault, not an
         unknown user.
         """
-        return self._current().get(name)
+        try:
+            key = self.rules.normalize(name)
+        except InvalidUsername:
+            return None
+        return self._current().get(key)
 
     def users(self) -> tuple[UserEntry, ...]:
         """
@@ -233,12 +276,16 @@ class PasswdFile:
     def add(
         self, name: str, password_field: str, extra: Mapping[str, str] | None = None
     ) -> UserEntry:
-        """Append a user; :class:`UserExists` if the name is taken.  Creates the file."""
-        entry = self._checked(UserEntry(validate_username(name), password_field, extra or {}))
+        """
+        Append a user under its normalised name; :class:`UserExists` if that
+        is taken.  Creates the file.
+        """
+        name = self.rules.normalize(name)
+        entry = self._checked(UserEntry(name, password_field, extra or {}))
 
         def change(contents: _Contents) -> list[bytes]:
             if name in contents.first:
-                raise UserExists(name)
+                raise UserExists(contents.get(name).name)  # type: ignore[union-attr]
             return [*contents.lines, entry.to_line().encode("utf-8")]
 
         self._rewrite(change, create=True)
@@ -252,7 +299,7 @@ class PasswdFile:
         the field, and the extra fields holding other schemes (``secrets``,
         from :func:`hash_secrets`; the old ones go).
         """
-        validate_username(name)
+        name = self.rules.normalize(name)
         _check_field(password_field, "the password field")
 
         def edit(entry: UserEntry) -> UserEntry:
@@ -264,7 +311,7 @@ class PasswdFile:
 
     def set_extra(self, name: str, key: str, value: str | None) -> UserEntry:
         """Set the extra field ``key`` of ``name``, or remove it when ``value`` is None."""
-        validate_username(name)
+        name = self.rules.normalize(name)
         _check_extra(key, value or "")
 
         def edit(entry: UserEntry) -> UserEntry:
@@ -279,16 +326,14 @@ class PasswdFile:
 
     def remove(self, name: str) -> None:
         """Delete every line of ``name`` (:class:`NoSuchUser` if absent)."""
-        validate_username(name)
+        name = self.rules.normalize(name)
 
         def change(contents: _Contents) -> list[bytes]:
             if name not in contents.first:
                 raise NoSuchUser(name)
             # Every line of the user: a repeated one would otherwise become live.
             return [
-                raw
-                for raw, entry in zip(contents.lines, contents.entries, strict=True)
-                if entry is None or entry.name != name
+                raw for raw, key in zip(contents.lines, contents.keys, strict=True) if key != name
             ]
 
         self._rewrite(change)
@@ -326,7 +371,7 @@ class PasswdFile:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
-            contents = _parse(data, self.path, warn=True)
+            contents = _parse(data, self.path, self.rules, warn=True)
             self._cache = (_version(st), contents)
             return contents
 
@@ -344,7 +389,7 @@ class PasswdFile:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not self.path.parent.is_dir():
             # No file, so no such user: ``change`` raises without creating anything.
-            change(_parse(b"", self.path, warn=False))
+            change(_parse(b"", self.path, self.rules, warn=False))
         with self._exclusive():
             try:
                 with open(self.path, "rb") as f:
@@ -352,7 +397,7 @@ class PasswdFile:
                     data = f.read()
             except FileNotFoundError:
                 old, data = None, b""
-            lines = change(_parse(data, self.path, warn=False))
+            lines = change(_parse(data, self.path, self.rules, warn=False))
             # Durable, and with the owner and mode an administrator gave the
             # file (say root:popserv 0640), so the server can still read it.
             # Under the lock: the temporary file is PATH.tmp.

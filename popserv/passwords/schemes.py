@@ -303,6 +303,22 @@ def scheme_of(stored: str) -> str:
     return ALIASES.get(upper, upper)
 
 
+def hash_parameters(stored: str) -> str | None:
+    """
+    What sets the cost of checking a crypt(3)-style field: its scheme and
+    the hash string up to the salt (``ARGON2ID$argon2id$v=19$m=65536,t=3,p=1``,
+    ``BLF-CRYPT$2y$12``, ``SHA512-CRYPT$6$rounds=10000``).  Two fields with
+    the same parameters take the same work to check, whatever their salt.
+    None for the other schemes, whose cost is small and fixed.
+    """
+    name = scheme_of(stored)
+    _, body = _split(stored)
+    if name not in _CRYPT_HANDLERS or _crypt_scheme(body) != name:
+        return None
+    # bcrypt's salt follows its cost with no "$"; the others end "$salt$hash".
+    return name + body.rsplit("$", 1 if name == "BLF-CRYPT" else 2)[0]
+
+
 def _split(stored: str) -> tuple[str | None, str]:
     if stored.startswith("{"):
         end = stored.find("}")

@@ -88,6 +88,12 @@ class ScramKeys:
         )
 
     @classmethod
+    def decoy(cls, hash_name: str, salt: bytes) -> ScramKeys:
+        """Keys that look real (``salt``, the usual iteration count) and no proof matches."""
+        junk = secrets.token_bytes(hashlib.new(HASHES[hash_name]).digest_size)
+        return cls(hash_name, salt, DEFAULT_ITERATIONS, junk, junk)
+
+    @classmethod
     def parse(cls, hash_name: str, stored: str) -> ScramKeys:
         """Read Dovecot's stored form (after the ``{SCRAM-...}`` prefix); ValueError if bad."""
         fields = stored.strip().split(",")

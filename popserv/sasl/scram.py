@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 import secrets
@@ -28,7 +27,7 @@ from scramp.core import ScramException
 from scramp.utils import saslprep
 
 from popserv.credentials import ScramCredentials
-from popserv.passwords.scram import DEFAULT_ITERATIONS, HASHES, ScramKeys, derived_salt
+from popserv.passwords.scram import ScramKeys, derived_salt
 from popserv.sasl.mechanism import (
     Challenge,
     SASLContext,
@@ -175,10 +174,7 @@ class Scram:
             raise ScramFailed("keys not asked for")
         if keys is None:
             # No such user: keys that look real (a stable salt) and fail at the proof.
-            salt = derived_salt(self._hash, self._username)
-            size = hashlib.new(HASHES[self._hash]).digest_size
-            junk = secrets.token_bytes(size)
-            keys = ScramKeys(self._hash, salt, DEFAULT_ITERATIONS, junk, junk)
+            keys = ScramKeys.decoy(self._hash, derived_salt(self._hash, self._username))
         self._keys = keys
         salt = base64.b64encode(keys.salt).decode("ascii")
         self._server_first = f"r={self._nonce},s={salt},i={keys.iterations}"
