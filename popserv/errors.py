@@ -88,6 +88,18 @@ class MessageGone(PopError):
     text = "Message is no longer available"
 
 
+class MessageChanged(PopError):
+    """
+    The stored message no longer has the size the listing announced (a
+    writer changed it in place, or the store's recorded size is wrong), so
+    it is not sent: the client would read a message of a length LIST did
+    not give.  See :mod:`popserv.retrieval`.
+    """
+
+    code = "SYS/TEMP"
+    text = "Message changed since it was listed, try again later"
+
+
 # Logins
 
 

@@ -57,12 +57,12 @@ from popserv.interfaces import (
     IScramKeySource,
     ISecretInventory,
     ISessionInfo,
-    MessageStream,
     PortalLike,
 )
 from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
+from popserv.retrieval import MessageBody
 from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
     MAX_ROUNDS,
@@ -588,21 +588,27 @@ class POP3Protocol(Protocol, TimeoutMixin):
             except Exception:
                 # Half a response is out: an -ERR now would be read as message
                 # data, so the only honest answer is to close the connection.
-                log.failure("Reading a message failed while sending it")
-                self._end_stream()
+                # The command that streamed gets the failure, to log it.
+                failure = Failure()
+                self._closing = True
+                self._queue.clear()
+                self._end_stream(failure)
                 self.transport.abortConnection()
                 return
             self.send(chunk)
             self.resetTimeout()
 
-    def _end_stream(self) -> None:
+    def _end_stream(self, failure: Failure | None = None) -> None:
         stream, self._stream = self._stream, None
         done, self._stream_done = self._stream_done, None
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # A generator: its owner closes what it reads from.
         if done is not None:
-            done.callback(None)
+            if failure is None:
+                done.callback(None)
+            else:
+                done.errback(failure)
 
     def sleep(self, seconds: float) -> Deferred[None]:
         """Wait without blocking; cancelled if the connection is lost meanwhile."""
@@ -948,21 +954,53 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.view.retrieved(number)
 
     async def do_top(self, number: int, lines: int) -> None:
-        self.view.index(number)
         await self._send_message(number, BodyEncoder(body_lines=lines), "Top of message follows")
 
     async def _send_message(self, number: int, encoder: BodyEncoder, text: str) -> None:
+        """
+        Send a message's +OK and body, exactly as large as the listing said
+        (see popserv.retrieval): a mismatch found before the +OK is an -ERR,
+        one found after it cuts the connection.
+        """
         index = self.view.index(number)
+        listing = self.view.listing
+        listed = listing.sizes[index] if listing.exact_sizes else None
         message = await resolve(self._mailbox.open_message(index))
         try:
+            body = MessageBody(message, encoder, listed, self.factory.policy.chunk_size)
+            try:
+                body.start()
+            except errors.MessageChanged as e:
+                self._message_changed(index, e, "refused")
+                raise
+            except OSError as e:
+                log.failure("Reading a message failed")
+                raise errors.storage_failure("cannot read a message", e) from None
             self.send(wire.ok(text))
-            await self.stream(_encoded(message, encoder, self.factory.policy.chunk_size))
+            try:
+                await self.stream(body)
+            except errors.MessageChanged as e:
+                self._message_changed(index, e, "connection cut")
+                raise
+            except OSError:
+                log.failure("Reading a message failed while sending it, connection cut")
+                raise CancelledError() from None
         finally:
             # Also when the connection dropped before the stream started.
             try:
                 message.close()
             except Exception:
                 log.failure("Closing a message stream failed")
+
+    def _message_changed(self, index: int, error: errors.MessageChanged, outcome: str) -> None:
+        """Log a message not sent because its size is not the listed one."""
+        log.warn(
+            "Message {uid} for {peer} is not the size listed ({detail}): {outcome}",
+            uid=wire.loggable(self.view.listing.uids[index]),
+            peer=self.info.where,
+            detail=error.detail,
+            outcome=outcome,
+        )
 
     async def do_quit_transaction(self) -> None:
         """Enter UPDATE: apply deletions (and EXPIRE), release the maildrop, close."""
@@ -1009,18 +1047,6 @@ def _decode_sasl(line: bytes, initial_response: bool = False) -> bytes:
         return base64.b64decode(line, validate=True)
     except (binascii.Error, ValueError):
         raise SASLMalformed("invalid base64") from None
-
-
-def _encoded(message: MessageStream, encoder: BodyEncoder, chunk_size: int) -> Iterator[bytes]:
-    """Read a stored message in chunks and yield its encoded response body."""
-    while not encoder.done:
-        data = message.read(chunk_size)
-        if not data:
-            break
-        out = encoder.feed(data)
-        if out:
-            yield out
-    yield encoder.finish()
 
 
 Handler = Callable[..., Any]
