@@ -969,7 +969,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         try:
             body = MessageBody(message, encoder, listed, self.factory.policy.chunk_size)
             try:
-                body.start()
+                chunks = body.start()
             except errors.MessageChanged as e:
                 self._message_changed(index, e, "refused")
                 raise
@@ -978,7 +978,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
                 raise errors.storage_failure("cannot read a message", e) from None
             self.send(wire.ok(text))
             try:
-                await self.stream(body)
+                await self.stream(chunks)
             except errors.MessageChanged as e:
                 self._message_changed(index, e, "connection cut")
                 raise

@@ -13,12 +13,13 @@ cached size broken.
 
 So the body is checked, with the one rule of :mod:`popserv.body`:
 
-- Before the ``+OK``: the stored file's size (one ``fstat`` of the opened
-  stream) must be one a message of the listed size can have
-  (:func:`~popserv.body.possible_wire_size`), and the first chunk is read
-  and encoded.  A message that ends within it (most mail; B1's are 4 KB)
-  is then known exactly.  A mismatch found here is a plain
-  ``-ERR [SYS/TEMP]`` and the session goes on.
+- Before the ``+OK``: the first chunk is read and encoded.  A message
+  that ends within it (most mail; B1's are 4 KB) is then known exactly.
+  For a longer one, or a TOP that stops before the end, the stored file's
+  size (one ``fstat`` of the opened stream) must be one a message of the
+  listed size can have
+  (:func:`~popserv.body.possible_wire_size`).  A mismatch found here is a
+  plain ``-ERR [SYS/TEMP]`` and the session goes on.
 - While it streams: :class:`~popserv.body.BodyEncoder` counts the octets it
   produces.  A chunk that would take the body past the listed size is
   not sent, nor is the end of a body that comes up short.  The protocol
@@ -27,7 +28,7 @@ So the body is checked, with the one rule of :mod:`popserv.body`:
   nothing is deleted.
 
 The cost is a length and a count per chunk the encoder already makes, and
-one ``fstat`` per message.
+one ``fstat`` per message longer than a chunk.
 
 TOP sends part of a message, and no size was announced for that part: it
 may not be longer than the whole message's listed size, and when it runs
@@ -40,6 +41,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Iterator
 
 from popserv.body import BodyEncoder, possible_wire_size
 from popserv.errors import MessageChanged
@@ -64,17 +66,18 @@ def stored_size(message: MessageStream) -> int | None:
 
 class MessageBody:
     """
-    The chunks of one RETR or TOP response body, its final ``.`` line
-    included: ``message`` read ``chunk_size`` octets at a time, encoded by
-    ``encoder``, and checked against ``listed``, the message's size in the
-    listing (None when the store's sizes are not exact: nothing is checked).
+    One RETR or TOP response body, its final ``.`` line included:
+    ``message`` read ``chunk_size`` octets at a time, encoded by ``encoder``,
+    and checked against ``listed``, the message's size in the listing (None
+    when the store's sizes are not exact: nothing is checked).
 
-    Call :meth:`start` before sending the ``+OK``, then iterate.  Both raise
-    :class:`~popserv.errors.MessageChanged` on a mismatch, before giving
-    out any octet that would not fit what was announced.
+    :meth:`start` runs before the ``+OK`` and returns the chunks to send
+    after it.  Both raise :class:`~popserv.errors.MessageChanged` on a
+    mismatch, before giving out any octet that would not fit what was
+    announced.
     """
 
-    __slots__ = ("_chunk_size", "_encoder", "_ended", "_first", "_listed", "_message", "_read")
+    __slots__ = ("_at_end", "_chunk_size", "_encoder", "_ended", "_listed", "_message", "_read")
 
     def __init__(
         self, message: MessageStream, encoder: BodyEncoder, listed: int | None, chunk_size: int
@@ -83,45 +86,46 @@ class MessageBody:
         self._encoder = encoder
         self._listed = listed
         self._chunk_size = chunk_size
-        self._first: bytes | None = None
+        #: The body is complete (the end of the message, or TOP's last line).
         self._ended = False
+        #: The end of the message was read: its size is known.
+        self._at_end = False
         #: Stored octets read so far.
         self._read = 0
 
-    def start(self) -> None:
+    def start(self) -> Iterator[bytes]:
         """
-        Before the ``+OK``: refuse a file whose size the listed one cannot
-        come from, and read and encode the first chunk (a short message
-        whole, and then check its size exactly).
+        Before the ``+OK``: read and encode the first chunk (a short message
+        whole, and then check its size exactly); for a longer one (or a TOP
+        that stops short of its end), refuse a file whose size the listed
+        one cannot come from.  Return the body.
         """
-        listed = self._listed
-        if listed is not None:
-            stored = stored_size(self._message)
-            if stored is not None and not possible_wire_size(stored, listed):
-                raise MessageChanged(f"{stored} octets stored cannot be {listed} listed")
-        pieces = [self._step()]
+        first = [self._step()]
         # A short read is not the end of every stream: read on to the end
         # or a whole chunk (the end of a small file costs one more read()).
         while not self._ended and self._read < self._chunk_size:
-            pieces.append(self._step())
-        self._first = b"".join(pieces) if len(pieces) > 1 else pieces[0]
+            first.append(self._step())
+        listed = self._listed
+        if not self._at_end and listed is not None:
+            # Not read to its end: its file's size says whether it can be the listed one.
+            left = stored_size(self._message)
+            if left is not None and not possible_wire_size(self._read + left, listed):
+                raise MessageChanged(f"{self._read + left} octets stored, {listed} listed")
+        return self._chunks(first)
 
-    def __iter__(self) -> MessageBody:
-        return self
-
-    def __next__(self) -> bytes:
-        first, self._first = self._first, None
-        if first:
-            return first
+    def _chunks(self, first: list[bytes]) -> Iterator[bytes]:
+        for out in first:
+            if out:
+                yield out
         while not self._ended:
             out = self._step()
             if out:
-                return out
-        raise StopIteration
+                yield out
 
     def _step(self) -> bytes:
         """Read and encode one chunk; at the end of the message, the end of the body."""
         encoder = self._encoder
+        listed = self._listed
         data = self._message.read(self._chunk_size)
         if data:
             self._read += len(data)
@@ -130,19 +134,11 @@ class MessageBody:
                 # TOP has all its lines; the rest is never read.
                 out += encoder.finish()
                 self._ended = True
-            self._check(encoder.octets, at_end=False)
+            if listed is not None and encoder.octets > listed:
+                raise MessageChanged(f"over the {listed} listed octets at {self._read} stored")
             return out
         out = encoder.finish()
-        self._ended = True
-        self._check(encoder.octets, at_end=True)
+        self._ended = self._at_end = True
+        if listed is not None and encoder.octets != listed:
+            raise MessageChanged(f"{encoder.octets} octets, {listed} listed")
         return out
-
-    def _check(self, octets: int, at_end: bool) -> None:
-        """Raise unless ``octets`` fit the listed size (equal it at the message's end)."""
-        listed = self._listed
-        if listed is None:
-            return
-        if octets > listed:
-            raise MessageChanged(f"over {listed} listed octets after {self._read} stored")
-        if at_end and octets != listed:
-            raise MessageChanged(f"{octets} octets, not the {listed} listed")

@@ -45,12 +45,12 @@ class Sent:
         self.during: MessageChanged | None = None
         self.out = b""
         try:
-            self.body.start()
+            chunks = self.body.start()
         except MessageChanged as e:
             self.before = e
             return
         try:
-            for chunk in self.body:
+            for chunk in chunks:
                 self.out += chunk
         except MessageChanged as e:
             self.during = e
@@ -116,15 +116,18 @@ class MessageBodyTests(SynchronousTestCase):
         self.assertEqual(Sent(BIG + b"x", None).out, encoded(BIG + b"x"))
         self.assertEqual(Sent(b"", None).out, b".\r\n")
 
-    def test_file_size_refused_without_reading(self):
-        """A regular file too big or too small for the listed size: refused from fstat alone."""
+    def test_file_size_refused_before_ok(self):
+        """
+        A regular file too big or too small for the listed size, longer than
+        the first chunk, or read by a TOP that stops early: refused from its
+        size before the +OK.
+        """
         path = Path(self.mktemp())
         path.write_bytes(BIG)
-        for listed in (len(BIG) - 1, 2 * len(BIG) + 2):
+        for listed, lines in ((len(BIG) - 1, None), (2 * len(BIG) + 2, None), (len(BIG) - 1, 0)):
             with open(path, "rb", buffering=0) as stream:
-                sent = Sent(stream, listed)
+                sent = Sent(stream, listed, lines, chunk_size=1 << 16 if lines == 0 else 16)
                 self.assertIn("stored", sent.before.detail)
-                self.assertEqual(stream.tell(), 0)
         with open(path, "rb") as stream:
             self.assertEqual(Sent(stream, wire_size(BIG)).out, encoded(BIG))
 
