@@ -533,20 +533,21 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.refuse(error)
 
     def _dispatch(self, line: wire.Line) -> Any:
-        """Run one command line; return a coroutine when it has to wait."""
+        """
+        Run one command line; return a coroutine when it has to wait.
+
+        The pure parser makes a :class:`wire.Command` of the line, or refuses
+        it (unknown keyword, bad arguments); the state's table then runs it,
+        or refuses a command not valid in this state.
+        """
         try:
             if isinstance(line, wire.TooLong):
                 raise errors.LineTooLong()
-            verb, rest = wire.split_command(line)
-            parser = wire.ARGUMENTS.get(verb)
-            if parser is None:
-                raise errors.UnknownCommand()
-            handler = COMMANDS[self.state].get(verb)
+            command = wire.parse_command(line)
+            handler = COMMANDS[self.state].get(command.verb)
             if handler is None:
-                # A command no state offers (AUTH before SASL is configured) is
-                # unknown, not merely refused here.
-                raise errors.BadState() if verb in IMPLEMENTED else errors.UnknownCommand()
-            result = handler(self, *parser(rest))
+                raise errors.BadState()
+            result = handler(self, *command.args)
         except Exception:
             self._report(Failure())
             return None
@@ -1052,7 +1053,9 @@ def _decode_sasl(line: bytes, initial_response: bool = False) -> bytes:
 Handler = Callable[..., Any]
 
 #: Which command is legal in which state, and what runs it.  Client input
-#: only ever selects an entry of this table, never a method by name.
+#: only ever selects an entry of this table, never a method by name.  The
+#: verbs, and how their arguments are parsed, are the grammar of
+#: :data:`wire.ARGUMENTS`: every verb there is run by some state here.
 COMMANDS: dict[State, dict[str, Handler]] = {
     State.AUTHORIZATION: {
         "CAPA": POP3Protocol.do_capa,
@@ -1090,10 +1093,6 @@ COMMANDS: dict[State, dict[str, Handler]] = {
     },
     State.UPDATE: {},
 }
-
-
-#: Every command some state runs; others are unknown whatever the state.
-IMPLEMENTED = frozenset(verb for table in COMMANDS.values() for verb in table)
 
 
 @implementer(IRealm)

@@ -197,17 +197,6 @@ class ParserFuzzTests(SynchronousTestCase):
         command, line = case
         self.assertEqual(wire.parse_command(line), command)
 
-    @given(st.binary(max_size=300))
-    @fuzz(300)
-    def test_split_command_agrees_with_parse(self, line):
-        """split_command (the protocol's) fails exactly where parse_command's keyword does."""
-        try:
-            verb, _ = wire.split_command(line)
-        except errors.UnknownCommand:
-            self.assertRaises(errors.UnknownCommand, wire.parse_command, line)
-            return
-        self.assertTrue(verb.isascii() and verb.isalnum() and verb == verb.upper())
-
 
 # Responses
 
