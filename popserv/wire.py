@@ -139,10 +139,6 @@ class LineSplitter:
         """How many received octets wait here, unsplit."""
         return len(self._buffer) - self._start
 
-    def has_line(self) -> bool:
-        """Whether a complete line waits here (:meth:`feed` would return it)."""
-        return self._owed or self._buffer.find(b"\n", self._start) >= 0
-
     def discard(self) -> None:
         """Forget any partial line (STLS: nothing read before TLS may count)."""
         self._buffer = b""

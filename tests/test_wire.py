@@ -64,8 +64,8 @@ def feed_in_batches(splitter: wire.LineSplitter, data: bytes, step: int, batch: 
         lines = splitter.feed(data[i : i + step], max_lines=batch)
         assert len(lines) <= batch
         out += lines
-        while batch and splitter.has_line():
-            out += splitter.feed(max_lines=batch)
+        while batch and (more := splitter.feed(max_lines=batch)):
+            out += more
     return out
 
 
@@ -73,10 +73,9 @@ class BatchTests(SynchronousTestCase):
     def test_at_most_max_lines(self):
         splitter = wire.LineSplitter()
         self.assertEqual(splitter.feed(b"A\nB\nC\nD", max_lines=2), [b"A", b"B"])
-        self.assertTrue(splitter.has_line())
         self.assertEqual(splitter.buffered, 3)
         self.assertEqual(splitter.feed(max_lines=2), [b"C"])
-        self.assertFalse(splitter.has_line())
+        self.assertEqual(splitter.feed(), [])
         self.assertEqual(splitter.feed(b"\n"), [b"D"])
 
     def test_zero_lines_keeps_everything(self):
@@ -96,7 +95,6 @@ class BatchTests(SynchronousTestCase):
         """A line found too long while the batch is full is refused on the next call."""
         splitter = wire.LineSplitter()
         self.assertEqual(splitter.feed(b"x" * 1000, max_lines=0), [])
-        self.assertTrue(splitter.has_line())
         self.assertEqual(splitter.feed(b"x" * 1000 + b"\nNOOP\n"), [wire.TooLong(), b"NOOP"])
 
     def test_discard_drops_waiting_lines(self):
