@@ -1193,7 +1193,8 @@ class POP3Factory(Factory):
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         self._refusals = RefusalLog(self.clock, "POP3")
-        #: Sources of CAPA lines, in order; TLS and SASL add theirs.
+        #: Sources of CAPA lines, in order, each called per CAPA: the core
+        #: ones (STLS among them) and SASL's.  An application may add its own.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
 
     # Connections

@@ -277,6 +277,14 @@ class CapaTests(SynchronousTestCase):
         self.assertIn(b"LOGIN-DELAY 900", caps)
         self.assertIn(b"EXPIRE 30", caps)
 
+    def test_capa_sources_added_by_the_application(self):
+        """factory.capabilities: a source an application adds is asked at each CAPA."""
+        s = Session()
+        s.factory.capabilities.append(lambda session: [f"X-STATE {session.state.value}"])
+        self.assertEqual(self.capa(s)[-1], b"X-STATE AUTHORIZATION")
+        s.login()
+        self.assertEqual(self.capa(s)[-1], b"X-STATE TRANSACTION")
+
 
 class TransactionTests(SynchronousTestCase):
     def setUp(self):
