@@ -134,13 +134,35 @@ class ParseTests(SynchronousTestCase):
         ]:
             self.assertRaises(error, wire.parse_command, line)
 
-    @given(st.binary(max_size=300))
-    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=300),
+            st.tuples(
+                st.sampled_from([*wire.ARGUMENTS, "noop", "Retr", "top", "XTND", ""]),
+                st.sampled_from(["", " ", " 1", " 1 2", " 01", " x", " alice pw", " 1 -2"]),
+                st.binary(max_size=20),
+            ).map(lambda t: t[0].encode() + t[1].encode() + t[2]),
+        )
+    )
+    @settings(max_examples=500, deadline=None)
     def test_any_line_parses_or_pop_error(self, line):
+        """
+        Any line is a Command named by its first word in any case, with
+        non-negative numbers, or UnknownCommand / BadArguments: never
+        another error.
+        """
         try:
-            wire.parse_command(line)
-        except errors.PopError:
-            pass
+            command = wire.parse_command(line)
+        except (errors.UnknownCommand, errors.BadArguments):
+            return
+        verb = line.partition(b" ")[0]
+        self.assertEqual(command.verb, verb.decode("ascii").upper())
+        self.assertIn(command.verb, wire.ARGUMENTS)
+        self.assertEqual(wire.parse_command(verb.swapcase() + line[len(verb) :]), command)
+        for arg in command.args:
+            self.assertIsInstance(arg, (int, bytes, str))
+            if isinstance(arg, int):
+                self.assertGreaterEqual(arg, 0)
 
     def test_responses(self):
         self.assertEqual(wire.ok(), b"+OK\r\n")
