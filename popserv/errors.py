@@ -44,6 +44,12 @@ class LineTooLong(PopError):
     text = "Line too long"
 
 
+class TooManyBadCommands(PopError):
+    """:attr:`Policy.max_bad_commands` bad lines in a row: the session closes."""
+
+    text = "Too many bad commands, closing connection"
+
+
 class TLSUnavailable(PopError):
     """STLS on a server with no certificate (RFC 2595 allows a plain -ERR)."""
 

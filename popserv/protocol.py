@@ -221,6 +221,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._line_waiter: Deferred[wire.Line] | None = None
         self._user: bytes | None = None
         self._failures = 0
+        #: Bad command lines since the last good one (Policy.max_bad_commands).
+        self._bad_commands = 0
         self._mailbox: Any = None
         self._logout: Callable[[], object] | None = None
         self._view: MaildropView | None = None
@@ -538,7 +540,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
         The pure parser makes a :class:`wire.Command` of the line, or refuses
         it (unknown keyword, bad arguments); the state's table then runs it,
-        or refuses a command not valid in this state.
+        or refuses a command not valid in this state.  Refused lines count
+        towards :attr:`Policy.max_bad_commands`; a command that runs, however
+        it ends, starts the count again.
         """
         try:
             if isinstance(line, wire.TooLong):
@@ -547,11 +551,30 @@ class POP3Protocol(Protocol, TimeoutMixin):
             handler = COMMANDS[self.state].get(command.verb)
             if handler is None:
                 raise errors.BadState()
+        except errors.PopError as e:
+            self._bad_command(e)
+            return None
+        self._bad_commands = 0
+        try:
             result = handler(self, *command.args)
         except Exception:
             self._report(Failure())
             return None
         return result if inspect.isawaitable(result) else None
+
+    def _bad_command(self, error: errors.PopError) -> None:
+        """Refuse a bad line; the last of too many in a row closes the session."""
+        self._bad_commands += 1
+        if self._bad_commands < self.factory.policy.max_bad_commands:
+            self.refuse(error)
+            return
+        log.info(
+            "{count} bad commands in a row from {peer}, closing",
+            count=self._bad_commands,
+            peer=self.info.where,
+        )
+        self.refuse(errors.TooManyBadCommands())
+        self.close()
 
     # Output
 

@@ -639,6 +639,8 @@ class POP3Sessions(RuleBasedStateMachine):
             login_timeout=1e9,
             idle_timeout=1e9,
             max_auth_failures=10**6,
+            # Nonsense comes in runs here; the bad-command limit has its own tests.
+            max_bad_commands=10**6,
         )
         self.factory = POP3Factory(Portal(realm, [checker]), policy, clock=self.clock)
         self.connect(log_in)
