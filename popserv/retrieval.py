@@ -7,9 +7,9 @@ expects.  A message file changed after the listing (a non-atomic writer
 rewriting it in place, a ``,W=`` in its name that is wrong) would go out at
 a length the client was not told: ``+OK 32 octets``, then 1,332 sent.  A
 client that trusts LIST then cuts the message or desyncs, and one that
-counts keeps a message other than the one it listed.  Dovecot likewise
-refuses a message whose size disagrees with its cache, and marks the
-cached size broken.
+counts keeps a message other than the one it listed.  (Dovecot, which
+serves sizes from its index, likewise fails a message whose size turns
+out otherwise, and marks the cached size broken.)
 
 So the body is checked, with the one rule of :mod:`popserv.body`:
 
@@ -17,9 +17,9 @@ So the body is checked, with the one rule of :mod:`popserv.body`:
   that ends within it (most mail; B1's are 4 KB) is then known exactly.
   For a longer one, or a TOP that stops before the end, the stored file's
   size (one ``fstat`` of the opened stream) must be one a message of the
-  listed size can have
-  (:func:`~popserv.body.possible_wire_size`).  A mismatch found here is a
-  plain ``-ERR [SYS/TEMP]`` and the session goes on.
+  listed size can have (:func:`~popserv.body.possible_wire_size`).  A
+  mismatch found here is a plain ``-ERR [SYS/TEMP]`` and the session goes
+  on.
 - While it streams: :class:`~popserv.body.BodyEncoder` counts the octets it
   produces.  A chunk that would take the body past the listed size is
   not sent, nor is the end of a body that comes up short.  The protocol
