@@ -9,6 +9,9 @@ inside a line pass through unchanged.  Lines starting with ``.`` get one
 more ``.`` in front (byte-stuffing, RFC 1939 section 3).
 
 Sizes (STAT, LIST) are counted before byte-stuffing, as RFC 1939 asks.
+The encoder counts the same octets in what it produces
+(:attr:`BodyEncoder.octets`), so RETR can check, as it sends, that the
+stored message still has the size LIST announced.
 
 Both work incrementally on chunks of any size, with C-speed ``bytes``
 operations on whole chunks rather than a Python loop per line.
@@ -30,9 +33,10 @@ TERMINATOR = b".\r\n"
 _DOT_LINE = re.compile(rb"\n\.")
 
 
-def _stuff_and_crlf(data: bytes, at_line_start: bool = True) -> bytes:
+def _stuff_and_crlf(data: bytes, at_line_start: bool = True) -> tuple[bytes, int]:
     """
-    Byte-stuff ``data`` and give it CRLF line ends.  ``data`` holds no CR
+    Byte-stuff ``data`` and give it CRLF line ends; return that and how
+    many stuffing dots it holds (not part of the message's size).  ``data`` holds no CR
     right before its end (a CRLF split across chunks is the caller's), and
     its first byte starts a line if ``at_line_start``; a partial last line
     is fine (it has no LF, so the conversion leaves it alone).  Stuffing
@@ -41,11 +45,12 @@ def _stuff_and_crlf(data: bytes, at_line_start: bool = True) -> bytes:
     """
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
-    # sub() returns its argument itself when nothing matches: no copy.
-    data = _DOT_LINE.sub(b"\n..", data)
+    # subn() returns its argument itself when nothing matches: no copy.
+    data, stuffed = _DOT_LINE.subn(b"\n..", data)
     if at_line_start and data[:1] == b".":
         data = b"." + data
-    return data.replace(b"\n", b"\r\n")
+        stuffed += 1
+    return data.replace(b"\n", b"\r\n"), stuffed
 
 
 class WireSizeCounter:
@@ -84,6 +89,19 @@ def wire_size(data: bytes) -> int:
     return counter.result()
 
 
+def possible_wire_size(stored: int, wire: int) -> bool:
+    """
+    Whether a message stored in ``stored`` octets can be ``wire`` octets on
+    the wire, without reading it: every stored octet is sent, a LF gains a
+    CR, and a last line without a line end gains both, so a non-empty
+    message takes between ``stored`` and ``2 * stored + 1`` octets (a LF
+    then one more octet), and an empty one none.
+    """
+    if stored == 0:
+        return wire == 0
+    return stored <= wire <= 2 * stored + 1
+
+
 class BodyEncoder:
     """
     Turns stored message bytes, fed in chunks, into the stuffed, CRLF body of
@@ -92,9 +110,13 @@ class BodyEncoder:
     With ``body_lines`` set (TOP), only the header, the blank line after it
     and that many body lines are produced; :attr:`done` turns true once they
     are, so the caller can stop reading.
+
+    :attr:`octets` counts what it produced as LIST sizes it: CRLF line ends
+    included, stuffing dots and the final ``.`` line left out.  For a whole
+    message it equals :func:`wire_size` of the bytes fed.
     """
 
-    __slots__ = ("_at_line_start", "_carry", "_in_header", "_limit", "done")
+    __slots__ = ("_at_line_start", "_carry", "_in_header", "_limit", "done", "octets")
 
     def __init__(self, body_lines: int | None = None) -> None:
         self._carry = b""
@@ -102,6 +124,7 @@ class BodyEncoder:
         self._in_header = True
         self._at_line_start = True
         self.done = False
+        self.octets = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """Encode what can be encoded of ``chunk``; keep a partial last line (TOP)."""
@@ -131,7 +154,8 @@ class BodyEncoder:
             self._carry = b""
         if not data:
             return b""
-        out = _stuff_and_crlf(data, self._at_line_start)
+        out, stuffed = _stuff_and_crlf(data, self._at_line_start)
+        self.octets += len(out) - stuffed
         self._at_line_start = data[-1:] == b"\n"
         return out
 
@@ -142,6 +166,7 @@ class BodyEncoder:
             out = self._carry
             if out or not self._at_line_start:
                 out += CRLF
+            self.octets += len(out)
             self._carry = b""
             self.done = True
             return out + TERMINATOR
@@ -150,6 +175,7 @@ class BodyEncoder:
             # One partial line (no LF in it): a CR at its end is a lone CR.
             line = self._carry
             out = (b"." if line[:1] == b"." else b"") + line + CRLF
+            self.octets += len(line) + 2
         self._carry = b""
         self.done = True
         return out + TERMINATOR
@@ -158,7 +184,9 @@ class BodyEncoder:
         """Encode complete lines, which start at the start of a line."""
         if self._limit is not None:
             lines = self._limit_lines(lines)
-        return _stuff_and_crlf(lines)
+        out, stuffed = _stuff_and_crlf(lines)
+        self.octets += len(out) - stuffed
+        return out
 
     def _limit_lines(self, lines: bytes) -> bytes:
         """Cut complete lines down to the header plus the allowed body lines."""

@@ -11,7 +11,8 @@ which for LF-stored mail is less than the octets RETR sends, and a client
 that trusts LIST then reads a message of the wrong length.  So the adapter
 counts the real sizes, reading every message once at login; for mailboxes
 too big for that, ``exact_sizes=False`` takes the sizes as reported, as
-Twisted's own server does.  Message files opened in text mode (as
+Twisted's own server does (and RETR then sends a message as it is, not
+checked against its listed size).  Message files opened in text mode (as
 ``twisted.mail.maildir`` does) are read as bytes, so 8-bit mail passes
 through unchanged.
 
@@ -116,7 +117,7 @@ class TwistedMailbox:
         uids = [safe_uidl(self._mailbox.getUidl(i)) for i in range(len(sizes))]
         if self._exact_sizes:
             sizes = [_wire_size(await self._open(i)) for i in range(len(sizes))]
-        return Listing(uids=uids, sizes=sizes)
+        return Listing(uids=uids, sizes=sizes, exact_sizes=self._exact_sizes)
 
     def listing(self) -> Deferred[Listing]:
         return Deferred.fromCoroutine(self._listing())

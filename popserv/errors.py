@@ -44,6 +44,12 @@ class LineTooLong(PopError):
     text = "Line too long"
 
 
+class TooManyBadCommands(PopError):
+    """:attr:`Policy.max_bad_commands` bad lines in a row: the session closes."""
+
+    text = "Too many bad commands, closing connection"
+
+
 class TLSUnavailable(PopError):
     """STLS on a server with no certificate (RFC 2595 allows a plain -ERR)."""
 
@@ -86,6 +92,18 @@ class MessageGone(PopError):
 
     code = "SYS/TEMP"
     text = "Message is no longer available"
+
+
+class MessageChanged(PopError):
+    """
+    The stored message no longer has the size the listing announced (a
+    writer changed it in place, or the store's recorded size is wrong), so
+    it is not sent: the client would read a message of a length LIST did
+    not give.  See :mod:`popserv.retrieval`.
+    """
+
+    code = "SYS/TEMP"
+    text = "Message changed since it was listed, try again later"
 
 
 # Logins

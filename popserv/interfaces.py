@@ -66,17 +66,21 @@ class Listing:
     maildrop costs little memory: the caller may pass arrays or tuples.
 
     ``sizes`` are the exact octets ``RETR`` sends for each message with CRLF
-    line ends and before byte-stuffing.  ``uids`` are unique ids for ``UIDL``:
-    stable across sessions, 1 to 70 characters in the range 0x21-0x7E.
-    ``received`` (delivery times, seconds since the epoch) and ``seen``
-    (retrieved in an earlier session) are optional and only needed for the
-    EXPIRE policy.
+    line ends and before byte-stuffing; ``RETR`` sends exactly that many or
+    fails (see :mod:`popserv.retrieval`).  ``exact_sizes=False`` says they
+    are only what the store reports (``twisted.mail``'s stored sizes, see
+    :mod:`popserv.compat`): messages are then sent as they are, unchecked.
+    ``uids`` are unique ids for ``UIDL``: stable across sessions, 1 to 70
+    characters in the range 0x21-0x7E.  ``received`` (delivery times,
+    seconds since the epoch) and ``seen`` (retrieved in an earlier session)
+    are optional and only needed for the EXPIRE policy.
     """
 
     uids: Sequence[str]
     sizes: Sequence[int] = field(validator=_same_length)
     received: Sequence[float] | None = field(default=None, validator=_same_length)
     seen: Sequence[bool] | None = field(default=None, validator=_same_length)
+    exact_sizes: bool = field(default=True, kw_only=True)
 
     def __len__(self) -> int:
         return len(self.uids)

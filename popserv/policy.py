@@ -65,6 +65,14 @@ class Policy:
     max_auth_line_length: int = MAX_AUTH_LINE
     #: Reading from the client pauses while this many commands wait.
     max_queued_commands: int = 32
+    #: Bad command lines in a row (unknown, malformed, too long, or not
+    #: valid in the state) before the session answers -ERR and closes: a
+    #: client this confused, or not speaking POP3 at all (an HTTP request, a
+    #: port scanner), is not coming back in sync.  Dovecot's pop3-login
+    #: closes after 10 (CLIENT_MAX_BAD_COMMANDS; 3 since 2.3), its pop3 after
+    #: 20 failed commands in a row.  Any accepted command resets the count.
+    #: At least 1.
+    max_bad_commands: int = 10
     #: Seconds before the -ERR of a client's first failed login; each further
     #: failure from the same client doubles it, up to
     #: :attr:`auth_failure_max_delay` (Dovecot's auth_penalty: 2, 4, 8, 15 s).

@@ -57,12 +57,12 @@ from popserv.interfaces import (
     IScramKeySource,
     ISecretInventory,
     ISessionInfo,
-    MessageStream,
     PortalLike,
 )
 from popserv.lang import ENGLISH, Language, Languages
 from popserv.maildrop import MaildropView
 from popserv.policy import Policy
+from popserv.retrieval import MessageBody
 from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
     MAX_ROUNDS,
@@ -222,6 +222,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._line_waiter: Deferred[wire.Line] | None = None
         self._user: bytes | None = None
         self._failures = 0
+        #: Bad command lines since the last good one (Policy.max_bad_commands).
+        self._bad_commands = 0
         self._mailbox: Any = None
         self._logout: Callable[[], object] | None = None
         self._view: MaildropView | None = None
@@ -534,24 +536,46 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.refuse(error)
 
     def _dispatch(self, line: wire.Line) -> Any:
-        """Run one command line; return a coroutine when it has to wait."""
+        """
+        Run one command line; return a coroutine when it has to wait.
+
+        The pure parser makes a :class:`wire.Command` of the line, or refuses
+        it (unknown keyword, bad arguments); the state's table then runs it,
+        or refuses a command not valid in this state.  Refused lines count
+        towards :attr:`Policy.max_bad_commands`; a command that runs, however
+        it ends, starts the count again.
+        """
         try:
             if isinstance(line, wire.TooLong):
                 raise errors.LineTooLong()
-            verb, rest = wire.split_command(line)
-            parser = wire.ARGUMENTS.get(verb)
-            if parser is None:
-                raise errors.UnknownCommand()
-            handler = COMMANDS[self.state].get(verb)
+            command = wire.parse_command(line)
+            handler = COMMANDS[self.state].get(command.verb)
             if handler is None:
-                # A command no state offers (AUTH before SASL is configured) is
-                # unknown, not merely refused here.
-                raise errors.BadState() if verb in IMPLEMENTED else errors.UnknownCommand()
-            result = handler(self, *parser(rest))
+                raise errors.BadState()
+        except errors.PopError as e:
+            self._bad_command(e)
+            return None
+        self._bad_commands = 0
+        try:
+            result = handler(self, *command.args)
         except Exception:
             self._report(Failure())
             return None
         return result if inspect.isawaitable(result) else None
+
+    def _bad_command(self, error: errors.PopError) -> None:
+        """Refuse a bad line; the last of too many in a row closes the session."""
+        self._bad_commands += 1
+        if self._bad_commands < self.factory.policy.max_bad_commands:
+            self.refuse(error)
+            return
+        log.info(
+            "{count} bad commands in a row from {peer}, closing",
+            count=self._bad_commands,
+            peer=self.info.where,
+        )
+        self.refuse(errors.TooManyBadCommands())
+        self.close()
 
     # Output
 
@@ -589,21 +613,27 @@ class POP3Protocol(Protocol, TimeoutMixin):
             except Exception:
                 # Half a response is out: an -ERR now would be read as message
                 # data, so the only honest answer is to close the connection.
-                log.failure("Reading a message failed while sending it")
-                self._end_stream()
+                # The command that streamed gets the failure, to log it.
+                failure = Failure()
+                self._closing = True
+                self._queue.clear()
+                self._end_stream(failure)
                 self.transport.abortConnection()
                 return
             self.send(chunk)
             self.resetTimeout()
 
-    def _end_stream(self) -> None:
+    def _end_stream(self, failure: Failure | None = None) -> None:
         stream, self._stream = self._stream, None
         done, self._stream_done = self._stream_done, None
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # A generator: its owner closes what it reads from.
         if done is not None:
-            done.callback(None)
+            if failure is None:
+                done.callback(None)
+            else:
+                done.errback(failure)
 
     def sleep(self, seconds: float) -> Deferred[None]:
         """Wait without blocking; cancelled if the connection is lost meanwhile."""
@@ -951,21 +981,53 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self.view.retrieved(number)
 
     async def do_top(self, number: int, lines: int) -> None:
-        self.view.index(number)
         await self._send_message(number, BodyEncoder(body_lines=lines), "Top of message follows")
 
     async def _send_message(self, number: int, encoder: BodyEncoder, text: str) -> None:
+        """
+        Send a message's +OK and body, exactly as large as the listing said
+        (see popserv.retrieval): a mismatch found before the +OK is an -ERR,
+        one found after it cuts the connection.
+        """
         index = self.view.index(number)
+        listing = self.view.listing
+        listed = listing.sizes[index] if listing.exact_sizes else None
         message = await resolve(self._mailbox.open_message(index))
         try:
+            body = MessageBody(message, encoder, listed, self.factory.policy.chunk_size)
+            try:
+                chunks = body.start()
+            except errors.MessageChanged as e:
+                self._message_changed(index, e, "refused")
+                raise
+            except OSError as e:
+                log.failure("Reading a message failed")
+                raise errors.storage_failure("cannot read a message", e) from None
             self.send(wire.ok(text))
-            await self.stream(_encoded(message, encoder, self.factory.policy.chunk_size))
+            try:
+                await self.stream(chunks)
+            except errors.MessageChanged as e:
+                self._message_changed(index, e, "connection cut")
+                raise
+            except OSError:
+                log.failure("Reading a message failed while sending it, connection cut")
+                raise CancelledError() from None
         finally:
             # Also when the connection dropped before the stream started.
             try:
                 message.close()
             except Exception:
                 log.failure("Closing a message stream failed")
+
+    def _message_changed(self, index: int, error: errors.MessageChanged, outcome: str) -> None:
+        """Log a message not sent because its size is not the listed one."""
+        log.warn(
+            "Message {uid} for {peer} is not the size listed ({detail}): {outcome}",
+            uid=wire.loggable(self.view.listing.uids[index]),
+            peer=self.info.where,
+            detail=error.detail,
+            outcome=outcome,
+        )
 
     async def do_quit_transaction(self) -> None:
         """Enter UPDATE: apply deletions (and EXPIRE), release the maildrop, close."""
@@ -1014,22 +1076,12 @@ def _decode_sasl(line: bytes, initial_response: bool = False) -> bytes:
         raise SASLMalformed("invalid base64") from None
 
 
-def _encoded(message: MessageStream, encoder: BodyEncoder, chunk_size: int) -> Iterator[bytes]:
-    """Read a stored message in chunks and yield its encoded response body."""
-    while not encoder.done:
-        data = message.read(chunk_size)
-        if not data:
-            break
-        out = encoder.feed(data)
-        if out:
-            yield out
-    yield encoder.finish()
-
-
 Handler = Callable[..., Any]
 
 #: Which command is legal in which state, and what runs it.  Client input
-#: only ever selects an entry of this table, never a method by name.
+#: only ever selects an entry of this table, never a method by name.  The
+#: verbs, and how their arguments are parsed, are the grammar of
+#: :data:`wire.ARGUMENTS`: every verb there is run by some state here.
 COMMANDS: dict[State, dict[str, Handler]] = {
     State.AUTHORIZATION: {
         "CAPA": POP3Protocol.do_capa,
@@ -1067,10 +1119,6 @@ COMMANDS: dict[State, dict[str, Handler]] = {
     },
     State.UPDATE: {},
 }
-
-
-#: Every command some state runs; others are unknown whatever the state.
-IMPLEMENTED = frozenset(verb for table in COMMANDS.values() for verb in table)
 
 
 @implementer(IRealm)
@@ -1171,7 +1219,8 @@ class POP3Factory(Factory):
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         self._refusals = RefusalLog(self.clock, "POP3")
-        #: Sources of CAPA lines, in order; TLS and SASL add theirs.
+        #: Sources of CAPA lines, in order, each called per CAPA: the core
+        #: ones (STLS among them) and SASL's.  An application may add its own.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
 
     # Connections

@@ -61,6 +61,7 @@ LIMIT_OPTIONS = {
     "max-line-length": "max_line_length",
     "max-auth-line-length": "max_auth_line_length",
     "max-queued-commands": "max_queued_commands",
+    "max-bad-commands": "max_bad_commands",
     "trusted-network": "trusted_networks",
 }
 

@@ -230,6 +230,13 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "max-bad-commands",
+            None,
+            _DEFAULTS.max_bad_commands,
+            "Bad command lines in a row before the connection closes (Dovecot: 10).",
+            _positive_int,
+        ],
+        [
             "login-delay",
             None,
             0,

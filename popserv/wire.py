@@ -3,8 +3,9 @@ The POP3 wire format, pure: line framing, command parsing, response lines.
 
 No Twisted and no I/O here, so every rule can be tested (and fuzzed) on
 plain bytes.  The protocol module feeds received bytes to a
-:class:`LineSplitter`, parses each line with :func:`parse_command`, and
-formats answers with :func:`ok` and :func:`err`.
+:class:`LineSplitter`, parses each line with :func:`parse_command` into a
+:class:`Command` (or a refusal), looks the command up in its state table,
+and formats answers with :func:`ok` and :func:`err`.
 """
 
 from __future__ import annotations
@@ -138,10 +139,6 @@ class LineSplitter:
         """How many received octets wait here, unsplit."""
         return len(self._buffer) - self._start
 
-    def has_line(self) -> bool:
-        """Whether a complete line waits here (:meth:`feed` would return it)."""
-        return self._owed or self._buffer.find(b"\n", self._start) >= 0
-
     def discard(self) -> None:
         """Forget any partial line (STLS: nothing read before TLS may count)."""
         self._buffer = b""
@@ -236,8 +233,11 @@ def _mechanism_and_response(rest: bytes | None) -> tuple[object, ...]:
     return tuple(tokens)
 
 
-#: Every command popserv knows, with the parser for its arguments.  Which of
-#: them is legal in which state is the protocol's table, not this one.
+#: The grammar: every command popserv knows, with the parser for its
+#: arguments.  Which of them is legal in which state is the protocol's
+#: table (``popserv.protocol.COMMANDS``), which runs each verb here in some
+#: state; a verb no state runs would be dead grammar (a test checks both
+#: tables name the same verbs).
 ARGUMENTS: dict[str, ArgParser] = {
     "USER": _rest_of_line,
     "PASS": _rest_of_line,
@@ -259,7 +259,7 @@ ARGUMENTS: dict[str, ArgParser] = {
 }
 
 
-def split_command(line: bytes) -> tuple[str, bytes | None]:
+def _split_command(line: bytes) -> tuple[str, bytes | None]:
     """Split a line into its upper-case keyword and the raw rest, if any."""
     verb, sep, rest = line.partition(b" ")
     # RFC 1939: keywords are 3 or 4 printable characters (UTF8 has a digit);
@@ -270,14 +270,14 @@ def split_command(line: bytes) -> tuple[str, bytes | None]:
     return verb.decode("ascii").upper(), (rest if sep else None)
 
 
-def parse_command(line: bytes, known: dict[str, ArgParser] = ARGUMENTS) -> Command:
+def parse_command(line: bytes) -> Command:
     """
     Parse one command line (without its line end).
 
     Raises a :class:`PopError` subclass for unknown keywords and bad arguments.
     """
-    verb, rest = split_command(line)
-    parser = known.get(verb)
+    verb, rest = _split_command(line)
+    parser = ARGUMENTS.get(verb)
     if parser is None:
         raise UnknownCommand("unknown keyword")
     return Command(verb, parser(rest))
@@ -381,5 +381,4 @@ __all__ = [
     "numbered",
     "ok",
     "parse_command",
-    "split_command",
 ]

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.task import Clock
@@ -270,16 +271,21 @@ class CrashTests(SynchronousTestCase):
 
 
 class _FailingRead(io.RawIOBase):
-    """A message file whose reads fail, as a bad disk block does."""
+    """A message file whose reads fail after ``good`` octets, as a bad disk block does."""
 
-    def __init__(self, error: int) -> None:
+    def __init__(self, error: int, good: bytes = b"") -> None:
         self.error = error
+        self.good = good
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        raise OSError(self.error, os.strerror(self.error))
+        if not self.good:
+            raise OSError(self.error, os.strerror(self.error))
+        size = min(len(buffer), len(self.good))
+        buffer[:size], self.good = self.good[:size], self.good[size:]
+        return size
 
 
 class StoreFaultTests(SynchronousTestCase):
@@ -357,15 +363,35 @@ class StoreFaultTests(SynchronousTestCase):
 
     def test_read_failure_at_retr(self) -> None:
         """
-        EIO reading a message once its +OK is out: no -ERR can follow (it would
-        be read as message text), so the connection is cut, the error logged,
-        the lock released, and the next client served.
+        EIO reading the start of a message, before its +OK is out:
+        -ERR [SYS/TEMP], the error logged, and the session goes on.
         """
         client = self.logged_in()
         self.patch(MaildirMailbox, "open_message", lambda self, index: _FailingRead(errno.EIO))
         answer = client.send(b"RETR 1\r\n")
         self.patch(MaildirMailbox, "open_message", _open_message)
-        self.assertTrue(re.fullmatch(rb"\+OK \d+ octets\r\n", answer), answer)
+        self.assertEqual(answer, b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertIn(b"\r\nSubject: ", b"\r\n" + client.send(b"RETR 1\r\n"))
+        client.send(b"QUIT\r\n")
+        client.close()
+        self.next_client_works()
+
+    def test_read_failure_during_retr(self) -> None:
+        """
+        EIO reading a message once its +OK is out: no -ERR can follow (it would
+        be read as message text), so the connection is cut, the error logged,
+        the lock released, and the next client served.
+        """
+        # The first chunk (read before the +OK) is good, the next read fails.
+        self.factory.policy = attrs.evolve(self.factory.policy, chunk_size=4)
+        client = self.logged_in()
+        failing = _FailingRead(errno.EIO, good=self.MESSAGES[0][:4])
+        self.patch(MaildirMailbox, "open_message", lambda self, index: failing)
+        answer = client.send(b"RETR 1\r\n")
+        self.patch(MaildirMailbox, "open_message", _open_message)
+        # Which message is 1 depends on the order of same-second deliveries.
+        self.assertTrue(re.fullmatch(rb"\+OK \d+ octets\r\nSubj", answer), answer)
         self.assertTrue(client.transport.disconnecting or client.transport.disconnected)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         client.close()

@@ -352,6 +352,152 @@ class RawProtocolTests(ServerTestCase):
         self.assertTrue(lines[7].startswith(b"+OK"))
 
 
+#: The issue's example: a message listed at 32 octets, then rewritten to 1,332.
+SMALL_NAME = "1700000010.M1P1.small"
+SMALL = b"Subject: small\n\nshort messag\n"
+SMALL_GROWN = (
+    b"Subject: small\n\n" + b"rewritten, and much longer\n" * 46 + b"the end of it, rewritten\n"
+)
+#: Larger than the chunk read before the +OK (64 KiB); a CR more a line on the wire.
+BIG_NAME = "1700000011.M1P1.big"
+BIG = b"Subject: big\n\n" + b"0123456789 abcdef\n" * 20_000
+
+
+class ChangedMessageTests(ServerTestCase):
+    """
+    A message file rewritten in place between LIST and RETR, as a
+    non-atomic writer does: the client gets -ERR [SYS/TEMP] when that shows
+    before the +OK, or a connection closed without the final '.', never a
+    complete answer of a size LIST did not announce.
+    """
+
+    def setUp(self):
+        super().setUp()
+        (self.maildir / "new" / SMALL_NAME).write_bytes(SMALL)
+        (self.maildir / "new" / BIG_NAME).write_bytes(BIG)
+
+    def rewrite(self, name: str, data: bytes) -> None:
+        """The same file (same name and inode) truncated and written again."""
+        with open(self.maildir / "new" / name, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
+
+    @staticmethod
+    def number(client: poplib.POP3, name: str) -> int:
+        for line in client.uidl()[1]:
+            number, uid = line.split()
+            if uid == name.encode():
+                return int(number)
+        raise AssertionError(f"{name} not listed")
+
+    def refused(self, name: str, data: bytes, *commands: str) -> tuple[bytes, list[bytes]]:
+        """LIST the message, rewrite it, send ``commands`` ({n}: its number); their answers."""
+        c = self.pop()
+        try:
+            c.user("alice")
+            c.pass_("secret")
+            n = self.number(c, name)
+            listed = c.list(n)
+            self.rewrite(name, data)
+            answers = [command(c, line.format(n=n)) for line in commands]
+            # The session goes on: another message comes whole.
+            retr = c.retr(1)
+            answers.append(b"\r\n".join(retr[1]) + b"\r\n" == crlf(self.messages[0]))
+            answers.append(c.quit())
+            return listed, answers
+        finally:
+            c.close()
+
+    def cut(self, name: str, data: bytes) -> tuple[int, bytes, bytes]:
+        """LIST the message, rewrite it, RETR it: (listed size, status line, all that followed)."""
+        c = RawClient(self.portno)
+        try:
+            c.send(b"USER alice\r\nPASS secret\r\nUIDL\r\n")
+            c.line(), c.line(), c.line()
+            uids = c.multi().split(b"\r\n")
+            n = next(u.split()[0] for u in uids if u.endswith(b" " + name.encode()))
+            c.send(b"LIST " + n + b"\r\n")
+            listed = int(c.line().split()[2])
+            self.rewrite(name, data)
+            c.send(b"RETR " + n + b"\r\n")
+            status, received = c.line(), c.buffer
+            try:
+                while not received.endswith(b"\r\n.\r\n"):
+                    chunk = c.sock.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            return listed, status, received
+        finally:
+            c.close()
+
+    async def assert_nothing_lost(self) -> None:
+        """The session ended without deleting anything, and the next one logs in."""
+        await self.wait_idle()
+        self.assertEqual(len(self.files()), 6)
+
+        def session():
+            c = self.pop()
+            c.user("alice")
+            c.pass_("secret")
+            stat = c.stat()
+            c.quit()
+            return stat
+
+        self.assertEqual((await self.run_in_thread(session))[0], 6)
+
+    async def test_small_message_grown(self):
+        """Listed at 32 octets, 1,332 now: RETR and TOP answer -ERR [SYS/TEMP]."""
+        self.assertEqual((wire_size(SMALL), wire_size(SMALL_GROWN)), (32, 1332))
+        listed, answers = await self.run_in_thread(
+            self.refused, SMALL_NAME, SMALL_GROWN, "RETR {n}", "TOP {n} 0", "TOP {n} 99", "NOOP"
+        )
+        self.assertTrue(listed.endswith(b" 32"), listed)
+        changed = wire.err(errors.MessageChanged()).rstrip()
+        self.assertEqual(answers[:3], [changed] * 3)
+        self.assertEqual(answers[3:], [b"+OK", True, b"+OK Bye, 0 deleted, 6 left"])
+        await self.assert_nothing_lost()
+
+    async def test_small_message_shrunk(self):
+        """Shorter now: RETR, and a TOP that runs to its end, answer -ERR [SYS/TEMP]."""
+        _, answers = await self.run_in_thread(
+            self.refused, SMALL_NAME, SMALL[:-4] + b"\n", "RETR {n}", "TOP {n} 99"
+        )
+        changed = wire.err(errors.MessageChanged()).rstrip()
+        self.assertEqual(answers, [changed, changed, True, b"+OK Bye, 0 deleted, 6 left"])
+        await self.assert_nothing_lost()
+
+    async def test_big_message_much_longer(self):
+        """A file too long for the listed size is refused before the +OK, however big."""
+        _, answers = await self.run_in_thread(self.refused, BIG_NAME, BIG * 3, "RETR {n}")
+        self.assertEqual(answers[0], wire.err(errors.MessageChanged()).rstrip())
+        await self.assert_nothing_lost()
+
+    async def test_big_message_grown_while_sent(self):
+        """
+        A line more, which only reading to the end shows: the connection is
+        cut before anything past the listed size, and without the final '.'.
+        """
+        listed, status, received = await self.run_in_thread(
+            self.cut, BIG_NAME, BIG + b"one line more\n"
+        )
+        self.assertEqual((listed, status), (wire_size(BIG), b"+OK %d octets\r\n" % listed))
+        self.assertEqual(received.count(b"\r\n.\r\n"), 0, "a complete answer")
+        self.assertLessEqual(len(received), listed)
+        self.assertTrue(crlf(BIG).startswith(received))
+        await self.assert_nothing_lost()
+
+    async def test_big_message_shrunk_while_sent(self):
+        """A line less: the body goes out short, and the connection is cut before its '.'."""
+        listed, status, received = await self.run_in_thread(self.cut, BIG_NAME, BIG[:-18])
+        self.assertEqual(status, b"+OK %d octets\r\n" % listed)
+        self.assertEqual(received.count(b"\r\n.\r\n"), 0, "a complete answer")
+        self.assertLess(len(received), listed)
+        await self.assert_nothing_lost()
+
+
 def command(client: poplib.POP3, line: str) -> bytes:
     """Send one command; return its answer, +OK or -ERR (poplib raises on -ERR)."""
     try:

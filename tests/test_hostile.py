@@ -8,6 +8,7 @@ and the server stays healthy for the next client.
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import ssl
 import threading
@@ -153,22 +154,48 @@ class HostileInputTests(_HealthyServerMixin, ServerTestCase):
         await self.assert_healthy()
 
     async def test_ten_thousand_pipelined_before_login(self):
-        """Unknown commands pipelined before login: each one answered, none run after QUIT."""
+        """
+        Unknown commands pipelined before login: the first nine refused, the
+        tenth answered with the last -ERR, then the connection closes, and
+        nothing behind them (QUIT, a login) runs.
+        """
         commands = b"XYZ\r\n" * 10_000 + b"QUIT\r\nUSER alice\r\n"
+
+        def send(c: RawClient) -> None:
+            with contextlib.suppress(OSError):  # the server closes while we send
+                c.send(commands)
 
         def session():
             c = RawClient(self.portno)
-            sender = threading.Thread(target=c.send, args=(commands,))
+            sender = threading.Thread(target=send, args=(c,))
             sender.start()
-            answers = [c.line() for _ in range(10_001)]
+            answers = []
+            with contextlib.suppress(EOFError, ConnectionResetError):
+                while True:
+                    answers.append(c.line())
             sender.join()
-            closed = c.closed()
             c.close()
-            return answers, closed
+            return answers
+
+        answers = await self.run_in_thread(session)
+        self.assertEqual(answers, [UNKNOWN] * 9 + [wire.err(errors.TooManyBadCommands())])
+        await self.assert_healthy()
+
+    async def test_bad_commands_then_good_ones(self):
+        """Nine bad lines, a good one, nine bad again: the session is still served."""
+
+        def session():
+            c = RawClient(self.portno)
+            c.send(b"XYZ\r\n" * 9 + b"CAPA\r\n" + b"XYZ\r\n" * 9
+                   + b"USER alice\r\nPASS secret\r\nSTAT\r\nQUIT\r\n")
+            answers = [c.line() for _ in range(9)]
+            c.line(), c.multi()
+            answers += [c.line() for _ in range(13)]
+            return answers, c.closed()
 
         answers, closed = await self.run_in_thread(session)
-        self.assertEqual(answers[:10_000], [UNKNOWN] * 10_000)
-        self.assertEqual(answers[10_000], b"+OK Bye\r\n")
+        self.assertEqual(answers[:18], [UNKNOWN] * 18)
+        self.assertTrue(answers[20].startswith(b"+OK 4 "), answers[18:])
         self.assertTrue(closed)
         await self.assert_healthy()
 

@@ -5,10 +5,12 @@ session keeps, on real Maildirs on disk.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import stat
 import subprocess
+import zlib
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -18,7 +20,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from popserv.maildir import MaildirMailbox, index
 from popserv.maildir.columns import PackedStrings
 from popserv.maildir.directory import MaildirPath
-from popserv.maildir.index import INDEX_FILE, Entry, decode_index, encode_index
+from popserv.maildir.index import INDEX_FILE, Entry, decode_index, encode_index, storable
 from popserv.maildir.uidls import parse_uidl_format
 from tests.test_maildir import MaildirTestCase, retr_size, scan
 
@@ -69,12 +71,41 @@ class EncodingTests(SynchronousTestCase):
             data = b"popserv-index 1 1 %08x\n" % zlib.crc32(body) + body
             self.assertIsNone(decode_index(data), body)
 
-    @settings(max_examples=200)
-    @given(st.binary(max_size=120))
-    def test_any_bytes(self, data: bytes) -> None:
-        """Any bytes decode to entries or None, never an exception."""
-        decode_index(data)
-        decode_index(encode_index({}).split(b"\n")[0] + b"\n" + data)
+    @settings(max_examples=300)
+    @given(
+        st.one_of(
+            st.binary(max_size=120),
+            st.lists(
+                st.tuples(
+                    st.sampled_from([b"0", b"27", b"-1", b"x", b"1_0", b""]),
+                    st.sampled_from([b"1.5", b"nan", b"-inf", b"1e3", b""]),
+                    st.binary(max_size=12),
+                ).map(b" ".join),
+                max_size=4,
+            ).map(lambda lines: b"".join(line + b"\n" for line in lines)),
+        ),
+        st.integers(0, 5),
+    )
+    def test_any_bytes(self, data: bytes, count: int) -> None:
+        """
+        Any bytes, under no header, an empty index's, or one whose checksum
+        matches: None, or sound entries that encode back to themselves.
+        """
+        sealed = b"popserv-index 1 %d %08x\n" % (count, zlib.crc32(data)) + data
+        empty = encode_index({}).split(b"\n")[0] + b"\n"
+        for candidate in (data, empty + data, sealed):
+            entries = decode_index(candidate)
+            if entries is None:
+                continue
+            for unique, (size, received) in entries.items():
+                self.assertTrue(storable(unique), unique)
+                self.assertIsInstance(size, int)
+                self.assertGreaterEqual(size, 0)
+                self.assertTrue(math.isfinite(received))
+            self.assertEqual(decode_index(encode_index(entries)), entries)
+        # A well-formed body under a matching header decodes.
+        if data == b"":
+            self.assertEqual(decode_index(b"popserv-index 1 0 %08x\n" % zlib.crc32(b"")), {})
 
 
 class PackedStringsTests(SynchronousTestCase):

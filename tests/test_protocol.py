@@ -220,14 +220,13 @@ class AuthorizationTests(SynchronousTestCase):
         self.assertNotIn(b"Logged in", out)
         self.assertFalse(s.maildrop.locked)
 
-    def test_unimplemented_command_is_unknown(self):
-        """A command the parser knows but no state runs is unknown, not 'not valid here'."""
-        self.patch(wire, "ARGUMENTS", {**wire.ARGUMENTS, "XTST": wire.ARGUMENTS["NOOP"]})
+    def test_not_valid_in_this_state(self):
+        """A known command in the wrong state is refused as such, in every state."""
         s = Session()
-        self.assertEqual(s.send(b"XTST\r\n"), wire.err(errors.UnknownCommand()))
+        self.assertEqual(s.send(b"STAT\r\n"), wire.err(errors.BadState()))
         s.login()
-        self.assertEqual(s.send(b"XTST\r\n"), wire.err(errors.UnknownCommand()))
         self.assertEqual(s.send(b"AUTH\r\n"), wire.err(errors.BadState()))
+        self.assertEqual(s.send(b"XTST\r\n"), wire.err(errors.UnknownCommand()))
 
     def test_half_close_answers_then_closes(self):
         """Commands followed by EOF are all answered, then the connection closes."""
@@ -277,6 +276,14 @@ class CapaTests(SynchronousTestCase):
         caps = self.capa(s)
         self.assertIn(b"LOGIN-DELAY 900", caps)
         self.assertIn(b"EXPIRE 30", caps)
+
+    def test_capa_sources_added_by_the_application(self):
+        """factory.capabilities: a source an application adds is asked at each CAPA."""
+        s = Session()
+        s.factory.capabilities.append(lambda session: [f"X-STATE {session.state.value}"])
+        self.assertEqual(self.capa(s)[-1], b"X-STATE AUTHORIZATION")
+        s.login()
+        self.assertEqual(self.capa(s)[-1], b"X-STATE TRANSACTION")
 
 
 class TransactionTests(SynchronousTestCase):
@@ -363,7 +370,9 @@ class TransactionTests(SynchronousTestCase):
 
     def test_bad_arguments(self):
         """Each malformed argument gets a defined -ERR and the session goes on."""
-        s = self.s
+        # More bad lines in a row than the limit allows: lift it for this test.
+        s = Session(policy=Policy(hostname="h", max_bad_commands=10**6))
+        s.login()
         cases = {
             b"RETR": b"-ERR Invalid arguments",
             b"RETR ": b"-ERR Invalid arguments",
@@ -469,11 +478,82 @@ class LineTests(SynchronousTestCase):
         self.assertEqual(out.count(b"+OK\r\n"), 5000)
 
     def test_reading_pauses_while_queue_long(self):
-        s = Session()
+        # NOOP before login is a bad command: no limit to end the test early.
+        s = Session(policy=Policy(hostname="h", max_bad_commands=10**6))
         s.send(b"USER alice\r\nPASS bad\r\n" + b"NOOP\r\n" * 100)
         self.assertEqual(s.transport.producerState, "paused")
         s.clock.advance(10)
         self.assertEqual(s.transport.producerState, "producing")
+
+
+UNKNOWN = wire.err(errors.UnknownCommand())
+TOO_MANY_BAD = wire.err(errors.TooManyBadCommands())
+
+
+class BadCommandLimitTests(SynchronousTestCase):
+    """Policy.max_bad_commands bad lines in a row: -ERR, and the session closes."""
+
+    def test_closes_at_the_limit(self):
+        """Nine unknown commands are refused; the tenth gets the last -ERR and the close."""
+        s = Session()
+        self.assertEqual(Policy(hostname="h").max_bad_commands, 10)
+        for _ in range(9):
+            self.assertEqual(s.send(b"XYZZY\r\n"), UNKNOWN)
+        self.assertFalse(s.transport.disconnecting)
+        self.assertEqual(s.send(b"XYZZY\r\n"), TOO_MANY_BAD)
+        self.assertEqual(TOO_MANY_BAD, b"-ERR Too many bad commands, closing connection\r\n")
+        self.assertTrue(s.transport.disconnecting)
+        self.assertEqual(s.send(b"USER alice\r\n"), b"")
+
+    def test_every_kind_of_bad_line_counts(self):
+        """Unknown, malformed arguments, not valid in this state, too long: one count."""
+        s = Session(policy=Policy(hostname="h", max_bad_commands=4))
+        out = s.send(b"XYZZY\r\nRETR x\r\nSTAT\r\n" + b"x" * 300 + b"\r\n")
+        self.assertEqual(out, UNKNOWN + wire.err(errors.BadArguments())
+                         + wire.err(errors.BadState()) + TOO_MANY_BAD)
+        self.assertTrue(s.transport.disconnecting)
+
+    def test_a_good_command_resets_the_count(self):
+        """Nine bad, one good, nine bad: still open; the tenth in a row closes."""
+        s = Session()
+        self.assertEqual(s.send(b"XYZZY\r\n" * 9 + b"USER alice\r\n" + b"XYZZY\r\n" * 9),
+                         UNKNOWN * 9 + b"+OK Send PASS\r\n" + UNKNOWN * 9)
+        self.assertFalse(s.transport.disconnecting)
+        self.assertEqual(s.send(b"XYZZY\r\n"), TOO_MANY_BAD)
+
+    def test_a_command_that_fails_resets_the_count(self):
+        """A well-formed command that fails (no such message) is not a bad command."""
+        s = Session()
+        s.login()
+        out = s.send(b"XYZZY\r\n" * 9 + b"RETR 99\r\n" + b"XYZZY\r\n" * 9)
+        self.assertEqual(out, UNKNOWN * 9 + wire.err(errors.NoSuchMessage()) + UNKNOWN * 9)
+        self.assertFalse(s.transport.disconnecting)
+
+    def test_pipelined_lines_after_the_limit_never_run(self):
+        """A login pipelined behind the tenth bad line is not read, not checked."""
+        s = Session()
+        out = s.send(b"XYZZY\r\n" * 10 + b"USER alice\r\nPASS secret\r\n")
+        self.assertEqual(out, UNKNOWN * 9 + TOO_MANY_BAD)
+        self.assertFalse(s.maildrop.locked)
+
+    def test_closing_in_transaction_deletes_nothing(self):
+        """Closed for bad commands after a DELE: no QUIT, so nothing is deleted."""
+        s = Session()
+        s.login()
+        s.send(b"DELE 1\r\n")
+        self.assertTrue(s.send(b"LAST\r\n" * 10).endswith(TOO_MANY_BAD))
+        self.assertTrue(s.transport.disconnecting)
+        s.protocol.connectionLost(None)
+        self.assertEqual(s.maildrop.contents(), MESSAGES)
+        self.assertFalse(s.maildrop.locked)
+
+    def test_logged(self):
+        """The close is logged with the client's address."""
+        s = Session(policy=Policy(hostname="h", max_bad_commands=1))
+        with capturedLogs() as events:
+            s.send(b"GET / HTTP/1.1\r\n")
+        texts = [formatEvent(e) for e in events]
+        self.assertIn("1 bad commands in a row from 127.0.0.1:4321, closing", texts)
 
 
 class _Stream(io.BytesIO):
@@ -648,6 +728,11 @@ class ExpireTests(SynchronousTestCase):
 
 
 class StateTableTests(SynchronousTestCase):
+    def test_grammar_and_table_name_the_same_verbs(self):
+        """Every verb the parser knows is run in some state, and every verb run is parsed."""
+        run = {verb for table in COMMANDS.values() for verb in table}
+        self.assertEqual(run, set(wire.ARGUMENTS))
+
     def test_table_covers_rfc1939(self):
         self.assertEqual(
             set(COMMANDS[State.AUTHORIZATION]),

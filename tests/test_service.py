@@ -80,6 +80,7 @@ class OptionsTests(SynchronousTestCase):
                      ["--ipv6-prefix", "0"], ["--ipv6-prefix", "129"],
                      ["--max-line-length", "254"], ["--max-auth-line-length", "100"],
                      ["--max-queued-commands", "0"], ["--trusted-network", "webmail"],
+                     ["--max-bad-commands", "0"],
                      ["--auth-failure-delay", "20"],
                      ["--uidl-format", "%m"], ["--uidl-format", "plain"]):
             self.assertRaises(UsageError, self.parse, *argv)
@@ -119,6 +120,7 @@ class OptionsTests(SynchronousTestCase):
             "10", "--max-connections", "500", "--max-connections-per-ip", "5",
             "--ipv6-prefix", "56", "--max-user-sessions", "2", "--max-line-length", "512",
             "--max-auth-line-length", "16384", "--max-queued-commands", "8",
+            "--max-bad-commands", "3",
             "--trusted-network", "10.0.0.1/8", "--trusted-network", "2001:db8::/32",
         )
         policy = make_factory(options, reactor).policy
@@ -126,8 +128,8 @@ class OptionsTests(SynchronousTestCase):
             (policy.login_timeout, policy.auth_failure_delay, policy.auth_failure_max_delay,
              policy.max_connections, policy.max_connections_per_ip, policy.ipv6_prefix,
              policy.max_user_sessions, policy.max_line_length, policy.max_auth_line_length,
-             policy.max_queued_commands),
-            (30, 1, 10, 500, 5, 56, 2, 512, 16384, 8))
+             policy.max_queued_commands, policy.max_bad_commands),
+            (30, 1, 10, 500, 5, 56, 2, 512, 16384, 8, 3))
         self.assertEqual([str(n) for n in policy.trusted_networks], ["10.0.0.0/8", "2001:db8::/32"])
 
 

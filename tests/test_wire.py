@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from popserv import errors, wire
 from popserv.accounts import AccountSettings, Announcement, capability_lines
-from popserv.body import BodyEncoder, wire_size
+from popserv.body import BodyEncoder, possible_wire_size, wire_size
 from popserv.interfaces import Listing
 from popserv.maildrop import MaildropView
 
@@ -64,8 +64,8 @@ def feed_in_batches(splitter: wire.LineSplitter, data: bytes, step: int, batch: 
         lines = splitter.feed(data[i : i + step], max_lines=batch)
         assert len(lines) <= batch
         out += lines
-        while batch and splitter.has_line():
-            out += splitter.feed(max_lines=batch)
+        while batch and (more := splitter.feed(max_lines=batch)):
+            out += more
     return out
 
 
@@ -73,10 +73,9 @@ class BatchTests(SynchronousTestCase):
     def test_at_most_max_lines(self):
         splitter = wire.LineSplitter()
         self.assertEqual(splitter.feed(b"A\nB\nC\nD", max_lines=2), [b"A", b"B"])
-        self.assertTrue(splitter.has_line())
         self.assertEqual(splitter.buffered, 3)
         self.assertEqual(splitter.feed(max_lines=2), [b"C"])
-        self.assertFalse(splitter.has_line())
+        self.assertEqual(splitter.feed(), [])
         self.assertEqual(splitter.feed(b"\n"), [b"D"])
 
     def test_zero_lines_keeps_everything(self):
@@ -96,7 +95,6 @@ class BatchTests(SynchronousTestCase):
         """A line found too long while the batch is full is refused on the next call."""
         splitter = wire.LineSplitter()
         self.assertEqual(splitter.feed(b"x" * 1000, max_lines=0), [])
-        self.assertTrue(splitter.has_line())
         self.assertEqual(splitter.feed(b"x" * 1000 + b"\nNOOP\n"), [wire.TooLong(), b"NOOP"])
 
     def test_discard_drops_waiting_lines(self):
@@ -136,13 +134,35 @@ class ParseTests(SynchronousTestCase):
         ]:
             self.assertRaises(error, wire.parse_command, line)
 
-    @given(st.binary(max_size=300))
-    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=300),
+            st.tuples(
+                st.sampled_from([*wire.ARGUMENTS, "noop", "Retr", "top", "XTND", ""]),
+                st.sampled_from(["", " ", " 1", " 1 2", " 01", " x", " alice pw", " 1 -2"]),
+                st.binary(max_size=20),
+            ).map(lambda t: t[0].encode() + t[1].encode() + t[2]),
+        )
+    )
+    @settings(max_examples=500, deadline=None)
     def test_any_line_parses_or_pop_error(self, line):
+        """
+        Any line is a Command named by its first word in any case, with
+        non-negative numbers, or UnknownCommand / BadArguments: never
+        another error.
+        """
         try:
-            wire.parse_command(line)
-        except errors.PopError:
-            pass
+            command = wire.parse_command(line)
+        except (errors.UnknownCommand, errors.BadArguments):
+            return
+        verb = line.partition(b" ")[0]
+        self.assertEqual(command.verb, verb.decode("ascii").upper())
+        self.assertIn(command.verb, wire.ARGUMENTS)
+        self.assertEqual(wire.parse_command(verb.swapcase() + line[len(verb) :]), command)
+        for arg in command.args:
+            self.assertIsInstance(arg, (int, bytes, str))
+            if isinstance(arg, int):
+                self.assertGreaterEqual(arg, 0)
 
     def test_responses(self):
         self.assertEqual(wire.ok(), b"+OK\r\n")
@@ -158,9 +178,15 @@ class ParseTests(SynchronousTestCase):
 
 
 def encode(data: bytes, step: int, lines: int | None = None) -> bytes:
+    return encode_counted(data, step, lines)[0]
+
+
+def encode_counted(data: bytes, step: int, lines: int | None = None) -> tuple[bytes, int]:
+    """The encoded body and the octets the encoder counted in it."""
     encoder = BodyEncoder(lines)
     out = b"".join(encoder.feed(data[i : i + step]) for i in range(0, len(data), step))
-    return out + encoder.finish()
+    out += encoder.finish()
+    return out, encoder.octets
 
 
 def unstuff(body: bytes) -> bytes:
@@ -193,14 +219,27 @@ class BodyEncoderTests(SynchronousTestCase):
         for step in range(1, len(msg) + 1):
             self.assertEqual(encode(msg, step, 0), b"A: 1\r\n\r\n.\r\n", step)
 
+    def test_octets_leave_out_stuffing_and_terminator(self):
+        """The encoder counts CRLF line ends, not stuffing dots or the final '.' line."""
+        cases = [
+            (b".a\n..b\nc", None, b"..a\r\n...b\r\nc\r\n.\r\n", 12),
+            (b"", None, b".\r\n", 0),
+            (b"x\r", None, b"x\r\r\n.\r\n", 4),
+            (b"H: v\n\n.1\n2\n", 1, b"H: v\r\n\r\n..1\r\n.\r\n", 12),
+        ]
+        for data, lines, body, octets in cases:
+            for step in (1, 2, 5, 100):
+                self.assertEqual(encode_counted(data, step, lines), (body, octets), (data, step))
+
     @given(st.binary(max_size=3000), st.integers(1, 64))
     @settings(max_examples=300, deadline=None)
     def test_round_trip_and_size(self, data, step):
-        """decode(encode(x)) is x with CRLF line ends; LIST's size is its length."""
-        body = encode(data, step)
+        """decode(encode(x)) is x with CRLF line ends; LIST's size is its length, and the count."""
+        body, octets = encode_counted(data, step)
         self.assertEqual(body, encode(data, len(data) or 1))
         plain = unstuff(body)
         self.assertEqual(len(plain), wire_size(data))
+        self.assertEqual(octets, wire_size(data))
         normalised = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if data and not data.endswith(b"\n"):
             normalised += b"\r\n"
@@ -229,9 +268,24 @@ class BodyEncoderTests(SynchronousTestCase):
            st.integers(1, 9), st.integers(0, 5))
     @settings(max_examples=300, deadline=None)
     def test_top_is_prefix_of_retr(self, parts, step, lines):
+        """TOP starts RETR, and counts no more octets than the whole message has."""
         data = b"".join(parts)
-        top, retr = encode(data, step, lines), encode(data, step)
+        (top, octets), retr = encode_counted(data, step, lines), encode(data, step)
         self.assertTrue(retr.startswith(top[:-3]))
+        self.assertEqual(octets, len(unstuff(top)))
+        self.assertLessEqual(octets, wire_size(data))
+
+
+    @given(st.binary(max_size=300))
+    @settings(max_examples=300, deadline=None)
+    def test_possible_wire_size_bounds(self, data):
+        """Every message's wire size is within the bounds its stored size gives, and tight."""
+        self.assertTrue(possible_wire_size(len(data), wire_size(data)))
+        self.assertFalse(possible_wire_size(len(data), len(data) - 1))
+        self.assertFalse(possible_wire_size(len(data), 2 * len(data) + 2))
+        # The longest: LFs, then one octet without a line end.
+        longest = b"\n" * (len(data) - 1) + b"x" if data else b""
+        self.assertEqual(wire_size(longest), 2 * len(data) + 1 if data else 0)
 
 
 class MaildropViewTests(SynchronousTestCase):
