@@ -5,7 +5,7 @@ test driving whole POP3 sessions over the real protocol object with the
 in-memory store and a real Maildir.
 
 The normal suite keeps example counts small so it stays fast.  For a long
-run, set ``POPSERV_FUZZ_EXAMPLES`` (see README.rst, "Fuzzing")::
+run, set ``POPSERV_FUZZ_EXAMPLES`` (see docs/development.rst, "Fuzzing")::
 
     POPSERV_FUZZ_EXAMPLES=20000 python -m twisted.trial tests.test_fuzz
 

@@ -1,5 +1,5 @@
 """
-What README.rst promises: the twistd plugin and its options, the first start
+What README.rst and docs/ promise: the twistd plugin and its options, the first start
 as a newcomer sees it, makeService, and the embedding example.
 """
 
@@ -269,7 +269,7 @@ class TLSServiceTests(TestCase):
 
 class EmbeddingTests(TestCase):
     async def test_readme_example(self):
-        """The README's embedding example serves its in-memory message to poplib."""
+        """The embedding example (docs/embedding.rst) serves its in-memory message to poplib."""
         maildrop = MemoryMaildrop([b"Subject: hello\n\nfirst message\n"])
         realm = MemoryRealm({"alice": maildrop})
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
