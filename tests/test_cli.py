@@ -13,11 +13,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-import popserv
 from popserv.cli import main
 from popserv.passwords import PasswdFile, scheme_of, verify_password
+from tests.support.processes import subprocess_env
 
-REPO = Path(popserv.__file__).resolve().parent.parent
 ARGON2ID_REF = (
     "{ARGON2ID}$argon2id$v=19$m=65536,t=2,p=1$c29tZXNhbHQ$"
     "CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8ArZWb2GRPPc"
@@ -35,12 +34,6 @@ def _has_pty() -> bool:
 
 
 TERMINAL_SKIP = None if _has_pty() else "no pseudo-terminals on this system"
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
 
 
 def run(argv: list[str], input: str = "") -> subprocess.CompletedProcess[str]:

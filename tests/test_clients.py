@@ -12,7 +12,6 @@ logged in and what it asked for, not only what came out.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from twisted.trial.unittest import SkipTest
 
 from popserv.maildir import deliver
 from popserv.protocol import POP3Protocol
-from tests.test_end_to_end import ServerTestCase
+from tests.support.mail import mbox_messages, unix
+from tests.support.servers import ServerTestCase
 
 #: For bob: a body that needs mbox quoting, a line that needs dot-stuffing,
 #: and an 8-bit line.
@@ -30,26 +30,6 @@ BOB_MESSAGE = (
     b"From the top\n>From quoted once\n.dot\n\xe4 8-bit\n"
 )
 
-_MBOX_SEPARATOR = re.compile(rb"(?:\A|\n)From [^\n]*\n")
-_QUOTED_FROM = re.compile(rb"^>(>*From )", re.MULTILINE)
-
-
-def unix(message: bytes) -> bytes:
-    """``message`` as a client stores it: LF line ends, ending in a newline."""
-    message = message.replace(b"\r\n", b"\n")
-    return message if message.endswith(b"\n") else message + b"\n"
-
-
-def mbox_messages(data: bytes) -> list[bytes]:
-    """
-    Split an mbox(rd) file: every message starts with a ``From`` line and is
-    followed by one blank line; body ``From`` lines are quoted with ``>``.
-    """
-    assert data.startswith(b"From "), data[:100]
-    assert data.endswith(b"\n\n"), data[-100:]
-    chunks = _MBOX_SEPARATOR.split(data[:-1])
-    assert chunks[0] == b"", chunks[0]
-    return [_QUOTED_FROM.sub(rb"\1", chunk) for chunk in chunks[1:]]
 
 
 class ClientTestCase(ServerTestCase):

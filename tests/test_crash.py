@@ -36,11 +36,10 @@ from popserv.maildir import commit as maildir_commit
 from popserv.maildir import mailbox as maildir_mailbox
 from popserv.policy import Policy
 from popserv.protocol import POP3Factory
+from tests.support.maildirs import _MaildirRealm, maildir_contents
+from tests.support.processes import free_port, subprocess_env
 
 from .support import LOCAL_PEER, Connection
-from .test_cli import subprocess_env
-from .test_fuzz import _MaildirRealm, maildir_contents
-from .test_service import free_port
 
 #: Kill-and-restart rounds; each is about a second of traffic and a restart.
 ROUNDS = 6

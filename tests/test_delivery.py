@@ -38,7 +38,7 @@ from popserv.maildir.names import make_unique
 from popserv.passwords import PasswdFile, hash_password
 from popserv.quota import Quota, Usage, maildir_usage, parse_size
 from popserv.service import TmpCleaner
-from tests.test_cli import REPO, subprocess_env
+from tests.support.processes import REPO, subprocess_env
 
 
 def decode(data: bytes, sizes: list[int], limit: int | None = None) -> tuple[BodyDecoder, bytes]:

@@ -37,3 +37,4 @@ class DocsTests(TestCase):
 
         for page in re.findall(r"<docs/([a-z]+)\.rst>", readme):
             self.assertTrue((DOCS / f"{page}.rst").exists(), page)
+

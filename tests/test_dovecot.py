@@ -31,7 +31,7 @@ from popserv.maildir import MaildirMailbox
 from popserv.maildir.names import digest_uidl
 from popserv.maildir.uidlist import UIDLIST_FILE
 from popserv.service import make_factory
-from tests.test_maildir import MaildirTestCase
+from tests.support.maildirs import MaildirTestCase
 
 #: Where distributions put Dovecot's pop3 service binary.
 POP3_BINARIES = (

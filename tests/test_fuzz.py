@@ -27,21 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import maybeDeferred
+from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from popserv import errors, wire
 from popserv.body import BodyDecoder, BodyEncoder, WireSizeCounter, wire_size
-from popserv.interfaces import IMailbox, MessageStream
 from popserv.layout import ensure_maildir
-from popserv.maildir import MaildirMailbox, deliver
+from popserv.maildir import deliver
 from popserv.memory import MemoryMaildrop, MemoryRealm
 from popserv.passwords.scram import ScramKeys
 from popserv.policy import Policy
@@ -56,6 +53,7 @@ from popserv.sasl.mechanism import (
     Success,
 )
 from popserv.sasl.scram import NeedKeys
+from tests.support.maildirs import _MaildirRealm, maildir_contents
 
 from .certs import CA
 from .support import LOCAL_PEER
@@ -515,55 +513,6 @@ class SASLFuzzTests(SynchronousTestCase):
 
 
 @implementer(IReactorThreads)
-class _SyncThreads:
-    """A reactor whose "thread pool" runs work at once, so Maildir calls finish synchronously."""
-
-    def getThreadPool(self):
-        return self
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-SYNC = _SyncThreads()
-
-
-@implementer(IRealm)
-class _MaildirRealm:
-    """alice's Maildir, opened and locked without threads."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def requestAvatar(self, avatarId, mind, *interfaces):
-        opened = MaildirMailbox.open(self.path, reactor=SYNC)
-        return opened.addCallback(lambda mailbox: (IMailbox, mailbox, mailbox.close))
-
-
-def maildir_contents(path: Path) -> list[bytes]:
-    """The messages of a Maildir, as the store lists and reads them."""
-    result = MaildirMailbox.open(path, reactor=SYNC)
-    mailboxes: list[MaildirMailbox] = []
-    result.addCallback(mailboxes.append)
-    (mailbox,) = mailboxes
-    try:
-        contents = []
-        for index in range(len(mailbox.listing())):
-            opened: list[MessageStream] = []
-            maybeDeferred(mailbox.open_message, index).addCallback(opened.append)
-            with opened[0] as stream:
-                contents.append(stream.read())
-        return contents
-    finally:
-        mailbox.close()
 
 
 def encoded(message: bytes, body_lines: int | None = None) -> bytes:

@@ -11,8 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from popserv.delivery import has_control, received_field, trace_header
 from popserv.firstrun import welcome_message
 from popserv.headers import header_field
-
-from .test_receive import START_DATA, ReceiverTestCase, SMTPClient
+from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The report's two attacks, as sent.
 FORGED_SENDER = b'MAIL FROM:<"a\rX-Injected: yes"@b.c>\r\n'

@@ -20,9 +20,8 @@ from twisted.logger import globalLogPublisher
 
 from popserv import errors, wire
 from popserv.protocol import POP3Protocol
-
-from .test_end_to_end import RawClient, ServerTestCase, crlf
-from .test_tls import TLSTestCase
+from tests.support.servers import RawClient, ServerTestCase, crlf
+from tests.support.tls import TLSTestCase
 
 REFUSED = wire.err(errors.TooManyConnections())
 AUTH_FAILED = wire.err(errors.AuthFailed())

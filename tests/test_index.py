@@ -22,7 +22,7 @@ from popserv.maildir.columns import PackedStrings
 from popserv.maildir.directory import MaildirPath
 from popserv.maildir.index import INDEX_FILE, Entry, decode_index, encode_index, storable
 from popserv.maildir.uidls import parse_uidl_format
-from tests.test_maildir import MaildirTestCase, retr_size, scan
+from tests.support.maildirs import MaildirTestCase, retr_size, scan
 
 
 def load_index(maildir: Path, messages: int) -> dict[str, Entry] | None:

@@ -24,8 +24,7 @@ from popserv.maildir import mailbox as maildir_mailbox
 from popserv.maildir.listcache import LISTING_FILE, decode_listing
 from popserv.maildir.lock import MaildropLock
 from popserv.maildir.places import CUR
-
-from .test_maildir import MaildirTestCase
+from tests.support.maildirs import MaildirTestCase
 
 
 def age(maildir: Path) -> None:

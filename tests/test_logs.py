@@ -21,8 +21,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
 from popserv.sasl import MECHANISMS
-
-from .test_end_to_end import RawClient, ServerTestCase
+from tests.support.servers import RawClient, ServerTestCase
 
 PASSWORD = "Xyzzy-Plugh-9931"
 WRONG = "Wr0ng-Passw0rd-5521"

@@ -39,7 +39,6 @@ from popserv.maildir import (
     LOCK_FILE,
     MaildirMailbox,
     MaildirName,
-    MaildropLock,
     clean_tmp,
     deliver,
     make_unique,
@@ -53,63 +52,13 @@ from popserv.maildir.commonnames import common_columns, split_common
 from popserv.maildir.directory import MaildirPath
 from popserv.maildir.places import CUR
 from popserv.maildir.scan import Scan
-from popserv.maildir.uidls import UidlScheme, parse_uidl_format
+from popserv.maildir.uidls import parse_uidl_format
 from popserv.protocol import resolve
-
-
-def retr_size(stored: bytes) -> int:
-    """
-    The octets RETR sends for ``stored``, less the terminator and stuffing,
-    taken from the encoder that really produces RETR responses.
-    """
-    encoder = BodyEncoder()
-    out = encoder.feed(stored) + encoder.finish()
-    assert out.endswith(b".\r\n")
-    body = out[:-3]
-    return len(re.sub(rb"(^|\n)\.", rb"\1", body))
-
-
-def acquire(maildir: Path) -> MaildropLock:
-    """Lock the Maildir at ``maildir`` as a session does."""
-    with MaildirPath.of(maildir).opened() as (top,):
-        return MaildropLock.acquire(top)
-
-
-def scan(maildir: Path, scheme: UidlScheme, use_index: bool) -> Scan:
-    """Scan the Maildir at ``maildir`` as a login does."""
-    with MaildirPath.of(maildir).opened("new", "cur") as (top, *places):
-        return maildir_scan.scan(top, places, scheme, use_index)
+from tests.support.maildirs import MaildirTestCase, acquire, retr_size, scan
 
 
 def valid_uidl(uid: str) -> bool:
     return 1 <= len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
-
-
-class MaildirTestCase(TestCase):
-    """Helpers for tests on a fresh Maildir."""
-
-    def maildir(self) -> Path:
-        return ensure_maildir(Path(self.mktemp()))
-
-    def put(self, maildir: Path, sub: str, name: str, data: bytes = b"x\n") -> Path:
-        path = maildir / sub / name
-        path.write_bytes(data)
-        return path
-
-    async def open(self, maildir: Path, **kwargs: object) -> MaildirMailbox:
-        mailbox = await MaildirMailbox.open(maildir, **kwargs)
-        self.addCleanup(mailbox.close)
-        return mailbox
-
-    async def read(self, mailbox: MaildirMailbox, index: int) -> bytes:
-        stream = await resolve(mailbox.open_message(index))
-        try:
-            return stream.read()
-        finally:
-            stream.close()
-
-    def files(self, maildir: Path, sub: str) -> list[str]:
-        return sorted(os.listdir(maildir / sub))
 
 
 class ParseNameTests(TestCase):
@@ -907,7 +856,6 @@ class CommonScanTests(MaildirTestCase):
         for sub, stamp, rest, wire, info in files:
             self.put(maildir, sub, f"{stamp}.{rest},W={wire}{info if sub == 'cur' else ''}")
         self.assertSameScan(*self.scans(maildir))
-
 
 
 class ThreadedMeasureTests(MaildirTestCase):

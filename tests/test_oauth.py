@@ -18,9 +18,9 @@ from popserv import errors, wire
 from popserv.oauth import CallableValidator, JWTValidator, TokenChecker
 from popserv.sasl.mechanism import SASLContext, SASLMalformed, Success
 from popserv.sasl.oauth import OAUTHBEARER_ERROR, XOAUTH2_ERROR, OAuthBearer, XOAuth2
+from tests.support.servers import CurlTestCase
 
 from .support import Session
-from .test_end_to_end import CurlTestCase
 
 SECRET = b"a shared secret of enough length for HS256"
 

@@ -24,8 +24,7 @@ from popserv.firstrun import bootstrap
 from popserv.layout import Layout, give_to, missing
 from popserv.passwords import PasswdFile, hash_password
 from popserv.service import AccessCheck, service_owner
-
-from .test_service import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port
 
 UNPRIVILEGED = "nobody"
 

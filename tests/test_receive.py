@@ -12,23 +12,19 @@ import os
 import poplib
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
 from popserv import delivery, receive
 from popserv.delivery import BadAddress, RelayDenied, UnknownUser
-from popserv.layout import Layout
 from popserv.passwords import PasswdFile, hash_password
-from popserv.service import make_factory, make_receiver
 from tests.certs import CA
+from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The module, which ``popserv.maildir.deliver`` (the function) hides.
 deliver_module = importlib.import_module("popserv.maildir.deliver")
@@ -40,136 +36,12 @@ MESSAGE = (
     b"8-bit: \xe4\xf6\xfc\r\nlone CR \r here\r\nlast line"
 )
 
-START_DATA = b"354 End data with <CR><LF>.<CR><LF>"
 NO_SPACE = b"Insufficient system storage, try again later"
 
 
 def crlf(data: bytes) -> bytes:
     out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return out if out.endswith(b"\r\n") else out + b"\r\n"
-
-
-class SMTPClient:
-    """A raw SMTP/LMTP client that returns the server's reply lines as they are."""
-
-    def __init__(self, address: int | str) -> None:
-        if isinstance(address, int):
-            self.sock = socket.create_connection(("127.0.0.1", address), timeout=10)
-        else:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(10)
-            self.sock.connect(address)
-        self.buffer = b""
-        self.greeting = self.reply()
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def reply(self) -> list[bytes]:
-        """One whole reply, all its lines."""
-        lines = [self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.line())
-        return lines
-
-    def codes(self, count: int) -> list[bytes]:
-        """The first line (code and text) of the next ``count`` replies."""
-        return [self.reply()[0] for _ in range(count)]
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class ReceiverTestCase(TestCase):
-    """
-    POP3, SMTP and LMTP listeners over one data directory, for alice and
-    bob (PLAIN passwords) and carol (at most 1 message, 1 KiB).
-    """
-
-    options: dict = {}
-
-    def setUp(self):
-        self.layout = Layout.create(self.mktemp())
-        self.layout.data_dir.mkdir(parents=True)
-        passwd = PasswdFile(self.layout.passwd_path)
-        passwd.add("alice", hash_password("alice pw", "PLAIN"))
-        passwd.add("bob", hash_password("bob pw", "PLAIN"))
-        passwd.add(
-            "carol",
-            hash_password("carol pw", "PLAIN"),
-            {"quota_messages": "1", "quota_bytes": "1k"},
-        )
-        self.all_options = {
-            "data": str(self.layout.data_dir),
-            "passwd": str(self.layout.passwd_path),
-            "hostname": "mx.example.org",
-            "domain": ["example.org"],
-            "max-message-size": 100_000,
-            **self.options,
-        }
-        self.pop3 = make_factory(self.all_options, reactor)
-        self.smtp = make_receiver(self.all_options, self.pop3, lmtp=False, reactor=reactor)
-        self.lmtp = make_receiver(self.all_options, self.pop3, lmtp=True, reactor=reactor)
-        self.ports = {}
-        for name, factory in (("pop3", self.pop3), ("smtp", self.smtp), ("lmtp", self.lmtp)):
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-            self.addCleanup(port.stopListening)
-            self.ports[name] = port.getHost().port
-
-    def maildir(self, user: str) -> Path:
-        return self.layout.maildir_for(user)
-
-    def stored(self, user: str) -> list[bytes]:
-        """The messages in a Maildir, oldest first (names start with the time)."""
-        maildir = self.maildir(user)
-        paths = [
-            maildir / sub / name
-            for sub in ("new", "cur")
-            if (maildir / sub).exists()
-            for name in os.listdir(maildir / sub)
-        ]
-        return [p.read_bytes() for p in sorted(paths, key=lambda p: p.name)]
-
-    def tmp_files(self, user: str) -> list[str]:
-        tmp = self.maildir(user) / "tmp"
-        return os.listdir(tmp) if tmp.exists() else []
-
-    def fetch(self, user: str, password: str) -> list[tuple[int, bytes]]:
-        """Every message over POP3: (LIST size, RETR body with CRLF line ends)."""
-        client = poplib.POP3("127.0.0.1", self.ports["pop3"], timeout=10)
-        try:
-            client.user(user)
-            client.pass_(password)
-            sizes = [int(item.split()[1]) for item in client.list()[1]]
-            messages = []
-            for number, size in enumerate(sizes, 1):
-                lines = client.retr(number)[1]
-                messages.append((size, b"".join(line + b"\r\n" for line in lines)))
-            return messages
-        finally:
-            client.quit()
-
-    def in_thread(self, f, *args, **kwargs) -> Deferred:
-        return deferToThread(f, *args, **kwargs)
-
-    def smtplib_send(self, sender, recipients, message, *, lmtp=False, **kwargs):
-        if lmtp:
-            client = smtplib.LMTP("127.0.0.1", self.ports["lmtp"], timeout=10)
-        else:
-            client = smtplib.SMTP("127.0.0.1", self.ports["smtp"], timeout=10)
-        try:
-            return client.sendmail(sender, recipients, message, **kwargs)
-        finally:
-            client.quit()
 
 
 class SMTPDeliveryTests(ReceiverTestCase):

@@ -27,8 +27,7 @@ from popserv import receive
 from popserv.receive import ReceiverSettings
 from popserv.service import SPOOL_DIR
 from popserv.spool import SPOOL_BUFFER, Spool
-
-from .test_receive import START_DATA, ReceiverTestCase, SMTPClient
+from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The bound the receiver promises: memory held per session, whatever the message.
 SESSION_MEMORY = 256 * 1024

@@ -49,11 +49,11 @@ from popserv.sasl.mechanism import (
 )
 from popserv.sasl.plain import Login, Plain
 from popserv.sasl.scram import NeedKeys, Scram, ScramFailed
+from tests.support.servers import CurlTestCase, command
+from tests.support.tls import TLSTestCase
 
 from .certs import CA
 from .support import REMOTE_PEER, Session
-from .test_end_to_end import CurlTestCase, command
-from .test_tls import TLSTestCase
 
 
 def b64(data: bytes) -> bytes:

@@ -11,7 +11,6 @@ import poplib
 import re
 import shutil
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -36,8 +33,7 @@ from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeServic
 from popserv.firstrun import _port_of
 from popserv.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
 from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
-
-REPO = Path(popserv.__file__).resolve().parent.parent
+from tests.support.processes import REPO, _Twistd, free_port
 
 
 class OptionsTests(SynchronousTestCase):
@@ -289,50 +285,6 @@ class EmbeddingTests(TestCase):
         lines = await deferToThread(fetch)
         self.assertEqual(lines, [b"Subject: hello", b"", b"first message"])
         self.assertEqual(maildrop.contents(), [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Twistd(ProcessProtocol):
-    """A twistd process whose output is collected and can be waited on."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-        self._waiting: list[tuple[bytes, Deferred[None]]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-        self._check()
-
-    errReceived = outReceived
-
-    def _check(self) -> None:
-        for pattern, d in list(self._waiting):
-            if pattern in self.output:
-                self._waiting.remove((pattern, d))
-                d.callback(None)
-
-    def wait_for(self, pattern: bytes) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._waiting.append((pattern, d))
-        self._check()
-        return d.addTimeout(30, reactor)
-
-    def processEnded(self, reason) -> None:
-        # After a clean shutdown on SIGTERM, twistd ends itself with that signal.
-        clean = reason.check(ProcessDone) or (
-            reason.check(ProcessTerminated) and reason.value.signal == signal.SIGTERM
-        )
-        code = 0 if clean else getattr(reason.value, "exitCode", -1)
-        for _, d in self._waiting:
-            d.errback(AssertionError(f"twistd ended: {self.output.decode(errors='replace')}"))
-        self._waiting.clear()
-        self.ended.callback(code)
 
 
 class FirstStartTests(TestCase):

@@ -23,7 +23,7 @@ from popserv.layout import Layout, ensure_maildir
 from popserv.maildir import MaildirMailbox, clean_tmp, deliver
 from popserv.maildir.directory import MaildirPath, SymlinkRefused
 from popserv.quota import Quota, maildir_usage
-from tests.test_end_to_end import ServerTestCase
+from tests.support.servers import ServerTestCase
 
 SECRET = b"alice:{ARGON2ID}secret-hash-of-the-server\n"
 

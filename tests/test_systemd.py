@@ -24,9 +24,9 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from popserv.layout import Layout, ensure_maildir
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
+from tests.support.processes import REPO, _Twistd, free_port
 
 from .certs import CA
-from .test_service import REPO, _Twistd, free_port
 
 UNITS = REPO / "contrib" / "systemd"
 

@@ -22,11 +22,11 @@ from twisted.trial.unittest import SkipTest
 
 from popserv.body import wire_size
 from popserv.protocol import POP3Protocol, SessionInfo
+from tests.support.mail import mbox_messages, unix
+from tests.support.servers import crlf
+from tests.support.tls import TLSTestCase
 
 from .certs import CA
-from .test_clients import mbox_messages, unix
-from .test_end_to_end import crlf
-from .test_tls import TLSTestCase
 
 
 def stuffed(message: bytes) -> bytes:

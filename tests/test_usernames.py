@@ -49,8 +49,7 @@ from popserv.usernames import (
     validate_username,
 )
 from popserv.wire import loggable
-
-from .test_end_to_end import ServerTestCase
+from tests.support.servers import ServerTestCase
 
 #: "alice" with a Cyrillic a (U+0430) for the Latin one.
 HOMOGLYPH_ALICE = "\u0430lice"

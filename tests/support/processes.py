@@ -1,0 +1,68 @@
+"""Shared test fixtures: processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+
+import popserv
+import popserv.service
+
+REPO = Path(popserv.__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Twistd(ProcessProtocol):
+    """A twistd process whose output is collected and can be waited on."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        self._check()
+
+    errReceived = outReceived
+
+    def _check(self) -> None:
+        for pattern, d in list(self._waiting):
+            if pattern in self.output:
+                self._waiting.remove((pattern, d))
+                d.callback(None)
+
+    def wait_for(self, pattern: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append((pattern, d))
+        self._check()
+        return d.addTimeout(30, reactor)
+
+    def processEnded(self, reason) -> None:
+        # After a clean shutdown on SIGTERM, twistd ends itself with that signal.
+        clean = reason.check(ProcessDone) or (
+            reason.check(ProcessTerminated) and reason.value.signal == signal.SIGTERM
+        )
+        code = 0 if clean else getattr(reason.value, "exitCode", -1)
+        for _, d in self._waiting:
+            d.errback(AssertionError(f"twistd ended: {self.output.decode(errors='replace')}"))
+        self._waiting.clear()
+        self.ended.callback(code)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
