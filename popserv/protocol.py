@@ -15,15 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import enum
 import inspect
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from OpenSSL import SSL
-from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import interfaces
@@ -35,8 +34,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from popserv import errors, wire
-from popserv.accounts import AccountSettings, Announcement, capability_lines
+from popserv import capabilities, errors, wire
+from popserv.accounts import AccountSettings, Announcement
 from popserv.admission import (
     IAdmission,
     ILease,
@@ -49,13 +48,13 @@ from popserv.admission import (
     wait_for_admission,
 )
 from popserv.body import BodyEncoder
+from popserv.capabilities import CapabilitySource, core_capabilities, sasl_capability
 from popserv.coalesce import Coalescer
-from popserv.credentials import APOPCredentials, IOAuthTokenCredentials, IScramCredentials
+from popserv.credentials import APOPCredentials
 from popserv.interfaces import (
     IAccountSettings,
     IMailbox,
     IScramKeySource,
-    ISecretInventory,
     ISessionInfo,
     PortalLike,
 )
@@ -76,52 +75,12 @@ from popserv.sasl.mechanism import (
     Success,
 )
 from popserv.sasl.scram import NeedKeys
+from popserv.state import State
 from popserv.tls import TLSInfo, TLSServer
 from popserv.usernames import loggable_username
 
 log = Logger()
 T = TypeVar("T")
-
-
-class State(enum.Enum):
-    AUTHORIZATION = "AUTHORIZATION"
-    #: AUTHORIZATION after a USER command, waiting for PASS.
-    USER_GIVEN = "USER_GIVEN"
-    TRANSACTION = "TRANSACTION"
-    #: After QUIT in TRANSACTION, while deletions are applied.
-    UPDATE = "UPDATE"
-
-
-#: Something that adds lines to the CAPA answer of a session.
-CapabilitySource = Callable[["POP3Protocol"], Iterable[str]]
-
-
-def core_capabilities(session: POP3Protocol) -> list[str]:
-    """
-    The capabilities of RFC 1939, 2449 and 2595: ``USER`` only where a
-    password may be sent, ``STLS`` only before TLS and login.
-    """
-    lines = ["TOP"]
-    if session.cleartext_login_allowed():
-        lines.append("USER")
-    lines += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "UTF8 USER", "LANG"]
-    if session.stls_offered():
-        lines.append("STLS")
-    if session.state is State.TRANSACTION:
-        lines += capability_lines(session.account)
-    else:
-        announced = session.factory.announcement()
-        lines += capability_lines(announced, per_user=announced.per_user)
-    lines.append(f"IMPLEMENTATION {session.factory.policy.implementation}")
-    return lines
-
-
-def sasl_capability(session: POP3Protocol) -> list[str]:
-    """``SASL`` with the mechanisms this connection offers, before login (RFC 5034)."""
-    if session.state is State.TRANSACTION:
-        return []
-    names = [m.name for m in session.offered_mechanisms()]
-    return ["SASL " + " ".join(names)] if names else []
 
 
 async def resolve(value: T | Deferred[T]) -> T:
@@ -741,21 +700,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     # SASL (RFC 5034)
 
     def offered_mechanisms(self) -> list[MechanismInfo]:
-        """The SASL mechanisms this connection may use, in the server's order of preference."""
-        secure = self.info.secure
-        tls = self.info.tls
-        certified = tls is not None and tls.client_certificate is not None
-        bound = tls is not None and bool(tls.channel_bindings)
-        cleartext, apop = self.cleartext_login_allowed(), self.apop_allowed()
-        return [
-            m
-            for m in self.factory.enabled_mechanisms()
-            if (secure or not m.needs_tls)
-            and (bound or not m.needs_channel_binding)
-            and (certified or not m.needs_client_certificate)
-            and (cleartext or not m.exposes_password)
-            and (apop or not m.challenge_response)
-        ]
+        """The SASL mechanisms this connection may use (see :mod:`popserv.capabilities`)."""
+        return capabilities.offered_mechanisms(self)
 
     def sasl_context(self, offered: Sequence[MechanismInfo]) -> SASLContext:
         tls = self.info.tls
@@ -1288,57 +1234,16 @@ class POP3Factory(Factory):
     # Capabilities
 
     def apop_offered(self) -> bool:
-        """
-        Whether greetings carry an APOP timestamp.
-
-        Decided by the policy when it says; otherwise APOP is offered when
-        the portal has a checker for ``IUsernameHashedPassword`` and that
-        checker, if it can tell (:class:`ISecretInventory`), has at least
-        one account APOP could log in.
-        """
-        if self.policy.apop is not None:
-            return self.policy.apop
-        return self.coverage("apop") != "none"
+        """Whether greetings carry an APOP timestamp (see :mod:`popserv.capabilities`)."""
+        return capabilities.apop_offered(self)
 
     def enabled_mechanisms(self) -> list[MechanismInfo]:
-        """The SASL mechanisms the policy enables (see :attr:`Policy.sasl`)."""
-        chosen = self.policy.sasl
-        if chosen is not None:
-            return [m for m in self.sasl if m.name in chosen]
-        asking = self.tls is not None and self.tls.config.client_ca is not None
-        tokens = IOAuthTokenCredentials in self._credential_kinds()
-        # One coverage question per kind, not per mechanism (-PLUS twins share one).
-        kinds = {m.requires for m in self.sasl if m.requires is not None}
-        everyone = {kind for kind in kinds if self.coverage(kind) == "all"}
-        return [
-            m
-            for m in self.sasl
-            if (m.requires is None or m.requires in everyone)
-            and (asking or not m.needs_client_certificate)
-            and (tokens or not m.needs_token_checker)
-        ]
+        """The SASL mechanisms the policy enables (see :mod:`popserv.capabilities`)."""
+        return capabilities.enabled_mechanisms(self)
 
     def coverage(self, kind: str) -> str:
-        """
-        How many accounts could pass ``kind`` of challenge-response login:
-        ``"none"`` when the portal takes no credentials of its kind
-        (``IScramCredentials`` for SCRAM, which also needs an
-        :class:`IScramKeySource` among :attr:`accounts`;
-        ``IUsernameHashedPassword`` otherwise), else what :attr:`accounts`
-        says as an :class:`ISecretInventory`, or ``"all"`` when it cannot tell.
-        """
-        scram = kind.startswith("scram-")
-        wanted = IScramCredentials if scram else IUsernameHashedPassword
-        if wanted not in self._credential_kinds():
-            return "none"
-        if scram and IScramKeySource(self.accounts, None) is None:
-            return "none"
-        inventory = ISecretInventory(self.accounts, None)
-        return "all" if inventory is None else inventory.coverage(kind)
-
-    def _credential_kinds(self) -> list[Any]:
-        """The credentials interfaces the portal can check."""
-        return list(self.portal.listCredentialsInterfaces())
+        """How many accounts could pass ``kind`` of login (see :mod:`popserv.capabilities`)."""
+        return capabilities.coverage(self, kind)
 
     def announcement(self) -> Announcement:
         """LOGIN-DELAY and EXPIRE as CAPA states them before login."""
