@@ -54,7 +54,6 @@ from popserv.credentials import APOPCredentials
 from popserv.interfaces import (
     IAccountSettings,
     IMailbox,
-    IScramKeySource,
     ISessionInfo,
     PortalLike,
 )
@@ -63,18 +62,16 @@ from popserv.maildrop import MaildropView
 from popserv.policy import Policy
 from popserv.retrieval import MessageBody
 from popserv.sasl import MECHANISMS
+from popserv.sasl import exchange as sasl_exchange
 from popserv.sasl.mechanism import (
-    MAX_ROUNDS,
     MechanismInfo,
+    Need,
     SASLAborted,
     SASLContext,
     SASLMalformed,
-    SASLTooManyRounds,
     SASLUnavailable,
     SASLUnknownMechanism,
-    Success,
 )
-from popserv.sasl.scram import NeedKeys
 from popserv.state import State
 from popserv.tls import TLSInfo, TLSServer
 from popserv.usernames import loggable_username
@@ -730,29 +727,18 @@ class POP3Protocol(Protocol, TimeoutMixin):
         await self._begin_attempt()
         exchange = mechanism.factory(self.sasl_context(offered))
         response = None if initial is None else _decode_sasl(initial, initial_response=True)
-        for _ in range(MAX_ROUNDS):
-            try:
-                step = exchange.step(response)
-                if isinstance(step, NeedKeys):
-                    step = exchange.provide(await self._scram_keys(step))
-            except errors.AuthFailed as e:
-                await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
-                return
-            if isinstance(step, Success):
-                break
-            response = await self._challenge(step.data)
-        else:
-            raise SASLTooManyRounds()
+        try:
+            step = await sasl_exchange.run(exchange, response, self._challenge, self._answer)
+        except errors.AuthFailed as e:
+            await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
+            return
         await self.login(
             step.credentials, errors.AuthFailed(), final=step.final, failure=step.failure
         )
 
-    async def _scram_keys(self, need: NeedKeys) -> Any:
-        """A user's SCRAM keys from the checker that verifies SCRAM logins, if it has them."""
-        source = IScramKeySource(self.factory.accounts, None)
-        if source is None:
-            return None
-        return await resolve(source.scram_keys(need.username, need.hash_name))
+    async def _answer(self, need: Need) -> object:
+        """A mechanism's question to the login layer (see :mod:`popserv.sasl.exchange`)."""
+        return await resolve(sasl_exchange.answer(need, self.factory.accounts))
 
     async def _challenge(self, data: bytes) -> bytes:
         """

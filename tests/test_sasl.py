@@ -808,7 +808,7 @@ class ReviewRegressionTests(SynchronousTestCase):
         s = Session()
         s.factory.policy = evolve(s.factory.policy, sasl=("SCRAM-SHA-256",))
         pending = Deferred()
-        self.patch(s.protocol, "_scram_keys", lambda need: pending)
+        self.patch(s.protocol, "_answer", lambda need: pending)
         s.send(b"AUTH SCRAM-SHA-256 " + b64(b"n,,n=alice,r=abc") + b"\r\n")
         s.protocol.connectionLost(None)
         pending.callback(None)
@@ -859,3 +859,41 @@ class SASLprepPasswordTests(TestCase):
         self.assertFalse(verify_password(DOVEADM_SCRAM["SCRAM-SHA-256"], "pencil\x07"))
         with self.assertRaises(UnauthorizedLogin):
             await checker.requestAvatarId(UsernamePassword(b"carol", b"pencil\x07"))
+
+
+class ExchangeLoopTests(SynchronousTestCase):
+    """popserv.sasl.exchange: the loop, driven without a protocol or a reactor."""
+
+    def drive(self, exchange, initial, answers, replies=None):
+        import asyncio
+
+        from popserv.sasl import exchange as loop
+
+        sent = []
+
+        async def challenge(data):
+            sent.append(data)
+            return answers.pop(0)
+
+        async def ask(need):
+            return (replies or {}).get(type(need))
+
+        return asyncio.run(loop.run(exchange, initial, challenge, ask)), sent
+
+    def test_plain_in_one_step(self):
+        from popserv.sasl.plain import Plain
+
+        step, sent = self.drive(Plain(SASLContext()), b"\0alice\0pw", [])
+        self.assertEqual((step.credentials.username, sent), (b"alice", []))
+
+    def test_too_many_rounds(self):
+        from popserv.sasl.mechanism import SASLTooManyRounds
+
+        class Forever:
+            def step(self, response):
+                from popserv.sasl.mechanism import Challenge
+
+                return Challenge(b"again")
+
+        with self.assertRaises(SASLTooManyRounds):
+            self.drive(Forever(), None, [b""] * 20)

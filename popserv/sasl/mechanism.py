@@ -47,6 +47,17 @@ class Success:
     failure: bytes | None = None
 
 
+class Need:
+    """
+    A step that asks the login layer a question before the exchange can go
+    on (SCRAM needs the user's salt and keys before its first challenge):
+    the exchange loop answers it (:func:`popserv.sasl.exchange.answer`) and
+    hands the answer to the mechanism's ``provide``, which returns the next
+    step.  Mechanisms subclass it, so no mechanism is special-cased outside
+    its own module.
+    """
+
+
 Step = Challenge | Success
 
 

@@ -30,6 +30,7 @@ from popserv.credentials import ScramCredentials
 from popserv.passwords.scram import ScramKeys, derived_salt
 from popserv.sasl.mechanism import (
     Challenge,
+    Need,
     SASLContext,
     SASLMalformed,
     Step,
@@ -48,7 +49,7 @@ class ScramFailed(SASLMalformed):
 
 
 @frozen
-class NeedKeys:
+class NeedKeys(Need):
     """A step: the mechanism needs this user's keys (``None`` if there are none)."""
 
     username: str
