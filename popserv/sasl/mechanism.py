@@ -13,11 +13,15 @@ raises a :class:`popserv.errors.PopError` when the exchange fails, with the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import field, frozen
 
 from popserv.errors import AuthFailed, BadArguments, PopError
+
+if TYPE_CHECKING:
+    from popserv.passwords.scram import ScramKeys
+    from popserv.sasl.scram import NeedKeys
 
 #: A mechanism may ask this many challenges before the exchange is cut off
 #: (SCRAM needs two, with its final message; ten leaves room, not loops).
@@ -51,9 +55,21 @@ Step = Challenge | Success
 
 
 class Mechanism(Protocol):
-    """One exchange of one SASL mechanism."""
+    """
+    One exchange of one SASL mechanism.
 
-    def step(self, response: bytes | None) -> Step: ...
+    SCRAM's ``step`` may also return a :class:`popserv.sasl.scram.NeedKeys`:
+    the protocol then looks the user's keys up and hands them to the
+    exchange's ``provide`` (see :class:`KeyedMechanism`).
+    """
+
+    def step(self, response: bytes | None) -> Step | NeedKeys: ...
+
+
+class KeyedMechanism(Mechanism, Protocol):
+    """A mechanism whose ``step`` may return ``NeedKeys`` (SCRAM)."""
+
+    def provide(self, keys: ScramKeys | None) -> Step: ...
 
 
 @frozen
