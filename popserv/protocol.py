@@ -20,7 +20,7 @@ import inspect
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from OpenSSL import SSL
 from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
@@ -66,6 +66,7 @@ from popserv.retrieval import MessageBody
 from popserv.sasl import MECHANISMS
 from popserv.sasl.mechanism import (
     MAX_ROUNDS,
+    KeyedMechanism,
     MechanismInfo,
     SASLAborted,
     SASLContext,
@@ -77,6 +78,7 @@ from popserv.sasl.mechanism import (
 )
 from popserv.sasl.scram import NeedKeys
 from popserv.tls import TLSInfo, TLSServer
+from popserv.transports import IStreamTransport
 from popserv.usernames import loggable_username
 
 log = Logger()
@@ -196,6 +198,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     """One POP3 session.  Built by :class:`POP3Factory`."""
 
     factory: POP3Factory
+    #: Set by makeConnection before any method below runs (see popserv.transports).
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.state = State.AUTHORIZATION
@@ -224,7 +228,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures = 0
         #: Bad command lines since the last good one (Policy.max_bad_commands).
         self._bad_commands = 0
-        self._mailbox: Any = None
+        #: The logged-in user's maildrop, from the realm; None before login and after release.
+        self._mailbox: IMailbox | None = None
         self._logout: Callable[[], object] | None = None
         self._view: MaildropView | None = None
         self._stream: Iterator[bytes] | None = None
@@ -285,7 +290,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def handshakeCompleted(self) -> None:
         """The TLS handshake is over (implicit TLS or after STLS): learn its facts."""
         try:
-            self.info.tls = TLSInfo.of(self.transport.getHandle())
+            # Under TLS the handle is pyOpenSSL's connection (TLSMemoryBIOProtocol).
+            self.info.tls = TLSInfo.of(cast(SSL.Connection, self.transport.getHandle()))
         except Exception:
             log.failure("Reading the TLS connection's details failed")
             return
@@ -788,7 +794,9 @@ class POP3Protocol(Protocol, TimeoutMixin):
             try:
                 step = exchange.step(response)
                 if isinstance(step, NeedKeys):
-                    step = exchange.provide(await self._scram_keys(step))
+                    # Only a mechanism with provide() asks for keys (SCRAM).
+                    keyed = cast(KeyedMechanism, exchange)
+                    step = keyed.provide(await self._scram_keys(step))
             except errors.AuthFailed as e:
                 await self._auth_failed(f"({mechanism.name})", e.detail or e.text)
                 return
@@ -940,6 +948,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
         assert self._view is not None
         return self._view
 
+    @property
+    def mailbox(self) -> IMailbox:
+        """The maildrop, in TRANSACTION (and UPDATE until it is released)."""
+        assert self._mailbox is not None
+        return self._mailbox
+
     def do_stat(self) -> None:
         count, octets = self.view.stat()
         self.send(wire.ok(f"{count} {octets}"))
@@ -992,7 +1006,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         index = self.view.index(number)
         listing = self.view.listing
         listed = listing.sizes[index] if listing.exact_sizes else None
-        message = await resolve(self._mailbox.open_message(index))
+        message = await resolve(self.mailbox.open_message(index))
         try:
             body = MessageBody(message, encoder, listed, self.factory.policy.chunk_size)
             try:
@@ -1036,7 +1050,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         expired = view.expired_indexes(self.account.expire_days, self.factory.clock.seconds())
         deleted = sorted(set(view.deleted_indexes()).union(expired))
         try:
-            await resolve(self._mailbox.commit(deleted, view.retrieved_indexes()))
+            await resolve(self.mailbox.commit(deleted, view.retrieved_indexes()))
         except Exception:
             failure = Failure()
             if not failure.check(errors.PopError):
@@ -1166,7 +1180,7 @@ def _releasing(logout: Callable[[], object], lease: ILease) -> Callable[[], None
     return logout_and_release
 
 
-class POP3Factory(Factory):
+class POP3Factory(Factory[POP3Protocol]):
     """
     Builds POP3 sessions that log in through ``portal``.
 
@@ -1194,7 +1208,10 @@ class POP3Factory(Factory):
         accounts: object = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+
+            # The module is the installed reactor at run time.
+            clock = cast(interfaces.IReactorTime, reactor)
         self.portal = portal
         #: What answers questions about accounts, usually the password
         #: checker: as an ISecretInventory, which challenge-response logins
@@ -1202,7 +1219,7 @@ class POP3Factory(Factory):
         #: when the portal takes their credentials, and no SCRAM.
         self.accounts = accounts
         self.policy = policy or Policy()
-        self.clock: Any = clock
+        self.clock: interfaces.IReactorTime = clock
         #: Connection limits, user sessions and the failed-login penalty,
         #: shared with the SMTP/LMTP receiver when the service gives both one.
         self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
@@ -1234,6 +1251,7 @@ class POP3Factory(Factory):
             refusal.factory = self
             return refusal
         session = super().buildProtocol(addr)
+        assert session is not None  # Factory.buildProtocol always builds one
         session.lease, session.admitting = admitted.lease, admitted.pending
         return session
 
