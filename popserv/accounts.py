@@ -45,12 +45,12 @@ class AccountSettings:
 
     def override(self, extra: Mapping[str, str]) -> AccountSettings:
         """These settings with a password-file entry's extra fields applied."""
-        changes: dict[str, object] = {}
+        settings = self
         if "login_delay" in extra:
-            changes["login_delay"] = parse_login_delay(extra["login_delay"])
+            settings = evolve(settings, login_delay=parse_login_delay(extra["login_delay"]))
         if "expire" in extra:
-            changes["expire_days"] = parse_expire(extra["expire"])
-        return evolve(self, **changes) if changes else self
+            settings = evolve(settings, expire_days=parse_expire(extra["expire"]))
+        return settings
 
 
 @frozen
@@ -75,7 +75,7 @@ class Announcement:
 
 
 def capability_lines(
-    settings: AccountSettings | Announcement, *, per_user: bool = False
+    settings: IAccountSettings | Announcement, *, per_user: bool = False
 ) -> list[str]:
     """The LOGIN-DELAY and EXPIRE CAPA lines, with ``USER`` when values differ per user."""
     suffix = " USER" if per_user else ""

@@ -36,6 +36,7 @@ from zope.interface import Attribute, Interface, implementer
 from popserv.errors import TooManySessions
 from popserv.penalty import PenaltyTable
 from popserv.policy import Policy
+from popserv.transports import IStreamTransport
 
 log = Logger()
 
@@ -300,6 +301,9 @@ class RefusedConnection(Protocol):
     report a failed connection, which they retry like the refusal.
     """
 
+    #: Set by makeConnection (see popserv.transports).
+    transport: IStreamTransport
+
     def __init__(self, line: bytes) -> None:
         self.line = line
 
@@ -312,7 +316,7 @@ class RefusedConnection(Protocol):
 
 
 def wait_for_admission(
-    transport: Any,
+    transport: IStreamTransport,
     pending: Deferred[ILease],
     start: Callable[[ILease], object],
     refusal: bytes,

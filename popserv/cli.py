@@ -408,6 +408,7 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     if args.user:
         recipient = directory.recipient(args.user, recipient_address)
     else:
+        assert recipient_address  # checked above: --user or --recipient
         recipient = directory.resolve(recipient_address, any_domain=True)
     message = sys.stdin.buffer.read()
     sender = args.sender if args.sender is not None else os.environ.get("SENDER")

@@ -84,7 +84,7 @@ def binary(stream: Any) -> MessageStream:
     streams, or ``stream`` itself.
     """
     if isinstance(stream, io.TextIOWrapper):
-        return stream.detach()  # type: ignore[return-value]
+        return stream.detach()
     if isinstance(stream, io.TextIOBase):
         return _Utf8Reader(stream)
     return stream

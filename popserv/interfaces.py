@@ -22,13 +22,14 @@ Every method may return its result directly or as a ``Deferred``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence, Sized
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from attrs import field, frozen
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    import attrs
     from twisted.internet.defer import Deferred
 
 
@@ -52,8 +53,12 @@ class MessageStream(Protocol):
     def close(self) -> None: ...
 
 
-def _same_length(instance: Listing, attribute: object, value: object) -> None:
-    if value is not None and len(value) != len(instance.uids):  # type: ignore[arg-type]
+_Column = TypeVar("_Column", bound=Sized | None)
+
+
+def _same_length(instance: Listing, attribute: attrs.Attribute[_Column], value: _Column) -> None:
+    # Generic, so that attrs keeps each column's own type for its field.
+    if value is not None and len(value) != len(instance.uids):
         raise ValueError("every Listing column must have one entry per message")
 
 
@@ -191,7 +196,7 @@ class ITokenValidator(Interface):
     ``popserv.oauth.JWTValidator`` and ``CallableValidator`` ship.
     """
 
-    def validate(token: str, user: str | None) -> object:
+    def validate(token: str, user: str | None) -> str | Deferred[str]:
         """
         The user name ``token`` is valid for (str, or a Deferred of it), or
         raise / fail with ``twisted.cred.error.UnauthorizedLogin``.  ``user``

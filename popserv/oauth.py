@@ -161,13 +161,18 @@ class TokenChecker:
         self.validator = validator
         self.rules = rules
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+    # Twisted types avatar ids as bytes; popserv's are str (normalized user
+    # names), which Portal hands to the realm untouched.
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._check(credentials))
 
     async def _check(self, credentials: Any) -> str:
         user = credentials.username
         try:
-            identity = await maybeDeferred(self.validator.validate, credentials.token, user)
+            # maybeDeferred flattens a returned Deferred; its overloads cannot say so.
+            identity: str = await maybeDeferred(  # type: ignore[call-overload]
+                self.validator.validate, credentials.token, user
+            )
         except UnauthorizedLogin as e:
             log.info("OAuth token for {user} refused: {why}", user=loggable(user), why=str(e))
             raise UnauthorizedLogin() from None

@@ -19,7 +19,7 @@ import inspect
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from OpenSSL import SSL
 from twisted.cred.credentials import UsernamePassword
@@ -74,6 +74,7 @@ from popserv.sasl.mechanism import (
 )
 from popserv.state import State
 from popserv.tls import TLSInfo, TLSServer
+from popserv.transports import IStreamTransport
 from popserv.usernames import loggable_username
 
 log = Logger()
@@ -152,6 +153,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     """One POP3 session.  Built by :class:`POP3Factory`."""
 
     factory: POP3Factory
+    #: Set by makeConnection before any method below runs (see popserv.transports).
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self.state = State.AUTHORIZATION
@@ -180,7 +183,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._failures = 0
         #: Bad command lines since the last good one (Policy.max_bad_commands).
         self._bad_commands = 0
-        self._mailbox: Any = None
+        #: The logged-in user's maildrop, from the realm; None before login and after release.
+        self._mailbox: IMailbox | None = None
         self._logout: Callable[[], object] | None = None
         self._view: MaildropView | None = None
         self._stream: Iterator[bytes] | None = None
@@ -241,7 +245,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
     def handshakeCompleted(self) -> None:
         """The TLS handshake is over (implicit TLS or after STLS): learn its facts."""
         try:
-            self.info.tls = TLSInfo.of(self.transport.getHandle())
+            # Under TLS the handle is pyOpenSSL's connection (TLSMemoryBIOProtocol).
+            self.info.tls = TLSInfo.of(cast(SSL.Connection, self.transport.getHandle()))
         except Exception:
             log.failure("Reading the TLS connection's details failed")
             return
@@ -872,6 +877,12 @@ class POP3Protocol(Protocol, TimeoutMixin):
         assert self._view is not None
         return self._view
 
+    @property
+    def mailbox(self) -> IMailbox:
+        """The maildrop, in TRANSACTION (and UPDATE until it is released)."""
+        assert self._mailbox is not None
+        return self._mailbox
+
     def do_stat(self) -> None:
         count, octets = self.view.stat()
         self.send(wire.ok(f"{count} {octets}"))
@@ -924,7 +935,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         index = self.view.index(number)
         listing = self.view.listing
         listed = listing.sizes[index] if listing.exact_sizes else None
-        message = await resolve(self._mailbox.open_message(index))
+        message = await resolve(self.mailbox.open_message(index))
         try:
             body = MessageBody(message, encoder, listed, self.factory.policy.chunk_size)
             try:
@@ -968,7 +979,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         expired = view.expired_indexes(self.account.expire_days, self.factory.clock.seconds())
         deleted = sorted(set(view.deleted_indexes()).union(expired))
         try:
-            await resolve(self._mailbox.commit(deleted, view.retrieved_indexes()))
+            await resolve(self.mailbox.commit(deleted, view.retrieved_indexes()))
         except Exception:
             failure = Failure()
             if not failure.check(errors.PopError):
@@ -1098,7 +1109,7 @@ def _releasing(logout: Callable[[], object], lease: ILease) -> Callable[[], None
     return logout_and_release
 
 
-class POP3Factory(Factory):
+class POP3Factory(Factory[POP3Protocol]):
     """
     Builds POP3 sessions that log in through ``portal``.
 
@@ -1126,7 +1137,10 @@ class POP3Factory(Factory):
         accounts: object = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+
+            # The module is the installed reactor at run time.
+            clock = cast(interfaces.IReactorTime, reactor)
         self.portal = portal
         #: What answers questions about accounts, usually the password
         #: checker: as an ISecretInventory, which challenge-response logins
@@ -1134,7 +1148,7 @@ class POP3Factory(Factory):
         #: when the portal takes their credentials, and no SCRAM.
         self.accounts = accounts
         self.policy = policy or Policy()
-        self.clock: Any = clock
+        self.clock: interfaces.IReactorTime = clock
         #: Connection limits, user sessions and the failed-login penalty,
         #: shared with the SMTP/LMTP receiver when the service gives both one.
         self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
@@ -1166,6 +1180,7 @@ class POP3Factory(Factory):
             refusal.factory = self
             return refusal
         session = super().buildProtocol(addr)
+        assert session is not None  # Factory.buildProtocol always builds one
         session.lease, session.admitting = admitted.lease, admitted.pending
         return session
 

@@ -92,7 +92,7 @@ class MaildirRealm:
         self._announced = (users, announcement)
         return announcement
 
-    def requestAvatar(self, avatarId, mind, *interfaces):  # type: ignore[no-untyped-def]
+    def requestAvatar(self, avatarId, mind, *interfaces):
         if IMailbox not in interfaces:
             raise NotImplementedError("MaildirRealm only serves IMailbox")
         user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId

@@ -66,6 +66,7 @@ from popserv.delivery import (
 from popserv.policy import Policy
 from popserv.spool import Spool
 from popserv.tls import TLSServer
+from popserv.transports import IStreamTransport
 from popserv.wire import loggable
 
 log = Logger()
@@ -147,7 +148,7 @@ class _OutputGate:
         pass
 
 
-def _peer_text(peer: IAddress) -> str:
+def _peer_text(peer: IAddress | None) -> str:
     """The client as Received fields show it (RFC 5321 section 4.1.3 address literals)."""
     host = getattr(peer, "host", None)
     if not host:
@@ -159,6 +160,8 @@ class ReceiverProtocol(smtp.ESMTP):
     """One ESMTP session with a mail client or another server."""
 
     factory: ReceiverFactory
+    #: Set by makeConnection before any method below runs (see popserv.transports).
+    transport: IStreamTransport
     #: The ``with`` protocol of Received fields (RFC 3848), without the S for TLS.
     protocol_name = "ESMTP"
     #: The verbs this receiver answers and the method of each: a table, so
@@ -175,7 +178,8 @@ class ReceiverProtocol(smtp.ESMTP):
         super().__init__(chal={}, contextFactory=factory.tls)
         self.factory = factory
         self.host = factory.settings.hostname.encode("idna")
-        self.timeout = factory.settings.timeout
+        # SMTP.timeout is inferred int from its default; TimeoutMixin takes any seconds.
+        self.timeout = factory.settings.timeout  # type: ignore[assignment]
         self._pending: Deferred[Any] | None = None
         #: The client is not reading its replies: no more commands are run
         #: (their replies would pile up here) until it does.
@@ -228,7 +232,7 @@ class ReceiverProtocol(smtp.ESMTP):
             self.factory.settings.max_session_time, self._session_expired
         )
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
         super().connectionLost(reason)
         self._drop_spool()
@@ -582,7 +586,7 @@ class ReceiverProtocol(smtp.ESMTP):
     def _refuse_recipient(self, failure: Failure, recipient: Recipient) -> None:
         if not failure.check(DeliveryError):
             log.failure("Quota check for {user} failed", failure, user=loggable(recipient.user))
-        error = failure.value if failure.check(DeliveryError) else StorageFailed()
+        error = failure.value if isinstance(failure.value, DeliveryError) else StorageFailed()
         if isinstance(error, MailboxFull):
             log.info("Refused recipient {user}: mailbox full", user=loggable(recipient.user))
         self.refuse(error)
@@ -716,6 +720,7 @@ class ReceiverProtocol(smtp.ESMTP):
             self.refuse(result)
 
     def _trace(self, sender: str, recipient: Recipient, queue_id: str) -> bytes:
+        assert self._helo is not None  # SMTP takes no MAIL before HELO
         helo = (self._helo[0] or b"").decode("ascii", "replace")
         helo = "".join(c for c in helo if "!" <= c <= "~")[:100] or "unknown"
         name = self.protocol_name + ("S" if self.startedTLS else "")
@@ -774,6 +779,7 @@ class ReceiverProtocol(smtp.ESMTP):
         self._reset_transaction()
         self.reply(220, "2.0.0 Ready to start TLS")
         self._flush()  # in clear, before TLS starts
+        assert self.ctx is not None  # canStartTLS: there is a context
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 
@@ -832,7 +838,7 @@ class ReceiverFactory(protocol.ServerFactory):
         #: Sessions open now.
         self.sessions = 0
 
-    def buildProtocol(self, addr: IAddress) -> protocol.Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
         admitted = ask(self.admission, self.service, client_key(self.policy, addr))
         if admitted.refused is not None:
             self._refusals.refused(_peer_text(addr), admitted.refused)

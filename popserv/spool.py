@@ -111,4 +111,4 @@ class Spool:
 def _unnamed_file(directory: Path | None) -> BinaryIO:
     """An unbuffered read-write file with no name in ``directory``, mode 0600."""
     # The Spool owns it and closes it on every path: no context manager.
-    return tempfile.TemporaryFile(dir=directory, buffering=0)  # type: ignore[return-value]
+    return tempfile.TemporaryFile(dir=directory, buffering=0)

@@ -33,7 +33,7 @@ from attrs import field, frozen
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -234,7 +234,7 @@ def _load_key(path: Path, data: bytes) -> object:
 def _names(certificate: x509.Certificate) -> tuple[str, ...]:
     """The DNS names a certificate serves (its SAN, else its CN), lower-cased."""
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         names = [
             str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -174,6 +174,7 @@ def loggable_username(value: bytes | str | None) -> str:
 
 def _prepared(name: str) -> str:
     try:
-        return saslprep(name)
+        prepared: str = saslprep(name)  # scramp is not annotated
     except ScramException:
         raise InvalidUsername("user name refused by SASLprep") from None
+    return prepared

@@ -64,7 +64,7 @@ def _chunks(source: Source) -> Iterator[bytes]:
         while chunk := read(CHUNK_SIZE):
             yield chunk
         return
-    for chunk in source:  # type: ignore[union-attr]
+    for chunk in source:
         if chunk:
             yield chunk
 

@@ -108,7 +108,7 @@ def encode_listing(
     listing: Listing,
     uniques: PackedStrings | None,
     infos: list[str],
-    places: bytes,
+    places: bytes | bytearray,
     uidlist_listed: int,
 ) -> bytes:
     """The bytes of a listing file."""

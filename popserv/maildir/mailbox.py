@@ -234,7 +234,7 @@ class MaildirMailbox:
             unique = ""
         return unique + (self._infos if infos is None else infos)[index]
 
-    def open_message(self, index: int) -> MessageStream | Deferred[MessageStream]:  # type: ignore[override]
+    def open_message(self, index: int) -> MessageStream | Deferred[MessageStream]:
         """
         Open message ``index`` for reading.
 
@@ -274,7 +274,7 @@ class MaildirMailbox:
 
         return self._in_thread(chase).addCallback(moved)
 
-    def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:  # type: ignore[override]
+    def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:
         """
         Delete ``deleted`` and mark ``retrieved`` seen (moving them to ``cur/``).
 
@@ -287,8 +287,8 @@ class MaildirMailbox:
             # everything it retrieved is already seen in cur/.  Then there is
             # nothing to do, and a thread-pool round trip would cost more than
             # this check.
-            places, infos = self._places, self._infos
-            if all(places[i] == CUR and seen(infos[i]) for i in retrieved):
+            live_places, live_infos = self._places, self._infos
+            if all(live_places[i] == CUR and seen(live_infos[i]) for i in retrieved):
                 return succeed(None)
         # Naming 100,000 files is per-message work: done in the thread too,
         # on copies of the two columns a moved message changes.

@@ -177,7 +177,9 @@ class PasswdFileChecker:
             known[kind] = "all" if usable and all(usable) else "some" if any(usable) else "none"
         return known[kind]
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[str]:
+    # Twisted types avatar ids as bytes; popserv's are str (normalized user
+    # names), which Portal hands to the realm untouched.
+    def requestAvatarId(self, credentials: Any) -> Deferred[str]:  # type: ignore[override]
         """Fire with the user name as ``str`` when ``credentials`` are right."""
         return Deferred.fromCoroutine(self._check(credentials))
 

@@ -51,9 +51,10 @@ def normalize(password: str | bytes) -> bytes:
     if isinstance(password, bytes):
         password = password.decode("utf-8")
     try:
-        return saslprep(password).encode("utf-8")
+        prepared: str = saslprep(password)  # scramp is not annotated
     except ScramException as e:
         raise ValueError(f"SASLprep refuses the password: {e}") from None
+    return prepared.encode("utf-8")
 
 
 @frozen

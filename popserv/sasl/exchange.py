@@ -11,15 +11,22 @@ mechanisms, reaching accounts only through the interfaces they provide.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import cast
 
 from popserv.interfaces import IScramKeySource
-from popserv.sasl.mechanism import MAX_ROUNDS, Need, SASLTooManyRounds, Success
+from popserv.sasl.mechanism import (
+    MAX_ROUNDS,
+    Asking,
+    Mechanism,
+    Need,
+    SASLTooManyRounds,
+    Success,
+)
 from popserv.sasl.scram import NeedKeys
 
 
 async def run(
-    exchange: Any,
+    exchange: Mechanism,
     response: bytes | None,
     challenge: Callable[[bytes], Awaitable[bytes]],
     ask: Callable[[Need], Awaitable[object]],
@@ -32,7 +39,8 @@ async def run(
     for _ in range(MAX_ROUNDS):
         step = exchange.step(response)
         while isinstance(step, Need):
-            step = exchange.provide(await ask(step))
+            # Only a mechanism that asks has provide().
+            step = cast(Asking, exchange).provide(await ask(step))
         if isinstance(step, Success):
             return step
         response = await challenge(step.data)

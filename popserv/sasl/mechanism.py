@@ -62,9 +62,21 @@ Step = Challenge | Success
 
 
 class Mechanism(Protocol):
-    """One exchange of one SASL mechanism."""
+    """
+    One exchange of one SASL mechanism.
 
-    def step(self, response: bytes | None) -> Step: ...
+    A ``step`` may also return a :class:`Need` (SCRAM asks for the user's
+    keys): the exchange loop answers it and hands the answer to the
+    exchange's ``provide`` (see :class:`Asking`).
+    """
+
+    def step(self, response: bytes | None) -> Step | Need: ...
+
+
+class Asking(Mechanism, Protocol):
+    """A mechanism whose ``step`` may return a :class:`Need`."""
+
+    def provide(self, answer: Any) -> Step | Need: ...
 
 
 @frozen

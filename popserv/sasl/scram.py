@@ -21,6 +21,7 @@ import binascii
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 
 from attrs import frozen
 from scramp.core import ScramException
@@ -66,7 +67,7 @@ def _unescape(name: str) -> str:
 def _prepared(name: str) -> str:
     """SASLprep (RFC 4013), as a stored string: stricter than the query form, never looser."""
     try:
-        prepared = saslprep(name)
+        prepared: str = saslprep(name)  # scramp is not annotated
     except ScramException:
         raise ScramFailed("name fails SASLprep") from None
     if not prepared:
@@ -207,7 +208,7 @@ class Scram:
         return Success(credentials, final=b"v=" + signature)
 
 
-def mechanism(hash_name: str, plus: bool):
+def mechanism(hash_name: str, plus: bool) -> Callable[[SASLContext], Scram]:
     """A factory of :class:`Scram` exchanges for one mechanism name."""
 
     def make(context: SASLContext) -> Scram:
