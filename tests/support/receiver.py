@@ -16,11 +16,12 @@ from twisted.trial.unittest import TestCase
 from popserv.layout import Layout
 from popserv.passwords import PasswdFile, hash_password
 from popserv.service import make_factory, make_receiver
+from tests.support.sockets import MarkedReader
 
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>"
 
 
-class SMTPClient:
+class SMTPClient(MarkedReader):
     """A raw SMTP/LMTP client that returns the server's reply lines as they are."""
 
     def __init__(self, address: int | str) -> None:
@@ -34,13 +35,7 @@ class SMTPClient:
         self.greeting = self.reply()
 
     def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
+        return self.until(b"\r\n")
 
     def reply(self) -> list[bytes]:
         """One whole reply, all its lines."""

@@ -17,6 +17,7 @@ from popserv.layout import Layout, ensure_maildir
 from popserv.maildir import deliver
 from popserv.passwords import PasswdFile, hash_password
 from popserv.service import make_factory
+from tests.support.sockets import MarkedReader
 
 #: Stored as given (written straight into new/, no ,W= in the name), so the
 #: store must compute their sizes: LF, CRLF, mixed, dots, no final newline.
@@ -35,7 +36,7 @@ def crlf(data: bytes) -> bytes:
     return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
-class RawClient:
+class RawClient(MarkedReader):
     """A blocking POP3 client that returns exactly the bytes the server sent."""
 
     def __init__(self, port: int) -> None:
@@ -44,22 +45,10 @@ class RawClient:
         self.greeting = self.line()
 
     def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line + b"\r\n"
+        return self.until(b"\r\n") + b"\r\n"
 
     def multi(self) -> bytes:
-        while b"\r\n.\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        body, self.buffer = self.buffer.split(b"\r\n.\r\n", 1)
-        return body + b"\r\n.\r\n"
+        return self.until(b"\r\n.\r\n") + b"\r\n.\r\n"
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
