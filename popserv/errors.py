@@ -193,6 +193,7 @@ PERMANENT_ERRNOS = frozenset(
         errno.ENOTDIR,
         errno.EROFS,
         errno.ELOOP,
+        errno.EMLINK,
         errno.ENAMETOOLONG,
     }
 )

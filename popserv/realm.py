@@ -19,7 +19,7 @@ from popserv.errors import LoginDelayed, storage_failure
 from popserv.interfaces import IMailbox
 from popserv.layout import Layout
 from popserv.maildir import MaildirMailbox
-from popserv.maildir.directory import MaildirPath
+from popserv.maildir.directory import MaildirPath, refuse_shared
 from popserv.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.passwords import PasswdFile
 
@@ -154,6 +154,7 @@ def _write_last_login(maildir: MaildirPath, when: float) -> None:
     with maildir.opened() as (top,):
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(LAST_LOGIN_FILE, flags, 0o600, dir_fd=top)
+        refuse_shared(fd, LAST_LOGIN_FILE)
         try:
             os.utime(fd, (when, when))
         finally:

@@ -290,3 +290,46 @@ class FollowOptionServerTests(ServerTestCase):
             return count
 
         self.assertEqual(await deferToThread(fetch), len(self.messages))
+
+
+class HardLinkTests(TestCase):
+    """
+    Files popserv writes inside a Maildir must be its own: a hard link the
+    user made to a file elsewhere (where fs.protected_hardlinks is 0) is refused.
+    """
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir()
+        self.maildir = ensure_maildir(self.base / "alice")
+        self.victim = self.base / "victim"
+        self.victim.write_bytes(SECRET)
+
+    async def test_lock_file_hard_link(self) -> None:
+        from popserv.maildir import LOCK_FILE
+
+        os.link(self.victim, self.maildir / LOCK_FILE)
+        with self.assertRaises(Exception) as caught:
+            await MaildirMailbox.open(self.maildir)
+        self.assertEqual(getattr(caught.exception, "code", None), "SYS/PERM")
+        self.assertEqual(self.victim.read_bytes(), SECRET)
+
+    def test_maildirsize_hard_link(self) -> None:
+        from popserv.maildir import maildirsize
+
+        os.link(self.victim, self.maildir / maildirsize.MAILDIRSIZE_FILE)
+        maildirsize.record(MaildirPath.of(self.maildir), 100, 1)
+        self.assertEqual(self.victim.read_bytes(), SECRET)
+
+    def test_refusal_names_the_link(self) -> None:
+        """A linked Maildir below a linked parent is logged with its own path."""
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        home = self.base / "home"
+        (home / "bob").mkdir(parents=True)
+        (home / "bob" / "Maildir").symlink_to(self.maildir)
+        location = MaildirPath(home, ("bob", "Maildir"))
+        self.assertRaises(SymlinkRefused, location.open)
+        paths = [e["path"] for e in logged if "Refused a symbolic link" in e.get("log_format", "")]
+        self.assertEqual(paths, [str(home / "bob" / "Maildir")])

@@ -109,9 +109,10 @@ class MaildirPath:
         except OSError:
             # Missing, or a link: the careful way, which creates and explains.
             fd = self._open_first(create)
-        for part in self._rest:
+        for depth, part in enumerate(self._rest, start=1):
             try:
-                fd = _replace(fd, open_subdirectory(fd, part, create=create, within=self))
+                within = self.root.joinpath(*self.parts[:depth])
+                fd = _replace(fd, open_subdirectory(fd, part, create=create, within=within))
             except BaseException:
                 os.close(fd)
                 raise
@@ -207,6 +208,24 @@ def open_subdirectory(
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, DIRECTORY_MODE, dir_fd=parent)
     return open_subdirectory(parent, name, create=False, within=within)
+
+
+def refuse_shared(fd: int, name: str) -> None:
+    """
+    Close ``fd`` and raise ``OSError`` (EMLINK) unless it is a regular file
+    with one link: a file popserv writes inside a Maildir (the lock, the
+    quota and last-login files) must not be a hard link the user made to a
+    file elsewhere (possible where ``fs.protected_hardlinks`` is 0).
+    """
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(fd)
+        log.warn("Refused {name} in a Maildir: not a file of its own (a hard link?)", name=name)
+        raise OSError(errno.EMLINK, f"{name} is not a file of its own")
 
 
 def _is_symlink(parent: int, name: str) -> bool:

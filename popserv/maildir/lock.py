@@ -15,6 +15,7 @@ import fcntl
 import os
 
 from popserv.errors import MailboxInUse, TemporaryFailure, storage_failure
+from popserv.maildir.directory import refuse_shared
 
 LOCK_FILE = "popserv.lock"
 
@@ -47,6 +48,7 @@ class MaildropLock:
                 0o600,
                 dir_fd=maildir,
             )
+            refuse_shared(fd, LOCK_FILE)
         except OSError as e:
             raise storage_failure("cannot open the lock file", e) from None
         try:

@@ -25,7 +25,7 @@ import contextlib
 import os
 
 from popserv.files import read_regular, replace_file
-from popserv.maildir.directory import MaildirPath
+from popserv.maildir.directory import MaildirPath, refuse_shared
 
 #: The file, in the Maildir's root.
 MAILDIRSIZE_FILE = "maildirsize"
@@ -132,6 +132,7 @@ def append(maildir: int, octets: int, messages: int) -> None:
             os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
             dir_fd=maildir,
         )
+        refuse_shared(fd, MAILDIRSIZE_FILE)
         try:
             os.write(fd, line)
         finally:
