@@ -262,7 +262,8 @@ class ReceiverProtocol(smtp.ESMTP):
         """
         Send one reply line.  Permanent refusals count towards
         :attr:`ReceiverSettings.max_errors` over SMTP (the MTA on LMTP is
-        trusted); temporary ones, like 452 for too many recipients, do not.
+        trusted); temporary ones, like 452 for too many recipients, do not
+        (those count as commands without mail).
         """
         self._write(f"{code} {text}\r\n".encode("utf-8", "replace"))
         if code >= 500 and not self.per_recipient_replies:
@@ -552,6 +553,8 @@ class ReceiverProtocol(smtp.ESMTP):
             self.reply(555, "5.5.4 Unsupported parameter")
             return None
         if len(self._recipients) >= self.factory.settings.max_recipients:
+            if self._too_much_junk():
+                return None
             self.reply(452, "4.5.3 Too many recipients")
             return None
         address = self._address(match["path"], "5.1.3 Bad recipient address syntax")

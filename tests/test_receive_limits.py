@@ -532,3 +532,20 @@ class VerbTableTests(SynchronousTestCase):
                 self.assertEqual(method, "cmd_" + verb.decode())
         self.assertNotIn(b"LHLO", ReceiverProtocol.VERBS)
         self.assertIn(b"LHLO", LMTPProtocol.VERBS)
+
+
+class EndlessRefusalsTests(ReceiverTestCase):
+    """Refusals that were neither junk nor errors ran until the time limit."""
+
+    async def test_recipients_past_the_limit_count_as_junk(self):
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        client.send(b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\n")
+        await self.in_thread(client.codes, 2)
+        client.send(b"RCPT TO:<alice@example.org>\r\n" * 100)
+        self.assertEqual(set(await self.in_thread(client.codes, 100)),
+                         {b"250 2.1.5 Recipient OK"})
+        client.send(b"RCPT TO:<alice@example.org>\r\n" * 200)
+        replies = await self.in_thread(client.codes, 100)
+        self.assertEqual(replies[0], b"452 4.5.3 Too many recipients")
+        self.assertEqual(replies[-1], b"421 4.7.0 Too many commands without mail, closing")
