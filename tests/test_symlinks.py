@@ -333,3 +333,21 @@ class HardLinkTests(TestCase):
         self.assertRaises(SymlinkRefused, location.open)
         paths = [e["path"] for e in logged if "Refused a symbolic link" in e.get("log_format", "")]
         self.assertEqual(paths, [str(home / "bob" / "Maildir")])
+
+
+class PendingDeliveryTests(SynchronousTestCase):
+    def test_swapped_before_publish_leaves_no_orphan(self) -> None:
+        """The Maildir swapped for a link between write and publish: the tmp/ file goes."""
+        from popserv.maildir.deliver import prepare
+
+        base = Path(self.mktemp()).absolute()
+        maildir = ensure_maildir(base / "alice")
+        pending = prepare(maildir, b"Subject: x\n\ny\n")
+        moved = base / "alice.real"
+        os.rename(maildir, moved)
+        maildir.symlink_to(ensure_maildir(base / "elsewhere"))
+        # publish() never follows the link: it uses the Maildir it wrote into.
+        name = pending.publish()
+        self.assertEqual(os.listdir(moved / "new"), [name])
+        self.assertEqual(os.listdir(moved / "tmp"), [])
+        self.assertEqual(os.listdir(base / "elsewhere" / "new"), [])

@@ -26,7 +26,7 @@ from attrs import define
 
 from popserv.body import WireSizeCounter
 from popserv.files import fsync_directory
-from popserv.maildir.directory import MaildirPath
+from popserv.maildir.directory import MaildirPath, open_subdirectory
 from popserv.maildir.names import host_part, make_unique
 
 #: Read and write in pieces this big, so large messages stream through.
@@ -136,13 +136,18 @@ class PendingDelivery:
 
     :meth:`publish` makes it appear in ``new/``; :meth:`discard` removes it.
     Several recipients' copies can be prepared first and published only
-    when all were written, so a disk error delivers to none of them.
+    when all were written, so a disk error delivers to none of them.  The
+    Maildir and its ``tmp/`` stay open (as descriptors) from the write until
+    then, so the message can always be taken back, whatever the Maildir's
+    path meanwhile became; either call closes them.
     """
 
     maildir: MaildirPath
     tmp_name: str
     stored_size: int
     wire_size: int
+    _top: int | None = None
+    _tmp: int | None = None
     _done: bool = False
 
     @property
@@ -155,11 +160,17 @@ class PendingDelivery:
             raise RuntimeError("delivery already published or discarded")
         self._done = True
         try:
-            with self.maildir.opened("tmp", "new") as (_, tmp, new):
-                return self._publish_in(tmp, new)
+            assert self._top is not None and self._tmp is not None
+            new = open_subdirectory(self._top, "new", within=self.maildir)
+            try:
+                return self._publish_in(self._tmp, new)
+            finally:
+                os.close(new)
         except BaseException:
             self._remove_tmp()
             raise
+        finally:
+            self._close()
 
     def _publish_in(self, tmp: int, new: int) -> str:
         final_name = self.final_name
@@ -177,8 +188,14 @@ class PendingDelivery:
         return final_name
 
     def _remove_tmp(self) -> None:
-        with contextlib.suppress(OSError), self.maildir.opened("tmp") as (_, tmp):
-            _unlink_quietly(self.tmp_name, tmp)
+        if self._tmp is not None:
+            _unlink_quietly(self.tmp_name, self._tmp)
+
+    def _close(self) -> None:
+        for fd in (self._top, self._tmp):
+            if fd is not None:
+                os.close(fd)
+        self._top = self._tmp = None
 
     def withdraw(self) -> None:
         """
@@ -194,6 +211,7 @@ class PendingDelivery:
         if not self._done:
             self._done = True
             self._remove_tmp()
+        self._close()
 
 
 def prepare(
@@ -211,7 +229,13 @@ def prepare(
     """
     maildir = MaildirPath.of(maildir)
     tmp_name = make_unique(None, None, hostname=hostname)
-    with maildir.opened("tmp", create=True) as (_, tmp):
+    top = maildir.open(create=True)
+    try:
+        tmp = open_subdirectory(top, "tmp", within=maildir)
+    except BaseException:
+        os.close(top)
+        raise
+    try:
         fd = os.open(
             tmp_name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -227,7 +251,11 @@ def prepare(
         except BaseException:
             _unlink_quietly(tmp_name, tmp)
             raise
-    return PendingDelivery(maildir, tmp_name, stored, wire)
+    except BaseException:
+        os.close(tmp)
+        os.close(top)
+        raise
+    return PendingDelivery(maildir, tmp_name, stored, wire, top, tmp)
 
 
 def deliver(
