@@ -288,7 +288,6 @@ class POP3Protocol(Protocol, TimeoutMixin):
             )
         self._lost = self._closing = True
         self.factory.session_closed(self)
-        self._end_turn()
         self.setTimeout(None)
         self._cancel_login_timer()
         self._queue.clear()
@@ -464,6 +463,10 @@ class POP3Protocol(Protocol, TimeoutMixin):
             if result is None:
                 continue
             done = result if isinstance(result, Deferred) else Deferred.fromCoroutine(result)
+            # A login attempt's turn ends with its command, however it ends
+            # (a check still running when the client hangs up is counted
+            # when it ends: the turn is not given up at the hang-up).
+            done.addBoth(self._attempt_over)
             done.addErrback(self._command_failed)
             # A command that finished at once continues this loop rather than
             # recursing, so thousands of pipelined commands cannot overflow the stack.
@@ -478,6 +481,10 @@ class POP3Protocol(Protocol, TimeoutMixin):
             self._pause_reading(False)
         if self._input_ended and not (self._queue or self._busy or self._stream is not None):
             self.close()
+
+    def _attempt_over(self, result: T) -> T:
+        self._end_turn()
+        return result
 
     def _command_done(self, _: object) -> None:
         self._busy = False
@@ -806,7 +813,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             due, elapsed = self.factory.policy.auth_failure_delay, 0.0
         else:
             due, elapsed = await turn.failed(_penalty_name(user)), now - turn.started
-        if due > elapsed:
+        if due > elapsed and not self._lost:
             await self.sleep(due - elapsed)
         if self._failures >= self.factory.policy.max_auth_failures:
             self.refuse(errors.TooManyFailures())

@@ -646,3 +646,48 @@ class OwnPortalTests(SynchronousTestCase):
         self.assertEqual(self.portal.closed, 1)  # the refused session's mailbox
         first.send(b"QUIT\r\n")
         self.assertEqual(self.s.factory.admission.user_sessions, {})
+
+
+class _LaterChecker:
+    """A checker that answers only when told, as one in a thread pool does."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self):
+        self.pending: list[Deferred] = []
+
+    def requestAvatarId(self, credentials):
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+
+class SlowCheckTests(SynchronousTestCase):
+    def test_hanging_up_during_the_check_is_still_counted(self):
+        """
+        The turn is the attempt's until its check ends, hang-up or not: the
+        failure is counted, and the client's next attempt waits for it.
+        """
+        s = Session()
+        checker = _LaterChecker()
+        s.factory.portal.checkers = {}
+        s.factory.portal.registerChecker(checker)
+        first = s.connect()
+        first.send(b"USER alice\r\nPASS wrong\r\n")
+        checker.pending.pop().errback(UnauthorizedLogin())
+        for n in range(3):
+            hanging = s.connect()
+            hanging.send(b"USER alice\r\nPASS wrong\r\n")
+            s.advance(16)  # the penalty waited out: its check is running
+            self.assertEqual(len(checker.pending), 1, n)
+            hanging.close()
+            waiting = s.connect()
+            waiting.send(b"USER alice\r\nPASS wrong\r\n")
+            s.advance(16)
+            self.assertEqual(len(checker.pending), 1, n)  # still the first's turn
+            checker.pending.pop().errback(UnauthorizedLogin())
+            s.advance(16)
+            self.assertEqual(len(checker.pending), 1, n)  # now the next one's
+            checker.pending.pop().errback(UnauthorizedLogin())
+            waiting.close()
+        self.assertEqual(s.factory.admission.penalties.failures("127.0.0.1"), 7)
