@@ -16,7 +16,6 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-import threading
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
@@ -218,17 +217,6 @@ def _domain(domain: str) -> str:
 
 # Delivery (blocking: these run in a thread)
 
-_locks: dict[MaildirPath, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock_for(maildir: MaildirPath) -> threading.Lock:
-    """One lock per Maildir in this process, so two deliveries cannot both
-    pass the quota check and both be stored."""
-    with _locks_guard:
-        return _locks.setdefault(maildir, threading.Lock())
-
-
 def check_room(recipient: Recipient, incoming: int = 0) -> None:
     """Raise :class:`MailboxFull` if the recipient's mailbox is full (blocking)."""
     if recipient.quota.unlimited:
@@ -298,7 +286,8 @@ def deliver_message(
         first_of.setdefault(recipient.maildir, i)
     # One order for taking the locks, whoever delivers.
     targets = sorted(first_of.items(), key=lambda target: str(target[0]))
-    locks = [_lock_for(maildir) for maildir, _ in targets]
+    # One lock per Maildir, so two deliveries cannot both pass the quota check.
+    locks = [maildirsize.lock_for(maildir) for maildir, _ in targets]
     size = _size_of(message)
     pending: list[tuple[int, PendingDelivery]] = []
     for lock in locks:

@@ -189,7 +189,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._view: MaildropView | None = None
         self._stream: Iterator[bytes] | None = None
         self._stream_done: Deferred[None] | None = None
-        self._sleeping: Deferred[None] | None = None
+        self._sleeping: Deferred[Any] | None = None
         #: The login attempt under way: its turn to be checked (see popserv.admission).
         self._turn: ILoginTurn | None = None
         #: What admission granted this connection, given back when it ends;
@@ -784,7 +784,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
         factory = self.factory
         waiting = factory.admission.login_turn(factory.client_key(self.info.peer))
         # Cancelled, giving up the place, if the connection is lost meanwhile.
-        self._sleeping = waiting  # type: ignore[assignment]
+        self._sleeping = waiting
         self._turn = await waiting
 
     def _end_turn(self) -> None:

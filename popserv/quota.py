@@ -142,14 +142,16 @@ def current_usage(maildir: MaildirPath | Path, quota: Quota, now: float | None =
     """
     line = maildirsize.quota_line(quota.bytes, quota.messages)
     now = time.time() if now is None else now
+    location = MaildirPath.of(maildir)
     try:
-        with MaildirPath.of(maildir).opened(*SUBDIRS) as (top, *places):
+        with location.opened() as (top,):
             stated = maildirsize.read_usage(top, line)
-            if stated is not None:
-                total, count, modified = stated
-                usage = Usage(total, count)
-                if not (quota.full(usage) and now - modified > maildirsize.STALE_SECONDS):
-                    return usage
+        if stated is not None:
+            total, count, modified = stated
+            usage = Usage(total, count)
+            if not (quota.full(usage) and now - modified > maildirsize.STALE_SECONDS):
+                return usage
+        with maildirsize.lock_for(location), location.opened(*SUBDIRS) as (top, *places):
             usage = _count(places)
             maildirsize.write(top, line, usage.bytes, usage.messages)
             return usage

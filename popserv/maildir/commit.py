@@ -43,11 +43,14 @@ def apply(
     """In a thread: delete and mark seen, then make it durable."""
     try:
         with location.opened(*SUBDIRS) as (top, *places):
-            # Deletions free quota: counted where it is kept, if it is.
-            counting = bool(deletions) and maildirsize.exists(top)
-            outcome = _apply_in(places, deletions, marks, counting)
-            if outcome.deleted and counting:
-                maildirsize.append(top, -outcome.freed, -outcome.deleted)
+            # Deletions free quota: counted where it is kept, if it is, and
+            # under its lock, so that no rebuild lists them half done.
+            if not (deletions and maildirsize.exists(top)):
+                return _apply_in(places, deletions, marks)
+            with maildirsize.lock_for(location):
+                outcome = _apply_in(places, deletions, marks, counting=True)
+                if outcome.deleted:
+                    maildirsize.append(top, -outcome.freed, -outcome.deleted)
             return outcome
     except OSError:
         # The Maildir could not be reached (and is logged if refused).

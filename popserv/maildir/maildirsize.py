@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
-from popserv.files import read_regular, replace_file
+from popserv.files import open_regular, replace_file
 from popserv.maildir.directory import MaildirPath, refuse_shared
 
 #: The file, in the Maildir's root.
@@ -82,12 +83,18 @@ def read_usage(maildir: int, quota: str) -> tuple[int, int, float] | None:
     is usable for the quota line ``quota``; None when it must be rebuilt.
     """
     try:
-        data = read_regular(MAILDIRSIZE_FILE, REBUILD_BYTES - 1, dir_fd=maildir)
-        if data is None:
-            return None
-        modified = os.stat(MAILDIRSIZE_FILE, dir_fd=maildir, follow_symlinks=False).st_mtime
+        fd, status = open_regular(MAILDIRSIZE_FILE, dir_fd=maildir)
     except OSError:
         return None
+    try:
+        if status.st_size >= REBUILD_BYTES:
+            return None
+        data = os.read(fd, REBUILD_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    modified = status.st_mtime
     parsed = parse(data)
     if parsed is None or parsed[0] != quota:
         return None
@@ -110,6 +117,22 @@ def write(maildir: int, quota: str, total: int, count: int) -> None:
     """Replace ``maildirsize`` with a fresh one; a failure only costs a later rebuild."""
     with contextlib.suppress(OSError):
         replace_file(MAILDIRSIZE_FILE, f"{quota}\n{total} {count}\n".encode(), dir_fd=maildir)
+
+
+_locks: dict[str, threading.RLock] = {}
+_locks_guard = threading.Lock()
+
+
+def lock_for(location: MaildirPath) -> threading.RLock:
+    """
+    The lock of one Maildir in this process, by its path: deliveries (a
+    quota check, then the message stored), rebuilds of ``maildirsize`` and
+    QUIT's deletions take it, so none of them lands between another's
+    listing and its write.  Other processes may still drift the count,
+    which the rebuild rules bound, as Maildir++ intends.
+    """
+    with _locks_guard:
+        return _locks.setdefault(str(location.path), threading.RLock())
 
 
 def record(location: MaildirPath, octets: int, messages: int) -> None:
@@ -145,6 +168,7 @@ __all__ = [
     "STALE_SECONDS",
     "append",
     "exists",
+    "lock_for",
     "parse",
     "quota_line",
     "read_usage",
