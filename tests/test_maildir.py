@@ -976,3 +976,13 @@ class ScanLayerTests(TestCase):
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         self.assertEqual(out.stdout, "[]\n")
+
+
+class UniqueNameOrderTests(TestCase):
+    def test_names_of_one_second_sort_as_delivered(self):
+        """M5 was listed after M123456 when both came in the same second."""
+        from popserv.maildir.names import make_unique
+
+        early = make_unique(None, None, now=1700000000.000005, hostname="h")
+        late = make_unique(None, None, now=1700000000.123456, hostname="h")
+        self.assertLess(early, late)

@@ -149,14 +149,16 @@ def make_unique(
 
     Time, process id and a per-process counter make it unique for any
     number of deliveries per second from one host; the random part covers
-    pid reuse and hosts (or containers) that share a host name.
+    pid reuse and hosts (or containers) that share a host name.  The
+    microseconds have six digits, so that two names of one second sort as
+    their deliveries did (messages of one second are listed by name).
     """
     if now is None:
         now = time.time()
     seconds = int(now)
     micro = int((now - seconds) * 1_000_000)
     name = (
-        f"{seconds}.M{micro}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}"
+        f"{seconds}.M{micro:06d}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(4)}"
         f".{host_part(hostname)}"
     )
     if stored_size is not None:
