@@ -333,9 +333,6 @@ def deliver_message(
                     for done in published:
                         done.withdraw()
                     return [StorageFailed()] * len(copies)
-        for delivery in published:
-            # Counted where the quota is kept (see popserv.maildir.maildirsize).
-            maildirsize.record(delivery.maildir, delivery.stored_size, 1)
     finally:
         for _, delivery in pending:
             delivery.discard()  # a no-op once published

@@ -318,7 +318,8 @@ class HardLinkTests(TestCase):
         from popserv.maildir import maildirsize
 
         os.link(self.victim, self.maildir / maildirsize.MAILDIRSIZE_FILE)
-        maildirsize.record(MaildirPath.of(self.maildir), 100, 1)
+        with MaildirPath.of(self.maildir).opened() as (top,):
+            maildirsize.append(top, 100, 1)
         self.assertEqual(self.victim.read_bytes(), SECRET)
 
     def test_refusal_names_the_link(self) -> None:

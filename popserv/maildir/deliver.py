@@ -26,6 +26,7 @@ from attrs import define
 
 from popserv.body import WireSizeCounter
 from popserv.files import fsync_directory
+from popserv.maildir import maildirsize
 from popserv.maildir.directory import MaildirPath, open_subdirectory
 from popserv.maildir.names import host_part, make_unique
 
@@ -163,9 +164,12 @@ class PendingDelivery:
             assert self._top is not None and self._tmp is not None
             new = open_subdirectory(self._top, "new", within=self.maildir)
             try:
-                return self._publish_in(self._tmp, new)
+                name = self._publish_in(self._tmp, new)
             finally:
                 os.close(new)
+            # Counted where the quota is kept, if it is (best effort).
+            maildirsize.append(self._top, self.stored_size, 1)
+            return name
         except BaseException:
             self._remove_tmp()
             raise
@@ -202,9 +206,10 @@ class PendingDelivery:
         Take a just-published message back out of ``new/`` (best effort),
         when the other copies of an all-or-nothing delivery failed.
         """
-        with contextlib.suppress(OSError), self.maildir.opened("new") as (_, new):
+        with contextlib.suppress(OSError), self.maildir.opened("new") as (top, new):
             _unlink_quietly(self.final_name, new)
             fsync_directory(new)
+            maildirsize.append(top, -self.stored_size, -1)
 
     def discard(self) -> None:
         """Remove the unpublished message; later calls do nothing."""

@@ -36,7 +36,7 @@ DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FOLLOWING = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 #: The Maildir's subdirectories.
-SUBDIRS = ("cur", "new", "tmp")
+MAILDIR_SUBDIRS = ("cur", "new", "tmp")
 
 #: Mode of the directories popserv creates: only the server (and the user,
 #: when the server runs as the user) may look inside.
@@ -118,7 +118,7 @@ class MaildirPath:
                 raise
         if create:
             try:
-                for sub in SUBDIRS:
+                for sub in MAILDIR_SUBDIRS:
                     os.close(open_subdirectory(fd, sub, create=True, within=self))
             except BaseException:
                 os.close(fd)

@@ -135,12 +135,6 @@ def lock_for(location: MaildirPath) -> threading.RLock:
         return _locks.setdefault(str(location.path), threading.RLock())
 
 
-def record(location: MaildirPath, octets: int, messages: int) -> None:
-    """:func:`append`, to the Maildir at ``location``."""
-    with contextlib.suppress(OSError), location.opened() as (maildir,):
-        append(maildir, octets, messages)
-
-
 def append(maildir: int, octets: int, messages: int) -> None:
     """
     Append a change to the ``maildirsize`` of the Maildir ``maildir`` (a
@@ -172,6 +166,5 @@ __all__ = [
     "parse",
     "quota_line",
     "read_usage",
-    "record",
     "write",
 ]
