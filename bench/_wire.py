@@ -1,7 +1,7 @@
 """
 The POP3 wire rules the load client checks servers against (pure, no I/O).
 
-Written independently of ``popserv.body`` on purpose: the benchmark must not
+Written independently of ``popserv.core.body`` on purpose: the benchmark must not
 trust the code it measures.  The rules are RFC 1939's: a multi-line response
 is CRLF-terminated lines, a line starting with ``.`` gets one more ``.``
 (byte-stuffing), and a line holding only ``.`` ends it.  Sizes in STAT and

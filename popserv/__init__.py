@@ -5,8 +5,11 @@ The public API: the factory and its policy, the store interfaces, the stores
 and realms that ship, the password-file checker, and the service builder
 that ``twistd popserv`` runs.  The modules behind it are free to change.
 
-Names are imported when first used, so that ``import popserv.wire`` (the
-pure core: wire, body, errors, lang, usernames, maildrop) needs no Twisted.
+The modules sit in four layers: ``popserv.core`` (the pure core: the wire
+grammar, bodies, errors, user names, a session's view of its maildrop),
+``popserv.logins``, ``popserv.stores`` and ``popserv.server``.  Names are
+imported when first used, so that ``import popserv.core.wire`` (or any
+module of the core) needs no Twisted.
 """
 
 from __future__ import annotations
@@ -19,28 +22,28 @@ from popserv._version import __version__
 #: Each public name and the module it lives in.
 _EXPORTS = {
     # The server
-    "POP3Factory": "popserv.protocol",
-    "POP3Protocol": "popserv.protocol",
-    "Policy": "popserv.policy",
-    "makeService": "popserv.service",
-    "make_factory": "popserv.service",
+    "POP3Factory": "popserv.server.protocol",
+    "POP3Protocol": "popserv.server.protocol",
+    "Policy": "popserv.server.policy",
+    "makeService": "popserv.server.service",
+    "make_factory": "popserv.server.service",
     # What a store provides
-    "IMailbox": "popserv.interfaces",
-    "Listing": "popserv.interfaces",
-    "IAccountSettings": "popserv.interfaces",
-    "ISessionInfo": "popserv.interfaces",
-    "ISecretInventory": "popserv.interfaces",
+    "IMailbox": "popserv.stores.interfaces",
+    "Listing": "popserv.stores.interfaces",
+    "IAccountSettings": "popserv.stores.interfaces",
+    "ISessionInfo": "popserv.stores.interfaces",
+    "ISecretInventory": "popserv.stores.interfaces",
     # Stores and realms
-    "Layout": "popserv.layout",
-    "MaildirMailbox": "popserv.maildir",
-    "MaildirRealm": "popserv.realm",
-    "MemoryMaildrop": "popserv.memory",
-    "MemoryRealm": "popserv.memory",
-    "TwistedMailRealm": "popserv.compat",
-    "deliver": "popserv.maildir",
+    "Layout": "popserv.stores.layout",
+    "MaildirMailbox": "popserv.stores.maildir",
+    "MaildirRealm": "popserv.stores.realm",
+    "MemoryMaildrop": "popserv.stores.memory",
+    "MemoryRealm": "popserv.stores.memory",
+    "TwistedMailRealm": "popserv.stores.compat",
+    "deliver": "popserv.stores.maildir",
     # Logins
-    "PasswdFile": "popserv.passwords",
-    "PasswdFileChecker": "popserv.passwords",
+    "PasswdFile": "popserv.logins.passwords",
+    "PasswdFileChecker": "popserv.logins.passwords",
 }
 
 __all__ = [
@@ -67,22 +70,22 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from popserv.compat import TwistedMailRealm
-    from popserv.interfaces import (
+    from popserv.logins.passwords import PasswdFile, PasswdFileChecker
+    from popserv.server.policy import Policy
+    from popserv.server.protocol import POP3Factory, POP3Protocol
+    from popserv.server.service import make_factory, makeService
+    from popserv.stores.compat import TwistedMailRealm
+    from popserv.stores.interfaces import (
         IAccountSettings,
         IMailbox,
         ISecretInventory,
         ISessionInfo,
         Listing,
     )
-    from popserv.layout import Layout
-    from popserv.maildir import MaildirMailbox, deliver
-    from popserv.memory import MemoryMaildrop, MemoryRealm
-    from popserv.passwords import PasswdFile, PasswdFileChecker
-    from popserv.policy import Policy
-    from popserv.protocol import POP3Factory, POP3Protocol
-    from popserv.realm import MaildirRealm
-    from popserv.service import make_factory, makeService
+    from popserv.stores.layout import Layout
+    from popserv.stores.maildir import MaildirMailbox, deliver
+    from popserv.stores.memory import MemoryMaildrop, MemoryRealm
+    from popserv.stores.realm import MaildirRealm
 
 
 def __getattr__(name: str) -> Any:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.cli import main
-from popserv.passwords import PasswdFile, scheme_of, verify_password
+from popserv.logins.passwords import PasswdFile, scheme_of, verify_password
+from popserv.server.cli import main
 from tests.support.processes import subprocess_env
 
 ARGON2ID_REF = (
@@ -254,13 +254,13 @@ class CommandTests(SynchronousTestCase):
 
 
 class ProcessTests(SynchronousTestCase):
-    """``python -m popserv.cli`` as a real process."""
+    """``python -m popserv.server.cli`` as a real process."""
 
     def setUp(self) -> None:
         self.data = self.mktemp()
 
     def test_subprocess(self) -> None:
-        argv = [sys.executable, "-m", "popserv.cli", "--data", self.data]
+        argv = [sys.executable, "-m", "popserv.server.cli", "--data", self.data]
         add = [*argv, "user", "add", "alice", "-s", "SHA512-CRYPT"]
         done = run(add, input="pw\n")
         self.assertEqual((done.returncode, done.stderr), (0, ""))
@@ -275,7 +275,7 @@ class ProcessTests(SynchronousTestCase):
         pid, fd = pty.fork()
         if pid == 0:  # pragma: no cover (the child)
             os.environ.update(subprocess_env())
-            os.execv(sys.executable, [sys.executable, "-m", "popserv.cli", *argv])
+            os.execv(sys.executable, [sys.executable, "-m", "popserv.server.cli", *argv])
         output = b""
         deadline = time.monotonic() + 30
         try:

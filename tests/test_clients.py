@@ -18,8 +18,8 @@ from pathlib import Path
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 
-from popserv.maildir import deliver
-from popserv.protocol import POP3Protocol
+from popserv.server.protocol import POP3Protocol
+from popserv.stores.maildir import deliver
 from tests.support.mail import mbox_messages, unix
 from tests.support.servers import ServerTestCase
 

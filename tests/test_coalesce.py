@@ -1,5 +1,5 @@
 """
-Tests for popserv.coalesce: answers held while a session works and sent in
+Tests for popserv.server.coalesce: answers held while a session works and sent in
 one system call, straight to the socket when nothing is queued.
 """
 
@@ -11,7 +11,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv.coalesce import FLUSH_AT, Coalescer, write_now
+from popserv.server.coalesce import FLUSH_AT, Coalescer, write_now
 from tests.support import Session
 
 

@@ -20,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from popserv import Policy, POP3Factory, TwistedMailRealm
-from popserv.body import wire_size
-from popserv.compat import binary, safe_uidl
-from popserv.maildir import deliver
+from popserv.core.body import wire_size
+from popserv.stores.compat import binary, safe_uidl
+from popserv.stores.maildir import deliver
 
 MESSAGES = [
     b"Subject: eight bit\n\nbody \xe4\xf6\xfc (latin-1, not UTF-8)\n.dot line\n",

@@ -29,13 +29,13 @@ from twisted.cred.portal import Portal
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv.files import checked_regular
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import MaildirMailbox, deliver, parse_name
-from popserv.maildir import commit as maildir_commit
-from popserv.maildir import mailbox as maildir_mailbox
-from popserv.policy import Policy
-from popserv.protocol import POP3Factory
+from popserv.core.files import checked_regular
+from popserv.server.policy import Policy
+from popserv.server.protocol import POP3Factory
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import MaildirMailbox, deliver, parse_name
+from popserv.stores.maildir import commit as maildir_commit
+from popserv.stores.maildir import mailbox as maildir_mailbox
 from tests.support.maildirs import _MaildirRealm, maildir_contents
 from tests.support.processes import free_port, subprocess_env
 

@@ -19,8 +19,10 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv.body import BodyDecoder, BodyEncoder
-from popserv.delivery import (
+from popserv.core.body import BodyDecoder, BodyEncoder
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server.service import TmpCleaner
+from popserv.stores.delivery import (
     EX_CANTCREAT,
     EX_DATAERR,
     EX_NOUSER,
@@ -31,13 +33,11 @@ from popserv.delivery import (
     MailboxFull,
     check_room,
 )
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import clean_tmp, deliver
-from popserv.maildir.deliver import prepare
-from popserv.maildir.names import make_unique
-from popserv.passwords import PasswdFile, hash_password
-from popserv.quota import Quota, Usage, maildir_usage, parse_size
-from popserv.service import TmpCleaner
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import clean_tmp, deliver
+from popserv.stores.maildir.deliver import prepare
+from popserv.stores.maildir.names import make_unique
+from popserv.stores.quota import Quota, Usage, maildir_usage, parse_size
 from tests.support.processes import REPO, subprocess_env
 
 
@@ -252,7 +252,7 @@ class DeliverCommandTests(SynchronousTestCase):
             [
                 sys.executable,
                 "-m",
-                "popserv.cli",
+                "popserv.server.cli",
                 "deliver",
                 "--data",
                 str(self.layout.data_dir),

@@ -27,10 +27,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from popserv.maildir import MaildirMailbox
-from popserv.maildir.names import digest_uidl
-from popserv.maildir.uidlist import UIDLIST_FILE
-from popserv.service import make_factory
+from popserv.server.service import make_factory
+from popserv.stores.maildir import MaildirMailbox
+from popserv.stores.maildir.names import digest_uidl
+from popserv.stores.maildir.uidlist import UIDLIST_FILE
 from tests.support.maildirs import MaildirTestCase
 
 #: Where distributions put Dovecot's pop3 service binary.

@@ -12,11 +12,11 @@ import socket
 
 from twisted.internet import reactor
 
-from popserv import errors, wire
-from popserv.body import wire_size
-from popserv.maildir import deliver
-from popserv.passwords import PasswdFile
-from popserv.service import make_factory
+from popserv.core import errors, wire
+from popserv.core.body import wire_size
+from popserv.logins.passwords import PasswdFile
+from popserv.server.service import make_factory
+from popserv.stores.maildir import deliver
 from tests.support.servers import (
     RAW_MESSAGES,
     CurlTestCase,

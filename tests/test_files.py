@@ -1,4 +1,4 @@
-"""popserv.files: safe opening, bounded reads and atomic replacement, on real files."""
+"""popserv.core.files: safe opening, bounded reads and atomic replacement, on real files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.files import NotRegular, fsync_directory, open_regular, read_regular, replace_file
+from popserv.core.files import NotRegular, fsync_directory, open_regular, read_regular, replace_file
 
 
 class ReadTests(SynchronousTestCase):

@@ -35,16 +35,11 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from popserv import errors, wire
-from popserv.body import BodyDecoder, BodyEncoder, WireSizeCounter, wire_size
-from popserv.layout import ensure_maildir
-from popserv.maildir import deliver
-from popserv.memory import MemoryMaildrop, MemoryRealm
-from popserv.passwords.scram import ScramKeys
-from popserv.policy import Policy
-from popserv.protocol import POP3Factory, _decode_sasl
-from popserv.sasl import MECHANISMS, external_mechanism
-from popserv.sasl.mechanism import (
+from popserv.core import errors, wire
+from popserv.core.body import BodyDecoder, BodyEncoder, WireSizeCounter, wire_size
+from popserv.logins.passwords.scram import ScramKeys
+from popserv.logins.sasl import MECHANISMS, external_mechanism
+from popserv.logins.sasl.mechanism import (
     MAX_ROUNDS,
     Challenge,
     SASLAborted,
@@ -52,7 +47,12 @@ from popserv.sasl.mechanism import (
     SASLMalformed,
     Success,
 )
-from popserv.sasl.scram import NeedKeys
+from popserv.logins.sasl.scram import NeedKeys
+from popserv.server.policy import Policy
+from popserv.server.protocol import POP3Factory, _decode_sasl
+from popserv.stores.layout import ensure_maildir
+from popserv.stores.maildir import deliver
+from popserv.stores.memory import MemoryMaildrop, MemoryRealm
 from tests.support.maildirs import _MaildirRealm, maildir_contents
 
 from .certs import CA

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.delivery import has_control, received_field, trace_header
-from popserv.firstrun import welcome_message
-from popserv.headers import header_field
+from popserv.core.headers import header_field
+from popserv.server.firstrun import welcome_message
+from popserv.stores.delivery import has_control, received_field, trace_header
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The report's two attacks, as sent.

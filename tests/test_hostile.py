@@ -18,8 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from popserv import errors, wire
-from popserv.protocol import POP3Protocol
+from popserv.core import errors, wire
+from popserv.server.protocol import POP3Protocol
 from tests.support.servers import RawClient, ServerTestCase, crlf
 from tests.support.tls import TLSTestCase
 

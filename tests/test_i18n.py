@@ -8,9 +8,9 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv import errors, wire
-from popserv.lang import ENGLISH, Language, Languages
-from popserv.passwords import PasswdFile, PasswdFileChecker, hash_password
+from popserv.core import errors, wire
+from popserv.core.lang import ENGLISH, Language, Languages
+from popserv.logins.passwords import PasswdFile, PasswdFileChecker, hash_password
 
 from .support import Session
 
@@ -115,8 +115,8 @@ class UTF8UserNameTests(TestCase):
 class UserNameFormTests(SynchronousTestCase):
     def test_names_must_be_in_saslprep_form(self):
         """Logins SASLprep the name, so a stored name it would change could never log in."""
-        from popserv.errors import InvalidUsername
-        from popserv.usernames import validate_username
+        from popserv.core.errors import InvalidUsername
+        from popserv.core.usernames import validate_username
 
         self.assertEqual(validate_username("j\u00fcrgen"), "j\u00fcrgen")
         for name in ("\ufb01le", "ju\u0308rgen", "\U0001f600x"):  # ligature, NFD, unassigned

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv.maildir import MaildirMailbox, index
-from popserv.maildir.columns import PackedStrings
-from popserv.maildir.directory import MaildirPath
-from popserv.maildir.index import INDEX_FILE, Entry, decode_index, encode_index, storable
-from popserv.maildir.uidls import parse_uidl_format
+from popserv.stores.maildir import MaildirMailbox, index
+from popserv.stores.maildir.columns import PackedStrings
+from popserv.stores.maildir.directory import MaildirPath
+from popserv.stores.maildir.index import INDEX_FILE, Entry, decode_index, encode_index, storable
+from popserv.stores.maildir.uidls import parse_uidl_format
 from tests.support.maildirs import MaildirTestCase, retr_size, scan
 
 

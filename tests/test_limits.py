@@ -20,12 +20,12 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
-from popserv import errors, wire
-from popserv.admission import LocalAdmission
-from popserv.interfaces import IMailbox
-from popserv.memory import MemoryMailbox, MemoryMaildrop
-from popserv.policy import Policy
-from popserv.protocol import POP3Protocol
+from popserv.core import errors, wire
+from popserv.server.admission import LocalAdmission
+from popserv.server.policy import Policy
+from popserv.server.protocol import POP3Protocol
+from popserv.stores.interfaces import IMailbox
+from popserv.stores.memory import MemoryMailbox, MemoryMaildrop
 
 from .support import LOCAL_PEER, MESSAGES, REMOTE_PEER, Session
 

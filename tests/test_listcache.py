@@ -1,5 +1,5 @@
 """
-Tests for popserv.maildir.listcache: a warm login answers from the cached
+Tests for popserv.stores.maildir.listcache: a warm login answers from the cached
 listing, and any change to the Maildir makes it rescan.
 
 Directory times are set an hour back (``age``) and the settling time is
@@ -18,12 +18,12 @@ from pathlib import Path
 
 from twisted.internet.defer import Deferred
 
-from popserv.errors import MailboxInUse
-from popserv.maildir import MaildirMailbox, listcache, opening
-from popserv.maildir import mailbox as maildir_mailbox
-from popserv.maildir.listcache import LISTING_FILE, decode_listing
-from popserv.maildir.lock import MaildropLock
-from popserv.maildir.places import CUR
+from popserv.core.errors import MailboxInUse
+from popserv.stores.maildir import MaildirMailbox, listcache, opening
+from popserv.stores.maildir import mailbox as maildir_mailbox
+from popserv.stores.maildir.listcache import LISTING_FILE, decode_listing
+from popserv.stores.maildir.lock import MaildropLock
+from popserv.stores.maildir.places import CUR
 from tests.support.maildirs import MaildirTestCase
 
 
@@ -187,8 +187,8 @@ class ListingCacheTests(MaildirTestCase):
 
     def test_decode_refuses_paths_and_bad_uidls(self) -> None:
         """Even with a good checksum: no '/' in names, every UIDL valid."""
-        from popserv.interfaces import Listing
-        from popserv.maildir.columns import PackedStrings
+        from popserv.stores.interfaces import Listing
+        from popserv.stores.maildir.columns import PackedStrings
 
         keys = [[1, 2, 3], [4, 5, 6], None]
 

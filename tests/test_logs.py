@@ -18,9 +18,9 @@ import scramp
 from attrs import evolve
 from twisted.logger import formatEvent, globalLogPublisher
 
-from popserv.maildir import deliver
-from popserv.passwords import PasswdFile, hash_password
-from popserv.sasl import MECHANISMS
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.logins.sasl import MECHANISMS
+from popserv.stores.maildir import deliver
 from tests.support.servers import RawClient, ServerTestCase
 
 PASSWORD = "Xyzzy-Plugh-9931"

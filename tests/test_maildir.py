@@ -1,5 +1,5 @@
 """
-Tests for popserv.maildir: names, the lock, the store and delivery, on real
+Tests for popserv.stores.maildir: names, the lock, the store and delivery, on real
 Maildirs on disk.
 """
 
@@ -25,17 +25,18 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from popserv.body import BodyEncoder, wire_size
-from popserv.errors import (
+from popserv.core.body import BodyEncoder, wire_size
+from popserv.core.errors import (
     CommitFailed,
     MailboxInUse,
     MessageGone,
     PermanentFailure,
     TemporaryFailure,
 )
-from popserv.interfaces import IAccountSettings, IMailbox
-from popserv.layout import ensure_maildir
-from popserv.maildir import (
+from popserv.server.protocol import resolve
+from popserv.stores.interfaces import IAccountSettings, IMailbox
+from popserv.stores.layout import ensure_maildir
+from popserv.stores.maildir import (
     LOCK_FILE,
     MaildirMailbox,
     MaildirName,
@@ -46,14 +47,13 @@ from popserv.maildir import (
     uidl_for,
     with_flag,
 )
-from popserv.maildir import index as maildir_index
-from popserv.maildir import scan as maildir_scan
-from popserv.maildir.commonnames import common_columns, split_common
-from popserv.maildir.directory import MaildirPath
-from popserv.maildir.places import CUR
-from popserv.maildir.scan import Scan
-from popserv.maildir.uidls import parse_uidl_format
-from popserv.protocol import resolve
+from popserv.stores.maildir import index as maildir_index
+from popserv.stores.maildir import scan as maildir_scan
+from popserv.stores.maildir.commonnames import common_columns, split_common
+from popserv.stores.maildir.directory import MaildirPath
+from popserv.stores.maildir.places import CUR
+from popserv.stores.maildir.scan import Scan
+from popserv.stores.maildir.uidls import parse_uidl_format
 from tests.support.maildirs import MaildirTestCase, acquire, retr_size, scan
 
 
@@ -159,7 +159,7 @@ class MakeUniqueTests(TestCase):
     def test_unique_across_processes(self) -> None:
         """Another process making a name at the same instant makes another name."""
         code = (
-            "from popserv.maildir.names import make_unique;"
+            "from popserv.stores.maildir.names import make_unique;"
             "print(make_unique(1, 1, now=5.0, hostname='h'))"
         )
         other = subprocess.run(
@@ -961,15 +961,16 @@ class ScanLayerTests(TestCase):
         it uses (the packages' own ``__init__`` aside, which re-export the
         Twisted side too).
         """
-        root = Path(maildir_scan.__file__).parent.parent
+        root = Path(maildir_scan.__file__).parent.parent.parent
         code = (
             "import sys, types\n"
             f"for name, path in (('popserv', {str(root)!r}),"
-            f" ('popserv.maildir', {str(root / 'maildir')!r})):\n"
+            f" ('popserv.stores', {str(root / 'stores')!r}),"
+            f" ('popserv.stores.maildir', {str(root / 'stores' / 'maildir')!r})):\n"
             "    module = types.ModuleType(name)\n"
             "    module.__path__ = [path]\n"
             "    sys.modules[name] = module\n"
-            "import popserv.maildir.scan\n"
+            "import popserv.stores.maildir.scan\n"
             "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'twisted'))\n"
         )
         out = subprocess.run(
@@ -981,7 +982,7 @@ class ScanLayerTests(TestCase):
 class UniqueNameOrderTests(TestCase):
     def test_names_of_one_second_sort_as_delivered(self):
         """M5 was listed after M123456 when both came in the same second."""
-        from popserv.maildir.names import make_unique
+        from popserv.stores.maildir.names import make_unique
 
         early = make_unique(None, None, now=1700000000.000005, hostname="h")
         late = make_unique(None, None, now=1700000000.123456, hostname="h")

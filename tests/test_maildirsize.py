@@ -11,12 +11,12 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv.delivery import Recipient, check_room, deliver_message
-from popserv.layout import ensure_maildir
-from popserv.maildir import MaildirMailbox, maildirsize, places
-from popserv.maildir.directory import MaildirPath
-from popserv.maildir.maildirsize import MAILDIRSIZE_FILE, parse, quota_line
-from popserv.quota import Quota, Usage, current_usage
+from popserv.stores.delivery import Recipient, check_room, deliver_message
+from popserv.stores.layout import ensure_maildir
+from popserv.stores.maildir import MaildirMailbox, maildirsize, places
+from popserv.stores.maildir.directory import MaildirPath
+from popserv.stores.maildir.maildirsize import MAILDIRSIZE_FILE, parse, quota_line
+from popserv.stores.quota import Quota, Usage, current_usage
 
 
 class FormatTests(SynchronousTestCase):
@@ -48,7 +48,7 @@ class UsageTests(TestCase):
 
         self.patch(places, "list_messages", counting)
         # quota.py took the name at import.
-        from popserv import quota as quota_module
+        from popserv.stores import quota as quota_module
 
         self.patch(quota_module, "list_messages", counting)
 

@@ -14,10 +14,10 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from popserv import errors, wire
-from popserv.oauth import CallableValidator, JWTValidator, TokenChecker
-from popserv.sasl.mechanism import SASLContext, SASLMalformed, Success
-from popserv.sasl.oauth import OAUTHBEARER_ERROR, XOAUTH2_ERROR, OAuthBearer, XOAuth2
+from popserv.core import errors, wire
+from popserv.logins.oauth import CallableValidator, JWTValidator, TokenChecker
+from popserv.logins.sasl.mechanism import SASLContext, SASLMalformed, Success
+from popserv.logins.sasl.oauth import OAUTHBEARER_ERROR, XOAUTH2_ERROR, OAuthBearer, XOAuth2
 from tests.support.servers import CurlTestCase
 
 from .support import Session
@@ -89,7 +89,7 @@ class ValidatorTests(TestCase):
                           None)  # no email claim
 
     async def test_checker(self):
-        from popserv.credentials import OAuthTokenCredentials
+        from popserv.logins.credentials import OAuthTokenCredentials
 
         checker = TokenChecker(JWTValidator(SECRET))
         self.assertEqual(await checker.requestAvatarId(OAuthTokenCredentials("alice", token())),

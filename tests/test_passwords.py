@@ -1,4 +1,4 @@
-"""Tests for popserv.passwords: schemes, the passwd-file and the cred checker."""
+"""Tests for popserv.logins.passwords: schemes, the passwd-file and the cred checker."""
 
 from __future__ import annotations
 
@@ -22,10 +22,9 @@ from twisted.logger import LogLevel, capturedLogs, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from popserv.credentials import APOPCredentials, CramMD5Credentials
-from popserv.errors import InvalidUsername, TemporaryFailure
-from popserv.interfaces import ISecretInventory
-from popserv.passwords import (
+from popserv.core.errors import InvalidUsername, TemporaryFailure
+from popserv.logins.credentials import APOPCredentials, CramMD5Credentials
+from popserv.logins.passwords import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
     SCHEMES,
@@ -44,10 +43,11 @@ from popserv.passwords import (
     scheme_of,
     verify_password,
 )
-from popserv.passwords import checker as checker_module
-from popserv.passwords.checker import dummy_hash
-from popserv.passwords.passwdfile import parse_line
-from popserv.passwords.schemes import hash_parameters
+from popserv.logins.passwords import checker as checker_module
+from popserv.logins.passwords.checker import dummy_hash
+from popserv.logins.passwords.passwdfile import parse_line
+from popserv.logins.passwords.schemes import hash_parameters
+from popserv.stores.interfaces import ISecretInventory
 
 NON_ASCII = "pässwörd ✓ 密码"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.penalty import PenaltyTable
+from popserv.server.penalty import PenaltyTable
 
 
 class PenaltyTableTests(SynchronousTestCase):
@@ -50,7 +50,7 @@ class PenaltyTableTests(SynchronousTestCase):
         self.assertEqual(self.table.failures("192.0.2.1"), 0)
 
     def test_many_user_names_share_one_unforgiven_count(self):
-        from popserv.penalty import MAX_USERS_PER_CLIENT
+        from popserv.server.penalty import MAX_USERS_PER_CLIENT
 
         for n in range(MAX_USERS_PER_CLIENT + 10):
             self.table.failed("192.0.2.1", f"user{n}")

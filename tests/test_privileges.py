@@ -20,10 +20,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from popserv.firstrun import bootstrap
-from popserv.layout import Layout, give_to, missing
-from popserv.passwords import PasswdFile, hash_password
-from popserv.service import AccessCheck, service_owner
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server.firstrun import bootstrap
+from popserv.server.service import AccessCheck, service_owner
+from popserv.stores.layout import Layout, give_to, missing
 from tests.support.processes import REPO, _Twistd, free_port
 
 UNPRIVILEGED = "nobody"

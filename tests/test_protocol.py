@@ -15,13 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from popserv import errors, wire
-from popserv.accounts import AccountSettings
-from popserv.body import wire_size
-from popserv.interfaces import IMailbox, ISecretInventory, ISessionInfo
-from popserv.memory import MemoryMailbox
-from popserv.policy import Policy
-from popserv.protocol import COMMANDS, SessionInfo, State
+from popserv.core import errors, wire
+from popserv.core.body import wire_size
+from popserv.logins.accounts import AccountSettings
+from popserv.server.policy import Policy
+from popserv.server.protocol import COMMANDS, SessionInfo, State
+from popserv.stores.interfaces import IMailbox, ISecretInventory, ISessionInfo
+from popserv.stores.memory import MemoryMailbox
 
 from .support import MESSAGES, Session
 

@@ -20,14 +20,15 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SkipTest
 
-from popserv import delivery, receive
-from popserv.delivery import BadAddress, RelayDenied, UnknownUser
-from popserv.passwords import PasswdFile, hash_password
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server import receive
+from popserv.stores import delivery
+from popserv.stores.delivery import BadAddress, RelayDenied, UnknownUser
 from tests.certs import CA
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
-#: The module, which ``popserv.maildir.deliver`` (the function) hides.
-deliver_module = importlib.import_module("popserv.maildir.deliver")
+#: The module, which ``popserv.stores.maildir.deliver`` (the function) hides.
+deliver_module = importlib.import_module("popserv.stores.maildir.deliver")
 
 #: Dots at line starts, a CRLF/LF mix, 8-bit text, a lone CR, no final newline.
 MESSAGE = (
@@ -409,7 +410,7 @@ class TLSReceiverTests(ReceiverTestCase):
         self.cafile = ca.write(certs / "ca.pem")
         cert, key = ca.issue("mx.example.org", "127.0.0.1").write(certs, "server")
         self.options = {"tls-cert": [str(cert)], "tls-key": [str(key)]}
-        from popserv.tap import tls_server
+        from popserv.server.tap import tls_server
 
         self.options["tls"] = tls_server(self.options)
         super().setUp()
@@ -631,7 +632,7 @@ class ReviewRegressionTests(ReceiverTestCase):
         )
 
     def test_ipv6_address_literal(self):
-        from popserv.receive import _peer_text
+        from popserv.server.receive import _peer_text
 
         self.assertEqual(_peer_text(IPv4Address("TCP", "192.0.2.1", 1)), "[192.0.2.1]")
         self.assertEqual(_peer_text(IPv6Address("TCP", "::1", 1)), "[IPv6:::1]")

@@ -23,10 +23,10 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv import receive
-from popserv.receive import ReceiverSettings
-from popserv.service import SPOOL_DIR
-from popserv.spool import SPOOL_BUFFER, Spool
+from popserv.server import receive
+from popserv.server.receive import ReceiverSettings
+from popserv.server.service import SPOOL_DIR
+from popserv.server.spool import SPOOL_BUFFER, Spool
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The bound the receiver promises: memory held per session, whatever the message.
@@ -523,7 +523,7 @@ class UnreadRepliesTests(ReceiverTestCase):
 class VerbTableTests(SynchronousTestCase):
     def test_every_verb_in_one_table(self):
         """Each cmd_ method is reached through the table, and nothing else is."""
-        from popserv.receive import LMTPProtocol, ReceiverProtocol
+        from popserv.server.receive import LMTPProtocol, ReceiverProtocol
 
         for cls in (ReceiverProtocol, LMTPProtocol):
             methods = {name for name in dir(cls) if name.startswith("cmd_")}

@@ -1,5 +1,5 @@
 """
-RETR and TOP bodies checked against the listed size (popserv.retrieval):
+RETR and TOP bodies checked against the listed size (popserv.core.retrieval):
 on bytes in memory, on real files, and for any message and chunking.
 """
 
@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.body import BodyEncoder, wire_size
-from popserv.errors import MessageChanged
-from popserv.retrieval import MessageBody, stored_size
+from popserv.core.body import BodyEncoder, wire_size
+from popserv.core.errors import MessageChanged
+from popserv.core.retrieval import MessageBody, stored_size
 
 MESSAGE = b"Subject: hello\n\n.dot line\nbody\n"
 #: Longer than a chunk of the tests below (16 octets), LF line ends.

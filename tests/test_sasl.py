@@ -20,24 +20,22 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from popserv import errors, wire
-from popserv.credentials import CramMD5Credentials, IActAsPasswordCredentials
-from popserv.maildir import deliver
-from popserv.passwords import (
+from popserv.core import errors, wire
+from popserv.logins.credentials import CramMD5Credentials, IActAsPasswordCredentials
+from popserv.logins.passwords import (
     PasswdFile,
     PasswdFileChecker,
     hash_password,
     hash_secrets,
     verify_password,
 )
-from popserv.passwords.schemes import cram_md5_context
-from popserv.passwords.scram import ScramKeys
-from popserv.protocol import State
-from popserv.sasl import MECHANISMS
-from popserv.sasl.crammd5 import CramMD5
-from popserv.sasl.external import RULES, External
-from popserv.sasl.external import mechanism as external_factory
-from popserv.sasl.mechanism import (
+from popserv.logins.passwords.schemes import cram_md5_context
+from popserv.logins.passwords.scram import ScramKeys
+from popserv.logins.sasl import MECHANISMS
+from popserv.logins.sasl.crammd5 import CramMD5
+from popserv.logins.sasl.external import RULES, External
+from popserv.logins.sasl.external import mechanism as external_factory
+from popserv.logins.sasl.mechanism import (
     AuthzidRefused,
     Challenge,
     SASLAborted,
@@ -47,8 +45,10 @@ from popserv.sasl.mechanism import (
     SASLUnknownMechanism,
     Success,
 )
-from popserv.sasl.plain import Login, Plain
-from popserv.sasl.scram import NeedKeys, Scram, ScramFailed
+from popserv.logins.sasl.plain import Login, Plain
+from popserv.logins.sasl.scram import NeedKeys, Scram, ScramFailed
+from popserv.server.protocol import State
+from popserv.stores.maildir import deliver
 from tests.support.servers import CurlTestCase, command
 from tests.support.tls import TLSTestCase
 
@@ -787,7 +787,7 @@ class ReviewRegressionTests(SynchronousTestCase):
 
     def test_no_plus_without_binding_data(self):
         """-PLUS is offered only when the TLS session has channel-binding data."""
-        from popserv.tls import TLSInfo
+        from popserv.server.tls import TLSInfo
 
         s = Session()
         s.factory.policy = evolve(s.factory.policy, sasl=tuple(m.name for m in MECHANISMS))
@@ -862,12 +862,12 @@ class SASLprepPasswordTests(TestCase):
 
 
 class ExchangeLoopTests(SynchronousTestCase):
-    """popserv.sasl.exchange: the loop, driven without a protocol or a reactor."""
+    """popserv.logins.sasl.exchange: the loop, driven without a protocol or a reactor."""
 
     def drive(self, exchange, initial, answers, replies=None):
         import asyncio
 
-        from popserv.sasl import exchange as loop
+        from popserv.logins.sasl import exchange as loop
 
         sent = []
 
@@ -881,17 +881,17 @@ class ExchangeLoopTests(SynchronousTestCase):
         return asyncio.run(loop.run(exchange, initial, challenge, ask)), sent
 
     def test_plain_in_one_step(self):
-        from popserv.sasl.plain import Plain
+        from popserv.logins.sasl.plain import Plain
 
         step, sent = self.drive(Plain(SASLContext()), b"\0alice\0pw", [])
         self.assertEqual((step.credentials.username, sent), (b"alice", []))
 
     def test_too_many_rounds(self):
-        from popserv.sasl.mechanism import SASLTooManyRounds
+        from popserv.logins.sasl.mechanism import SASLTooManyRounds
 
         class Forever:
             def step(self, response):
-                from popserv.sasl.mechanism import Challenge
+                from popserv.logins.sasl.mechanism import Challenge
 
                 return Challenge(b"again")
 

@@ -28,11 +28,11 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import popserv
-import popserv.service
+import popserv.server.service
 from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
-from popserv.firstrun import _port_of
-from popserv.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
-from popserv.tap import DEFAULT_POP3_ENDPOINT, Options
+from popserv.server.firstrun import _port_of
+from popserv.server.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
+from popserv.server.tap import DEFAULT_POP3_ENDPOINT, Options
 from tests.support.processes import REPO, _Twistd, free_port
 
 
@@ -90,7 +90,7 @@ class OptionsTests(SynchronousTestCase):
             data = self.mktemp()
             os.makedirs(data)
             Path(data, "passwd").write_text("")
-            factory = popserv.service.make_factory(
+            factory = popserv.server.service.make_factory(
                 {"data": data, "passwd": str(Path(data, "passwd")), "uidl-format": scheme},
                 reactor,
             )
@@ -168,10 +168,10 @@ class FileLimitTests(SynchronousTestCase):
 
 class PluginTests(SynchronousTestCase):
     def test_plugin_found(self):
-        """``twistd popserv`` exists: the plugin names popserv.service."""
+        """``twistd popserv`` exists: the plugin names popserv.server.service."""
         makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
         self.assertIn("popserv", makers)
-        self.assertEqual(makers["popserv"].module, "popserv.service")
+        self.assertEqual(makers["popserv"].module, "popserv.server.service")
 
     def test_plugin_installed(self):
         """A regular ``pip install .`` ships twisted/plugins/popserv_plugin.py."""
@@ -238,7 +238,7 @@ class TLSServiceTests(TestCase):
         """--pop3s alone: only a TLS listener (no default plain one), and a certificate reloader."""
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from popserv.service import CertificateReloader
+        from popserv.server.service import CertificateReloader
 
         from .certs import CA
 

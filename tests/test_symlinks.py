@@ -18,11 +18,11 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv.delivery import StorageFailed, check_room
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import MaildirMailbox, clean_tmp, deliver
-from popserv.maildir.directory import MaildirPath, SymlinkRefused
-from popserv.quota import Quota, maildir_usage
+from popserv.stores.delivery import StorageFailed, check_room
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import MaildirMailbox, clean_tmp, deliver
+from popserv.stores.maildir.directory import MaildirPath, SymlinkRefused
+from popserv.stores.quota import Quota, maildir_usage
 from tests.support.servers import ServerTestCase
 
 SECRET = b"alice:{ARGON2ID}secret-hash-of-the-server\n"
@@ -171,15 +171,15 @@ class StoreTests(TestCase):
         replace_with_link(self.maildir / "new", self.victim)
         self.assertRaises(SymlinkRefused, maildir_usage, self.maildir)
         layout = Layout.create(self.base, maildir_template=str(self.base / "{user}"))
-        from popserv.delivery import Recipient
+        from popserv.stores.delivery import Recipient
 
         recipient = Recipient("a@x", "alice", layout.maildir_location("alice"), Quota(10**6))
         self.assertRaises(StorageFailed, check_room, recipient, 10)
 
     async def test_cache_files_inside_are_not_followed(self) -> None:
         """Index, listing and lock files that are links are never written through."""
-        from popserv.maildir.index import INDEX_FILE
-        from popserv.maildir.listcache import LISTING_FILE
+        from popserv.stores.maildir.index import INDEX_FILE
+        from popserv.stores.maildir.listcache import LISTING_FILE
 
         target = self.victim / "passwd"
         for name in (INDEX_FILE, LISTING_FILE):
@@ -306,7 +306,7 @@ class HardLinkTests(TestCase):
         self.victim.write_bytes(SECRET)
 
     async def test_lock_file_hard_link(self) -> None:
-        from popserv.maildir import LOCK_FILE
+        from popserv.stores.maildir import LOCK_FILE
 
         os.link(self.victim, self.maildir / LOCK_FILE)
         with self.assertRaises(Exception) as caught:
@@ -315,7 +315,7 @@ class HardLinkTests(TestCase):
         self.assertEqual(self.victim.read_bytes(), SECRET)
 
     def test_maildirsize_hard_link(self) -> None:
-        from popserv.maildir import maildirsize
+        from popserv.stores.maildir import maildirsize
 
         os.link(self.victim, self.maildir / maildirsize.MAILDIRSIZE_FILE)
         with MaildirPath.of(self.maildir).opened() as (top,):
@@ -339,7 +339,7 @@ class HardLinkTests(TestCase):
 class PendingDeliveryTests(SynchronousTestCase):
     def test_swapped_before_publish_leaves_no_orphan(self) -> None:
         """The Maildir swapped for a link between write and publish: the tmp/ file goes."""
-        from popserv.maildir.deliver import prepare
+        from popserv.stores.maildir.deliver import prepare
 
         base = Path(self.mktemp()).absolute()
         maildir = ensure_maildir(base / "alice")

@@ -21,9 +21,9 @@ from twisted.internet.threads import deferToThread
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import deliver
-from popserv.passwords import PasswdFile, hash_password
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import deliver
 from tests.support.processes import REPO, _Twistd, free_port
 
 from .certs import CA

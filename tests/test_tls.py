@@ -22,13 +22,13 @@ from twisted.internet.task import deferLater
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv import errors, wire
-from popserv.body import wire_size
-from popserv.maildir import deliver
-from popserv.protocol import _OutputGate
-from popserv.service import CertificateReloader
-from popserv.tap import Options
-from popserv.tls import CertificateError, CertificateFiles, find_certificates, load_identity
+from popserv.core import errors, wire
+from popserv.core.body import wire_size
+from popserv.server.protocol import _OutputGate
+from popserv.server.service import CertificateReloader
+from popserv.server.tap import Options
+from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity
+from popserv.stores.maildir import deliver
 from tests.support.servers import RawClient, command, login
 from tests.support.tls import TLSTestCase
 
@@ -558,7 +558,7 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertRaises(CertificateError, find_certificates, [str(self.dir / "empty")], [])
 
     def test_end_point_hash_follows_signature(self):
-        from popserv.tls import end_point_hash
+        from popserv.server.tls import end_point_hash
 
         sha384 = self.ca.issue("x.test", hash_algorithm=hashes.SHA384()).certificate
         self.assertIsInstance(end_point_hash(sha384), hashes.SHA384)
@@ -602,7 +602,7 @@ class ReviewRegressionTests(TLSTestCase):
         """An RSA-1024 key or an X25519 certificate stops startup with a line, not a traceback."""
         from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
-        from popserv.tls import TLSConfig, TLSServer
+        from popserv.server.tls import TLSConfig, TLSServer
 
         small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
         cert, key = self.write(_self_signed(small), small, "small")
@@ -618,15 +618,15 @@ class ReviewRegressionTests(TLSTestCase):
 
     def test_reload_survives_anything(self):
         """An unexpected error in a reload is logged; the polling goes on and works later."""
-        import popserv.tls
+        import popserv.server.tls
 
         def broken(files):
             raise RuntimeError("something unforeseen")
 
-        self.patch(popserv.tls, "load_identity", broken)
+        self.patch(popserv.server.tls, "load_identity", broken)
         self.assertFalse(self.factory.tls.reload())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.patch(popserv.tls, "load_identity", load_identity)
+        self.patch(popserv.server.tls, "load_identity", load_identity)
         self.assertTrue(self.factory.tls.reload())
 
     async def test_valid_certificate_wins_a_shared_name(self):

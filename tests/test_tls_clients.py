@@ -20,8 +20,8 @@ from pathlib import Path
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 
-from popserv.body import wire_size
-from popserv.protocol import POP3Protocol, SessionInfo
+from popserv.core.body import wire_size
+from popserv.server.protocol import POP3Protocol, SessionInfo
 from tests.support.mail import mbox_messages, unix
 from tests.support.servers import crlf
 from tests.support.tls import TLSTestCase

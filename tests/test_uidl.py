@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.maildir.names import digest_uidl, is_valid_uidl, uidl_for
-from popserv.maildir.uidlist import Uidlist, UidlistRecord, parse_uidlist
-from popserv.maildir.uidls import (
+from popserv.stores.maildir.names import digest_uidl, is_valid_uidl, uidl_for
+from popserv.stores.maildir.uidlist import Uidlist, UidlistRecord, parse_uidlist
+from popserv.stores.maildir.uidls import (
     DOVECOT,
     MAILDIR,
     assign_uidls,

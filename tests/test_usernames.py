@@ -1,4 +1,4 @@
-"""User names: NFKC, case, mixed scripts (popserv.usernames)."""
+"""User names: NFKC, case, mixed scripts (popserv.core.usernames)."""
 
 from __future__ import annotations
 
@@ -19,27 +19,8 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent, globalLogPublish
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from popserv.cli import main
-from popserv.credentials import (
-    ActAsPasswordCredentials,
-    APOPCredentials,
-    CramMD5Credentials,
-    ExternalCredentials,
-    ScramCredentials,
-)
-from popserv.delivery import Directory, UnknownUser
-from popserv.errors import InvalidUsername
-from popserv.interfaces import IMailbox
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import deliver
-from popserv.passwords import PasswdFile, PasswdFileChecker, UserExists, hash_secrets
-from popserv.passwords.scram import ScramKeys
-from popserv.realm import MaildirRealm
-from popserv.sasl.mechanism import SASLContext
-from popserv.sasl.scram import Scram
-from popserv.service import make_factory, make_receiver
-from popserv.tap import Options, username_rules
-from popserv.usernames import (
+from popserv.core.errors import InvalidUsername
+from popserv.core.usernames import (
     KEEP,
     UsernameRules,
     is_valid_username,
@@ -48,7 +29,26 @@ from popserv.usernames import (
     normalize_username,
     validate_username,
 )
-from popserv.wire import loggable
+from popserv.core.wire import loggable
+from popserv.logins.credentials import (
+    ActAsPasswordCredentials,
+    APOPCredentials,
+    CramMD5Credentials,
+    ExternalCredentials,
+    ScramCredentials,
+)
+from popserv.logins.passwords import PasswdFile, PasswdFileChecker, UserExists, hash_secrets
+from popserv.logins.passwords.scram import ScramKeys
+from popserv.logins.sasl.mechanism import SASLContext
+from popserv.logins.sasl.scram import Scram
+from popserv.server.cli import main
+from popserv.server.service import make_factory, make_receiver
+from popserv.server.tap import Options, username_rules
+from popserv.stores.delivery import Directory, UnknownUser
+from popserv.stores.interfaces import IMailbox
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import deliver
+from popserv.stores.realm import MaildirRealm
 from tests.support.servers import ServerTestCase
 
 #: "alice" with a Cyrillic a (U+0430) for the Latin one.

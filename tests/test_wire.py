@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv import errors, wire
-from popserv.accounts import AccountSettings, Announcement, capability_lines
-from popserv.body import BodyEncoder, possible_wire_size, wire_size
-from popserv.interfaces import Listing
-from popserv.maildrop import MaildropView
+from popserv.core import errors, wire
+from popserv.core.body import BodyEncoder, possible_wire_size, wire_size
+from popserv.core.view import MaildropView
+from popserv.logins.accounts import AccountSettings, Announcement, capability_lines
+from popserv.stores.interfaces import Listing
 
 
 def feed_all(splitter: wire.LineSplitter, data: bytes, step: int) -> list[wire.Line]:
@@ -359,8 +359,8 @@ class PureCoreTests(SynchronousTestCase):
         """The pure core (and ``import popserv``) work where Twisted cannot be imported."""
         code = (
             "import sys; sys.modules['twisted'] = None\n"
-            "import popserv, popserv.wire, popserv.body, popserv.errors, popserv.lang\n"
-            "import popserv.usernames, popserv.maildrop\n"
+            "import popserv, popserv.core.wire, popserv.core.body, popserv.core.errors\n"
+            "import popserv.core.lang, popserv.core.usernames, popserv.core.view\n"
             "assert not [m for m in sys.modules if m.startswith('twisted.')]\n"
             "assert set(popserv.__all__) >= {'POP3Factory', 'deliver'}\n"
         )

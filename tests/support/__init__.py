@@ -9,9 +9,9 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from popserv.memory import MemoryMaildrop, MemoryRealm
-from popserv.policy import Policy
-from popserv.protocol import POP3Factory
+from popserv.server.policy import Policy
+from popserv.server.protocol import POP3Factory
+from popserv.stores.memory import MemoryMaildrop, MemoryRealm
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nHello\n.dotted line\n",

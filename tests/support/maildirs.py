@@ -12,18 +12,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from popserv.body import BodyEncoder
-from popserv.interfaces import IMailbox, MessageStream
-from popserv.layout import ensure_maildir
-from popserv.maildir import (
+from popserv.core.body import BodyEncoder
+from popserv.server.protocol import resolve
+from popserv.stores.interfaces import IMailbox, MessageStream
+from popserv.stores.layout import ensure_maildir
+from popserv.stores.maildir import (
     MaildirMailbox,
     MaildropLock,
 )
-from popserv.maildir import scan as maildir_scan
-from popserv.maildir.directory import MaildirPath
-from popserv.maildir.scan import Scan
-from popserv.maildir.uidls import UidlScheme
-from popserv.protocol import resolve
+from popserv.stores.maildir import scan as maildir_scan
+from popserv.stores.maildir.directory import MaildirPath
+from popserv.stores.maildir.scan import Scan
+from popserv.stores.maildir.uidls import UidlScheme
 
 
 class _SyncThreads:

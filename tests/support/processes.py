@@ -13,7 +13,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 
 import popserv
-import popserv.service
+import popserv.server.service
 
 REPO = Path(popserv.__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from popserv.layout import Layout
-from popserv.passwords import PasswdFile, hash_password
-from popserv.service import make_factory, make_receiver
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server.service import make_factory, make_receiver
+from popserv.stores.layout import Layout
 from tests.support.sockets import MarkedReader
 
 START_DATA = b"354 End data with <CR><LF>.<CR><LF>"

@@ -13,10 +13,10 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from popserv.layout import Layout, ensure_maildir
-from popserv.maildir import deliver
-from popserv.passwords import PasswdFile, hash_password
-from popserv.service import make_factory
+from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server.service import make_factory
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import deliver
 from tests.support.sockets import MarkedReader
 
 #: Stored as given (written straight into new/, no ,W= in the name), so the

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 popserv = ServiceMaker(
     "popserv",
-    "popserv.service",
+    "popserv.server.service",
     "A POP3 server: Maildir storage, twisted.cred logins, TLS.",
     "popserv",
 )

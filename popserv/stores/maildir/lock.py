@@ -1,0 +1,85 @@
+"""
+The maildrop lock: one POP3 session per Maildir at a time (RFC 1939 section 8).
+
+``flock`` on ``MAILDIR/popserv.lock``: it belongs to the open file
+description, so two sessions in one process exclude each other, and the
+kernel drops it when the holder dies, so a killed server never leaves a
+stale lock that keeps the user out.  The file is never removed: unlinking a
+lock file lets a late opener lock the old inode while a third locks a new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from popserv.core.errors import MailboxInUse, TemporaryFailure, storage_failure
+from popserv.stores.maildir.directory import refuse_shared
+
+LOCK_FILE = "popserv.lock"
+
+_CONTENDED = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
+
+
+class MaildropLock:
+    """An exclusive lock on one Maildir, held until :meth:`release`."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, maildir: int) -> MaildropLock:
+        """
+        Lock the Maildir whose directory descriptor is ``maildir``, without
+        waiting (a quick, blocking call).
+
+        Raise :class:`MailboxInUse` if another session holds it, or
+        :class:`TemporaryFailure` (or ``PermanentFailure``, see
+        :func:`~popserv.core.errors.storage_failure`) if the lock file cannot be opened.
+        """
+        try:
+            # O_NOFOLLOW: a symlink planted here must not make us write elsewhere.
+            fd = os.open(
+                LOCK_FILE,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=maildir,
+            )
+            refuse_shared(fd, LOCK_FILE)
+        except OSError as e:
+            raise storage_failure("cannot open the lock file", e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in _CONTENDED:
+                raise MailboxInUse("maildrop locked by another session") from None
+            raise TemporaryFailure(f"cannot lock: {e.strerror}") from None
+        holder = f"{os.getpid()}\n".encode("ascii")
+        try:
+            # Rewriting the same pid at every login costs a journal commit.
+            if os.pread(fd, 32, 0) != holder:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder, 0)
+        except OSError:
+            pass  # The pid is only a hint for humans; the lock is what counts.
+        return cls(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock; calling it again does nothing."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            # Unlock explicitly: a child forked meanwhile (before its exec) shares
+            # the open file description, and closing only our copy would keep
+            # the lock until that child exits.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)

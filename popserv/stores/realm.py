@@ -1,0 +1,161 @@
+"""
+The default realm: a logged-in user name becomes that user's opened, locked
+Maildir, with the user's LOGIN-DELAY and EXPIRE settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popserv.core.errors import LoginDelayed, storage_failure
+from popserv.logins.accounts import AccountSettings, Announcement
+from popserv.logins.passwords import PasswdFile
+from popserv.stores.interfaces import IMailbox
+from popserv.stores.layout import Layout
+from popserv.stores.maildir import MaildirMailbox
+from popserv.stores.maildir.directory import MaildirPath, refuse_shared
+from popserv.stores.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
+
+log = Logger()
+
+#: Where the time of a user's last login is kept, for LOGIN-DELAY across restarts.
+LAST_LOGIN_FILE = "popserv.lastlogin"
+
+
+@implementer(IRealm)
+class MaildirRealm:
+    """
+    Opens ``layout.maildir_for(user)`` for each login, with UIDLs as
+    ``uidl_format`` says (a ``--uidl-format`` value, see
+    :mod:`popserv.stores.maildir.uidls`) and a ``popserv.index`` unless ``index`` is false.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        passwd: PasswdFile | None,
+        defaults: AccountSettings | None = None,
+        *,
+        reactor: Any = None,
+        uidl_format: UidlScheme | str = DOVECOT,
+        index: bool = True,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        if isinstance(uidl_format, str):
+            uidl_format = parse_uidl_format(uidl_format)
+        self.uidl_format = uidl_format
+        self.index = index
+        self.layout = layout
+        self.passwd = passwd
+        self.defaults = defaults or AccountSettings()
+        self._reactor = reactor
+        self._last_login: dict[str, float] = {}
+        self._announced: tuple[object, Announcement] | None = None
+
+    def settings_for(self, user: str) -> AccountSettings:
+        """The server defaults with the user's password-file overrides applied."""
+        entry = self.passwd.lookup(user) if self.passwd is not None else None
+        if entry is None:
+            return self.defaults
+        try:
+            return self.defaults.override(entry.extra)
+        except ValueError:
+            log.warn("Ignoring bad login_delay/expire fields for {user}", user=user)
+            return self.defaults
+
+    def announcement(self) -> Announcement:
+        """The most restrictive LOGIN-DELAY and EXPIRE of any user, for CAPA."""
+        if self.passwd is None:
+            return Announcement.of(self.defaults, ())
+        try:
+            users = self.passwd.users()
+        except OSError:
+            return Announcement.of(self.defaults, ())
+        cached = self._announced
+        if cached is not None and cached[0] is users:
+            return cached[1]
+        settings = []
+        for entry in users:
+            try:
+                settings.append(self.defaults.override(entry.extra))
+            except ValueError:
+                continue
+        announcement = Announcement.of(self.defaults, settings)
+        self._announced = (users, announcement)
+        return announcement
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IMailbox not in interfaces:
+            raise NotImplementedError("MaildirRealm only serves IMailbox")
+        user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        return Deferred.fromCoroutine(self._open(user))
+
+    def _stored_name(self, user: str) -> str:
+        """
+        The name the password file stores for ``user``, whose Maildir it is:
+        a checker other than the file's own (an OAuth token's ``ALICE``)
+        still opens the file's ``alice``.  ``user`` itself when not there.
+        """
+        entry = self.passwd.lookup(user) if self.passwd is not None else None
+        return user if entry is None else entry.name
+
+    async def _open(self, user: str) -> tuple[Any, MaildirMailbox, Any]:
+        user = self._stored_name(user)
+        settings = self.settings_for(user)
+        path = self.layout.maildir_location(user)
+        now = self._reactor.seconds()
+        if settings.login_delay > 0:
+            last = self._last_login.get(user)
+            if last is None:
+                try:
+                    last = await self._in_thread(_read_last_login, path)
+                except OSError as e:
+                    raise storage_failure("cannot read the last login time", e) from None
+            if last is not None and now - last < settings.login_delay:
+                raise LoginDelayed(f"{now - last:.0f}s since the last login")
+        mailbox = await MaildirMailbox.open(
+            path,
+            reactor=self._reactor,
+            login_delay=settings.login_delay,
+            expire_days=settings.expire_days,
+            uidl_format=self.uidl_format,
+            index=self.index,
+        )
+        self._last_login[user] = now
+        if settings.login_delay > 0:
+            try:
+                await self._in_thread(_write_last_login, path, now)
+            except OSError as e:
+                mailbox.close()
+                raise storage_failure("cannot record the login time", e) from None
+        return IMailbox, mailbox, mailbox.close
+
+    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+
+def _read_last_login(maildir: MaildirPath) -> float | None:
+    try:
+        with maildir.opened() as (top,):
+            return os.stat(LAST_LOGIN_FILE, dir_fd=top, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _write_last_login(maildir: MaildirPath, when: float) -> None:
+    with maildir.opened() as (top,):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(LAST_LOGIN_FILE, flags, 0o600, dir_fd=top)
+        refuse_shared(fd, LAST_LOGIN_FILE)
+        try:
+            os.utime(fd, (when, when))
+        finally:
+            os.close(fd)
