@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tests.certs import CA
+from tests.support.certs import CA
 from tests.support.servers import ServerTestCase
 
 

@@ -24,9 +24,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
+from tests.support.certs import CA
 from tests.support.processes import REPO, _Twistd, free_port
-
-from .certs import CA
 
 UNITS = REPO / "contrib" / "systemd"
 

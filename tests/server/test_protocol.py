@@ -22,8 +22,7 @@ from popserv.server.policy import Policy
 from popserv.server.protocol import COMMANDS, SessionInfo, State
 from popserv.stores.interfaces import IMailbox, ISecretInventory, ISessionInfo
 from popserv.stores.memory import MemoryMailbox
-
-from .support import MESSAGES, Session
+from tests.support import MESSAGES, Session
 
 
 class GreetingTests(SynchronousTestCase):

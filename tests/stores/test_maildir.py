@@ -55,6 +55,7 @@ from popserv.stores.maildir.places import CUR
 from popserv.stores.maildir.scan import Scan
 from popserv.stores.maildir.uidls import parse_uidl_format
 from tests.support.maildirs import MaildirTestCase, acquire, retr_size, scan
+from tests.support.processes import REPO
 
 
 def valid_uidl(uid: str) -> bool:
@@ -167,7 +168,7 @@ class MakeUniqueTests(TestCase):
             capture_output=True,
             check=True,
             text=True,
-            cwd=Path(__file__).parent.parent,
+            cwd=REPO,
         ).stdout.strip()
         self.assertNotEqual(other, make_unique(1, 1, now=5.0, hostname="h"))
         self.assertNotIn(f"P{os.getpid()}Q", other)

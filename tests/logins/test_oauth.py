@@ -18,9 +18,8 @@ from popserv.core import errors, wire
 from popserv.logins.oauth import CallableValidator, JWTValidator, TokenChecker
 from popserv.logins.sasl.mechanism import SASLContext, SASLMalformed, Success
 from popserv.logins.sasl.oauth import OAUTHBEARER_ERROR, XOAUTH2_ERROR, OAuthBearer, XOAuth2
+from tests.support import Session
 from tests.support.servers import CurlTestCase
-
-from .support import Session
 
 SECRET = b"a shared secret of enough length for HS256"
 

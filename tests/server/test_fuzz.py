@@ -7,7 +7,7 @@ in-memory store and a real Maildir.
 The normal suite keeps example counts small so it stays fast.  For a long
 run, set ``POPSERV_FUZZ_EXAMPLES`` (see docs/development.rst, "Fuzzing")::
 
-    POPSERV_FUZZ_EXAMPLES=20000 python -m twisted.trial tests.test_fuzz
+    POPSERV_FUZZ_EXAMPLES=20000 python -m twisted.trial tests.server.test_fuzz
 
 The stateful tests get a fifth of that (each example is a whole session).
 Runs stay derandomized (tests/__init__.py), so a failure reproduces.
@@ -53,10 +53,9 @@ from popserv.server.protocol import POP3Factory, _decode_sasl
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.memory import MemoryMaildrop, MemoryRealm
+from tests.support import LOCAL_PEER
+from tests.support.certs import CA
 from tests.support.maildirs import _MaildirRealm, maildir_contents
-
-from .certs import CA
-from .support import LOCAL_PEER
 
 
 def examples(normal: int, share: int = 1) -> int:

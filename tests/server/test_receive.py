@@ -24,7 +24,7 @@ from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server import receive
 from popserv.stores import delivery
 from popserv.stores.delivery import BadAddress, RelayDenied, UnknownUser
-from tests.certs import CA
+from tests.support.certs import CA
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The module, which ``popserv.stores.maildir.deliver`` (the function) hides.

@@ -49,11 +49,10 @@ from popserv.logins.sasl.plain import Login, Plain
 from popserv.logins.sasl.scram import NeedKeys, Scram, ScramFailed
 from popserv.server.protocol import State
 from popserv.stores.maildir import deliver
+from tests.support import REMOTE_PEER, Session
+from tests.support.certs import CA
 from tests.support.servers import CurlTestCase, command
 from tests.support.tls import TLSTestCase
-
-from .certs import CA
-from .support import REMOTE_PEER, Session
 
 
 def b64(data: bytes) -> bytes:

@@ -36,10 +36,9 @@ from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import MaildirMailbox, deliver, parse_name
 from popserv.stores.maildir import commit as maildir_commit
 from popserv.stores.maildir import mailbox as maildir_mailbox
+from tests.support import LOCAL_PEER, Connection
 from tests.support.maildirs import _MaildirRealm, maildir_contents
 from tests.support.processes import free_port, subprocess_env
-
-from .support import LOCAL_PEER, Connection
 
 #: Kill-and-restart rounds; each is about a second of traffic and a restart.
 ROUNDS = 6

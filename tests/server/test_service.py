@@ -239,8 +239,7 @@ class TLSServiceTests(TestCase):
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from popserv.server.service import CertificateReloader
-
-        from .certs import CA
+        from tests.support.certs import CA
 
         cert, key = CA().issue("pop.test").write(Path(self.mktemp()), "server")
         service = self.service("--tls-cert", str(cert), "--tls-key", str(key),

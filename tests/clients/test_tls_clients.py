@@ -22,11 +22,10 @@ from twisted.trial.unittest import SkipTest
 
 from popserv.core.body import wire_size
 from popserv.server.protocol import POP3Protocol, SessionInfo
+from tests.support.certs import CA
 from tests.support.mail import mbox_messages, unix
 from tests.support.servers import crlf
 from tests.support.tls import TLSTestCase
-
-from .certs import CA
 
 
 def stuffed(message: bytes) -> bytes:

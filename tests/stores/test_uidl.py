@@ -1,7 +1,7 @@
 """
 Tests for the pure UIDL modules: the dovecot-uidlist parser and the
 ``--uidl-format`` templates, with expected values taken from a real
-Dovecot 2.3.19 (see tests/test_dovecot.py for the live comparison).
+Dovecot 2.3.19 (see tests/clients/test_dovecot.py for the live comparison).
 """
 
 from __future__ import annotations

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -352,24 +349,3 @@ class AccountTests(SynchronousTestCase):
                          ["LOGIN-DELAY 900 USER", "EXPIRE 5 USER"])
         self.assertEqual(capability_lines(default), ["LOGIN-DELAY 0", "EXPIRE NEVER"])
         self.assertRaises(ValueError, default.override, {"expire": "-1"})
-
-
-class PureCoreTests(SynchronousTestCase):
-    def test_imports_without_twisted(self):
-        """The pure core (and ``import popserv``) work where Twisted cannot be imported."""
-        code = (
-            "import sys; sys.modules['twisted'] = None\n"
-            "import popserv, popserv.core.wire, popserv.core.body, popserv.core.errors\n"
-            "import popserv.core.lang, popserv.core.usernames, popserv.core.view\n"
-            "assert not [m for m in sys.modules if m.startswith('twisted.')]\n"
-            "assert set(popserv.__all__) >= {'POP3Factory', 'deliver'}\n"
-        )
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-    def test_public_names_import_lazily(self):
-        import popserv
-
-        for name in popserv.__all__:
-            self.assertIsNotNone(getattr(popserv, name), name)
-        with self.assertRaises(AttributeError):
-            popserv.no_such_name

@@ -29,10 +29,10 @@ from popserv.server.service import CertificateReloader
 from popserv.server.tap import Options
 from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity
 from popserv.stores.maildir import deliver
+from tests.support.certs import CA, key_pem
+from tests.support.processes import REPO
 from tests.support.servers import RawClient, command, login
 from tests.support.tls import TLSTestCase
-
-from .certs import CA, key_pem
 
 
 class STLSTests(TLSTestCase):
@@ -494,7 +494,7 @@ class ConfigurationTests(SynchronousTestCase):
         twistd = Path(sys.executable).with_name("twistd")
         if not twistd.exists():
             raise SkipTest("no twistd script beside this Python")
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
         missing = self.dir / "missing.pem"
         done = subprocess.run(
             [str(twistd), "-n", "--pidfile", "", "popserv", "--data", str(self.dir / "data"),
@@ -591,7 +591,7 @@ class ReviewRegressionTests(TLSTestCase):
     """Found in review of the TLS code; each failed before its fix."""
 
     def write(self, certificate, key, stem):
-        from .certs import cert_pem, key_pem
+        from tests.support.certs import cert_pem, key_pem
 
         cert_path, key_path = self.certs / f"{stem}.pem", self.certs / f"{stem}.key"
         cert_path.write_bytes(cert_pem(certificate))
@@ -611,7 +611,7 @@ class ReviewRegressionTests(TLSTestCase):
         self.assertIn("small.pem: OpenSSL refuses it", str(raised.exception))
         odd = x25519.X25519PrivateKey.generate()
         cert = self.certs / "x25519.pem"
-        from .certs import cert_pem
+        from tests.support.certs import cert_pem
 
         cert.write_bytes(cert_pem(_self_signed(odd)))
         self.assertRaises(CertificateError, TLSServer, TLSConfig((CertificateFiles(cert, key),)))

@@ -11,8 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from popserv.core import errors, wire
 from popserv.core.lang import ENGLISH, Language, Languages
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker, hash_password
-
-from .support import Session
+from tests.support import Session
 
 #: A language for the tests only: the mechanism, not a translation.
 GERMAN = Language("de", "Deutsch", {

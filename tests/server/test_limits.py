@@ -26,8 +26,7 @@ from popserv.server.policy import Policy
 from popserv.server.protocol import POP3Protocol
 from popserv.stores.interfaces import IMailbox
 from popserv.stores.memory import MemoryMailbox, MemoryMaildrop
-
-from .support import LOCAL_PEER, MESSAGES, REMOTE_PEER, Session
+from tests.support import LOCAL_PEER, MESSAGES, REMOTE_PEER, Session
 
 REFUSED = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
 

@@ -1,0 +1,1 @@
+"""End to end: the real server against real clients and processes."""

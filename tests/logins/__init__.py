@@ -1,0 +1,1 @@
+"""Tests of the logins layer (popserv.logins): password file, SASL, OAuth."""

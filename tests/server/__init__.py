@@ -1,0 +1,1 @@
+"""Tests of the server layer (popserv.server): protocols, TLS, limits, service."""

@@ -1,0 +1,1 @@
+"""Tests of the stores (popserv.stores): Maildir, delivery, quota, twisted.mail."""
