@@ -1,5 +1,5 @@
 """
-The pure core: the POP3 wire grammar, body encoding, errors, user names and
-a session's view of its maildrop.  No I/O, no Twisted, no zope.interface;
-it imports nothing from the other layers (a test imports it with Twisted blocked).
+The pure core: the POP3 wire grammar, body encoding, errors, user names, safe
+files and a session's view of its maildrop.  No Twisted, no zope.interface,
+and no import from another layer (a test imports each module with them blocked).
 """
