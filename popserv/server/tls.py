@@ -91,12 +91,16 @@ class ALPNRefused(SSL.Error):
     """
 
 
+def _optional_path(path: str | os.PathLike[str] | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 @frozen
 class CertificateFiles:
     """Where one certificate lives: a PEM chain, and its key (or None: in the same file)."""
 
     certificate: Path = field(converter=Path)
-    key: Path | None = field(default=None, converter=lambda p: None if p is None else Path(p))
+    key: Path | None = field(default=None, converter=_optional_path)
 
     @property
     def paths(self) -> tuple[Path, ...]:

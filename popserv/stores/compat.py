@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.mail import pop3 as twisted_pop3
 from twisted.python.failure import Failure
-from zope.interface import alsoProvides, implementer
+from zope.interface import Interface, alsoProvides, implementer
 
 from popserv.core.body import WireSizeCounter
 from popserv.stores.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
@@ -43,12 +43,38 @@ log = Logger()
 #: Read size when counting a message's wire size.
 CHUNK_SIZE = 64 * 1024
 
+_T = TypeVar("_T")
 
-def _resolve(value: Any) -> Deferred[Any]:
+#: What ``IRealm.requestAvatar`` gives: the interface, the avatar, its logout.
+_Avatar = tuple[type[Interface], object, Callable[[], None]]
+
+
+class _TwistedMailboxCalls(Protocol):
+    """
+    The calls the adapter makes on a ``twisted.mail.pop3.IMailbox``, typed
+    (Twisted leaves most of them unannotated) as the adapter takes their
+    answers: any of them may be a Deferred, a UIDL may be ``str``, and a
+    message file may be opened in text mode.
+    """
+
+    def listMessages(self) -> list[int] | Deferred[list[int]]: ...
+
+    def getUidl(self, i: int, /) -> str | bytes: ...
+
+    def getMessage(
+        self, i: int, /
+    ) -> MessageStream | io.TextIOBase | Deferred[MessageStream | io.TextIOBase]: ...
+
+    def deleteMessage(self, i: int, /) -> Deferred[None] | None: ...
+
+    def sync(self) -> Deferred[None] | None: ...
+
+
+def _resolve(value: _T | Deferred[_T]) -> Deferred[_T]:
     return value if isinstance(value, Deferred) else Deferred.fromCoroutine(_value(value))
 
 
-async def _value(value: Any) -> Any:
+async def _value(value: _T) -> _T:
     return value
 
 
@@ -65,7 +91,7 @@ def safe_uidl(uid: str | bytes) -> str:
 class _Utf8Reader:
     """A binary view of a stream whose ``read`` returns ``str``."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: io.TextIOBase) -> None:
         self._stream = stream
 
     def read(self, size: int = -1, /) -> bytes:
@@ -77,14 +103,15 @@ class _Utf8Reader:
             close()
 
 
-def binary(stream: Any) -> MessageStream:
+def binary(stream: MessageStream | io.TextIOBase) -> MessageStream:
     """
     ``stream`` as a binary stream: a text-mode file's underlying buffer
     (detached, so the wrapper cannot close it), a wrapper for other ``str``
     streams, or ``stream`` itself.
     """
     if isinstance(stream, io.TextIOWrapper):
-        return stream.detach()
+        # typeshed's buffer type allows any readable buffer; an opened file's is bytes.
+        return cast(MessageStream, stream.detach())
     if isinstance(stream, io.TextIOBase):
         return _Utf8Reader(stream)
     return stream
@@ -105,7 +132,8 @@ class TwistedMailbox:
     """popserv's IMailbox over a ``twisted.mail.pop3.IMailbox``."""
 
     def __init__(self, mailbox: twisted_pop3.IMailbox, *, exact_sizes: bool = True) -> None:
-        self._mailbox = mailbox
+        # The interface's methods are unannotated: call them as typed above.
+        self._mailbox = cast(_TwistedMailboxCalls, mailbox)
         self._exact_sizes = exact_sizes
         if hasattr(mailbox, "loginDelay") or hasattr(mailbox, "messageExpiration"):
             alsoProvides(self, IAccountSettings)
@@ -160,10 +188,19 @@ class TwistedMailRealm:
         self._realm = realm
         self._exact_sizes = exact_sizes
 
-    def requestAvatar(self, avatarId, mind, *interfaces):
+    def requestAvatar(
+        self, avatarId: bytes | str | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> Deferred[_Avatar]:
         if IMailbox not in interfaces:
             raise NotImplementedError("TwistedMailRealm only serves IMailbox")
-        result = _resolve(self._realm.requestAvatar(avatarId, mind, twisted_pop3.IMailbox))
-        return result.addCallback(
-            lambda r: (IMailbox, TwistedMailbox(r[1], exact_sizes=self._exact_sizes), r[2])
+        # IRealm types the id as bytes | (); popserv's checkers give str, passed on as is.
+        result = _resolve(
+            self._realm.requestAvatar(avatarId, mind, twisted_pop3.IMailbox)  # type: ignore[arg-type]
         )
+
+        def adapt(avatar: _Avatar) -> _Avatar:
+            # Asked for twisted.mail's IMailbox, the realm gives a provider of it.
+            mailbox = cast(twisted_pop3.IMailbox, avatar[1])
+            return IMailbox, TwistedMailbox(mailbox, exact_sizes=self._exact_sizes), avatar[2]
+
+        return result.addCallback(adapt)

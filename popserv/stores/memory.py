@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from twisted.cred.portal import IRealm
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from popserv.core.body import wire_size
 from popserv.core.errors import MailboxInUse
@@ -79,10 +80,14 @@ class MemoryRealm:
     def __init__(self, maildrops: dict[str, MemoryMaildrop] | None = None) -> None:
         self.maildrops = maildrops if maildrops is not None else {}
 
-    def requestAvatar(self, avatarId, mind, *interfaces):
+    def requestAvatar(
+        self, avatarId: bytes | str | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[IMailbox], MemoryMailbox, Callable[[], None]]:
         if IMailbox not in interfaces:
             raise NotImplementedError("MemoryRealm only serves IMailbox")
-        name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        # popserv's checkers give a user name (str, or bytes from Twisted's
+        # own); the anonymous () is no user and no checker here gives it.
+        name = cast(str, avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId)
         maildrop = self.maildrops.setdefault(name, MemoryMaildrop())
         mailbox = MemoryMailbox(maildrop)
         return IMailbox, mailbox, mailbox.close

@@ -6,13 +6,14 @@ Maildir, with the user's LOGIN-DELAY and EXPIRE settings.
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, TypeVarTuple, cast
 
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from popserv.core.errors import LoginDelayed, storage_failure
 from popserv.logins.accounts import AccountSettings, Announcement
@@ -24,6 +25,12 @@ from popserv.stores.maildir.directory import MaildirPath, refuse_shared
 from popserv.stores.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 
 log = Logger()
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+#: What ``IRealm.requestAvatar`` gives: the interface, the avatar, its logout.
+_Avatar = tuple[type[Interface], object, Callable[[], None]]
 
 #: Where the time of a user's last login is kept, for LOGIN-DELAY across restarts.
 LAST_LOGIN_FILE = "popserv.lastlogin"
@@ -92,10 +99,14 @@ class MaildirRealm:
         self._announced = (users, announcement)
         return announcement
 
-    def requestAvatar(self, avatarId, mind, *interfaces):
+    def requestAvatar(
+        self, avatarId: bytes | str | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> Deferred[_Avatar]:
         if IMailbox not in interfaces:
             raise NotImplementedError("MaildirRealm only serves IMailbox")
-        user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        # popserv's checkers give a user name (str, or bytes from Twisted's
+        # own); the anonymous () is no user and no checker here gives it.
+        user = cast(str, avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId)
         return Deferred.fromCoroutine(self._open(user))
 
     def _stored_name(self, user: str) -> str:
@@ -107,7 +118,7 @@ class MaildirRealm:
         entry = self.passwd.lookup(user) if self.passwd is not None else None
         return user if entry is None else entry.name
 
-    async def _open(self, user: str) -> tuple[Any, MaildirMailbox, Any]:
+    async def _open(self, user: str) -> tuple[type[IMailbox], MaildirMailbox, Callable[[], None]]:
         user = self._stored_name(user)
         settings = self.settings_for(user)
         path = self.layout.maildir_location(user)
@@ -138,7 +149,7 @@ class MaildirRealm:
                 raise storage_failure("cannot record the login time", e) from None
         return IMailbox, mailbox, mailbox.close
 
-    def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
+    def _in_thread(self, f: Callable[[*_Ts], _T], *args: *_Ts) -> Deferred[_T]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
 
