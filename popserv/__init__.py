@@ -22,7 +22,7 @@ from popserv._version import __version__
 #: Each public name and the module it lives in.
 _EXPORTS = {
     # The server
-    "POP3Factory": "popserv.server.protocol",
+    "POP3Factory": "popserv.server.factory",
     "POP3Protocol": "popserv.server.protocol",
     "Policy": "popserv.server.policy",
     "makeService": "popserv.server.service",
@@ -71,8 +71,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from popserv.logins.passwords import PasswdFile, PasswdFileChecker
+    from popserv.server.factory import POP3Factory
     from popserv.server.policy import Policy
-    from popserv.server.protocol import POP3Factory, POP3Protocol
+    from popserv.server.protocol import POP3Protocol
     from popserv.server.service import make_factory, makeService
     from popserv.stores.compat import TwistedMailRealm
     from popserv.stores.interfaces import (

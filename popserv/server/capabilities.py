@@ -26,7 +26,8 @@ from popserv.logins.sasl.mechanism import MechanismInfo
 from popserv.stores.interfaces import IScramKeySource, ISecretInventory
 
 if TYPE_CHECKING:
-    from popserv.server.protocol import POP3Factory, POP3Protocol
+    from popserv.server.factory import POP3Factory
+    from popserv.server.protocol import POP3Protocol
 
 #: Something that adds lines to the CAPA answer of a session.
 CapabilitySource = Callable[["POP3Protocol"], Iterable[str]]

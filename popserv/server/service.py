@@ -26,9 +26,9 @@ from popserv.logins.accounts import AccountSettings
 from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
+from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import announce, bootstrap
 from popserv.server.policy import Policy
-from popserv.server.protocol import POP3Factory
 from popserv.server.receive import ReceiverFactory, ReceiverSettings
 from popserv.server.tap import (
     DEFAULT_POP3_ENDPOINT,

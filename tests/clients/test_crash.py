@@ -30,8 +30,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.core.files import checked_regular
+from popserv.server.factory import POP3Factory
 from popserv.server.policy import Policy
-from popserv.server.protocol import POP3Factory
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import MaildirMailbox, deliver, parse_name
 from popserv.stores.maildir import commit as maildir_commit

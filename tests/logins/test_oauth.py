@@ -139,7 +139,7 @@ class ExchangeTests(SynchronousTestCase):
         self.assertEqual(s.send(b"AQ==\r\n"), b"")
         s.clock.advance(10)
         self.assertEqual(s.take(), wire.err(errors.AuthFailed()))
-        self.assertEqual(s.protocol._failures, 1)
+        self.assertEqual(s.protocol.session.failures, 1)
 
     def test_xoauth2(self):
         s = self.session()

@@ -21,6 +21,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from popserv.core import errors, wire
+from popserv.core.state import State
 from popserv.logins.credentials import CramMD5Credentials, IActAsPasswordCredentials
 from popserv.logins.passwords import (
     PasswdFile,
@@ -47,7 +48,6 @@ from popserv.logins.sasl.mechanism import (
 )
 from popserv.logins.sasl.plain import Login, Plain
 from popserv.logins.sasl.scram import NeedKeys, Scram, ScramFailed
-from popserv.server.protocol import State
 from popserv.stores.maildir import deliver
 from tests.support import REMOTE_PEER, Session
 from tests.support.certs import CA
@@ -234,7 +234,7 @@ class ExchangeTests(SynchronousTestCase):
         s.send(b"AUTH PLAIN " + b64(b"bob\0alice\0secret") + b"\r\n")
         s.clock.advance(10)
         self.assertEqual(s.take(), wire.err(errors.AuthFailed()))
-        self.assertEqual(s.protocol._failures, 1)
+        self.assertEqual(s.protocol.session.failures, 1)
 
     def test_unknown_mechanism(self):
         s = Session()

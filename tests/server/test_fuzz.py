@@ -39,6 +39,7 @@ from popserv.core import errors, wire
 from popserv.core.body import BodyDecoder, BodyEncoder, WireSizeCounter, wire_size
 from popserv.logins.passwords.scram import ScramKeys
 from popserv.logins.sasl import MECHANISMS, external_mechanism
+from popserv.logins.sasl.exchange import decode as _decode_sasl
 from popserv.logins.sasl.mechanism import (
     MAX_ROUNDS,
     Challenge,
@@ -48,8 +49,8 @@ from popserv.logins.sasl.mechanism import (
     Success,
 )
 from popserv.logins.sasl.scram import NeedKeys
+from popserv.server.factory import POP3Factory
 from popserv.server.policy import Policy
-from popserv.server.protocol import POP3Factory, _decode_sasl
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.memory import MemoryMaildrop, MemoryRealm
@@ -497,7 +498,7 @@ class SASLFuzzTests(SynchronousTestCase):
     def test_response_lines(self, line, initial):
         """A response line is bytes, a cancel, or malformed base64: nothing else."""
         try:
-            decoded = _decode_sasl(line, initial_response=initial)
+            decoded = _decode_sasl(line, initial=initial)
         except (SASLAborted, SASLMalformed):
             return
         self.assertIsInstance(decoded, bytes)

@@ -17,9 +17,11 @@ from zope.interface.verify import verifyObject
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
+from popserv.core.session import TRANSITIONS as COMMANDS
+from popserv.core.state import State
 from popserv.logins.accounts import AccountSettings
 from popserv.server.policy import Policy
-from popserv.server.protocol import COMMANDS, SessionInfo, State
+from popserv.server.protocol import SessionInfo
 from popserv.stores.interfaces import IMailbox, ISecretInventory, ISessionInfo
 from popserv.stores.memory import MemoryMailbox
 from tests.support import MESSAGES, Session
@@ -63,7 +65,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(s.greeting, b"+OK POP3 server ready\r\n")
         self.assertEqual(s.send(b"APOP alice " + b"0" * 32 + b"\r\n"),
                          wire.err(errors.APOPUnavailable()))
-        self.assertEqual(s.protocol._failures, 0)
+        self.assertEqual(s.protocol.session.failures, 0)
 
     def test_auto_follows_the_portal(self):
         """

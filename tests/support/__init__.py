@@ -9,8 +9,8 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from popserv.server.factory import POP3Factory
 from popserv.server.policy import Policy
-from popserv.server.protocol import POP3Factory
 from popserv.stores.memory import MemoryMaildrop, MemoryRealm
 
 MESSAGES = [

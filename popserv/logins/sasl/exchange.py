@@ -10,6 +10,8 @@ mechanisms, reaching accounts only through the interfaces they provide.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -18,6 +20,8 @@ from popserv.logins.sasl.mechanism import (
     Asking,
     Mechanism,
     Need,
+    SASLAborted,
+    SASLMalformed,
     SASLTooManyRounds,
     Success,
 )
@@ -59,4 +63,19 @@ def answer(need: Need, accounts: object) -> object:
     raise TypeError(f"no answer for {type(need).__name__}")
 
 
-__all__ = ["answer", "run"]
+def decode(line: bytes, initial: bool = False) -> bytes:
+    """
+    A client's SASL response line, base64-decoded: ``*`` cancels the
+    exchange, and an ``initial`` response of ``=`` is an empty one (RFC 5034).
+    """
+    if line.strip() == b"*":
+        raise SASLAborted()
+    if initial and line == b"=":
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        raise SASLMalformed("invalid base64") from None
+
+
+__all__ = ["answer", "decode", "run"]
