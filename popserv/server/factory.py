@@ -35,7 +35,8 @@ from popserv.server.admission import (
 )
 from popserv.server.capabilities import CapabilitySource, core_capabilities, sasl_capability
 from popserv.server.policy import Policy
-from popserv.server.protocol import POP3Protocol, SessionInfo, penalty_name
+from popserv.server.protocol import POP3Protocol, SessionInfo
+from popserv.server.signin import penalty_name
 from popserv.server.tls import TLSServer
 from popserv.stores.interfaces import IMailbox, ISessionInfo, PortalLike
 

@@ -14,19 +14,14 @@ What the protocol says, and when, is the session's business.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from OpenSSL import SSL
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import interfaces
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -36,23 +31,14 @@ from popserv.core import errors, wire
 from popserv.core import session as pop3
 from popserv.core.lang import Language
 from popserv.core.retrieval import MessageBody
-from popserv.core.session import Rejected, Session, Steps
+from popserv.core.session import Session, Steps
 from popserv.core.state import State
-from popserv.core.usernames import loggable_username
 from popserv.logins.accounts import AccountSettings
-from popserv.logins.credentials import APOPCredentials
-from popserv.logins.sasl import exchange as sasl_exchange
-from popserv.logins.sasl.mechanism import (
-    MechanismInfo,
-    Need,
-    SASLContext,
-    SASLMalformed,
-    SASLUnavailable,
-    SASLUnknownMechanism,
-)
-from popserv.server import capabilities
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
+from popserv.server.maybe import fired, resolve
+from popserv.server.output import Output, OutputGate, no_delay
+from popserv.server.signin import LoginEffects
 from popserv.server.tls import TLSInfo
 from popserv.server.transports import IStreamTransport
 from popserv.stores.interfaces import IAccountSettings, IMailbox, ISessionInfo
@@ -62,20 +48,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 T = TypeVar("T")
-
-
-async def resolve(value: T | Deferred[T]) -> T:
-    """Await a value that may or may not be a Deferred (IMailbox methods may be either)."""
-    if isinstance(value, Deferred):
-        return await value
-    return value
-
-
-def penalty_name(user: object) -> str:
-    """The user name a login attempt's penalty is counted under."""
-    if isinstance(user, bytes):
-        return user.decode("utf-8", "replace")
-    return user if isinstance(user, str) else repr(user)
 
 
 @implementer(ISessionInfo)
@@ -98,53 +70,8 @@ class SessionInfo:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _no_delay(transport: Any) -> None:
-    """
-    Turn Nagle's algorithm off on the TCP connection under ``transport``
-    (a TLS wrapper's too).  An answer is written whole, so there is nothing
-    to coalesce; with it on, the small last write of a long response (the
-    final ``.`` of a RETR) waits for the client's ACK of what went before,
-    up to the client's delayed-ACK timer (40 ms on Linux).
-    """
-    for candidate in (transport, getattr(transport, "transport", None)):
-        set_no_delay = getattr(candidate, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            # OSError: not TCP after all (a UNIX socket), or already closing.
-            with contextlib.suppress(OSError):
-                set_no_delay(True)
-            return
-
-
-@implementer(interfaces.IPushProducer)
-class _OutputGate:
-    """Tells the session when the transport's send buffer is full or drained."""
-
-    def __init__(self, protocol: POP3Protocol) -> None:
-        self._protocol = protocol
-
-    def pauseProducing(self) -> None:
-        self._protocol.output_paused = True
-
-    def resumeProducing(self) -> None:
-        self._protocol.output_paused = False
-        self._protocol.output_resumed()
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _fired(waiting: Deferred[Any]) -> tuple[Any, BaseException | None]:
-    """The result of a Deferred that has already fired, taken out of it."""
-    box: list[Any] = []
-    waiting.addBoth(box.append)
-    outcome = box[0]
-    if isinstance(outcome, Failure):
-        return None, outcome.value
-    return outcome, None
-
-
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
-class POP3Protocol(Protocol, TimeoutMixin):
+class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
     """One POP3 connection.  Built by :class:`~popserv.server.factory.POP3Factory`."""
 
     factory: POP3Factory
@@ -250,8 +177,8 @@ class POP3Protocol(Protocol, TimeoutMixin):
         self._splitter.auth_max_length = policy.max_auth_line_length
         self.setTimeout(policy.idle_timeout)
         self._login_timer = self.callLater(policy.login_timeout, self._login_timed_out)
-        _no_delay(self.transport)
-        self.transport.registerProducer(_OutputGate(self), True)
+        no_delay(self.transport)
+        self.transport.registerProducer(OutputGate(self), True)
         peer = self.transport.getPeer()
         secure = interfaces.ISSLTransport.providedBy(self.transport)
         self.info = SessionInfo(peer, secure=secure, local=policy.is_local(peer))
@@ -358,10 +285,6 @@ class POP3Protocol(Protocol, TimeoutMixin):
         timer, self._login_timer = self._login_timer, None
         if timer is not None and timer.active():
             timer.cancel()
-
-    def send(self, data: bytes) -> None:
-        if not self._closing:
-            self._output.write(self.transport, data)
 
     def refuse(self, error: errors.PopError) -> None:
         self.send(self.session.error_line(error))
@@ -544,7 +467,7 @@ class POP3Protocol(Protocol, TimeoutMixin):
             if isinstance(outcome, Deferred):
                 if not outcome.called:
                     return outcome
-                result, failure = _fired(outcome)
+                result, failure = fired(outcome)
             else:
                 result, failure = outcome, None
 
@@ -579,202 +502,6 @@ class POP3Protocol(Protocol, TimeoutMixin):
 
     def _do_capabilities(self, effect: pop3.Capabilities) -> list[str]:
         return [line for source in self.factory.capabilities for line in source(self)]
-
-    def _do_mechanisms(self, effect: pop3.Mechanisms) -> list[str]:
-        return [m.name for m in self.offered_mechanisms()]
-
-    def _do_choose_mechanism(
-        self, effect: pop3.ChooseMechanism
-    ) -> tuple[MechanismInfo, list[MechanismInfo]]:
-        offered = self.offered_mechanisms()
-        mechanism = next((m for m in offered if m.name == effect.name), None)
-        if mechanism is None:
-            known = any(m.name == effect.name for m in self.factory.enabled_mechanisms())
-            raise SASLUnavailable() if known else SASLUnknownMechanism()
-        return mechanism, offered
-
-    def _do_begin_attempt(self, effect: pop3.BeginAttempt) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._begin_attempt())
-
-    async def _begin_attempt(self) -> None:
-        """
-        A login attempt begins: first wait for its turn (see
-        :mod:`popserv.server.admission`): behind the client's other attempts
-        while it is penalised, then out the penalty, before anything is
-        checked, so that parallel attempts, or hanging up rather than
-        waiting for the -ERR, gain nothing.
-        """
-        self._end_turn()
-        factory = self.factory
-        waiting = factory.admission.login_turn(factory.client_key(self.info.peer))
-        # Cancelled, giving up the place, if the connection is lost meanwhile.
-        self._sleeping = waiting
-        self._turn = await waiting
-
-    def _end_turn(self) -> None:
-        """The attempt under way ends without a verdict: its turn passes on."""
-        turn, self._turn = self._turn, None
-        if turn is not None:
-            turn.release()
-
-    def _do_authenticate(self, effect: pop3.Authenticate) -> Deferred[Any]:
-        return Deferred.fromCoroutine(self._authenticate(effect))
-
-    async def _authenticate(self, effect: pop3.Authenticate) -> Any:
-        mechanism, offered = cast(tuple[MechanismInfo, list[MechanismInfo]], effect.mechanism)
-        exchange = mechanism.factory(self.sasl_context(offered))
-        initial = effect.initial
-        response = None if initial is None else sasl_exchange.decode(initial, initial=True)
-        try:
-            return await sasl_exchange.run(exchange, response, self._challenge, self._answer)
-        except errors.AuthFailed as e:
-            raise Rejected(f"({mechanism.name})", e.detail or e.text) from None
-
-    def offered_mechanisms(self) -> list[MechanismInfo]:
-        """The SASL mechanisms this connection may use (see :mod:`popserv.server.capabilities`)."""
-        return capabilities.offered_mechanisms(self)
-
-    def sasl_context(self, offered: Sequence[MechanismInfo]) -> SASLContext:
-        tls = self.info.tls
-        return SASLContext(
-            hostname=self.factory.policy.hostname,
-            secure=self.info.secure,
-            channel_bindings=tls.channel_bindings if tls is not None else {},
-            client_certificate=tls.client_certificate if tls is not None else None,
-            channel_binding_offered=any(m.name.endswith("-PLUS") for m in offered),
-        )
-
-    async def _answer(self, need: Need) -> object:
-        """A mechanism's question to the login layer (see :mod:`popserv.logins.sasl.exchange`)."""
-        return await resolve(sasl_exchange.answer(need, self.factory.accounts))
-
-    async def _challenge(self, data: bytes) -> bytes:
-        """
-        Send a SASL challenge and return the client's answer, decoded (``*``
-        cancels).  Answers may be AUTH-long lines (tokens, SCRAM with
-        channel binding).
-        """
-        if self._lost:
-            raise CancelledError()
-        self._splitter.in_exchange = True
-        self.send(b"+ " + base64.b64encode(data) + b"\r\n")
-        waiter = Deferred[wire.Line]()
-        self._line_waiter = waiter
-        try:
-            line = await waiter
-        finally:
-            self._splitter.in_exchange = False
-        if isinstance(line, wire.TooLong):
-            raise errors.LineTooLong()
-        return sasl_exchange.decode(line)
-
-    def _do_log_in(self, effect: pop3.LogIn) -> Deferred[object]:
-        return Deferred.fromCoroutine(self._log_in(effect.login))
-
-    async def _log_in(self, login: object) -> object:
-        """
-        Log in through the portal and hold the maildrop; answer the user name.
-
-        ``final`` is SASL data the server sends once the credentials passed
-        (SCRAM's server signature), as a challenge the client answers with
-        an empty line before the ``+OK``; ``failure`` is SASL data sent the
-        same way when they did not (OAUTHBEARER's error), whose answer is
-        read before the ``-ERR``.
-        """
-        final = failure = None
-        credentials: Any
-        if isinstance(login, pop3.PasswordLogin):
-            # Bytes, as twisted.cred's own checkers expect; ours decode UTF-8.
-            credentials = UsernamePassword(login.username, login.password)
-        elif isinstance(login, pop3.APOPLogin):
-            credentials = APOPCredentials(login.username, login.timestamp, login.digest)
-        else:  # A SASL exchange's success
-            success: Any = login
-            credentials, final, failure = success.credentials, success.final, success.failure
-        user = credentials.username
-        try:
-            _, mailbox, logout = await self.factory.login(credentials, self.info)
-        except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
-            if failure is not None:
-                # The client's dummy answer; a cancel or junk ends it the same way.
-                with contextlib.suppress(errors.PopError):
-                    await self._challenge(failure)
-            raise Rejected(user, str(e) or type(e).__name__) from None
-        except errors.PopError as e:
-            self._end_turn()
-            log.info(
-                "Login of {user} refused: {reason}",
-                user=loggable_username(user),
-                reason=e.detail or e.text,
-            )
-            raise
-        turn, self._turn = self._turn, None
-        if turn is not None:
-            turn.succeeded(penalty_name(user))
-        if self._lost:
-            logout()
-            raise CancelledError()
-        self._mailbox, self._logout = mailbox, logout
-        if final is not None:
-            try:
-                if await self._challenge(final) != b"":
-                    raise SASLMalformed("non-empty answer to the final SASL data")
-            except BaseException:
-                self._release()
-                raise
-        return user
-
-    def _do_penalise(self, effect: pop3.Penalise) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._penalise(effect.user, effect.reason))
-
-    async def _penalise(self, user: object, reason: str) -> None:
-        """
-        Count a failed login against the client and the user, and wait out
-        the penalty, counted from the start of the attempt: 2, 4, 8, up to 15 s.
-        """
-        log.info(
-            "Failed login for {user} from {peer}: {reason}",
-            user=loggable_username(user if isinstance(user, (bytes, str)) else repr(user)),
-            peer=self.info.where,
-            reason=reason,
-        )
-        turn, self._turn = self._turn, None
-        now = self.factory.clock.seconds()
-        if turn is None:
-            due, elapsed = self.factory.policy.auth_failure_delay, 0.0
-        else:
-            due, elapsed = await turn.failed(penalty_name(user)), now - turn.started
-        if due > elapsed and not self._lost:
-            self._sleeping = deferLater(self.factory.clock, due - elapsed, lambda: None)
-            await self._sleeping
-
-    def _do_open_maildrop(self, effect: pop3.OpenMaildrop) -> Any:
-        try:
-            listing = self.mailbox.listing()
-        except BaseException:
-            self._release()
-            raise
-        if isinstance(listing, Deferred):
-            return listing.addCallbacks(self._opened, self._not_opened)
-        return self._opened(listing)
-
-    def _opened(self, listing: Any) -> tuple[Any, IAccountSettings]:
-        if self._lost:
-            self._release()
-            raise CancelledError()
-        return listing, IAccountSettings(self.mailbox, self.factory.policy.account)
-
-    def _not_opened(self, failure: Failure) -> Failure:
-        self._release()
-        return failure
-
-    def _do_logged_in(self, effect: pop3.LoggedIn) -> None:
-        self._cancel_login_timer()
-        log.info(
-            "{user} logged in from {peer}",
-            user=loggable_username(effect.user if isinstance(effect.user, (bytes, str)) else None),
-            peer=self.info.where,
-        )
 
     @property
     def mailbox(self) -> IMailbox:
@@ -846,64 +573,6 @@ class POP3Protocol(Protocol, TimeoutMixin):
         finally:
             self._release()
 
-    # Output
-
-    def output_resumed(self) -> None:
-        self._output.hold()
-        try:
-            if self._stream is not None:
-                self._pump_stream()
-            if self._stream is None:
-                self._run_queue()
-        finally:
-            self._output.release(self.transport)
-
-    def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
-        """
-        Send ``chunks`` as fast as the client reads them; fires when all are
-        sent, or at once if the connection is gone.
-        """
-        if self._lost:
-            return succeed(None)
-        self._stream = chunks
-        self._stream_done = done = Deferred[None]()
-        self._pump_stream()
-        return done
-
-    def _pump_stream(self) -> None:
-        stream = self._stream
-        assert stream is not None
-        while not self.output_paused and not self._lost:
-            try:
-                chunk = next(stream)
-            except StopIteration:
-                self._end_stream()
-                return
-            except Exception:
-                # Half a response is out: an -ERR now would be read as message
-                # data, so the only honest answer is to close the connection.
-                # The command that streamed gets the failure, to log it.
-                failure = Failure()
-                self._closing = True
-                self._queue.clear()
-                self._end_stream(failure)
-                self.transport.abortConnection()
-                return
-            self.send(chunk)
-            self.resetTimeout()
-
-    def _end_stream(self, failure: Failure | None = None) -> None:
-        stream, self._stream = self._stream, None
-        done, self._stream_done = self._stream_done, None
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()  # A generator: its owner closes what it reads from.
-        if done is not None:
-            if failure is None:
-                done.callback(None)
-            else:
-                done.errback(failure)
-
 
 #: What performs each kind of effect the session asks for.
 _PERFORM: dict[type, Callable[[POP3Protocol, Any], Any]] = {
@@ -926,4 +595,4 @@ _PERFORM: dict[type, Callable[[POP3Protocol, Any], Any]] = {
 }
 
 
-__all__ = ["POP3Protocol", "SessionInfo", "penalty_name", "resolve"]
+__all__ = ["POP3Protocol", "SessionInfo"]

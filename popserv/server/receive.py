@@ -169,8 +169,18 @@ class ReceiverProtocol(smtp.ESMTP):
     VERBS: ClassVar[dict[bytes, str]] = {
         verb: f"cmd_{verb.decode()}"
         for verb in (
-            b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET",
-            b"NOOP", b"VRFY", b"EXPN", b"HELP", b"QUIT", b"STARTTLS",
+            b"HELO",
+            b"EHLO",
+            b"MAIL",
+            b"RCPT",
+            b"DATA",
+            b"RSET",
+            b"NOOP",
+            b"VRFY",
+            b"EXPN",
+            b"HELP",
+            b"QUIT",
+            b"STARTTLS",
         )
     }
 

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
-from popserv.server.protocol import _OutputGate
+from popserv.server.output import OutputGate as _OutputGate
 from popserv.server.service import CertificateReloader
 from popserv.server.tap import Options
 from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity

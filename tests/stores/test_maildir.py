@@ -33,7 +33,7 @@ from popserv.core.errors import (
     PermanentFailure,
     TemporaryFailure,
 )
-from popserv.server.protocol import resolve
+from popserv.server.maybe import resolve
 from popserv.stores.interfaces import IAccountSettings, IMailbox
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import (

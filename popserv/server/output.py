@@ -1,0 +1,139 @@
+"""
+Writing to a POP3 client: answers coalesced per batch of work, multi-line
+bodies streamed as fast as the client reads them (the transport's
+producer tells when its send buffer is full or drained), and Nagle's
+algorithm off.  A mixin of :class:`~popserv.server.protocol.POP3Protocol`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from popserv.core import wire
+from popserv.server.coalesce import Coalescer
+from popserv.server.transports import IStreamTransport
+
+
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on the TCP connection under ``transport``
+    (a TLS wrapper's too).  An answer is written whole, so there is nothing
+    to coalesce; with it on, the small last write of a long response (the
+    final ``.`` of a RETR) waits for the client's ACK of what went before,
+    up to the client's delayed-ACK timer (40 ms on Linux).
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        set_no_delay = getattr(candidate, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # OSError: not TCP after all (a UNIX socket), or already closing.
+            with contextlib.suppress(OSError):
+                set_no_delay(True)
+            return
+
+
+@implementer(interfaces.IPushProducer)
+class OutputGate:
+    """Tells the connection when the transport's send buffer is full or drained."""
+
+    def __init__(self, output: Output) -> None:
+        self._output = output
+
+    def pauseProducing(self) -> None:
+        self._output.output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._output.output_paused = False
+        self._output.output_resumed()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Output:
+    """The sending half of a POP3 connection."""
+
+    transport: IStreamTransport
+    output_paused: bool
+    _output: Coalescer
+    _lost: bool
+    _closing: bool
+    _queue: deque[wire.Line]
+    _stream: Iterator[bytes] | None
+    _stream_done: Deferred[None] | None
+
+    if TYPE_CHECKING:  # Provided by the protocol (and TimeoutMixin).
+
+        def resetTimeout(self) -> None: ...
+
+        def _run_queue(self) -> None: ...
+
+    def send(self, data: bytes) -> None:
+        if not self._closing:
+            self._output.write(self.transport, data)
+
+    def output_resumed(self) -> None:
+        self._output.hold()
+        try:
+            if self._stream is not None:
+                self._pump_stream()
+            if self._stream is None:
+                self._run_queue()
+        finally:
+            self._output.release(self.transport)
+
+    def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
+        """
+        Send ``chunks`` as fast as the client reads them; fires when all are
+        sent, or at once if the connection is gone.
+        """
+        if self._lost:
+            return succeed(None)
+        self._stream = chunks
+        self._stream_done = done = Deferred[None]()
+        self._pump_stream()
+        return done
+
+    def _pump_stream(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        while not self.output_paused and not self._lost:
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                self._end_stream()
+                return
+            except Exception:
+                # Half a response is out: an -ERR now would be read as message
+                # data, so the only honest answer is to close the connection.
+                # The command that streamed gets the failure, to log it.
+                failure = Failure()
+                self._closing = True
+                self._queue.clear()
+                self._end_stream(failure)
+                self.transport.abortConnection()
+                return
+            self.send(chunk)
+            self.resetTimeout()
+
+    def _end_stream(self, failure: Failure | None = None) -> None:
+        stream, self._stream = self._stream, None
+        done, self._stream_done = self._stream_done, None
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # A generator: its owner closes what it reads from.
+        if done is not None:
+            if failure is None:
+                done.callback(None)
+            else:
+                done.errback(failure)
+
+
+__all__ = ["Output", "OutputGate", "no_delay"]
