@@ -27,11 +27,12 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from popserv.core import effects as pop3
 from popserv.core import errors, wire
-from popserv.core import session as pop3
+from popserv.core.effects import Steps
 from popserv.core.lang import Language
 from popserv.core.retrieval import MessageBody
-from popserv.core.session import Session, Steps
+from popserv.core.session import Session
 from popserv.core.state import State
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission

@@ -23,9 +23,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from popserv.core import effects as pop3
 from popserv.core import errors, wire
-from popserv.core import session as pop3
-from popserv.core.session import Rejected
+from popserv.core.effects import Rejected
 from popserv.core.usernames import loggable_username
 from popserv.logins.credentials import APOPCredentials
 from popserv.logins.sasl import exchange as sasl_exchange

@@ -217,6 +217,7 @@ def _domain(domain: str) -> str:
 
 # Delivery (blocking: these run in a thread)
 
+
 def check_room(recipient: Recipient, incoming: int = 0) -> None:
     """Raise :class:`MailboxFull` if the recipient's mailbox is full (blocking)."""
     if recipient.quota.unlimited:

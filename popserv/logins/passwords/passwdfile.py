@@ -407,6 +407,5 @@ class PasswdFile:
             self._cache = None
 
 
-
 def _version(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -218,9 +218,7 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
     places = bytearray(place_bytes)
     if not len(positions) == len(places) == len(sizes) == len(received) == count:
         return None
-    if count and (
-        max(positions) >= len(table) or max(places) > 1 or min(sizes) < 0
-    ):
+    if count and (max(positions) >= len(table) or max(places) > 1 or min(sizes) < 0):
         return None
     infos = [table[i] for i in positions]
     seen_of = [seen(info) for info in table]

@@ -123,9 +123,7 @@ class UidlScheme:
 def _directive(match: re.Match[str]) -> _Directive:
     offset_text, width_text, modifiers, variable = match.groups()
     if variable == "m":
-        raise ValueError(
-            "%m (a header MD5) is mbox-only in Dovecot; no Maildir had such UIDLs"
-        )
+        raise ValueError("%m (a header MD5) is mbox-only in Dovecot; no Maildir had such UIDLs")
     if variable not in _VARIABLES:
         raise ValueError(f"unknown variable %{variable}; known: %u %v %g %f")
     for i, modifier in enumerate(modifiers):
@@ -265,9 +263,7 @@ def render(
     return _render(_prepare(scheme, uidlist), unique, record)
 
 
-def assign_uidls(
-    uniques: Sequence[str], scheme: UidlScheme, uidlist: Uidlist | None
-) -> list[str]:
+def assign_uidls(uniques: Sequence[str], scheme: UidlScheme, uidlist: Uidlist | None) -> list[str]:
     """
     The UIDL of each message, given by its unique name (the base file name),
     in the same order; every one a valid RFC 1939 unique-id, and no two equal.
