@@ -139,7 +139,8 @@ class LoggedIn:
 class SendMessage:
     """
     Send message ``index`` (from 0): ``+OK text``, then its body through
-    ``encoder``, exactly ``listed`` octets when that is not None.
+    ``encoder``, exactly ``listed`` octets when that is not None.  Answer
+    with the octets of the body sent.
     """
 
     index: int

@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from attrs import frozen
+from attrs import define, frozen
 
 from popserv.core import errors, wire
 from popserv.core.body import BodyEncoder
@@ -98,6 +98,21 @@ def apop_timestamp(hostname: str) -> bytes:
     return wire.msg_id(secrets.token_hex(16), hostname)
 
 
+@define
+class Tally:
+    """What a session did, for its summary log line (counts and octets)."""
+
+    top: int = 0
+    top_octets: int = 0
+    retr: int = 0
+    retr_octets: int = 0
+    deleted: int = 0
+    deleted_octets: int = 0
+    #: The maildrop when logged in, then what QUIT left in it.
+    left: int = 0
+    left_octets: int = 0
+
+
 class Session:
     """
     The state of one POP3 session, and the effects of each command line.
@@ -134,6 +149,11 @@ class Session:
         self.bad_commands = 0
         #: The deletion marks over the maildrop's listing, from login on.
         self.view: MaildropView | None = None
+        #: How the client logged in (USER, APOP, or the SASL mechanism).
+        self.mechanism: str | None = None
+        #: Why the session closed itself (QUIT, too many bad commands ...).
+        self.ended: str | None = None
+        self.tally = Tally()
         #: The logged-in user's settings (LOGIN-DELAY, EXPIRE).
         self.account: Account | None = None
 
@@ -231,6 +251,7 @@ class Session:
             "{count} bad commands in a row from {peer}, closing", {"count": self.bad_commands}
         )
         yield Send(self.error_line(errors.TooManyBadCommands()))
+        self.ended = "too many bad commands"
         yield Close()
 
     # AUTHORIZATION
@@ -250,6 +271,7 @@ class Session:
     def _pass(self, password: bytes) -> Steps:
         user, self.user = self.user, None
         assert user is not None
+        self.mechanism = "USER"
         yield BeginAttempt()
         return (yield from self._log_in(PasswordLogin(user, password), errors.AuthFailed()))
 
@@ -259,6 +281,7 @@ class Session:
             raise errors.TLSRequired()
         if not self.timestamp:
             raise errors.APOPUnavailable()
+        self.mechanism = "APOP"
         yield BeginAttempt()
         if len(digest) != 32 or not all(c in b"0123456789abcdefABCDEF" for c in digest):
             rejected = Rejected(name, "malformed APOP digest")
@@ -274,7 +297,9 @@ class Session:
             yield self.ok("Supported mechanisms follow")
             yield Stream(wire.multiline(n.encode("ascii") for n in names))
             return False
-        mechanism = yield ChooseMechanism(name.decode("ascii", "replace").upper())
+        wanted = name.decode("ascii", "replace").upper()
+        mechanism = yield ChooseMechanism(wanted)
+        self.mechanism = wanted
         yield BeginAttempt()
         try:
             login = yield Authenticate(mechanism, initial)
@@ -294,6 +319,7 @@ class Session:
         self.failures = 0
         yield LoggedIn(user)
         count, octets = self.view.stat()
+        self.tally.left, self.tally.left_octets = count, octets
         yield self.ok("Logged in, {count} messages ({octets} octets)", count=count, octets=octets)
         return True
 
@@ -306,6 +332,7 @@ class Session:
         yield Penalise(rejected.user, rejected.reason)
         if self.failures >= self.policy.max_auth_failures:
             yield Send(self.error_line(errors.TooManyFailures()))
+            self.ended = "too many failed logins"
             yield Close()
         else:
             yield Send(self.error_line(answer))
@@ -354,6 +381,7 @@ class Session:
 
     def _quit_authorization(self) -> Steps:
         yield self.ok("Bye")
+        self.ended = "QUIT"
         yield Close()
 
     # TRANSACTION
@@ -403,12 +431,17 @@ class Session:
     def _retr(self, number: int) -> Steps:
         index = self.maildrop.index(number)
         size = self.maildrop.listing.sizes[index]
-        yield self._send_message(index, BodyEncoder(), f"{size} octets")
+        sent = yield self._send_message(index, BodyEncoder(), f"{size} octets")
         self.maildrop.retrieved(number)
+        self.tally.retr += 1
+        self.tally.retr_octets += sent
 
     def _top(self, number: int, lines: int) -> Steps:
         index = self.maildrop.index(number)
-        yield self._send_message(index, BodyEncoder(body_lines=lines), "Top of message follows")
+        encoder = BodyEncoder(body_lines=lines)
+        sent = yield self._send_message(index, encoder, "Top of message follows")
+        self.tally.top += 1
+        self.tally.top_octets += sent
 
     def _send_message(self, index: int, encoder: BodyEncoder, text: str) -> SendMessage:
         listing: Listing = self.maildrop.listing
@@ -425,9 +458,17 @@ class Session:
             yield Commit(deleted, view.retrieved_indexes())
         except errors.PopError:
             yield Send(self.error_line(errors.CommitFailed()))
+            self.ended = "QUIT, deletions failed"
         else:
-            left = view.stat()[0] - len(expired)
-            yield self.ok("Bye, {deleted} deleted, {left} left", deleted=len(deleted), left=left)
+            sizes = view.listing.sizes
+            tally = self.tally
+            tally.deleted, tally.deleted_octets = len(deleted), sum(sizes[i] for i in deleted)
+            tally.left = len(sizes) - tally.deleted
+            tally.left_octets = sum(sizes) - tally.deleted_octets
+            yield self.ok(
+                "Bye, {deleted} deleted, {left} left", deleted=len(deleted), left=tally.left
+            )
+            self.ended = "QUIT"
         yield Close()
 
 
@@ -488,6 +529,7 @@ __all__ = [
     "Server",
     "Session",
     "SessionPolicy",
+    "Tally",
     "Transition",
     "apop_timestamp",
 ]

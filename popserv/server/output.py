@@ -75,8 +75,12 @@ class Output:
 
         def _run_queue(self) -> None: ...
 
+    #: Octets written to the connection (the session summary's ``sent``).
+    octets_sent = 0
+
     def send(self, data: bytes) -> None:
         if not self._closing:
+            self.octets_sent += len(data)
             self._output.write(self.transport, data)
 
     def output_resumed(self) -> None:

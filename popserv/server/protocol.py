@@ -34,6 +34,7 @@ from popserv.core.lang import Language
 from popserv.core.retrieval import MessageBody
 from popserv.core.session import Session
 from popserv.core.state import State
+from popserv.core.usernames import loggable_username
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
@@ -94,6 +95,11 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         self._closing = False
         #: The client half-closed: answer what it sent, then close.
         self._input_ended = False
+        #: Why the connection ended, when the protocol ended it (a timeout).
+        self._ended: str | None = None
+        self._started = 0.0
+        #: The user name logged in with, once in TRANSACTION.
+        self.logged_in_as: bytes | str | None = None
         self._running = False
         self._run_again = False
         #: A command waiting for the client's next line (a SASL answer).
@@ -190,6 +196,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             apop_offered=factory.apop_offered(),
             now=factory.clock.seconds,
         )
+        self._started = factory.clock.seconds()
         factory.session_opened(self)
         self.send(self.session.greeting())
 
@@ -219,7 +226,9 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
                 peer=self.info.where,
                 error=reason.getErrorMessage(),
             )
+            self._ended = self._ended or "TLS failed"
         self._lost = self._closing = True
+        self._summarise()
         self.factory.session_closed(self)
         self.setTimeout(None)
         self._cancel_login_timer()
@@ -237,6 +246,49 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             if session is None or session.state is not State.UPDATE:
                 self._release()
 
+    def _summarise(self) -> None:
+        """One line per session, as an operator reads it: who, what, how it ended."""
+        session = getattr(self, "session", None)
+        if session is None:
+            return  # Never admitted: the refusal was logged.
+        ended = session.ended or self._ended or "disconnected"
+        if session.state is State.UPDATE and session.ended is None:
+            ended = "disconnected during QUIT"
+        duration = round(self.factory.clock.seconds() - self._started, 1)
+        fields = dict(
+            peer=self.info.where,
+            tls="TLS" if self.info.secure else "no TLS",
+            ended=ended,
+            duration=duration,
+            sent=self.octets_sent,
+        )
+        if self.logged_in_as is None:
+            log.info(
+                "Disconnected {peer} ({tls}) before login: {ended}, "
+                "{failures} failed logins, {duration} s",
+                failures=session.failures,
+                **fields,
+            )
+            return
+        tally = session.tally
+        log.info(
+            "Logged out {user} from {peer} ({tls}, {mechanism}): "
+            "top={top}/{top_octets}, retr={retr}/{retr_octets}, "
+            "del={deleted}/{deleted_octets}, left={left}/{left_octets}, "
+            "sent={sent}, {duration} s, {ended}",
+            user=loggable_username(self.logged_in_as),
+            mechanism=session.mechanism,
+            top=tally.top,
+            top_octets=tally.top_octets,
+            retr=tally.retr,
+            retr_octets=tally.retr_octets,
+            deleted=tally.deleted,
+            deleted_octets=tally.deleted_octets,
+            left=tally.left,
+            left_octets=tally.left_octets,
+            **fields,
+        )
+
     def readConnectionLost(self) -> None:
         """
         The client sent EOF after its commands (``printf ... | nc -N``): they
@@ -252,6 +304,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
 
     def writeConnectionLost(self) -> None:
         """Nothing more can reach the client: there is no point going on."""
+        self._ended = "client stopped reading"
         self._closing = True
         self.transport.abortConnection()
 
@@ -264,6 +317,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         also frees the maildrop lock from a client that never reads again.
         """
         log.info("Autologout of an idle session from {peer}", peer=self.info.where)
+        self._ended = "autologout"
         self._abort()
 
     def _login_timed_out(self) -> None:
@@ -275,6 +329,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         """
         self._login_timer = None
         log.info("No login from {peer} in time, closing", peer=self.info.where)
+        self._ended = "no login in time"
         self._abort()
 
     def _abort(self) -> None:
@@ -510,10 +565,10 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         assert self._mailbox is not None
         return self._mailbox
 
-    def _do_send_message(self, effect: pop3.SendMessage) -> Deferred[None]:
+    def _do_send_message(self, effect: pop3.SendMessage) -> Deferred[int]:
         return Deferred.fromCoroutine(self._send_message(effect))
 
-    async def _send_message(self, effect: pop3.SendMessage) -> None:
+    async def _send_message(self, effect: pop3.SendMessage) -> int:
         """
         Send a message's +OK and body, exactly as large as the listing said
         (see popserv.core.retrieval): a mismatch found before the +OK is an
@@ -534,6 +589,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
                 log.failure("Reading a message failed")
                 raise errors.storage_failure("cannot read a message", e) from None
             self.send(wire.ok(effect.text))
+            before = self.octets_sent
             try:
                 await self.stream(chunks)
             except errors.MessageChanged as e:
@@ -542,6 +598,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             except OSError:
                 log.failure("Reading a message failed while sending it, connection cut")
                 raise CancelledError() from None
+            return self.octets_sent - before
         finally:
             # Also when the connection dropped before the stream started.
             try:

@@ -72,6 +72,7 @@ class LoginEffects:
     _line_waiter: Deferred[wire.Line] | None
     _mailbox: IMailbox | None
     _logout: Callable[[], object] | None
+    logged_in_as: bytes | str | None
 
     if TYPE_CHECKING:  # Provided by the protocol.
 
@@ -274,6 +275,8 @@ class LoginEffects:
 
     def _do_logged_in(self, effect: pop3.LoggedIn) -> None:
         self._cancel_login_timer()
+        user = effect.user
+        self.logged_in_as = user if isinstance(user, (bytes, str)) else repr(user)
         log.info(
             "{user} logged in from {peer}",
             user=_loggable(effect.user),
