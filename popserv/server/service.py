@@ -29,7 +29,7 @@ from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import announce, bootstrap
 from popserv.server.policy import Policy
-from popserv.server.receive import ReceiverFactory, ReceiverSettings
+from popserv.server.receiving import ReceiverFactory, ReceiverSettings
 from popserv.server.tap import (
     DEFAULT_POP3_ENDPOINT,
     Options,

@@ -21,7 +21,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SkipTest
 
 from popserv.logins.passwords import PasswdFile, hash_password
-from popserv.server import receive
+from popserv.server.receiving import protocol as receiver_protocol
+from popserv.server.receiving.connection import peer_text
 from popserv.stores import delivery
 from popserv.stores.delivery import BadAddress, RelayDenied, UnknownUser
 from tests.support.certs import CA
@@ -601,7 +602,7 @@ class ReviewRegressionTests(ReceiverTestCase):
         def broken(*args, **kwargs):
             raise RuntimeError("bug")
 
-        self.patch(receive, "deliver_message", broken)
+        self.patch(receiver_protocol, "deliver_message", broken)
         client = await self.in_thread(SMTPClient, self.ports["lmtp"])
         self.addCleanup(client.close)
         client.send(
@@ -632,7 +633,5 @@ class ReviewRegressionTests(ReceiverTestCase):
         )
 
     def test_ipv6_address_literal(self):
-        from popserv.server.receive import _peer_text
-
-        self.assertEqual(_peer_text(IPv4Address("TCP", "192.0.2.1", 1)), "[192.0.2.1]")
-        self.assertEqual(_peer_text(IPv6Address("TCP", "::1", 1)), "[IPv6:::1]")
+        self.assertEqual(peer_text(IPv4Address("TCP", "192.0.2.1", 1)), "[192.0.2.1]")
+        self.assertEqual(peer_text(IPv6Address("TCP", "::1", 1)), "[IPv6:::1]")

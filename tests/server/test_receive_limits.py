@@ -23,8 +23,8 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from popserv.server import receive
-from popserv.server.receive import ReceiverSettings
+from popserv.server.receiving import LMTPProtocol, ReceiverProtocol, ReceiverSettings
+from popserv.server.receiving import protocol as receiver_protocol
 from popserv.server.service import SPOOL_DIR
 from popserv.server.spool import SPOOL_BUFFER, Spool
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
@@ -442,14 +442,14 @@ class SessionLimitTests(ReceiverTestCase):
         """A delivery under way when time is up still gets its 250; then 421."""
         clock = self.clocked()
         entered, release = threading.Event(), threading.Event()
-        real = receive.deliver_message
+        real = receiver_protocol.deliver_message
 
         def held(*args, **kwargs):
             entered.set()
             release.wait(10)
             return real(*args, **kwargs)
 
-        self.patch(receive, "deliver_message", held)
+        self.patch(receiver_protocol, "deliver_message", held)
         client = await self.in_thread(SMTPClient, self.ports["smtp"])
         self.addCleanup(client.close)
         client.send(
@@ -523,8 +523,6 @@ class UnreadRepliesTests(ReceiverTestCase):
 class VerbTableTests(SynchronousTestCase):
     def test_every_verb_in_one_table(self):
         """Each cmd_ method is reached through the table, and nothing else is."""
-        from popserv.server.receive import LMTPProtocol, ReceiverProtocol
-
         for cls in (ReceiverProtocol, LMTPProtocol):
             methods = {name for name in dir(cls) if name.startswith("cmd_")}
             self.assertEqual(set(cls.VERBS.values()), methods)
