@@ -16,7 +16,7 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -455,10 +455,15 @@ class Listener(StreamServerEndpointService):
             # TCP, UNIX and systemd endpoints all fail here, synchronously.
             raise StartupError(cannot_listen(self.description, early[0]), EXIT_CANNOT_LISTEN)
 
-    def close(self) -> None:
+    def close(self) -> Deferred[None] | None:
         """Stop listening, if listening (after another listener failed)."""
-        if self._waitingForPort is not None:
-            self._waitingForPort.addCallback(lambda port: port and port.stopListening())
+        if self._waitingForPort is None:
+            return None
+        closed: Deferred[None] = Deferred()
+        self._waitingForPort.addCallback(lambda port: port and port.stopListening()).addBoth(
+            lambda _: closed.callback(None)
+        )
+        return closed
 
 
 class PopservService(MultiService):
@@ -484,8 +489,8 @@ class PopservService(MultiService):
         try:
             super().privilegedStartService()
         except StartupError as e:
-            for listener in self.listeners():
-                listener.close()
+            #: Fired when the listeners that did start have stopped again.
+            self.closed = DeferredList([c or succeed(None) for c in map(Listener.close, self.listeners())])
             if not self.exit_on_error:
                 raise
             exit_at_startup(self._options, e.message, e.status)
