@@ -490,7 +490,8 @@ class PopservService(MultiService):
             super().privilegedStartService()
         except StartupError as e:
             #: Fired when the listeners that did start have stopped again.
-            self.closed = DeferredList([c or succeed(None) for c in map(Listener.close, self.listeners())])
+            closing = [listener.close() or succeed(None) for listener in self.listeners()]
+            self.closed = DeferredList(closing)
             if not self.exit_on_error:
                 raise
             exit_at_startup(self._options, e.message, e.status)
