@@ -478,6 +478,8 @@ class PopservService(MultiService):
         super().__init__()
         self._options = options
         self._reactor = reactor
+        #: After a listener failed: fires when those that did start have stopped.
+        self.closed: Deferred[Any] | None = None
 
     @property
     def exit_on_error(self) -> bool:
@@ -489,7 +491,6 @@ class PopservService(MultiService):
         try:
             super().privilegedStartService()
         except StartupError as e:
-            #: Fired when the listeners that did start have stopped again.
             closing = [listener.close() or succeed(None) for listener in self.listeners()]
             self.closed = DeferredList(closing)
             if not self.exit_on_error:
