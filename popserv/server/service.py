@@ -43,6 +43,7 @@ from popserv.server.tap import (
     endpoint,
     exit_at_startup,
     exit_on_startup_error,
+    remove_pidfile,
     tls_server,
     token_validator,
     under_twistd,
@@ -510,13 +511,22 @@ class PopservService(MultiService):
         if stderr is not None:
             stderr.write(line + "\n")
             stderr.flush()
-        reactor = self._reactor
-        # twistd has no exit status of its own to set: exit once the
-        # services have stopped (twistd would then only remove its PID file).
-        reactor.addSystemEventTrigger(
-            "after", "shutdown", exit_at_startup, self._options, message, EXIT_CANNOT_LISTEN
-        )
-        reactor.stop()
+        # twistd has no exit status to set, and a SystemExit raised in a
+        # shutdown trigger is logged and ignored: once the services have
+        # stopped, do what twistd would still do (remove its PID file) and
+        # leave with the status.
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_now)
+        self._reactor.stop()
+
+    def _exit_now(self) -> None:
+        remove_pidfile(self._options)
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        self._exit(EXIT_CANNOT_LISTEN)
+
+    #: How the process ends after a late listen failure (tests replace it).
+    _exit = staticmethod(os._exit)
 
 
 def makeService(options: Mapping[str, Any]) -> MultiService:

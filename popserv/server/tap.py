@@ -99,6 +99,13 @@ def exit_at_startup(
         os.write(pipe, b"1 " + line.encode("utf-8", "replace")[:98])
         os.close(pipe)
         config["statusPipe"] = None
+    remove_pidfile(options)
+    raise SystemExit(status)
+
+
+def remove_pidfile(options: object) -> None:
+    """Remove twistd's PID file if it is this process's (twistd would, on a normal exit)."""
+    config: Any = getattr(options, "parent", None) or {}
     pidfile = config.get("pidfile")
     if pidfile and os.path.exists(pidfile):
         try:
@@ -108,7 +115,6 @@ def exit_at_startup(
                 os.unlink(pidfile)
         except OSError:
             pass
-    raise SystemExit(status)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from popserv._version import __version__
 from popserv.server.firstrun import FirstAccount, announce
 from popserv.server.service import (
     AccessCheck,
+    Listener,
     PopservService,
     admin_options,
     cannot_listen,
@@ -168,6 +169,51 @@ class ListenErrorTests(TestCase):
         await service.closed
         with socket.socket() as client:
             self.assertNotEqual(client.connect_ex(("127.0.0.1", free)), 0)
+
+    def test_late_failure_stops_with_the_status(self):
+        """An endpoint whose listen() fails later: the line, then stop and exit 75."""
+        from twisted.internet.defer import Deferred
+
+        class Later:
+            def __init__(self):
+                self.waiting: Deferred[object] = Deferred()
+
+            def listen(self, factory):
+                return self.waiting
+
+        class Reactor:
+            stopped = False
+            triggers: list = []
+
+            def addSystemEventTrigger(self, phase, event, f, *args):
+                self.triggers.append((phase, event, f))
+
+            def stop(self):
+                self.stopped = True
+
+        class Twistd(dict):
+            pass
+
+        options = Options()
+        options.parent = Twistd(pidfile="")
+        fake = Reactor()
+        service = PopservService(options, fake)
+        endpoint = Later()
+        Listener(endpoint, object(), "later:1").setServiceParent(service)
+        exits: list[int] = []
+        self.patch(service, "_exit", exits.append)
+        stderr = io.StringIO()
+        self.patch(sys, "__stderr__", stderr)
+        service.privilegedStartService()
+        self.assertFalse(fake.stopped)
+        endpoint.waiting.errback(RuntimeError("refused"))
+        self.assertEqual(stderr.getvalue(), "popserv: cannot listen on later:1: refused\n")
+        self.assertTrue(fake.stopped)
+        [(phase, event, exit_now)] = fake.triggers
+        self.assertEqual((phase, event), ("after", "shutdown"))
+        exit_now()
+        self.assertEqual(exits, [EXIT_CANNOT_LISTEN])
+        self.flushLoggedErrors()
 
     def test_messages(self):
         def line(error: Exception, description: str = "d") -> str:
