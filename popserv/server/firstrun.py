@@ -12,9 +12,14 @@ was given explicitly.
 from __future__ import annotations
 
 import getpass
+import os
 import secrets
+import shlex
+import shutil
 import sys
+from collections.abc import Sequence
 from email.utils import formatdate, make_msgid
+from pathlib import Path
 from typing import TextIO
 
 from attrs import frozen
@@ -46,7 +51,27 @@ def first_user_name() -> str:
     return name
 
 
-def welcome_message(user: str, hostname: str) -> bytes:
+def admin_command(options: Sequence[str] = ()) -> str:
+    """
+    The ``popserv`` admin command as the person who started the server can
+    type it: the script beside this Python (``.venv/bin/popserv``) unless
+    that is the one on PATH, followed by ``options``.
+    """
+    script = Path(sys.executable).with_name("popserv")
+    found = shutil.which("popserv")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        command = "popserv"
+    else:
+        try:
+            command = os.path.relpath(script)
+        except ValueError:  # another drive (Windows)
+            command = str(script)
+        if command.startswith(".."):
+            command = str(script)
+    return shlex.join([command, *options])
+
+
+def welcome_message(user: str, hostname: str, command: str = "popserv") -> bytes:
     """The first user's first message; its fields made by the one safe function."""
     fields = [
         ("From", f"popserv <postmaster@{hostname}>"),
@@ -61,8 +86,8 @@ def welcome_message(user: str, hostname: str) -> bytes:
     body = (
         f"Hello {user},\n\n"
         "popserv is running and this message came from your Maildir.\n\n"
-        "Add more users with:  popserv user add NAME\n"
-        f"Change this password: popserv user passwd {user}\n"
+        f"Add more users with:  {command} user add NAME\n"
+        f"Change this password: {command} user passwd {shlex.quote(user)}\n"
         "Delete this message with your client, or: DELE 1 then QUIT.\n"
     )
     header = "".join(header_field(name, value, eol="\n") for name, value in fields)
@@ -74,6 +99,7 @@ def bootstrap(
     hostname: str,
     owner: Owner | None = None,
     rules: UsernameRules = DEFAULT_RULES,
+    command: str = "popserv",
 ) -> FirstAccount | None:
     """
     Create the first account if there is no password file yet, its name
@@ -81,7 +107,8 @@ def bootstrap(
 
     ``owner`` (uid, gid) is who the server will run as: root starting
     ``twistd --uid`` creates the files, and hands all it created to that
-    user, or the server could not read its own password file.
+    user, or the server could not read its own password file.  ``command``
+    is the admin command the welcome message tells the user to run.
     """
     passwd = PasswdFile(layout.passwd_path, rules)
     if passwd.exists():
@@ -103,14 +130,20 @@ def bootstrap(
     location = layout.maildir_location(user)
     ensure_maildir(location)
     passwd.add(user, hash_password(password))
-    deliver(location, welcome_message(user, hostname), hostname=hostname)
+    deliver(location, welcome_message(user, hostname, command), hostname=hostname)
     if owner is not None:
         give_to(owner, created)
     return FirstAccount(user, password)
 
 
-def announce(account: FirstAccount, endpoint: str, out: TextIO = sys.stdout) -> None:
-    """Print the new account once, with a command that fetches its mail."""
+def announce(
+    account: FirstAccount, endpoint: str, command: str = "popserv", out: TextIO | None = None
+) -> None:
+    """
+    Print the new account once, with a command that fetches its mail and
+    ``command``, the admin command with the options that find this data.
+    """
+    out = out or sys.stdout
     port = _port_of(endpoint) or "PORT"
     out.write(
         "\n"
@@ -119,7 +152,7 @@ def announce(account: FirstAccount, endpoint: str, out: TextIO = sys.stdout) -> 
         f"    password: {account.password}\n"
         "Fetch the welcome message with:\n"
         f"    curl pop3://127.0.0.1:{port}/1 -u '{account.user}:{account.password}'\n"
-        f"Change the password with: popserv user passwd {account.user}\n\n"
+        f"Change the password with: {command} user passwd {shlex.quote(account.user)}\n\n"
     )
     out.flush()
 

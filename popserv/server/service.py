@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 
 from popserv.core.errors import InvalidUsername
 from popserv.logins.accounts import AccountSettings
@@ -27,14 +31,22 @@ from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.server.factory import POP3Factory
-from popserv.server.firstrun import announce, bootstrap
+from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.policy import Policy
 from popserv.server.receiving import ReceiverFactory, ReceiverSettings
 from popserv.server.tap import (
     DEFAULT_POP3_ENDPOINT,
+    EXIT_CANNOT_LISTEN,
+    LISTENER_OPTIONS,
     Options,
+    StartupError,
+    endpoint,
+    exit_at_startup,
+    exit_on_startup_error,
+    remove_pidfile,
     tls_server,
     token_validator,
+    under_twistd,
     username_rules,
 )
 from popserv.server.tls import ALPN_SMTP, TLSServer
@@ -79,10 +91,22 @@ def make_factory(
     layout = layout_of(options)
     hostname = options.get("hostname") or socket.getfqdn()
     rules = username_rules(options)
-    if not options.get("passwd"):
-        account = bootstrap(layout, hostname, owner, rules)
+    if options.get("passwd"):
+        # Given by name: a typo must not start a server that fails every
+        # login with [SYS/TEMP] (and, unlike DIR/passwd, it is not created).
+        if not layout.passwd_path.exists():
+            raise StartupError(f"--passwd {options['passwd']}: no such file")
+    else:
+        command = admin_command(admin_options(options))
+        try:
+            account = bootstrap(layout, hostname, owner, rules, command)
+        except OSError as e:
+            where = e.filename or layout.data_dir
+            raise StartupError(
+                f"--data {options['data']}: cannot create {where}: {_strerror(e)}"
+            ) from None
         if account is not None:
-            announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0])
+            announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0], command)
     passwd = PasswdFile(layout.passwd_path, rules)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     realm = MaildirRealm(
@@ -201,13 +225,42 @@ class TmpCleaner(Service):
 
 
 def layout_of(options: Mapping[str, Any]) -> Layout:
-    """Where the options say the data lives."""
-    return Layout.create(
-        options["data"],
-        options.get("passwd"),
-        options.get("maildir"),
-        follow_symlinks=bool(options.get("follow-maildir-symlinks")),
-    )
+    """Where the options say the data lives; :class:`StartupError` for a bad ``--maildir``."""
+    try:
+        return Layout.create(
+            options["data"],
+            options.get("passwd"),
+            options.get("maildir"),
+            follow_symlinks=bool(options.get("follow-maildir-symlinks")),
+        )
+    except ValueError as e:
+        raise StartupError(f"--maildir {options.get('maildir')!r}: {e}") from None
+
+
+def admin_options(options: Mapping[str, Any]) -> list[str]:
+    """
+    The options the ``popserv`` admin command needs to find the same users
+    as this server: ``--data`` unless it is the default, and the name rules
+    unless they are.
+    """
+    from popserv.stores.layout import DEFAULT_DATA_DIR
+
+    found = []
+    if options.get("data", DEFAULT_DATA_DIR) != DEFAULT_DATA_DIR:
+        found += ["--data", str(options["data"])]
+    if options.get("maildir"):
+        found += ["--maildir", str(options["maildir"])]
+    if options.get("username-case") not in (None, "fold"):
+        found += ["--username-case", str(options["username-case"])]
+    if options.get("allow-mixed-script-names"):
+        found.append("--allow-mixed-script-names")
+    return found
+
+
+def _strerror(error: OSError) -> str:
+    """``No such file or directory`` as ``no such file or directory``."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
 
 
 def service_owner(options: Any) -> Owner | None:
@@ -241,36 +294,52 @@ class AccessCheck(Service):
 
     def startService(self) -> None:
         super().startService()
-        for problem in self.problems():
-            log.error(
-                "{problem}: give the files to the user popserv runs as (uid {uid}), for"
-                " example chown -R that user {data}",
-                problem=problem,
-                uid=os.getuid(),
-                data=str(self.layout.data_dir),
-            )
+        for problem, owner in self._problems():
+            if owner:
+                log.error(
+                    "{problem}: give the files to the user popserv runs as (uid {uid}), for"
+                    " example chown -R that user {data}",
+                    problem=problem,
+                    uid=os.getuid(),
+                    data=str(self.layout.data_dir),
+                )
+            else:
+                log.error("{problem}", problem=problem)
 
     def problems(self) -> list[str]:
         """What this process cannot do that serving mail needs."""
+        return [problem for problem, _ in self._problems()]
+
+    def _problems(self) -> list[tuple[str, bool]]:
+        """Each problem, and whether giving the files to this user would solve it."""
         # os.access and os.path answer False where pathlib would raise EACCES.
         found = []
         passwd = self.layout.passwd_path
-        if not os.access(passwd, os.R_OK):
-            found.append(f"Cannot read the password file {passwd}")
+        if not os.path.lexists(passwd) and os.access(passwd.parent, os.X_OK):
+            # Not a permission problem: chown would not help.
+            found.append(
+                (
+                    f"There is no password file {passwd}: every login fails until one"
+                    " is made (popserv user add NAME)",
+                    False,
+                )
+            )
+        elif not os.access(passwd, os.R_OK):
+            found.append((f"Cannot read the password file {passwd}", True))
         # The server creates a new user's Maildir in the data directory (not
         # in, say, /home for a /home/{user}/Maildir template).
         head = self.layout.maildir_template.split("{user}", 1)[0]
         parent = Path(head) if head.endswith(os.sep) else Path(head).parent
         inside = parent == self.layout.data_dir or self.layout.data_dir in parent.parents
         if inside and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
-            found.append(f"Cannot create Maildirs in {parent}")
+            found.append((f"Cannot create Maildirs in {parent}", True))
         # The receiver makes its spool directory at the first DATA, and
         # answers every DATA with a 451 if it cannot.
         if self.spool_dir is not None:
             spool = self.spool_dir
             where = spool if os.path.isdir(spool) else spool.parent
             if os.path.isdir(where) and not os.access(where, os.W_OK | os.X_OK):
-                found.append(f"Cannot spool incoming mail in {spool}")
+                found.append((f"Cannot spool incoming mail in {spool}", True))
         return found
 
 
@@ -329,37 +398,184 @@ class CertificateReloader(Service):
         self._reactor.callFromThread(self._reload)
 
 
+def cannot_listen(description: str, failure: Failure) -> str:
+    """``cannot listen on 127.0.0.1:1110: address already in use``, from a listen failure."""
+    error = failure.value
+    if isinstance(error, CannotListenError):
+        interface, port = error.interface, error.port
+        if port is None or isinstance(port, str):  # a UNIX socket's path
+            where = str(port or description)
+        else:
+            # Only words for the message: the port listened on every address.
+            host = interface or "0.0.0.0"  # noqa: S104
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = error.socketError
+    else:
+        where, reason = description, error
+    if isinstance(reason, OSError):
+        text = _strerror(reason)
+    else:
+        text = str(reason) or type(reason).__name__
+    return f"cannot listen on {where}: {text}"
+
+
+class Listener(StreamServerEndpointService):
+    """
+    Listens on one endpoint; a failure to listen is a :class:`StartupError`
+    (status :data:`EXIT_CANNOT_LISTEN`), never a traceback logged by a
+    server that then runs with nothing listening.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+        #: Told of a failure that comes after start-up (an endpoint whose
+        #: listen() answers later); set by :class:`PopservService`.
+        self.failed: Any = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        waiting: Deferred[Any] = self.endpoint.listen(self.factory)
+        self._waitingForPort = waiting
+        early: list[Failure] = []
+        starting = True
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return
+            if starting:
+                early.append(failure)
+            elif self.failed is not None:
+                self.failed(cannot_listen(self.description, failure))
+            else:
+                log.critical("{line}", line=cannot_listen(self.description, failure))
+
+        waiting.addErrback(failed)
+        starting = False
+        if early:
+            # TCP, UNIX and systemd endpoints all fail here, synchronously.
+            raise StartupError(cannot_listen(self.description, early[0]), EXIT_CANNOT_LISTEN)
+
+    def close(self) -> Deferred[None] | None:
+        """Stop listening, if listening (after another listener failed)."""
+        if self._waitingForPort is None:
+            return None
+        closed: Deferred[None] = Deferred()
+        self._waitingForPort.addCallback(lambda port: port and port.stopListening()).addBoth(
+            lambda _: closed.callback(None)
+        )
+        return closed
+
+
+class PopservService(MultiService):
+    """
+    What :func:`makeService` returns.  Under twistd (``exit_on_error``), a
+    listener that cannot listen ends the process with one line and a
+    non-zero status, instead of leaving it running with nothing listening
+    (which systemd or a supervisor would take for a working server).
+    """
+
+    def __init__(self, options: object = None, reactor: Any = None) -> None:
+        super().__init__()
+        self._options = options
+        self._reactor = reactor
+        #: After a listener failed: fires when those that did start have stopped.
+        self.closed: Deferred[Any] | None = None
+
+    @property
+    def exit_on_error(self) -> bool:
+        return under_twistd(self._options)
+
+    def privilegedStartService(self) -> None:
+        for listener in self.listeners():
+            listener.failed = self._failed_later
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            closing = [listener.close() or succeed(None) for listener in self.listeners()]
+            self.closed = DeferredList(closing)
+            if not self.exit_on_error:
+                raise
+            exit_at_startup(self._options, e.message, e.status)
+
+    def listeners(self) -> list[Listener]:
+        return [s for s in self if isinstance(s, Listener)]
+
+    def _failed_later(self, message: str) -> None:
+        """A listen() that failed after start-up: the same line, then stop."""
+        line = f"popserv: {message}"
+        log.critical("{line}", line=line)
+        if not self.exit_on_error:
+            return
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(line + "\n")
+            stderr.flush()
+        # twistd has no exit status to set, and a SystemExit raised in a
+        # shutdown trigger is logged and ignored: once the services have
+        # stopped, do what twistd would still do (remove its PID file) and
+        # leave with the status.
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit_now)
+        self._reactor.stop()
+
+    def _exit_now(self) -> None:
+        remove_pidfile(self._options)
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                stream.flush()
+        self._exit(EXIT_CANNOT_LISTEN)
+
+    #: How the process ends after a late listen failure (tests replace it).
+    _exit = staticmethod(os._exit)
+
+
 def makeService(options: Mapping[str, Any]) -> MultiService:
     """
     One listening service per ``--pop3`` and ``--pop3s`` endpoint, all
     sharing one factory; ``--pop3s`` ones speak TLS from the first byte.
+
+    A configuration that cannot work raises :class:`StartupError` (one
+    line); under ``twistd popserv`` it ends the process with that line.
     """
+    with exit_on_startup_error(options):
+        return _make_service(options)
+
+
+def _make_service(options: Mapping[str, Any]) -> MultiService:
     from twisted.internet import reactor
 
+    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
+    # Every endpoint made before anything is created on disk (the first
+    # start's account): a systemd socket that was not passed is found here.
+    endpoints = {}
+    for option in LISTENER_OPTIONS:
+        for description in plain if option == "pop3" else options.get(option) or []:
+            try:
+                endpoints[option, description] = endpoint(option, description, reactor)
+            except UsageError as e:
+                raise StartupError(str(e)) from None
     factory = make_factory(options, reactor, owner=service_owner(options))
-    top = MultiService()
+    top = PopservService(options, reactor)
     layout = layout_of(options)
     passwd = PasswdFile(layout.passwd_path, username_rules(options))
     TmpCleaner(layout, passwd, reactor).setServiceParent(top)
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None).setServiceParent(top)
-    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
-    listeners: list[tuple[str, Any]] = [(d, factory) for d in plain]
+    listeners: list[tuple[str, str, Any]] = [("pop3", d, factory) for d in plain]
     receivers = []
     for key, lmtp in (("smtp", False), ("lmtp", True)):
         if options.get(key):
             receiver = make_receiver(options, factory, lmtp=lmtp, reactor=reactor)
             receivers.append(receiver)
-            listeners += [(d, receiver) for d in options[key]]
+            listeners += [(key, d, receiver) for d in options[key]]
     if factory.tls is not None:
         secure = TLSMemoryBIOFactory(factory.tls, False, factory)
-        listeners += [(d, secure) for d in options.get("pop3s") or []]
+        listeners += [("pop3s", d, secure) for d in options.get("pop3s") or []]
         interval = options.get("tls-reload-interval") or 60.0
         others = [r.tls for r in receivers if r.tls is not None]
         CertificateReloader(factory.tls, interval, reactor, others).setServiceParent(top)
-    for description, listener in listeners:
-        endpoint = serverFromString(reactor, description)
-        StreamServerEndpointService(endpoint, listener).setServiceParent(top)
+    for option, description, listener in listeners:
+        Listener(endpoints[option, description], listener, description).setServiceParent(top)
     _warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+from twisted.logger import Logger
 from twisted.python import usage
 
+from popserv._version import __version__
 from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import CASES, FOLD, UsernameRules
 from popserv.logins.accounts import parse_expire, parse_login_delay
@@ -24,12 +30,105 @@ from popserv.server.tls import (
     TLSServer,
     find_certificates,
 )
-from popserv.stores.layout import DEFAULT_DATA_DIR
+from popserv.stores.delivery import EX_CONFIG, EX_TEMPFAIL
+from popserv.stores.layout import DEFAULT_DATA_DIR, Layout
 from popserv.stores.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 from popserv.stores.quota import parse_count, parse_size
 
+log = Logger()
+
 #: Loopback only, on a port that needs no root: safe for a first start.
 DEFAULT_POP3_ENDPOINT = "tcp:1110:interface=127.0.0.1"
+
+#: Exit status of ``twistd popserv`` when the configuration is wrong (an
+#: option, or a file one names): sysexits.h EX_CONFIG.  Restarting cannot
+#: help, so the systemd unit lists it in RestartPreventExitStatus=.
+EXIT_CONFIG = EX_CONFIG
+#: Exit status when a listener cannot listen (port in use, no permission):
+#: sysexits.h EX_TEMPFAIL, since the port may be free a moment later (an old
+#: instance still shutting down) and Restart=on-failure retries.
+EXIT_CANNOT_LISTEN = EX_TEMPFAIL
+
+
+class StartupError(Exception):
+    """
+    A reason popserv cannot start, told in one line (no traceback): under
+    ``twistd popserv`` it is printed as ``popserv: LINE`` and the process
+    exits with ``status``; an application embedding popserv gets the
+    exception.
+    """
+
+    def __init__(self, message: str, status: int = EXIT_CONFIG) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def under_twistd(options: object) -> bool:
+    """True when ``options`` are the ``popserv`` subcommand of a twistd command line."""
+    return getattr(options, "parent", None) is not None
+
+
+def exit_at_startup(
+    options: object, message: str, status: int, *, usage_line: str | None = None
+) -> NoReturn:
+    """
+    End ``twistd popserv`` before it serves: ``popserv: MESSAGE`` as one line
+    on the real stderr (after an optional usage line), in the log when
+    twistd's logging has begun, and to a daemonizing twistd's waiting parent
+    through its status pipe; the PID file removed; exit ``status``.
+    """
+    line = f"popserv: {message}"
+    config: Any = getattr(options, "parent", None) or {}
+    # Once twistd logs, sys.stderr is a file that writes log events; the
+    # process's own stderr is still sys.__stderr__ (the terminal, the journal).
+    stderr = sys.__stderr__ or sys.stderr
+    if usage_line:
+        stderr.write(usage_line + "\n")
+    stderr.write(line + "\n")
+    stderr.flush()
+    if sys.stderr is not sys.__stderr__:
+        log.critical("{line}", line=line)
+    pipe = config.get("statusPipe")
+    if pipe is not None:
+        # The parent of a daemonizing twistd waits for this and prints it
+        # (it reads at most 100 bytes, then exits 1 whatever we send).
+        os.write(pipe, b"1 " + line.encode("utf-8", "replace")[:98])
+        os.close(pipe)
+        config["statusPipe"] = None
+    remove_pidfile(options)
+    raise SystemExit(status)
+
+
+def remove_pidfile(options: object) -> None:
+    """Remove twistd's PID file if it is this process's (twistd would, on a normal exit)."""
+    config: Any = getattr(options, "parent", None) or {}
+    pidfile = config.get("pidfile")
+    if pidfile and os.path.exists(pidfile):
+        try:
+            with open(pidfile) as f:
+                ours = f.read().strip() == str(os.getpid())
+            if ours:
+                os.unlink(pidfile)
+        except OSError:
+            pass
+
+
+@contextmanager
+def exit_on_startup_error(options: object) -> Iterator[None]:
+    """
+    Under twistd, a :class:`StartupError` raised inside ends the process in
+    one line (:func:`exit_at_startup`); elsewhere it propagates.
+    """
+    try:
+        yield
+    except StartupError as e:
+        if not under_twistd(options):
+            raise
+        exit_at_startup(options, e.message, e.status)
 
 
 def _positive_float(value: str) -> float:
@@ -115,8 +214,185 @@ def _identity_rule(value: str) -> str:
     return value
 
 
+def _expire(value: str) -> int | None:
+    try:
+        return parse_expire(value)
+    except ValueError:
+        raise ValueError("must be a number of days >= 0, or NEVER") from None
+
+
+def _reason(error: ValueError) -> str:
+    """A coercer's complaint, in words (not ``invalid literal for int() ...``)."""
+    text = str(error)
+    if text.startswith("invalid literal for int()"):
+        return "not a whole number"
+    if text.startswith("could not convert string to float"):
+        return "not a number"
+    return text
+
+
+def _named(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{name} {value!r}: {_reason(e)}") from None
+
+    return parse
+
+
+def _naming_the_option(parameters: list[list[Any]]) -> list[list[Any]]:
+    """
+    Make each coercer's ValueError a usage error that names the option and
+    the value given; twistd's own says ``Parameter type enforcement failed``
+    and names neither.
+    """
+    for parameter in parameters:
+        if len(parameter) == 5:
+            parameter[4] = _named(parameter[0], parameter[4])
+    return parameters
+
+
 #: The Policy defaults, which the options show.
 _DEFAULTS = Policy(hostname="localhost")
+
+
+#: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
+#: the same groups in the same order (a test compares them).
+HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Listening", ("pop3", "pop3s", "hostname")),
+    ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
+    (
+        "TLS",
+        (
+            "tls-cert",
+            "tls-key",
+            "tls-min-version",
+            "tls-ciphers",
+            "tls-client-ca",
+            "tls-reload-interval",
+        ),
+    ),
+    (
+        "Logins",
+        (
+            "allow-cleartext-auth",
+            "allow-cleartext-apop",
+            "apop",
+            "sasl",
+            "username-case",
+            "allow-mixed-script-names",
+            "master-user",
+            "external-identity",
+            "oauth-key",
+            "oauth-issuer",
+            "oauth-audience",
+            "oauth-user-claim",
+            "login-delay",
+            "expire",
+        ),
+    ),
+    (
+        "Limits",
+        (
+            "max-connections",
+            "max-connections-per-ip",
+            "ipv6-prefix",
+            "trusted-network",
+            "max-user-sessions",
+            "idle-timeout",
+            "login-timeout",
+            "auth-failure-delay",
+            "auth-failure-max-delay",
+            "max-auth-failures",
+            "max-line-length",
+            "max-auth-line-length",
+            "max-queued-commands",
+            "max-bad-commands",
+        ),
+    ),
+    (
+        "Receiving mail",
+        (
+            "smtp",
+            "lmtp",
+            "domain",
+            "max-message-size",
+            "quota-bytes",
+            "quota-messages",
+            "recipient-delimiter",
+        ),
+    ),
+    ("Other", ("help", "version")),
+)
+
+#: What each option's value is, in ``--help``.
+METAVARS = {
+    "pop3": "ENDPOINT",
+    "pop3s": "ENDPOINT",
+    "smtp": "ENDPOINT",
+    "lmtp": "ENDPOINT",
+    "hostname": "NAME",
+    "data": "DIR",
+    "passwd": "FILE",
+    "maildir": "TEMPLATE",
+    "uidl-format": "FORMAT",
+    "tls-cert": "FILE|DIR",
+    "tls-key": "FILE",
+    "tls-min-version": "1.2|1.3",
+    "tls-ciphers": "LIST",
+    "tls-client-ca": "FILE",
+    "tls-reload-interval": "SECONDS",
+    "apop": "yes|no|auto",
+    "sasl": "LIST|auto",
+    "username-case": "fold|keep",
+    "master-user": "NAME",
+    "external-identity": "cn|email|email-local",
+    "oauth-key": "FILE",
+    "oauth-issuer": "ISS",
+    "oauth-audience": "AUD",
+    "oauth-user-claim": "CLAIM",
+    "login-delay": "SECONDS",
+    "expire": "DAYS|NEVER",
+    "trusted-network": "CIDR",
+    "ipv6-prefix": "BITS",
+    "idle-timeout": "SECONDS",
+    "login-timeout": "SECONDS",
+    "auth-failure-delay": "SECONDS",
+    "auth-failure-max-delay": "SECONDS",
+    "domain": "DOMAIN",
+    "max-message-size": "SIZE",
+    "quota-bytes": "SIZE",
+    "quota-messages": "N",
+    "recipient-delimiter": "CHARS",
+}
+
+#: Defaults ``--help`` shows in words rather than as the stored value.
+DEFAULT_TEXTS = {
+    "pop3": DEFAULT_POP3_ENDPOINT,
+    "passwd": "DIR/passwd, created with a first user on the first start",
+    "maildir": "DIR/mail/{user}",
+    "hostname": "the FQDN",
+    "tls-ciphers": "Mozilla intermediate",
+    "apop": "auto",
+    "sasl": "auto",
+    "expire": "NEVER",
+    "domain": "the host name and localhost",
+    "max-message-size": "25M",
+    "quota-bytes": "none",
+    "quota-messages": "none",
+}
+
+#: Width of ``--help``, whatever the terminal: texts are read, not scanned.
+HELP_WIDTH = 79
+
+
+def _default_text(value: object) -> str | None:
+    if value is None or value == []:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 class Options(usage.Options):
@@ -129,11 +405,11 @@ class Options(usage.Options):
         "./popserv-data, creating a first account on the first start."
     )
 
-    optParameters: ClassVar[list[list[Any]]] = [
+    optParameters: ClassVar[list[list[Any]]] = _naming_the_option([
         ["data", "d", DEFAULT_DATA_DIR, "Data directory (password file, Maildirs)."],
-        ["passwd", None, None, "Password file (default: DATA/passwd)."],
-        ["maildir", None, None, "Maildir path template with {user} (default: DATA/mail/{user})."],
-        ["hostname", None, None, "Host name for the greeting (default: the FQDN)."],
+        ["passwd", None, None, "The password file; when given, it must exist."],
+        ["maildir", None, None, "Where Maildirs are: a path template with {user}."],
+        ["hostname", None, None, "Host name for the greeting and SMTP."],
         [
             "username-case",
             None,
@@ -248,22 +524,23 @@ class Options(usage.Options):
             None,
             None,
             "Days a retrieved message is kept, or NEVER (EXPIRE).",
-            parse_expire,
+            _expire,
         ],
         [
             "apop",
             None,
             None,
-            "Offer APOP: yes, no, or auto (default: when an account"
-            " has a password APOP can use, i.e. stored PLAIN).",
+            "Offer APOP: yes, no, or auto (when an account has a password APOP"
+            " can use, i.e. stored PLAIN).",
             _tristate,
         ],
         [
             "sasl",
             None,
             None,
-            "SASL mechanisms to offer, comma-separated, or auto (default: PLAIN and LOGIN,"
-            " and CRAM-MD5 when every account has a PLAIN or CRAM-MD5 password).",
+            "SASL mechanisms to offer, comma-separated, or auto: PLAIN and LOGIN; CRAM-MD5"
+            " and SCRAM while every account has a secret they can use; EXTERNAL with"
+            " --tls-client-ca; OAUTHBEARER and XOAUTH2 with --oauth-key.",
             _mechanisms,
         ],
         [
@@ -297,7 +574,7 @@ class Options(usage.Options):
             "tls-ciphers",
             None,
             INTERMEDIATE_CIPHERS,
-            "OpenSSL cipher list for TLS 1.2 (default: Mozilla intermediate).",
+            "OpenSSL cipher list for TLS 1.2.",
         ],
         [
             "tls-client-ca",
@@ -316,22 +593,23 @@ class Options(usage.Options):
             "quota-bytes",
             None,
             None,
-            "Default mailbox quota for delivery, e.g. 1G (users may override it with"
-            " quota_bytes= in the password file).",
+            "Mailbox quota for delivery, e.g. 1G; a user's quota_bytes= in the password"
+            " file overrides it.",
             parse_size,
         ],
         [
             "quota-messages",
             None,
             None,
-            "Default limit of messages per mailbox for delivery.",
+            "Messages a mailbox may hold, for delivery; a user's quota_messages="
+            " overrides it.",
             parse_count,
         ],
         [
             "recipient-delimiter",
             None,
             "+",
-            "Delivery to user+tag@domain goes to user ('' to turn it off).",
+            "Delivery to user+tag@domain goes to user ('' turns it off).",
         ],
         [
             "tls-reload-interval",
@@ -340,7 +618,7 @@ class Options(usage.Options):
             "Seconds between checks for renewed certificate files (SIGHUP reloads at once).",
             _positive_float,
         ],
-    ]
+    ])
 
     optFlags: ClassVar[list[list[Any]]] = [
         [
@@ -382,8 +660,8 @@ class Options(usage.Options):
         self["trusted-network"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
-        """POP3 listener, a Twisted endpoint string (repeatable; default
-        tcp:1110:interface=127.0.0.1). E.g. tcp:110, systemd:domain=INET:index=0"""
+        """POP3 listener, a Twisted endpoint string (repeatable). E.g. tcp:110,
+        systemd:domain=INET:index=0"""
         self["pop3"].append(endpoint)
 
     def opt_pop3s(self, endpoint: str) -> None:
@@ -412,14 +690,13 @@ class Options(usage.Options):
         self["lmtp"].append(endpoint)
 
     def opt_domain(self, domain: str) -> None:
-        """A mail domain whose users' mail SMTP accepts (repeatable; default:
-        the host name and localhost)."""
+        """A mail domain whose users' mail SMTP accepts (repeatable)."""
         self["domain"].append(domain)
 
     def opt_trusted_network(self, network: str) -> None:
         """A network (CIDR) of clients such as a webmail or a proxy, each
         speaking for many users: exempt from --max-connections-per-ip and the
-        growing failed-login delay (repeatable; default: none)."""
+        growing failed-login delay (repeatable)."""
         try:
             self["trusted-network"].append(ipaddress.ip_network(network, strict=False))
         except ValueError:
@@ -430,9 +707,73 @@ class Options(usage.Options):
         not needed when the certificate file holds its key)."""
         self["tls-key"].append(path)
 
+    def opt_version(self) -> NoReturn:
+        """Print popserv's version and exit."""
+        import twisted
+
+        print(f"popserv {__version__} (Twisted {twisted.__version__})")
+        sys.exit(0)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Under twistd, a bad option ends the process with the usage line and
+        one line naming the problem (twistd's own handler would print the
+        whole help above it, on stdout, and exit 1); elsewhere, as usual,
+        :class:`UsageError`.
+        """
+        if not under_twistd(self):
+            super().parseOptions(options)
+            return
+        try:
+            with exit_on_startup_error(self):
+                super().parseOptions(options)
+        except usage.UsageError as e:
+            more = "; twistd popserv --help lists the options"
+            exit_at_startup(self, str(e), EXIT_CONFIG, usage_line=self.getSynopsis() + more)
+
+    def getUsage(self, width: int | None = None) -> str:
+        """Every option, in :data:`HELP_GROUPS`, each text wrapped under its name."""
+        width = width or HELP_WIDTH
+        fill = textwrap.TextWrapper(
+            width=width,
+            initial_indent=" " * 8,
+            subsequent_indent=" " * 8,
+            break_on_hyphens=False,
+            break_long_words=False,
+        ).fill
+        shorts = {long: short for short, long in self.synonyms.items() if len(short) == 1}
+        parameters = {name.rstrip("=") for name in self.longOpt if name.endswith("=")}
+        parts = ["", textwrap.fill(self.longdesc, width), ""]
+        for title, names in HELP_GROUPS:
+            parts.append(f"{title}:")
+            for name in names:
+                head = f"--{name}"
+                if name in shorts:
+                    head = f"-{shorts[name]}, {head}"
+                if name in parameters:
+                    head += " " + METAVARS.get(name, "N")
+                text = " ".join((self.docs.get(name) or "").split())
+                if text and not text.endswith("."):
+                    text += "."
+                default = DEFAULT_TEXTS.get(name) or _default_text(self.defaults.get(name))
+                if default is not None and name in parameters:
+                    text += f" Default: {default}."
+                parts += [f"  {head}", fill(text)]
+            parts.append("")
+        return "\n".join(parts)
+
     def postOptions(self) -> None:
         if not self["pop3"] and not self["pop3s"]:
             self["pop3"] = [DEFAULT_POP3_ENDPOINT]
+        for option in LISTENER_OPTIONS:
+            for description in self[option]:
+                if not description.startswith("systemd:"):
+                    # systemd's sockets exist only under systemd: checked at start.
+                    endpoint(option, description)
+        try:
+            Layout.create(self["data"], self["passwd"], self["maildir"])
+        except ValueError as e:
+            raise usage.UsageError(f"--maildir {self['maildir']!r}: {e}") from None
         if self["pop3s"] and not self["tls-cert"]:
             raise usage.UsageError("--pop3s needs a certificate: give --tls-cert")
         if self["tls-key"] and not self["tls-cert"]:
@@ -450,9 +791,39 @@ class Options(usage.Options):
         try:
             self["tls"] = tls_server(self)
         except CertificateError as e:
-            # A usage error would bury the line under the whole option help.
-            raise SystemExit(f"popserv: {e}") from None
+            raise StartupError(str(e)) from None
         self["oauth"] = token_validator(self)
+
+
+#: The options that name endpoints to listen on.
+LISTENER_OPTIONS = ("pop3", "pop3s", "smtp", "lmtp")
+
+
+def endpoint(option: str, description: str, reactor: Any = None) -> Any:
+    """
+    The server endpoint ``description`` names (nothing listens yet), or a
+    usage error naming ``--option``: an unknown type (``tpc:110``), a
+    missing or impossible port, a systemd socket that was not passed.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        made = serverFromString(reactor, description)
+    except (ValueError, TypeError) as e:
+        raise usage.UsageError(f"--{option} {description!r}: {e}") from None
+    except (IndexError, KeyError):
+        raise usage.UsageError(
+            f"--{option} {description!r}: systemd passed no such socket"
+            " (LISTEN_FDS; start popserv from its .socket unit)"
+        ) from None
+    # TCP endpoints keep the port as given; the kernel would refuse it only
+    # when listening (as OverflowError: port must be 0-65535).
+    port = getattr(made, "_port", 0)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"--{option} {description!r}: the port must be 0 to 65535")
+    return made
 
 
 def username_rules(options: Mapping[str, Any]) -> UsernameRules:
@@ -481,7 +852,7 @@ def tls_server(options: Mapping[str, Any]) -> TLSServer | None:
 
 
 def token_validator(options: Mapping[str, Any]) -> JWTValidator | None:
-    """The OAuth token validator the options describe, or None; one-line exit if unusable."""
+    """The OAuth token validator the options describe, or None; StartupError if unusable."""
     key = options.get("oauth-key")
     if not key:
         return None
@@ -493,6 +864,6 @@ def token_validator(options: Mapping[str, Any]) -> JWTValidator | None:
             claim=options.get("oauth-user-claim") or "sub",
         )
     except OSError as e:
-        raise SystemExit(f"popserv: {key}: {e.strerror or e}") from None
+        raise StartupError(f"--oauth-key {key}: {(e.strerror or str(e)).lower()}") from None
     except ValueError as e:
-        raise SystemExit(f"popserv: {key}: {e}") from None
+        raise StartupError(f"--oauth-key {key}: {e}") from None

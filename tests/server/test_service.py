@@ -110,8 +110,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(policy.trusted_networks, ())
 
     def test_limits_reach_the_policy(self):
+        passwd = Path(self.mktemp())
+        passwd.write_text("")
         options = self.parse(
-            "--data", self.mktemp(), "--passwd", self.mktemp(), "--hostname", "h",
+            "--data", self.mktemp(), "--passwd", str(passwd), "--hostname", "h",
             "--login-timeout", "30", "--auth-failure-delay", "1", "--auth-failure-max-delay",
             "10", "--max-connections", "500", "--max-connections-per-ip", "5",
             "--ipv6-prefix", "56", "--max-user-sessions", "2", "--max-line-length", "512",

@@ -26,7 +26,7 @@ from popserv.core import errors, wire
 from popserv.core.body import wire_size
 from popserv.server.output import OutputGate as _OutputGate
 from popserv.server.service import CertificateReloader
-from popserv.server.tap import Options
+from popserv.server.tap import EXIT_CONFIG, Options, StartupError
 from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity
 from popserv.stores.maildir import deliver
 from tests.support.certs import CA, key_pem
@@ -482,15 +482,14 @@ class ConfigurationTests(SynchronousTestCase):
     def error(self, *argv: str) -> str:
         """The one line a bad TLS option stops startup with."""
         options = Options()
-        with self.assertRaises((UsageError, SystemExit)) as raised:
+        with self.assertRaises((UsageError, StartupError)) as raised:
             options.parseOptions(list(argv))
-        message = str(raised.exception.code if isinstance(raised.exception, SystemExit)
-                      else raised.exception).removeprefix("popserv: ")
+        message = str(raised.exception)
         self.assertNotIn("\n", message)
         return message
 
     def test_twistd_prints_one_line(self):
-        """twistd with a missing certificate: one line on stderr, no traceback, exit 1."""
+        """twistd with a missing certificate: one line on stderr, no traceback, exit 78."""
         twistd = Path(sys.executable).with_name("twistd")
         if not twistd.exists():
             raise SkipTest("no twistd script beside this Python")
@@ -500,7 +499,7 @@ class ConfigurationTests(SynchronousTestCase):
             [str(twistd), "-n", "--pidfile", "", "popserv", "--data", str(self.dir / "data"),
              "--tls-cert", str(missing)], capture_output=True, text=True, env=env, timeout=60,
             check=False)
-        self.assertEqual(done.returncode, 1)
+        self.assertEqual(done.returncode, EXIT_CONFIG)
         self.assertEqual(done.stderr, f"popserv: {missing}: No such file or directory\n")
         self.assertNotIn("Traceback", done.stdout)
 
