@@ -17,7 +17,6 @@ from zope.interface.verify import verifyObject
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
-from popserv.core.session import TRANSITIONS as COMMANDS
 from popserv.core.state import State
 from popserv.logins.accounts import AccountSettings
 from popserv.server.policy import Policy
@@ -726,21 +725,3 @@ class ExpireTests(SynchronousTestCase):
         s.send(b"RETR 2\r\nTOP 3 0\r\n")
         s.send(b"QUIT\r\n")
         self.assertEqual(s.maildrop.contents(), [MESSAGES[0], MESSAGES[2]])
-
-
-class StateTableTests(SynchronousTestCase):
-    def test_grammar_and_table_name_the_same_verbs(self):
-        """Every verb the parser knows is run in some state, and every verb run is parsed."""
-        run = {verb for table in COMMANDS.values() for verb in table}
-        self.assertEqual(run, set(wire.ARGUMENTS))
-
-    def test_table_covers_rfc1939(self):
-        self.assertEqual(
-            set(COMMANDS[State.AUTHORIZATION]),
-            {"CAPA", "USER", "APOP", "AUTH", "STLS", "UTF8", "LANG", "QUIT"},
-        )
-        self.assertEqual(
-            set(COMMANDS[State.TRANSACTION]),
-            {"CAPA", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LANG", "QUIT"},
-        )
-        self.assertEqual(COMMANDS[State.UPDATE], {})
