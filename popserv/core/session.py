@@ -142,7 +142,8 @@ class Session:
         self.utf8 = False
         #: The greeting's APOP timestamp; empty when APOP is not offered.
         self.timestamp = b""
-        #: The name given by USER, until PASS (or anything else) uses it up.
+        #: The name given by USER, for PASS; another USER, APOP, AUTH or STLS
+        #: forgets it (commands that change nothing may come between).
         self.user: bytes | None = None
         self.failures = 0
         #: Bad command lines since the last good one (Policy.max_bad_commands).

@@ -235,7 +235,7 @@ def _mechanism_and_response(rest: bytes | None) -> tuple[object, ...]:
 
 #: The grammar: every command popserv knows, with the parser for its
 #: arguments.  Which of them is legal in which state is the protocol's
-#: table (``popserv.server.protocol.COMMANDS``), which runs each verb here in some
+#: table (``popserv.server.session.TRANSITIONS``), which runs each verb here in some
 #: state; a verb no state runs would be dead grammar (a test checks both
 #: tables name the same verbs).
 ARGUMENTS: dict[str, ArgParser] = {

@@ -13,7 +13,6 @@ run set ``POPSERV_FUZZ_EXAMPLES`` (the state machine gets a fifth of it)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from hashlib import md5
 from typing import Any
@@ -29,16 +28,18 @@ from hypothesis.stateful import (
 )
 from twisted.trial.unittest import SynchronousTestCase
 
+from popserv.core import effects as pop3
 from popserv.core import errors, wire
-from popserv.core import session as pop3
 from popserv.core.body import BodyEncoder, wire_size
+from popserv.core.effects import Rejected
 from popserv.core.lang import Language, Languages
-from popserv.core.session import TRANSITIONS, Rejected, Session
+from popserv.core.session import TRANSITIONS, Session
 from popserv.core.state import State
 from popserv.core.view import SECONDS_PER_DAY
 from popserv.logins.sasl.mechanism import SASLUnknownMechanism
 from popserv.server.policy import Policy
 from popserv.stores.interfaces import Listing
+from tests.support.fuzzing import examples
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nHello\n.dotted line\n",
@@ -236,7 +237,9 @@ class Driver:
                 assert self.listing is not None
                 assert listed == self.listing.sizes[index], (listed, index)
                 _, message = self.store.messages[index]
-                out.append(wire.ok(text) + encoder.feed(message) + encoder.finish())
+                body = encoder.feed(message) + encoder.finish()
+                out.append(wire.ok(text) + body)
+                return len(body)
             case pop3.Commit(deleted, _):
                 self.commits.append(effect)
                 if self.fail_commit:
@@ -906,36 +909,49 @@ class LangTests(SynchronousTestCase):
         self.assertEqual(self.d.session.language.tag, "en")
 
 
-class OpenQuestionTests(SynchronousTestCase):
-    """Where the session differs from the letter of RFC 1939 or from its own docs."""
+class TallyTests(SynchronousTestCase):
+    """What a session counts for its summary line."""
 
-    def test_pass_only_right_after_user(self):
-        """
-        RFC 1939: PASS "may only be given in the AUTHORIZATION state
-        immediately after a successful USER command", and Session.user's
-        docstring says anything but PASS uses the USER up; CAPA, LANG, UTF8,
-        a refused STLS and bad lines keep it.
-        """
+    def test_counts(self):
+        d = Driver()
+        d.login()
+        retr = d.send(b"RETR 1")
+        d.send(b"TOP 2 0")
+        d.send(b"DELE 3")
+        d.send(b"QUIT")
+        tally, sizes = d.session.tally, [wire_size(m) for m in MESSAGES]
+        body = len(retr) - len(retr.split(b"\r\n", 1)[0]) - 2
+        self.assertEqual((tally.retr, tally.retr_octets, tally.top), (1, body, 1))
+        self.assertEqual((tally.deleted, tally.deleted_octets), (1, sizes[2]))
+        self.assertEqual((tally.left, tally.left_octets), (len(sizes) - 1, sum(sizes) - sizes[2]))
+        self.assertEqual((d.session.mechanism, d.session.ended), ("USER", "QUIT"))
+
+
+class UserGivenTests(SynchronousTestCase):
+    """
+    What keeps a USER's name for PASS.  RFC 1939 has PASS "immediately
+    after a successful USER command"; popserv, like Dovecot, lets commands
+    that change nothing about the login (CAPA, LANG, UTF8, a refused STLS,
+    a bad line) come between, since clients send CAPA there, and forgets the
+    name at anything that starts another login or resets the session.
+    """
+
+    def test_harmless_commands_keep_the_name(self):
         for between in (b"CAPA", b"LANG", b"UTF8", b"STLS", b"XYZZY"):
+            d = Driver()
+            d.send(b"USER alice")
+            d.send(between)
+            self.assertTrue(d.send(b"PASS secret").startswith(b"+OK"), between)
+
+    def test_another_login_forgets_it(self):
+        for between in (b"APOP alice " + b"0" * 32, b"AUTH"):
             d = Driver()
             d.send(b"USER alice")
             d.send(between)
             self.assertEqual(d.send(b"PASS secret"), BAD_STATE, between)
 
-    test_pass_only_right_after_user.todo = (
-        "USER_GIVEN survives commands other than PASS, APOP, AUTH, USER and STLS"
-    )
-
 
 # Random sessions against a model
-
-
-def examples(normal: int, share: int = 1) -> int:
-    """``normal`` examples, or ``POPSERV_FUZZ_EXAMPLES // share`` for a long run."""
-    configured = os.environ.get("POPSERV_FUZZ_EXAMPLES")
-    if not configured:
-        return normal
-    return max(int(configured) // share, normal)
 
 
 #: The commands RFC 1939 (with CAPA, STLS, UTF8, LANG, AUTH) allows in each state.

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import os
 import re
 import shutil
 import tempfile
@@ -56,15 +55,8 @@ from popserv.stores.maildir import deliver
 from popserv.stores.memory import MemoryMaildrop, MemoryRealm
 from tests.support import LOCAL_PEER
 from tests.support.certs import CA
+from tests.support.fuzzing import examples
 from tests.support.maildirs import _MaildirRealm, maildir_contents
-
-
-def examples(normal: int, share: int = 1) -> int:
-    """``normal`` examples, or ``POPSERV_FUZZ_EXAMPLES // share`` for a long run."""
-    configured = os.environ.get("POPSERV_FUZZ_EXAMPLES")
-    if not configured:
-        return normal
-    return max(int(configured) // share, normal)
 
 
 def fuzz(normal: int):
