@@ -28,11 +28,11 @@ _EXPORTS = {
     "makeService": "popserv.server.service",
     "make_factory": "popserv.server.service",
     # What a store provides
-    "IMailbox": "popserv.stores.interfaces",
-    "Listing": "popserv.stores.interfaces",
-    "IAccountSettings": "popserv.stores.interfaces",
-    "ISessionInfo": "popserv.stores.interfaces",
-    "ISecretInventory": "popserv.stores.interfaces",
+    "IMailbox": "popserv.interfaces",
+    "Listing": "popserv.interfaces",
+    "IAccountSettings": "popserv.interfaces",
+    "ISessionInfo": "popserv.interfaces",
+    "ISecretInventory": "popserv.interfaces",
     # Stores and realms
     "Layout": "popserv.stores.layout",
     "MaildirMailbox": "popserv.stores.maildir",
@@ -70,19 +70,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from popserv.logins.passwords import PasswdFile, PasswdFileChecker
-    from popserv.server.factory import POP3Factory
-    from popserv.server.policy import Policy
-    from popserv.server.protocol import POP3Protocol
-    from popserv.server.service import make_factory, makeService
-    from popserv.stores.compat import TwistedMailRealm
-    from popserv.stores.interfaces import (
+    from popserv.interfaces import (
         IAccountSettings,
         IMailbox,
         ISecretInventory,
         ISessionInfo,
         Listing,
     )
+    from popserv.logins.passwords import PasswdFile, PasswdFileChecker
+    from popserv.server.factory import POP3Factory
+    from popserv.server.policy import Policy
+    from popserv.server.protocol import POP3Protocol
+    from popserv.server.service import make_factory, makeService
+    from popserv.stores.compat import TwistedMailRealm
     from popserv.stores.layout import Layout
     from popserv.stores.maildir import MaildirMailbox, deliver
     from popserv.stores.memory import MemoryMaildrop, MemoryRealm

@@ -49,7 +49,7 @@ from popserv.core.errors import MessageChanged
 
 if TYPE_CHECKING:
     # Only a type: the core never imports the stores at run time.
-    from popserv.stores.interfaces import MessageStream
+    from popserv.interfaces import MessageStream
 
 
 def stored_size(message: MessageStream) -> int | None:

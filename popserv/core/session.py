@@ -52,7 +52,7 @@ from popserv.core.state import State
 from popserv.core.view import MaildropView
 
 if TYPE_CHECKING:
-    from popserv.stores.interfaces import Listing
+    from popserv.interfaces import Listing
 
 
 class SessionPolicy(Protocol):

@@ -16,7 +16,7 @@ from popserv.core.errors import MessageDeleted, NoSuchMessage
 
 if TYPE_CHECKING:
     # Only a type: the core never imports the stores at run time.
-    from popserv.stores.interfaces import Listing
+    from popserv.interfaces import Listing
 
 SECONDS_PER_DAY = 86400
 

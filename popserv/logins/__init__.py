@@ -1,5 +1,5 @@
 """
 Logins: twisted.cred credentials and checkers, the password file, OAuth
 tokens, account settings and the SASL mechanisms.  Imports the core, and the
-store interfaces it implements (popserv.stores.interfaces); never the server.
+interfaces it implements (popserv.interfaces); never a store or the server.
 """

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from attrs import evolve, frozen
 from zope.interface import implementer
 
-from popserv.stores.interfaces import IAccountSettings
+from popserv.interfaces import IAccountSettings
 
 NEVER = "NEVER"
 

@@ -1,7 +1,7 @@
 """
 OAuth 2.0 bearer tokens for SASL OAUTHBEARER (RFC 7628) and XOAUTH2.
 
-A token is judged by an :class:`popserv.stores.interfaces.ITokenValidator`, which
+A token is judged by an :class:`popserv.interfaces.ITokenValidator`, which
 says which user it is for.  popserv ships :class:`JWTValidator` (signed JWTs,
 checked with PyJWT against a configured key) and :class:`CallableValidator`
 (any function, for example one that asks the identity provider's token
@@ -28,8 +28,8 @@ from zope.interface import implementer
 from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import DEFAULT_RULES, UsernameRules
 from popserv.core.wire import loggable
+from popserv.interfaces import ITokenValidator
 from popserv.logins.credentials import IOAuthTokenCredentials
-from popserv.stores.interfaces import ITokenValidator
 
 log = Logger()
 

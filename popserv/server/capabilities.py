@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from twisted.cred.credentials import IUsernameHashedPassword
 
 from popserv.core.state import State
+from popserv.interfaces import IScramKeySource, ISecretInventory
 from popserv.logins.accounts import capability_lines
 from popserv.logins.credentials import IOAuthTokenCredentials, IScramCredentials
 from popserv.logins.sasl.mechanism import MechanismInfo
-from popserv.stores.interfaces import IScramKeySource, ISecretInventory
 
 if TYPE_CHECKING:
     from popserv.server.factory import POP3Factory

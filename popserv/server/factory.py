@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from popserv.core import errors, wire
 from popserv.core.lang import Languages
+from popserv.interfaces import IMailbox, ISessionInfo, PortalLike
 from popserv.logins.accounts import Announcement
 from popserv.logins.sasl import MECHANISMS
 from popserv.logins.sasl.mechanism import MechanismInfo
@@ -38,7 +39,6 @@ from popserv.server.policy import Policy
 from popserv.server.protocol import POP3Protocol, SessionInfo
 from popserv.server.signin import penalty_name
 from popserv.server.tls import TLSServer
-from popserv.stores.interfaces import IMailbox, ISessionInfo, PortalLike
 
 
 @implementer(IRealm)

@@ -35,6 +35,7 @@ from popserv.core.retrieval import MessageBody
 from popserv.core.session import Session
 from popserv.core.state import State
 from popserv.core.usernames import loggable_username
+from popserv.interfaces import IAccountSettings, IMailbox, ISessionInfo
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
@@ -43,7 +44,6 @@ from popserv.server.output import Output, OutputGate, no_delay
 from popserv.server.signin import LoginEffects
 from popserv.server.tls import TLSInfo
 from popserv.server.transports import IStreamTransport
-from popserv.stores.interfaces import IAccountSettings, IMailbox, ISessionInfo
 
 if TYPE_CHECKING:
     from popserv.server.factory import POP3Factory

@@ -27,6 +27,7 @@ from popserv.core import effects as pop3
 from popserv.core import errors, wire
 from popserv.core.effects import Rejected
 from popserv.core.usernames import loggable_username
+from popserv.interfaces import IAccountSettings, IMailbox
 from popserv.logins.credentials import APOPCredentials
 from popserv.logins.sasl import exchange as sasl_exchange
 from popserv.logins.sasl.mechanism import (
@@ -40,7 +41,6 @@ from popserv.logins.sasl.mechanism import (
 from popserv.server import capabilities
 from popserv.server.admission import ILoginTurn
 from popserv.server.maybe import resolve
-from popserv.stores.interfaces import IAccountSettings, IMailbox
 
 if TYPE_CHECKING:
     from popserv.server.factory import POP3Factory

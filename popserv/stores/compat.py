@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, alsoProvides, implementer
 
 from popserv.core.body import WireSizeCounter
-from popserv.stores.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
+from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 
 log = Logger()
 

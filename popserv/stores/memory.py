@@ -19,7 +19,7 @@ from zope.interface import Interface, implementer
 
 from popserv.core.body import wire_size
 from popserv.core.errors import MailboxInUse
-from popserv.stores.interfaces import IMailbox, Listing
+from popserv.interfaces import IMailbox, Listing
 
 
 class MemoryMaildrop:

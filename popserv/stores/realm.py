@@ -16,9 +16,9 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from popserv.core.errors import LoginDelayed, storage_failure
+from popserv.interfaces import IMailbox
 from popserv.logins.accounts import AccountSettings, Announcement
 from popserv.logins.passwords import PasswdFile
-from popserv.stores.interfaces import IMailbox
 from popserv.stores.layout import Layout
 from popserv.stores.maildir import MaildirMailbox
 from popserv.stores.maildir.directory import MaildirPath, refuse_shared

@@ -36,9 +36,9 @@ from popserv.core.lang import Language, Languages
 from popserv.core.session import TRANSITIONS, Session
 from popserv.core.state import State
 from popserv.core.view import SECONDS_PER_DAY
+from popserv.interfaces import Listing
 from popserv.logins.sasl.mechanism import SASLUnknownMechanism
 from popserv.server.policy import Policy
-from popserv.stores.interfaces import Listing
 from tests.support.fuzzing import examples
 
 MESSAGES = [

@@ -30,6 +30,7 @@ from popserv.core.usernames import (
     validate_username,
 )
 from popserv.core.wire import loggable
+from popserv.interfaces import IMailbox
 from popserv.logins.credentials import (
     ActAsPasswordCredentials,
     APOPCredentials,
@@ -45,7 +46,6 @@ from popserv.server.cli import main
 from popserv.server.service import make_factory, make_receiver
 from popserv.server.tap import Options, username_rules
 from popserv.stores.delivery import Directory, UnknownUser
-from popserv.stores.interfaces import IMailbox
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.realm import MaildirRealm

@@ -9,8 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from popserv.core import errors, wire
 from popserv.core.body import BodyEncoder, possible_wire_size, wire_size
 from popserv.core.view import MaildropView
+from popserv.interfaces import Listing
 from popserv.logins.accounts import AccountSettings, Announcement, capability_lines
-from popserv.stores.interfaces import Listing
 
 
 def feed_all(splitter: wire.LineSplitter, data: bytes, step: int) -> list[wire.Line]:

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from popserv.core.errors import InvalidUsername, TemporaryFailure
+from popserv.interfaces import ISecretInventory
 from popserv.logins.credentials import APOPCredentials, CramMD5Credentials
 from popserv.logins.passwords import (
     DEFAULT_SCHEME,
@@ -47,7 +48,6 @@ from popserv.logins.passwords import checker as checker_module
 from popserv.logins.passwords.checker import dummy_hash
 from popserv.logins.passwords.passwdfile import parse_line
 from popserv.logins.passwords.schemes import hash_parameters
-from popserv.stores.interfaces import ISecretInventory
 
 NON_ASCII = "pässwörd ✓ 密码"
 

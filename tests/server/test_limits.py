@@ -21,10 +21,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 
 from popserv.core import errors, wire
+from popserv.interfaces import IMailbox
 from popserv.server.admission import LocalAdmission
 from popserv.server.policy import Policy
 from popserv.server.protocol import POP3Protocol
-from popserv.stores.interfaces import IMailbox
 from popserv.stores.memory import MemoryMailbox, MemoryMaildrop
 from tests.support import LOCAL_PEER, MESSAGES, REMOTE_PEER, Session
 

@@ -18,10 +18,10 @@ from zope.interface.verify import verifyObject
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
 from popserv.core.state import State
+from popserv.interfaces import IMailbox, ISecretInventory, ISessionInfo
 from popserv.logins.accounts import AccountSettings
 from popserv.server.policy import Policy
 from popserv.server.protocol import SessionInfo
-from popserv.stores.interfaces import IMailbox, ISecretInventory, ISessionInfo
 from popserv.stores.memory import MemoryMailbox
 from tests.support import MESSAGES, Session
 

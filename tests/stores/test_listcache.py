@@ -187,7 +187,7 @@ class ListingCacheTests(MaildirTestCase):
 
     def test_decode_refuses_paths_and_bad_uidls(self) -> None:
         """Even with a good checksum: no '/' in names, every UIDL valid."""
-        from popserv.stores.interfaces import Listing
+        from popserv.interfaces import Listing
         from popserv.stores.maildir.columns import PackedStrings
 
         keys = [[1, 2, 3], [4, 5, 6], None]

@@ -33,8 +33,8 @@ from popserv.core.errors import (
     PermanentFailure,
     TemporaryFailure,
 )
+from popserv.interfaces import IAccountSettings, IMailbox
 from popserv.server.maybe import resolve
-from popserv.stores.interfaces import IAccountSettings, IMailbox
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import (
     LOCK_FILE,

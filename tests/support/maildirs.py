@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from popserv.core.body import BodyEncoder
+from popserv.interfaces import IMailbox, MessageStream
 from popserv.server.maybe import resolve
-from popserv.stores.interfaces import IMailbox, MessageStream
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import (
     MaildirMailbox,

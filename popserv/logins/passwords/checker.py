@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from popserv.core.errors import InvalidUsername, TemporaryFailure
 from popserv.core.usernames import loggable_username
+from popserv.interfaces import IScramKeySource, ISecretInventory
 from popserv.logins.credentials import (
     IActAsPasswordCredentials,
     ICramMD5Credentials,
@@ -45,7 +46,6 @@ from popserv.logins.passwords.schemes import (
     verify_password,
 )
 from popserv.logins.passwords.scram import ScramKeys, derived_salt
-from popserv.stores.interfaces import IScramKeySource, ISecretInventory
 
 log = Logger()
 T = TypeVar("T")

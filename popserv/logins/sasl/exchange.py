@@ -15,6 +15,7 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from popserv.interfaces import IScramKeySource
 from popserv.logins.sasl.mechanism import (
     MAX_ROUNDS,
     Asking,
@@ -26,7 +27,6 @@ from popserv.logins.sasl.mechanism import (
     Success,
 )
 from popserv.logins.sasl.scram import NeedKeys
-from popserv.stores.interfaces import IScramKeySource
 
 
 async def run(

@@ -43,7 +43,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from popserv.core.files import read_regular, replace_file
-from popserv.stores.interfaces import Listing
+from popserv.interfaces import Listing
 from popserv.stores.maildir.columns import PackedStrings
 from popserv.stores.maildir.names import MAX_UIDL_LENGTH, seen
 

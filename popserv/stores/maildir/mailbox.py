@@ -8,7 +8,7 @@ Deferreds: opening (:mod:`popserv.stores.maildir.opening`, which scans with
 and finding a message another program moved
 (:mod:`popserv.stores.maildir.places`).  The mailbox holds the maildrop lock until
 the session closes and any commit it started is over.  It is also the
-user's settings for the session (:class:`~popserv.stores.interfaces.IAccountSettings`).
+user's settings for the session (:class:`~popserv.interfaces.IAccountSettings`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from popserv.core.errors import CommitFailed, MessageGone, storage_failure
 from popserv.core.files import READ_FLAGS, checked_regular, open_regular
-from popserv.stores.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
+from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.stores.maildir.commit import Outcome, apply
 from popserv.stores.maildir.directory import MaildirPath, SymlinkRefused
 from popserv.stores.maildir.lock import MaildropLock

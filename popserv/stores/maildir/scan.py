@@ -27,7 +27,7 @@ from attrs import define, frozen
 
 from popserv.core.body import WireSizeCounter
 from popserv.core.files import open_regular, read_regular
-from popserv.stores.interfaces import Listing
+from popserv.interfaces import Listing
 from popserv.stores.maildir.columns import PackedStrings
 from popserv.stores.maildir.commonnames import Match, common_columns, split_common
 from popserv.stores.maildir.index import Entry, load_index, storable
