@@ -34,7 +34,6 @@ from popserv.core.lang import Language
 from popserv.core.retrieval import MessageBody
 from popserv.core.session import Session
 from popserv.core.state import State
-from popserv.core.usernames import loggable_username
 from popserv.interfaces import IAccountSettings, IMailbox, ISessionInfo
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
@@ -42,6 +41,7 @@ from popserv.server.coalesce import Coalescer
 from popserv.server.maybe import fired, resolve
 from popserv.server.output import Output, OutputGate, no_delay
 from popserv.server.signin import LoginEffects
+from popserv.server.summary import session_summary
 from popserv.server.tls import TLSInfo
 from popserv.server.transports import IStreamTransport
 
@@ -95,9 +95,10 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         self._closing = False
         #: The client half-closed: answer what it sent, then close.
         self._input_ended = False
-        #: Why the connection ended, when the protocol ended it (a timeout).
-        self._ended: str | None = None
-        self._started = 0.0
+        #: Why the connection ended, when the protocol ended it (a timeout);
+        #: when it started (on the factory's clock).
+        self.ended: str | None = None
+        self.started = 0.0
         #: The user name logged in with, once in TRANSACTION.
         self.logged_in_as: bytes | str | None = None
         self._running = False
@@ -182,7 +183,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         policy = factory.policy
         self._splitter.max_length = policy.max_line_length
         self._splitter.auth_max_length = policy.max_auth_line_length
-        self.setTimeout(policy.idle_timeout)
+        self._idle_timeout(policy.idle_timeout)
         self._login_timer = self.callLater(policy.login_timeout, self._login_timed_out)
         no_delay(self.transport)
         self.transport.registerProducer(OutputGate(self), True)
@@ -196,9 +197,13 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             apop_offered=factory.apop_offered(),
             now=factory.clock.seconds,
         )
-        self._started = factory.clock.seconds()
+        self.started = factory.clock.seconds()
         factory.session_opened(self)
         self.send(self.session.greeting())
+
+    def _idle_timeout(self, seconds: float | None) -> None:
+        """Set (or, with None, stop) the autologout timer."""
+        self.setTimeout(seconds)  # type: ignore[no-untyped-call]  # Twisted's TimeoutMixin
 
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         """TimeoutMixin's timers, on the factory's clock."""
@@ -226,11 +231,13 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
                 peer=self.info.where,
                 error=reason.getErrorMessage(),
             )
-            self._ended = self._ended or "TLS failed"
+            self.ended = self.ended or "TLS failed"
         self._lost = self._closing = True
-        self._summarise()
+        summary = session_summary(self, self.factory.clock.seconds())
+        if summary is not None:
+            log.info(summary[0], **summary[1])
         self.factory.session_closed(self)
-        self.setTimeout(None)
+        self._idle_timeout(None)
         self._cancel_login_timer()
         self._queue.clear()
         try:
@@ -245,49 +252,6 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             session = getattr(self, "session", None)
             if session is None or session.state is not State.UPDATE:
                 self._release()
-
-    def _summarise(self) -> None:
-        """One line per session, as an operator reads it: who, what, how it ended."""
-        session = getattr(self, "session", None)
-        if session is None:
-            return  # Never admitted: the refusal was logged.
-        ended = session.ended or self._ended or "disconnected"
-        if session.state is State.UPDATE and session.ended is None:
-            ended = "disconnected during QUIT"
-        duration = round(self.factory.clock.seconds() - self._started, 1)
-        fields = dict(
-            peer=self.info.where,
-            tls="TLS" if self.info.secure else "no TLS",
-            ended=ended,
-            duration=duration,
-            sent=self.octets_sent,
-        )
-        if self.logged_in_as is None:
-            log.info(
-                "Disconnected {peer} ({tls}) before login: {ended}, "
-                "{failures} failed logins, {duration} s",
-                failures=session.failures,
-                **fields,
-            )
-            return
-        tally = session.tally
-        log.info(
-            "Logged out {user} from {peer} ({tls}, {mechanism}): "
-            "top={top}/{top_octets}, retr={retr}/{retr_octets}, "
-            "del={deleted}/{deleted_octets}, left={left}/{left_octets}, "
-            "sent={sent}, {duration} s, {ended}",
-            user=loggable_username(self.logged_in_as),
-            mechanism=session.mechanism,
-            top=tally.top,
-            top_octets=tally.top_octets,
-            retr=tally.retr,
-            retr_octets=tally.retr_octets,
-            deleted=tally.deleted,
-            deleted_octets=tally.deleted_octets,
-            left=tally.left,
-            left_octets=tally.left_octets,
-            **fields,
-        )
 
     def readConnectionLost(self) -> None:
         """
@@ -304,7 +268,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
 
     def writeConnectionLost(self) -> None:
         """Nothing more can reach the client: there is no point going on."""
-        self._ended = "client stopped reading"
+        self.ended = "client stopped reading"
         self._closing = True
         self.transport.abortConnection()
 
@@ -317,7 +281,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         also frees the maildrop lock from a client that never reads again.
         """
         log.info("Autologout of an idle session from {peer}", peer=self.info.where)
-        self._ended = "autologout"
+        self.ended = "autologout"
         self._abort()
 
     def _login_timed_out(self) -> None:
@@ -329,7 +293,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         """
         self._login_timer = None
         log.info("No login from {peer} in time, closing", peer=self.info.where)
-        self._ended = "no login in time"
+        self.ended = "no login in time"
         self._abort()
 
     def _abort(self) -> None:
