@@ -158,6 +158,9 @@ class Commit:
     retrieved: list[int]
 
 
+#: The effects of a command whose answer is known at once, in order.
+Effects = tuple[Any, ...]
+
 #: What driving one command looks like: effects out, results in.
 Steps = Generator[Any, Any, Any]
 
@@ -172,6 +175,7 @@ class Rejected(Exception):
 
 
 __all__ = [
+    "Effects",
     "APOPLogin",
     "Authenticate",
     "BeginAttempt",

@@ -17,11 +17,12 @@ directly, with no transport and no clock.  Nothing here imports Twisted.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 
 from popserv.core import errors, wire
 from popserv.core.body import BodyEncoder
@@ -33,6 +34,7 @@ from popserv.core.effects import (
     ChooseMechanism,
     Close,
     Commit,
+    Effects,
     Log,
     LoggedIn,
     LogIn,
@@ -211,13 +213,16 @@ class Session:
 
     # Running commands
 
-    def receive(self, line: wire.Line) -> Steps:
+    def receive(self, line: wire.Line) -> Effects | Steps:
         """
-        The effects of one command line.  The line is parsed, then run by
-        the state's entry of :data:`TRANSITIONS`; a line refused (unknown,
-        malformed, not valid in this state) counts towards
-        :attr:`Policy.max_bad_commands`, and a command that runs, however
-        it ends, starts the count again.
+        The effects of one command line: a tuple when the answer is known at
+        once (most commands), or a generator for a command that needs the
+        results of some effects (a login, a RETR, QUIT's commit).
+
+        The line is parsed, then run by the state's entry of
+        :data:`TRANSITIONS`; a line refused (unknown, malformed, not valid in
+        this state) counts towards :attr:`Policy.max_bad_commands`, and a
+        command that runs, however it ends, starts the count again.
         """
         try:
             if isinstance(line, wire.TooLong):
@@ -229,11 +234,19 @@ class Session:
         except errors.PopError as e:
             return self._bad_command(e)
         self.bad_commands = 0
-        return self._run(transition, command.args)
-
-    def _run(self, transition: Transition, args: tuple[Any, ...]) -> Steps:
         if transition.entering is not None:
             self.state = transition.entering
+        if transition.converses:
+            return self._converse(transition, command.args)
+        try:
+            effects: Effects = transition.handler(self, *command.args)
+        except errors.PopError as e:
+            return (Send(self.error_line(e)),)
+        if transition.after is not None:
+            self.state = transition.after
+        return effects
+
+    def _converse(self, transition: Transition, args: tuple[Any, ...]) -> Steps:
         try:
             moved = yield from transition.handler(self, *args)
         except errors.PopError as e:
@@ -242,18 +255,17 @@ class Session:
         if moved is not False and transition.after is not None:
             self.state = transition.after
 
-    def _bad_command(self, error: errors.PopError) -> Steps:
+    def _bad_command(self, error: errors.PopError) -> Effects:
         """Refuse a bad line; the last of too many in a row closes the session."""
         self.bad_commands += 1
         if self.bad_commands < self.policy.max_bad_commands:
-            yield Send(self.error_line(error))
-            return
-        yield Log(
-            "{count} bad commands in a row from {peer}, closing", {"count": self.bad_commands}
-        )
-        yield Send(self.error_line(errors.TooManyBadCommands()))
+            return (Send(self.error_line(error)),)
         self.ended = "too many bad commands"
-        yield Close()
+        return (
+            Log("{count} bad commands in a row from {peer}, closing", {"count": self.bad_commands}),
+            Send(self.error_line(errors.TooManyBadCommands())),
+            Close(),
+        )
 
     # AUTHORIZATION
 
@@ -262,12 +274,12 @@ class Session:
         yield self.ok("Capability list follows")
         yield Stream(wire.multiline(line.encode("ascii") for line in lines))
 
-    def _user(self, name: bytes) -> Steps:
+    def _user(self, name: bytes) -> Effects:
         if not self.cleartext_login_allowed():
             # Refused before the client sends the password.
             raise errors.TLSRequired()
         self.user = name
-        yield self.ok("Send PASS")
+        return (self.ok("Send PASS"),)
 
     def _pass(self, password: bytes) -> Steps:
         user, self.user = self.user, None
@@ -339,7 +351,7 @@ class Session:
             yield Send(self.error_line(answer))
         return False
 
-    def _stls(self) -> Steps:
+    def _stls(self) -> Effects:
         """
         STLS (RFC 2595).  Nothing learned in clear carries into TLS, where
         a man in the middle could have set it: a USER, the language, the
@@ -354,80 +366,79 @@ class Session:
         self.user = None
         self.failures = 0
         self.language = self.languages.default
-        yield self.ok("Begin TLS negotiation")
-        yield StartTLS()
         self.secure = True
+        return (self.ok("Begin TLS negotiation"), StartTLS())
 
-    def _utf8(self) -> Steps:
+    def _utf8(self) -> Effects:
         """
         UTF8 (RFC 6856): the client may send UTF-8 and accepts it.  User
         names are UTF-8 (and SASLprep'd) in any case; messages are served
         as they are stored, before and after.
         """
         self.utf8 = True
-        yield self.ok("UTF8 enabled")
+        return (self.ok("UTF8 enabled"),)
 
-    def _lang(self, language_range: str | None = None) -> Steps:
+    def _lang(self, language_range: str | None = None) -> Effects:
         """LANG (RFC 6856): list the languages, or switch to one."""
         if language_range is None:
-            yield self.ok("Language listing follows")
             lines = (f"{lang.tag} {lang.name}".encode() for lang in self.languages.all)
-            yield Stream(wire.multiline(lines))
-            return
+            return (self.ok("Language listing follows"), Stream(wire.multiline(lines)))
         language = self.languages.lookup(language_range)
         if language is None:
             raise errors.UnknownLanguage()
         self.language = language
-        yield Send(wire.ok(f"{language.tag} {self.text('Language changed')}"))
+        return (Send(wire.ok(f"{language.tag} {self.text('Language changed')}")),)
 
-    def _quit_authorization(self) -> Steps:
-        yield self.ok("Bye")
+    def _quit_authorization(self) -> Effects:
         self.ended = "QUIT"
-        yield Close()
+        return (self.ok("Bye"), Close())
 
     # TRANSACTION
 
     @property
     def maildrop(self) -> MaildropView:
         """The deletion marks, in TRANSACTION and UPDATE."""
-        assert self.view is not None
-        return self.view
+        view = self.view
+        assert view is not None
+        return view
 
-    def _stat(self) -> Steps:
+    def _stat(self) -> Effects:
         count, octets = self.maildrop.stat()
-        yield Send(wire.ok(f"{count} {octets}"))
+        return (Send(wire.ok(f"{count} {octets}")),)
 
-    def _list(self, number: int | None = None) -> Steps:
+    def _list(self, number: int | None = None) -> Effects:
         view = self.maildrop
         if number is not None:
-            yield Send(wire.ok(f"{number} {view.size(number)}"))
-            return
+            return (Send(wire.ok(f"{number} {view.size(number)}")),)
         count, octets = view.stat()
         sizes = view.listing.sizes
-        yield self.ok("{count} messages ({octets} octets)", count=count, octets=octets)
-        yield Stream(wire.numbered(view.live_runs(), lambda run: sizes[run.start : run.stop]))
+        return (
+            self.ok("{count} messages ({octets} octets)", count=count, octets=octets),
+            Stream(wire.numbered(view.live_runs(), lambda run: sizes[run.start : run.stop])),
+        )
 
-    def _uidl(self, number: int | None = None) -> Steps:
+    def _uidl(self, number: int | None = None) -> Effects:
         view = self.maildrop
         if number is not None:
-            yield Send(wire.ok(f"{number} {view.uid(number)}"))
-            return
+            return (Send(wire.ok(f"{number} {view.uid(number)}")),)
         uids = view.listing.uids
-        yield self.ok("Unique-ID listing follows")
-        yield Stream(wire.numbered(view.live_runs(), lambda run: uids[run.start : run.stop]))
+        return (
+            self.ok("Unique-ID listing follows"),
+            Stream(wire.numbered(view.live_runs(), lambda run: uids[run.start : run.stop])),
+        )
 
-    def _dele(self, number: int) -> Steps:
+    def _dele(self, number: int) -> Effects:
         self.maildrop.delete(number)
-        yield self.ok("Message {number} deleted", number=number)
+        return (self.ok("Message {number} deleted", number=number),)
 
-    def _noop(self) -> Steps:
-        yield Send(wire.ok())
+    def _noop(self) -> Effects:
+        return (Send(wire.ok()),)
 
-    def _rset(self) -> Steps:
+    def _rset(self) -> Effects:
         view = self.maildrop
         view.reset()
         count, octets = view.stat()
-        yield self.ok("{count} messages ({octets} octets)", count=count, octets=octets)
+        return (self.ok("{count} messages ({octets} octets)", count=count, octets=octets),)
 
     def _retr(self, number: int) -> Steps:
         index = self.maildrop.index(number)
@@ -477,13 +488,22 @@ class Session:
 class Transition:
     """
     A command legal in some state: what runs it, the state it enters as it
-    starts (if it changes), and the state it leads to when it succeeds
-    (a handler that returns False did not: a failed login, AUTH listing).
+    starts (if it changes), and the state it leads to when it succeeds (a
+    handler that raises did not, nor a generator that returns False: a
+    failed login, AUTH listing the mechanisms).  A handler returns its
+    effects as a tuple, or is a generator of them.
     """
 
-    handler: Callable[..., Steps]
+    #: Returns Effects, or is a generator function (Steps).
+    handler: Callable[..., Any]
     entering: State | None = None
     after: State | None = None
+    #: The handler is a generator (it needs results of its effects).
+    converses: bool = field(init=False)
+
+    @converses.default
+    def _is_generator(self) -> bool:
+        return inspect.isgeneratorfunction(self.handler)
 
 
 _AUTHORIZATION: dict[str, Transition] = {

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -68,6 +68,8 @@ class Output:
     _queue: deque[wire.Line]
     _stream: Iterator[bytes] | None
     _stream_done: Deferred[None] | None
+    #: How a stream that ended before stream() returned failed, if it did.
+    _stream_failure: Failure | None = None
 
     if TYPE_CHECKING:  # Provided by the protocol (and TimeoutMixin).
 
@@ -93,16 +95,21 @@ class Output:
         finally:
             self._output.release(self.transport)
 
-    def stream(self, chunks: Iterator[bytes]) -> Deferred[None]:
+    def stream(self, chunks: Iterator[bytes]) -> Deferred[None] | None:
         """
-        Send ``chunks`` as fast as the client reads them; fires when all are
-        sent, or at once if the connection is gone.
+        Send ``chunks`` as fast as the client reads them: None when they all
+        went at once (or the connection is gone), else a Deferred that fires
+        when they have.
         """
         if self._lost:
-            return succeed(None)
+            return None
         self._stream = chunks
-        self._stream_done = done = Deferred[None]()
+        self._stream_failure = None
         self._pump_stream()
+        if self._stream is None:
+            failure, self._stream_failure = self._stream_failure, None
+            return None if failure is None else fail(failure)
+        self._stream_done = done = Deferred[None]()
         return done
 
     def _pump_stream(self) -> None:
@@ -138,6 +145,8 @@ class Output:
                 done.callback(None)
             else:
                 done.errback(failure)
+        elif failure is not None:
+            self._stream_failure = failure
 
 
 __all__ = ["Output", "OutputGate", "no_delay"]

@@ -437,24 +437,42 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
 
     # Performing the session's effects
 
-    def _dispatch(self, line: wire.Line) -> Deferred[None] | None:
+    def _dispatch(self, line: wire.Line) -> Deferred[Any] | None:
         """
         Give one command line to the session and perform its effects; a
         Deferred when one of them has to wait, None when the command is over.
         """
         steps = self.session.receive(line)
         try:
-            waiting = self._advance(steps, None, None)
+            if isinstance(steps, tuple):
+                waiting = self._perform_all(steps)
+            else:
+                waiting = self._advance(steps, None, None)
+                if waiting is not None:
+                    waiting = Deferred.fromCoroutine(self._finish(steps, waiting))
         except Exception:
-            if self._turn is not None:
-                self._end_turn()
+            self._end_turn()
             self._command_failed(Failure())
             return None
-        if waiting is None:
-            if self._turn is not None:
-                self._end_turn()
-            return None
-        return Deferred.fromCoroutine(self._finish(steps, waiting))
+        if waiting is None and self._turn is not None:
+            self._end_turn()
+        return waiting
+
+    def _perform_all(self, effects: tuple[Any, ...]) -> Deferred[Any] | None:
+        """Perform ``effects`` in order; a Deferred if one has to wait."""
+        for at, effect in enumerate(effects):
+            outcome = _PERFORM[type(effect)](self, effect)
+            if outcome is not None and isinstance(outcome, Deferred):
+                if not outcome.called:
+                    rest = effects[at + 1 :]
+                    return outcome.addCallback(self._perform_rest, rest) if rest else outcome
+                _, failure = fired(outcome)
+                if failure is not None:
+                    raise failure
+        return None
+
+    def _perform_rest(self, _: object, rest: tuple[Any, ...]) -> Deferred[Any] | None:
+        return self._perform_all(rest)
 
     async def _finish(self, steps: Steps, waiting: Deferred[Any] | None) -> None:
         while waiting is not None:
@@ -484,7 +502,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             except Exception as e:
                 result, failure = None, e
                 continue
-            if isinstance(outcome, Deferred):
+            if outcome is not None and isinstance(outcome, Deferred):
                 if not outcome.called:
                     return outcome
                 result, failure = fired(outcome)
@@ -494,7 +512,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
     def _do_send(self, effect: pop3.Send) -> None:
         self.send(effect.data)
 
-    def _do_stream(self, effect: pop3.Stream) -> Deferred[None]:
+    def _do_stream(self, effect: pop3.Stream) -> Deferred[None] | None:
         return self.stream(effect.chunks)
 
     def _do_close(self, effect: pop3.Close) -> None:
@@ -555,7 +573,9 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
             self.send(wire.ok(effect.text))
             before = self.octets_sent
             try:
-                await self.stream(chunks)
+                streaming = self.stream(chunks)
+                if streaming is not None:
+                    await streaming
             except errors.MessageChanged as e:
                 self._message_changed(index, e, "connection cut")
                 raise

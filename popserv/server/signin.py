@@ -40,7 +40,7 @@ from popserv.logins.sasl.mechanism import (
 )
 from popserv.server import capabilities
 from popserv.server.admission import ILoginTurn
-from popserv.server.maybe import resolve
+from popserv.server.maybe import fired, resolve
 
 if TYPE_CHECKING:
     from popserv.server.factory import POP3Factory
@@ -98,10 +98,7 @@ class LoginEffects:
             raise SASLUnavailable() if known else SASLUnknownMechanism()
         return mechanism, offered
 
-    def _do_begin_attempt(self, effect: pop3.BeginAttempt) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._begin_attempt())
-
-    async def _begin_attempt(self) -> None:
+    def _do_begin_attempt(self, effect: pop3.BeginAttempt) -> Deferred[None] | None:
         """
         A login attempt begins: first wait for its turn (see
         :mod:`popserv.server.admission`): behind the client's other attempts
@@ -112,9 +109,18 @@ class LoginEffects:
         self._end_turn()
         factory = self.factory
         waiting = factory.admission.login_turn(factory.client_key(self.info.peer))
+        if waiting.called:
+            turn, failure = fired(waiting)
+            if failure is not None:
+                raise failure
+            self._turn = turn
+            return None
         # Cancelled, giving up the place, if the connection is lost meanwhile.
         self._sleeping = waiting
-        self._turn = await waiting
+        return waiting.addCallback(self._take_turn)
+
+    def _take_turn(self, turn: ILoginTurn) -> None:
+        self._turn = turn
 
     def _end_turn(self) -> None:
         """The attempt under way ends without a verdict: its turn passes on."""

@@ -172,6 +172,13 @@ class Driver:
         out: list[bytes] = []
         result: Any = None
         failure: BaseException | None = None
+        if isinstance(steps, tuple):
+            for effect in steps:
+                if self.closed:
+                    raise AssertionError(f"{effect!r} after Close")
+                self.effects.append(effect)
+                self._perform(effect, out)
+            return b"".join(out)
         while True:
             try:
                 effect = steps.send(result) if failure is None else steps.throw(failure)
