@@ -21,8 +21,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from popserv.logins.passwords import PasswdFile, hash_password
+from popserv.server.configure import service_owner
 from popserv.server.firstrun import bootstrap
-from popserv.server.service import AccessCheck, service_owner
+from popserv.server.startchecks import AccessCheck
 from popserv.stores.layout import Layout, give_to, missing
 from tests.support.processes import REPO, _Twistd, free_port
 

@@ -43,8 +43,9 @@ from popserv.logins.passwords.scram import ScramKeys
 from popserv.logins.sasl.mechanism import SASLContext
 from popserv.logins.sasl.scram import Scram
 from popserv.server.cli import main
+from popserv.server.configure import username_rules
 from popserv.server.service import make_factory, make_receiver
-from popserv.server.tap import Options, username_rules
+from popserv.server.tap import Options
 from popserv.stores.delivery import Directory, UnknownUser
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver

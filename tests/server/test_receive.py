@@ -411,7 +411,7 @@ class TLSReceiverTests(ReceiverTestCase):
         self.cafile = ca.write(certs / "ca.pem")
         cert, key = ca.issue("mx.example.org", "127.0.0.1").write(certs, "server")
         self.options = {"tls-cert": [str(cert)], "tls-key": [str(key)]}
-        from popserv.server.tap import tls_server
+        from popserv.server.configure import tls_server
 
         self.options["tls"] = tls_server(self.options)
         super().setUp()

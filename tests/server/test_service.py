@@ -30,9 +30,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 import popserv
 import popserv.server.service
 from popserv import MemoryMaildrop, MemoryRealm, Policy, POP3Factory, makeService
+from popserv.server.configure import DEFAULT_POP3_ENDPOINT
 from popserv.server.firstrun import _port_of
-from popserv.server.service import LIMIT_OPTIONS, ensure_fd_limit, make_factory
-from popserv.server.tap import DEFAULT_POP3_ENDPOINT, Options
+from popserv.server.service import LIMIT_OPTIONS, make_factory
+from popserv.server.startchecks import ensure_fd_limit
+from popserv.server.tap import Options
 from tests.support.processes import REPO, _Twistd, free_port
 
 
@@ -240,7 +242,7 @@ class TLSServiceTests(TestCase):
         """--pop3s alone: only a TLS listener (no default plain one), and a certificate reloader."""
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        from popserv.server.service import CertificateReloader
+        from popserv.server.certreload import CertificateReloader
         from tests.support.certs import CA
 
         cert, key = CA().issue("pop.test").write(Path(self.mktemp()), "server")

@@ -24,21 +24,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from popserv import makeService
 from popserv._version import __version__
 from popserv.server.firstrun import FirstAccount, announce
-from popserv.server.service import (
-    AccessCheck,
-    Listener,
-    PopservService,
-    admin_options,
-    cannot_listen,
-    make_factory,
-)
-from popserv.server.tap import (
-    EXIT_CANNOT_LISTEN,
-    EXIT_CONFIG,
-    HELP_GROUPS,
-    Options,
-    StartupError,
-)
+from popserv.server.helptext import HELP_GROUPS
+from popserv.server.listeners import Listener, PopservService, cannot_listen
+from popserv.server.service import admin_options, make_factory
+from popserv.server.startchecks import AccessCheck
+from popserv.server.startup import EXIT_CANNOT_LISTEN, EXIT_CONFIG, StartupError
+from popserv.server.tap import Options
 from popserv.stores.layout import Layout
 from tests.support.processes import REPO, free_port
 

@@ -24,9 +24,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
+from popserv.server.certreload import CertificateReloader
 from popserv.server.output import OutputGate as _OutputGate
-from popserv.server.service import CertificateReloader
-from popserv.server.tap import EXIT_CONFIG, Options, StartupError
+from popserv.server.startup import EXIT_CONFIG, StartupError
+from popserv.server.tap import Options
 from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity
 from popserv.stores.maildir import deliver
 from tests.support.certs import CA, key_pem

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core.body import BodyDecoder, BodyEncoder
 from popserv.logins.passwords import PasswdFile, hash_password
-from popserv.server.service import TmpCleaner
+from popserv.server.startchecks import TmpCleaner
 from popserv.stores.delivery import (
     EX_CANTCREAT,
     EX_DATAERR,
