@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from popserv.core.usernames import FOLD, UsernameRules
 from popserv.logins.oauth import JWTValidator
+from popserv.server.proxied import ProxyHeaderEndpoint, inner_description
 from popserv.server.startup import StartupError
 from popserv.server.tls import INTERMEDIATE_CIPHERS, TLSConfig, TLSServer, find_certificates
 from popserv.stores.layout import Layout, Owner
@@ -37,6 +38,9 @@ def endpoint(option: str, description: str, reactor: Any = None) -> Any:
 
     if reactor is None:
         from twisted.internet import reactor
+    inner = inner_description(description)
+    if inner is not None:  # haproxy:...: the client's address from the PROXY header
+        return ProxyHeaderEndpoint(endpoint(option, inner, reactor), reactor)
     try:
         made = serverFromString(reactor, description)  # type: ignore[no-untyped-call]  # Twisted's endpoints
     except (ValueError, TypeError) as e:

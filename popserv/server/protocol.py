@@ -40,6 +40,7 @@ from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
 from popserv.server.maybe import fired, resolve
 from popserv.server.output import Output, OutputGate, no_delay
+from popserv.server.proxied import client_is_local
 from popserv.server.signin import LoginEffects
 from popserv.server.summary import session_summary
 from popserv.server.tls import TLSInfo
@@ -189,7 +190,8 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         self.transport.registerProducer(OutputGate(self), True)
         peer = self.transport.getPeer()
         secure = interfaces.ISSLTransport.providedBy(self.transport)
-        self.info = SessionInfo(peer, secure=secure, local=policy.is_local(peer))
+        local = client_is_local(policy, peer, self.transport)
+        self.info = SessionInfo(peer, secure=secure, local=local)
         self.session = Session(
             factory,
             secure=secure,

@@ -13,7 +13,6 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet import protocol
-from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -28,6 +27,7 @@ from popserv.server.admission import (
     client_key,
 )
 from popserv.server.policy import Policy
+from popserv.server.proxied import client_is_local
 from popserv.server.receiving.connection import ReceiverConnection, peer_text
 from popserv.server.receiving.protocol import LMTPProtocol, ReceiverProtocol
 from popserv.server.spool import Spool
@@ -119,18 +119,19 @@ class ReceiverFactory(protocol.ServerFactory):
         if lease is not None:
             lease.release()
 
-    def resolve(self, address: str, peer: IAddress) -> Recipient:
+    def resolve(self, address: str, peer: IAddress, transport: object = None) -> Recipient:
         """
         The local recipient for ``address``.  Over LMTP the MTA has routed
         the mail already, so any domain is taken; over SMTP only ours, and
-        a bare local part only from a local client.
+        a bare local part only from a local client (and, behind a proxy,
+        through a local proxy: the connection's ``transport`` says).
         """
         if not address:
             raise BadAddress("empty")
         if self.lmtp:
             return self.directory.resolve(address, any_domain=True)
         # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
-        local = isinstance(peer, UNIXAddress) or self.policy.is_local(peer)
+        local = client_is_local(self.policy, peer, transport)
         return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
 
     def open_spool(self) -> Spool:

@@ -164,7 +164,7 @@ class ReceiverProtocol(ReceiverConnection):
                 self.reply(501, "5.1.3 Bad recipient address syntax")
             return None
         try:
-            recipient = self.factory.resolve(address, self.transport.getPeer())
+            recipient = self.factory.resolve(address, self.transport.getPeer(), self.transport)
         except DeliveryError as e:
             log.info(
                 "Refused recipient {address}: {reason}",
