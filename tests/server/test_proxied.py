@@ -24,7 +24,7 @@ from popserv.server.proxied import (
     ProxyHeaderFactory,
     inner_description,
 )
-from popserv.server.tap import endpoint
+from popserv.server.configure import endpoint
 from tests.support.receiver import ReceiverTestCase
 from tests.support.sockets import MarkedReader
 
