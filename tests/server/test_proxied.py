@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from popserv.server.configure import endpoint
 from popserv.server.policy import Policy
 from popserv.server.proxied import (
     HEADER_TIMEOUT,
@@ -24,7 +25,6 @@ from popserv.server.proxied import (
     ProxyHeaderFactory,
     inner_description,
 )
-from popserv.server.configure import endpoint
 from tests.support.receiver import ReceiverTestCase
 from tests.support.sockets import MarkedReader
 
