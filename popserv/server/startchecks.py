@@ -179,6 +179,9 @@ def warn_about_cleartext(endpoints: Sequence[str], factory: POP3Factory) -> None
 
 
 def _loopback_only(endpoint: str) -> bool:
+    """Only local clients reach ``endpoint`` (behind a proxy, anyone may)."""
+    if endpoint.startswith("haproxy:"):
+        return False
     return any(
         f"interface={host}" in endpoint.replace("\\", "")
         for host in ("127.0.0.1", "::1", "localhost")

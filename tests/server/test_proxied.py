@@ -25,6 +25,8 @@ from popserv.server.proxied import (
     ProxyHeaderFactory,
     inner_description,
 )
+from popserv.server.startchecks import warn_about_cleartext
+from tests.support import Session
 from tests.support.receiver import ReceiverTestCase
 from tests.support.sockets import MarkedReader
 
@@ -367,3 +369,22 @@ class FactoryTests(SynchronousTestCase):
         """twistd's endpoint() makes ours for haproxy:, so the header is read first."""
         made = endpoint("pop3", "haproxy:tcp:1110:interface=127.0.0.1", reactor)
         self.assertIsInstance(made, ProxyHeaderEndpoint)
+
+
+class CleartextWarningTests(SynchronousTestCase):
+    """The start-up warning about logins without TLS knows a proxy brings remote clients."""
+
+    def warned(self, endpoint: str) -> bool:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            warn_about_cleartext([endpoint], Session().factory)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        return any("cannot log in" in formatEvent(e) for e in events)
+
+    def test_loopback_listener_is_quiet(self) -> None:
+        self.assertFalse(self.warned("tcp:110:interface=127.0.0.1"))
+
+    def test_proxied_loopback_listener_warns(self) -> None:
+        self.assertTrue(self.warned("haproxy:tcp:110:interface=127.0.0.1"))
