@@ -32,6 +32,7 @@ from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
+from popserv.server.metrics import serve_metrics
 from popserv.server.policy import Policy
 from popserv.server.receiving import ReceiverFactory, ReceiverSettings
 from popserv.server.tap import (
@@ -576,6 +577,10 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
         CertificateReloader(factory.tls, interval, reactor, others).setServiceParent(top)
     for option, description, listener in listeners:
         Listener(endpoints[option, description], listener, description).setServiceParent(top)
+    serve_metrics(
+        options.get("metrics"), top, pop3=factory, receivers=receivers, reactor=reactor,
+        listener=Listener,
+    )
     _warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top

@@ -260,7 +260,7 @@ _DEFAULTS = Policy(hostname="localhost")
 #: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Listening", ("pop3", "pop3s", "hostname")),
+    ("Listening", ("pop3", "pop3s", "hostname", "metrics")),
     ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
     (
         "TLS",
@@ -332,6 +332,7 @@ METAVARS = {
     "pop3s": "ENDPOINT",
     "smtp": "ENDPOINT",
     "lmtp": "ENDPOINT",
+    "metrics": "ENDPOINT",
     "hostname": "NAME",
     "data": "DIR",
     "passwd": "FILE",
@@ -381,6 +382,7 @@ DEFAULT_TEXTS = {
     "max-message-size": "25M",
     "quota-bytes": "none",
     "quota-messages": "none",
+    "metrics": "off",
 }
 
 #: Width of ``--help``, whatever the terminal: texts are read, not scanned.
@@ -617,6 +619,12 @@ class Options(usage.Options):
             60.0,
             "Seconds between checks for renewed certificate files (SIGHUP reloads at once).",
             _positive_float,
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on this endpoint, e.g. tcp:9110:interface=127.0.0.1.",
         ],
     ])
 
