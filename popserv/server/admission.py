@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attrs import define
 from twisted.internet import interfaces
@@ -37,6 +37,9 @@ from popserv.core.errors import TooManySessions
 from popserv.server.penalty import PenaltyTable
 from popserv.server.policy import Policy
 from popserv.server.transports import IStreamTransport
+
+if TYPE_CHECKING:
+    from popserv.server.metrics import Metrics
 
 log = Logger()
 
@@ -276,6 +279,10 @@ class Admitted:
     refused: str | None = None
 
 
+#: Why a connection is refused when admission itself failed.
+ADMISSION_FAILED = "admission failed"
+
+
 def ask(admission: IAdmission, service: str, client: str | None) -> Admitted:
     """Ask ``admission`` about a new connection, from a factory's ``buildProtocol``."""
     question = admission.connection(service, client)
@@ -285,7 +292,7 @@ def ask(admission: IAdmission, service: str, client: str | None) -> Admitted:
     if isinstance(answer, Failure):
         if not answer.check(OverLimit):
             log.failure("Admitting a connection failed", answer)
-            return Admitted(refused="admission failed")
+            return Admitted(refused=ADMISSION_FAILED)
         return Admitted(refused=answer.getErrorMessage())
     return Admitted(lease=answer)
 
@@ -360,9 +367,13 @@ class RefusalLog:
         self._service = service
         self._refused = 0
         self._logged_at: float | None = None
+        #: Told of every refusal, when metrics are on (see popserv.server.metrics).
+        self.metrics: Metrics | None = None
 
     def refused(self, peer: str, why: str) -> None:
         self._refused += 1
+        if self.metrics is not None:
+            self.metrics.refused(self._service.lower(), why)
         now = self._clock.seconds()
         if self._logged_at is None or now - self._logged_at >= self.INTERVAL:
             log.warn(
@@ -375,6 +386,21 @@ class RefusalLog:
             )
             self._refused = 0
             self._logged_at = now
+
+
+def refusal_reason(why: str) -> str:
+    """
+    The kind of a refusal, from its text (:class:`OverLimit`'s, or
+    :func:`ask`'s): a bounded label for metrics, since the text itself may
+    name the client.
+    """
+    if why.endswith(" connections in all"):
+        return "max_connections"
+    if " connections from " in why:
+        return "max_connections_per_ip"
+    if why == ADMISSION_FAILED:
+        return "admission_failed"
+    return "other"
 
 
 def client_key(policy: Policy, peer: IAddress | None) -> str | None:
@@ -394,5 +420,6 @@ __all__ = [
     "answered",
     "ask",
     "client_key",
+    "refusal_reason",
     "wait_for_admission",
 ]

@@ -10,7 +10,7 @@ server offers (APOP, SASL, CAPA) through :mod:`popserv.server.capabilities`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import interfaces
@@ -39,6 +39,9 @@ from popserv.server.policy import Policy
 from popserv.server.protocol import POP3Protocol, SessionInfo
 from popserv.server.signin import penalty_name
 from popserv.server.tls import TLSServer
+
+if TYPE_CHECKING:
+    from popserv.server.metrics import Metrics
 
 
 @implementer(IRealm)
@@ -142,6 +145,8 @@ class POP3Factory(Factory[POP3Protocol]):
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
         self._refusals = RefusalLog(self.clock, "POP3")
+        #: What counts for Prometheus (see popserv.server.metrics); None when off.
+        self.metrics: Metrics | None = None
         #: Sources of CAPA lines, in order, each called per CAPA: the core
         #: ones (STLS among them) and SASL's.  An application may add its own.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
@@ -167,14 +172,25 @@ class POP3Factory(Factory[POP3Protocol]):
 
     def session_opened(self, session: POP3Protocol) -> None:
         """Track a new session (from its connectionMade)."""
+        # Secure from the start: a --pop3s listener (STLS comes later).
+        session.listener = "pop3s" if session.info.secure else "pop3"
         self.sessions.add(session)
+        if self.metrics is not None:
+            self.metrics.connection_opened(session.listener)
 
     def session_closed(self, session: POP3Protocol) -> None:
         """Stop tracking a session and give back its admission (from its connectionLost)."""
         self.sessions.discard(session)
+        if self.metrics is not None:
+            self.metrics.session_ended(session)
         lease, session.lease = session.lease, None
         if lease is not None:
             lease.release()
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Count this server's sessions and refusals in ``metrics``."""
+        self.metrics = metrics
+        self._refusals.metrics = metrics
 
     # Logins
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 #: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Listening", ("pop3", "pop3s", "hostname")),
+    ("Listening", ("pop3", "pop3s", "hostname", "metrics")),
     ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
     (
         "TLS",
@@ -86,6 +86,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 METAVARS = {
     "pop3": "ENDPOINT",
     "pop3s": "ENDPOINT",
+    "metrics": "ENDPOINT",
     "smtp": "ENDPOINT",
     "lmtp": "ENDPOINT",
     "hostname": "NAME",
@@ -125,6 +126,7 @@ METAVARS = {
 
 #: Defaults ``--help`` shows in words rather than as the stored value.
 DEFAULT_TEXTS = {
+    "metrics": "off",
     "pop3": DEFAULT_POP3_ENDPOINT,
     "passwd": "DIR/passwd, created with a first user on the first start",
     "maildir": "DIR/mail/{user}",

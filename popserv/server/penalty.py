@@ -61,6 +61,11 @@ class PenaltyTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def in_force(self) -> int:
+        """How many clients a penalty holds back now (their failures not yet expired)."""
+        self._expire()
+        return len(self._entries)
+
     def penalty(self, failures: int) -> float:
         """The delay that ``failures`` failed logins earn: 0, then initial doubling to maximum."""
         if failures <= 0:

@@ -121,6 +121,8 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         #: The deadline for logging in (Policy.login_timeout), until logged in.
         self._login_timer: Any = None
         self.info = SessionInfo(None, secure=False)
+        #: The listener it came in on: pop3, or pop3s (TLS from the first byte).
+        self.listener = "pop3"
 
     # The session's state, for capability sources and applications
 
@@ -213,6 +215,9 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         """The TLS handshake is over (implicit TLS or after STLS): learn its facts."""
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.listener, True)
         try:
             # Under TLS the handle is pyOpenSSL's connection (TLSMemoryBIOProtocol).
             self.info.tls = TLSInfo.of(cast(SSL.Connection, self.transport.getHandle()))
@@ -234,6 +239,10 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
                 error=reason.getErrorMessage(),
             )
             self.ended = self.ended or "TLS failed"
+            metrics = self.factory.metrics
+            if metrics is not None and self.info.tls is None:
+                # A failure after the handshake is not a failed handshake.
+                metrics.handshake(self.listener, False)
         self._lost = self._closing = True
         summary = session_summary(self, self.factory.clock.seconds())
         if summary is not None:
@@ -444,6 +453,9 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         Give one command line to the session and perform its effects; a
         Deferred when one of them has to wait, None when the command is over.
         """
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.command(line)
         steps = self.session.receive(line)
         try:
             if isinstance(steps, tuple):

@@ -36,6 +36,7 @@ from popserv.server.configure import (
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.listeners import Listener, PopservService
+from popserv.server.metrics import serve_metrics
 from popserv.server.policy import Policy
 from popserv.server.receiving import ReceiverFactory, ReceiverSettings
 from popserv.server.startchecks import (
@@ -255,6 +256,14 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
         children.append(Listener(endpoints[option, description], listener, description))
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    serve_metrics(
+        options.get("metrics"),
+        top,
+        pop3=factory,
+        receivers=receivers,
+        reactor=reactor,
+        listener=Listener,
+    )
     warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top

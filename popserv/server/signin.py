@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import Callable, Sequence
+from time import perf_counter as metrics_clock
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.cred.credentials import UsernamePassword
@@ -43,6 +44,7 @@ from popserv.server.admission import ILoginTurn
 from popserv.server.maybe import fired, resolve
 
 if TYPE_CHECKING:
+    from popserv.core.session import Session
     from popserv.server.factory import POP3Factory
     from popserv.server.protocol import POP3Protocol, SessionInfo
 
@@ -65,6 +67,7 @@ class LoginEffects:
 
     factory: POP3Factory
     info: SessionInfo
+    session: Session
     _lost: bool
     _turn: ILoginTurn | None
     _sleeping: Deferred[Any] | None
@@ -203,15 +206,22 @@ class LoginEffects:
             success: Any = login
             credentials, final, failure = success.credentials, success.final, success.failure
         user = credentials.username
+        metrics = self.factory.metrics
+        started = metrics_clock() if metrics is not None else 0.0
         try:
             _, mailbox, logout = await self.factory.login(credentials, self.info)
         except (UnauthorizedLogin, UnhandledCredentials, errors.InvalidUsername) as e:
+            if metrics is not None:
+                metrics.login_checked(metrics_clock() - started)
             if failure is not None:
                 # The client's dummy answer; a cancel or junk ends it the same way.
                 with contextlib.suppress(errors.PopError):
                     await self._challenge(failure)
             raise Rejected(user, str(e) or type(e).__name__) from None
         except errors.PopError as e:
+            if metrics is not None:
+                metrics.login_checked(metrics_clock() - started)
+                metrics.login(self.session.mechanism, "refused")
             self._end_turn()
             log.info(
                 "Login of {user} refused: {reason}",
@@ -219,6 +229,8 @@ class LoginEffects:
                 reason=e.detail or e.text,
             )
             raise
+        if metrics is not None:
+            metrics.login_checked(metrics_clock() - started)
         turn, self._turn = self._turn, None
         if turn is not None:
             turn.succeeded(penalty_name(user))
@@ -249,6 +261,9 @@ class LoginEffects:
             peer=self.info.where,
             reason=reason,
         )
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.login(self.session.mechanism, "failure")
         turn, self._turn = self._turn, None
         now = self.factory.clock.seconds()
         if turn is None:
@@ -260,27 +275,39 @@ class LoginEffects:
             await self._sleeping
 
     def _do_open_maildrop(self, effect: pop3.OpenMaildrop) -> Any:
+        started = metrics_clock() if self.factory.metrics is not None else 0.0
         try:
             listing = self.mailbox.listing()
         except BaseException:
-            self._release()
+            self._not_opened(None)
             raise
         if isinstance(listing, Deferred):
-            return listing.addCallbacks(self._opened, self._not_opened)
-        return self._opened(listing)
+            return listing.addCallbacks(
+                self._opened, self._not_opened, callbackArgs=(started,)
+            )
+        return self._opened(listing, started)
 
-    def _opened(self, listing: Any) -> tuple[Any, IAccountSettings]:
+    def _opened(self, listing: Any, started: float) -> tuple[Any, IAccountSettings]:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.maildrop_opened(metrics_clock() - started)
         if self._lost:
             self._release()
             raise CancelledError()
         return listing, IAccountSettings(self.mailbox, self.factory.policy.account)
 
-    def _not_opened(self, failure: Failure) -> Failure:
+    def _not_opened(self, failure: Failure | None) -> Failure | None:
         self._release()
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.login(self.session.mechanism, "error")
         return failure
 
     def _do_logged_in(self, effect: pop3.LoggedIn) -> None:
         self._cancel_login_timer()
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.login(self.session.mechanism, "success")
         user = effect.user
         self.logged_in_as = user if isinstance(user, (bytes, str)) else repr(user)
         log.info(

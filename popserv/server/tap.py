@@ -268,6 +268,12 @@ class Options(usage.Options):
             "Seconds between checks for renewed certificate files (SIGHUP reloads at once).",
             values.positive_float,
         ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics on this endpoint, e.g. tcp:9110:interface=127.0.0.1.",
+        ],
     ])
 
     optFlags: ClassVar[list[list[Any]]] = [

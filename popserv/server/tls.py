@@ -358,6 +358,8 @@ class TLSServer:
         self._default: SSL.Context
         self._by_name: dict[str, SSL.Context] = {}
         self._stamps: tuple[tuple[int, int], ...] = ()
+        #: When each certificate (by file) stops being valid, in Unix time.
+        self.expiries: dict[str, float] = {}
         self._build()
 
     @property
@@ -385,6 +387,10 @@ class TLSServer:
         default = contexts[0]
         default.set_tlsext_servername_callback(self._pick_certificate)
         self._default, self._by_name, self._stamps = default, by_name, stamps
+        self.expiries = {
+            str(identity.files.certificate): identity.chain[0].not_valid_after_utc.timestamp()
+            for identity in identities
+        }
 
     def _checked_context(self, identity: _Identity) -> SSL.Context:
         """:meth:`_context`, with OpenSSL's refusals (a key too small ...) as one line."""

@@ -87,6 +87,7 @@ def peer_text(peer: IAddress | None) -> str:
     return address_literal(getattr(peer, "host", None))
 
 
+@implementer(interfaces.IHandshakeListener)
 class ReceiverConnection(smtp.ESMTP):
     """
     One receiving connection's I/O.  A subclass gives the verbs (:attr:`VERBS`,
@@ -142,8 +143,13 @@ class ReceiverConnection(smtp.ESMTP):
         self.lease: ILease | None = None
         self.admitting: Deferred[ILease] | None = None
         self._gone = False
+        #: The STARTTLS handshake completed.
+        self._handshaken = False
 
     def connectionMade(self) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.connection_opened(self.factory.service)
         admitting, self.admitting = self.admitting, None
         if admitting is None:
             self._start()
@@ -165,7 +171,17 @@ class ReceiverConnection(smtp.ESMTP):
             self.factory.settings.max_session_time, self._session_expired
         )
 
+    def handshakeCompleted(self) -> None:
+        """STARTTLS's handshake is over (counted; Twisted's SMTP needs nothing)."""
+        self._handshaken = True
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.handshake(self.factory.service, True)
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None and self.startedTLS and not self._handshaken:
+            metrics.handshake(self.factory.service, False)
         self._gone = True
         super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's SMTP
         self._drop_spool()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.internet import protocol
@@ -33,6 +33,9 @@ from popserv.server.receiving.protocol import LMTPProtocol, ReceiverProtocol
 from popserv.server.spool import Spool
 from popserv.server.tls import TLSServer
 from popserv.stores.delivery import BadAddress, Directory, Recipient
+
+if TYPE_CHECKING:
+    from popserv.server.metrics import Metrics
 
 
 @frozen
@@ -102,6 +105,13 @@ class ReceiverFactory(protocol.ServerFactory):
         self._refusals = RefusalLog(self.clock, self.service.upper())
         #: Sessions open now.
         self.sessions = 0
+        #: What counts for Prometheus (see popserv.server.metrics); None when off.
+        self.metrics: Metrics | None = None
+
+    def attach_metrics(self, metrics: Metrics) -> None:
+        """Count this listener's connections, refusals and deliveries in ``metrics``."""
+        self.metrics = metrics
+        self._refusals.metrics = metrics
 
     def buildProtocol(self, addr: IAddress | None) -> protocol.Protocol:
         admitted = ask(self.admission, self.service, client_key(self.policy, addr))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, ClassVar
 
 from twisted.internet.defer import Deferred
@@ -193,6 +194,9 @@ class ReceiverProtocol(ReceiverConnection):
         error = failure.value if isinstance(failure.value, DeliveryError) else StorageFailed()
         if isinstance(error, MailboxFull):
             log.info("Refused recipient {user}: mailbox full", user=loggable(recipient.user))
+            metrics = self.factory.metrics
+            if metrics is not None:
+                metrics.quota_refused(self.factory.service, "rcpt")
         self.refuse(error)
 
     def refuse(self, error: DeliveryError) -> None:
@@ -252,6 +256,7 @@ class ReceiverProtocol(ReceiverConnection):
             self._answer(recipients, [StorageFailed()] * len(recipients))
             return None
         queue_id = secrets.token_hex(6).upper()
+        started = perf_counter()
         try:
             copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
             work = self.factory.in_thread(
@@ -277,6 +282,9 @@ class ReceiverProtocol(ReceiverConnection):
             return [DeliveryError()] * len(copies)
 
         def delivered(results: list[DeliveryError | None]) -> None:
+            metrics = self.factory.metrics
+            if metrics is not None:
+                metrics.delivery_took(self.factory.service, perf_counter() - started)
             stored = sum(1 for r in results if r is None)
             log.info(
                 "Message {id}: {size} octets from {sender}, stored for {stored} of"
@@ -294,6 +302,9 @@ class ReceiverProtocol(ReceiverConnection):
     def _answer(
         self, recipients: Sequence[Recipient], results: Sequence[DeliveryError | None]
     ) -> None:
+        metrics = self.factory.metrics
+        if metrics is not None:
+            metrics.delivered(self.factory.service, results)
         if any(result is None for result in results):
             self._counters.message_taken()
         if self.per_recipient_replies:
