@@ -112,29 +112,28 @@ def check(options: CheckOptions) -> list[Finding]:
     """Every finding about ``options`` (already parsed)."""
     checker = _Checker(options)
     layout = _layout(checker)
-    running = probe(control_path(layout)) if layout is not None else None
-    if running:
+    if probe(control_path(layout)):
         checker.add(
             WARNING,
-            f"a popserv is running on {layout.data_dir if layout else '?'}: its listeners"
-            " show as in use below",
+            f"a popserv is running on {layout.data_dir}: its listeners show as in use below",
         )
     _listeners(checker)
     _certificates(checker)
-    if layout is not None:
-        _passwd(checker, layout)
-        _files(checker, layout)
-        _free_space(checker, layout)
+    _passwd(checker, layout)
+    _files(checker, layout)
+    _free_space(checker, layout)
     _rest(checker)
     return checker.findings
 
 
-def _layout(checker: _Checker) -> Layout | None:
+def _layout(checker: _Checker) -> Layout:
     try:
         layout = layout_of(checker.options)
     except StartupError as e:
         checker.add(ERROR, e.message)
-        return None
+        # The rest of the data directory can still be checked.
+        options = checker.options
+        return Layout.create(options["data"], options["passwd"])
     checker.add(OK, f"Maildirs at {layout.maildir_template}")
     return layout
 
