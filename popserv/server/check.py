@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -407,7 +408,7 @@ def main(argv: Sequence[str]) -> int:
     options = CheckOptions()
     if "--help" in argv or "-h" in argv:
         print("Usage: popserv check [twistd popserv options]")
-        print(CHECK_HELP)
+        print(textwrap.fill(CHECK_HELP, 79))
         print(options.getUsage())
         return 0
     try:
