@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import os
 import shutil
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
@@ -36,6 +38,7 @@ from popserv.logins.passwords import (
     hash_password,
     hash_secrets,
 )
+from popserv.server.control import ControlClient, ControlError, control_path
 from popserv.stores.delivery import (
     EX_CONFIG,
     EX_NOUSER,
@@ -73,6 +76,12 @@ _EXPECTED = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``popserv`` command; return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    checking = _check_arguments(argv)
+    if checking is not None:
+        from popserv.server.check import main as check
+
+        return check(checking)
     args = _parser().parse_args(argv)
     globalLogPublisher.addObserver(_WARNINGS)
     try:
@@ -81,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status is not None:
             return status
     except _EXPECTED as e:
+        return _fail(str(e))
+    except ControlError as e:
         return _fail(str(e))
     except InvalidUsername as e:
         return _fail(f"invalid user name: {e.detail}")
@@ -96,6 +107,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         globalLogPublisher.removeObserver(_WARNINGS)
     return 0
+
+
+#: The admin command's options that take a value, as the next argument.
+_VALUED = ("--data", "--passwd", "--maildir", "--username-case")
+
+
+def _check_arguments(argv: list[str]) -> list[str] | None:
+    """
+    For ``popserv [paths] check OPTIONS``: the options to check (the paths
+    given before ``check`` first); None for any other command.  ``check``
+    takes the options of ``twistd popserv``, which argparse cannot pass on.
+    """
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "check":
+            return argv[:index] + argv[index + 1 :]
+        if not word.startswith("-"):
+            return None
+        index += 2 if word in _VALUED else 1
+    return None
+
+
+def _control(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(control_path(_layout(args)))
+
+
+def _who(args: argparse.Namespace) -> int:
+    with _control(args) as control:
+        rows = control.who()
+    table = [("USER", "CLIENT", "SINCE", "TLS", "STATE", "LOGIN", "WORKER")]
+    for row in rows:
+        since = datetime.fromtimestamp(row["since"]).isoformat(sep=" ", timespec="seconds")
+        table.append((
+            row["user"] or "-",
+            row["client"],
+            since,
+            "yes" if row["tls"] else "no",
+            row["state"],
+            row["mechanism"] or "-",
+            str(row["worker"]),
+        ))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    return 0
+
+
+def _kick(args: argparse.Namespace) -> int:
+    target: str = args.target
+    as_address = args.address or (not args.user and _looks_like_address(target))
+    with _control(args) as control:
+        kicked = control.kick(address=target) if as_address else control.kick(user=target)
+    what = f"from {target}" if as_address else f"of {target}"
+    print(f"kicked {kicked} session{'' if kicked == 1 else 's'} {what}")
+    return 0 if kicked else 1
+
+
+def _looks_like_address(target: str) -> bool:
+    """An IP address, a network, or host:port (a user name never has ':' or '/')."""
+    return ":" in target or "/" in target or _is_ipv4(target)
+
+
+def _is_ipv4(target: str) -> bool:
+    try:
+        ipaddress.IPv4Address(target)
+    except ValueError:
+        return False
+    return True
 
 
 def _fail(message: str) -> int:
@@ -226,7 +307,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     deliver.add_argument("--quota-messages", type=parse_count, help="default message limit")
     deliver.set_defaults(command=_deliver)
+
+    listing_sessions = commands.add_parser(
+        "who",
+        parents=[paths],
+        help="list the POP3 sessions of the running server",
+        description="List the running server's POP3 sessions, oldest first: user (- before"
+        " login), client, since when, TLS or not, state, and the worker process. The server"
+        " is reached through DIR/control.sock.",
+    )
+    listing_sessions.set_defaults(command=_who)
+    kick = commands.add_parser(
+        "kick",
+        parents=[paths],
+        help="end the sessions of a user, or from an address",
+        description="End the running server's POP3 sessions of USER, or from ADDRESS (an IP"
+        " address, a network such as 192.0.2.0/24, or one client's host:port as popserv who"
+        " shows it), at once. Deletions they marked are not applied, as for a dropped"
+        " connection. Exit status 1 when no session matched.",
+    )
+    kick.add_argument("target", metavar="USER|ADDRESS")
+    kind = kick.add_mutually_exclusive_group()
+    kind.add_argument("--user", action="store_true", help="TARGET is a user name")
+    kind.add_argument("--address", action="store_true", help="TARGET is an address")
+    kick.set_defaults(command=_kick)
+    # Only for --help: main() hands what follows "check" to the twistd options.
+    commands.add_parser(
+        "check",
+        help="check twistd popserv's options without starting it",
+        description=CHECK_DESCRIPTION,
+        add_help=False,
+    )
     return parser
+
+
+CHECK_DESCRIPTION = (
+    "popserv check [twistd popserv options]: check what the options name without"
+    " starting a server (listeners can be bound, certificates, the password file,"
+    " owners and modes, the Maildir template, free space). One line per finding"
+    " (ok:, warning:, error:); exit status 0 without errors, 78 with any."
+)
 
 
 def _layout(args: argparse.Namespace) -> Layout:

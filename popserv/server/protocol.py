@@ -307,6 +307,14 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
         self.ended = "no login in time"
         self._abort()
 
+    def kick(self, by: str) -> None:
+        """
+        End the session at once because ``by`` asked (``popserv kick``): like
+        an autologout, a drop, so deletions it marked are not applied.
+        """
+        self.ended = f"kicked by {by}"
+        self._abort()
+
     def _abort(self) -> None:
         self._closing = True
         self._queue.clear()

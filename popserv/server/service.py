@@ -33,6 +33,7 @@ from popserv.server.configure import (
     token_validator,
     username_rules,
 )
+from popserv.server.control import control_service
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.listeners import Listener, PopservService
@@ -236,6 +237,7 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     passwd = PasswdFile(layout.passwd_path, username_rules(options))
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     children: list[Service] = [
+        control_service(layout, factory, username_rules(options), reactor),
         TmpCleaner(layout, passwd, reactor),
         AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
     ]
