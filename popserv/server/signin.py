@@ -43,6 +43,7 @@ from popserv.server.admission import ILoginTurn
 from popserv.server.maybe import fired, resolve
 
 if TYPE_CHECKING:
+    from popserv.core.session import Session
     from popserv.server.factory import POP3Factory
     from popserv.server.protocol import POP3Protocol, SessionInfo
 
@@ -73,6 +74,7 @@ class LoginEffects:
     _mailbox: IMailbox | None
     _logout: Callable[[], object] | None
     logged_in_as: bytes | str | None
+    session: Session
 
     if TYPE_CHECKING:  # Provided by the protocol.
 
@@ -288,6 +290,15 @@ class LoginEffects:
             user=_loggable(effect.user),
             peer=self.info.where,
         )
+        last_logins = self.factory.last_logins
+        if last_logins is not None:
+            peer = self.info.peer
+            last_logins.record(
+                self.info.user or penalty_name(user),
+                self.factory.clock.seconds(),
+                getattr(peer, "host", None) or self.info.where,
+                self.session.mechanism or "-",
+            )
 
 
 __all__ = ["LoginEffects", "penalty_name"]
