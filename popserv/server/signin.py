@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: The longest reason a failed login's log line quotes, in characters.
+MAX_REASON = 200
+
 
 def penalty_name(user: object) -> str:
     """The user name a login attempt's penalty is counted under."""
@@ -218,7 +221,7 @@ class LoginEffects:
             log.info(
                 "Login of {user} refused: {reason}",
                 user=_loggable(user),
-                reason=e.detail or e.text,
+                reason=wire.loggable(e.detail or e.text, MAX_REASON),
             )
             raise
         turn, self._turn = self._turn, None
@@ -249,7 +252,9 @@ class LoginEffects:
             "Failed login for {user} from {peer}: {reason}",
             user=_loggable(user),
             peer=self.info.where,
-            reason=reason,
+            # A checker's words may quote the client (a token library's
+            # error): escaped like every client value.
+            reason=wire.loggable(reason, MAX_REASON),
         )
         turn, self._turn = self._turn, None
         now = self.factory.clock.seconds()

@@ -103,3 +103,21 @@ class ReceiverSummaryTests(ReceiverTestCase):
         text = formatEvent(event)
         self.assertIsNone(re.search(r"[\x00-\x1f\x7f]", text), text)
         self.assertIn(r"helo evil\x1b[2J\rFAKE", text)
+
+    async def test_envelope_addresses_are_escaped(self):
+        """MAIL FROM and RCPT TO with ESC or a quoted CR: refused or logged escaped, never raw."""
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        client.send(
+            b"EHLO c\r\nMAIL FROM:<a\x1b[2J@remote.test>\r\nMAIL FROM:<a@remote.test>\r\n"
+            b'RCPT TO:<"x\rFAKE"@example.org>\r\nRCPT TO:<nobody\x1b[2J@example.org>\r\n'
+            b"RCPT TO:<nobody@example.org>\r\nQUIT\r\n"
+        )
+        await self.in_thread(client.reply)
+        await self.in_thread(client.codes, 6)
+        client.close()
+        await self.closed(self.smtp)
+        texts = [formatEvent(e) for e in self.events
+                 if str(e.get("log_namespace", "")).startswith("popserv")]
+        self.assertTrue(any("nobody@example.org" in t for t in texts), texts)
+        for text in texts:
+            self.assertIsNone(re.search(r"[\x00-\x1f\x7f]", text), text)
