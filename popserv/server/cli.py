@@ -39,6 +39,7 @@ from popserv.logins.passwords import (
     hash_secrets,
 )
 from popserv.server.control import ControlClient, ControlError, control_path
+from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
 from popserv.stores.delivery import (
     EX_CONFIG,
     EX_NOUSER,
@@ -272,7 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     delete.set_defaults(command=_user_del)
     listing = user_commands.add_parser(
-        "list", parents=[paths], help="list the users and their password schemes"
+        "list",
+        parents=[paths],
+        help="list the users, their password schemes and last logins (UTC time, address,"
+        " mechanism, or never)",
     )
     listing.set_defaults(command=_user_list)
 
@@ -484,11 +488,18 @@ def _purge(maildir: MaildirPath) -> None:
 
 
 def _user_list(args: argparse.Namespace) -> None:
-    passwd = _passwd(args)
+    """
+    Each user, the password's schemes, and the last login the server
+    recorded (time in UTC, client address, mechanism) or ``never``.
+    """
+    layout = _layout(args)
+    passwd = _passwd(args, layout)
     if not passwd.exists():
         raise CommandError(f"no password file at {passwd.path}")
+    last_logins = read_last_logins(layout.data_dir / LAST_LOGIN_FILE)
     for entry in passwd.users():
-        print(f"{entry.name} {'+'.join(entry.schemes)}")
+        last = last_logins.get(entry.name)
+        print(f"{entry.name} {'+'.join(entry.schemes)} {'never' if last is None else last.shown()}")
 
 
 def _pw(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ from popserv.server.admission import (
     client_key,
 )
 from popserv.server.capabilities import CapabilitySource, core_capabilities, sasl_capability
+from popserv.server.lastlogin import LastLogins
 from popserv.server.policy import Policy
 from popserv.server.protocol import POP3Protocol, SessionInfo
 from popserv.server.signin import penalty_name
@@ -74,6 +75,8 @@ class _CountingRealm:
         except Exception:
             lease.release()
             raise
+        if isinstance(mind, SessionInfo):
+            mind.user = user
         return interface, avatar, _releasing(logout, lease)
 
 
@@ -150,6 +153,9 @@ class POP3Factory(Factory[POP3Protocol]):
         #: Sources of CAPA lines, in order, each called per CAPA: the core
         #: ones (STLS among them) and SASL's.  An application may add its own.
         self.capabilities: list[CapabilitySource] = [core_capabilities, sasl_capability]
+        #: Each user's last login, when the server keeps them (``twistd
+        #: popserv`` does, in DATA/lastlogin); None keeps none.
+        self.last_logins: LastLogins | None = None
 
     # Connections
 

@@ -79,6 +79,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "recipient-delimiter",
         ),
     ),
+    ("Logs", ("log-format",)),
     ("Other", ("help", "version")),
 )
 
@@ -122,6 +123,7 @@ METAVARS = {
     "quota-bytes": "SIZE",
     "quota-messages": "N",
     "recipient-delimiter": "CHARS",
+    "log-format": "text|json",
 }
 
 #: Defaults ``--help`` shows in words rather than as the stored value.

@@ -63,6 +63,9 @@ class SessionInfo:
         self.local = local
         #: Set when a TLS handshake completes.
         self.tls: TLSInfo | None = None
+        #: The avatar id a login gave (the user as the password file names
+        #: it), set by the factory once the realm has opened the maildrop.
+        self.user: str | None = None
 
     @property
     def where(self) -> str:

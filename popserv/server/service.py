@@ -36,6 +36,7 @@ from popserv.server.configure import (
 from popserv.server.control import control_service
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
+from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
 from popserv.server.listeners import Listener, PopservService
 from popserv.server.metrics import serve_metrics
 from popserv.server.policy import Policy
@@ -132,7 +133,7 @@ def make_factory(
     tls = options["tls"] if "tls" in options else tls_server(options)
     rule = options.get("external-identity") or "cn"
     mechanisms = [external_mechanism(rule) if m is EXTERNAL else m for m in MECHANISMS]
-    return POP3Factory(
+    factory = POP3Factory(
         portal,
         policy,
         clock=reactor,
@@ -141,6 +142,8 @@ def make_factory(
         sasl=mechanisms,
         accounts=passwords,
     )
+    factory.last_logins = LastLogins.load(layout.data_dir / LAST_LOGIN_FILE)
+    return factory
 
 
 #: Where the receiver spools DATA, in the data directory: on the disk that
@@ -241,6 +244,8 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
         TmpCleaner(layout, passwd, reactor),
         AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
     ]
+    if factory.last_logins is not None:
+        children.append(LastLoginWriter(factory.last_logins, reactor))
     listeners: list[tuple[str, str, Any]] = [("pop3", d, factory) for d in plain]
     receivers = []
     for key, lmtp in (("smtp", False), ("lmtp", True)):

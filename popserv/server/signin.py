@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: The longest reason a failed login's log line quotes, in characters.
+MAX_REASON = 200
+
 
 def penalty_name(user: object) -> str:
     """The user name a login attempt's penalty is counted under."""
@@ -226,7 +229,7 @@ class LoginEffects:
             log.info(
                 "Login of {user} refused: {reason}",
                 user=_loggable(user),
-                reason=e.detail or e.text,
+                reason=wire.loggable(e.detail or e.text, MAX_REASON),
             )
             raise
         if metrics is not None:
@@ -259,7 +262,9 @@ class LoginEffects:
             "Failed login for {user} from {peer}: {reason}",
             user=_loggable(user),
             peer=self.info.where,
-            reason=reason,
+            # A checker's words may quote the client (a token library's
+            # error): escaped like every client value.
+            reason=wire.loggable(reason, MAX_REASON),
         )
         metrics = self.factory.metrics
         if metrics is not None:
@@ -315,6 +320,15 @@ class LoginEffects:
             user=_loggable(effect.user),
             peer=self.info.where,
         )
+        last_logins = self.factory.last_logins
+        if last_logins is not None:
+            peer = self.info.peer
+            last_logins.record(
+                self.info.user or penalty_name(user),
+                self.factory.clock.seconds(),
+                getattr(peer, "host", None) or self.info.where,
+                self.session.mechanism or "-",
+            )
 
 
 __all__ = ["LoginEffects", "penalty_name"]

@@ -28,6 +28,7 @@ from popserv.server.configure import (
     username_rules,
 )
 from popserv.server.helptext import grouped_usage
+from popserv.server.logformat import JSON, TEXT, parse_log_format, use_json
 from popserv.server.policy import Policy
 from popserv.server.startup import (
     EXIT_CONFIG,
@@ -274,6 +275,14 @@ class Options(usage.Options):
             None,
             "Serve Prometheus metrics on this endpoint, e.g. tcp:9110:interface=127.0.0.1.",
         ],
+        [
+            "log-format",
+            None,
+            TEXT,
+            "text (twistd's lines) or json (one object per line, for Loki or ELK), to"
+            " twistd's --logfile or standard output; json cannot go to --syslog.",
+            parse_log_format,
+        ],
     ])
 
     optFlags: ClassVar[list[list[Any]]] = [
@@ -422,3 +431,8 @@ class Options(usage.Options):
         except CertificateError as e:
             raise StartupError(str(e)) from None
         self["oauth"] = token_validator(self)
+        if self["log-format"] == JSON and under_twistd(self):
+            try:
+                use_json(self.parent)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None

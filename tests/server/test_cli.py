@@ -104,7 +104,7 @@ class CommandTests(SynchronousTestCase):
         for secret in entry.secrets:
             self.assertTrue(verify_password(secret, "pencil and paper"), secret)
         _, out, _ = self.run_cli("user", "list")
-        self.assertEqual(out, "alice ARGON2ID+SCRAM-SHA-256+CRAM-MD5+PLAIN-B64\n")
+        self.assertEqual(out, "alice ARGON2ID+SCRAM-SHA-256+CRAM-MD5+PLAIN-B64 never\n")
         # A new password replaces every stored form; other extra fields stay.
         PasswdFile(self.data / "passwd").set_extra("alice", "login_delay", "60")
         self.run_cli("user", "passwd", "alice", "-s", "SHA512-CRYPT", stdin="new\n")
@@ -202,7 +202,7 @@ class CommandTests(SynchronousTestCase):
         )
         code, out, err = self.run_cli("user", "list")
         self.assertEqual(code, 0)
-        self.assertEqual(out, "alice ARGON2ID\nbob PLAIN\ncarol SHA512-CRYPT\n")
+        self.assertEqual(out, "alice ARGON2ID never\nbob PLAIN never\ncarol SHA512-CRYPT never\n")
         self.assertIn("popserv: warning:", err)
         self.assertIn("line 4 is malformed", err)
         self.assertNotIn("broken", err)
@@ -229,7 +229,7 @@ class CommandTests(SynchronousTestCase):
         self.assertIsNotNone(PasswdFile(passwd).lookup("bob"))
         self.assertFalse(self.data.exists())
         code, out, _ = self.run_cli("user", "list", "--passwd", str(passwd))
-        self.assertEqual(out, "bob PLAIN\n")
+        self.assertEqual(out, "bob PLAIN never\n")
 
     def test_bad_template(self) -> None:
         result = self.run_cli("--maildir", "/tmp/nouser", "user", "add", "bob", stdin="pw\n")
@@ -268,7 +268,7 @@ class ProcessTests(SynchronousTestCase):
         self.assertEqual(again.returncode, 1)
         self.assertEqual(again.stderr, "popserv: user 'alice' already exists\n")
         listed = run([*argv, "user", "list"])
-        self.assertEqual(listed.stdout, "alice SHA512-CRYPT\n")
+        self.assertEqual(listed.stdout, "alice SHA512-CRYPT never\n")
 
     def talk(self, argv: list[str], answers: list[str]) -> tuple[int, str]:
         """Run ``argv`` on a terminal, answering each ``password:`` prompt in turn."""

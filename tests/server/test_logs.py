@@ -1,13 +1,15 @@
 """
 What reaches the logs: never a password, a SASL response, a token or a
 message body, and client-supplied names only escaped, so a client cannot
-forge log lines (CR/LF) or play tricks on a terminal (escape sequences).
+forge log lines (CR/LF) or play tricks on a terminal (escape sequences);
+in the text format and in ``--log-format json`` alike.
 """
 
 from __future__ import annotations
 
 import base64
 import hmac
+import json
 import re
 import time
 from hashlib import md5
@@ -16,11 +18,20 @@ from pathlib import Path
 import jwt
 import scramp
 from attrs import evolve
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import fail
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.logins.sasl import MECHANISMS
+from popserv.server.logformat import event_as_json
 from popserv.stores.maildir import deliver
+from tests.support import Session
 from tests.support.servers import RawClient, ServerTestCase
 
 PASSWORD = "Xyzzy-Plugh-9931"
@@ -146,7 +157,8 @@ class LogPrivacyTests(ServerTestCase):
         ours = [e for e in self.events if str(e.get("log_namespace", "")).startswith("popserv")]
         self.assertTrue(any("dave logged in" in formatEvent(e) for e in ours))
         for event in self.events:
-            everything = formatEvent(event) + repr(event)
+            line = event_as_json(event)
+            everything = formatEvent(event) + repr(event) + line + repr(json.loads(line))
             for secret in secrets:
                 self.assertNotIn(secret.decode(), everything, event)
 
@@ -160,3 +172,36 @@ class LogPrivacyTests(ServerTestCase):
         logged = "\n".join(texts)
         self.assertIn(r"evil\x1b[2J\x07name", logged)
         self.assertIn(r"evil\r\nFAKE: dave logged in", logged)
+        # JSON: one line per event, no raw control character, and the
+        # fields hold the escaped names, as the text lines show them.
+        lines = [event_as_json(e) for e in self.events
+                 if str(e.get("log_namespace", "")).startswith("popserv")]
+        for line in lines:
+            self.assertIsNone(re.search(r"[\x00-\x1f\x7f-\uffff]", line), line)
+        users = {json.loads(line).get("user") for line in lines}
+        self.assertIn(r"evil\x1b[2J\x07name", users)
+        self.assertIn(r"evil\r\nFAKE: dave logged in", users)
+
+
+@implementer(ICredentialsChecker)
+class QuotingChecker:
+    """A checker whose refusal quotes the client, as a token library's errors may."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials):
+        return fail(UnauthorizedLogin(f"no such user {credentials.username!s}\x1b[2J\r\nFAKE"))
+
+
+class ReasonTests(SynchronousTestCase):
+    def test_checker_reasons_are_escaped(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        s = Session()
+        s.factory.portal = Portal(s.realm, [QuotingChecker()])
+        s.send(b"USER alice\r\nPASS secret\r\n")
+        s.advance(5)
+        [text] = [formatEvent(e) for e in events if "Failed login" in e.get("log_format", "")]
+        self.assertIn(r"\x1b[2J\r\nFAKE", text)
+        self.assertIsNone(re.search(r"[\x00-\x1f\x7f]", text), text)

@@ -285,6 +285,8 @@ class ReceiverTests(ProxiedTestCase):
         received = message.split(b"\r\n\r\n", 1)[0]
         self.assertIn(b"from client.example ([198.51.100.7])", received)
         self.assertNotIn(b"127.0.0.1", received)
+        # The session's summary line names it too.
+        await self.until_logged("SMTP session from [198.51.100.7] ended")
 
     async def test_bare_local_part_only_from_a_local_client(self):
         """Whether a bare local part is taken depends on the client behind the proxy."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from twisted.internet import interfaces, protocol
+from OpenSSL import SSL
+from twisted.internet import error, interfaces, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.logger import Logger
@@ -42,6 +43,7 @@ from popserv.core.smtpwire import (
 )
 from popserv.server.admission import ILease, wait_for_admission
 from popserv.server.coalesce import write_now
+from popserv.server.receiving.summary import ReceiverTally, receiver_summary
 from popserv.server.spool import Spool
 from popserv.server.transports import IStreamTransport
 
@@ -145,6 +147,12 @@ class ReceiverConnection(smtp.ESMTP):
         self._gone = False
         #: The STARTTLS handshake completed.
         self._handshaken = False
+        #: For the session's summary line: when it was admitted (None until
+        #: then), what it did, and how it ended when the server ended it.
+        self.started: float | None = None
+        self.tally = ReceiverTally()
+        self.ended: str | None = None
+        self.peer = "-"
 
     def connectionMade(self) -> None:
         metrics = self.factory.metrics
@@ -165,6 +173,8 @@ class ReceiverConnection(smtp.ESMTP):
 
     def _start(self) -> None:
         """The connection is admitted: greet, and start the session's clock."""
+        self.started = self.factory.clock.seconds()
+        self.peer = peer_text(self.transport.getPeer())
         super().connectionMade()  # type: ignore[no-untyped-call]  # Twisted's SMTP: the greeting
         self.transport.registerProducer(_OutputGate(self), True)
         self._deadline = self.factory.clock.callLater(
@@ -183,6 +193,11 @@ class ReceiverConnection(smtp.ESMTP):
         if metrics is not None and self.startedTLS and not self._handshaken:
             metrics.handshake(self.factory.service, False)
         self._gone = True
+        if self.ended is None and not reason.check(error.ConnectionDone):
+            self.ended = "TLS failed" if reason.check(SSL.Error) else "connection lost"
+        summary = receiver_summary(self, self.factory.clock.seconds())
+        if summary is not None:
+            log.info(summary[0], **summary[1])
         super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's SMTP
         self._drop_spool()
         self._reader = None
@@ -239,14 +254,16 @@ class ReceiverConnection(smtp.ESMTP):
     def _check_errors(self) -> None:
         """Close a session that only errs, between replies, never inside one group."""
         if self._counters.too_many_errors() and not self.transport.disconnecting:
-            self._close(b"421 4.7.0 Too many errors, closing\r\n")
+            self._close(b"421 4.7.0 Too many errors, closing\r\n", "too many errors")
 
-    def _close(self, last: bytes = b"") -> None:
+    def _close(self, last: bytes = b"", ended: str | None = None) -> None:
         """
         Send ``last`` and close once it is out; at once if the client does
         not read (its send buffer full), or it could hold the connection for
         ever.  The output gate is unregistered first: it would hold it too.
+        ``ended`` is how the summary line says the session ended.
         """
+        self.ended = self.ended or ended
         if last:
             self._write(last)
         self._flush()
@@ -311,7 +328,7 @@ class ReceiverConnection(smtp.ESMTP):
         self._held_size += len(data)
         self._set_reading(False)
         if self._held_size > MAX_HELD:
-            self._close(b"421 4.7.0 Too much pipelined input, closing\r\n")
+            self._close(b"421 4.7.0 Too much pipelined input, closing\r\n", "too much input")
 
     def _set_reading(self, reading: bool) -> None:
         if reading != self._reading and not self.transport.disconnecting:
@@ -382,7 +399,7 @@ class ReceiverConnection(smtp.ESMTP):
             "Closing a session from {peer}: too many commands without mail",
             peer=peer_text(self.transport.getPeer()),
         )
-        self._close(b"421 4.7.0 Too many commands without mail, closing\r\n")
+        self._close(b"421 4.7.0 Too many commands without mail, closing\r\n", "too much junk")
         return True
 
     def _session_expired(self) -> None:
@@ -401,17 +418,17 @@ class ReceiverConnection(smtp.ESMTP):
             "Closing a session from {peer}: it lasted too long",
             peer=peer_text(self.transport.getPeer()),
         )
-        self._close(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n")
+        self._close(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n", "too long")
 
     def _line_too_long(self) -> None:
         self.reply(500, "5.5.2 Line too long")
-        self._close()
+        self._close(ended="line too long")
 
     def _set_timeout(self, seconds: float) -> None:
         self.setTimeout(seconds)  # type: ignore[no-untyped-call]  # Twisted's TimeoutMixin
 
     def timeoutConnection(self) -> None:
-        self._close(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n")
+        self._close(b"421 4.4.2 " + self.host + b" Timeout, closing\r\n", "timeout")
 
     # DATA: the message's bytes, and the hooks a subclass fills
 

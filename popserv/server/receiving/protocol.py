@@ -140,6 +140,7 @@ class ReceiverProtocol(ReceiverConnection):
         self.reply(250, "2.1.0 Sender OK")
 
     def cmd_RCPT(self, rest: bytes) -> Deferred[None] | None:
+        self.tally.rcpt_commands += 1
         if self._from is None:
             self.reply(503, "5.5.1 Need MAIL before RCPT")
             return None
@@ -186,6 +187,7 @@ class ReceiverProtocol(ReceiverConnection):
 
     def _accept(self, recipient: Recipient) -> None:
         self._recipients.append(recipient)
+        self.tally.recipients += 1
         self.reply(250, "2.1.5 Recipient OK")
 
     def _refuse_recipient(self, failure: Failure, recipient: Recipient) -> None:
@@ -295,18 +297,25 @@ class ReceiverProtocol(ReceiverConnection):
                 stored=stored,
                 count=len(results),
             )
-            self._answer(recipients, results)
+            self._answer(recipients, results, reader.size)
 
         return work.addErrback(failed).addCallback(delivered)
 
     def _answer(
-        self, recipients: Sequence[Recipient], results: Sequence[DeliveryError | None]
+        self,
+        recipients: Sequence[Recipient],
+        results: Sequence[DeliveryError | None],
+        size: int = 0,
     ) -> None:
         metrics = self.factory.metrics
         if metrics is not None:
             metrics.delivered(self.factory.service, results)
         if any(result is None for result in results):
             self._counters.message_taken()
+            self.tally.accepted += 1
+            self.tally.octets += size
+        else:
+            self.tally.refused += 1
         if self.per_recipient_replies:
             for result in results:
                 self._reply_result(result)
@@ -356,7 +365,7 @@ class ReceiverProtocol(ReceiverConnection):
 
     def cmd_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0 Bye")
-        self._close()
+        self._close(ended="QUIT")
 
     def cmd_STARTTLS(self, rest: bytes) -> None:
         """
