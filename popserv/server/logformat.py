@@ -79,6 +79,7 @@ def event_as_json(event: LogEvent) -> str:
             or key in _LEGACY
             or not isinstance(key, str)
             or not _scalar(value)
+            or key == "summary"  # a summary line's text, already in "text"
         ):
             continue
         record[key] = value

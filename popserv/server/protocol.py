@@ -42,7 +42,7 @@ from popserv.server.maybe import fired, resolve
 from popserv.server.output import Output, OutputGate, no_delay
 from popserv.server.proxied import client_is_local
 from popserv.server.signin import LoginEffects
-from popserv.server.summary import session_summary
+from popserv.server.summary import log_summary, session_summary
 from popserv.server.tls import TLSInfo
 from popserv.server.transports import IStreamTransport
 
@@ -247,9 +247,7 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
                 # A failure after the handshake is not a failed handshake.
                 metrics.handshake(self.listener, False)
         self._lost = self._closing = True
-        summary = session_summary(self, self.factory.clock.seconds())
-        if summary is not None:
-            log.info(summary[0], **summary[1])
+        log_summary(log, session_summary(self, self.factory.clock.seconds()))
         self.factory.session_closed(self)
         self._idle_timeout(None)
         self._cancel_login_timer()

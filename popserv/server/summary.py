@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
+
 from popserv.core.state import State
 from popserv.core.usernames import loggable_username
 
@@ -62,4 +64,16 @@ def session_summary(protocol: POP3Protocol, now: float) -> tuple[str, dict[str, 
     }
 
 
-__all__ = ["LOGGED_OUT", "NO_LOGIN", "session_summary"]
+def log_summary(log: Logger, summary: tuple[str, dict[str, Any]] | None) -> None:
+    """
+    Log a summary line (of either protocol) at info level.  The text is made
+    here with ``str.format``, many times faster than the logger's own
+    formatting of fifteen fields; the fields still go with the event, for
+    ``--log-format json``.
+    """
+    if summary is not None:
+        template, fields = summary
+        log.info("{summary}", summary=template.format(**fields), **fields)
+
+
+__all__ = ["LOGGED_OUT", "NO_LOGIN", "log_summary", "session_summary"]

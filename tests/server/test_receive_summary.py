@@ -27,7 +27,7 @@ class ReceiverSummaryTests(ReceiverTestCase):
         self.fail("sessions still open")
 
     def summaries(self) -> list[dict]:
-        return [e for e in self.events if " session from " in e.get("log_format", "")]
+        return [e for e in self.events if " session from " in e.get("summary", "")]
 
     async def test_smtp_session(self):
         """Messages and recipients taken and refused, octets, the HELO name, QUIT."""

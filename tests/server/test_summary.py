@@ -19,7 +19,7 @@ class SummaryTests(SynchronousTestCase):
         return [
             e
             for e in self.events
-            if e.get("log_format", "").startswith(("Logged out", "Disconnected"))
+            if e.get("summary", "").startswith(("Logged out", "Disconnected"))
         ]
 
     def test_logged_in_session(self) -> None:

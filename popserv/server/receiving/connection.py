@@ -45,6 +45,7 @@ from popserv.server.admission import ILease, wait_for_admission
 from popserv.server.coalesce import write_now
 from popserv.server.receiving.summary import ReceiverTally, receiver_summary
 from popserv.server.spool import Spool
+from popserv.server.summary import log_summary
 from popserv.server.transports import IStreamTransport
 
 if TYPE_CHECKING:
@@ -195,9 +196,7 @@ class ReceiverConnection(smtp.ESMTP):
         self._gone = True
         if self.ended is None and not reason.check(error.ConnectionDone):
             self.ended = "TLS failed" if reason.check(SSL.Error) else "connection lost"
-        summary = receiver_summary(self, self.factory.clock.seconds())
-        if summary is not None:
-            log.info(summary[0], **summary[1])
+        log_summary(log, receiver_summary(self, self.factory.clock.seconds()))
         super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's SMTP
         self._drop_spool()
         self._reader = None
