@@ -168,14 +168,14 @@ class LastLoginWriter(Service):
         self._failing: str | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         self._loop.start(self.interval, now=False)
 
     def stopService(self) -> Any:
         if self._loop.running:
             self._loop.stop()
         self._save()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's, unannotated
 
     def _save(self) -> None:
         try:

@@ -123,7 +123,7 @@ def json_observer() -> ILogObserver:
         sys.exit("Daemons cannot log to stdout, exiting!")
     if name == "-" or (nodaemon and not name):
         return json_file_observer(sys.stdout)
-    out = logfile.LogFile.fromFullPath(name or "twistd.log")
+    out = logfile.LogFile.fromFullPath(name or "twistd.log")  # type: ignore[no-untyped-call]  # Twisted's, unannotated
     _rotate_on_sigusr1(out)
     return json_file_observer(out)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred, fail
@@ -39,11 +39,22 @@ def no_delay(transport: Any) -> None:
             return
 
 
+class Gated(Protocol):
+    """A connection that stops writing while its transport's send buffer is full."""
+
+    output_paused: bool
+
+    def output_resumed(self) -> None: ...
+
+
 @implementer(interfaces.IPushProducer)
 class OutputGate:
-    """Tells the connection when the transport's send buffer is full or drained."""
+    """
+    Tells a connection (POP3's, or the receiver's) when the transport's send
+    buffer is full or drained: registered as the transport's producer.
+    """
 
-    def __init__(self, output: Output) -> None:
+    def __init__(self, output: Gated) -> None:
         self._output = output
 
     def pauseProducing(self) -> None:
@@ -149,4 +160,4 @@ class Output:
             self._stream_failure = failure
 
 
-__all__ = ["Output", "OutputGate", "no_delay"]
+__all__ = ["Gated", "Output", "OutputGate", "no_delay"]

@@ -31,14 +31,14 @@ from popserv.core import effects as pop3
 from popserv.core import errors, wire
 from popserv.core.effects import Steps
 from popserv.core.lang import Language
-from popserv.core.retrieval import MessageBody
 from popserv.core.session import Session
 from popserv.core.state import State
 from popserv.interfaces import IAccountSettings, IMailbox, ISessionInfo
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
-from popserv.server.maybe import fired, resolve
+from popserv.server.maildropeffects import MaildropEffects
+from popserv.server.maybe import fired
 from popserv.server.output import Output, OutputGate, no_delay
 from popserv.server.proxied import client_is_local
 from popserv.server.signin import LoginEffects
@@ -77,7 +77,7 @@ class SessionInfo:
 
 
 @implementer(interfaces.IHalfCloseableProtocol, interfaces.IHandshakeListener)
-class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
+class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin):
     """One POP3 connection.  Built by :class:`~popserv.server.factory.POP3Factory`."""
 
     factory: POP3Factory
@@ -563,80 +563,6 @@ class POP3Protocol(Output, LoginEffects, Protocol, TimeoutMixin):
 
     def _do_capabilities(self, effect: pop3.Capabilities) -> list[str]:
         return [line for source in self.factory.capabilities for line in source(self)]
-
-    @property
-    def mailbox(self) -> IMailbox:
-        """The maildrop, in TRANSACTION (and UPDATE until it is released)."""
-        assert self._mailbox is not None
-        return self._mailbox
-
-    def _do_send_message(self, effect: pop3.SendMessage) -> Deferred[int]:
-        return Deferred.fromCoroutine(self._send_message(effect))
-
-    async def _send_message(self, effect: pop3.SendMessage) -> int:
-        """
-        Send a message's +OK and body, exactly as large as the listing said
-        (see popserv.core.retrieval): a mismatch found before the +OK is an
-        -ERR, one found after it cuts the connection.
-        """
-        index = effect.index
-        message = await resolve(self.mailbox.open_message(index))
-        try:
-            body = MessageBody(
-                message, effect.encoder, effect.listed, self.factory.policy.chunk_size
-            )
-            try:
-                chunks = body.start()
-            except errors.MessageChanged as e:
-                self._message_changed(index, e, "refused")
-                raise
-            except OSError as e:
-                log.failure("Reading a message failed")
-                raise errors.storage_failure("cannot read a message", e) from None
-            self.send(wire.ok(effect.text))
-            before = self.octets_sent
-            try:
-                streaming = self.stream(chunks)
-                if streaming is not None:
-                    await streaming
-            except errors.MessageChanged as e:
-                self._message_changed(index, e, "connection cut")
-                raise
-            except OSError:
-                log.failure("Reading a message failed while sending it, connection cut")
-                raise CancelledError() from None
-            return self.octets_sent - before
-        finally:
-            # Also when the connection dropped before the stream started.
-            try:
-                message.close()
-            except Exception:
-                log.failure("Closing a message stream failed")
-
-    def _message_changed(self, index: int, error: errors.MessageChanged, outcome: str) -> None:
-        """Log a message not sent because its size is not the listed one."""
-        log.warn(
-            "Message {uid} for {peer} is not the size listed ({detail}): {outcome}",
-            uid=wire.loggable(self.session.maildrop.listing.uids[index]),
-            peer=self.info.where,
-            detail=error.detail,
-            outcome=outcome,
-        )
-
-    def _do_commit(self, effect: pop3.Commit) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._commit(effect))
-
-    async def _commit(self, effect: pop3.Commit) -> None:
-        """UPDATE: apply the deletions and release the maildrop, whatever happens."""
-        try:
-            await resolve(self.mailbox.commit(effect.deleted, effect.retrieved))
-        except Exception:
-            failure = Failure()
-            if not failure.check(errors.PopError):
-                log.failure("Applying deletions failed", failure)
-            raise errors.CommitFailed() from None
-        finally:
-            self._release()
 
 
 #: What performs each kind of effect the session asks for.

@@ -210,8 +210,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def makeConnection(self, transport: Any) -> None:
         # As ProtocolWrapper does, but the wrapped protocol is made later.
         directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
 
     def connectionMade(self) -> None:
         self._timer = self.factory.clock.callLater(HEADER_TIMEOUT, self._too_late)
@@ -306,7 +306,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def connectionLost(self, reason: Any = None) -> None:
         self._reader = None
         self._stop_waiting()
-        self.factory.unregisterProtocol(self)
+        self.factory.unregisterProtocol(self)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         wrapped, self.wrappedProtocol = self.wrappedProtocol, None
         if wrapped is not None:
             wrapped.connectionLost(reason)
@@ -321,7 +321,7 @@ class ProxyHeaderFactory(WrappingFactory):
     protocol = ProxyHeaderProtocol
 
     def __init__(self, wrappedFactory: IProtocolFactory, clock: IReactorTime) -> None:
-        super().__init__(wrappedFactory)
+        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]  # Twisted's, unannotated
         self.clock = clock
         self.policy = policy_of(wrappedFactory)
         #: Connections whose header has not come yet.

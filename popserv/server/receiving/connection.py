@@ -7,7 +7,7 @@ What the commands mean is :mod:`popserv.server.receiving.protocol`.
 - one command at a time: while a command waits on the disk (a quota look,
   a delivery), later pipelined input is held, and reading pauses;
 - replies to pipelined commands written in batches, and no command run
-  while the client does not read its replies (:class:`_OutputGate`);
+  while the client does not read its replies (:class:`~popserv.server.output.OutputGate`);
 - DATA read in chunks with C-speed unstuffing (:class:`BodyDecoder`), so
   a 25 MB message is not 300,000 Python calls, and no line limit inside it,
   written to a spool file as it arrives (:mod:`popserv.server.spool`), the
@@ -43,6 +43,7 @@ from popserv.core.smtpwire import (
 )
 from popserv.server.admission import ILease, wait_for_admission
 from popserv.server.coalesce import write_now
+from popserv.server.output import OutputGate
 from popserv.server.receiving.summary import ReceiverTally, receiver_summary
 from popserv.server.spool import Spool
 from popserv.server.summary import log_summary
@@ -65,24 +66,6 @@ MAX_HELD = 128 * 1024
 #: before the output gate stops the session (each 27-octet reply written
 #: alone took 68 octets there).
 REPLY_BATCH = 4 * 1024
-
-
-@implementer(interfaces.IPushProducer)
-class _OutputGate:
-    """Tells the session when the transport's send buffer is full, and when it has drained."""
-
-    def __init__(self, session: ReceiverConnection) -> None:
-        self._session = session
-
-    def pauseProducing(self) -> None:
-        self._session.output_blocked = True
-
-    def resumeProducing(self) -> None:
-        self._session.output_blocked = False
-        self._session.unblocked()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def peer_text(peer: IAddress | None) -> str:
@@ -121,7 +104,7 @@ class ReceiverConnection(smtp.ESMTP):
         self._pending: Deferred[Any] | None = None
         #: The client is not reading its replies: no more commands are run
         #: (their replies would pile up here) until it does.
-        self.output_blocked = False
+        self.output_paused = False
         self._held: list[bytes] = []
         self._held_size = 0
         self._reading = True
@@ -177,7 +160,7 @@ class ReceiverConnection(smtp.ESMTP):
         self.started = self.factory.clock.seconds()
         self.peer = peer_text(self.transport.getPeer())
         super().connectionMade()  # type: ignore[no-untyped-call]  # Twisted's SMTP: the greeting
-        self.transport.registerProducer(_OutputGate(self), True)
+        self.transport.registerProducer(OutputGate(self), True)
         self._deadline = self.factory.clock.callLater(
             self.factory.settings.max_session_time, self._session_expired
         )
@@ -267,7 +250,7 @@ class ReceiverConnection(smtp.ESMTP):
             self._write(last)
         self._flush()
         self.transport.unregisterProducer()
-        if self.output_blocked:
+        if self.output_paused:
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
@@ -320,7 +303,7 @@ class ReceiverConnection(smtp.ESMTP):
 
     def _blocked(self) -> bool:
         """Input waits: for a command's answer from the disk, or for the client to read."""
-        return self._pending is not None or self.output_blocked
+        return self._pending is not None or self.output_paused
 
     def _hold(self, data: bytes) -> None:
         self._held.append(data)
@@ -337,7 +320,7 @@ class ReceiverConnection(smtp.ESMTP):
             else:
                 self.transport.pauseProducing()
 
-    def unblocked(self) -> None:
+    def output_resumed(self) -> None:
         """Nothing waits any more: run the input held meanwhile, then read on."""
         if self._blocked() or self.transport.disconnecting:
             return
@@ -375,7 +358,7 @@ class ReceiverConnection(smtp.ESMTP):
             self._session_expired()
             return
         self._check_errors()
-        self.unblocked()
+        self.output_resumed()
 
     def _command(self, line: bytes) -> None:
         verb, rest = split_command(line)
