@@ -124,8 +124,11 @@ class MaildirRealm:
         path = self.layout.maildir_location(user)
         now = self._reactor.seconds()
         if settings.login_delay > 0:
+            # This process's own record can refuse at once; an older one (or
+            # none) is checked against the file, which another process
+            # serving the same Maildir (a worker) may have renewed since.
             last = self._last_login.get(user)
-            if last is None:
+            if last is None or now - last >= settings.login_delay:
                 try:
                     last = await self._in_thread(_read_last_login, path)
                 except OSError as e:
