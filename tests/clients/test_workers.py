@@ -238,3 +238,45 @@ class WorkersTests(TestCase):
         self.start("--lmtp", f"unix:{self.workdir}/lmtp.sock")
         self.assertEqual(await self.process.ended, 78)
         self.assertIn(b"UNIX sockets are not served with --workers yet", self.process.output)
+
+    async def test_pop3s_and_proxy_listeners(self):
+        """--pop3s and haproxy: listeners are served by the workers, TLS and header handled."""
+        import ssl
+
+        from tests.support.certs import CA
+
+        ca = CA()
+        cert, key = ca.issue("pop.test").write(self.workdir / "certs", "server")
+        ca_path = ca.write(self.workdir / "certs" / "ca.pem")
+        tls_port, proxy_port = free_port(), free_port()
+        await self.started("--tls-cert", str(cert), "--tls-key", str(key),
+                           "--pop3s", f"tcp:{tls_port}:interface=127.0.0.1",
+                           "--pop3", f"haproxy:tcp:{proxy_port}:interface=127.0.0.1")
+
+        def sessions():
+            context = ssl.create_default_context(cafile=str(ca_path))
+            context.check_hostname = False
+            secure = poplib.POP3_SSL("127.0.0.1", tls_port, context=context, timeout=10)
+            greeting = secure.getwelcome()
+            secure.quit()
+            raw = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+            raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 110\r\n")
+            proxied = raw.recv(100)
+            raw.sendall(b"QUIT\r\n")
+            raw.recv(100)
+            raw.close()
+            return greeting, proxied
+
+        greeting, proxied = await deferToThread(sessions)
+        self.assertTrue(greeting.startswith(b"+OK"), greeting)
+        self.assertTrue(proxied.startswith(b"+OK"), proxied)
+        await self.process.wait_for(b"Disconnected 192.0.2.7:40000")
+        self.assertNotIn(b"Traceback", self.process.output)
+
+    async def test_orphaned_workers_exit(self):
+        """The parent killed with SIGKILL: its workers see the admission socket close and exit."""
+        await self.started()
+        pids = worker_pids(self.process.output)
+        self.transport.signalProcess(signal.SIGKILL)
+        await self.process.ended
+        await self.wait_until(lambda: not any(alive(pid) for pid in pids))
