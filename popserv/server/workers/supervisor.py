@@ -119,6 +119,9 @@ def bind(option: str, description: str, endpoint: Any) -> Bound:
     inner = getattr(endpoint, "endpoint", endpoint) if proxied else endpoint
     family = getattr(inner, "addressFamily", None)
     if family is not None:  # systemd's socket: listening already, adopted as it is
+        # As Twisted's endpoint does; a blocking one would hang the worker
+        # whose accept() loses the race for a connection to another worker.
+        os.set_blocking(inner.fileno, False)
         return Bound(option, description, family, inner.fileno, proxied)
     if hasattr(inner, "_address"):
         # An adopted UNIX port removes its path when one worker stops
