@@ -183,7 +183,9 @@ class Popserv(Server):
 
     name = "popserv"
 
-    def __init__(self, dataset: Dataset, tree: Path, twistd: str, workers: int | None = None) -> None:
+    def __init__(
+        self, dataset: Dataset, tree: Path, twistd: str, workers: int | None = None
+    ) -> None:
         super().__init__(dataset)
         self.tree = tree
         self.twistd = twistd
