@@ -362,7 +362,7 @@ def worker_service(
     no metrics: see ``--workers`` in docs/options.rst.
     """
     from popserv.server.proxied import ProxyHeaderFactory
-    from popserv.server.workers.child import AdoptedListener, SharedLastLogins
+    from popserv.server.workers.adopted import AdoptedListener, SharedLastLogins
 
     plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
     factory = make_factory(options, reactor, admission=admission)

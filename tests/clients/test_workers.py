@@ -280,3 +280,25 @@ class WorkersTests(TestCase):
         self.transport.signalProcess(signal.SIGKILL)
         await self.process.ended
         await self.wait_until(lambda: not any(alive(pid) for pid in pids))
+
+    async def test_orphaned_worker_finishes_its_session(self):
+        """The parent gone mid-session: the session goes on to its QUIT, then the worker exits."""
+        user, password = await self.started()
+        pids = worker_pids(self.process.output)
+
+        def log_in():
+            client = self.connect()
+            client.user(user)
+            client.pass_(password)
+            return client
+
+        client = await deferToThread(log_in)
+        serving = serving_pid(client.sock, pids)
+        self.transport.signalProcess(signal.SIGKILL)
+        await self.process.ended
+        await self.wait_until(lambda: not any(alive(p) for p in pids - {serving}))
+        self.assertTrue(alive(serving))
+        count, _ = await deferToThread(client.stat)
+        self.assertEqual(count, 1)  # the first start's welcome message
+        await deferToThread(client.quit)
+        await self.wait_until(lambda: not alive(serving))

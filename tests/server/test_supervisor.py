@@ -198,3 +198,24 @@ class BindTests(TestCase):
         self.assertFalse(bound.sock.getblocking())
         client = socket.create_connection(bound.sock.getsockname())
         client.close()
+
+
+class SharedLastLoginsTests(TestCase):
+    def test_workers_keep_each_others_logins(self) -> None:
+        """Two workers saving to one file: each keeps what the other wrote, the newer login wins."""
+        from pathlib import Path
+
+        from popserv.server.lastlogin import read_last_logins
+        from popserv.server.workers.adopted import SharedLastLogins
+
+        path = Path(self.mktemp())
+        a, b = SharedLastLogins.load(path), SharedLastLogins.load(path)
+        a.record("alice", 100.0, "192.0.2.1", "PLAIN")
+        a.record("carol", 300.0, "192.0.2.1", "PLAIN")
+        a.save()
+        b.record("bob", 200.0, "192.0.2.2", "USER")
+        b.record("carol", 250.0, "192.0.2.2", "USER")
+        b.save()
+        saved = read_last_logins(path)
+        self.assertEqual(sorted(saved), ["alice", "bob", "carol"])
+        self.assertEqual(saved["carol"].time, 300.0)

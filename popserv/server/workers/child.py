@@ -20,12 +20,16 @@ import signal
 import sys
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    globalLogBeginner,
+    jsonFileLogObserver,
+)
+from zope.interface import implementer
 
-from popserv.server.lastlogin import LastLogins, read_last_logins
+from popserv.server.workers.adopted import AdoptedListener
 
 log = Logger()
 
@@ -35,62 +39,11 @@ log = Logger()
 ORPHAN_GRACE = 30.0
 
 
-class AdoptedListener(Service):
-    """Serves ``factory`` on the listening socket ``fd`` the parent bound."""
-
-    def __init__(self, fd: int, family: int, factory: Any, description: str, reactor: Any) -> None:
-        self.fd: int | None = fd
-        self.family = family
-        self.factory = factory
-        self.description = description
-        self.reactor = reactor
-        self.port: IListeningPort | None = None
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service
-        if self.fd is None:
-            return
-        # The reactor serves a duplicate; ours is closed.  Stopping closes only
-        # this worker's copy: the parent's keeps the port open for the others.
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
-        os.close(self.fd)
-        self.fd = None
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service
-        port, self.port = self.port, None
-        if port is None:
-            return None
-        return port.stopListening()
-
-
-class SharedLastLogins(LastLogins):
-    """
-    :class:`LastLogins` shared by the workers: each saves what the file
-    holds merged with its own, the newer login of each user kept, so one
-    worker does not overwrite what another wrote.  Two saving at the same
-    instant can still lose one's last few seconds (no lock): the file is a
-    record for operators, not an account.
-    """
-
-    def save(self) -> None:
-        if self.changed and self.path is not None:
-            try:
-                on_disk = read_last_logins(self.path)
-            except OSError:
-                on_disk = {}
-            for user, entry in on_disk.items():
-                ours = self._entries.get(user)
-                if ours is None or entry.time > ours.time:
-                    self._entries[user] = entry
-        super().save()
-
-
-def _leave_when_orphaned(service: Service, pop3: Any, reactor: Any) -> None:
+def _leave_when_orphaned(service: Any, pop3: Any, reactor: Any) -> None:
     """The parent is gone: stop listening, let sessions end (bounded), then exit."""
     log.warn("The parent is gone: no new connections; stopping within {grace:g} s",
              grace=ORPHAN_GRACE)
-    for child in service:  # type: ignore[attr-defined]  # MultiService iterates
+    for child in service:  # a MultiService: its children
         if isinstance(child, AdoptedListener):
             child.stopService()
     deadline = reactor.seconds() + ORPHAN_GRACE
@@ -103,6 +56,39 @@ def _leave_when_orphaned(service: Service, pop3: Any, reactor: Any) -> None:
             reactor.callLater(0.5, check)
 
     check()
+
+
+@implementer(ILogObserver)
+class _ToParent:
+    """
+    Log events to the parent; once it is gone (the pipe broken) they are
+    dropped: an orphan finishing its sessions has nowhere to log, and a
+    failing observer would only log its own failure again.
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer: ILogObserver | None = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(event)
+            except OSError:
+                self._observer = None
+
+
+def _pop3_factory(service: Any) -> Any:
+    """The POP3 factory under the listeners' wrappers (TLS, PROXY header), or None."""
+    from popserv.server.factory import POP3Factory
+
+    for child in service:
+        if isinstance(child, AdoptedListener):
+            factory = child.factory
+            while factory is not None and not isinstance(factory, POP3Factory):
+                factory = getattr(factory, "wrappedFactory", None)
+            if factory is not None:
+                return factory
+    return None
 
 
 def main() -> None:
@@ -123,7 +109,8 @@ def main() -> None:
     # so the parent logs it now, not when a pipe's buffer fills.
     out: Any = sys.stdout
     out.reconfigure(line_buffering=True)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([_ToParent(jsonFileLogObserver(out))],
+                                     redirectStandardIO=False)
     options = Options()
     try:
         options.parseOptions(config["arguments"])
@@ -132,10 +119,7 @@ def main() -> None:
     except StartupError as e:
         sys.stderr.write(f"popserv: {e.message}\n")
         sys.exit(e.status)
-    pop3 = next(
-        (c.factory for c in service if isinstance(c, AdoptedListener)), None
-    )
-    pop3 = getattr(pop3, "wrappedFactory", pop3)
+    pop3 = _pop3_factory(service)
     stopping: list[bool] = []
 
     def orphaned(_: object) -> None:
