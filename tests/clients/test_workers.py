@@ -302,3 +302,19 @@ class WorkersTests(TestCase):
         self.assertEqual(count, 1)  # the first start's welcome message
         await deferToThread(client.quit)
         await self.wait_until(lambda: not alive(serving))
+
+    async def test_sighup_reaches_every_worker(self):
+        """SIGHUP to the parent: each worker reloads its certificates."""
+        from tests.support.certs import CA
+
+        cert, key = CA().issue("pop.test").write(self.workdir / "certs", "server")
+        await self.started("--tls-cert", str(cert), "--tls-key", str(key))
+        pids = worker_pids(self.process.output)
+        reloaded = re.compile(rb"\[worker (\d+)[^\n]*TLS certificates loaded for")
+
+        def reloads() -> set[int]:
+            return {int(m.group(1)) for m in reloaded.finditer(self.process.output)}
+
+        self.assertEqual(reloads(), set())
+        self.transport.signalProcess(signal.SIGHUP)
+        await self.wait_until(lambda: reloads() == pids)
