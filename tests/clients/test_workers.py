@@ -233,11 +233,34 @@ class WorkersTests(TestCase):
         await deferToThread(lambda: self.connect().quit())
         self.assertNotIn(b"Traceback", self.process.output)
 
-    async def test_unix_listeners_are_refused(self):
-        """A UNIX socket listener is not served with --workers yet: one line, status 78."""
-        self.start("--lmtp", f"unix:{self.workdir}/lmtp.sock")
-        self.assertEqual(await self.process.ended, 78)
-        self.assertIn(b"UNIX sockets are not served with --workers yet", self.process.output)
+    async def test_lmtp_on_a_unix_socket(self):
+        """A UNIX socket listener: served by the workers, kept when one dies, removed at stop."""
+        path = self.workdir / "lmtp.sock"
+        await self.started("--lmtp", f"unix:{path}:mode=660")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+
+        def lhlo():
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(10)
+                client.connect(str(path))
+                greeting = client.recv(200)
+                client.sendall(b"QUIT\r\n")
+                client.recv(200)
+                return greeting
+
+        self.assertTrue((await deferToThread(lhlo)).startswith(b"220 "))
+        first = worker_pids(self.process.output)
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
+        # The dead worker's port did not take the path with it.
+        self.assertTrue(path.exists())
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        for _ in range(4):
+            self.assertTrue((await deferToThread(lhlo)).startswith(b"220 "))
+        self.transport.signalProcess(signal.SIGTERM)
+        self.assertEqual(await self.process.ended, 0)
+        self.assertFalse(path.exists())
 
     async def test_pop3s_and_proxy_listeners(self):
         """--pop3s and haproxy: listeners are served by the workers, TLS and header handled."""

@@ -11,9 +11,12 @@ its own classes would be other classes than the ones
 from __future__ import annotations
 
 import os
+import socket
+import stat
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 
@@ -37,7 +40,10 @@ class AdoptedListener(Service):
             return
         # The reactor serves a duplicate; ours is closed.  Stopping closes only
         # this worker's copy: the parent's keeps the port open for the others.
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        if self.family == socket.AF_UNIX:
+            self.port = _SharedUNIXPort.adopt(self.reactor, self.fd, self.factory)
+        else:
+            self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
         os.close(self.fd)
         self.fd = None
 
@@ -47,6 +53,27 @@ class AdoptedListener(Service):
         if port is None:
             return None
         return port.stopListening()
+
+
+class _SharedUNIXPort(unix.Port):
+    """
+    A UNIX socket the parent bound, served here.  Twisted's adopted UNIX port
+    would make its path mode 0666 when it starts and remove the path when it
+    stops: the mode is the parent's to set, and the path must stay for the
+    other workers (the parent removes it).
+    """
+
+    @classmethod
+    def adopt(cls, reactor: Any, fd: int, factory: Any) -> _SharedUNIXPort:
+        port: _SharedUNIXPort = cls._fromListeningDescriptor(reactor, fd, factory)  # type: ignore[no-untyped-call]  # Twisted's
+        path = port._bindPath
+        if path and path[:1] not in (b"\0", "\0"):
+            port.mode = stat.S_IMODE(os.stat(path).st_mode)
+        port.startListening()  # type: ignore[no-untyped-call]  # Twisted's
+        return port
+
+    def connectionLost(self, reason: Any) -> None:
+        tcp.Port.connectionLost(self, reason)  # type: ignore[no-untyped-call]  # Twisted's
 
 
 class SharedLastLogins(LastLogins):

@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,9 @@ class Bound:
     proxied: bool
     #: The socket object, when the parent made it (None: systemd's).
     sock: socket.socket | None = None
+    #: A UNIX socket's path, removed when the parent closes it, and its lock.
+    path: str | None = None
+    lock: Any = None
 
     def describe(self, fd: int) -> dict[str, Any]:
         """What a worker needs to adopt it, as the descriptor ``fd`` in the worker."""
@@ -106,6 +110,11 @@ class Bound:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        if self.lock is not None:
+            self.lock.unlock()
 
 
 def bind(option: str, description: str, endpoint: Any) -> Bound:
@@ -124,11 +133,7 @@ def bind(option: str, description: str, endpoint: Any) -> Bound:
         os.set_blocking(inner.fileno, False)
         return Bound(option, description, family, inner.fileno, proxied)
     if hasattr(inner, "_address"):
-        # An adopted UNIX port removes its path when one worker stops
-        # listening (twisted.internet.unix.Port.connectionLost).
-        raise StartupError(
-            f"--{option} {description}: UNIX sockets are not served with --workers yet"
-        )
+        return _bind_unix(option, description, inner, proxied)
     interface = inner._interface
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     if type(inner).__name__ == "TCP6ServerEndpoint":
@@ -149,6 +154,34 @@ def bind(option: str, description: str, endpoint: Any) -> Bound:
             f"cannot listen on {where}: {strerror(e)}", EXIT_CANNOT_LISTEN
         ) from None
     return Bound(option, description, family, sock.fileno(), proxied, sock)
+
+
+def _bind_unix(option: str, description: str, inner: Any, proxied: bool) -> Bound:
+    """A UNIX socket listener, as twisted.internet.unix.Port binds one (lock file, mode)."""
+    from twisted.python.lockfile import FilesystemLock
+
+    path = inner._address
+    lock = None
+    if inner._wantPID:
+        # As Twisted: PATH.lock names the running server; a stale socket is removed.
+        lock = FilesystemLock(path + ".lock")  # type: ignore[no-untyped-call]  # Twisted's
+        if not lock.lock():  # type: ignore[no-untyped-call]  # Twisted's
+            raise StartupError(f"cannot listen on {path}: in use by a running server",
+                               EXIT_CANNOT_LISTEN)
+        if not lock.clean and os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.remove(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, inner._mode)
+        sock.listen(inner._backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        if lock is not None:
+            lock.unlock()  # type: ignore[no-untyped-call]  # Twisted's
+        raise StartupError(f"cannot listen on {path}: {strerror(e)}", EXIT_CANNOT_LISTEN) from None
+    return Bound(option, description, socket.AF_UNIX, sock.fileno(), proxied, sock, path, lock)
 
 
 def _how(reason: Failure) -> str:
