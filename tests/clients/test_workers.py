@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from unittest import SkipTest
 
@@ -162,8 +163,18 @@ class WorkersTests(TestCase):
                     refused.append(None)
             holders = {serving_pid(c.sock, worker_pids(self.process.output)) for c in held}
             held.pop().quit()
-            again = self.connect()
-            again.quit()
+            # The slot is given back when the worker sees the connection end
+            # and tells the parent: a moment after QUIT's answer.
+            for _ in range(100):
+                try:
+                    again = self.connect()
+                except poplib.error_proto:
+                    time.sleep(0.05)
+                else:
+                    again.quit()
+                    break
+            else:
+                raise AssertionError("the freed slot was never given back")
             for client in held:
                 client.quit()
             return refused, holders
@@ -341,3 +352,16 @@ class WorkersTests(TestCase):
         self.assertEqual(reloads(), set())
         self.transport.signalProcess(signal.SIGHUP)
         await self.wait_until(lambda: reloads() == pids)
+
+    async def test_port_in_use(self):
+        """The parent cannot bind: one line and status 75, as one process, no worker started."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        self.start("--pop3", f"tcp:{port}:interface=127.0.0.1")
+        self.assertEqual(await self.process.ended, 75)
+        self.assertIn(b"popserv: cannot listen on 127.0.0.1:%d: address already in use" % port,
+                      self.process.output)
+        self.assertNotIn(b"Started worker", self.process.output)
