@@ -247,8 +247,7 @@ class _Worker(ProcessProtocol):
             )
 
     def processEnded(self, reason: Failure) -> None:
-        for rest in (self._records,):
-            self._republish(rest)
+        self._republish(self._records)
         self._stderr(self._errors)
         self.supervisor._ended(self, reason)
 
@@ -288,6 +287,7 @@ class WorkerSupervisor(Service):
         self._stopped: Deferred[None] | None = None
         self._killer: IDelayedCall | None = None
         self._previous_hup: Any = None
+        self.failed = False
         #: How the parent ends when the workers keep dying (tests replace it).
         self.exit: Callable[[int], Any] = self._exit_now
 
@@ -375,6 +375,7 @@ class WorkerSupervisor(Service):
         self._restarts[worker.slot] = self.reactor.callLater(delay, self._spawn, worker.slot)
 
     def _give_up(self) -> None:
+        #: The parent stopped because the workers kept dying.
         self.failed = True
         self.reactor.addSystemEventTrigger(
             "after", "shutdown", lambda: self.exit(EXIT_WORKERS_FAILED)
@@ -443,8 +444,6 @@ class WorkerSupervisor(Service):
     def _close(self) -> None:
         for bound in self.bound:
             bound.close()
-
-    failed = False
 
 
 def _environment(config: dict[str, Any]) -> dict[str, str]:
