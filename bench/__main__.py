@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=TREE,
         help="source tree whose popserv runs (default: the one holding bench/)",
     )
+    p.add_argument(
+        "--popserv-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run popserv with --workers N (default: one process)",
+    )
     p.add_argument("--twistd", default=None, help="twistd to run (default: next to this python)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument(
@@ -158,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.servers:
             server: Server
             if name == "popserv":
-                server = Popserv(dataset, args.popserv_tree.resolve(), _twistd(args))
+                server = Popserv(
+                    dataset, args.popserv_tree.resolve(), _twistd(args), args.popserv_workers
+                )
             elif name == "dovecot":
                 why = Dovecot.available()
                 if why:

@@ -183,11 +183,15 @@ class Popserv(Server):
 
     name = "popserv"
 
-    def __init__(self, dataset: Dataset, tree: Path, twistd: str) -> None:
+    def __init__(
+        self, dataset: Dataset, tree: Path, twistd: str, workers: int | None = None
+    ) -> None:
         super().__init__(dataset)
         self.tree = tree
         self.twistd = twistd
         options = popserv_options(tree, twistd)
+        #: ``--workers N`` when given and the tree's popserv has it.
+        self.workers = ["--workers", str(workers)] if workers and "--workers" in options else []
         self.receiver = "--smtp" in options
         # Every client of the bench is on 127.0.0.1, and B4 holds 10,000
         # sessions: the limits are raised as Dovecot's are (see its config).
@@ -234,6 +238,7 @@ class Popserv(Server):
             "--pop3",
             f"tcp:{self.port}:interface={HOST}:backlog=4096",
             *self.limits,
+            *self.workers,
         ]
         if self.smtp_port is not None:
             cmd += ["--smtp", f"tcp:{self.smtp_port}:interface={HOST}", "--domain", "example.org"]

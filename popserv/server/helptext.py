@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 #: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Listening", ("pop3", "pop3s", "hostname", "metrics")),
+    ("Listening", ("pop3", "pop3s", "hostname", "metrics", "workers")),
     ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
     (
         "TLS",
@@ -124,6 +124,7 @@ METAVARS = {
     "quota-messages": "N",
     "recipient-delimiter": "CHARS",
     "log-format": "text|json",
+    "workers": "N|auto",
 }
 
 #: Defaults ``--help`` shows in words rather than as the stored value.

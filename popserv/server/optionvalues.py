@@ -40,6 +40,15 @@ def positive_int(value: str) -> int:
     return number
 
 
+def workers(value: str) -> int:
+    """``--workers``: a count, or ``auto`` for one per CPU this process may run on."""
+    if value.strip().lower() == "auto":
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)))
+    return positive_int(value)
+
+
 def size(value: str) -> int:
     size = parse_size(value)
     if size is None:

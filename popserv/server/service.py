@@ -10,7 +10,7 @@ listeners (:mod:`popserv.server.listeners`), the certificate reloader
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -22,6 +22,7 @@ from popserv.logins.accounts import AccountSettings
 from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
+from popserv.server.admission import IAdmission
 from popserv.server.certreload import CertificateReloader
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
@@ -78,12 +79,19 @@ LIMIT_OPTIONS = {
 
 
 def make_factory(
-    options: Mapping[str, Any], reactor: Any = None, *, owner: Owner | None = None
+    options: Mapping[str, Any],
+    reactor: Any = None,
+    *,
+    owner: Owner | None = None,
+    admission: IAdmission | None = None,
 ) -> POP3Factory:
     """
     The POP3 factory for ``options`` (the keys of :class:`popserv.server.tap.Options`).
     ``owner`` (uid, gid) is who will run it, when root starts it and drops
     privileges: files made on the first start are given to that user.
+    ``admission`` answers for the limits (a worker's
+    :class:`~popserv.server.workers.RemoteAdmission`); by default the
+    factory's own, for this process alone.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -141,6 +149,7 @@ def make_factory(
         tls=tls,
         sasl=mechanisms,
         accounts=passwords,
+        admission=admission,
     )
     factory.last_logins = LastLogins.load(layout.data_dir / LAST_LOGIN_FILE)
     return factory
@@ -234,6 +243,9 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
                 endpoints[option, description] = endpoint(option, description, reactor)
             except UsageError as e:
                 raise StartupError(str(e)) from None
+    workers = options.get("workers") or 1
+    if workers > 1:
+        return _make_parent(options, workers, plain, endpoints, reactor)
     factory = make_factory(options, reactor, owner=service_owner(options))
     top = PopservService(options, reactor)
     layout = layout_of(options)
@@ -246,19 +258,9 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     ]
     if factory.last_logins is not None:
         children.append(LastLoginWriter(factory.last_logins, reactor))
-    listeners: list[tuple[str, str, Any]] = [("pop3", d, factory) for d in plain]
-    receivers = []
-    for key, lmtp in (("smtp", False), ("lmtp", True)):
-        if options.get(key):
-            receiver = make_receiver(options, factory, lmtp=lmtp, reactor=reactor)
-            receivers.append(receiver)
-            listeners += [(key, d, receiver) for d in options[key]]
-    if factory.tls is not None:
-        secure = TLSMemoryBIOFactory(factory.tls, False, factory)
-        listeners += [("pop3s", d, secure) for d in options.get("pop3s") or []]
-        interval = options.get("tls-reload-interval") or 60.0
-        others = [r.tls for r in receivers if r.tls is not None]
-        children.append(CertificateReloader(factory.tls, interval, reactor, others))
+    listeners, receivers, reloader = _serving(options, plain, factory, reactor)
+    if reloader is not None:
+        children.append(reloader)
     for option, description, listener in listeners:
         children.append(Listener(endpoints[option, description], listener, description))
     for child in children:
@@ -276,4 +278,116 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     return top
 
 
-__all__ = ["Options", "makeService", "make_factory", "make_receiver"]
+def _serving(
+    options: Mapping[str, Any], plain: list[str], factory: POP3Factory, reactor: Any
+) -> tuple[list[tuple[str, str, Any]], list[ReceiverFactory], CertificateReloader | None]:
+    """
+    What serves each listener (option, description, factory), the
+    receivers, and the certificate reloader when there is TLS: the same in
+    one process and in each worker.
+    """
+    listeners: list[tuple[str, str, Any]] = [("pop3", d, factory) for d in plain]
+    receivers = []
+    for key, lmtp in (("smtp", False), ("lmtp", True)):
+        if options.get(key):
+            receiver = make_receiver(options, factory, lmtp=lmtp, reactor=reactor)
+            receivers.append(receiver)
+            listeners += [(key, d, receiver) for d in options[key]]
+    reloader = None
+    if factory.tls is not None:
+        secure = TLSMemoryBIOFactory(factory.tls, False, factory)
+        listeners += [("pop3s", d, secure) for d in options.get("pop3s") or []]
+        interval = options.get("tls-reload-interval") or 60.0
+        others = [r.tls for r in receivers if r.tls is not None]
+        reloader = CertificateReloader(factory.tls, interval, reactor, others)
+    return listeners, receivers, reloader
+
+
+def _make_parent(
+    options: Mapping[str, Any],
+    workers: int,
+    plain: list[str],
+    endpoints: Mapping[tuple[str, str], Any],
+    reactor: Any,
+) -> MultiService:
+    """
+    ``--workers N``, N >= 2: the parent, which binds the listeners, keeps N
+    workers serving them, and holds the admission they share; it serves no
+    session itself.
+    """
+    from popserv.server.workers.supervisor import WorkerSupervisor
+
+    if options.get("metrics"):
+        raise StartupError("--metrics is not served with --workers yet; give --workers 1")
+    arguments = getattr(options, "arguments", None)
+    if arguments is None:
+        raise StartupError("--workers needs the twistd popserv command line")
+    # Made here as in one process: the first start's account, the
+    # certificates and the options are checked once, before any worker
+    # starts; its admission is the one every worker asks.
+    factory = make_factory(options, reactor, owner=service_owner(options))
+    top = PopservService(options, reactor)
+    layout = layout_of(options)
+    passwd = PasswdFile(layout.passwd_path, username_rules(options))
+    receiving = bool(options.get("smtp") or options.get("lmtp"))
+    listeners = [
+        (option, description, endpoints[option, description])
+        for option in LISTENER_OPTIONS
+        for description in (plain if option == "pop3" else options.get(option) or [])
+    ]
+    children: list[Service] = [
+        TmpCleaner(layout, passwd, reactor),
+        AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
+        WorkerSupervisor(
+            workers, listeners, factory.admission, arguments, reactor, options=options
+        ),
+    ]
+    for child in children:
+        child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    warn_about_cleartext(plain, factory)
+    return top
+
+
+def worker_service(
+    options: Mapping[str, Any],
+    adopted: Sequence[Mapping[str, Any]],
+    admission: IAdmission,
+    reactor: Any,
+) -> MultiService:
+    """
+    A worker's services (:mod:`popserv.server.workers.child`): what one
+    process would run, on the listening sockets ``adopted`` from the parent
+    (:meth:`popserv.server.workers.supervisor.Bound.describe`), with the
+    parent's ``admission``.  No control socket (one path, one process) and
+    no metrics: see ``--workers`` in docs/options.rst.
+    """
+    from popserv.server.proxied import ProxyHeaderFactory
+    from popserv.server.workers.adopted import AdoptedListener, SharedLastLogins
+
+    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
+    factory = make_factory(options, reactor, admission=admission)
+    top = MultiService()  # type: ignore[no-untyped-call]  # Twisted's Service
+    children: list[Service] = []
+    if factory.last_logins is not None:
+        factory.last_logins = SharedLastLogins.load(layout_of(options).data_dir / LAST_LOGIN_FILE)
+        children.append(LastLoginWriter(factory.last_logins, reactor))
+    listeners, _, reloader = _serving(options, plain, factory, reactor)
+    if reloader is not None:
+        children.append(reloader)
+    serving = {(option, description): listener for option, description, listener in listeners}
+    for socket_ in adopted:
+        listener = serving[socket_["option"], socket_["description"]]
+        if socket_["proxied"]:
+            listener = ProxyHeaderFactory(listener, reactor)
+        children.append(
+            AdoptedListener(
+                socket_["fd"], socket_["family"], listener, socket_["description"], reactor
+            )
+        )
+    for child in children:
+        child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    ensure_fd_limit(factory.policy.max_connections)
+    return top
+
+
+__all__ = ["Options", "makeService", "make_factory", "make_receiver", "worker_service"]

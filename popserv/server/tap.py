@@ -276,6 +276,14 @@ class Options(usage.Options):
             "Serve Prometheus metrics on this endpoint, e.g. tcp:9110:interface=127.0.0.1.",
         ],
         [
+            "workers",
+            None,
+            1,
+            "Worker processes serving the listeners, or auto (one per CPU): the parent"
+            " binds every listener and shares the limits; 1 is one process, no parent.",
+            values.workers,
+        ],
+        [
             "log-format",
             None,
             TEXT,
@@ -386,6 +394,8 @@ class Options(usage.Options):
         whole help above it, on stdout, and exit 1); elsewhere, as usual,
         :class:`UsageError`.
         """
+        #: The arguments as given, for worker processes to parse again.
+        self.arguments = list(sys.argv[1:] if options is None else options)
         if not under_twistd(self):
             super().parseOptions(options)  # type: ignore[no-untyped-call]  # Twisted's usage.Options
             return

@@ -114,9 +114,18 @@ class SocketActivationTests(TestCase):
         deliver(ensure_maildir(self.layout.maildir_for("alice")), b"Subject: hi\n\nactivated\n")
 
     async def test_both_sockets_serve(self):
+        await self.both_sockets_serve()
+
+    async def test_both_sockets_serve_with_workers(self):
+        """--workers 2: the parent passes systemd's sockets on to its workers."""
+        process = await self.both_sockets_serve("--workers", "2")
+        self.assertIn(b"[worker ", process.output)
+
+    async def both_sockets_serve(self, *extra: str) -> _Twistd:
         plain, secure = free_port(), free_port()
         argv = substitute(exec_start(), data=str(self.layout.data_dir),
                           tls_cert=str(self.cert), tls_key=str(self.key))
+        argv += extra
         argv[0] = self.twistd
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         # systemd names every socket (by default after its unit), and Twisted
@@ -156,3 +165,4 @@ class SocketActivationTests(TestCase):
         self.assertEqual(over_plain, [b"Subject: hi", b"", b"activated"])
         self.assertEqual(over_tls, over_plain)
         self.assertNotIn(b"Traceback", process.output)
+        return process

@@ -1,0 +1,146 @@
+"""
+A worker of ``twistd popserv --workers N``: ``python -m popserv.server.workers.child``,
+started by :class:`~popserv.server.workers.supervisor.WorkerSupervisor`.
+
+It parses the same ``twistd popserv`` arguments as its parent, builds what
+one process would serve (:func:`popserv.server.service.worker_service`) on
+the listening sockets the parent bound, and asks the parent's admission
+(:func:`~popserv.server.workers.connect_admission`).  Its log events go to
+the parent as JSON records on standard output; the parent logs them with
+this worker's pid.  It stops on SIGTERM (as twistd would), and by itself
+when the parent goes away: it stops listening, lets its sessions finish
+for at most :data:`ORPHAN_GRACE` seconds, and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    globalLogBeginner,
+    jsonFileLogObserver,
+)
+from zope.interface import implementer
+
+from popserv.server.workers.adopted import AdoptedListener
+
+log = Logger()
+
+#: Seconds a worker whose parent is gone lets its sessions finish: logged-in
+#: sessions can still RETR and QUIT (a QUIT that commits DELE matters), but a
+#: worker nobody supervises must not linger (admission refuses everything new).
+ORPHAN_GRACE = 30.0
+
+
+def _leave_when_orphaned(service: Any, pop3: Any, reactor: Any) -> None:
+    """The parent is gone: stop listening, let sessions end (bounded), then exit."""
+    log.warn("The parent is gone: no new connections; stopping within {grace:g} s",
+             grace=ORPHAN_GRACE)
+    for child in service:  # a MultiService: its children
+        if isinstance(child, AdoptedListener):
+            child.stopService()
+    deadline = reactor.seconds() + ORPHAN_GRACE
+
+    def check() -> None:
+        if not getattr(pop3, "sessions", None) or reactor.seconds() >= deadline:
+            if reactor.running:
+                reactor.stop()
+        else:
+            reactor.callLater(0.5, check)
+
+    check()
+
+
+@implementer(ILogObserver)
+class _ToParent:
+    """
+    Log events to the parent; once it is gone (the pipe broken) they are
+    dropped: an orphan finishing its sessions has nowhere to log, and a
+    failing observer would only log its own failure again.
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer: ILogObserver | None = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if self._observer is not None:
+            try:
+                self._observer(event)
+            except OSError:
+                self._observer = None
+
+
+def _pop3_factory(service: Any) -> Any:
+    """The POP3 factory under the listeners' wrappers (TLS, PROXY header), or None."""
+    from popserv.server.factory import POP3Factory
+
+    for child in service:
+        if isinstance(child, AdoptedListener):
+            factory = child.factory
+            while factory is not None and not isinstance(factory, POP3Factory):
+                factory = getattr(factory, "wrappedFactory", None)
+            if factory is not None:
+                return factory
+    return None
+
+
+def main() -> None:
+    """Run one worker, configured by the parent (see the supervisor's CONFIG_VARIABLE)."""
+    from twisted.internet import reactor
+
+    from popserv.server.service import worker_service
+    from popserv.server.startup import StartupError
+    from popserv.server.tap import Options
+    from popserv.server.workers.admission import connect_admission
+    from popserv.server.workers.supervisor import CONFIG_VARIABLE
+
+    config = json.loads(os.environ.pop(CONFIG_VARIABLE))
+    # Ctrl-C in a terminal reaches the whole process group: the parent
+    # stops its workers itself (SIGTERM), so one ^C is one orderly stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One JSON record a line (JSON escapes newlines): flushed as each ends,
+    # so the parent logs it now, not when a pipe's buffer fills.
+    out: Any = sys.stdout
+    out.reconfigure(line_buffering=True)
+    globalLogBeginner.beginLoggingTo([_ToParent(jsonFileLogObserver(out))],
+                                     redirectStandardIO=False)
+    options = Options()
+    try:
+        options.parseOptions(config["arguments"])
+        admission = connect_admission(config["admission"], reactor)  # type: ignore[arg-type]  # the installed reactor
+        service = worker_service(options, config["listeners"], admission, reactor)
+    except StartupError as e:
+        sys.stderr.write(f"popserv: {e.message}\n")
+        sys.exit(e.status)
+    pop3 = _pop3_factory(service)
+    stopping: list[bool] = []
+
+    def orphaned(_: object) -> None:
+        # Stopping (SIGTERM) closes the connection too: that is no orphan.
+        if not stopping:
+            _leave_when_orphaned(service, pop3, reactor)
+
+    def stop() -> Any:
+        stopping.append(True)
+        return service.stopService()  # type: ignore[no-untyped-call]  # Twisted's Service
+
+    admission.when_lost().addCallback(orphaned)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
+    # A second SIGTERM (to the whole process group, and from the parent) must
+    # not kill a worker that has stopped already and is exiting.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    main()
+
+
