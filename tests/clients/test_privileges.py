@@ -10,13 +10,11 @@ import poplib
 import pwd
 import re
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
@@ -25,7 +23,7 @@ from popserv.server.configure import service_owner
 from popserv.server.firstrun import bootstrap
 from popserv.server.startchecks import AccessCheck
 from popserv.stores.layout import Layout, give_to, missing
-from tests.support.processes import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
 
 UNPRIVILEGED = "nobody"
 
@@ -164,13 +162,7 @@ class TwistdUidTests(TestCase):
                    "--hostname", "pop.test", "--data", str(self.workdir / "data"), *argv]
         transport = reactor.spawnProcess(process, self.twistd, command, env, str(self.workdir))
 
-        async def stop():
-            if transport.pid is not None:
-                transport.signalProcess(signal.SIGTERM)
-            await process.ended
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called
-                        else None)
+        stop_at_cleanup(self, process, transport)
         return process
 
     async def test_first_start_then_login_and_retr(self):

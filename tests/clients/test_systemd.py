@@ -10,13 +10,11 @@ import os
 import poplib
 import shlex
 import shutil
-import signal
 import ssl
 import sys
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -25,7 +23,7 @@ from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from tests.support.certs import CA
-from tests.support.processes import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
 
 UNITS = REPO / "contrib" / "systemd"
 
@@ -137,13 +135,7 @@ class SocketActivationTests(TestCase):
         process = _Twistd()
         transport = reactor.spawnProcess(process, command[0], command, dict(os.environ))
 
-        async def stop():
-            if transport.pid is not None:
-                transport.signalProcess(signal.SIGTERM)
-            await process.ended
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called
-                        else None)
+        stop_at_cleanup(self, process, transport)
 
         def fetch():
             c = poplib.POP3("::1", plain, timeout=30)  # starts the server

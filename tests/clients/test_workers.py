@@ -19,12 +19,11 @@ from pathlib import Path
 from unittest import SkipTest
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support.processes import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
 
 #: A worker's log lines: ``[worker 4711]`` or ``[worker 4711,POP3Protocol,...]``.
 WORKER_LINE = re.compile(rb"\[worker (\d+)[,\]][^\n]*(Disconnected|Logged out)")
@@ -99,13 +98,7 @@ class WorkersTests(TestCase):
         self.process = process
         self.transport = transport
 
-        async def stop():
-            if transport.pid is not None:
-                transport.signalProcess(signal.SIGTERM)
-            await process.ended
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called
-                        else None)
+        stop_at_cleanup(self, process, transport)
         return process
 
     async def started(self, *argv: str, twistd: tuple[str, ...] = ()) -> tuple[str, str]:

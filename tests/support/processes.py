@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -66,3 +67,15 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
+
+
+def stop_at_cleanup(case: Any, process: _Twistd, transport: Any) -> None:
+    """At the end of ``case``, SIGTERM the process (if still running) and wait for it."""
+
+    async def stop() -> None:
+        if transport.pid is not None:
+            transport.signalProcess(signal.SIGTERM)
+        await process.ended
+
+    case.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called else None)
+
