@@ -418,6 +418,7 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
                 break
             done = self._dispatch(self._queue.popleft())
             if done is None:
+                self._end_turn()
                 continue
             # A login attempt's turn ends with its command, however it ends
             # (a check still running when the client hangs up is counted
@@ -474,11 +475,8 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
                 if waiting is not None:
                     waiting = Deferred.fromCoroutine(self._finish(steps, waiting))
         except Exception:
-            self._end_turn()
             self._command_failed(Failure())
             return None
-        if waiting is None and self._turn is not None:
-            self._end_turn()
         return waiting
 
     def _perform_all(self, effects: tuple[Any, ...]) -> Deferred[Any] | None:
@@ -552,8 +550,7 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         the protected session.
         """
         tls = self.factory.tls
-        if tls is None:
-            raise errors.TLSUnavailable()
+        assert tls is not None  # The session offers STLS only with a certificate.
         self._queue.clear()
         self._splitter.discard()
         # The answer goes in clear, before the handshake starts.
