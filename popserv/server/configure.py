@@ -28,6 +28,15 @@ DEFAULT_POP3_ENDPOINT = "tcp:1110:interface=127.0.0.1"
 LISTENER_OPTIONS = ("pop3", "pop3s", "smtp", "lmtp")
 
 
+def pop3_endpoints(options: Mapping[str, Any]) -> list[str]:
+    """
+    The plain POP3 listeners: those ``--pop3`` gave, or the default one when
+    neither ``--pop3`` nor ``--pop3s`` did (as ``Options`` fills it in, for
+    options an application builds by hand).
+    """
+    return list(options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT]))
+
+
 def endpoint(option: str, description: str, reactor: Any = None) -> Any:
     """
     The server endpoint ``description`` names (nothing listens yet), or a

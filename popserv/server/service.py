@@ -29,6 +29,7 @@ from popserv.server.configure import (
     LISTENER_OPTIONS,
     endpoint,
     layout_of,
+    pop3_endpoints,
     service_owner,
     tls_server,
     token_validator,
@@ -233,7 +234,7 @@ def makeService(options: Mapping[str, Any]) -> MultiService:
 def _make_service(options: Mapping[str, Any]) -> MultiService:
     from twisted.internet import reactor
 
-    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
+    plain = pop3_endpoints(options)
     # Every endpoint made before anything is created on disk (the first
     # start's account): a systemd socket that was not passed is found here.
     endpoints = {}
@@ -353,18 +354,19 @@ def worker_service(
     adopted: Sequence[Mapping[str, Any]],
     admission: IAdmission,
     reactor: Any,
-) -> MultiService:
+) -> tuple[MultiService, POP3Factory]:
     """
     A worker's services (:mod:`popserv.server.workers.child`): what one
     process would run, on the listening sockets ``adopted`` from the parent
     (:meth:`popserv.server.workers.supervisor.Bound.describe`), with the
-    parent's ``admission``.  No control socket (one path, one process) and
-    no metrics: see ``--workers`` in docs/options.rst.
+    parent's ``admission``; and its POP3 factory, whose sessions an orphaned
+    worker waits for.  No control socket (one path, one process) and no
+    metrics: see ``--workers`` in docs/options.rst.
     """
     from popserv.server.proxied import ProxyHeaderFactory
     from popserv.server.workers.adopted import AdoptedListener, SharedLastLogins
 
-    plain = options.get("pop3") or ([] if options.get("pop3s") else [DEFAULT_POP3_ENDPOINT])
+    plain = pop3_endpoints(options)
     factory = make_factory(options, reactor, admission=admission)
     top = MultiService()  # type: ignore[no-untyped-call]  # Twisted's Service
     children: list[Service] = []
@@ -387,7 +389,7 @@ def worker_service(
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
     ensure_fd_limit(factory.policy.max_connections)
-    return top
+    return top, factory
 
 
 __all__ = ["Options", "makeService", "make_factory", "make_receiver", "worker_service"]

@@ -49,7 +49,7 @@ def _leave_when_orphaned(service: Any, pop3: Any, reactor: Any) -> None:
     deadline = reactor.seconds() + ORPHAN_GRACE
 
     def check() -> None:
-        if not getattr(pop3, "sessions", None) or reactor.seconds() >= deadline:
+        if not pop3.sessions or reactor.seconds() >= deadline:
             if reactor.running:
                 reactor.stop()
         else:
@@ -77,20 +77,6 @@ class _ToParent:
                 self._observer = None
 
 
-def _pop3_factory(service: Any) -> Any:
-    """The POP3 factory under the listeners' wrappers (TLS, PROXY header), or None."""
-    from popserv.server.factory import POP3Factory
-
-    for child in service:
-        if isinstance(child, AdoptedListener):
-            factory = child.factory
-            while factory is not None and not isinstance(factory, POP3Factory):
-                factory = getattr(factory, "wrappedFactory", None)
-            if factory is not None:
-                return factory
-    return None
-
-
 def main() -> None:
     """Run one worker, configured by the parent (see the supervisor's CONFIG_VARIABLE)."""
     from twisted.internet import reactor
@@ -115,11 +101,10 @@ def main() -> None:
     try:
         options.parseOptions(config["arguments"])
         admission = connect_admission(config["admission"], reactor)  # type: ignore[arg-type]  # the installed reactor
-        service = worker_service(options, config["listeners"], admission, reactor)
+        service, pop3 = worker_service(options, config["listeners"], admission, reactor)
     except StartupError as e:
         sys.stderr.write(f"popserv: {e.message}\n")
         sys.exit(e.status)
-    pop3 = _pop3_factory(service)
     stopping: list[bool] = []
 
     def orphaned(_: object) -> None:
