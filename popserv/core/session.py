@@ -475,8 +475,9 @@ class Session:
             sizes = view.listing.sizes
             tally = self.tally
             tally.deleted, tally.deleted_octets = len(deleted), sum(sizes[i] for i in deleted)
-            tally.left = len(sizes) - tally.deleted
-            tally.left_octets = sum(sizes) - tally.deleted_octets
+            # The tally holds the maildrop as it was at login.
+            tally.left -= tally.deleted
+            tally.left_octets -= tally.deleted_octets
             yield self.ok(
                 "Bye, {deleted} deleted, {left} left", deleted=len(deleted), left=tally.left
             )
