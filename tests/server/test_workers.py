@@ -325,12 +325,12 @@ class WorkerLostTests(WorkersTestCase):
         """A worker reusing an id it holds is answered with an error, and keeps its connection."""
         self.parent()
         server, a = self.worker()
-        from popserv.server.workers.commands import Connect
+        from popserv.server.workers.admission import CONNECT
 
         await a.connection("pop3", CLIENT)
         held = next(iter(server.held))
         with capturedLogs():
-            d = a.protocol.callRemote(Connect, id=held, service="pop3", client=CLIENT)
+            d = a._call(CONNECT, held, "pop3", CLIENT)
             await self.refused(d, AdmissionUnavailable)
         await a.connection("pop3", CLIENT)
         self.assertEqual(self.local.clients("pop3"), {CLIENT: 2})

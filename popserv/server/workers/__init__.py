@@ -6,11 +6,11 @@ parent's admission, asked by every worker over a socket
 
 from popserv.server.workers.admission import (
     AdmissionServer,
+    AdmissionUnavailable,
     RemoteAdmission,
     connect_admission,
     serve_admission,
 )
-from popserv.server.workers.commands import AdmissionUnavailable
 
 __all__ = [
     "AdmissionServer",

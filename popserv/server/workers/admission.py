@@ -6,7 +6,7 @@ cannot multiply its connection allowance, its failed-login penalty or a
 user's session count by N.  So one :class:`~popserv.server.admission.LocalAdmission`
 in the parent answers for all of them; each worker is connected to it by
 a stream socket (a ``socket.socketpair()`` made before the worker starts),
-and asks over AMP (:mod:`popserv.server.workers.commands`).
+and asks in the short lines of :mod:`popserv.server.workers.channel`.
 
 The parent's end, :class:`AdmissionServer`, remembers what each worker
 holds (its connections' and users' leases, its login turns, and the
@@ -17,7 +17,7 @@ with SIGKILL, its socket is closed by the kernel and the parent reads EOF.
 The worker's end, :class:`RemoteAdmission`, provides ``IAdmission``; its
 leases and turns are proxies holding an id.  Once the connection to the
 parent is lost it fails closed: every new question fails with
-:class:`~popserv.server.workers.commands.AdmissionUnavailable` (a refused
+:class:`AdmissionUnavailable` (a refused
 connection, a ``-ERR [SYS/TEMP]`` login), since a worker on its own could
 only admit without limits.
 
@@ -31,7 +31,7 @@ transit, and on the clock the worker computes with.
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -42,41 +42,63 @@ from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorSocket, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from popserv.core.errors import TooManySessions
+from popserv.core.errors import TemporaryFailure, TooManySessions
 from popserv.server.admission import IAdmission, ILease, ILoginTurn, OverLimit
-from popserv.server.workers.commands import (
-    AdmissionUnavailable,
-    Connect,
-    Failed,
-    Given,
-    LoginTurn,
-    Release,
-    Succeeded,
-    UserSession,
-)
+from popserv.server.workers.channel import Channel, Fields, RemoteError
 
 log = Logger()
 
-#: An AMP answer: nothing but success, or Failed's ``due``.
-_Answer = dict[str, Any]
+# The worker's questions (answered) and verdicts (not), by op: the id of a
+# question names the lease or turn it grants.
+CONNECT = b"C"  # service, client: IAdmission.connection
+USER_SESSION = b"U"  # user: IAdmission.user_session
+LOGIN_TURN = b"T"  # client: IAdmission.login_turn, answered when the turn begins
+FAILED = b"F"  # user: ILoginTurn.failed of turn ID, answered with the seconds it is due
+SUCCEEDED = b"S"  # user: ILoginTurn.succeeded of turn ID
+RELEASE = b"R"  # give back lease or turn ID, or give up the question ID still open
+# The parent's questions to a worker: QUERY, a kind and its argument (JSON),
+# answered with JSON (what :meth:`RemoteAdmission.answer` registered).
+QUERY = b"Q"
+
+# Error codes.  Any other failure in the parent is logged there and
+# answered as FAILED.
+OVER_LIMIT = "OVER"
+TOO_MANY_SESSIONS = "SESSIONS"
+UNAVAILABLE = "FAILED"
+CANCELLED = "CANCELLED"
+
+
+class AdmissionUnavailable(TemporaryFailure, OverLimit):
+    """
+    The parent's admission cannot be asked (the connection to it is gone) or
+    failed to answer.  Refused, never admitted without limits: as an
+    :class:`OverLimit` a listener refuses the connection (and its refusal
+    log counts it, once a minute, rather than a traceback each); as a
+    ``TemporaryFailure`` a login answers ``-ERR [SYS/TEMP]``.
+    """
+
+
+class Given(Exception):
+    """The worker gave the question up (a release before the answer): no answer is wanted."""
 
 
 # The parent's side.
 
 
-class AdmissionServer(amp.AMP):
+class AdmissionServer(Channel):
     """
     The parent's end of one worker's connection: answers its questions from
-    ``admission`` (shared by every worker), and gives back all the worker
-    holds when the connection is lost.
+    ``admission`` (shared by every worker), gives back all the worker holds
+    when the connection is lost, and asks the worker (:meth:`ask`).
     """
 
+    answered = frozenset({CONNECT, USER_SESSION, LOGIN_TURN, FAILED})
+
     def __init__(self, admission: IAdmission, name: str = "worker") -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's AMP
+        super().__init__()
         self.admission = admission
         #: Which worker, for the log.
         self.name = name
@@ -88,6 +110,14 @@ class AdmissionServer(amp.AMP):
         self._given_up: set[int] = set()
         self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
+        self.handlers.update({
+            CONNECT: self._connection,
+            USER_SESSION: self._user_session,
+            LOGIN_TURN: self._login_turn,
+            FAILED: self._failed,
+            SUCCEEDED: self._succeeded,
+            RELEASE: self._release,
+        })
 
     def when_lost(self) -> Deferred[None]:
         """Fires once the worker's connection is lost and all it held is given back."""
@@ -98,21 +128,26 @@ class AdmissionServer(amp.AMP):
             self._lost_waiters.append(d)
         return d
 
+    def ask(self, kind: str, argument: Any = None) -> Deferred[Any]:
+        """Ask the worker what it answers ``kind`` with (see :meth:`RemoteAdmission.answer`)."""
+        answer = self.call(QUERY, self.next_id(), kind, json.dumps(argument))
+        return answer.addCallback(lambda fields: json.loads(fields[0] or "null"))
+
+    def peer_name(self) -> str:
+        return self.name
+
     # Questions
 
-    @Connect.responder
-    def _connection(self, id: int, service: str, client: str | None) -> Deferred[_Answer]:
+    def _connection(self, id: int, service: str, client: str | None) -> Deferred[Fields]:
         return self._grant(id, lambda: self.admission.connection(service, client))
 
-    @UserSession.responder
-    def _user_session(self, id: int, user: str) -> Deferred[_Answer]:
+    def _user_session(self, id: int, user: str) -> Deferred[Fields]:
         return self._grant(id, lambda: self.admission.user_session(user))
 
-    @LoginTurn.responder
-    def _login_turn(self, id: int, client: str | None) -> Deferred[_Answer]:
+    def _login_turn(self, id: int, client: str | None) -> Deferred[Fields]:
         return self._grant(id, lambda: self.admission.login_turn(client))
 
-    def _grant(self, id: int, ask: Callable[[], Deferred[Any]]) -> Deferred[_Answer]:
+    def _grant(self, id: int, ask: Callable[[], Deferred[Any]]) -> Deferred[Fields]:
         """Ask the shared admission; hold what it grants under ``id``."""
         if id in self.held or id in self.open:
             log.error("{worker} reused admission id {id}", worker=self.name, id=id)
@@ -128,16 +163,16 @@ class AdmissionServer(amp.AMP):
             self._granted, self._refused, callbackArgs=(id,), errbackArgs=(id,)
         )
 
-    def _granted(self, granted: ILease | ILoginTurn, id: int) -> _Answer:
+    def _granted(self, granted: ILease | ILoginTurn, id: int) -> Fields:
         del self.open[id]
         if self.lost or id in self._given_up:
             self._given_up.discard(id)
             granted.release()
             raise Given()
         self.held[id] = granted
-        return {}
+        return ()
 
-    def _refused(self, failure: Failure, id: int) -> Failure | Deferred[_Answer]:
+    def _refused(self, failure: Failure, id: int) -> Failure | Deferred[Fields]:
         self.open.pop(id, None)
         if failure.check(OverLimit, TooManySessions):
             return failure
@@ -146,35 +181,39 @@ class AdmissionServer(amp.AMP):
             return Failure(Given())
         return self._unexpected(failure)
 
-    def _unexpected(self, failure: Failure) -> Deferred[_Answer]:
-        # Answered as a known error: AMP drops the connection on any other,
-        # and with it everything this worker holds.
+    def _unexpected(self, failure: Failure) -> Deferred[Fields]:
         log.failure("Admission failed to answer {worker}", failure, worker=self.name)
         return fail(AdmissionUnavailable("admission failed in the parent"))
 
+    def error_code(self, failure: Failure) -> str | None:
+        # The specific first: an AdmissionUnavailable is an OverLimit too.
+        if failure.check(AdmissionUnavailable):
+            return UNAVAILABLE
+        if failure.check(Given):
+            return CANCELLED
+        if failure.check(OverLimit):
+            return OVER_LIMIT
+        if failure.check(TooManySessions):
+            return TOO_MANY_SESSIONS
+        return None
+
     # Verdicts
 
-    @Failed.responder
-    def _failed(self, id: int, user: str) -> Deferred[_Answer]:
+    def _failed(self, id: int, user: str) -> Deferred[Fields]:
         turn = self.held.pop(id, None)
         if not ILoginTurn.providedBy(turn):
             if turn is not None:
                 self.held[id] = turn
             return fail(AdmissionUnavailable(f"no login turn {id}"))
-        return turn.failed(user).addCallback(lambda due: {"due": due})
+        return turn.failed(user).addCallback(lambda due: (repr(float(due)),))
 
-    @Succeeded.responder
-    def _succeeded(self, id: int, user: str) -> _Answer:
-        # Sent without an answer: nothing may fail here (AMP would drop the
-        # connection), so an unknown id is ignored.
+    def _succeeded(self, id: int, user: str) -> None:
         turn = self.held.get(id)
         if ILoginTurn.providedBy(turn):
             del self.held[id]
             turn.succeeded(user)
-        return {}
 
-    @Release.responder
-    def _release(self, id: int) -> _Answer:
+    def _release(self, id: int) -> None:
         held = self.held.pop(id, None)
         if held is not None:
             held.release()
@@ -183,11 +222,10 @@ class AdmissionServer(amp.AMP):
             # Deferred's canceller); a lease is given back when it comes.
             self._given_up.add(id)
             self.open[id].cancel()
-        return {}
 
     # The connection
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:  # noqa: B008
         self.lost = True
         leases = turns = 0
         for held in self.held.values():
@@ -213,7 +251,7 @@ class AdmissionServer(amp.AMP):
             turns=turns,
             waiting=waiting,
         )
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's AMP
+        super().connectionLost(reason)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
@@ -254,7 +292,7 @@ class _RemoteLease:
     def release(self) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            admission._release(self.id)
+            admission.protocol.send(RELEASE, self.id)
 
 
 @implementer(ILoginTurn)
@@ -271,32 +309,60 @@ class _RemoteTurn:
         admission, self._admission = self._admission, None
         if admission is None:
             return fail(AdmissionUnavailable(f"login turn {self.id} already over"))
-        answer = admission._call(Failed, id=self.id, user=user)
-        return answer.addCallback(lambda response: float(response["due"]))
+        answer = admission._call(FAILED, self.id, user)
+        return answer.addCallback(lambda fields: float(fields[0]))
 
     def succeeded(self, user: str) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            admission._send(Succeeded, id=self.id, user=user)
+            admission.protocol.send(SUCCEEDED, self.id, user)
 
     def release(self) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            admission._release(self.id)
+            admission.protocol.send(RELEASE, self.id)
 
 
-class _ParentConnection(amp.AMP):
-    """The worker's end of the socket: asks, and tells its admission when it is lost."""
+#: How the worker raises the parent's error codes.
+_ERRORS: dict[str, Callable[[str], Exception]] = {
+    OVER_LIMIT: OverLimit,
+    TOO_MANY_SESSIONS: TooManySessions,
+    CANCELLED: lambda _: Given(),
+}
+
+
+class _ParentConnection(Channel):
+    """The worker's end: asks, answers the parent's queries, tells its admission when lost."""
+
+    answered = frozenset({QUERY})
 
     def __init__(self, lost: Callable[[Failure], None]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's AMP
+        super().__init__()
         self._on_lost = lost
+        #: What a QUERY of each kind is answered with.
+        self.queries: dict[str, Callable[[Any], Any]] = {}
+        self.handlers[QUERY] = self._query
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        # AMP fails the open questions first (with the reason), then we
-        # refuse new ones.
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's AMP
+    def _query(self, id: int, kind: str, argument: str) -> Deferred[Fields]:
+        answer = self.queries.get(kind)
+        if answer is None:
+            return fail(LookupError(f"nothing answers {kind!r} here"))
+        return Deferred.fromCoroutine(_answered(answer, json.loads(argument)))
+
+    def peer_name(self) -> str:
+        return "the parent"
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:  # noqa: B008
+        # The open questions fail first (with the reason), then we refuse new ones.
+        super().connectionLost(reason)
         self._on_lost(reason)
+
+
+async def _answered(answer: Callable[[Any], Any], argument: Any) -> Fields:
+    result = answer(argument)
+    if isinstance(result, Deferred):
+        result = await result
+    return (json.dumps(result),)
 
 
 @implementer(IAdmission)
@@ -311,7 +377,6 @@ class RemoteAdmission:
         self.protocol = _ParentConnection(self._lost)
         #: Why the connection to the parent ended; None while it is up.
         self.gone: str | None = None
-        self._ids = itertools.count(1)
         self._lost_waiters: list[Deferred[None]] = []
 
     def when_lost(self) -> Deferred[None]:
@@ -323,22 +388,29 @@ class RemoteAdmission:
             self._lost_waiters.append(d)
         return d
 
+    def answer(self, kind: str, answer: Callable[[Any], Any]) -> None:
+        """
+        Answer the parent's ``ask(kind, argument)`` with ``answer(argument)``
+        (JSON in and out; a Deferred is waited for).
+        """
+        self.protocol.queries[kind] = answer
+
     def connection(self, service: str, client: str | None) -> Deferred[ILease]:
-        id = next(self._ids)
-        answer = self._call(Connect, id=id, service=service, client=client)
-        return answer.addCallback(lambda _: _RemoteLease(self, id))
+        id = self.protocol.next_id()
+        return self._call(CONNECT, id, service, client).addCallback(
+            lambda _: _RemoteLease(self, id)
+        )
 
     def user_session(self, user: str) -> Deferred[ILease]:
-        id = next(self._ids)
-        answer = self._call(UserSession, id=id, user=user)
-        return answer.addCallback(lambda _: _RemoteLease(self, id))
+        id = self.protocol.next_id()
+        return self._call(USER_SESSION, id, user).addCallback(lambda _: _RemoteLease(self, id))
 
     def login_turn(self, client: str | None) -> Deferred[ILoginTurn]:
         started = self.clock.seconds()
-        id = next(self._ids)
+        id = self.protocol.next_id()
 
         def give_up(_: Deferred[ILoginTurn]) -> None:
-            self._release(id)
+            self.protocol.send(RELEASE, id)
 
         turn: Deferred[ILoginTurn] = Deferred(give_up)
 
@@ -350,29 +422,21 @@ class RemoteAdmission:
             if not turn.called:
                 turn.errback(failure)
 
-        self._call(LoginTurn, id=id, client=client).addCallbacks(began, refused)
+        self._call(LOGIN_TURN, id, client).addCallbacks(began, refused)
         return turn
 
-    # Talking to the parent
-
-    def _call(self, command: type[amp.Command], **arguments: Any) -> Deferred[Any]:
+    def _call(self, op: bytes, id: int, *fields: str | None) -> Deferred[Any]:
         """Ask the parent; fail closed if it cannot be asked."""
         if self.gone is not None:
             return fail(AdmissionUnavailable(f"no admission: {self.gone}"))
-        answer: Deferred[Any] = self.protocol.callRemote(command, **arguments)  # type: ignore[no-untyped-call]  # Twisted's AMP
-        return answer.addErrback(self._closed)
+        return self.protocol.call(op, id, *fields).addErrback(self._refusal)
 
-    def _send(self, command: type[amp.Command], **arguments: Any) -> None:
-        """Tell the parent, with no answer; nothing to tell once it is gone (it gave all back)."""
-        if self.gone is None:
-            self.protocol.callRemote(command, **arguments)  # type: ignore[no-untyped-call]  # Twisted's AMP
-
-    def _release(self, id: int) -> None:
-        self._send(Release, id=id)
-
-    def _closed(self, failure: Failure) -> Failure:
+    def _refusal(self, failure: Failure) -> Failure:
         if failure.check(ConnectionClosed):
             return Failure(AdmissionUnavailable(f"no admission: {failure.getErrorMessage()}"))
+        error = failure.value
+        if isinstance(error, RemoteError):
+            return Failure(_ERRORS.get(error.code, AdmissionUnavailable)(error.text))
         return failure
 
     def _lost(self, reason: Failure) -> None:
