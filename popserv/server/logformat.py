@@ -54,7 +54,8 @@ def parse_log_format(value: str) -> str:
     return value
 
 
-def _scalar(value: object) -> bool:
+def json_scalar(value: object) -> bool:
+    """Whether ``value`` is a JSON scalar the JSON log format shows as a field."""
     if isinstance(value, float):
         return math.isfinite(value)  # NaN and infinities are not JSON
     return value is None or isinstance(value, (str, int, bool))
@@ -78,7 +79,7 @@ def event_as_json(event: LogEvent) -> str:
             or key in _OWN
             or key in _LEGACY
             or not isinstance(key, str)
-            or not _scalar(value)
+            or not json_scalar(value)
             or key == "summary"  # a summary line's text, already in "text"
         ):
             continue

@@ -139,6 +139,35 @@ class WorkersTests(TestCase):
         await self.wait_until(lambda: session_pids(self.process.output) == pids)
         self.assertNotIn(b"Traceback", self.process.output)
 
+    async def test_json_log_keeps_the_workers_fields(self):
+        """With --log-format json, a worker's summary line has its fields and its pid."""
+        import json
+
+        process = self.start("--log-format", "json")
+        await self.wait_until(lambda: process.output.count(b"Starting factory") >= 2)
+        pids = {json.loads(line)["pid"] for line in process.output.splitlines()
+                if line.startswith(b"{") and b'"Started worker' in line}
+
+        def session():
+            client = self.connect()
+            client.capa()
+            client.quit()
+
+        await deferToThread(session)
+
+        def summaries():
+            return [event for event in map(json.loads, (
+                line for line in process.output.splitlines() if line.startswith(b"{")))
+                if "ended" in event]
+
+        await self.wait_until(lambda: summaries())
+        event = summaries()[0]
+        self.assertIn(event["worker"], pids)
+        self.assertTrue(event["peer"].startswith("127.0.0.1:"), event)
+        self.assertEqual((event["ended"], event["failures"]), ("QUIT", 0))
+        self.assertEqual(event["level"], "info")
+        self.assertNotIn("Traceback", process.output.decode())
+
     async def test_per_ip_limit_holds_across_workers(self):
         """With --max-connections-per-ip 4 the fifth connection is refused, whichever worker."""
         await self.started("--max-connections-per-ip", "4")

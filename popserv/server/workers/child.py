@@ -18,18 +18,19 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import IO, Any
 
 from twisted.logger import (
     ILogObserver,
     LogEvent,
     Logger,
     globalLogBeginner,
-    jsonFileLogObserver,
 )
 from zope.interface import implementer
 
+from popserv.server.logformat import JSON
 from popserv.server.workers.adopted import AdoptedListener
+from popserv.server.workers.logrelay import record
 
 log = Logger()
 
@@ -61,20 +62,22 @@ def _leave_when_orphaned(service: Any, pop3: Any, reactor: Any) -> None:
 @implementer(ILogObserver)
 class _ToParent:
     """
-    Log events to the parent; once it is gone (the pipe broken) they are
-    dropped: an orphan finishing its sessions has nowhere to log, and a
-    failing observer would only log its own failure again.
+    Log events to the parent, one :mod:`~popserv.server.workers.logrelay`
+    record a line; once it is gone (the pipe broken) they are dropped: an
+    orphan finishing its sessions has nowhere to log, and a failing observer
+    would only log its own failure again.
     """
 
-    def __init__(self, observer: ILogObserver) -> None:
-        self._observer: ILogObserver | None = observer
+    def __init__(self, out: IO[str], fields: bool) -> None:
+        self._out: IO[str] | None = out
+        self._fields = fields
 
     def __call__(self, event: LogEvent) -> None:
-        if self._observer is not None:
+        if self._out is not None:
             try:
-                self._observer(event)
+                self._out.write(record(event, self._fields) + "\n")
             except OSError:
-                self._observer = None
+                self._out = None
 
 
 def main() -> None:
@@ -91,15 +94,17 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent
     # stops its workers itself (SIGTERM), so one ^C is one orderly stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # One JSON record a line (JSON escapes newlines): flushed as each ends,
+    # One record a line (JSON escapes newlines): flushed as each ends,
     # so the parent logs it now, not when a pipe's buffer fills.
     out: Any = sys.stdout
     out.reconfigure(line_buffering=True)
-    globalLogBeginner.beginLoggingTo([_ToParent(jsonFileLogObserver(out))],
-                                     redirectStandardIO=False)
     options = Options()
     try:
         options.parseOptions(config["arguments"])
+        # Events logged meanwhile wait in the log beginner's buffer.
+        globalLogBeginner.beginLoggingTo(
+            [_ToParent(out, fields=options["log-format"] == JSON)], redirectStandardIO=False
+        )
         admission = connect_admission(config["admission"], reactor)  # type: ignore[arg-type]  # the installed reactor
         service, pop3 = worker_service(options, config["listeners"], admission, reactor)
     except StartupError as e:

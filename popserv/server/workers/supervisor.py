@@ -36,13 +36,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from popserv.server.admission import IAdmission
 from popserv.server.proxied import inner_description
 from popserv.server.startup import EXIT_CANNOT_LISTEN, StartupError, remove_pidfile, strerror
 from popserv.server.workers.admission import AdmissionServer, serve_admission
+from popserv.server.workers.logrelay import event_of
 
 log = Logger()
 
@@ -75,9 +76,6 @@ EXIT_WORKERS_FAILED = 70
 #: Seconds the workers have to stop after SIGTERM before SIGKILL (systemd's
 #: TimeoutStopSec= is 90 s, for the whole service: well within it).
 STOP_TIMEOUT = 10.0
-
-#: What twistd's log shows of a worker's event with no system of its own.
-_NO_SYSTEM = "-"
 
 
 @frozen
@@ -212,8 +210,7 @@ class _Worker(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
             self._records += data
-            # jsonFileLogObserver writes RS, the JSON (newlines escaped), LF:
-            # a record is whole at its LF.
+            # A record is one line of JSON (which escapes newlines).
             *whole, self._records = self._records.split(b"\n")
             for record in whole:
                 self._republish(record)
@@ -224,20 +221,14 @@ class _Worker(ProcessProtocol):
                 self._stderr(line)
 
     def _republish(self, record: bytes) -> None:
-        """A worker's log event (JSON), into the parent's log, marked with the worker's pid."""
-        text = record.strip(b"\x1e \t\r\n")
-        if not text:
+        """A worker's log event, into the parent's log, marked with the worker's pid."""
+        if not record.strip():
             return
         try:
-            event = eventFromJSON(text.decode("utf-8", "replace"))
-        except ValueError:
-            self._stderr(text)
+            event = event_of(record, self.pid)
+        except ValueError:  # Not a record: something the worker printed.
+            self._stderr(record)
             return
-        system = event.get("log_system") or _NO_SYSTEM
-        mark = f"worker {self.pid}"
-        event["log_system"] = mark if system == _NO_SYSTEM else f"{mark},{system}"
-        # --log-format json shows scalar fields: the pid is queryable there.
-        event["worker"] = self.pid
         globalLogPublisher(event)
 
     def _stderr(self, line: bytes) -> None:
