@@ -23,12 +23,13 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from attrs import frozen
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -138,7 +139,7 @@ class SessionRow:
             tls=session.info.secure,
             state="" if pop3 is None else pop3.state.name,
             mechanism=(pop3.mechanism or "") if pop3 is not None and user is not None else "",
-            # Each worker process answers for its own sessions (one for now).
+            # With --workers, each worker answers for its own sessions.
             worker=os.getpid(),
         )
 
@@ -244,6 +245,96 @@ def _in(session: POP3Protocol, network: IPNetwork) -> bool:
     return ip in network
 
 
+# Where the sessions are: this process, or the workers
+
+
+class SessionSource(Protocol):
+    """The POP3 sessions ``popserv who`` lists and ``popserv kick`` ends."""
+
+    def who(self, after: tuple[float, str] | None) -> Deferred[dict[str, Any]]:
+        """A :class:`Who` answer: ``sessions`` (rows as dicts) and ``more``."""
+
+    def kick(self, user: str | None, address: str | None, by: str) -> Deferred[int]:
+        """End the matching sessions (see :func:`matching`); how many. ValueError: bad target."""
+
+
+class LocalSessions:
+    """The sessions of a POP3 factory in this process."""
+
+    def __init__(self, pop3: Any, rules: UsernameRules) -> None:
+        #: The POP3 factory, whose ``sessions`` are listed and kicked.
+        self.pop3 = pop3
+        self.rules = rules
+
+    def who(self, after: tuple[float, str] | None) -> Deferred[dict[str, Any]]:
+        return succeed(self.page(after))
+
+    def page(self, after: tuple[float, str] | None) -> dict[str, Any]:
+        rows, more = who(self.pop3.sessions, after)
+        return {"sessions": [row.as_amp() for row in rows], "more": more}
+
+    def kick(self, user: str | None, address: str | None, by: str) -> Deferred[int]:
+        return maybeDeferred(self.kick_now, user, address, by)
+
+    def kick_now(self, user: str | None, address: str | None, by: str) -> int:
+        found = matching(self.pop3.sessions, self.rules, user=user, address=address)
+        for session in found:
+            session.kick(by)
+        return len(found)
+
+    def answer_for(self, admission: Any) -> None:
+        """Answer the parent's ``who`` and ``kick`` (in a worker: ``admission`` is its link)."""
+        admission.answer("who", lambda after: self.page(None if after is None else tuple(after)))
+        admission.answer("kick", lambda target: self.kick_now(**target))
+
+
+class WorkerSessions:
+    """
+    The sessions of every worker of ``twistd popserv --workers N``: the
+    parent asks each (``supervisor.links()``) and merges the answers.
+    """
+
+    def __init__(self, links: Callable[[], Iterable[Any]], rules: UsernameRules) -> None:
+        self.links = links
+        self.rules = rules
+
+    def who(self, after: tuple[float, str] | None) -> Deferred[dict[str, Any]]:
+        async def merged() -> dict[str, Any]:
+            answers = await _gathered(link.ask("who", after) for link in self.links())
+            rows = sorted(
+                (row for answer in answers for row in answer["sessions"]),
+                key=lambda row: (row["since"], row["client"]),
+            )
+            more = len(rows) > WHO_PAGE or any(answer["more"] for answer in answers)
+            return {"sessions": rows[:WHO_PAGE], "more": more}
+
+        return Deferred.fromCoroutine(merged())
+
+    def kick(self, user: str | None, address: str | None, by: str) -> Deferred[int]:
+        try:
+            matching((), self.rules, user=user, address=address)  # the target's check alone
+        except ValueError as e:
+            return fail(e)
+        target = {"user": user, "address": address, "by": by}
+
+        async def kicked() -> int:
+            return sum(await _gathered(link.ask("kick", target) for link in self.links()))
+
+        return Deferred.fromCoroutine(kicked())
+
+
+async def _gathered(answers: Iterable[Deferred[Any]]) -> list[Any]:
+    """Every worker's answer; one that fails (it is stopping) is left out, and logged."""
+    results = await DeferredList(list(answers), consumeErrors=True)
+    kept = []
+    for ok, value in results:
+        if ok:
+            kept.append(value)
+        else:
+            log.warn("A worker did not answer: {why}", why=value.getErrorMessage())
+    return kept
+
+
 # The server side
 
 
@@ -286,32 +377,32 @@ class ControlProtocol(amp.AMP):
     @Who.responder
     def who(self, after_since: float | None = None, after_client: str | None = None) -> Any:
         after = None if after_since is None else (after_since, after_client or "")
-        rows, more = who(self.factory.pop3.sessions, after)
-        return {"sessions": [row.as_amp() for row in rows], "more": more}
+        return self.factory.sessions.who(after)
 
     @Kick.responder
     def kick(self, user: str | None = None, address: str | None = None) -> Any:
-        found = matching(self.factory.pop3.sessions, self.factory.rules, user=user, address=address)
         target = f"user {user}" if user is not None else f"address {address}"
-        for session in found:
-            session.kick(f"admin ({self.peer})")
-        log.info(
-            "Kicked {count} session(s) of {target}, asked by {who} on the control socket",
-            count=len(found),
-            target=target,
-            who=self.peer,
-        )
-        return {"kicked": len(found)}
+
+        def kicked(count: int) -> dict[str, int]:
+            log.info(
+                "Kicked {count} session(s) of {target}, asked by {who} on the control socket",
+                count=count,
+                target=target,
+                who=self.peer,
+            )
+            return {"kicked": count}
+
+        answer = self.factory.sessions.kick(user, address, f"admin ({self.peer})")
+        return answer.addCallback(kicked)
 
 
 class ControlFactory(Factory[ControlProtocol]):
     protocol = ControlProtocol
     noisy = False
 
-    def __init__(self, pop3: Any, rules: UsernameRules) -> None:
-        #: The POP3 factory, whose ``sessions`` are listed and kicked.
-        self.pop3 = pop3
-        self.rules = rules
+    def __init__(self, sessions: SessionSource) -> None:
+        #: The sessions listed and kicked.
+        self.sessions = sessions
 
 
 def probe(path: Path, timeout: float = 2.0) -> bool | None:
@@ -518,9 +609,9 @@ class ControlClient:
         return data
 
 
-def control_service(layout: Layout, pop3: Any, rules: UsernameRules, reactor: Any) -> Service:
-    """The control socket service for a server on ``layout`` with the sessions of ``pop3``."""
-    return ControlService(control_path(layout), ControlFactory(pop3, rules), reactor)
+def control_service(layout: Layout, sessions: SessionSource, reactor: Any) -> Service:
+    """The control socket service for a server on ``layout`` with ``sessions``."""
+    return ControlService(control_path(layout), ControlFactory(sessions), reactor)
 
 
 __all__ = [
@@ -529,7 +620,10 @@ __all__ = [
     "ControlError",
     "ControlService",
     "Kick",
+    "LocalSessions",
+    "SessionSource",
     "Who",
+    "WorkerSessions",
     "control_path",
     "control_service",
 ]

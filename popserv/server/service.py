@@ -35,7 +35,7 @@ from popserv.server.configure import (
     token_validator,
     username_rules,
 )
-from popserv.server.control import control_service
+from popserv.server.control import LocalSessions, WorkerSessions, control_service
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
@@ -253,7 +253,7 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     passwd = PasswdFile(layout.passwd_path, username_rules(options))
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     children: list[Service] = [
-        control_service(layout, factory, username_rules(options), reactor),
+        control_service(layout, LocalSessions(factory, username_rules(options)), reactor),
         TmpCleaner(layout, passwd, reactor),
         AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
     ]
@@ -336,12 +336,16 @@ def _make_parent(
         for option in LISTENER_OPTIONS
         for description in (plain if option == "pop3" else options.get(option) or [])
     ]
+    supervisor = WorkerSupervisor(
+        workers, listeners, factory.admission, arguments, reactor, options=options
+    )
     children: list[Service] = [
+        control_service(
+            layout, WorkerSessions(supervisor.links, username_rules(options)), reactor
+        ),
         TmpCleaner(layout, passwd, reactor),
         AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
-        WorkerSupervisor(
-            workers, listeners, factory.admission, arguments, reactor, options=options
-        ),
+        supervisor,
     ]
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service

@@ -160,13 +160,51 @@ class WorkersTests(TestCase):
                 line for line in process.output.splitlines() if line.startswith(b"{")))
                 if "ended" in event]
 
-        await self.wait_until(lambda: summaries())
+        await self.wait_until(summaries)
         event = summaries()[0]
         self.assertIn(event["worker"], pids)
         self.assertTrue(event["peer"].startswith("127.0.0.1:"), event)
         self.assertEqual((event["ended"], event["failures"]), ("QUIT", 0))
         self.assertEqual(event["level"], "info")
         self.assertNotIn("Traceback", process.output.decode())
+
+    async def test_who_and_kick_reach_every_worker(self):
+        """popserv who lists the sessions of both workers; kick ends them wherever they are."""
+        from popserv.server.control import ControlClient
+
+        await self.started()
+        pids = worker_pids(self.process.output)
+        path = self.workdir / "data" / "control.sock"
+        await self.wait_until(path.exists)
+        clients = []
+        try:
+            for _ in range(30):
+                clients.append(self.connect())
+                if len({serving_pid(c.sock, pids) for c in clients}) == 2 and len(clients) >= 6:
+                    break
+            served_by = {serving_pid(c.sock, pids) for c in clients}
+            self.assertEqual(served_by, pids)
+            rows = await deferToThread(lambda: ControlClient(path).who())
+            self.assertEqual(len(rows), len(clients))
+            self.assertEqual({row["worker"] for row in rows}, pids)
+            self.assertEqual({row["state"] for row in rows}, {"AUTHORIZATION"})
+            kicked = await deferToThread(
+                lambda: ControlClient(path).kick(address="127.0.0.1"))
+            self.assertEqual(kicked, len(clients))
+            for client in clients:
+                try:
+                    ended = await deferToThread(client.sock.recv, 1024)
+                except ConnectionResetError:
+                    ended = b""
+                self.assertEqual(ended, b"")
+            for _ in range(100):
+                if not await deferToThread(lambda: ControlClient(path).who()):
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            self.assertEqual(await deferToThread(lambda: ControlClient(path).who()), [])
+        finally:
+            for client in clients:
+                client.close()
 
     async def test_per_ip_limit_holds_across_workers(self):
         """With --max-connections-per-ip 4 the fifth connection is refused, whichever worker."""

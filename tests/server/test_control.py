@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core.usernames import UsernameRules
 from popserv.logins.passwords import PasswdFile, hash_password
@@ -34,6 +34,8 @@ from popserv.server.control import (
     ControlFactory,
     ControlProtocol,
     ControlService,
+    LocalSessions,
+    WorkerSessions,
     control_path,
 )
 from popserv.server.service import make_factory, makeService
@@ -82,7 +84,7 @@ class ControlTestCase(TestCase):
 
     def start_control(self) -> ControlService:
         service = ControlService(
-            self.path, ControlFactory(self.factory, UsernameRules()), reactor
+            self.path, ControlFactory(LocalSessions(self.factory, UsernameRules())), reactor
         )
         service.privilegedStartService()
         service.startService()
@@ -277,7 +279,7 @@ class SocketTests(ControlTestCase):
     async def test_live_socket_not_stolen(self):
         """A second server on the same data directory does not start; the first keeps its socket."""
         second = ControlService(
-            self.path, ControlFactory(self.factory, UsernameRules()), reactor
+            self.path, ControlFactory(LocalSessions(self.factory, UsernameRules())), reactor
         )
         with self.assertRaises(StartupError) as raised:
             await deferToThread(second.privilegedStartService)
@@ -303,7 +305,7 @@ class SocketTests(ControlTestCase):
         """A peer of another uid (SO_PEERCRED) is cut without an answer."""
         if not hasattr(socket, "SO_PEERCRED"):
             self.skipTest("no SO_PEERCRED here")
-        protocol = ControlFactory(self.factory, UsernameRules()).buildProtocol(None)
+        protocol = ControlFactory(LocalSessions(self.factory, UsernameRules())).buildProtocol(None)
         transport = _PeerTransport(os.getuid() + 4242)
         protocol.makeConnection(transport)
         self.assertTrue(transport.aborted)
@@ -365,3 +367,36 @@ class ClientErrorTests(TestCase):
         with self.assertRaises(ControlError) as raised:
             ControlClient(path)
         self.assertIn("popserv is not running", str(raised.exception))
+
+
+class _Link:
+    """A worker's answers to who, as AdmissionServer.ask gives them (its own sessions, paged)."""
+
+    def __init__(self, pid: int, starts: list[float]) -> None:
+        self.rows = [{"since": t, "client": f"192.0.2.{pid}:{i}", "worker": pid}
+                     for i, t in enumerate(starts)]
+
+    def ask(self, kind: str, after: object) -> Deferred:
+        rows = [r for r in self.rows if after is None or (r["since"], r["client"]) > tuple(after)]
+        return succeed({"sessions": rows[:WHO_PAGE], "more": len(rows) > WHO_PAGE})
+
+
+class WorkerSessionsTests(SynchronousTestCase):
+    def test_pages_merge_in_order(self):
+        """Pages across workers are in start order, each session once, none missed."""
+        links = [_Link(1, [i * 2.0 for i in range(150)]), _Link(2, [i * 3.0 for i in range(120)])]
+        sessions = WorkerSessions(lambda: links, UsernameRules())
+        seen, after = [], None
+        while True:
+            page = self.successResultOf(sessions.who(after))
+            seen += page["sessions"]
+            if not page["more"]:
+                break
+            after = (seen[-1]["since"], seen[-1]["client"])
+        self.assertEqual(len(seen), 270)
+        keys = [(r["since"], r["client"]) for r in seen]
+        self.assertEqual(keys, sorted(set(keys)))
+
+    def test_bad_target_refused_before_asking(self):
+        sessions = WorkerSessions(list, UsernameRules())
+        self.failureResultOf(sessions.kick(None, "not an address", "admin"), ValueError)

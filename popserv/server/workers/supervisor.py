@@ -335,6 +335,14 @@ class WorkerSupervisor(Service):
         log.info("Started worker {pid} ({slot} of {count})", pid=worker.pid,
                  slot=slot + 1, count=self.count)
 
+    def links(self) -> list[AdmissionServer]:
+        """The connections to the workers running now, to ask them (who, kick, metrics)."""
+        return [
+            worker.admission
+            for worker in self.workers.values()
+            if worker.admission is not None and not worker.admission.lost
+        ]
+
     # A worker's end
 
     def _ended(self, worker: _Worker, reason: Failure) -> None:
