@@ -405,7 +405,7 @@ class Metrics:
 
     def site(self) -> Site:
         """A twisted.web site that answers every GET with the metrics."""
-        return _QuietSite(MetricsPage(self))  # type: ignore[no-untyped-call]  # twisted.web
+        return QuietSite(MetricsPage(self))  # type: ignore[no-untyped-call]  # twisted.web
 
 
 class _Events(Collector):
@@ -544,7 +544,7 @@ class MetricsPage(Resource):
         return body
 
 
-class _QuietSite(Site):
+class QuietSite(Site):
     """No access log line per scrape (one every 15 s, for ever)."""
 
     def log(self, request: http.Request) -> None:
@@ -580,4 +580,4 @@ def serve_metrics(
     return metrics
 
 
-__all__ = ["Metrics", "MetricsPage", "serve_metrics"]
+__all__ = ["Metrics", "MetricsPage", "QuietSite", "serve_metrics"]

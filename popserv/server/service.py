@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -22,7 +22,7 @@ from popserv.logins.accounts import AccountSettings
 from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
-from popserv.server.admission import IAdmission
+from popserv.server.admission import IAdmission, LocalAdmission
 from popserv.server.certreload import CertificateReloader
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
@@ -40,7 +40,7 @@ from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
 from popserv.server.listeners import Listener, PopservService
-from popserv.server.metrics import serve_metrics
+from popserv.server.metrics import Metrics, serve_metrics
 from popserv.server.policy import Policy
 from popserv.server.receiving import ReceiverFactory, ReceiverSettings
 from popserv.server.startchecks import (
@@ -59,6 +59,9 @@ from popserv.stores.layout import Owner
 from popserv.stores.maildir.uidls import DOVECOT
 from popserv.stores.quota import Quota
 from popserv.stores.realm import MaildirRealm
+
+if TYPE_CHECKING:
+    from popserv.server.workers.admission import RemoteAdmission
 
 #: twistd options that set a Policy field of the same meaning.
 LIMIT_OPTIONS = {
@@ -318,8 +321,6 @@ def _make_parent(
     """
     from popserv.server.workers.supervisor import WorkerSupervisor
 
-    if options.get("metrics"):
-        raise StartupError("--metrics is not served with --workers yet; give --workers 1")
     arguments = getattr(options, "arguments", None)
     if arguments is None:
         raise StartupError("--workers needs the twistd popserv command line")
@@ -347,16 +348,35 @@ def _make_parent(
         AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
         supervisor,
     ]
+    if options.get("metrics"):
+        children.append(_worker_metrics(options["metrics"], supervisor, factory, reactor))
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
     warn_about_cleartext(plain, factory)
     return top
 
 
+def _worker_metrics(
+    description: str, supervisor: Any, factory: POP3Factory, reactor: Any
+) -> Service:
+    """The parent's ``--metrics`` listener: the sum of its workers' metrics."""
+    from popserv.server.workers.metrics import WorkerMetrics
+
+    try:
+        where = endpoint("metrics", description, reactor)
+    except UsageError as e:
+        raise StartupError(str(e)) from None
+    admission = factory.admission if isinstance(factory.admission, LocalAdmission) else None
+    metrics = WorkerMetrics(
+        supervisor.links, admission, lambda: len(supervisor.workers), lambda: supervisor.exits
+    )
+    return Listener(where, metrics.site(), description)
+
+
 def worker_service(
     options: Mapping[str, Any],
     adopted: Sequence[Mapping[str, Any]],
-    admission: IAdmission,
+    admission: RemoteAdmission,
     reactor: Any,
 ) -> tuple[MultiService, POP3Factory]:
     """
@@ -364,8 +384,9 @@ def worker_service(
     process would run, on the listening sockets ``adopted`` from the parent
     (:meth:`popserv.server.workers.supervisor.Bound.describe`), with the
     parent's ``admission``; and its POP3 factory, whose sessions an orphaned
-    worker waits for.  No control socket (one path, one process) and no
-    metrics: see ``--workers`` in docs/options.rst.
+    worker waits for.  No control socket and no metrics page of its own: it
+    answers the parent's questions (``who``, ``kick``, ``metrics``) over
+    ``admission``'s channel, and the parent serves them.
     """
     from popserv.server.proxied import ProxyHeaderFactory
     from popserv.server.workers.adopted import AdoptedListener, SharedLastLogins
@@ -377,9 +398,18 @@ def worker_service(
     if factory.last_logins is not None:
         factory.last_logins = SharedLastLogins.load(layout_of(options).data_dir / LAST_LOGIN_FILE)
         children.append(LastLoginWriter(factory.last_logins, reactor))
-    listeners, _, reloader = _serving(options, plain, factory, reactor)
+    listeners, receivers, reloader = _serving(options, plain, factory, reactor)
     if reloader is not None:
         children.append(reloader)
+    LocalSessions(factory, username_rules(options)).answer_for(admission)
+    if options.get("metrics"):
+        from popserv.server.workers.metrics import families
+
+        metrics = Metrics(reactor)
+        metrics.watch_pop3(factory)
+        for receiver in receivers:
+            metrics.watch_receiver(receiver)
+        admission.answer("metrics", lambda _: families(metrics))
     serving = {(option, description): listener for option, description, listener in listeners}
     for socket_ in adopted:
         listener = serving[socket_["option"], socket_["description"]]

@@ -206,6 +206,46 @@ class WorkersTests(TestCase):
             for client in clients:
                 client.close()
 
+    async def test_metrics_sum_the_workers(self):
+        """--metrics on the parent: one page with both workers' counts, kept past a kill -9."""
+        from tests.server.test_metrics import http_get, parse, promtool_check, value
+
+        metrics_port = free_port()
+        await self.started("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1")
+        pids = worker_pids(self.process.output)
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+        def sessions():
+            for _ in range(10):
+                client = self.connect()
+                client.capa()
+                client.quit()
+
+        await deferToThread(sessions)
+        await self.wait_until(
+            lambda: self.process.output.count(b"Disconnected 127.0.0.1") >= 10)
+
+        async def scrape():
+            _, text = await deferToThread(http_get, url)
+            promtool_check(self, text)
+            return parse(text)
+
+        got = await scrape()
+        self.assertEqual(value(got, "popserv_connections_total", listener="pop3"), 10)
+        self.assertEqual(value(got, "popserv_pop3_commands_total", verb="CAPA"), 10)
+        self.assertEqual(value(got, "popserv_pop3_sessions_ended_total"), 10)
+        self.assertEqual(value(got, "popserv_workers"), 2)
+        self.assertEqual(value(got, "popserv_connections_open", listener="pop3"), 0)
+        victim = next(iter(pids))
+        os.kill(victim, signal.SIGKILL)
+        await self.process.wait_for(b"Worker %d was killed by signal SIGKILL" % victim)
+        await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
+        await self.wait_until(lambda: self.process.output.count(b"Starting factory") >= 3)
+        got = await scrape()
+        self.assertEqual(value(got, "popserv_connections_total", listener="pop3"), 10)
+        self.assertEqual(value(got, "popserv_worker_exits_total"), 1)
+        self.assertEqual(value(got, "popserv_workers"), 2)
+
     async def test_per_ip_limit_holds_across_workers(self):
         """With --max-connections-per-ip 4 the fifth connection is refused, whichever worker."""
         await self.started("--max-connections-per-ip", "4")

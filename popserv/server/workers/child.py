@@ -84,8 +84,6 @@ def main() -> None:
     """Run one worker, configured by the parent (see the supervisor's CONFIG_VARIABLE)."""
     from twisted.internet import reactor
 
-    from popserv.server.configure import username_rules
-    from popserv.server.control import LocalSessions
     from popserv.server.service import worker_service
     from popserv.server.startup import StartupError
     from popserv.server.tap import Options
@@ -109,7 +107,6 @@ def main() -> None:
         )
         admission = connect_admission(config["admission"], reactor)  # type: ignore[arg-type]  # the installed reactor
         service, pop3 = worker_service(options, config["listeners"], admission, reactor)
-        LocalSessions(pop3, username_rules(options)).answer_for(admission)
     except StartupError as e:
         sys.stderr.write(f"popserv: {e.message}\n")
         sys.exit(e.status)

@@ -279,6 +279,8 @@ class WorkerSupervisor(Service):
         self._killer: IDelayedCall | None = None
         self._previous_hup: Any = None
         self.failed = False
+        #: Workers that ended without being asked to (restarted, or the parent gave up).
+        self.exits = 0
         #: How the parent ends when the workers keep dying (tests replace it).
         self.exit: Callable[[int], Any] = self._exit_now
 
@@ -354,6 +356,7 @@ class WorkerSupervisor(Service):
             if not self.workers and self._stopped is not None and not self._stopped.called:
                 self._stopped.callback(None)
             return
+        self.exits += 1
         now = self.reactor.seconds()
         self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
         if len(self._deaths) > MAX_DEATHS:
