@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -27,6 +28,12 @@ ALL_BENCHES = ("B1", "B2", "B3", "B4", "B5", "B6")
 TREE = Path(__file__).resolve().parent.parent
 
 
+def _workers_of(name: str) -> int | None:
+    """N for ``popserv-wN`` (popserv with ``--workers N``), else None."""
+    match = re.fullmatch(r"popserv-w([1-9][0-9]*)", name)
+    return int(match.group(1)) if match else None
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -40,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--servers",
         type=_csv,
         default=list(ALL_SERVERS),
-        help="comma-separated, from popserv,dovecot,twisted (default: all)",
+        help="comma-separated, from popserv,dovecot,twisted (default: all); popserv-wN"
+        " is popserv with --workers N, to run beside the others",
     )
     p.add_argument(
         "--only",
@@ -90,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--py-spy", default=None, help="the py-spy to use (default: on PATH)")
     args = p.parse_args(argv)
-    unknown = set(args.servers) - set(ALL_SERVERS)
+    unknown = {s for s in args.servers if s not in ALL_SERVERS and not _workers_of(s)}
     if unknown:
         p.error(f"unknown servers: {', '.join(sorted(unknown))}")
     bad = set(args.only) - set(ALL_BENCHES)
@@ -164,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset.build(lambda s: print(s, flush=True))
         for name in args.servers:
             server: Server
-            if name == "popserv":
+            if name == "popserv" or _workers_of(name):
                 server = Popserv(
-                    dataset, args.popserv_tree.resolve(), _twistd(args), args.popserv_workers
+                    dataset,
+                    args.popserv_tree.resolve(),
+                    _twistd(args),
+                    _workers_of(name) or args.popserv_workers,
+                    name=name,
                 )
             elif name == "dovecot":
                 why = Dovecot.available()

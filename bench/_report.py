@@ -107,7 +107,7 @@ def table(measurements: Sequence[Measurement], servers: Sequence[str]) -> str:
     others = [s for s in servers if s != "popserv"]
     header = ["bench", "metric", *servers]
     if "popserv" in servers:
-        header += [f"pop/{o[:3]}" for o in others] + ["target", "verdict"]
+        header += [f"pop/{_short(o)}" for o in others] + ["target", "verdict"]
     rows = [header]
     for m in measurements:
         row = [m.bench, f"{m.metric} ({m.unit})"]
@@ -124,6 +124,11 @@ def table(measurements: Sequence[Measurement], servers: Sequence[str]) -> str:
     lines += [_row(r, widths) for r in rows[1:]]
     lines.append(rule)
     return "\n".join(lines)
+
+
+def _short(server: str) -> str:
+    """A column's name: ``dov``, ``twi``; ``w2`` for ``popserv-w2``."""
+    return server.removeprefix("popserv-") if server.startswith("popserv-") else server[:3]
 
 
 def _row(cells: Sequence[str], widths: Sequence[int]) -> str:

@@ -184,8 +184,15 @@ class Popserv(Server):
     name = "popserv"
 
     def __init__(
-        self, dataset: Dataset, tree: Path, twistd: str, workers: int | None = None
+        self,
+        dataset: Dataset,
+        tree: Path,
+        twistd: str,
+        workers: int | None = None,
+        name: str = "popserv",
     ) -> None:
+        #: ``popserv``, or ``popserv-wN`` beside it (its own data and mail).
+        self.name = name
         super().__init__(dataset)
         self.tree = tree
         self.twistd = twistd
@@ -218,7 +225,7 @@ class Popserv(Server):
         return env
 
     def command(self) -> list[str]:
-        data = self.dataset.root / "popserv-data"
+        data = self.dataset.root / f"{self.name}-data"
         data.mkdir(exist_ok=True)
         cmd = [
             self.twistd,

@@ -208,7 +208,7 @@ class WorkersTests(TestCase):
 
     async def test_metrics_sum_the_workers(self):
         """--metrics on the parent: one page with both workers' counts, kept past a kill -9."""
-        from tests.server.test_metrics import http_get, parse, promtool_check, value
+        from tests.support.metrics import http_get, parse, promtool_check, value
 
         metrics_port = free_port()
         await self.started("--metrics", f"tcp:{metrics_port}:interface=127.0.0.1")

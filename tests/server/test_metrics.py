@@ -22,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.server.metrics import Metrics
 from popserv.server.service import Listener, makeService
 from popserv.server.tap import Options, StartupError
+from tests.support.metrics import http_get, parse, promtool_check, value
 from tests.support.receiver import ReceiverTestCase
 from tests.support.servers import ServerTestCase, command, login
 from tests.support.tls import TLSTestCase
@@ -71,42 +72,6 @@ def in_own_thread(f, *args, **kwargs) -> Deferred:
 
     threading.Thread(target=run, daemon=True).start()
     return done
-
-
-def http_get(url: str, accept: str | None = None) -> tuple[str, str]:
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.headers["Content-Type"], response.read().decode("utf-8")
-
-
-def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample: (name, sorted labels) to value."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
-
-
-def promtool_check(case: TestCase, text: str) -> None:
-    """``promtool check metrics`` must accept ``text`` with no problem at all."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        raise SkipTest("promtool is not installed (Debian's prometheus package)")
-    checked = subprocess.run(
-        [promtool, "check", "metrics"],
-        check=False,
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    case.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
-    case.assertEqual(checked.stdout.strip() + checked.stderr.strip(), "")
 
 
 class MetricsMixin:

@@ -16,7 +16,7 @@ from popserv.server.metrics import Metrics
 from popserv.server.policy import Policy
 from popserv.server.workers import AdmissionServer, connect_admission, serve_admission
 from popserv.server.workers.metrics import WorkerMetrics, families
-from tests.server.test_metrics import promtool_check
+from tests.support.metrics import promtool_check
 
 
 def samples(text: str) -> dict:
