@@ -72,7 +72,7 @@ class ChannelTests(TestCase):
 
     async def close(self, *ends: Channel) -> None:
         for end in ends:
-            if end.connected_ and end.transport is not None:
+            if not end.lost and end.transport is not None:
                 end.transport.loseConnection()
 
     async def test_both_ends_ask(self) -> None:

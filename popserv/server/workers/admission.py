@@ -108,7 +108,6 @@ class AdmissionServer(Channel):
         self.open: dict[int, Deferred[Any]] = {}
         #: Open questions the worker gave up: what they grant is given straight back.
         self._given_up: set[int] = set()
-        self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
         self.handlers.update({
             CONNECT: self._connection,

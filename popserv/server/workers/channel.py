@@ -111,7 +111,8 @@ class Channel(Protocol):
         self.waiting: dict[int, Deferred[list[str | None]]] = {}
         self._ids = itertools.count(1)
         self._buffer = b""
-        self.connected_ = True
+        #: The connection is gone: nothing more is sent.
+        self.lost = False
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -120,7 +121,7 @@ class Channel(Protocol):
 
     def call(self, op: bytes, id: int, *fields: str | None) -> Deferred[list[str | None]]:
         """Ask; fires with the answer's fields, or fails with :class:`RemoteError`."""
-        if not self.connected_:
+        if self.lost:
             return fail(ConnectionLost("the other end is gone"))
         answer: Deferred[list[str | None]] = Deferred()
         self.waiting[id] = answer
@@ -129,7 +130,7 @@ class Channel(Protocol):
 
     def send(self, op: bytes, id: int, *fields: str | None) -> None:
         """Tell, with no answer; nothing is sent once the other end is gone."""
-        if self.connected_:
+        if not self.lost:
             self.transport.write(encode(op, id, fields))  # type: ignore[union-attr]
 
     # Receiving
@@ -195,7 +196,7 @@ class Channel(Protocol):
     # The end
 
     def connectionLost(self, reason: Failure = Failure(ConnectionLost())) -> None:  # noqa: B008
-        self.connected_ = False
+        self.lost = True
         waiting, self.waiting = self.waiting, {}
         for answer in waiting.values():
             answer.errback(reason)
