@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import itertools
 import re
+import socket
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionLost
@@ -113,6 +114,7 @@ class Channel(Protocol):
         self._buffer = b""
         #: The connection is gone: nothing more is sent.
         self.lost = False
+        self._socket: socket.socket | None = None
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -125,13 +127,45 @@ class Channel(Protocol):
             return fail(ConnectionLost("the other end is gone"))
         answer: Deferred[list[str | None]] = Deferred()
         self.waiting[id] = answer
-        self.transport.write(encode(op, id, fields))  # type: ignore[union-attr]
+        self._write(encode(op, id, fields))
         return answer
 
     def send(self, op: bytes, id: int, *fields: str | None) -> None:
         """Tell, with no answer; nothing is sent once the other end is gone."""
         if not self.lost:
-            self.transport.write(encode(op, id, fields))  # type: ignore[union-attr]
+            self._write(encode(op, id, fields))
+
+    def _write(self, data: bytes) -> None:
+        """
+        Send now, if nothing is waiting in the transport's buffer: a write
+        through Twisted waits for the next turn of the reactor and costs two
+        more system calls (to watch for, then stop watching for, writability);
+        the other end is waiting for this answer.  What the socket does not
+        take now goes through the transport, after which it is used until
+        its buffer is empty again.
+        """
+        transport: Any = self.transport
+        if self._socket is not None and not transport._tempDataLen and (
+            transport.offset == len(transport.dataBuffer)
+        ):
+            try:
+                sent = self._socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # The transport finds the error and ends the connection.
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    def makeConnection(self, transport: Any) -> None:
+        handle = getattr(transport, "getHandle", None)
+        sock = handle() if handle is not None else None
+        # Only a socket Twisted's FileDescriptor buffers for (see _write).
+        if isinstance(sock, socket.socket) and hasattr(transport, "_tempDataLen"):
+            self._socket = sock
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # Twisted's
 
     # Receiving
 
