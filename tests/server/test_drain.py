@@ -1,9 +1,12 @@
 """
 Stopping without dropping sessions (popserv.server.drain): the drain's
-timing and counts on a fake clock.
+timing and counts on a fake clock; what POP3 sessions are told, and when,
+on a StringTransport; a real Maildir over loopback.
 """
 
 from __future__ import annotations
+
+import poplib
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -11,9 +14,15 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from popserv.core import errors, wire
+from popserv.interfaces import IMailbox
 from popserv.server.drain import CLOSE_TIMEOUT, SHUTDOWN_GRACE, Drain, DrainingService
+from popserv.stores.memory import MemoryMailbox
+from tests.support import MESSAGES, Session
+from tests.support.servers import ServerTestCase, login
 
 GRACE = 10.0
+POP3_SHUTTING_DOWN = wire.err(errors.ShuttingDown())
 
 
 class FakeSession:
@@ -172,3 +181,185 @@ class DrainingServiceTests(SynchronousTestCase):
         session.end()
         self.successResultOf(stopping)
         self.assertEqual(self.stopped, ["listener", "writer"])
+
+
+class _SlowCommit(MemoryMailbox):
+    """commit answers later, through a Deferred the test fires."""
+
+    def __init__(self, maildrop) -> None:
+        super().__init__(maildrop)
+        self.committing: Deferred | None = None
+
+    def commit(self, deleted, retrieved) -> Deferred:
+        super().commit(deleted, retrieved)
+        self.committing = Deferred()
+        return self.committing
+
+
+class POP3DrainTests(SynchronousTestCase):
+    """What a POP3 session is told when the server stops, on a StringTransport."""
+
+    def drain(self, s: Session) -> Deferred:
+        self.events = self.enterContext(capturedLogs())
+        self.drainer = Drain([s.factory], GRACE, s.clock)
+        return self.drainer.start()
+
+    def end(self, s: Session) -> None:
+        """The connection closes, as the transport would after loseConnection."""
+        s.protocol.connectionLost(None)
+
+    def test_not_logged_in_closed_at_once(self) -> None:
+        """Waiting for a command before login (USER given or not): -ERR [SYS/TEMP], closed."""
+        s = Session()
+        other = s.connect()
+        other.send(b"USER alice\r\n")
+        done = self.drain(s)
+        self.assertEqual(POP3_SHUTTING_DOWN, b"-ERR [SYS/TEMP] Server shutting down\r\n")
+        self.assertEqual(s.take(), POP3_SHUTTING_DOWN)
+        self.assertEqual(other.take(), POP3_SHUTTING_DOWN)
+        self.assertTrue(s.transport.disconnecting and other.transport.disconnecting)
+        self.assertEqual(self.drainer.closed_at_once, 2)
+        self.end(s)
+        other.close()
+        self.successResultOf(done)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_logged_in_goes_on_and_quit_commits(self) -> None:
+        """Logged in: it may still RETR, DELE and QUIT; the QUIT's deletions are applied."""
+        s = Session()
+        s.login()
+        done = self.drain(s)
+        self.assertEqual(s.take(), b"")
+        self.assertFalse(s.transport.disconnecting)
+        self.assertTrue(s.send(b"RETR 1\r\n").startswith(b"+OK"))
+        self.assertEqual(s.send(b"DELE 1\r\n"), b"+OK Message 1 deleted\r\n")
+        self.assertTrue(s.send(b"QUIT\r\n").startswith(b"+OK Bye, 1 deleted"))
+        self.assertEqual(s.maildrop.contents(), MESSAGES[1:])
+        self.end(s)
+        self.successResultOf(done)
+        self.assertEqual((self.drainer.finished, self.drainer.cut), (1, 0))
+
+    def test_idle_at_the_grace_told_and_closed(self) -> None:
+        """Logged in and waiting at the grace: -ERR [SYS/TEMP] and closed; DELE not applied."""
+        s = Session()
+        s.login()
+        s.send(b"DELE 1\r\n")
+        done = self.drain(s)
+        s.clock.advance(GRACE)
+        self.assertEqual(s.take(), POP3_SHUTTING_DOWN)
+        self.assertTrue(s.transport.disconnecting)
+        self.assertFalse(s.transport.disconnected)
+        # Still there a moment later (the client does not read): aborted.
+        s.clock.advance(CLOSE_TIMEOUT)
+        self.assertTrue(s.transport.disconnected)
+        self.end(s)
+        self.successResultOf(done)
+        self.assertEqual(s.maildrop.contents(), MESSAGES)
+        self.assertFalse(s.maildrop.locked)
+        self.assertEqual(self.drainer.cut, 1)
+        self.assertTrue(any("server shutting down" in formatEvent(e) for e in self.events))
+
+    def test_mid_retr_cut_without_a_word(self) -> None:
+        """Streaming a RETR at the grace: cut, no -ERR inside the message; DELE not applied."""
+        s = Session(messages=[b"x" * 100_000, *MESSAGES])
+        s.login()
+        s.send(b"DELE 2\r\n")
+        write = s.transport.write
+
+        def slow_reader(data: bytes) -> None:
+            write(data)
+            s.transport.producer.pauseProducing()  # the send buffer is full
+
+        self.patch(s.transport, "write", slow_reader)
+        self.assertTrue(s.send(b"RETR 1\r\n").startswith(b"+OK 100002 octets\r\nxxx"))
+        done = self.drain(s)
+        s.clock.advance(GRACE)
+        self.assertTrue(s.transport.disconnected)  # aborted
+        self.assertEqual(s.take(), b"")
+        self.end(s)
+        self.successResultOf(done)
+        self.assertEqual(len(s.maildrop.contents()), 4)
+
+    def test_login_under_way_finishes_first(self) -> None:
+        """A failing login being answered at the start: its -ERR, then the shutdown's."""
+        s = Session()
+        s.send(b"USER alice\r\nPASS wrong\r\n")
+        s.take()
+        done = self.drain(s)
+        self.assertEqual(self.drainer.closed_at_once, 0)
+        self.assertFalse(s.transport.disconnecting)
+        s.advance(5)
+        self.assertEqual(s.take(), b"-ERR [AUTH] Authentication failed\r\n" + POP3_SHUTTING_DOWN)
+        self.assertTrue(s.transport.disconnecting)
+        self.end(s)
+        self.successResultOf(done)
+
+    def test_a_quit_committing_is_not_cut(self) -> None:
+        """A QUIT's commit under way at the grace: not cut; it answers and closes when done."""
+        s = Session()
+        mailboxes: list[_SlowCommit] = []
+
+        def requestAvatar(avatarId, mind, *interfaces):
+            mailboxes.append(_SlowCommit(s.maildrop))
+            return IMailbox, mailboxes[-1], mailboxes[-1].close
+
+        self.patch(s.realm, "requestAvatar", requestAvatar)
+        s.login()
+        s.send(b"DELE 1\r\nQUIT\r\n")
+        done = self.drain(s)
+        s.clock.advance(GRACE + CLOSE_TIMEOUT)
+        self.assertEqual(s.take(), b"")
+        self.assertFalse(s.transport.disconnecting)
+        mailboxes[0].committing.callback(None)
+        self.assertTrue(s.take().startswith(b"+OK Bye, 1 deleted"))
+        self.assertTrue(s.transport.disconnecting)
+        self.end(s)
+        self.successResultOf(done)
+        self.assertEqual((self.drainer.finished, self.drainer.cut), (1, 0))
+        self.assertEqual(s.maildrop.contents(), MESSAGES[1:])
+
+    def test_admitted_after_the_start(self) -> None:
+        """A connection greeted after the drain began gets the -ERR as its greeting."""
+        s = Session()
+        self.drain(s)
+        late = s.connect()
+        self.assertEqual(late.greeting, POP3_SHUTTING_DOWN)
+        self.assertTrue(late.transport.disconnecting)
+
+
+class MaildirDrainTests(ServerTestCase):
+    """A real Maildir behind a session cut by the drain, over loopback."""
+
+    async def test_dele_without_quit_is_not_applied(self) -> None:
+        """DELE, then cut at the grace: -ERR [SYS/TEMP], and every message is still there."""
+        before = self.files()
+
+        def open_and_delete() -> poplib.POP3:
+            client = self.pop()
+            login(client, "alice", "secret")
+            client.dele(1)
+            client.dele(2)
+            return client
+
+        client = await self.run_in_thread(open_and_delete)
+        self.addCleanup(client.close)
+        clock = Clock()
+        done = Drain([self.factory], GRACE, clock).start()
+        clock.advance(GRACE)
+        line = await self.run_in_thread(client.file.readline)
+        self.assertEqual(line, POP3_SHUTTING_DOWN)
+        await done
+        self.assertEqual(self.files(), before)
+
+    async def test_quit_within_the_grace_is_applied(self) -> None:
+        """The same session ending with QUIT within the grace: its DELEs are applied."""
+        before = self.files()
+        client = await self.run_in_thread(self.pop)
+        self.addCleanup(client.close)
+        await self.run_in_thread(login, client, "alice", "secret")
+        clock = Clock()
+        done = Drain([self.factory], GRACE, clock).start()
+        await self.run_in_thread(client.dele, 1)
+        await self.run_in_thread(client.quit)
+        await done
+        self.assertEqual(len(self.files()), len(before) - 1)
