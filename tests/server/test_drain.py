@@ -1,24 +1,29 @@
 """
 Stopping without dropping sessions (popserv.server.drain): the drain's
 timing and counts on a fake clock; what POP3 sessions are told, and when,
-on a StringTransport; a real Maildir over loopback.
+on a StringTransport; SMTP sessions and a real Maildir over loopback.
 """
 
 from __future__ import annotations
 
 import poplib
+import threading
 
 from twisted.application.service import Service
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.core import errors, wire
+from popserv.core.smtpwire import SHUTTING_DOWN as SMTP_SHUTTING_DOWN
 from popserv.interfaces import IMailbox
 from popserv.server.drain import CLOSE_TIMEOUT, SHUTDOWN_GRACE, Drain, DrainingService
+from popserv.server.receiving import protocol as receiver_protocol
 from popserv.stores.memory import MemoryMailbox
 from tests.support import MESSAGES, Session
+from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 from tests.support.servers import ServerTestCase, login
 
 GRACE = 10.0
@@ -363,3 +368,108 @@ class MaildirDrainTests(ServerTestCase):
         await self.run_in_thread(client.quit)
         await done
         self.assertEqual(len(self.files()), len(before) - 1)
+
+
+def stored_count(case: ReceiverTestCase) -> int:
+    return len(case.stored("alice"))
+
+
+class SMTPDrainTests(ReceiverTestCase):
+    """SMTP sessions over loopback while the receiver drains (the drain on a fake clock)."""
+
+    def drain(self) -> Deferred:
+        self.clock = Clock()
+        return Drain([self.smtp], GRACE, self.clock).start()
+
+    async def client(self) -> SMTPClient:
+        client = await self.in_thread(SMTPClient, self.ports["smtp"])
+        self.addCleanup(client.close)
+        return client
+
+    async def ended(self, client: SMTPClient) -> None:
+        with self.assertRaises(EOFError):
+            await self.in_thread(client.line)
+
+    async def until_no_session(self) -> None:
+        for _ in range(500):
+            if not self.smtp.sessions:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail("sessions still open")
+
+    async def test_idle_session_gets_421_at_once(self) -> None:
+        """No mail transaction under way: 421 4.3.2 at once, and the close."""
+        client = await self.client()
+        client.send(b"EHLO c\r\n")
+        await self.in_thread(client.reply)
+        done = self.drain()
+        self.assertEqual(SMTP_SHUTTING_DOWN, b"421 4.3.2 Service shutting down\r\n")
+        self.assertEqual(await self.in_thread(client.codes, 1),
+                         [b"421 4.3.2 Service shutting down"])
+        await self.ended(client)
+        await done
+
+    async def test_transaction_finishes_then_421(self) -> None:
+        """A transaction under way goes on: its message is taken and answered, then 421."""
+        client = await self.client()
+        client.send(b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\n")
+        await self.in_thread(client.codes, 3)
+        done = self.drain()
+        client.send(b"DATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n")
+        self.assertEqual(await self.in_thread(client.codes, 3), [
+            START_DATA,
+            b"250 2.0.0 Message accepted for delivery",
+            b"421 4.3.2 Service shutting down",
+        ])
+        await self.ended(client)
+        await done
+        self.assertEqual(stored_count(self), 1)
+
+    async def test_cut_inside_data_is_never_acknowledged(self) -> None:
+        """Mid-DATA at the grace: 421, and the message is neither stored nor answered."""
+        client = await self.client()
+        client.send(
+            b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        )
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
+        await self.in_thread(client.send, b"Subject: slow\r\n\r\nfirst half\r\n")
+        done = self.drain()
+        self.clock.advance(GRACE)
+        self.assertEqual(await self.in_thread(client.codes, 1),
+                         [b"421 4.3.2 Service shutting down"])
+        try:
+            client.send(b"second half\r\n.\r\n")
+        except OSError:
+            pass
+        await self.ended(client)
+        self.assertEqual(client.buffer, b"")
+        await done
+        self.assertEqual(stored_count(self), 0)
+
+    async def test_a_delivery_under_way_is_answered_first(self) -> None:
+        """A delivery running at the grace gets its 250 (it is stored); then the 421."""
+        entered, release = threading.Event(), threading.Event()
+        real = receiver_protocol.deliver_message
+
+        def held(*args, **kwargs):
+            entered.set()
+            release.wait(10)
+            return real(*args, **kwargs)
+
+        self.patch(receiver_protocol, "deliver_message", held)
+        client = await self.client()
+        client.send(
+            b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+        )
+        self.assertEqual((await self.in_thread(client.codes, 4))[-1], START_DATA)
+        client.send(b"Subject: s\r\n\r\nhi\r\n.\r\n")
+        await self.in_thread(entered.wait, 10)
+        done = self.drain()
+        self.clock.advance(GRACE + CLOSE_TIMEOUT)
+        release.set()
+        self.assertEqual(await self.in_thread(client.codes, 2), [
+            b"250 2.0.0 Message accepted for delivery",
+            b"421 4.3.2 Service shutting down",
+        ])
+        await done
+        self.assertEqual(stored_count(self), 1)
