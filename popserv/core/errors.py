@@ -175,6 +175,15 @@ class TooManyConnections(TemporaryFailure):
     text = "Too many connections, try again later"
 
 
+class ShuttingDown(TemporaryFailure):
+    """
+    The server is stopping and ends this session (SYS/TEMP, RFC 3206: the
+    client may try again later, when it is back).
+    """
+
+    text = "Server shutting down"
+
+
 class PermanentFailure(PopError):
     """A fault that will not clear without an administrator (RFC 3206 SYS/PERM)."""
 

@@ -45,6 +45,10 @@ JUNK_COMMANDS = frozenset((b"NOOP", b"RSET", b"VRFY", b"EXPN", b"HELP", b"HELO",
 #: The refusal of a connection over the limits.
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 
+#: The server is stopping (RFC 5321 section 3.8: a 421 before closing; RFC
+#: 3463 4.3.2: not accepting messages): the client keeps its mail and retries.
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down\r\n"
+
 #: RFC 6531 section 3.7.4.1: without SMTPUTF8, UTF-8 addresses are refused so.
 NON_ASCII = "5.6.7 Non-ASCII addresses are not supported"
 

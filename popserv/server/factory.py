@@ -42,6 +42,7 @@ from popserv.server.signin import penalty_name
 from popserv.server.tls import TLSServer
 
 if TYPE_CHECKING:
+    from popserv.server.drain import Drain
     from popserv.server.metrics import Metrics
 
 
@@ -147,6 +148,8 @@ class POP3Factory(Factory[POP3Protocol]):
         self.languages = languages or Languages()
         #: The open sessions.
         self.sessions: set[POP3Protocol] = set()
+        #: The server is stopping: told as each session ends (see popserv.server.drain).
+        self.draining: Drain | None = None
         self._refusals = RefusalLog(self.clock, "POP3")
         #: What counts for Prometheus (see popserv.server.metrics); None when off.
         self.metrics: Metrics | None = None
@@ -192,6 +195,12 @@ class POP3Factory(Factory[POP3Protocol]):
         lease, session.lease = session.lease, None
         if lease is not None:
             lease.release()
+        if self.draining is not None:
+            self.draining.ended(session)
+
+    def drainable(self) -> set[POP3Protocol]:
+        """The sessions a stopping server drains: all those open."""
+        return self.sessions
 
     def attach_metrics(self, metrics: Metrics) -> None:
         """Count this server's sessions and refusals in ``metrics``."""

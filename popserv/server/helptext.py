@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 #: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Listening", ("pop3", "pop3s", "hostname", "metrics", "workers")),
+    ("Listening", ("pop3", "pop3s", "hostname", "metrics", "workers", "shutdown-grace")),
     ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
     (
         "TLS",
@@ -125,6 +125,7 @@ METAVARS = {
     "recipient-delimiter": "CHARS",
     "log-format": "text|json",
     "workers": "N|auto",
+    "shutdown-grace": "SECONDS",
 }
 
 #: Defaults ``--help`` shows in words rather than as the stored value.

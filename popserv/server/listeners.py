@@ -1,7 +1,8 @@
 """
 Listening: one service per endpoint, and the service above them that turns
 a failure to listen into one line and an exit status, never a server left
-running with nothing listening.
+running with nothing listening, and that stops them first when the server
+stops (:class:`~popserv.server.drain.DrainingService`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import sys
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from popserv.server.drain import SHUTDOWN_GRACE, DrainingService, log_repeated_stops
 from popserv.server.startup import (
     EXIT_CANNOT_LISTEN,
     StartupError,
@@ -95,16 +97,19 @@ class Listener(StreamServerEndpointService):
         return closed
 
 
-class PopservService(MultiService):
+class PopservService(DrainingService):
     """
     What :func:`makeService` returns.  Under twistd (``exit_on_error``), a
     listener that cannot listen ends the process with one line and a
     non-zero status, instead of leaving it running with nothing listening
     (which systemd or a supervisor would take for a working server).
+    Stopping, its sessions drain for ``grace`` seconds.
     """
 
-    def __init__(self, options: object = None, reactor: Any = None) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service
+    def __init__(
+        self, options: object = None, reactor: Any = None, *, grace: float = SHUTDOWN_GRACE
+    ) -> None:
+        super().__init__(grace, reactor)
         self._options = options
         self._reactor = reactor
         #: After a listener failed: fires when those that did start have stopped.
@@ -125,6 +130,12 @@ class PopservService(MultiService):
             if not self.exit_on_error:
                 raise
             exit_at_startup(self._options, e.message, e.status)
+
+    def stopService(self) -> Deferred[Any]:
+        stopped = super().stopService()
+        if self.exit_on_error and self.drain is not None:
+            log_repeated_stops(self.drain)
+        return stopped
 
     def listeners(self) -> list[Listener]:
         return [s for s in self if isinstance(s, Listener)]

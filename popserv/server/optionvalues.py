@@ -33,6 +33,19 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+#: The longest ``--shutdown-grace``: a stop that takes longer looks like a hang
+#: (systemd's TimeoutStopSec= is 90 s by default, and must be set above it).
+MAX_SHUTDOWN_GRACE = 3600.0
+
+
+def shutdown_grace(value: str) -> float:
+    """``--shutdown-grace``: seconds, 0 (close every session at once) to an hour."""
+    number = float(value)
+    if not 0 <= number <= MAX_SHUTDOWN_GRACE:  # also refuses nan
+        raise ValueError(f"must be 0 to {MAX_SHUTDOWN_GRACE:g}")
+    return number
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:

@@ -37,6 +37,7 @@ from popserv.interfaces import IAccountSettings, IMailbox, ISessionInfo
 from popserv.logins.accounts import AccountSettings
 from popserv.server.admission import ILease, ILoginTurn, wait_for_admission
 from popserv.server.coalesce import Coalescer
+from popserv.server.drain import SHUTTING_DOWN
 from popserv.server.maildropeffects import MaildropEffects
 from popserv.server.maybe import fired
 from popserv.server.output import Output, OutputGate, no_delay
@@ -126,6 +127,8 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         self.info = SessionInfo(None, secure=False)
         #: The listener it came in on: pop3, or pop3s (TLS from the first byte).
         self.listener = "pop3"
+        #: The server is stopping: closed once it waits for a command before login.
+        self._draining = False
 
     # The session's state, for capability sources and applications
 
@@ -206,6 +209,10 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         )
         self.started = factory.clock.seconds()
         factory.session_opened(self)
+        if factory.draining is not None:
+            # Admitted after the server began to stop: refused as a greeting.
+            self._shut_down()
+            return
         self.send(self.session.greeting())
 
     def _idle_timeout(self, seconds: float | None) -> None:
@@ -320,6 +327,69 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         self._closing = True
         self._queue.clear()
         self.transport.abortConnection()
+
+    # Stopping the server (see popserv.server.drain)
+
+    def drain_start(self) -> bool:
+        """
+        The server stops.  A session not logged in that waits for the client
+        is closed at once with ``-ERR [SYS/TEMP]``: it holds no maildrop and
+        no deletion, and its client logs in again once the server is back;
+        one checking a login finishes it first.  A logged-in session goes
+        on: its client may still RETR and QUIT within the grace.
+        """
+        self._draining = True
+        return self._drained_before_login()
+
+    def _drained_before_login(self) -> bool:
+        if self._closing or not self._waiting_for_client():
+            return False
+        if self.session.state not in (State.AUTHORIZATION, State.USER_GIVEN):
+            return False
+        self._shut_down()
+        return True
+
+    def drain_cut(self) -> bool:
+        """
+        The grace is over.  Waiting for a command: ``-ERR [SYS/TEMP]`` and
+        close.  Mid-command (a RETR streaming, a login being checked): cut
+        without a word, which would land inside the response.  Either way
+        deletions not committed by a QUIT are not applied (RFC 1939 section
+        6).  A QUIT committing its deletions is never cut: it answers and
+        closes when its commit is over.
+        """
+        if self._closing or self._committing():
+            return False
+        if self._waiting_for_client():
+            self._shut_down()
+        else:
+            self.ended = SHUTTING_DOWN
+            self._abort()
+        return True
+
+    def drain_abort(self) -> None:
+        """Told to close but still connected (the client does not read): abort."""
+        if not self._lost and not self._committing():
+            self.ended = self.ended or SHUTTING_DOWN
+            self.transport.abortConnection()
+
+    def _waiting_for_client(self) -> bool:
+        """Between commands, or in a SASL exchange waiting for the client's answer."""
+        idle = not self._busy or self._line_waiter is not None
+        return idle and self._stream is None
+
+    def _committing(self) -> bool:
+        """QUIT's deletions are being applied (the commit logs out when done)."""
+        return self.session.state is State.UPDATE and self._logout is not None
+
+    def _shut_down(self) -> None:
+        """Say the server is stopping and close; at once if the client is not reading."""
+        self.ended = SHUTTING_DOWN
+        self.refuse(errors.ShuttingDown())
+        if self.output_paused:
+            self._abort()
+        else:
+            self.close()
 
     def _cancel_login_timer(self) -> None:
         timer, self._login_timer = self._login_timer, None
@@ -438,6 +508,8 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
             self._pause_reading(False)
         if self._input_ended and not (self._queue or self._busy or self._stream is not None):
             self.close()
+        elif self._draining and not self._queue:
+            self._drained_before_login()
 
     def _attempt_over(self, result: T) -> T:
         self._end_turn()

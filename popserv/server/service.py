@@ -36,6 +36,7 @@ from popserv.server.configure import (
     username_rules,
 )
 from popserv.server.control import LocalSessions, WorkerSessions, control_service
+from popserv.server.drain import SHUTDOWN_GRACE, DrainingService
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap
 from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
@@ -251,7 +252,7 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     if workers > 1:
         return _make_parent(options, workers, plain, endpoints, reactor)
     factory = make_factory(options, reactor, owner=service_owner(options))
-    top = PopservService(options, reactor)
+    top = PopservService(options, reactor, grace=shutdown_grace(options))
     layout = layout_of(options)
     passwd = PasswdFile(layout.passwd_path, username_rules(options))
     receiving = bool(options.get("smtp") or options.get("lmtp"))
@@ -265,10 +266,11 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     listeners, receivers, reloader = _serving(options, plain, factory, reactor)
     if reloader is not None:
         children.append(reloader)
-    for option, description, listener in listeners:
-        children.append(Listener(endpoints[option, description], listener, description))
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    for option, description, listener in listeners:
+        top.serve(Listener(endpoints[option, description], listener, description))
+    top.drained = [factory, *receivers]
     serve_metrics(
         options.get("metrics"),
         top,
@@ -280,6 +282,12 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top
+
+
+def shutdown_grace(options: Mapping[str, Any]) -> float:
+    """``--shutdown-grace``: the seconds sessions have to finish when the server stops."""
+    grace = options.get("shutdown-grace")
+    return SHUTDOWN_GRACE if grace is None else float(grace)
 
 
 def _serving(
@@ -338,7 +346,13 @@ def _make_parent(
         for description in (plain if option == "pop3" else options.get(option) or [])
     ]
     supervisor = WorkerSupervisor(
-        workers, listeners, factory.admission, arguments, reactor, options=options
+        workers,
+        listeners,
+        factory.admission,
+        arguments,
+        reactor,
+        options=options,
+        grace=shutdown_grace(options),
     )
     children: list[Service] = [
         control_service(
@@ -378,14 +392,14 @@ def worker_service(
     adopted: Sequence[Mapping[str, Any]],
     admission: RemoteAdmission,
     reactor: Any,
-) -> tuple[MultiService, POP3Factory]:
+) -> DrainingService:
     """
     A worker's services (:mod:`popserv.server.workers.child`): what one
     process would run, on the listening sockets ``adopted`` from the parent
     (:meth:`popserv.server.workers.supervisor.Bound.describe`), with the
-    parent's ``admission``; and its POP3 factory, whose sessions an orphaned
-    worker waits for.  No control socket and no metrics page of its own: it
-    answers the parent's questions (``who``, ``kick``, ``metrics``) over
+    parent's ``admission``; stopping, its sessions drain as in one process.
+    No control socket and no metrics page of its own: it answers the
+    parent's questions (``who``, ``kick``, ``metrics``) over
     ``admission``'s channel, and the parent serves them.
     """
     from popserv.server.proxied import ProxyHeaderFactory
@@ -393,7 +407,7 @@ def worker_service(
 
     plain = pop3_endpoints(options)
     factory = make_factory(options, reactor, admission=admission)
-    top = MultiService()  # type: ignore[no-untyped-call]  # Twisted's Service
+    top = DrainingService(shutdown_grace(options), reactor)
     children: list[Service] = []
     if factory.last_logins is not None:
         factory.last_logins = SharedLastLogins.load(layout_of(options).data_dir / LAST_LOGIN_FILE)
@@ -410,20 +424,21 @@ def worker_service(
         for receiver in receivers:
             metrics.watch_receiver(receiver)
         admission.answer("metrics", lambda _: families(metrics))
+    for child in children:
+        child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
     serving = {(option, description): listener for option, description, listener in listeners}
     for socket_ in adopted:
         listener = serving[socket_["option"], socket_["description"]]
         if socket_["proxied"]:
             listener = ProxyHeaderFactory(listener, reactor)
-        children.append(
+        top.serve(
             AdoptedListener(
                 socket_["fd"], socket_["family"], listener, socket_["description"], reactor
             )
         )
-    for child in children:
-        child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    top.drained = [factory, *receivers]
     ensure_fd_limit(factory.policy.max_connections)
-    return top, factory
+    return top
 
 
 __all__ = ["Options", "makeService", "make_factory", "make_receiver", "worker_service"]

@@ -27,6 +27,7 @@ from popserv.server.configure import (
     token_validator,
     username_rules,
 )
+from popserv.server.drain import SHUTDOWN_GRACE
 from popserv.server.helptext import grouped_usage
 from popserv.server.logformat import JSON, TEXT, parse_log_format, use_json
 from popserv.server.policy import Policy
@@ -282,6 +283,15 @@ class Options(usage.Options):
             "Worker processes serving the listeners, or auto (one per CPU): the parent"
             " binds every listener and shares the limits; 1 is one process, no parent.",
             values.workers,
+        ],
+        [
+            "shutdown-grace",
+            None,
+            SHUTDOWN_GRACE,
+            "Seconds open sessions have to finish when the server stops (SIGTERM):"
+            " it stops accepting at once, closes sessions not logged in, and at the end"
+            " closes the rest; deletions without a QUIT are not applied.",
+            values.shutdown_grace,
         ],
         [
             "log-format",

@@ -59,7 +59,9 @@ def serving_pid(client: socket.socket, candidates: set[int]) -> int | None:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         remote_port = int(fields[2].split(":")[1], 16)
-        if remote_port == port:
+        # Only an established connection: a TIME_WAIT one left by an earlier
+        # connection from the same port has no socket (inode 0).
+        if remote_port == port and fields[3] == "01":
             inode = fields[9]
     if inode is None:
         return None

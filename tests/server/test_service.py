@@ -80,7 +80,9 @@ class OptionsTests(SynchronousTestCase):
                      ["--max-queued-commands", "0"], ["--trusted-network", "webmail"],
                      ["--max-bad-commands", "0"],
                      ["--auth-failure-delay", "20"],
-                     ["--uidl-format", "%m"], ["--uidl-format", "plain"]):
+                     ["--uidl-format", "%m"], ["--uidl-format", "plain"],
+                     ["--shutdown-grace", "-1"], ["--shutdown-grace", "nan"],
+                     ["--shutdown-grace", "3601"]):
             self.assertRaises(UsageError, self.parse, *argv)
 
     def test_uidl_format(self):
@@ -227,6 +229,31 @@ class MakeServiceTests(TestCase):
         self.assertEqual(smtp.directory.domains, {"example.org"})
         self.assertEqual(smtp.directory.quota.bytes, 1024**3)
         self.assertRaises(UsageError, Options().parseOptions, ["--max-message-size", "0"])
+
+
+class ShutdownGraceTests(TestCase):
+    def service(self, *argv: str):
+        options = Options()
+        options.parseOptions(["--data", self.mktemp(), "--hostname", "h", *argv])
+        self.patch(sys, "stdout", open(os.devnull, "w"))  # the first-start message
+        self.addCleanup(sys.stdout.close)
+        return makeService(options)
+
+    def test_default_and_value(self):
+        """--shutdown-grace: 10 s by default; 0 closes every session when the stop begins."""
+        self.assertEqual(Options()["shutdown-grace"], 10.0)
+        self.assertEqual(self.service().grace, 10.0)
+        self.assertEqual(self.service("--shutdown-grace", "0").grace, 0.0)
+
+    def test_what_drains(self):
+        """The top service stops its POP3 and SMTP listeners first, then drains both factories."""
+        service = self.service("--shutdown-grace", "2.5",
+                               "--pop3", "tcp:0:interface=127.0.0.1",
+                               "--smtp", "tcp:0:interface=127.0.0.1")
+        self.assertEqual(service.grace, 2.5)
+        listeners = [s for s in service if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual(service.accepting, listeners)
+        self.assertEqual(service.drained, [s.factory for s in listeners])
 
 
 class TLSServiceTests(TestCase):

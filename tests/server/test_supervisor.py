@@ -14,12 +14,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from popserv.server.admission import LocalAdmission
+from popserv.server.drain import SHUTDOWN_GRACE
 from popserv.server.policy import Policy
 from popserv.server.startup import StartupError
 from popserv.server.workers.supervisor import (
     EXIT_WORKERS_FAILED,
+    KILL_MARGIN,
     MAX_RESTART_DELAY,
-    STOP_TIMEOUT,
     WorkerSupervisor,
     bind,
 )
@@ -143,19 +144,57 @@ class SupervisorTests(TestCase):
         self.assertEqual(self.exits, [EXIT_WORKERS_FAILED])
 
     def test_stop_terms_then_kills(self) -> None:
-        """stopService: SIGTERM to each; SIGKILL to those still running after the bound."""
+        """stopService: SIGTERM to each; SIGKILL to those still running after grace + 5 s."""
         first, second = self.live()
         stopped = self.supervisor.stopService()
         self.assertEqual((first.signals, second.signals), (["TERM"], ["TERM"]))
         first.end(DONE)
         self.assertNoResult(stopped)
-        self.reactor.advance(STOP_TIMEOUT)
+        self.assertEqual(self.supervisor.stop_timeout, SHUTDOWN_GRACE + KILL_MARGIN)
+        self.reactor.advance(SHUTDOWN_GRACE)
+        self.assertEqual(second.signals, ["TERM"])  # never within the workers' grace
+        self.reactor.advance(KILL_MARGIN)
         self.assertEqual(second.signals, ["TERM", "KILL"])
         second.end(KILLED)
         self.successResultOf(stopped)
         # Nobody is restarted while stopping.
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_kill_waits_for_the_grace_given(self) -> None:
+        """--shutdown-grace 30: the workers are killed 35 s after SIGTERM, not before."""
+        supervisor = WorkerSupervisor(1, [], LocalAdmission(Policy(), self.reactor), [],
+                                      self.reactor, grace=30.0)
+        supervisor.startService()
+        [worker] = supervisor.workers.values()
+        supervisor.stopService()
+        self.reactor.advance(34.9)
+        self.assertEqual(worker.transport.signals, ["TERM"])
+        self.reactor.advance(0.1)
+        self.assertEqual(worker.transport.signals, ["TERM", "KILL"])
+        worker.transport.end(KILLED)
+
+    def test_listening_sockets_close_at_once(self) -> None:
+        """Stopping, the parent closes its listening sockets before the workers have ended."""
+        from twisted.internet import reactor
+
+        from popserv.server.configure import endpoint
+
+        description = "tcp:0:interface=127.0.0.1"
+        supervisor = WorkerSupervisor(
+            1, [("pop3", description, endpoint("pop3", description, reactor))],
+            LocalAdmission(Policy(), self.reactor), [], self.reactor,
+        )
+        supervisor.privilegedStartService()
+        supervisor.startService()
+        [bound] = supervisor.bound
+        assert bound.sock is not None
+        stopped = supervisor.stopService()
+        self.assertEqual(bound.sock.fileno(), -1)
+        self.assertNoResult(stopped)
+        for process in self.reactor.processes[2:]:
+            process.end(DONE)
+        self.successResultOf(stopped)
 
     def test_hangup_is_passed_on(self) -> None:
         """SIGHUP to the parent reaches every worker."""

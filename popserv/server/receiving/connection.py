@@ -34,6 +34,7 @@ from popserv.core.body import BodyDecoder
 from popserv.core.smtpwire import (
     JUNK_COMMANDS,
     MAX_COMMAND_LINE,
+    SHUTTING_DOWN,
     TOO_MANY,
     CommandCounters,
     address_literal,
@@ -43,6 +44,7 @@ from popserv.core.smtpwire import (
 )
 from popserv.server.admission import ILease, wait_for_admission
 from popserv.server.coalesce import write_now
+from popserv.server.drain import SHUTTING_DOWN as SHUT_DOWN_BY_SERVER
 from popserv.server.output import OutputGate
 from popserv.server.receiving.summary import ReceiverTally, receiver_summary
 from popserv.server.spool import Spool
@@ -123,6 +125,12 @@ class ReceiverConnection(smtp.ESMTP):
         #: ends once that one is answered.
         self._deadline: IDelayedCall | None = None
         self._expired = False
+        #: The server is stopping: closed once no mail transaction is under
+        #: way; at the end of the grace, once the command waiting is answered.
+        self._draining = False
+        self._cut_when_answered = False
+        #: The 421 of a stopping server is out: nothing more is said.
+        self._silenced = False
         self._discard = False
         #: What admission granted this connection, given back when it ends;
         #: or, until it answers, the question.
@@ -159,6 +167,10 @@ class ReceiverConnection(smtp.ESMTP):
         """The connection is admitted: greet, and start the session's clock."""
         self.started = self.factory.clock.seconds()
         self.peer = peer_text(self.transport.getPeer())
+        if self.factory.draining is not None:
+            # Admitted after the server began to stop: refused as a greeting.
+            self._shut_down()
+            return
         super().connectionMade()  # type: ignore[no-untyped-call]  # Twisted's SMTP: the greeting
         self.transport.registerProducer(OutputGate(self), True)
         self._deadline = self.factory.clock.callLater(
@@ -208,6 +220,8 @@ class ReceiverConnection(smtp.ESMTP):
             self.sendLine(line)
 
     def _write(self, data: bytes) -> None:
+        if self._silenced:
+            return
         if self._replies is None:
             write_now(self.transport, data)
             return
@@ -295,6 +309,8 @@ class ReceiverConnection(smtp.ESMTP):
                 return
             line = data[pos:newline]
             pos = newline + 2
+            if self._draining and self._drained_between_transactions():
+                return
             self._command(line)
             if self._pending is None:
                 self._check_errors()
@@ -357,6 +373,11 @@ class ReceiverConnection(smtp.ESMTP):
         if self._expired:
             self._session_expired()
             return
+        if self._cut_when_answered:
+            self._shut_down()
+            return
+        if self._draining and self._drained_between_transactions():
+            return
         self._check_errors()
         self.output_resumed()
 
@@ -401,6 +422,56 @@ class ReceiverConnection(smtp.ESMTP):
             peer=peer_text(self.transport.getPeer()),
         )
         self._close(b"421 4.4.2 " + self.host + b" Session too long, closing\r\n", "too long")
+
+    # Stopping the server (see popserv.server.drain)
+
+    def drain_start(self) -> bool:
+        """
+        The server stops.  With no mail transaction under way, a 421 and a
+        close at once: the client (an MTA, or a mail client submitting)
+        keeps its mail and tries again.  In a transaction, the session goes
+        on, and closes with a 421 as soon as its message is answered.
+        """
+        self._draining = True
+        return self._drained_between_transactions()
+
+    def _drained_between_transactions(self) -> bool:
+        if self._gone or self.transport.disconnecting or self.started is None:
+            return False
+        if self._reader is not None or self._pending is not None or self._from is not None:
+            return False
+        self._shut_down()
+        return True
+
+    def drain_cut(self) -> bool:
+        """
+        The grace is over: a 421 and a close, inside DATA too (the message
+        is dropped unanswered, and the sender retries).  A command waiting
+        on the disk, a delivery above all, is answered first: cut, a stored
+        message would be delivered again when the sender retries.
+        """
+        if self._gone or self.transport.disconnecting:
+            return False
+        if self._pending is not None:
+            self._cut_when_answered = True
+            # A delivery has its message: it finishes.  A RCPT's quota look
+            # does not: the transaction it is part of is cut.
+            return self._from is not None
+        self._shut_down()
+        return True
+
+    def drain_abort(self) -> None:
+        """Told to close but still connected (the client does not read): abort."""
+        if not self._gone and self._pending is None:
+            self.ended = self.ended or SHUT_DOWN_BY_SERVER
+            self.transport.abortConnection()
+
+    def _shut_down(self) -> None:
+        """421 and close; a message being read is dropped, and nothing more is said."""
+        self._reader = None
+        self._drop_spool()
+        self._close(SHUTTING_DOWN, SHUT_DOWN_BY_SERVER)
+        self._silenced = True
 
     def _line_too_long(self) -> None:
         self.reply(500, "5.5.2 Line too long")

@@ -35,6 +35,7 @@ from popserv.server.tls import TLSServer
 from popserv.stores.delivery import BadAddress, Directory, Recipient
 
 if TYPE_CHECKING:
+    from popserv.server.drain import Drain
     from popserv.server.metrics import Metrics
 
 
@@ -103,10 +104,21 @@ class ReceiverFactory(protocol.ServerFactory):
         self.admission: IAdmission = admission or LocalAdmission(self.policy, self.clock)
         self.service = "lmtp" if lmtp else "smtp"
         self._refusals = RefusalLog(self.clock, self.service.upper())
-        #: Sessions open now.
-        self.sessions = 0
+        #: Connections open now, admitted or waiting for admission.
+        self.connections: set[ReceiverConnection] = set()
+        #: The server is stopping: told as each session ends (see popserv.server.drain).
+        self.draining: Drain | None = None
         #: What counts for Prometheus (see popserv.server.metrics); None when off.
         self.metrics: Metrics | None = None
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open now."""
+        return len(self.connections)
+
+    def drainable(self) -> set[ReceiverConnection]:
+        """The sessions a stopping server drains: all those open."""
+        return self.connections
 
     def attach_metrics(self, metrics: Metrics) -> None:
         """Count this listener's connections, refusals and deliveries in ``metrics``."""
@@ -120,14 +132,16 @@ class ReceiverFactory(protocol.ServerFactory):
             return RefusedConnection(TOO_MANY)
         session = (LMTPProtocol if self.lmtp else ReceiverProtocol)(self)
         session.lease, session.admitting = admitted.lease, admitted.pending
-        self.sessions += 1
+        self.connections.add(session)
         return session
 
     def session_closed(self, session: ReceiverConnection) -> None:
-        self.sessions -= 1
+        self.connections.discard(session)
         lease, session.lease = session.lease, None
         if lease is not None:
             lease.release()
+        if self.draining is not None:
+            self.draining.ended(session)
 
     def resolve(self, address: str, peer: IAddress, transport: object = None) -> Recipient:
         """

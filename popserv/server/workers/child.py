@@ -7,9 +7,10 @@ one process would serve (:func:`popserv.server.service.worker_service`) on
 the listening sockets the parent bound, and asks the parent's admission
 (:func:`~popserv.server.workers.connect_admission`).  Its log events go to
 the parent as JSON records on standard output; the parent logs them with
-this worker's pid.  It stops on SIGTERM (as twistd would), and by itself
-when the parent goes away: it stops listening, lets its sessions finish
-for at most :data:`ORPHAN_GRACE` seconds, and exits.
+this worker's pid.  It stops on SIGTERM as one process would (its
+sessions drain for ``--shutdown-grace`` seconds, see
+:mod:`popserv.server.drain`), and by itself, the same way, when the parent
+goes away, given :data:`ORPHAN_GRACE` seconds.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from popserv.server.drain import DrainingService, log_repeated_stops
 from popserv.server.logformat import JSON
-from popserv.server.workers.adopted import AdoptedListener
 from popserv.server.workers.logrelay import record
 
 log = Logger()
@@ -40,23 +41,12 @@ log = Logger()
 ORPHAN_GRACE = 30.0
 
 
-def _leave_when_orphaned(service: Any, pop3: Any, reactor: Any) -> None:
-    """The parent is gone: stop listening, let sessions end (bounded), then exit."""
+def _leave_when_orphaned(service: DrainingService, reactor: Any) -> None:
+    """The parent is gone: stop as on SIGTERM (the service drains), with ORPHAN_GRACE."""
     log.warn("The parent is gone: no new connections; stopping within {grace:g} s",
              grace=ORPHAN_GRACE)
-    for child in service:  # a MultiService: its children
-        if isinstance(child, AdoptedListener):
-            child.stopService()
-    deadline = reactor.seconds() + ORPHAN_GRACE
-
-    def check() -> None:
-        if not pop3.sessions or reactor.seconds() >= deadline:
-            if reactor.running:
-                reactor.stop()
-        else:
-            reactor.callLater(0.5, check)
-
-    check()
+    service.grace = ORPHAN_GRACE
+    reactor.stop()
 
 
 @implementer(ILogObserver)
@@ -106,7 +96,7 @@ def main() -> None:
             [_ToParent(out, fields=options["log-format"] == JSON)], redirectStandardIO=False
         )
         admission = connect_admission(config["admission"], reactor)  # type: ignore[arg-type]  # the installed reactor
-        service, pop3 = worker_service(options, config["listeners"], admission, reactor)
+        service = worker_service(options, config["listeners"], admission, reactor)
     except StartupError as e:
         sys.stderr.write(f"popserv: {e.message}\n")
         sys.exit(e.status)
@@ -115,11 +105,14 @@ def main() -> None:
     def orphaned(_: object) -> None:
         # Stopping (SIGTERM) closes the connection too: that is no orphan.
         if not stopping:
-            _leave_when_orphaned(service, pop3, reactor)
+            _leave_when_orphaned(service, reactor)
 
     def stop() -> Any:
         stopping.append(True)
-        return service.stopService()  # type: ignore[no-untyped-call]  # Twisted's Service
+        stopped = service.stopService()
+        if service.drain is not None:
+            log_repeated_stops(service.drain)
+        return stopped
 
     admission.when_lost().addCallback(orphaned)
     reactor.callWhenRunning(service.startService)

@@ -40,6 +40,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from popserv.server.admission import IAdmission
+from popserv.server.drain import SHUTDOWN_GRACE
 from popserv.server.proxied import inner_description
 from popserv.server.startup import EXIT_CANNOT_LISTEN, StartupError, remove_pidfile, strerror
 from popserv.server.workers.admission import AdmissionServer, serve_admission
@@ -73,9 +74,12 @@ DEATH_WINDOW = 60.0
 #: sysexits.h EX_SOFTWARE: the server failed, not its configuration.
 EXIT_WORKERS_FAILED = 70
 
-#: Seconds the workers have to stop after SIGTERM before SIGKILL (systemd's
-#: TimeoutStopSec= is 90 s, for the whole service: well within it).
-STOP_TIMEOUT = 10.0
+#: Seconds a worker has to exit after its sessions' grace (``--shutdown-grace``)
+#: before SIGKILL: to close the sessions cut at its end (1 s), let a QUIT
+#: commit or a delivery under way finish, and save the last logins.  A
+#: worker is never killed within its grace.  With the default grace, 15 s
+#: in all: systemd's TimeoutStopSec= is 90 s, for the whole service.
+KILL_MARGIN = 5.0
 
 
 @frozen
@@ -248,7 +252,8 @@ class WorkerSupervisor(Service):
     Binds ``listeners`` (option, description, endpoint) at privileged
     start, and keeps ``count`` workers serving them with the parent's
     ``admission``; ``arguments`` are the ``twistd popserv`` arguments the
-    workers parse again.
+    workers parse again.  Stopping, it gives the workers ``grace`` seconds
+    (their ``--shutdown-grace``) and :data:`KILL_MARGIN` more.
     """
 
     name = "workers"
@@ -262,6 +267,7 @@ class WorkerSupervisor(Service):
         reactor: Any,
         *,
         options: object = None,
+        grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self.count = count
         self.listeners = list(listeners)
@@ -269,6 +275,8 @@ class WorkerSupervisor(Service):
         self.arguments = list(arguments)
         self.reactor = reactor
         self._options = options
+        #: Seconds from SIGTERM to SIGKILL.
+        self.stop_timeout = grace + KILL_MARGIN
         self.bound: list[Bound] = []
         self.workers: dict[int, _Worker] = {}
         self._delays = [RESTART_DELAY] * count
@@ -418,19 +426,21 @@ class WorkerSupervisor(Service):
             if pending.active():
                 pending.cancel()
         self._restarts.clear()
+        # The parent's copies of the listening sockets close now: once the
+        # workers have closed theirs, new connections are refused while the
+        # workers' sessions drain (a UNIX socket's path goes at once).
+        self._close()
         if not self.workers:
-            self._close()
             return None
         self._stopped = Deferred()
         for worker in list(self.workers.values()):
             self._signal(worker, "TERM")
-        self._killer = self.reactor.callLater(STOP_TIMEOUT, self._kill)
+        self._killer = self.reactor.callLater(self.stop_timeout, self._kill)
         stopped = self._stopped
 
         def done(result: object) -> object:
             if self._killer is not None and self._killer.active():
                 self._killer.cancel()
-            self._close()
             return result
 
         return stopped.addBoth(done)
@@ -439,13 +449,14 @@ class WorkerSupervisor(Service):
         for worker in list(self.workers.values()):
             log.warn(
                 "Worker {pid} still running {timeout:g} s after SIGTERM: SIGKILL",
-                pid=worker.pid, timeout=STOP_TIMEOUT,
+                pid=worker.pid, timeout=self.stop_timeout,
             )
             self._signal(worker, "KILL")
 
     def _close(self) -> None:
-        for bound in self.bound:
-            bound.close()
+        bound, self.bound = self.bound, []
+        for one in bound:
+            one.close()
 
 
 def _environment(config: dict[str, Any]) -> dict[str, str]:
