@@ -127,25 +127,29 @@ class Channel(Protocol):
             return fail(ConnectionLost("the other end is gone"))
         answer: Deferred[list[str | None]] = Deferred()
         self.waiting[id] = answer
-        self._write(encode(op, id, fields))
+        self._write(encode(op, id, fields), now=True)
         return answer
 
     def send(self, op: bytes, id: int, *fields: str | None) -> None:
-        """Tell, with no answer; nothing is sent once the other end is gone."""
-        if not self.lost:
-            self._write(encode(op, id, fields))
-
-    def _write(self, data: bytes) -> None:
         """
-        Send now, if nothing is waiting in the transport's buffer: a write
+        Tell, with no answer; nothing is sent once the other end is gone.
+        Sent with whatever else this turn of the reactor sends (a session's
+        releases go together), unless a question follows at once.
+        """
+        if not self.lost:
+            self._write(encode(op, id, fields), now=False)
+
+    def _write(self, data: bytes, now: bool) -> None:
+        """
+        Send ``now`` if nothing is waiting in the transport's buffer: a write
         through Twisted waits for the next turn of the reactor and costs two
-        more system calls (to watch for, then stop watching for, writability);
-        the other end is waiting for this answer.  What the socket does not
-        take now goes through the transport, after which it is used until
-        its buffer is empty again.
+        more system calls (to watch for, then stop watching for, writability),
+        and the other end is waiting for a question or an answer.  Otherwise,
+        and for what the socket does not take now, through the transport: in
+        order after what is there.
         """
         transport: Any = self.transport
-        if self._socket is not None and not transport._tempDataLen and (
+        if now and self._socket is not None and not transport._tempDataLen and (
             transport.offset == len(transport.dataBuffer)
         ):
             try:
@@ -211,14 +215,16 @@ class Channel(Protocol):
         result.addCallbacks(self._reply, self._reply_error, callbackArgs=(id,), errbackArgs=(id,))
 
     def _reply(self, fields: Fields | None, id: int) -> None:
-        self.send(ANSWER, id, *(fields or ()))
+        if not self.lost:
+            self._write(encode(ANSWER, id, fields or ()), now=True)
 
     def _reply_error(self, failure: Failure, id: int) -> None:
         code = self.error_code(failure)
         if code is None:
             log.failure("Answering {peer} failed", failure, peer=self.peer_name())
             code = "FAILED"
-        self.send(ERROR, id, code, failure.getErrorMessage())
+        if not self.lost:
+            self._write(encode(ERROR, id, (code, failure.getErrorMessage())), now=True)
 
     def error_code(self, failure: Failure) -> str | None:
         """The code ``failure`` is answered with; None: unexpected (logged, answered FAILED)."""
