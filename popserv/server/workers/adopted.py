@@ -43,7 +43,7 @@ class AdoptedListener(Service):
         if self.family == socket.AF_UNIX:
             self.port = _SharedUNIXPort.adopt(self.reactor, self.fd, self.factory)
         else:
-            self.port = _SharedTCPPort.adopt(self.reactor, self.fd, self.family, self.factory)
+            self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
         os.close(self.fd)
         self.fd = None
 
@@ -55,36 +55,7 @@ class AdoptedListener(Service):
         return port.stopListening()
 
 
-#: Connections a worker accepts each time it finds its listening socket
-#: readable.  Twisted's port takes up to 100 and more at once, which suits
-#: one process; but a worker that was busy (a cold scan of a big maildrop
-#: holding its GIL) would then take the whole backlog that built up while
-#: the other workers were waiting, and serve it late.  Taking a few leaves
-#: the rest to a worker that is free.
-ACCEPTS_PER_WAKE = int(os.environ.get("POPSERV_ACCEPTS", "4"))
-
-
-class _Fair:
-    """A listening port that accepts at most :data:`ACCEPTS_PER_WAKE` a turn."""
-
-    numberAccepts: int
-
-    def doRead(self) -> None:
-        self.numberAccepts = ACCEPTS_PER_WAKE
-        super().doRead()  # type: ignore[misc]
-
-
-class _SharedTCPPort(_Fair, tcp.Port):
-    """A TCP socket the parent bound, served here, fairly."""
-
-    @classmethod
-    def adopt(cls, reactor: Any, fd: int, family: int, factory: Any) -> _SharedTCPPort:
-        port: _SharedTCPPort = cls._fromListeningDescriptor(reactor, fd, family, factory)  # type: ignore[no-untyped-call]  # Twisted's
-        port.startListening()
-        return port
-
-
-class _SharedUNIXPort(_Fair, unix.Port):
+class _SharedUNIXPort(unix.Port):
     """
     A UNIX socket the parent bound, served here.  Twisted's adopted UNIX port
     would make its path mode 0666 when it starts and remove the path when it
