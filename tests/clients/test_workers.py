@@ -298,16 +298,76 @@ class WorkersTests(TestCase):
             return client
 
         client = await deferToThread(log_in)
+        before = await deferToThread(client.uidl)
+        self.assertGreater(len(before[1]), 0)
+        await deferToThread(client.dele, 1)  # never QUIT: must not be applied
         victim = serving_pid(client.sock, first)
         self.assertIsNotNone(victim)
         os.kill(victim, signal.SIGKILL)
         await self.process.wait_for(b"Worker %d was killed by signal SIGKILL" % victim)
-        # Its user's session is given back: a login now is not over the limit.
-        await deferToThread(lambda: log_in().quit())
+
+        def uidls_again():
+            # The user's session and the Maildir lock are given back: a
+            # login now is not over the limit, nor [IN-USE].
+            again = log_in()
+            try:
+                return again.uidl()[1]
+            finally:
+                again.quit()
+
+        self.assertEqual(await deferToThread(uidls_again), before[1])
         await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
         replacement = worker_pids(self.process.output) - first
         self.assertTrue(all(alive(pid) for pid in replacement))
         client.sock.close()
+
+    async def test_deliveries_and_logins_across_workers(self):
+        """
+        SMTP deliveries and POP3 logins to one user, back to back, served by
+        both workers: every login sees every message delivered before it,
+        and the UIDLs it saw before, whichever worker wrote the listing cache
+        and the index last.
+        """
+        import smtplib
+
+        smtp_port = free_port()
+        user, password = await self.started(
+            "--smtp", f"tcp:{smtp_port}:interface=127.0.0.1", "--domain", "pop.test")
+        pids = worker_pids(self.process.output)
+
+        def log_in() -> poplib.POP3:
+            client = self.connect()
+            client.user(user)
+            client.pass_(password)
+            return client
+
+        def rounds() -> dict[int, int]:
+            first = log_in()
+            seen = {line.split()[1] for line in first.uidl()[1]}
+            first.quit()
+            served: dict[int, int] = {}
+            for i in range(60):
+                with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as smtp:
+                    smtp.sendmail("sender@example.org", [f"{user}@pop.test"],
+                                  f"Subject: {i}\r\n\r\nmessage {i}\r\n")
+                client = log_in()
+                pid = serving_pid(client.sock, pids)
+                served[pid] = served.get(pid, 0) + 1
+                count = client.stat()[0]
+                listing = {line.split()[1] for line in client.uidl()[1]}
+                client.quit()
+                self.assertEqual(count, len(listing))
+                self.assertTrue(seen < listing, (i, seen - listing))
+                self.assertEqual(len(listing), len(seen) + 1)
+                seen = listing
+                if len(served) == 2 and min(served.values()) >= 3:
+                    break
+            return served
+
+        served = await deferToThread(rounds)
+        self.assertEqual(set(served), pids)
+        self.assertGreaterEqual(min(served.values()), 3)
+        self.assertNotIn(b"Traceback", self.process.output)
 
     async def test_sigterm_stops_parent_and_workers(self):
         """SIGTERM: the parent stops its workers and exits 0."""
