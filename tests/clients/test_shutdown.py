@@ -18,7 +18,6 @@ from pathlib import Path
 from unittest import SkipTest
 
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -57,19 +56,12 @@ class ShutdownTests(TestCase):
             self.process, self.twistd, command, subprocess_env(), str(self.workdir)
         )
         stop_at_cleanup(self, self.process, self.transport)
-        await self.wait_until(lambda: self.process.output.count(b"Starting factory")
+        await self.process.until(lambda: self.process.output.count(b"Starting factory")
                               >= self.serving)
         match = re.search(rb"user:\s+(\S+)\n\s+password:\s+(\S+)\n", self.process.output)
         self.assertIsNotNone(match, self.process.output)
         self.user, password = (g.decode() for g in match.groups())
         return self.user, password
-
-    async def wait_until(self, condition, timeout: float = 15.0) -> None:
-        for _ in range(int(timeout / 0.05)):
-            if condition():
-                return
-            await deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"timed out: {self.process.output.decode(errors='replace')}")
 
     def messages(self) -> int:
         maildir = self.workdir / "data" / "mail" / self.user
@@ -104,7 +96,7 @@ class ShutdownTests(TestCase):
         client = await self.logged_in()
         self.assertEqual(self.messages(), 1)  # the first start's welcome
         self.transport.signalProcess(signal.SIGTERM)
-        await self.wait_until(lambda: self.process.output.count(b"Shutting down:")
+        await self.process.until(lambda: self.process.output.count(b"Shutting down:")
                               >= self.serving)
         self.assertTrue(await deferToThread(self.refused), self.process.output)
 
@@ -155,7 +147,7 @@ class ShutdownTests(TestCase):
         self.argv = ("--shutdown-grace", "1")
         await self.logged_in()
         self.transport.signalProcess(signal.SIGTERM)
-        await self.wait_until(lambda: self.process.output.count(b"Shutting down:")
+        await self.process.until(lambda: self.process.output.count(b"Shutting down:")
                               >= self.serving)
         for pid in self.every_process():
             os.kill(pid, signal.SIGTERM)

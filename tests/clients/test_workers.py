@@ -107,18 +107,11 @@ class WorkersTests(TestCase):
         """Start, wait for both workers to listen; the first start's user and password."""
         process = self.start(*argv, twistd=twistd)
         await process.wait_for(b"Started worker")
-        await self.wait_until(lambda: process.output.count(b"Starting factory") >= 2)
+        await self.process.until(lambda: process.output.count(b"Starting factory") >= 2)
         match = re.search(rb"user:\s+(\S+)\n\s+password:\s+(\S+)\n", process.output)
         self.assertIsNotNone(match, process.output)
         user, password = (g.decode() for g in match.groups())
         return user, password
-
-    async def wait_until(self, condition, timeout: float = 15.0) -> None:
-        for _ in range(int(timeout / 0.05)):
-            if condition():
-                return
-            await deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"timed out: {self.process.output.decode(errors='replace')}")
 
     def connect(self) -> poplib.POP3:
         return poplib.POP3("127.0.0.1", self.port, timeout=10)
@@ -138,7 +131,7 @@ class WorkersTests(TestCase):
             await deferToThread(sessions)
             if len(session_pids(self.process.output)) == 2:
                 break
-        await self.wait_until(lambda: session_pids(self.process.output) == pids)
+        await self.process.until(lambda: session_pids(self.process.output) == pids)
         self.assertNotIn(b"Traceback", self.process.output)
 
     async def test_json_log_keeps_the_workers_fields(self):
@@ -146,7 +139,7 @@ class WorkersTests(TestCase):
         import json
 
         process = self.start("--log-format", "json")
-        await self.wait_until(lambda: process.output.count(b"Starting factory") >= 2)
+        await self.process.until(lambda: process.output.count(b"Starting factory") >= 2)
         pids = {json.loads(line)["pid"] for line in process.output.splitlines()
                 if line.startswith(b"{") and b'"Started worker' in line}
 
@@ -162,7 +155,7 @@ class WorkersTests(TestCase):
                 line for line in process.output.splitlines() if line.startswith(b"{")))
                 if "ended" in event]
 
-        await self.wait_until(summaries)
+        await self.process.until(summaries)
         event = summaries()[0]
         self.assertIn(event["worker"], pids)
         self.assertTrue(event["peer"].startswith("127.0.0.1:"), event)
@@ -177,7 +170,7 @@ class WorkersTests(TestCase):
         await self.started()
         pids = worker_pids(self.process.output)
         path = self.workdir / "data" / "control.sock"
-        await self.wait_until(path.exists)
+        await self.process.until(path.exists)
         clients = []
         try:
             for _ in range(30):
@@ -224,7 +217,7 @@ class WorkersTests(TestCase):
                 client.quit()
 
         await deferToThread(sessions)
-        await self.wait_until(
+        await self.process.until(
             lambda: self.process.output.count(b"Disconnected 127.0.0.1") >= 10)
 
         async def scrape():
@@ -241,8 +234,8 @@ class WorkersTests(TestCase):
         victim = next(iter(pids))
         os.kill(victim, signal.SIGKILL)
         await self.process.wait_for(b"Worker %d was killed by signal SIGKILL" % victim)
-        await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
-        await self.wait_until(lambda: self.process.output.count(b"Starting factory") >= 3)
+        await self.process.until(lambda: len(worker_pids(self.process.output)) == 3)
+        await self.process.until(lambda: self.process.output.count(b"Starting factory") >= 3)
         got = await scrape()
         self.assertEqual(value(got, "popserv_connections_total", listener="pop3"), 10)
         self.assertEqual(value(got, "popserv_worker_exits_total"), 1)
@@ -316,7 +309,7 @@ class WorkersTests(TestCase):
                 again.quit()
 
         self.assertEqual(await deferToThread(uidls_again), before[1])
-        await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
+        await self.process.until(lambda: len(worker_pids(self.process.output)) == 3)
         replacement = worker_pids(self.process.output) - first
         self.assertTrue(all(alive(pid) for pid in replacement))
         client.sock.close()
@@ -425,7 +418,7 @@ class WorkersTests(TestCase):
         first = worker_pids(self.process.output)
         victim = sorted(first)[0]
         os.kill(victim, signal.SIGKILL)
-        await self.wait_until(lambda: len(worker_pids(self.process.output)) == 3)
+        await self.process.until(lambda: len(worker_pids(self.process.output)) == 3)
         # The dead worker's port did not take the path with it.
         self.assertTrue(path.exists())
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
@@ -475,7 +468,7 @@ class WorkersTests(TestCase):
         pids = worker_pids(self.process.output)
         self.transport.signalProcess(signal.SIGKILL)
         await self.process.ended
-        await self.wait_until(lambda: not any(alive(pid) for pid in pids))
+        await self.process.until(lambda: not any(alive(pid) for pid in pids))
 
     async def test_orphaned_worker_finishes_its_session(self):
         """The parent gone mid-session: the session goes on to its QUIT, then the worker exits."""
@@ -492,12 +485,12 @@ class WorkersTests(TestCase):
         serving = serving_pid(client.sock, pids)
         self.transport.signalProcess(signal.SIGKILL)
         await self.process.ended
-        await self.wait_until(lambda: not any(alive(p) for p in pids - {serving}))
+        await self.process.until(lambda: not any(alive(p) for p in pids - {serving}))
         self.assertTrue(alive(serving))
         count, _ = await deferToThread(client.stat)
         self.assertEqual(count, 1)  # the first start's welcome message
         await deferToThread(client.quit)
-        await self.wait_until(lambda: not alive(serving))
+        await self.process.until(lambda: not alive(serving))
 
     async def test_sighup_reaches_every_worker(self):
         """SIGHUP to the parent: each worker reloads its certificates."""
@@ -513,7 +506,7 @@ class WorkersTests(TestCase):
 
         self.assertEqual(reloads(), set())
         self.transport.signalProcess(signal.SIGHUP)
-        await self.wait_until(lambda: reloads() == pids)
+        await self.process.until(lambda: reloads() == pids)
 
     async def test_port_in_use(self):
         """The parent cannot bind: one line and status 75, as one process, no worker started."""

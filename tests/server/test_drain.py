@@ -7,7 +7,6 @@ on a StringTransport; SMTP sessions and a real Maildir over loopback.
 from __future__ import annotations
 
 import poplib
-import threading
 
 from twisted.application.service import Service
 from twisted.internet import reactor
@@ -20,7 +19,6 @@ from popserv.core import errors, wire
 from popserv.core.smtpwire import SHUTTING_DOWN as SMTP_SHUTTING_DOWN
 from popserv.interfaces import IMailbox
 from popserv.server.drain import CLOSE_TIMEOUT, SHUTDOWN_GRACE, Drain, DrainingService
-from popserv.server.receiving import protocol as receiver_protocol
 from popserv.stores.memory import MemoryMailbox
 from tests.support import MESSAGES, Session
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
@@ -448,15 +446,7 @@ class SMTPDrainTests(ReceiverTestCase):
 
     async def test_a_delivery_under_way_is_answered_first(self) -> None:
         """A delivery running at the grace gets its 250 (it is stored); then the 421."""
-        entered, release = threading.Event(), threading.Event()
-        real = receiver_protocol.deliver_message
-
-        def held(*args, **kwargs):
-            entered.set()
-            release.wait(10)
-            return real(*args, **kwargs)
-
-        self.patch(receiver_protocol, "deliver_message", held)
+        entered, release = self.hold_deliveries()
         client = await self.client()
         client.send(
             b"EHLO c\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import tracemalloc
 import weakref
 from pathlib import Path
@@ -24,7 +23,6 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from popserv.server.receiving import LMTPProtocol, ReceiverProtocol, ReceiverSettings
-from popserv.server.receiving import protocol as receiver_protocol
 from popserv.server.service import SPOOL_DIR
 from popserv.server.spool import SPOOL_BUFFER, Spool
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
@@ -441,15 +439,7 @@ class SessionLimitTests(ReceiverTestCase):
     async def test_session_time_limit_waits_for_a_delivery(self):
         """A delivery under way when time is up still gets its 250; then 421."""
         clock = self.clocked()
-        entered, release = threading.Event(), threading.Event()
-        real = receiver_protocol.deliver_message
-
-        def held(*args, **kwargs):
-            entered.set()
-            release.wait(10)
-            return real(*args, **kwargs)
-
-        self.patch(receiver_protocol, "deliver_message", held)
+        entered, release = self.hold_deliveries()
         client = await self.in_thread(SMTPClient, self.ports["smtp"])
         self.addCleanup(client.close)
         client.send(

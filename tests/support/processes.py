@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 
 import popserv
 import popserv.server.service
@@ -50,6 +51,14 @@ class _Twistd(ProcessProtocol):
         self._waiting.append((pattern, d))
         self._check()
         return d.addTimeout(30, reactor)
+
+    async def until(self, condition: Any, timeout: float = 15.0) -> None:
+        """Wait until ``condition()`` is true; fail with the output so far if it never is."""
+        for _ in range(int(timeout / 0.05)):
+            if condition():
+                return
+            await deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"timed out: {self.output.decode(errors='replace')}")
 
     def processEnded(self, reason) -> None:
         # After a clean shutdown on SIGTERM, twistd ends itself with that signal.

@@ -6,6 +6,7 @@ import os
 import poplib
 import smtplib
 import socket
+import threading
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -62,6 +63,24 @@ class ReceiverTestCase(TestCase):
     """
 
     options: dict = {}
+
+    def hold_deliveries(self) -> tuple[threading.Event, threading.Event]:
+        """
+        Deliveries wait, once they have started, until the second event is
+        set; the first is set when one has started.
+        """
+        from popserv.server.receiving import protocol
+
+        entered, release = threading.Event(), threading.Event()
+        real = protocol.deliver_message
+
+        def held(*args, **kwargs):
+            entered.set()
+            release.wait(10)
+            return real(*args, **kwargs)
+
+        self.patch(protocol, "deliver_message", held)
+        return entered, release
 
     def setUp(self):
         self.layout = Layout.create(self.mktemp())
