@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest
 
 from popserv.server.protocol import POP3Protocol
 from popserv.stores.maildir import deliver
 from tests.support.mail import mbox_messages, unix
+from tests.support.peers import missing
 from tests.support.servers import ServerTestCase
 
 #: For bob: a body that needs mbox quoting, a line that needs dot-stuffing,
@@ -44,7 +44,7 @@ class ClientTestCase(ServerTestCase):
     def setUp(self):
         self.executable = shutil.which(self.client)
         if self.executable is None:
-            raise SkipTest(f"{self.client} is not installed")
+            raise missing(f"{self.client} is not installed")
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir(parents=True)
         self.received: list[bytes] = []

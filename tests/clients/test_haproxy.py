@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import SkipTest
 
 from popserv.server.configure import endpoint
+from tests.support.peers import missing
 from tests.support.processes import REPO, free_port
 from tests.support.receiver import ReceiverTestCase
 
@@ -52,7 +52,7 @@ def configured(text: str, ports: dict[str, int]) -> str:
 class HAProxyTests(ReceiverTestCase):
     def setUp(self):
         if shutil.which("haproxy") is None:
-            raise SkipTest("haproxy is not installed (Debian: apt-get install haproxy)")
+            raise missing("haproxy is not installed (Debian: apt-get install haproxy)")
         super().setUp()
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)

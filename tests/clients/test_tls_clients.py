@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest
 
 from popserv.core.body import wire_size
 from popserv.server.protocol import POP3Protocol, SessionInfo
 from tests.support.certs import CA
 from tests.support.mail import mbox_messages, unix
+from tests.support.peers import missing
 from tests.support.servers import crlf
 from tests.support.tls import TLSTestCase
 
@@ -73,7 +73,7 @@ class TLSClientTestCase(TLSTestCase):
     def setUp(self):
         self.executable = shutil.which(self.client)
         if self.executable is None:
-            raise SkipTest(f"{self.client} is not installed")
+            raise missing(f"{self.client} is not installed")
         self.home = Path(self.mktemp()).absolute()
         self.home.mkdir(parents=True)
         self.seen: dict[POP3Protocol, Seen] = {}

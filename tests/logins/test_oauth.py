@@ -12,13 +12,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import succeed
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core import errors, wire
 from popserv.logins.oauth import CallableValidator, JWTValidator, TokenChecker
 from popserv.logins.sasl.mechanism import SASLContext, SASLMalformed, Success
 from popserv.logins.sasl.oauth import OAUTHBEARER_ERROR, XOAUTH2_ERROR, OAuthBearer, XOAuth2
 from tests.support import Session
+from tests.support.peers import missing
 from tests.support.servers import CurlTestCase
 
 SECRET = b"a shared secret of enough length for HS256"
@@ -167,7 +168,7 @@ class CurlOAuthTests(CurlTestCase):
 
     async def test_mechanisms(self):
         if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed")
+            raise missing("curl is not installed")
         good = token(iss="https://idp.test")
         for mechanism in ("OAUTHBEARER", "XOAUTH2"):
             listing = await self.curl("", "--oauth2-bearer", good,

@@ -18,7 +18,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core import errors, wire
 from popserv.core.state import State
@@ -51,6 +51,7 @@ from popserv.logins.sasl.scram import NeedKeys, Scram, ScramFailed
 from popserv.stores.maildir import deliver
 from tests.support import REMOTE_PEER, Session
 from tests.support.certs import CA
+from tests.support.peers import missing
 from tests.support.servers import CurlTestCase, command
 from tests.support.tls import TLSTestCase
 
@@ -591,7 +592,7 @@ class ScramEndToEndTests(_SaslUsersTestCase):
         """mpop's GNU SASL SCRAM, with stored keys and with keys from a PLAIN password."""
         mpop = shutil.which("mpop")
         if mpop is None:
-            raise SkipTest("mpop is not installed")
+            raise missing("mpop is not installed")
         home = Path(self.mktemp())
         home.mkdir()
         for user, password, auth in (("carol", "pencil", "scram-sha-256"),
@@ -689,7 +690,7 @@ class ExternalEndToEndTests(TLSTestCase):
 
     async def test_curl(self):
         if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed")
+            raise missing("curl is not installed")
         cert, key = self.client_ca.issue("alice", client=True).write(Path(self.mktemp()), "c")
         out, err, code = await getProcessOutputAndValue(shutil.which("curl"), [
             "-sS", "--max-time", "20", f"pop3s://127.0.0.1:{self.tls_portno}/",

@@ -22,12 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.server.metrics import Metrics
 from popserv.server.service import Listener, makeService
 from popserv.server.tap import Options, StartupError
 from tests.support.metrics import http_get, parse, promtool_check, value
+from tests.support.peers import missing
 from tests.support.receiver import ReceiverTestCase
 from tests.support.servers import ServerTestCase, command, login
 from tests.support.tls import TLSTestCase
@@ -438,7 +439,7 @@ class PrometheusServerTests(MetricsMixin, ServerTestCase):
     def setUp(self):
         self.prometheus = shutil.which("prometheus")
         if self.prometheus is None:
-            raise SkipTest("prometheus is not installed (Debian's prometheus package)")
+            raise missing("prometheus is not installed (Debian's prometheus package)")
         super().setUp()
         self.serve_metrics()
 

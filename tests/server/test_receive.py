@@ -18,7 +18,6 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.trial.unittest import SkipTest
 
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server.receiving import protocol as receiver_protocol
@@ -26,6 +25,7 @@ from popserv.server.receiving.connection import peer_text
 from popserv.stores import delivery
 from popserv.stores.delivery import BadAddress, RelayDenied, UnknownUser
 from tests.support.certs import CA
+from tests.support.peers import missing
 from tests.support.receiver import START_DATA, ReceiverTestCase, SMTPClient
 
 #: The module, which ``popserv.stores.maildir.deliver`` (the function) hides.
@@ -455,10 +455,10 @@ class TLSReceiverTests(ReceiverTestCase):
     async def test_swaks_starttls(self):
         """swaks, which needs Net::SSLeay for TLS, requires STARTTLS and checks nothing else."""
         if shutil.which("swaks") is None:
-            raise SkipTest("swaks is not installed")
+            raise missing("swaks is not installed")
         probe = subprocess.run(["perl", "-MNet::SSLeay", "-e", "1"], check=False)
         if probe.returncode:
-            raise SkipTest("swaks cannot do TLS without Net::SSLeay (libnet-ssleay-perl)")
+            raise missing("swaks cannot do TLS without Net::SSLeay (libnet-ssleay-perl)")
         result = await self.in_thread(
             subprocess.run,
             ["swaks", "--server", "127.0.0.1", "--port", str(self.ports["smtp"]), "--tls",
@@ -481,7 +481,7 @@ class RealClientTests(ReceiverTestCase):
 
     def setUp(self):
         if shutil.which("swaks") is None:
-            raise SkipTest("swaks is not installed")
+            raise missing("swaks is not installed")
         super().setUp()
         self.socket_path = os.path.join(self.mktemp() + ".d", "lmtp.sock")
         os.makedirs(os.path.dirname(self.socket_path))

@@ -35,6 +35,7 @@ from popserv.server.firstrun import _port_of
 from popserv.server.service import LIMIT_OPTIONS, make_factory
 from popserv.server.startchecks import ensure_fd_limit
 from popserv.server.tap import Options
+from tests.support.peers import missing
 from tests.support.processes import REPO, _Twistd, free_port
 
 
@@ -350,7 +351,7 @@ class FirstStartTests(TestCase):
 
     async def test_first_start_then_curl(self):
         if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed")
+            raise missing("curl is not installed")
         process = self.start()
         await process.wait_for(b"Starting factory")
         match = re.search(rb"\n    (curl pop3://\S+ -u '([^']+)')\n", process.output)

@@ -7,7 +7,9 @@ import subprocess
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
+
+from tests.support.peers import missing
 
 
 def http_get(url: str, accept: str | None = None) -> tuple[str, str]:
@@ -33,7 +35,7 @@ def promtool_check(case: TestCase, text: str) -> None:
     """``promtool check metrics`` must accept ``text`` with no problem at all."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        raise SkipTest("promtool is not installed (Debian's prometheus package)")
+        raise missing("promtool is not installed (Debian's prometheus package)")
     checked = subprocess.run(
         [promtool, "check", "metrics"],
         check=False,

@@ -11,12 +11,13 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server.service import make_factory
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
+from tests.support.peers import missing
 from tests.support.sockets import MarkedReader
 
 #: Stored as given (written straight into new/, no ,W= in the name), so the
@@ -143,7 +144,7 @@ def login(client: poplib.POP3, user: str, password: str) -> bytes:
 class CurlTestCase(ServerTestCase):
     def setUp(self):
         if shutil.which("curl") is None:
-            raise SkipTest("curl is not installed")
+            raise missing("curl is not installed")
         return super().setUp()
 
     async def run_curl(self, path: str, *args: str, user: str = "alice:secret"):

@@ -1,0 +1,137 @@
+"""
+PostgreSQL from the reactor: one bounded pool of connections per process,
+used from a thread pool of its own.
+
+psycopg 3's blocking API runs in those threads, as ``twisted.enterprise.adbapi``
+does it, so the reactor never waits on the database.  Its async API would
+need an asyncio loop under the reactor; the threads keep the plain epoll
+reactor and cost one thread hop a query, which is small beside the round
+trip to the server.  The pool (psycopg_pool) holds at most
+``max_connections`` connections however many sessions there are, checks a
+connection before lending it, and reconnects when the database comes back.
+
+A database that cannot be reached is a :class:`DatabaseUnavailable`, a
+``TemporaryFailure``: a login answers ``-ERR [SYS/TEMP]``, a delivery 4xx.
+
+The password never comes from the command line: libpq reads ``PGPASSWORD``
+or the password file (``PGPASSFILE``, ``~/.pgpass``); :func:`check_url`
+refuses a URL that carries one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from popserv.core.errors import TemporaryFailure
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: Connections a process may hold: enough for the thread pool's queries in
+#: flight, far below PostgreSQL's default ``max_connections`` (100) for a
+#: few nodes with a few workers each.
+MAX_CONNECTIONS = 8
+#: Seconds a query waits for a connection (the database down, or every
+#: connection busy) before the login or delivery is told to try later.
+WAIT = 5.0
+
+
+class DatabaseUnavailable(TemporaryFailure):
+    """The database cannot be reached, or failed: try again later."""
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is a PostgreSQL URL without a password; ValueError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a postgresql:// URL: {url!r}")
+    if parts.password is not None:
+        raise ValueError(
+            "the URL carries a password, which the command line would show to every user"
+            " of the machine: give it in PGPASSWORD or a password file (PGPASSFILE)"
+        )
+    return url
+
+
+class Database:
+    """A connection pool to ``url``, used from the reactor (see the module)."""
+
+    def __init__(
+        self,
+        url: str,
+        reactor: Any,
+        max_connections: int = MAX_CONNECTIONS,
+        wait: float = WAIT,
+    ) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = check_url(url)
+        self.reactor = reactor
+        self.pool = ConnectionPool(
+            url,
+            min_size=0,
+            max_size=max_connections,
+            open=False,
+            timeout=wait,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "connect_timeout": max(1, round(wait))},
+            name="popserv",
+        )
+        # The pool says each failed connection attempt through the logging
+        # module, which twistd does not route: to stderr, once per retry.
+        # The failure reaches the login or delivery that waited instead.
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+        self.threads = ThreadPool(minthreads=0, maxthreads=max_connections, name="popserv-db")
+        self.running = False
+
+    def start(self) -> None:
+        if not self.running:
+            self.running = True
+            self.pool.open(wait=False)
+            self.threads.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            self.threads.stop()
+            self.pool.close()
+
+    def run(self, work: Callable[[Any], T]) -> Deferred[T]:
+        """``work(connection)`` in a database thread; DatabaseUnavailable if it cannot run."""
+        self.start()
+        return deferToThreadPool(self.reactor, self.threads, self._with_connection, work)
+
+    def _with_connection(self, work: Callable[[Any], T]) -> T:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self.pool.connection() as connection:
+                return work(connection)
+        except (psycopg.OperationalError, PoolTimeout) as e:
+            raise DatabaseUnavailable(f"the database is unavailable: {e}") from e
+
+    def fetch_one(self, query: str, parameters: dict[str, Any]) -> Deferred[dict[str, Any] | None]:
+        """The first row ``query`` returns, as a dict by column name; None if none."""
+        from psycopg.rows import dict_row
+
+        def work(connection: Any) -> dict[str, Any] | None:
+            with connection.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(query, parameters)
+                row: dict[str, Any] | None = cursor.fetchone()
+                return row
+
+        return self.run(work)
+
+
+__all__ = ["Database", "DatabaseUnavailable", "check_url"]

@@ -1,0 +1,103 @@
+"""
+Accounts in PostgreSQL: a user's stored password and settings, looked up by
+name with one query, as Dovecot's ``passdb sql`` does.
+
+By default the query reads Postfixadmin's ``mailbox`` table (also iRedMail's
+and mailcow's), so a database those tools fill serves popserv unchanged.
+The query may be replaced (``--database-query``, like Dovecot's
+``password_query``); the user name is passed as the parameter
+``%(user)s``, never formatted into the SQL.  It returns one row, by column
+name:
+
+``password`` (required)
+    The stored password, in any scheme the password file reads
+    (``{SHA512-CRYPT}$6$...``, a prefix-less ``$1$...`` crypt, ``{ARGON2ID}``...).
+``user``
+    The account's name as stored (the name its Maildir is known by);
+    the name asked for when absent.
+``active``
+    False (or 0, ``'0'``, ``'f'``, ``'n'``): the account is locked.
+``maildir``
+    Its Maildir, for the Maildir store (Postfixadmin's path, relative to
+    the mail root, such as ``example.org/alice/``).
+``quota``
+    Its quota in bytes (0: none); ``quota_messages``, ``login_delay`` and
+    ``expire`` as in the password file's extra fields.
+
+A row becomes a :class:`~popserv.logins.passwords.passwdfile.UserEntry`,
+what the password file gives, so every login kind and scheme works the
+same on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from popserv.core.usernames import UsernameRules
+from popserv.logins.database import Database
+from popserv.logins.passwords.passwdfile import UserEntry
+
+#: Postfixadmin's mailbox table.
+DEFAULT_QUERY = (
+    "SELECT username AS user, password, maildir, quota, active"
+    " FROM mailbox WHERE username = %(user)s"
+)
+
+#: Columns copied into the entry's extra fields (by the name the password
+#: file gives them); ``quota`` is Postfixadmin's bytes.
+_EXTRA = {
+    "maildir": "maildir",
+    "quota": "quota_bytes",
+    "quota_messages": "quota_messages",
+    "login_delay": "login_delay",
+    "expire": "expire",
+}
+_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
+
+
+def _active(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE
+    return bool(value)
+
+
+def entry_of(row: Mapping[str, Any], name: str) -> UserEntry:
+    """The account a row of the query describes (``name``: the name asked for)."""
+    password = row.get("password") or ""
+    if not _active(row.get("active")):
+        # Locked as the password file locks: whatever secret is stored.
+        password = "!" + password
+    extra = {}
+    for column, key in _EXTRA.items():
+        value = row.get(column)
+        if value is None or value == "":
+            continue
+        if key == "quota_bytes" and int(value) <= 0:
+            continue  # Postfixadmin's 0: no quota
+        extra[key] = str(value)
+    return UserEntry(str(row.get("user") or name), password, extra)
+
+
+class SQLAccounts:
+    """The accounts a query reads from ``database``, names matched under ``rules``."""
+
+    def __init__(
+        self, database: Database, rules: UsernameRules, query: str = DEFAULT_QUERY
+    ) -> None:
+        self.database = database
+        self.rules = rules
+        self.query = query
+
+    def lookup(self, name: str) -> Deferred[UserEntry | None]:
+        """The account named ``name`` (normalised), or None."""
+        return self.database.fetch_one(self.query, {"user": name}).addCallback(
+            lambda row: None if row is None else entry_of(row, name)
+        )
+
+
+__all__ = ["DEFAULT_QUERY", "SQLAccounts", "entry_of"]

@@ -1,0 +1,145 @@
+"""
+Accounts in PostgreSQL: rows as the password file's entries (pure), then
+lookups against a real PostgreSQL holding Postfixadmin's ``mailbox`` table.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from popserv.core.usernames import UsernameRules
+from popserv.logins.database import Database, DatabaseUnavailable, check_url
+from popserv.logins.passwords import hash_password
+from popserv.logins.passwords.schemes import verify_password
+from popserv.logins.sqlaccounts import SQLAccounts, entry_of
+from tests.support.postgres import postgresql
+from tests.support.processes import free_port
+
+#: The columns of Postfixadmin's ``mailbox`` table (PostgreSQL flavour).
+POSTFIXADMIN_MAILBOX = """
+CREATE TABLE mailbox (
+    username varchar(255) NOT NULL PRIMARY KEY,
+    password varchar(255) NOT NULL DEFAULT '',
+    name varchar(255) NOT NULL DEFAULT '',
+    maildir varchar(255) NOT NULL DEFAULT '',
+    quota bigint NOT NULL DEFAULT 0,
+    local_part varchar(255) NOT NULL DEFAULT '',
+    domain varchar(255) NOT NULL DEFAULT '',
+    created timestamp with time zone DEFAULT now(),
+    modified timestamp with time zone DEFAULT now(),
+    active boolean NOT NULL DEFAULT true
+)
+"""
+
+#: md5crypt of "secret" (salt "salt"), as older Postfixadmin installs store it.
+MD5_CRYPT = "$1$salt$ez2vlPGdaLYkJam5pWs/Y1"
+
+
+class EntryTests(SynchronousTestCase):
+    def test_postfixadmin_row(self) -> None:
+        entry = entry_of({"user": "alice@example.org", "password": "{PLAIN}pw",
+                          "maildir": "example.org/alice/", "quota": 1024, "active": True},
+                         "alice@example.org")
+        self.assertEqual(entry.name, "alice@example.org")
+        self.assertFalse(entry.locked)
+        self.assertEqual(dict(entry.extra),
+                         {"maildir": "example.org/alice/", "quota_bytes": "1024"})
+
+    def test_inactive_is_locked(self) -> None:
+        for active in (False, 0, "0", "f", "N"):
+            entry = entry_of({"password": "{PLAIN}pw", "active": active}, "bob")
+            self.assertTrue(entry.locked, active)
+            self.assertFalse(verify_password(entry.password, "pw") and not entry.locked)
+
+    def test_quota_zero_is_none(self) -> None:
+        entry = entry_of({"password": "x", "quota": 0, "maildir": ""}, "carol")
+        self.assertEqual(dict(entry.extra), {})
+        self.assertEqual(entry.name, "carol")
+
+    def test_password_in_url_refused(self) -> None:
+        with self.assertRaises(ValueError) as caught:
+            check_url("postgresql://popserv:hunter2@db/mail")
+        self.assertIn("PGPASSWORD", str(caught.exception))
+        with self.assertRaises(ValueError):
+            check_url("mysql://db/mail")
+        self.assertEqual(check_url("postgresql://popserv@db/mail"), "postgresql://popserv@db/mail")
+
+
+class PostfixadminTests(TestCase):
+    """SQLAccounts on a real PostgreSQL with Postfixadmin's table."""
+
+    def setUp(self) -> None:
+        import psycopg
+
+        self.url = postgresql().database()
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(POSTFIXADMIN_MAILBOX)
+            rows = [
+                ("alice@example.org", hash_password("alice pw", "SHA512-CRYPT"),
+                 "example.org/alice/", 0, True),
+                ("bob@example.org", MD5_CRYPT, "example.org/bob/", 10_000_000, True),
+                ("carol@example.org", hash_password("carol pw", "ARGON2ID"),
+                 "example.org/carol/", 0, False),
+            ]
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO mailbox (username, password, maildir, quota, active)"
+                    " VALUES (%s, %s, %s, %s, %s)", rows)
+        self.database = Database(self.url, reactor)
+        self.addCleanup(self.database.stop)
+        self.accounts = SQLAccounts(self.database, UsernameRules())
+
+    async def test_lookup(self) -> None:
+        alice = await self.accounts.lookup("alice@example.org")
+        self.assertEqual(alice.name, "alice@example.org")
+        self.assertTrue(alice.password.startswith("{SHA512-CRYPT}$6$"))
+        self.assertTrue(verify_password(alice.password, "alice pw"))
+        self.assertEqual(alice.extra["maildir"], "example.org/alice/")
+        bob = await self.accounts.lookup("bob@example.org")
+        self.assertTrue(verify_password(bob.password, "secret"))
+        self.assertEqual(bob.extra["quota_bytes"], "10000000")
+
+    async def test_inactive_and_unknown(self) -> None:
+        carol = await self.accounts.lookup("carol@example.org")
+        self.assertTrue(carol.locked)
+        self.assertIsNone(await self.accounts.lookup("dave@example.org"))
+
+    async def test_name_is_a_parameter(self) -> None:
+        """A name with SQL in it is only ever a value."""
+        for name in ("x' OR '1'='1", "alice@example.org'; DROP TABLE mailbox; --", "%(user)s"):
+            self.assertIsNone(await self.accounts.lookup(name))
+        self.assertIsNotNone(await self.accounts.lookup("alice@example.org"))
+
+    async def test_own_query(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(
+                "CREATE TABLE users (login text PRIMARY KEY, pw text, enabled int,"
+                " delay int)")
+            connection.execute(
+                "INSERT INTO users VALUES ('erin', %s, 1, 300)", (hash_password("e", "PLAIN"),))
+        accounts = SQLAccounts(
+            self.database, UsernameRules(),
+            "SELECT login AS user, pw AS password, enabled AS active, delay AS login_delay"
+            " FROM users WHERE login = %(user)s")
+        erin = await accounts.lookup("erin")
+        self.assertFalse(erin.locked)
+        self.assertEqual(erin.extra["login_delay"], "300")
+        self.assertTrue(verify_password(erin.password, "e"))
+
+
+class UnavailableTests(TestCase):
+    async def test_nothing_listening(self) -> None:
+        """No database: a temporary failure, soon, never a hang."""
+        database = Database(
+            f"postgresql://popserv@127.0.0.1:{free_port()}/mail", reactor, wait=0.5)
+        self.addCleanup(database.stop)
+        accounts = SQLAccounts(database, UsernameRules())
+        began = time.monotonic()
+        with self.assertRaises(DatabaseUnavailable):
+            await accounts.lookup("alice")
+        self.assertLess(time.monotonic() - began, 5)
