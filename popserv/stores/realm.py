@@ -19,6 +19,8 @@ from popserv.core.errors import LoginDelayed, storage_failure
 from popserv.interfaces import IMailbox
 from popserv.logins.accounts import AccountSettings, Announcement
 from popserv.logins.passwords import PasswdFile
+from popserv.logins.passwords.passwdfile import UserEntry
+from popserv.logins.sqlaccounts import SQLAccounts
 from popserv.stores.layout import Layout
 from popserv.stores.maildir import MaildirMailbox
 from popserv.stores.maildir.directory import MaildirPath, refuse_shared
@@ -47,7 +49,7 @@ class MaildirRealm:
     def __init__(
         self,
         layout: Layout,
-        passwd: PasswdFile | None,
+        passwd: PasswdFile | SQLAccounts | None,
         defaults: AccountSettings | None = None,
         *,
         reactor: Any = None,
@@ -69,7 +71,10 @@ class MaildirRealm:
 
     def settings_for(self, user: str) -> AccountSettings:
         """The server defaults with the user's password-file overrides applied."""
-        entry = self.passwd.lookup(user) if self.passwd is not None else None
+        entry = self.passwd.lookup(user) if isinstance(self.passwd, PasswdFile) else None
+        return self._settings(user, entry)
+
+    def _settings(self, user: str, entry: UserEntry | None) -> AccountSettings:
         if entry is None:
             return self.defaults
         try:
@@ -80,7 +85,7 @@ class MaildirRealm:
 
     def announcement(self) -> Announcement:
         """The most restrictive LOGIN-DELAY and EXPIRE of any user, for CAPA."""
-        if self.passwd is None:
+        if not isinstance(self.passwd, PasswdFile):  # none, or a database's: the defaults
             return Announcement.of(self.defaults, ())
         try:
             users = self.passwd.users()
@@ -109,18 +114,23 @@ class MaildirRealm:
         user = cast(str, avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId)
         return Deferred.fromCoroutine(self._open(user))
 
-    def _stored_name(self, user: str) -> str:
-        """
-        The name the password file stores for ``user``, whose Maildir it is:
-        a checker other than the file's own (an OAuth token's ``ALICE``)
-        still opens the file's ``alice``.  ``user`` itself when not there.
-        """
-        entry = self.passwd.lookup(user) if self.passwd is not None else None
-        return user if entry is None else entry.name
+    async def _entry(self, user: str) -> UserEntry | None:
+        """``user``'s account: the password file's, or a database's (awaited)."""
+        if self.passwd is None:
+            return None
+        found = self.passwd.lookup(user)
+        if isinstance(found, Deferred):
+            found = await found
+        return found
 
     async def _open(self, user: str) -> tuple[type[IMailbox], MaildirMailbox, Callable[[], None]]:
-        user = self._stored_name(user)
-        settings = self.settings_for(user)
+        # The name the accounts store for ``user``, whose Maildir it is: a
+        # checker other than the file's own (an OAuth token's ``ALICE``)
+        # still opens the file's ``alice``; ``user`` itself when not there.
+        entry = await self._entry(user)
+        if entry is not None:
+            user = entry.name
+        settings = self._settings(user, entry)
         path = self.layout.maildir_location(user)
         now = self._reactor.seconds()
         if settings.login_delay > 0:

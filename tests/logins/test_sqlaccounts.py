@@ -5,16 +5,26 @@ lookups against a real PostgreSQL holding Postfixadmin's ``mailbox`` table.
 
 from __future__ import annotations
 
+import base64
+import poplib
 import time
 
+from twisted.cred.portal import Portal
 from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core.usernames import UsernameRules
 from popserv.logins.database import Database, DatabaseUnavailable, check_url
 from popserv.logins.passwords import hash_password
+from popserv.logins.passwords.checker import PasswdFileChecker
 from popserv.logins.passwords.schemes import verify_password
 from popserv.logins.sqlaccounts import SQLAccounts, entry_of
+from popserv.server.factory import POP3Factory
+from popserv.server.policy import Policy
+from popserv.stores.layout import Layout, ensure_maildir
+from popserv.stores.maildir import deliver
+from popserv.stores.realm import MaildirRealm
 from tests.support.postgres import postgresql
 from tests.support.processes import free_port
 
@@ -143,3 +153,116 @@ class UnavailableTests(TestCase):
         with self.assertRaises(DatabaseUnavailable):
             await accounts.lookup("alice")
         self.assertLess(time.monotonic() - began, 5)
+
+
+class LoginTests(TestCase):
+    """
+    POP3 over loopback with accounts in PostgreSQL (Postfixadmin's table)
+    and mail in Maildirs on disk: the checker and realm popserv serves with.
+    """
+
+    def setUp(self) -> None:
+        import psycopg
+
+        self.url = postgresql().database()
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(POSTFIXADMIN_MAILBOX)
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO mailbox (username, password, active) VALUES (%s, %s, %s)",
+                    [
+                        ("alice@example.org", hash_password("alice pw", "SHA512-CRYPT"), True),
+                        ("bob@example.org", hash_password("bob pw", "PLAIN"), True),
+                        ("carol@example.org", hash_password("carol pw", "PLAIN"), False),
+                    ],
+                )
+        self.layout = Layout.create(self.mktemp())
+        for user, count in (("alice@example.org", 3), ("bob@example.org", 1)):
+            maildir = ensure_maildir(self.layout.maildir_for(user))
+            for i in range(count):
+                deliver(maildir, b"Subject: %d\n\nbody\n" % i)
+        self.port = self.serve(Database(self.url, reactor))
+
+    def serve(self, database: Database) -> int:
+        self.addCleanup(database.stop)
+        accounts = SQLAccounts(database, UsernameRules())
+        checker = PasswdFileChecker(accounts, reactor=reactor)
+        realm = MaildirRealm(self.layout, accounts, reactor=reactor)
+        factory = POP3Factory(
+            Portal(realm, [checker]),
+            Policy(hostname="pop.test", auth_failure_delay=0.05, trusted_networks=("127.0.0.0/8",)),
+            accounts=checker,
+        )
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def session(self, port: int, log_in) -> tuple[bytes, int | None]:
+        client = poplib.POP3("127.0.0.1", port, timeout=10)
+        try:
+            try:
+                answer = log_in(client)
+            except poplib.error_proto as e:
+                return e.args[0], None
+            count = client.stat()[0]
+            client.quit()
+            return answer, count
+        finally:
+            client.close()
+
+    async def test_user_pass(self) -> None:
+        def user_pass(client):
+            client.user("alice@example.org")
+            return client.pass_("alice pw")
+
+        answer, count = await deferToThread(self.session, self.port, user_pass)
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        self.assertEqual(count, 3)
+
+    async def test_apop_with_a_plain_password(self) -> None:
+        answer, count = await deferToThread(
+            self.session, self.port, lambda c: c.apop("bob@example.org", "bob pw"))
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        self.assertEqual(count, 1)
+
+    async def test_sasl_plain(self) -> None:
+        def auth_plain(client):
+            token = base64.b64encode(b"\0alice@example.org\0alice pw").decode()
+            return client._shortcmd(f"AUTH PLAIN {token}")
+
+        answer, count = await deferToThread(self.session, self.port, auth_plain)
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        self.assertEqual(count, 3)
+
+    async def test_refused(self) -> None:
+        """A wrong password, an inactive account, an unknown one: -ERR [AUTH] alike."""
+        for user, password in (("alice@example.org", "wrong"), ("carol@example.org", "carol pw"),
+                               ("dave@example.org", "x")):
+            def user_pass(client, user=user, password=password):
+                client.user(user)
+                return client.pass_(password)
+
+            answer, _ = await deferToThread(self.session, self.port, user_pass)
+            self.assertTrue(answer.startswith(b"-ERR [AUTH]"), (user, answer))
+
+    async def test_database_down_is_temporary(self) -> None:
+        """No database: -ERR [SYS/TEMP], not a wrong password, and the session goes on."""
+        port = self.serve(Database(
+            f"postgresql://popserv@127.0.0.1:{free_port()}/mail", reactor, wait=0.5))
+
+        def user_pass(client):
+            client.user("alice@example.org")
+            return client.pass_("alice pw")
+
+        answer, _ = await deferToThread(self.session, port, user_pass)
+        self.assertTrue(answer.startswith(b"-ERR [SYS/TEMP]"), answer)
+
+    async def test_scram_keys_from_a_plain_password(self) -> None:
+        database = Database(self.url, reactor)
+        self.addCleanup(database.stop)
+        checker = PasswdFileChecker(SQLAccounts(database, UsernameRules()), reactor=reactor)
+        keys = await checker.scram_keys("bob@example.org", "SHA-256")
+        self.assertTrue(keys.matches("bob pw"))
+        self.assertFalse(keys.matches("wrong"))
+        decoy = await checker.scram_keys("nobody@example.org", "SHA-256")
+        self.assertFalse(decoy.matches("bob pw"))

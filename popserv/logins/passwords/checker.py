@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable
 from functools import cache, lru_cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
@@ -23,6 +23,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from popserv.logins.sqlaccounts import SQLAccounts
 
 from popserv.core.errors import InvalidUsername, TemporaryFailure
 from popserv.core.usernames import loggable_username
@@ -147,7 +150,10 @@ class PasswdFileChecker:
     )
 
     def __init__(
-        self, passwd: PasswdFile, reactor: Any = None, masters: Iterable[str] = ()
+        self,
+        passwd: PasswdFile | SQLAccounts,
+        reactor: Any = None,
+        masters: Iterable[str] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -160,7 +166,13 @@ class PasswdFileChecker:
         self._coverage: tuple[object, dict[str, str]] | None = None
 
     def coverage(self, kind: str) -> str:
-        """How many users have a stored secret that ``kind`` of login can check."""
+        """
+        How many users have a stored secret that ``kind`` of login can check;
+        ``some`` for accounts that cannot be listed (a database's query finds
+        one user at a time).
+        """
+        if not hasattr(self.passwd, "users"):
+            return "some"
         try:
             users = self.passwd.users()
         except OSError:
@@ -185,7 +197,7 @@ class PasswdFileChecker:
 
     async def _check(self, credentials: Any) -> str:
         entry = await self._authenticate(credentials)
-        return self._act_as(entry, getattr(credentials, "authzid", None))
+        return await self._act_as(entry, getattr(credentials, "authzid", None))
 
     def _login_name(self, username: str | bytes) -> str | None:
         """
@@ -203,7 +215,7 @@ class PasswdFileChecker:
         except InvalidUsername:
             return None
 
-    def _act_as(self, entry: UserEntry, authzid: str | None) -> str:
+    async def _act_as(self, entry: UserEntry, authzid: str | None) -> str:
         """
         The avatar id: ``entry``'s user, or the user it asked to act as (SASL
         authzid) when it is one of the admin's master users and that user exists.
@@ -221,7 +233,7 @@ class PasswdFileChecker:
                 "{user} may not log in as {other}", user=entry.name, other=loggable_username(other)
             )
             raise UnauthorizedLogin()
-        target = self._entry(other)
+        target = await self._entry(other)
         if target is None:
             raise UnauthorizedLogin()
         log.info("Master user {master} logs in as {user}", master=entry.name, user=target.name)
@@ -239,7 +251,7 @@ class PasswdFileChecker:
             raise UnauthorizedLogin()
         if IUsernameHashedPassword.providedBy(credentials):
             return await self._check_hashed(name, credentials)
-        entry = self._entry(name)
+        entry = await self._entry(name)
         if IExternalCredentials.providedBy(credentials):
             # The TLS layer verified who it is; the account must exist and not be locked.
             if entry is None or entry.locked:
@@ -255,7 +267,7 @@ class PasswdFileChecker:
     async def _check_password(self, name: str | None, password: str | bytes) -> UserEntry:
         if not password:
             raise UnauthorizedLogin()
-        entry = None if name is None else self._entry(name)
+        entry = None if name is None else await self._entry(name)
         stored = None if entry is None else entry.password
         pool = self._reactor.getThreadPool()
         try:
@@ -280,7 +292,7 @@ class PasswdFileChecker:
         return entry
 
     async def _check_hashed(self, name: str, credentials: Any) -> UserEntry:
-        entry = self._entry(name)
+        entry = await self._entry(name)
         if entry is None or entry.locked:
             log.debug("Login as unknown or locked user {user}", user=name)
             raise UnauthorizedLogin()
@@ -316,7 +328,7 @@ class PasswdFileChecker:
 
     async def _scram_keys(self, username: str, hash_name: str) -> ScramKeys:
         name = self._login_name(username)
-        entry = None if name is None else self._entry(name)
+        entry = None if name is None else await self._entry(name)
         keys = await self._keys_of(entry, name, hash_name)
         if keys is None:
             keys = ScramKeys.decoy(hash_name, derived_salt(hash_name, name or username))
@@ -351,13 +363,21 @@ class PasswdFileChecker:
             log.info("{user} cannot log in with SCRAM: {why}", user=entry.name, why=str(e))
             return None
 
-    def _entry(self, name: str) -> UserEntry | None:
+    async def _entry(self, name: str) -> UserEntry | None:
+        """
+        The account named ``name``: from the password file at once, from a
+        database (:class:`~popserv.logins.sqlaccounts.SQLAccounts`) when its
+        query answers; a database that cannot answer is a TemporaryFailure.
+        """
         try:
-            return self.passwd.lookup(name)
+            found = self.passwd.lookup(name)
+            if isinstance(found, Deferred):
+                found = await found
+            return found
         except OSError as e:
             log.error(
                 "Cannot read the password file {path}: {error}",
-                path=str(self.passwd.path),
+                path=str(getattr(self.passwd, "path", "")),
                 error=e.strerror or e.__class__.__name__,
             )
             raise TemporaryFailure("password file unreadable") from None
