@@ -123,15 +123,21 @@ class Database:
 
     def fetch_one(self, query: str, parameters: dict[str, Any]) -> Deferred[dict[str, Any] | None]:
         """The first row ``query`` returns, as a dict by column name; None if none."""
-        from psycopg.rows import dict_row
+        return self.run(lambda connection: _first_row(connection, query, parameters))
 
-        def work(connection: Any) -> dict[str, Any] | None:
-            with connection.cursor(row_factory=dict_row) as cursor:
-                cursor.execute(query, parameters)
-                row: dict[str, Any] | None = cursor.fetchone()
-                return row
+    def fetch_one_here(self, query: str, parameters: dict[str, Any]) -> dict[str, Any] | None:
+        """:meth:`fetch_one`, blocking: for code already in a thread (a delivery's)."""
+        self.start()
+        return self._with_connection(lambda connection: _first_row(connection, query, parameters))
 
-        return self.run(work)
+
+def _first_row(connection: Any, query: str, parameters: dict[str, Any]) -> dict[str, Any] | None:
+    from psycopg.rows import dict_row
+
+    with connection.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(query, parameters)
+        row: dict[str, Any] | None = cursor.fetchone()
+        return row
 
 
 __all__ = ["Database", "DatabaseUnavailable", "check_url"]

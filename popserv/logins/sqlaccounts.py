@@ -99,5 +99,10 @@ class SQLAccounts:
             lambda row: None if row is None else entry_of(row, name)
         )
 
+    def lookup_here(self, name: str) -> UserEntry | None:
+        """:meth:`lookup`, blocking: for code already in a thread (a delivery's)."""
+        row = self.database.fetch_one_here(self.query, {"user": name})
+        return None if row is None else entry_of(row, name)
+
 
 __all__ = ["DEFAULT_QUERY", "SQLAccounts", "entry_of"]

@@ -15,7 +15,9 @@ from typing import Any
 from twisted.python import usage
 
 from popserv.core.usernames import FOLD, UsernameRules
+from popserv.logins.database import MAX_CONNECTIONS, Database
 from popserv.logins.oauth import JWTValidator
+from popserv.logins.sqlaccounts import DEFAULT_QUERY, SQLAccounts
 from popserv.server.proxied import ProxyHeaderEndpoint, inner_description
 from popserv.server.startup import StartupError
 from popserv.server.tls import INTERMEDIATE_CIPHERS, TLSConfig, TLSServer, find_certificates
@@ -72,6 +74,25 @@ def username_rules(options: Mapping[str, Any]) -> UsernameRules:
     return UsernameRules(
         options.get("username-case") or FOLD, bool(options.get("allow-mixed-script-names"))
     )
+
+
+def database_accounts(options: Mapping[str, Any], reactor: Any) -> SQLAccounts | None:
+    """
+    With ``--database``: the accounts in PostgreSQL, read with
+    ``--database-query`` through a pool of ``--database-connections``.
+    None without it (the password file holds them).
+    """
+    url = options.get("database")
+    if not url:
+        return None
+    if options.get("passwd"):
+        raise StartupError("--database and --passwd: accounts come from one of them, not both")
+    try:
+        database = Database(url, reactor, options.get("database-connections") or MAX_CONNECTIONS)
+    except ImportError:
+        raise StartupError("--database needs psycopg: pip install 'popserv[postgresql]'") from None
+    query = options.get("database-query") or DEFAULT_QUERY
+    return SQLAccounts(database, username_rules(options), query)
 
 
 def tls_server(options: Mapping[str, Any]) -> TLSServer | None:

@@ -136,6 +136,17 @@ def bootstrap(
     return FirstAccount(user, password)
 
 
+def make_data_dir(layout: Layout, owner: Owner | None = None) -> None:
+    """
+    The data directory (mode 0700), when accounts are not in a password file
+    there: the control socket, the spool and the last logins still are.
+    """
+    created = missing(layout.data_dir)
+    layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if owner is not None:
+        give_to(owner, created)
+
+
 def announce(
     account: FirstAccount, endpoint: str, command: str = "popserv", out: TextIO | None = None
 ) -> None:

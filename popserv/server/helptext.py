@@ -17,7 +17,19 @@ if TYPE_CHECKING:
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Listening", ("pop3", "pop3s", "hostname", "metrics", "workers", "shutdown-grace")),
-    ("Data", ("data", "passwd", "maildir", "follow-maildir-symlinks", "uidl-format")),
+    (
+        "Data",
+        (
+            "data",
+            "passwd",
+            "maildir",
+            "follow-maildir-symlinks",
+            "uidl-format",
+            "database",
+            "database-query",
+            "database-connections",
+        ),
+    ),
     (
         "TLS",
         (
@@ -94,6 +106,9 @@ METAVARS = {
     "data": "DIR",
     "passwd": "FILE",
     "maildir": "TEMPLATE",
+    "database": "URL",
+    "database-query": "SQL",
+    "database-connections": "N",
     "uidl-format": "FORMAT",
     "tls-cert": "FILE|DIR",
     "tls-key": "FILE",
@@ -134,6 +149,8 @@ DEFAULT_TEXTS = {
     "pop3": DEFAULT_POP3_ENDPOINT,
     "passwd": "DIR/passwd, created with a first user on the first start",
     "maildir": "DIR/mail/{user}",
+    "database": "none: the password file",
+    "database-query": "Postfixadmin's mailbox table",
     "hostname": "the FQDN",
     "tls-ciphers": "Mozilla intermediate",
     "apop": "auto",

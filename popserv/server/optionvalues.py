@@ -46,6 +46,20 @@ def shutdown_grace(value: str) -> float:
     return number
 
 
+def database_url(value: str) -> str:
+    """``--database``: a postgresql:// URL with no password in it."""
+    from popserv.logins.database import check_url
+
+    return check_url(value)
+
+
+def database_query(value: str) -> str:
+    """``--database-query``: SQL that takes the user name as ``%(user)s``."""
+    if "%(user)s" not in value:
+        raise ValueError("must take the user name as %(user)s")
+    return value
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:

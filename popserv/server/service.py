@@ -22,11 +22,13 @@ from popserv.logins.accounts import AccountSettings
 from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
+from popserv.logins.sqlaccounts import SQLAccounts
 from popserv.server.admission import IAdmission, LocalAdmission
 from popserv.server.certreload import CertificateReloader
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
     LISTENER_OPTIONS,
+    database_accounts,
     endpoint,
     layout_of,
     pop3_endpoints,
@@ -38,7 +40,7 @@ from popserv.server.configure import (
 from popserv.server.control import LocalSessions, WorkerSessions, control_service
 from popserv.server.drain import SHUTDOWN_GRACE, DrainingService
 from popserv.server.factory import POP3Factory
-from popserv.server.firstrun import admin_command, announce, bootstrap
+from popserv.server.firstrun import admin_command, announce, bootstrap, make_data_dir
 from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
 from popserv.server.listeners import Listener, PopservService
 from popserv.server.metrics import Metrics, serve_metrics
@@ -56,7 +58,7 @@ from popserv.server.startup import StartupError, exit_on_startup_error, strerror
 from popserv.server.tap import Options
 from popserv.server.tls import ALPN_SMTP, TLSServer
 from popserv.stores.delivery import Directory
-from popserv.stores.layout import Owner
+from popserv.stores.layout import Layout, Owner
 from popserv.stores.maildir.uidls import DOVECOT
 from popserv.stores.quota import Quota
 from popserv.stores.realm import MaildirRealm
@@ -103,7 +105,15 @@ def make_factory(
     layout = layout_of(options)
     hostname = options.get("hostname") or socket.getfqdn()
     rules = username_rules(options)
-    if options.get("passwd"):
+    accounts: PasswdFile | SQLAccounts | None = database_accounts(options, reactor)
+    if accounts is not None:
+        # In PostgreSQL: no password file, no first account to make.
+        try:
+            make_data_dir(layout, owner)
+        except OSError as e:
+            why = strerror(e)
+            raise StartupError(f"--data {options['data']}: cannot create it: {why}") from None
+    elif options.get("passwd"):
         # Given by name: a typo must not start a server that fails every
         # login with [SYS/TEMP] (and, unlike DIR/passwd, it is not created).
         if not layout.passwd_path.exists():
@@ -119,17 +129,22 @@ def make_factory(
             ) from None
         if account is not None:
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0], command)
-    passwd = PasswdFile(layout.passwd_path, rules)
+    if accounts is None:
+        accounts = PasswdFile(layout.passwd_path, rules)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     realm = MaildirRealm(
-        layout, passwd, defaults, reactor=reactor, uidl_format=options.get("uidl-format") or DOVECOT
+        layout,
+        accounts,
+        defaults,
+        reactor=reactor,
+        uidl_format=options.get("uidl-format") or DOVECOT,
     )
     masters = options.get("master-user") or []
-    passwords = PasswdFileChecker(passwd, reactor=reactor, masters=masters)
+    passwords = PasswdFileChecker(accounts, reactor=reactor, masters=masters)
     checkers: list[Any] = [passwords]
     validator = options["oauth"] if "oauth" in options else token_validator(options)
     if validator is not None:
-        checkers.append(TokenChecker(validator, passwd.rules))
+        checkers.append(TokenChecker(validator, accounts.rules))
     portal = Portal(realm, checkers)
     limits = {
         field: options[option] for option, field in LIMIT_OPTIONS.items() if option in options
@@ -179,9 +194,16 @@ def make_receiver(
     hostname = pop3.policy.hostname
     domains = options.get("domain") or [hostname, "localhost"]
     quota = Quota(options.get("quota-bytes"), options.get("quota-messages"))
+    # The POP3 server's accounts (a database's pool is shared), or the file's.
+    checker = pop3.accounts
+    accounts = (
+        checker.passwd
+        if isinstance(checker, PasswdFileChecker)
+        else PasswdFile(layout.passwd_path, username_rules(options))
+    )
     directory = Directory(
         layout,
-        PasswdFile(layout.passwd_path, username_rules(options)),
+        accounts,
         domains,
         quota=quota,
         delimiter=options.get("recipient-delimiter", "+") or "",
@@ -254,12 +276,15 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
     factory = make_factory(options, reactor, owner=service_owner(options))
     top = PopservService(options, reactor, grace=shutdown_grace(options))
     layout = layout_of(options)
-    passwd = PasswdFile(layout.passwd_path, username_rules(options))
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     children: list[Service] = [
         control_service(layout, LocalSessions(factory, username_rules(options)), reactor),
-        TmpCleaner(layout, passwd, reactor),
-        AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
+        *_tmp_cleaner(options, layout, reactor),
+        AccessCheck(
+            layout,
+            layout.data_dir / SPOOL_DIR if receiving else None,
+            passwd=not options.get("database"),
+        ),
     ]
     if factory.last_logins is not None:
         children.append(LastLoginWriter(factory.last_logins, reactor))
@@ -288,6 +313,16 @@ def shutdown_grace(options: Mapping[str, Any]) -> float:
     """``--shutdown-grace``: the seconds sessions have to finish when the server stops."""
     grace = options.get("shutdown-grace")
     return SHUTDOWN_GRACE if grace is None else float(grace)
+
+
+def _tmp_cleaner(options: Mapping[str, Any], layout: Layout, reactor: Any) -> list[Service]:
+    """
+    The start-up clean-up of every user's ``tmp/``: the password file's users.
+    A database's cannot be listed (its query finds one user); none then.
+    """
+    if options.get("database"):
+        return []
+    return [TmpCleaner(layout, PasswdFile(layout.passwd_path, username_rules(options)), reactor)]
 
 
 def _serving(
@@ -338,7 +373,6 @@ def _make_parent(
     factory = make_factory(options, reactor, owner=service_owner(options))
     top = PopservService(options, reactor)
     layout = layout_of(options)
-    passwd = PasswdFile(layout.passwd_path, username_rules(options))
     receiving = bool(options.get("smtp") or options.get("lmtp"))
     listeners = [
         (option, description, endpoints[option, description])
@@ -358,8 +392,12 @@ def _make_parent(
         control_service(
             layout, WorkerSessions(supervisor.links, username_rules(options)), reactor
         ),
-        TmpCleaner(layout, passwd, reactor),
-        AccessCheck(layout, layout.data_dir / SPOOL_DIR if receiving else None),
+        *_tmp_cleaner(options, layout, reactor),
+        AccessCheck(
+            layout,
+            layout.data_dir / SPOOL_DIR if receiving else None,
+            passwd=not options.get("database"),
+        ),
         supervisor,
     ]
     if options.get("metrics"):

@@ -67,10 +67,14 @@ class AccessCheck(Service):
     directory, instead of failing every login with a puzzling [SYS/PERM].
     """
 
-    def __init__(self, layout: Layout, spool_dir: Path | None = None) -> None:
+    def __init__(
+        self, layout: Layout, spool_dir: Path | None = None, *, passwd: bool = True
+    ) -> None:
         self.layout = layout
         #: The receiver's spool directory, when SMTP or LMTP is on.
         self.spool_dir = spool_dir
+        #: Whether accounts are in the password file (not in a database).
+        self.passwd = passwd
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service
@@ -95,7 +99,9 @@ class AccessCheck(Service):
         # os.access and os.path answer False where pathlib would raise EACCES.
         found = []
         passwd = self.layout.passwd_path
-        if not os.path.lexists(passwd) and os.access(passwd.parent, os.X_OK):
+        if not self.passwd:
+            pass
+        elif not os.path.lexists(passwd) and os.access(passwd.parent, os.X_OK):
             # Not a permission problem: chown would not help.
             found.append(
                 (

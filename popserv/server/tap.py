@@ -61,6 +61,29 @@ class Options(usage.Options):
         ["data", "d", DEFAULT_DATA_DIR, "Data directory (password file, Maildirs)."],
         ["passwd", None, None, "The password file; when given, it must exist."],
         ["maildir", None, None, "Where Maildirs are: a path template with {user}."],
+        [
+            "database",
+            None,
+            None,
+            "Accounts in PostgreSQL, e.g. postgresql://popserv@db/mail (the password in"
+            " PGPASSWORD or PGPASSFILE, never in the URL), in place of the password file.",
+            values.database_url,
+        ],
+        [
+            "database-query",
+            None,
+            None,
+            "The SQL that reads one account, with %(user)s for the name; it returns"
+            " password and optionally user, active, quota, login_delay, expire.",
+            values.database_query,
+        ],
+        [
+            "database-connections",
+            None,
+            8,
+            "Connections to the database each process may hold.",
+            values.positive_int,
+        ],
         ["hostname", None, None, "Host name for the greeting and SMTP."],
         [
             "username-case",

@@ -22,9 +22,11 @@ from typing import BinaryIO
 from attrs import frozen
 from twisted.logger import Logger
 
-from popserv.core.errors import InvalidUsername
+from popserv.core.errors import InvalidUsername, TemporaryFailure
 from popserv.core.headers import header_field
 from popserv.logins.passwords import PasswdFile
+from popserv.logins.passwords.passwdfile import UserEntry
+from popserv.logins.sqlaccounts import SQLAccounts
 from popserv.stores.layout import Layout
 from popserv.stores.maildir import maildirsize
 from popserv.stores.maildir.deliver import PendingDelivery, prepare
@@ -129,7 +131,7 @@ class Directory:
     def __init__(
         self,
         layout: Layout,
-        passwd: PasswdFile,
+        passwd: PasswdFile | SQLAccounts,
         domains: Iterable[str],
         *,
         quota: Quota | None = None,
@@ -173,12 +175,25 @@ class Directory:
 
     def _user(self, name: str) -> str | None:
         """The stored name of the user ``name`` names, or None."""
+        entry = self._lookup(name)
+        return entry.name if entry is not None else None
+
+    @property
+    def blocking(self) -> bool:
+        """Whether lookups wait on a database: then resolve in a thread."""
+        return isinstance(self.passwd, SQLAccounts)
+
+    def _lookup(self, name: str) -> UserEntry | None:
         try:
-            entry = self.passwd.lookup(name)
+            if isinstance(self.passwd, SQLAccounts):
+                return self.passwd.lookup_here(name)
+            return self.passwd.lookup(name)
         except OSError as e:
             log.error("Cannot read the password file: {error}", error=e.strerror or str(e))
             raise LookupFailed("passwd") from None
-        return entry.name if entry is not None else None
+        except TemporaryFailure as e:
+            log.error("Cannot look the recipient up: {error}", error=str(e))
+            raise LookupFailed("database") from None
 
     def recipient(self, user: str, address: str | None = None) -> Recipient:
         """The recipient for a user named directly (``popserv deliver --user``)."""
@@ -190,10 +205,7 @@ class Directory:
         return user_recipient(self, address or user, stored)
 
     def quota_for(self, user: str) -> Quota:
-        try:
-            entry = self.passwd.lookup(user)
-        except OSError:
-            raise LookupFailed("passwd") from None
+        entry = self._lookup(user)
         if entry is None:
             return self.quota
         try:

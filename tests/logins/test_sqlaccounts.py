@@ -25,24 +25,8 @@ from popserv.server.policy import Policy
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.realm import MaildirRealm
-from tests.support.postgres import postgresql
+from tests.support.postgres import POSTFIXADMIN_MAILBOX, postgresql
 from tests.support.processes import free_port
-
-#: The columns of Postfixadmin's ``mailbox`` table (PostgreSQL flavour).
-POSTFIXADMIN_MAILBOX = """
-CREATE TABLE mailbox (
-    username varchar(255) NOT NULL PRIMARY KEY,
-    password varchar(255) NOT NULL DEFAULT '',
-    name varchar(255) NOT NULL DEFAULT '',
-    maildir varchar(255) NOT NULL DEFAULT '',
-    quota bigint NOT NULL DEFAULT 0,
-    local_part varchar(255) NOT NULL DEFAULT '',
-    domain varchar(255) NOT NULL DEFAULT '',
-    created timestamp with time zone DEFAULT now(),
-    modified timestamp with time zone DEFAULT now(),
-    active boolean NOT NULL DEFAULT true
-)
-"""
 
 #: md5crypt of "secret" (salt "salt"), as older Postfixadmin installs store it.
 MD5_CRYPT = "$1$salt$ez2vlPGdaLYkJam5pWs/Y1"

@@ -37,6 +37,23 @@ def _binary(name: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
+#: The columns of Postfixadmin's ``mailbox`` table (PostgreSQL flavour).
+POSTFIXADMIN_MAILBOX = """
+CREATE TABLE mailbox (
+    username varchar(255) NOT NULL PRIMARY KEY,
+    password varchar(255) NOT NULL DEFAULT '',
+    name varchar(255) NOT NULL DEFAULT '',
+    maildir varchar(255) NOT NULL DEFAULT '',
+    quota bigint NOT NULL DEFAULT 0,
+    local_part varchar(255) NOT NULL DEFAULT '',
+    domain varchar(255) NOT NULL DEFAULT '',
+    created timestamp with time zone DEFAULT now(),
+    modified timestamp with time zone DEFAULT now(),
+    active boolean NOT NULL DEFAULT true
+)
+"""
+
+
 class PostgreSQL:
     """One PostgreSQL server in a temporary directory."""
 

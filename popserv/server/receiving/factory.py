@@ -143,20 +143,27 @@ class ReceiverFactory(protocol.ServerFactory):
         if self.draining is not None:
             self.draining.ended(session)
 
-    def resolve(self, address: str, peer: IAddress, transport: object = None) -> Recipient:
+    def resolve(
+        self, address: str, peer: IAddress, transport: object = None
+    ) -> Recipient | Deferred[Recipient]:
         """
         The local recipient for ``address``.  Over LMTP the MTA has routed
         the mail already, so any domain is taken; over SMTP only ours, and
         a bare local part only from a local client (and, behind a proxy,
-        through a local proxy: the connection's ``transport`` says).
+        through a local proxy: the connection's ``transport`` says).  With
+        accounts in a database, a Deferred: the lookup runs in a thread.
         """
         if not address:
             raise BadAddress("empty")
         if self.lmtp:
-            return self.directory.resolve(address, any_domain=True)
-        # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
-        local = client_is_local(self.policy, peer, transport)
-        return self.directory.resolve(address, bare=local or address.lower() == "postmaster")
+            options = {"any_domain": True}
+        else:
+            # RFC 5321 section 4.5.1: "postmaster" alone must be accepted from anyone.
+            local = client_is_local(self.policy, peer, transport)
+            options = {"bare": local or address.lower() == "postmaster"}
+        if self.directory.blocking:  # accounts in a database: never on the reactor
+            return self.in_thread(self.directory.resolve, address, **options)
+        return self.directory.resolve(address, **options)
 
     def open_spool(self) -> Spool:
         """A new spool file for one message (raises OSError)."""

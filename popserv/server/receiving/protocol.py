@@ -42,6 +42,7 @@ from popserv.core.wire import loggable
 from popserv.server.receiving.connection import ReceiverConnection, peer_text
 from popserv.stores.delivery import (
     DeliveryError,
+    LookupFailed,
     MailboxFull,
     MessageTooBig,
     Recipient,
@@ -166,15 +167,31 @@ class ReceiverProtocol(ReceiverConnection):
                 self.reply(501, "5.1.3 Bad recipient address syntax")
             return None
         try:
-            recipient = self.factory.resolve(address, self.transport.getPeer(), self.transport)
+            found = self.factory.resolve(address, self.transport.getPeer(), self.transport)
         except DeliveryError as e:
-            log.info(
-                "Refused recipient {address}: {reason}",
-                address=loggable(address, 128),
-                reason=e.text,
-            )
-            self.refuse(e)
+            self._unknown_recipient(e, address)
             return None
+        if isinstance(found, Deferred):  # looked up in a database, in a thread
+            return found.addCallbacks(
+                self._found, self._not_found, errbackArgs=(address,)
+            )
+        return self._found(found)
+
+    def _unknown_recipient(self, error: DeliveryError, address: str) -> None:
+        log.info(
+            "Refused recipient {address}: {reason}",
+            address=loggable(address, 128),
+            reason=error.text,
+        )
+        self.refuse(error)
+
+    def _not_found(self, failure: Failure, address: str) -> None:
+        if not failure.check(DeliveryError):
+            log.failure("Looking up {address} failed", failure, address=loggable(address, 128))
+        error = failure.value if isinstance(failure.value, DeliveryError) else LookupFailed()
+        self._unknown_recipient(error, address)
+
+    def _found(self, recipient: Recipient) -> Deferred[None] | None:
         if recipient.quota.unlimited:
             self._accept(recipient)
             return None
