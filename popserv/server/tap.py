@@ -60,7 +60,12 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = values.naming_the_option([
         ["data", "d", DEFAULT_DATA_DIR, "Data directory (password file, Maildirs)."],
         ["passwd", None, None, "The password file; when given, it must exist."],
-        ["maildir", None, None, "Where Maildirs are: a path template with {user}."],
+        [
+            "maildir",
+            None,
+            None,
+            "Where Maildirs are: a path template with {user}, or {local} and {domain}.",
+        ],
         [
             "database",
             None,

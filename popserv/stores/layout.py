@@ -8,21 +8,27 @@ Default layout under the data directory (``./popserv-data``)::
     mail/NAME/          one Maildir per user (cur/ new/ tmp/)
 
 ``--maildir`` takes a template with ``{user}`` so an existing tree
-(``/home/{user}/Maildir``, a Dovecot ``mail_location``) can be served as is.
-The template's directories before the one named by ``{user}`` are the
-operator's; from that one on, a user may control the path, so symbolic links
-there are refused unless ``--follow-maildir-symlinks`` allows them (see
+(``/home/{user}/Maildir``, a Dovecot ``mail_location``) can be served as is;
+for names that are addresses, ``{local}`` and ``{domain}`` are the parts
+before and after the last ``@`` (Dovecot's ``%n`` and ``%d``), so
+Postfixadmin's ``/var/vmail/example.org/alice`` is
+``/var/vmail/{domain}/{local}``.  The template's directories before the
+first one named by a placeholder are the operator's; from that one on, a
+user may control the path, so symbolic links there are refused unless
+``--follow-maildir-symlinks`` allows them (see
 :mod:`popserv.stores.maildir.directory`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from attrs import frozen
 
+from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import validate_username
 from popserv.stores.maildir.directory import MaildirPath
 
@@ -52,8 +58,8 @@ class Layout:
         data = Path(data_dir).absolute()
         passwd_path = Path(passwd).absolute() if passwd else data / "passwd"
         template = maildir_template or str(data / "mail" / "{user}")
-        if "{user}" not in template:
-            raise ValueError("the maildir template must contain {user}")
+        if "{user}" not in template and "{local}" not in template:
+            raise ValueError("the maildir template must contain {user} (or {local})")
         return cls(data, passwd_path, template, follow_symlinks)
 
     def maildir_for(self, user: str) -> Path:
@@ -70,12 +76,30 @@ class Layout:
         # file's business (its rules may allow mixed scripts).
         validate_username(user, mixed_scripts=True)
         parts = Path(self.maildir_template).parts
-        first = next(i for i, part in enumerate(parts) if "{user}" in part)
+        first = next(i for i, part in enumerate(parts) if _PLACEHOLDER.search(part))
+        values = {"user": user}
+        local, at, domain = user.rpartition("@")
+        if at and local and domain:
+            values.update(local=local, domain=domain)
+        else:
+            values.update(local=user, domain="")
         return MaildirPath(
             Path(*parts[:first]) if first else Path(),
-            tuple(part.replace("{user}", user) for part in parts[first:]),
+            tuple(_filled(part, values) for part in parts[first:]),
             self.follow_symlinks,
         )
+
+
+_PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
+
+
+def _filled(part: str, values: dict[str, str]) -> str:
+    """A template's path component with its placeholders replaced; one that cannot be, refused."""
+    filled = _PLACEHOLDER.sub(lambda m: values[m.group(1)], part)
+    if not filled or filled in (".", "..") or filled[0] == ".":
+        # {domain} of a name with no domain, or a part only the placeholders made.
+        raise InvalidUsername(f"no path for this name in the maildir template ({part})")
+    return filled
 
 
 def ensure_maildir(path: MaildirPath | Path) -> Path:

@@ -66,13 +66,18 @@ class HAProxyTests(ReceiverTestCase):
             port = await made.listen(factory)
             self.addCleanup(port.stopListening)
             listening[name] = port.getHost().port
-        self.front = {name: free_port() for name in ("110", "995", "25", "24")}
+        # Distinct: free_port() may hand out a port it just gave.
+        chosen: set[int] = set(listening.values())
+        while len(chosen) < len(listening) + 6:
+            chosen.add(free_port())
+        spare = sorted(chosen - set(listening.values()))
+        self.front = dict(zip(("110", "995", "25", "24"), spare[:4], strict=True))
         ports = {
             **self.front,
             "1110": listening["pop3"],
             "1025": listening["smtp"],
-            "1995": free_port(),
-            "1024": free_port(),
+            "1995": spare[4],
+            "1024": spare[5],
         }
         config = Path(self.mktemp())
         config.write_text(configured(CONFIG.read_text(), ports))
@@ -81,9 +86,13 @@ class HAProxyTests(ReceiverTestCase):
             self.haproxy, shutil.which("haproxy"), ["haproxy", "-f", str(config), "-db"], env={}
         )
         self.addCleanup(self._stop, process)
+        waiting = list(self.front.values())
         for _ in range(500):
             try:
-                socket.create_connection(("127.0.0.1", self.front["110"]), timeout=1).close()
+                # Every front port: a test uses any of them first.
+                while waiting:
+                    socket.create_connection(("127.0.0.1", waiting[0]), timeout=1).close()
+                    waiting.pop(0)
                 return
             except OSError:
                 if self.haproxy.ended.called:

@@ -49,7 +49,7 @@ class DatabaseTwistdTests(TestCase):
         return [self.twistd, "-n", "--pidfile", "", "popserv",
                 "--pop3", f"tcp:{self.port}:interface=127.0.0.1", "--hostname", "pop.test",
                 "--data", str(self.workdir / "data"),
-                "--maildir", str(self.workdir / "vmail" / "{user}"),
+                "--maildir", str(self.workdir / "vmail" / "{domain}" / "{local}"),
                 "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1", "--domain", "example.org",
                 "--database", self.url, *self.workers, *argv]
 
@@ -84,6 +84,10 @@ class DatabaseTwistdTests(TestCase):
 
         lines, refused, unknown = await deferToThread(deliver_and_read)
         self.assertIn(b"from SMTP", lines)
+        # Postfixadmin's layout: /var/vmail/DOMAIN/LOCAL.
+        stored = list((self.workdir / "vmail" / "example.org" / "alice" / "new").iterdir())
+        stored += list((self.workdir / "vmail" / "example.org" / "alice" / "cur").iterdir())
+        self.assertEqual(len(stored), 1)
         self.assertTrue(refused.startswith(b"-ERR [AUTH]"), refused)
         self.assertIn(b"550", unknown)  # unknown to the database: refused at RCPT
         self.assertNotIn(b"Traceback", process.output)

@@ -87,7 +87,7 @@ class OptionErrorTests(SynchronousTestCase):
     def test_maildir_without_user(self):
         self.assertEqual(
             self.usage_error("--maildir", "/srv/mail"),
-            "--maildir '/srv/mail': the maildir template must contain {user}",
+            "--maildir '/srv/mail': the maildir template must contain {user} (or {local})",
         )
 
     def test_systemd_endpoints_parse_outside_systemd(self):

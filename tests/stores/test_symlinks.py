@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from popserv.core.errors import InvalidUsername
 from popserv.stores.delivery import StorageFailed, check_room
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import MaildirMailbox, clean_tmp, deliver
@@ -55,6 +56,27 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual((default.root, default.parts), (Path("/srv/data/mail"), ("bob",)))
         inside = Layout.create("/d", maildir_template="/var/mail/{user}.d/Maildir")
         self.assertEqual(inside.maildir_location("c").parts, ("c.d", "Maildir"))
+
+    def test_domain_and_local(self) -> None:
+        """{domain}/{local}: Postfixadmin's layout; the user's part starts at the first."""
+        layout = Layout.create("/d", maildir_template="/var/vmail/{domain}/{local}/")
+        location = layout.maildir_location("alice@example.org")
+        self.assertEqual(location.root, Path("/var/vmail"))
+        self.assertEqual(location.parts, ("example.org", "alice"))
+        quoted = layout.maildir_location("a@b@example.org")  # the last @ splits
+        self.assertEqual(quoted.parts, ("example.org", "a@b"))
+        both = Layout.create("/d", maildir_template="/m/{local}-{domain}")
+        self.assertEqual(both.maildir_location("x@y.org").parts, ("x-y.org",))
+
+    def test_names_that_make_no_path(self) -> None:
+        """No domain for {domain}, or one that would climb out: refused, never a path."""
+        layout = Layout.create("/d", maildir_template="/var/vmail/{domain}/{local}")
+        for user in ("alice", "alice@", "alice@..", "alice@.hidden"):
+            with self.assertRaises(InvalidUsername, msg=user):
+                layout.maildir_location(user)
+        self.assertEqual(layout.maildir_location("x@example.org").parts, ("example.org", "x"))
+        with self.assertRaises(ValueError):
+            Layout.create("/d", maildir_template="/var/vmail/{domain}")
 
     def test_follow_option(self) -> None:
         layout = Layout.create("/srv/data", follow_symlinks=True)
