@@ -46,6 +46,11 @@ DEFAULT_QUERY = (
     " FROM mailbox WHERE username = %(user)s"
 )
 
+#: Every row of Postfixadmin's table, for ``popserv user list``.
+_EVERY_USER = (
+    "SELECT username AS user, password, maildir, quota, active FROM mailbox ORDER BY username"
+)
+
 #: Columns copied into the entry's extra fields (by the name the password
 #: file gives them); ``quota`` is Postfixadmin's bytes.
 _EXTRA = {
@@ -105,4 +110,81 @@ class SQLAccounts:
         return None if row is None else entry_of(row, name)
 
 
-__all__ = ["DEFAULT_QUERY", "SQLAccounts", "entry_of"]
+
+
+class PostfixadminTable:
+    """
+    Postfixadmin's ``mailbox`` table, written by ``popserv user add``,
+    ``passwd``, ``del`` and ``list --database``, with the methods of the
+    password file those commands use.  Blocking (the command runs no
+    reactor): one connection, each change its own transaction.
+
+    A row is what Postfixadmin itself writes: the name, the password (one
+    column: one stored form), ``local_part`` and ``domain`` split at the last
+    ``@``, ``maildir`` as ``domain/local/``, active.
+    """
+
+    def __init__(self, url: str, rules: UsernameRules) -> None:
+        import psycopg
+
+        from popserv.logins.database import check_url
+
+        self.path = check_url(url)  # where, for the messages
+        self.rules = rules
+        try:
+            self._connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            # libpq's message has a hint on a second line: one line is what is shown.
+            why = " ".join(str(e).split())
+            raise ConnectionError(f"cannot reach the database: {why}") from None
+
+    def exists(self) -> bool:
+        return True
+
+    def _rows(self, query: str, parameters: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        from psycopg.rows import dict_row
+
+        with self._connection.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(query, parameters)
+            return list(cursor.fetchall())
+
+    def lookup(self, name: str) -> UserEntry | None:
+        rows = self._rows(DEFAULT_QUERY.replace("%(user)s", "%s"), (name,))
+        return entry_of(rows[0], name) if rows else None
+
+    def users(self) -> tuple[UserEntry, ...]:
+        rows = self._rows(_EVERY_USER)
+        return tuple(entry_of(row, str(row["user"])) for row in rows)
+
+    def add(self, name: str, stored: str, secrets: Mapping[str, str] | None = None) -> None:
+        self._one_form(secrets)
+        local, at, domain = name.rpartition("@")
+        if not at:
+            local, domain = name, ""
+        maildir = f"{domain}/{local}/" if domain else f"{local}/"
+        self._connection.execute(
+            "INSERT INTO mailbox (username, password, local_part, domain, maildir, active)"
+            " VALUES (%s, %s, %s, %s, %s, true)",
+            (name, stored, local, domain, maildir),
+        )
+
+    def set_password(
+        self, name: str, stored: str, secrets: Mapping[str, str] | None = None
+    ) -> None:
+        self._one_form(secrets)
+        self._connection.execute(
+            "UPDATE mailbox SET password = %s, modified = now() WHERE username = %s",
+            (stored, name),
+        )
+
+    def remove(self, name: str) -> None:
+        self._connection.execute("DELETE FROM mailbox WHERE username = %s", (name,))
+
+    def _one_form(self, secrets: Mapping[str, str] | None) -> None:
+        if secrets:
+            raise ValueError(
+                "the mailbox table has one password column: give one --scheme"
+            )
+
+
+__all__ = ["DEFAULT_QUERY", "PostfixadminTable", "SQLAccounts", "entry_of"]

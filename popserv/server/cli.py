@@ -38,6 +38,7 @@ from popserv.logins.passwords import (
     hash_password,
     hash_secrets,
 )
+from popserv.logins.sqlaccounts import PostfixadminTable
 from popserv.server.control import ControlClient, ControlError, control_path
 from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
 from popserv.stores.delivery import (
@@ -217,6 +218,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where Maildirs are, with {user} (default: DIR/mail/{user})",
     )
     paths.add_argument(
+        "--database",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="users in PostgreSQL, Postfixadmin's mailbox table, instead of the password"
+        " file (the server's --database; the password in PGPASSWORD or PGPASSFILE)",
+    )
+    paths.add_argument(
         "--follow-maildir-symlinks",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -362,11 +370,22 @@ def _layout(args: argparse.Namespace) -> Layout:
     )
 
 
-def _passwd(args: argparse.Namespace, layout: Layout | None = None) -> PasswdFile:
-    """The password file, matching names as the server does with the same options."""
+def _passwd(
+    args: argparse.Namespace, layout: Layout | None = None
+) -> PasswdFile | PostfixadminTable:
+    """
+    The password file, or with ``--database`` the database's mailbox table,
+    matching names as the server does with the same options.
+    """
     rules = UsernameRules(
         getattr(args, "username_case", FOLD), getattr(args, "allow_mixed_script_names", False)
     )
+    url = getattr(args, "database", None)
+    if url:
+        if len(getattr(args, "scheme", None) or ()) > 1:
+            raise CommandError("--database: the mailbox table has one password column,"
+                               " so give one --scheme")
+        return PostfixadminTable(url, rules)
     return PasswdFile((layout or _layout(args)).passwd_path, rules)
 
 
@@ -411,7 +430,7 @@ def _read_password() -> str:
     return password
 
 
-def _existing(passwd: PasswdFile, given: str) -> UserEntry:
+def _existing(passwd: PasswdFile | PostfixadminTable, given: str) -> UserEntry:
     """The entry the name ``given`` finds; its ``name`` is the one stored."""
     name = passwd.rules.normalize(given)
     if not passwd.exists():

@@ -26,7 +26,7 @@ from popserv.core.errors import InvalidUsername, TemporaryFailure
 from popserv.core.headers import header_field
 from popserv.logins.passwords import PasswdFile
 from popserv.logins.passwords.passwdfile import UserEntry
-from popserv.logins.sqlaccounts import SQLAccounts
+from popserv.logins.sqlaccounts import PostfixadminTable, SQLAccounts
 from popserv.stores.layout import Layout
 from popserv.stores.maildir import maildirsize
 from popserv.stores.maildir.deliver import PendingDelivery, prepare
@@ -131,7 +131,7 @@ class Directory:
     def __init__(
         self,
         layout: Layout,
-        passwd: PasswdFile | SQLAccounts,
+        passwd: PasswdFile | SQLAccounts | PostfixadminTable,
         domains: Iterable[str],
         *,
         quota: Quota | None = None,

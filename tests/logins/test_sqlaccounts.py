@@ -6,8 +6,11 @@ lookups against a real PostgreSQL holding Postfixadmin's ``mailbox`` table.
 from __future__ import annotations
 
 import base64
+import io
 import poplib
+import sys
 import time
+from pathlib import Path
 
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
@@ -20,13 +23,14 @@ from popserv.logins.passwords import hash_password
 from popserv.logins.passwords.checker import PasswdFileChecker
 from popserv.logins.passwords.schemes import verify_password
 from popserv.logins.sqlaccounts import SQLAccounts, entry_of
+from popserv.server.cli import main
 from popserv.server.factory import POP3Factory
 from popserv.server.policy import Policy
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.realm import MaildirRealm
 from tests.support.postgres import POSTFIXADMIN_MAILBOX, postgresql
-from tests.support.processes import free_port
+from tests.support.processes import free_port, subprocess_env
 
 #: md5crypt of "secret" (salt "salt"), as older Postfixadmin installs store it.
 MD5_CRYPT = "$1$salt$ez2vlPGdaLYkJam5pWs/Y1"
@@ -250,3 +254,91 @@ class LoginTests(TestCase):
         self.assertFalse(keys.matches("wrong"))
         decoy = await checker.scram_keys("nobody@example.org", "SHA-256")
         self.assertFalse(decoy.matches("bob pw"))
+
+
+class UserCommandTests(SynchronousTestCase):
+    """``popserv user ... --database``: Postfixadmin's table, written as Postfixadmin writes it."""
+
+    def setUp(self) -> None:
+        import psycopg
+
+        self.url = postgresql().database()
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(POSTFIXADMIN_MAILBOX)
+        self.data = Path(self.mktemp())
+        self.vmail = Path(self.mktemp())
+
+    def run_cli(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdin", io.StringIO(stdin))
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main([*argv, "--data", str(self.data), "--database", self.url,
+                      "--maildir", f"{self.vmail}/{{domain}}/{{local}}"])
+        return code, out.getvalue(), err.getvalue()
+
+    def row(self, name: str) -> dict | None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, row_factory=dict_row) as connection:
+            return connection.execute(
+                "SELECT * FROM mailbox WHERE username = %s", (name,)).fetchone()
+
+    def test_add_passwd_list_del(self) -> None:
+        code, out, err = self.run_cli("user", "add", "Alice@Example.org", stdin="first\n")
+        self.assertEqual(code, 0, err)
+        row = self.row("alice@example.org")
+        self.assertEqual((row["local_part"], row["domain"], row["maildir"], row["active"]),
+                         ("alice", "example.org", "example.org/alice/", True))
+        self.assertTrue(verify_password(row["password"], "first"))
+        self.assertTrue((self.vmail / "example.org" / "alice" / "new").is_dir())
+        code, _, err = self.run_cli("user", "add", "alice@example.org", stdin="again\n")
+        self.assertEqual(code, 1)
+        self.assertIn("alice@example.org", err)
+        code, _, err = self.run_cli("user", "passwd", "alice@example.org", "-s", "PLAIN",
+                                    stdin="second\n")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.row("alice@example.org")["password"], "{PLAIN}second")
+        code, out, _ = self.run_cli("user", "list")
+        self.assertEqual(out, "alice@example.org PLAIN never\n")
+        code, out, _ = self.run_cli("user", "del", "alice@example.org")
+        self.assertEqual(code, 0)
+        self.assertIsNone(self.row("alice@example.org"))
+        self.assertTrue((self.vmail / "example.org" / "alice").is_dir())  # kept without --purge
+
+    def test_one_password_column(self) -> None:
+        code, _, err = self.run_cli("user", "add", "bob@example.org", "-s", "ARGON2ID",
+                                      "-s", "SCRAM-SHA-256", stdin="pw\n")
+        self.assertEqual(code, 1)
+        self.assertIn("one password column", err)
+        self.assertIsNone(self.row("bob@example.org"))
+
+    def test_no_database(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = main(["user", "list", "--database",
+                     f"postgresql://popserv@127.0.0.1:{free_port()}/mail"])
+        self.assertEqual(code, 1)
+        self.assertIn("cannot reach the database", err.getvalue())
+        self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+
+    def test_deliver(self) -> None:
+        """popserv deliver --database: the recipient looked up in the table; unknown is 67."""
+        import subprocess
+
+        self.assertEqual(self.run_cli("user", "add", "carol@example.org", stdin="pw\n")[0], 0)
+
+        def deliver(recipient: str) -> int:
+            return subprocess.run(
+                [sys.executable, "-m", "popserv.server.cli", "deliver", "--recipient", recipient,
+                 "--data", str(self.data), "--database", self.url,
+                 "--maildir", f"{self.vmail}/{{domain}}/{{local}}"],
+                input=b"Subject: hi\n\nbody\n", capture_output=True, env=subprocess_env(),
+                timeout=60, check=False,
+            ).returncode
+
+        self.assertEqual(deliver("carol@example.org"), 0)
+        self.assertEqual(len(list((self.vmail / "example.org" / "carol" / "new").iterdir())), 1)
+        self.assertEqual(deliver("nobody@example.org"), 67)
