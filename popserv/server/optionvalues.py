@@ -6,6 +6,7 @@ and returns the value, or raises ValueError saying what is wrong in words;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,15 +22,15 @@ from popserv.stores.quota import parse_size
 
 def positive_float(value: str) -> float:
     number = float(value)
-    if number <= 0:
-        raise ValueError("must be > 0")
+    if not math.isfinite(number) or number <= 0:  # nan compares false with everything
+        raise ValueError("must be a number > 0")
     return number
 
 
 def non_negative_float(value: str) -> float:
     number = float(value)
-    if number < 0:
-        raise ValueError("must be >= 0")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a number >= 0")
     return number
 
 

@@ -83,7 +83,11 @@ class OptionsTests(SynchronousTestCase):
                      ["--auth-failure-delay", "20"],
                      ["--uidl-format", "%m"], ["--uidl-format", "plain"],
                      ["--shutdown-grace", "-1"], ["--shutdown-grace", "nan"],
-                     ["--shutdown-grace", "3601"]):
+                     ["--shutdown-grace", "3601"],
+                     # nan compares false with everything; inf is no timer.
+                     ["--idle-timeout", "nan"], ["--idle-timeout", "inf"],
+                     ["--login-timeout", "nan"], ["--auth-failure-delay", "nan"],
+                     ["--auth-failure-max-delay", "inf"], ["--tls-reload-interval", "nan"]):
             self.assertRaises(UsageError, self.parse, *argv)
 
     def test_uidl_format(self):
