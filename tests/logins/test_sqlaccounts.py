@@ -14,6 +14,7 @@ from pathlib import Path
 
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -143,7 +144,7 @@ class UnavailableTests(TestCase):
         self.assertLess(time.monotonic() - began, 5)
 
 
-class LoginTests(TestCase):
+class SQLServerCase(TestCase):
     """
     POP3 over loopback with accounts in PostgreSQL (Postfixadmin's table)
     and mail in Maildirs on disk: the checker and realm popserv serves with.
@@ -198,6 +199,9 @@ class LoginTests(TestCase):
         finally:
             client.close()
 
+
+
+class LoginTests(SQLServerCase):
     async def test_user_pass(self) -> None:
         def user_pass(client):
             client.user("alice@example.org")
@@ -254,6 +258,66 @@ class LoginTests(TestCase):
         self.assertFalse(keys.matches("wrong"))
         decoy = await checker.scram_keys("nobody@example.org", "SHA-256")
         self.assertFalse(decoy.matches("bob pw"))
+
+
+class DatabaseGoneTests(SQLServerCase):
+    """The database stops in the middle of sessions, and comes back."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.port = self.serve(Database(self.url, reactor, wait=0.5))
+
+    async def test_gone_and_back(self) -> None:
+        def open_session() -> poplib.POP3:
+            client = poplib.POP3("127.0.0.1", self.port, timeout=10)
+            client.user("alice@example.org")
+            client.pass_("alice pw")
+            return client
+
+        def log_in() -> bytes:
+            client = poplib.POP3("127.0.0.1", self.port, timeout=10)
+            try:
+                client.user("alice@example.org")
+                return client.pass_("alice pw")
+            except poplib.error_proto as e:
+                return e.args[0]
+            finally:
+                client.quit()
+
+        def finish(client: poplib.POP3) -> tuple[int, bytes]:
+            count = client.stat()[0]
+            client.retr(1)
+            client.dele(1)
+            return count, client.quit()
+
+        server = postgresql()
+        session = await deferToThread(open_session)
+        server.pause()
+        try:
+            # A login now: a temporary failure, not a wrong password.
+            answer = await deferToThread(log_in)
+            self.assertTrue(answer.startswith(b"-ERR [SYS/TEMP]"), answer)
+            # The session already open goes on: its mail is on disk.
+            count, quit = await deferToThread(finish, session)
+            self.assertEqual(count, 3)
+            self.assertTrue(quit.startswith(b"+OK"), quit)
+        finally:
+            server.resume()
+        # Back, without a restart: the pool connects again.
+        for _ in range(50):
+            answer = await deferToThread(log_in)
+            if answer.startswith(b"+OK"):
+                break
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(answer.startswith(b"+OK"), answer)
+        def count_again() -> int:
+            client = open_session()
+            try:
+                return client.stat()[0]
+            finally:
+                client.quit()
+
+        self.assertEqual(await deferToThread(count_again), 2)  # the QUIT's deletion applied
 
 
 class UserCommandTests(SynchronousTestCase):

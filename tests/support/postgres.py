@@ -90,6 +90,17 @@ class PostgreSQL:
     def start(self) -> None:
         self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self.resume()
+
+    def pause(self) -> None:
+        """
+        Stop the server: its clients' connections are cut, as by a crash or
+        a network cut (a fast shutdown, so what was committed stays).
+        """
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start it (again), on the same port."""
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port}"
             f" -c unix_socket_directories={self.root} -c fsync=off"
