@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -43,6 +43,19 @@ MAX_CONNECTIONS = 8
 #: Seconds a query waits for a connection (the database down, or every
 #: connection busy) before the login or delivery is told to try later.
 WAIT = 5.0
+#: What each connection is opened with, so that no query waits for ever:
+#: a statement over 10 s is cancelled by the server, and a database that
+#: stops answering (a cut network) is given up within about a minute
+#: (TCP keepalives, and unacknowledged data for 30 s).
+CONNECTION_OPTIONS: dict[str, Any] = {
+    "autocommit": True,
+    "options": "-c statement_timeout=10000",
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
 
 
 class DatabaseUnavailable(TemporaryFailure):
@@ -50,11 +63,14 @@ class DatabaseUnavailable(TemporaryFailure):
 
 
 def check_url(url: str) -> str:
-    """``url`` if it is a PostgreSQL URL without a password; ValueError otherwise."""
+    """
+    ``url`` if it is a PostgreSQL URL without a password; ValueError
+    otherwise (whose text never repeats the value: it may hold one).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"not a postgresql:// URL: {url!r}")
-    if parts.password is not None:
+        raise ValueError("not a postgresql:// URL")
+    if parts.password is not None or "password" in parse_qs(parts.query):
         raise ValueError(
             "the URL carries a password, which the command line would show to every user"
             " of the machine: give it in PGPASSWORD or a password file (PGPASSFILE)"
@@ -83,7 +99,7 @@ class Database:
             open=False,
             timeout=wait,
             check=ConnectionPool.check_connection,
-            kwargs={"autocommit": True, "connect_timeout": max(1, round(wait))},
+            kwargs={**CONNECTION_OPTIONS, "connect_timeout": max(1, round(wait))},
             name="popserv",
         )
         # The pool says each failed connection attempt through the logging
@@ -94,6 +110,10 @@ class Database:
         self.running = False
 
     def start(self) -> None:
+        """
+        Open the pool and its threads: on the reactor thread, once it runs
+        (threads made before twistd forks would not exist in the daemon).
+        """
         if not self.running:
             self.running = True
             self.pool.open(wait=False)
@@ -108,8 +128,16 @@ class Database:
 
     def run(self, work: Callable[[Any], T]) -> Deferred[T]:
         """``work(connection)`` in a database thread; DatabaseUnavailable if it cannot run."""
+        return self.in_thread(self._with_connection, work)
+
+    def in_thread(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """
+        ``f`` in one of the database's threads (from the reactor thread):
+        code that looks things up with :meth:`fetch_one_here`, bounded by
+        the pool's size rather than filling the reactor's own thread pool.
+        """
         self.start()
-        return deferToThreadPool(self.reactor, self.threads, self._with_connection, work)
+        return deferToThreadPool(self.reactor, self.threads, f, *args, **kwargs)
 
     def _with_connection(self, work: Callable[[Any], T]) -> T:
         import psycopg
@@ -120,14 +148,21 @@ class Database:
                 return work(connection)
         except (psycopg.OperationalError, PoolTimeout) as e:
             raise DatabaseUnavailable(f"the database is unavailable: {e}") from e
+        except psycopg.Error as e:
+            # A query the database refuses (a --database-query that does not
+            # fit the schema, a grant missing): the operator's to fix, so
+            # said loudly, and to the client a temporary failure.
+            log.error("The database refused a query: {error}", error=" ".join(str(e).split()))
+            raise DatabaseUnavailable(f"the database refused a query: {e}") from e
 
     def fetch_one(self, query: str, parameters: dict[str, Any]) -> Deferred[dict[str, Any] | None]:
         """The first row ``query`` returns, as a dict by column name; None if none."""
         return self.run(lambda connection: _first_row(connection, query, parameters))
 
     def fetch_one_here(self, query: str, parameters: dict[str, Any]) -> dict[str, Any] | None:
-        """:meth:`fetch_one`, blocking: for code already in a thread (a delivery's)."""
-        self.start()
+        """:meth:`fetch_one`, blocking: for code in one of :meth:`in_thread`'s threads."""
+        if not self.running:
+            raise DatabaseUnavailable("the database's pool is not started")
         return self._with_connection(lambda connection: _first_row(connection, query, parameters))
 
 

@@ -31,14 +31,16 @@ same on both.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
 from popserv.core.usernames import UsernameRules
 from popserv.logins.database import Database
-from popserv.logins.passwords.passwdfile import UserEntry
+from popserv.logins.passwords.passwdfile import NoSuchUser, UserEntry
+
+T = TypeVar("T")
 
 #: Postfixadmin's mailbox table.
 DEFAULT_QUERY = (
@@ -82,8 +84,8 @@ def entry_of(row: Mapping[str, Any], name: str) -> UserEntry:
         value = row.get(column)
         if value is None or value == "":
             continue
-        if key == "quota_bytes" and int(value) <= 0:
-            continue  # Postfixadmin's 0: no quota
+        if key == "quota_bytes" and str(value).strip() in ("0", "-1"):
+            continue  # Postfixadmin's 0: no quota (a bad value is judged with the quota)
         extra[key] = str(value)
     return UserEntry(str(row.get("user") or name), password, extra)
 
@@ -104,8 +106,12 @@ class SQLAccounts:
             lambda row: None if row is None else entry_of(row, name)
         )
 
+    def in_thread(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """``f``, which may call :meth:`lookup_here`, in one of the database's threads."""
+        return self.database.in_thread(f, *args, **kwargs)
+
     def lookup_here(self, name: str) -> UserEntry | None:
-        """:meth:`lookup`, blocking: for code already in a thread (a delivery's)."""
+        """:meth:`lookup`, blocking: for code run by :meth:`in_thread`."""
         row = self.database.fetch_one_here(self.query, {"user": name})
         return None if row is None else entry_of(row, name)
 
@@ -162,7 +168,7 @@ class PostfixadminTable:
         if not at:
             local, domain = name, ""
         maildir = f"{domain}/{local}/" if domain else f"{local}/"
-        self._connection.execute(
+        self._change(
             "INSERT INTO mailbox (username, password, local_part, domain, maildir, active)"
             " VALUES (%s, %s, %s, %s, %s, true)",
             (name, stored, local, domain, maildir),
@@ -172,13 +178,24 @@ class PostfixadminTable:
         self, name: str, stored: str, secrets: Mapping[str, str] | None = None
     ) -> None:
         self._one_form(secrets)
-        self._connection.execute(
+        self._change(
             "UPDATE mailbox SET password = %s, modified = now() WHERE username = %s",
             (stored, name),
         )
 
     def remove(self, name: str) -> None:
-        self._connection.execute("DELETE FROM mailbox WHERE username = %s", (name,))
+        self._change("DELETE FROM mailbox WHERE username = %s", (name,))
+
+    def _change(self, statement: str, parameters: tuple[Any, ...]) -> None:
+        """One change; the database's refusal as one line (ValueError), none made: NoSuchUser."""
+        import psycopg
+
+        try:
+            changed = self._connection.execute(statement, parameters).rowcount
+        except psycopg.Error as e:
+            raise ValueError(f"the database refused it: {' '.join(str(e).split())}") from None
+        if changed == 0:
+            raise NoSuchUser(str(parameters[-1]))
 
     def _one_form(self, secrets: Mapping[str, str] | None) -> None:
         if secrets:

@@ -96,7 +96,8 @@ class Drain:
     @property
     def finished(self) -> int:
         """Sessions that ended by themselves (QUIT, the client hanging up)."""
-        return self.open - self.closed_at_once - self.cut
+        # Sessions admitted after the start (the greeting closes them) are not counted.
+        return max(0, self.open - self.closed_at_once - self.cut)
 
     def start(self) -> Deferred[None]:
         for holder in self.holders:
@@ -113,8 +114,10 @@ class Drain:
                 closed=self.closed_at_once,
                 grace=self.grace,
             )
-        self._timer = self.clock.callLater(self.grace, self._grace_over)
-        self.ended()
+        # The last session may have ended inside drain_start: then it is over.
+        if not self.done.called:
+            self._timer = self.clock.callLater(self.grace, self._grace_over)
+            self.ended()
         return self.done
 
     def ended(self, session: object = None) -> None:

@@ -23,14 +23,14 @@ from popserv.stores.quota import parse_size
 def positive_float(value: str) -> float:
     number = float(value)
     if not math.isfinite(number) or number <= 0:  # nan compares false with everything
-        raise ValueError("must be a number > 0")
+        raise ValueError("must be > 0")
     return number
 
 
 def non_negative_float(value: str) -> float:
     number = float(value)
     if not math.isfinite(number) or number < 0:
-        raise ValueError("must be a number >= 0")
+        raise ValueError("must be >= 0")
     return number
 
 

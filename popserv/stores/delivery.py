@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from popserv.core.errors import InvalidUsername, TemporaryFailure
@@ -180,8 +181,13 @@ class Directory:
 
     @property
     def blocking(self) -> bool:
-        """Whether lookups wait on a database: then resolve in a thread."""
+        """Whether lookups wait on a database: then :meth:`resolve_in_thread`."""
         return isinstance(self.passwd, SQLAccounts)
+
+    def resolve_in_thread(self, address: str, **options: bool) -> Deferred[Recipient]:
+        """:meth:`resolve` in one of the accounts database's threads."""
+        assert isinstance(self.passwd, SQLAccounts)
+        return self.passwd.in_thread(self.resolve, address, **options)
 
     def _lookup(self, name: str) -> UserEntry | None:
         try:

@@ -60,6 +60,9 @@ class Layout:
         template = maildir_template or str(data / "mail" / "{user}")
         if "{user}" not in template and "{local}" not in template:
             raise ValueError("the maildir template must contain {user} (or {local})")
+        if "{local}" in template and "{domain}" not in template:
+            # Else alice@a.example and alice@b.example would share a Maildir.
+            raise ValueError("a maildir template with {local} must contain {domain} too")
         return cls(data, passwd_path, template, follow_symlinks)
 
     def maildir_for(self, user: str) -> Path:
@@ -94,7 +97,13 @@ _PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
 
 
 def _filled(part: str, values: dict[str, str]) -> str:
-    """A template's path component with its placeholders replaced; one that cannot be, refused."""
+    """
+    A template's path component with its placeholders replaced.  One the
+    name made empty, ``.``, ``..`` or hidden is refused; the operator's own
+    components (``.maildir``) are kept as written.
+    """
+    if not _PLACEHOLDER.search(part):
+        return part
     filled = _PLACEHOLDER.sub(lambda m: values[m.group(1)], part)
     if not filled or filled in (".", "..") or filled[0] == ".":
         # {domain} of a name with no domain, or a part only the placeholders made.

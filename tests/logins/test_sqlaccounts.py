@@ -16,6 +16,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.core.usernames import UsernameRules
@@ -62,6 +63,11 @@ class EntryTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             check_url("postgresql://popserv:hunter2@db/mail")
         self.assertIn("PGPASSWORD", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            check_url("postgresql://popserv@db/mail?password=hunter2")
+        with self.assertRaises(ValueError) as caught:
+            check_url("host=db password=hunter2")
+        self.assertNotIn("hunter2", str(caught.exception))  # never repeated in an error
         with self.assertRaises(ValueError):
             check_url("mysql://db/mail")
         self.assertEqual(check_url("postgresql://popserv@db/mail"), "postgresql://popserv@db/mail")
@@ -111,6 +117,15 @@ class PostfixadminTests(TestCase):
         for name in ("x' OR '1'='1", "alice@example.org'; DROP TABLE mailbox; --", "%(user)s"):
             self.assertIsNone(await self.accounts.lookup(name))
         self.assertIsNotNone(await self.accounts.lookup("alice@example.org"))
+
+    async def test_query_the_database_refuses(self) -> None:
+        """A query that does not fit the schema: a temporary failure, said in the log."""
+        accounts = SQLAccounts(self.database, UsernameRules(),
+                               "SELECT pw AS password FROM nosuchtable WHERE login = %(user)s")
+        with capturedLogs() as events:
+            with self.assertRaises(DatabaseUnavailable):
+                await accounts.lookup("alice@example.org")
+        self.assertTrue(any("refused a query" in formatEvent(e) for e in events))
 
     async def test_own_query(self) -> None:
         import psycopg

@@ -9,7 +9,7 @@ import socket
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionClosed
 from twisted.logger import capturedLogs, formatEvent
@@ -80,6 +80,20 @@ class ChannelTests(TestCase):
         self.assertEqual(await a.call(b"E", a.next_id(), "x\ty", None), ["x\ty", None])
         self.assertEqual(await b.call(b"E", b.next_id(), "-"), ["-"])
 
+    async def test_cancelled_question_forgotten(self) -> None:
+        """A question given up (a timeout) is forgotten: its late answer breaks nothing."""
+        a, b = self.pair()
+        later: Deferred[list[str]] = Deferred()
+        b.handlers[b"E"] = lambda id, *fields: later
+        waiting = a.call(b"E", a.next_id(), "x")
+        waiting.cancel()
+        self.failureResultOf(waiting)
+        self.assertEqual(a.waiting, {})
+        b.handlers[b"E"] = lambda id, *fields: fields
+        with capturedLogs():
+            later.callback(["late"])
+            self.assertEqual(await a.call(b"E", a.next_id(), "next"), ["next"])
+
     async def test_many_in_flight_in_order(self) -> None:
         """Answers find their questions however the lines are split into reads."""
         a, _ = self.pair()
@@ -145,6 +159,13 @@ class QueryTests(TestCase):
         answer = self.server.ask("later")
         reactor.callLater(0, later.callback, [1, 2])
         self.assertEqual(await answer, [1, 2])
+
+    async def test_stuck_worker_times_out(self) -> None:
+        self.remote.answer("stuck", lambda _: Deferred())
+        with self.assertRaises(defer.TimeoutError):
+            await self.server.ask("stuck", timeout=0.1)
+        self.remote.answer("one", lambda _: 1)
+        self.assertEqual(await self.server.ask("one"), 1)
 
     async def test_unknown_kind(self) -> None:
         with self.assertRaises(RemoteError) as caught:

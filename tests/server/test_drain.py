@@ -85,6 +85,15 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_last_session_ends_at_the_start(self) -> None:
+        """One closed at once that ends during the start: over, and no timer left to fire."""
+        session = FakeSession(self.holders[0], closes_at_once=True)
+        session.drain_start = lambda: (session.end(), True)[1]  # type: ignore[method-assign]
+        drain, done = self.drain()
+        self.successResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(drain.finished, 0)
+
     def test_over_when_the_last_session_ends(self) -> None:
         """Sessions that end within the grace: done at the last one, nothing cut."""
         first, second = FakeSession(self.holders[0]), FakeSession(self.holders[1])

@@ -9,6 +9,7 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
 from popserv.server.admission import LocalAdmission
@@ -55,7 +56,7 @@ class WorkerMetricsTests(TestCase):
             await link.when_lost()
 
     async def scrape(self) -> dict:
-        body, _ = await self.page.render()
+        body, _ = await Deferred.fromCoroutine(self.page.render())
         text = body.decode()
         promtool_check(self, text)
         return samples(text)
@@ -95,6 +96,35 @@ class WorkerMetricsTests(TestCase):
         got = await self.scrape()
         self.assertEqual(got[key], 5)
         self.assertEqual(got["popserv_worker_exits_total", ()], 1)
+
+    async def test_all_workers_replaced(self) -> None:
+        """Every worker gone since the last scrape: their counts are still on the page."""
+        a, b = self.counts
+        a.connection_opened("pop3")
+        b.connection_opened("smtp")
+        await self.scrape()
+        for link in list(self.links):
+            self.links.remove(link)
+            await self.end(link)
+        self.exits += 2
+        got = await self.scrape()
+        self.assertEqual(got["popserv_connections_total", (("listener", "pop3"),)], 1)
+        self.assertEqual(got["popserv_connections_total", (("listener", "smtp"),)], 1)
+        self.assertEqual(got["popserv_workers", ()], 0)
+
+    async def test_scrapes_at_once_count_once(self) -> None:
+        """Two scrapes at once (two Prometheus servers) see the same totals."""
+        a, _ = self.counts
+        for _ in range(3):
+            a.connection_opened("pop3")
+        await self.scrape()
+        dead = self.links.pop(0)
+        await self.end(dead)
+        first, second = await gatherResults([
+            Deferred.fromCoroutine(self.page.render()), Deferred.fromCoroutine(self.page.render())])
+        key = ("popserv_connections_total", (("listener", "pop3"),))
+        self.assertEqual(samples(first[0].decode())[key], 3)
+        self.assertEqual(samples(second[0].decode())[key], 3)
 
     async def test_a_silent_worker_keeps_its_last_samples(self) -> None:
         a, _ = self.counts

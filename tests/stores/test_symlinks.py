@@ -77,6 +77,15 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(layout.maildir_location("x@example.org").parts, ("example.org", "x"))
         with self.assertRaises(ValueError):
             Layout.create("/d", maildir_template="/var/vmail/{domain}")
+        with self.assertRaises(ValueError):  # alice@a.org and alice@b.org would share one
+            Layout.create("/d", maildir_template="/var/vmail/{local}")
+
+    def test_operators_own_hidden_components(self) -> None:
+        """A fixed component the operator wrote (.maildir) is kept: only the name's are judged."""
+        layout = Layout.create("/d", maildir_template="/home/{user}/.maildir")
+        self.assertEqual(layout.maildir_location("alice").parts, ("alice", ".maildir"))
+        both = Layout.create("/d", maildir_template="/v/{domain}/{local}/.mail")
+        self.assertEqual(both.maildir_location("a@b.org").parts, ("b.org", "a", ".mail"))
 
     def test_follow_option(self) -> None:
         layout = Layout.create("/srv/data", follow_symlinks=True)

@@ -162,7 +162,7 @@ class ReceiverFactory(protocol.ServerFactory):
             local = client_is_local(self.policy, peer, transport)
             options = {"bare": local or address.lower() == "postmaster"}
         if self.directory.blocking:  # accounts in a database: never on the reactor
-            return self.in_thread(self.directory.resolve, address, **options)
+            return self.directory.resolve_in_thread(address, **options)
         return self.directory.resolve(address, **options)
 
     def open_spool(self) -> Spool:

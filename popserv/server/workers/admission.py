@@ -63,6 +63,9 @@ RELEASE = b"R"  # give back lease or turn ID, or give up the question ID still o
 # answered with JSON (what :meth:`RemoteAdmission.answer` registered).
 QUERY = b"Q"
 
+#: Seconds the parent waits for a worker's answer to who, kick or metrics.
+ASK_TIMEOUT = 10.0
+
 # Error codes.  Any other failure in the parent is logged there and
 # answered as FAILED.
 OVER_LIMIT = "OVER"
@@ -127,9 +130,16 @@ class AdmissionServer(Channel):
             self._lost_waiters.append(d)
         return d
 
-    def ask(self, kind: str, argument: Any = None) -> Deferred[Any]:
-        """Ask the worker what it answers ``kind`` with (see :meth:`RemoteAdmission.answer`)."""
+    def ask(self, kind: str, argument: Any = None, timeout: float = ASK_TIMEOUT) -> Deferred[Any]:
+        """
+        Ask the worker what it answers ``kind`` with (see
+        :meth:`RemoteAdmission.answer`); a worker stuck for ``timeout``
+        seconds fails it with ``TimeoutError``.
+        """
+        from twisted.internet import reactor
+
         answer = self.call(QUERY, self.next_id(), kind, json.dumps(argument))
+        answer.addTimeout(timeout, cast(IReactorTime, reactor))
         return answer.addCallback(lambda fields: json.loads(fields[0] or "null"))
 
     def peer_name(self) -> str:
@@ -173,10 +183,11 @@ class AdmissionServer(Channel):
 
     def _refused(self, failure: Failure, id: int) -> Failure | Deferred[Fields]:
         self.open.pop(id, None)
+        given_up = id in self._given_up
+        self._given_up.discard(id)
         if failure.check(OverLimit, TooManySessions):
             return failure
-        if failure.check(CancelledError) and (self.lost or id in self._given_up):
-            self._given_up.discard(id)
+        if failure.check(CancelledError) and (self.lost or given_up):
             return Failure(Given())
         return self._unexpected(failure)
 

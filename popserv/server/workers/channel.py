@@ -125,9 +125,14 @@ class Channel(Protocol):
         """Ask; fires with the answer's fields, or fails with :class:`RemoteError`."""
         if self.lost:
             return fail(ConnectionLost("the other end is gone"))
-        answer: Deferred[list[str | None]] = Deferred()
+        line = encode(op, id, fields)
+        # Cancelled (a timeout): forgotten, so a late answer finds no question.
+        def forget(_: object) -> None:
+            self.waiting.pop(id, None)
+
+        answer: Deferred[list[str | None]] = Deferred(forget)
         self.waiting[id] = answer
-        self._write(encode(op, id, fields), now=True)
+        self._write(line, now=True)
         return answer
 
     def send(self, op: bytes, id: int, *fields: str | None) -> None:
@@ -211,8 +216,9 @@ class Channel(Protocol):
         if handler is None:
             self._reply_error(Failure(LookupError(f"unknown question {op!r}")), id)
             return
-        result = maybeDeferred(handler, id, *fields)
-        result.addCallbacks(self._reply, self._reply_error, callbackArgs=(id,), errbackArgs=(id,))
+        result: Deferred[Any] = maybeDeferred(handler, id, *fields)
+        # An answer that cannot be sent (its fields cannot be encoded) is an error answer.
+        result.addCallback(self._reply, id).addErrback(self._reply_error, id)
 
     def _reply(self, fields: Fields | None, id: int) -> None:
         if not self.lost:

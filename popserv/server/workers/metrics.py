@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -80,55 +80,76 @@ class WorkerMetrics:
         self.exits = exits
         #: Each worker's samples at the last scrape, by its link.
         self._last: dict[Any, Families] = {}
-        #: The counters of workers gone since, summed.
-        self._departed: dict[_Key, float] = {}
+        #: The counters of workers gone since, summed, by family (with its type,
+        #: help and unit, to show them when no running worker has that family).
+        self._departed: dict[str, tuple[str, str, str, dict[_Key, float]]] = {}
+        self._one_at_a_time = DeferredLock()
 
     async def collect(self) -> list[Metric]:
         """Ask every worker, and merge their answers with what left and what the parent knows."""
+        # One scrape at a time: two at once could both fold a departed
+        # worker's counts in, or put back one the other had folded.
+        await self._one_at_a_time.acquire()
+        try:
+            return await self._collect()
+        finally:
+            self._one_at_a_time.release()
+
+    async def _collect(self) -> list[Metric]:
         links = list(self.links())
         results = await DeferredList([link.ask("metrics") for link in links], consumeErrors=True)
         answers: dict[Any, Families] = {}
+        running = set(self.links())  # after the wait: a worker may have died meanwhile
         for link, (ok, value) in zip(links, results, strict=True):
-            if ok:
+            if ok and link in running:
                 answers[link] = [(n, t, d, u, [tuple(s) for s in ss]) for n, t, d, u, ss in value]
-            else:
+            elif not ok:
                 log.warn("A worker did not answer the metrics scrape: {why}",
                          why=value.getErrorMessage())
-        for link in [link for link in self._last if link not in links]:
+        for link in [link for link in self._last if link not in running]:
             self._depart(self._last.pop(link))
         # A worker that did not answer now keeps its last samples.
         self._last.update(answers)
         return [*self._merged(self._last.values()), *self._own()]
 
     def _depart(self, families: Families) -> None:
-        for _, kind, _, _, samples in families:
-            if kind in _MONOTONIC:
-                for name, labels, value in samples:
-                    if not name.endswith("_created"):
-                        key = _key(name, labels)
-                        self._departed[key] = self._departed.get(key, 0.0) + value
+        for name, kind, documentation, unit, samples in families:
+            if kind not in _MONOTONIC:
+                continue
+            _, _, _, sums = self._departed.setdefault(name, (kind, documentation, unit, {}))
+            for sample, labels, value in samples:
+                if not sample.endswith("_created"):
+                    key = _key(sample, labels)
+                    sums[key] = sums.get(key, 0.0) + value
 
     def _merged(self, answers: Iterable[Families]) -> list[Metric]:
         merged: dict[str, Metric] = {}
         values: dict[str, dict[_Key, float]] = {}
+
+        def family(name: str, kind: str, documentation: str, unit: str) -> dict[_Key, float]:
+            if name not in merged:
+                merged[name] = Metric(name, documentation, kind, unit)
+                values[name] = {}
+            return values[name]
+
+        # What departed workers counted, shown even where no worker running counts it yet.
+        for name, (kind, documentation, unit, sums) in self._departed.items():
+            family(name, kind, documentation, unit).update(sums)
         for answer in answers:
             for name, kind, documentation, unit, samples in answer:
-                if name not in merged:
-                    merged[name] = Metric(name, documentation, kind, unit)
-                    values[name] = {}
-                sums = values[name]
+                sums = family(name, kind, documentation, unit)
                 least = name in _LEAST
                 for sample, labels, value in samples:
                     key = _key(sample, labels)
                     if key not in sums:
-                        sums[key] = value + self._departed.get(key, 0.0)
+                        sums[key] = value
                     elif least or sample.endswith("_created"):
                         sums[key] = min(sums[key], value)
                     else:
                         sums[key] += value
-        for name, family in merged.items():
+        for name, metric in merged.items():
             for (sample, pairs), value in values[name].items():
-                family.add_sample(sample, dict(pairs), value)
+                metric.add_sample(sample, dict(pairs), value)
         return list(merged.values())
 
     def _own(self) -> list[Metric]:
