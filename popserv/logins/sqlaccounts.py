@@ -34,13 +34,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from popserv.core.usernames import UsernameRules
 from popserv.logins.database import Database
 from popserv.logins.passwords.passwdfile import NoSuchUser, UserEntry
 
 T = TypeVar("T")
+
+#: Seconds an account looked up is answered again without a query (a
+#: changed password, a locked account take effect within it), and how many
+#: are kept.
+CACHE_SECONDS = 1.0
+CACHE_SIZE = 4096
 
 #: Postfixadmin's mailbox table.
 DEFAULT_QUERY = (
@@ -94,17 +101,39 @@ class SQLAccounts:
     """The accounts a query reads from ``database``, names matched under ``rules``."""
 
     def __init__(
-        self, database: Database, rules: UsernameRules, query: str = DEFAULT_QUERY
+        self,
+        database: Database,
+        rules: UsernameRules,
+        query: str = DEFAULT_QUERY,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.database = database
         self.rules = rules
         self.query = query
+        self.clock: IReactorTime = clock or database.reactor
+        #: Accounts looked up in the last :data:`CACHE_SECONDS`, by name.
+        self._recent: dict[str, tuple[float, UserEntry | None]] = {}
 
     def lookup(self, name: str) -> Deferred[UserEntry | None]:
-        """The account named ``name`` (normalised), or None."""
+        """
+        The account named ``name`` (normalised), or None.  Answered again
+        for :data:`CACHE_SECONDS` without a query: one login asks twice
+        (the checker, then the realm), milliseconds apart.
+        """
+        now = self.clock.seconds()
+        recent = self._recent.get(name)
+        if recent is not None and now - recent[0] < CACHE_SECONDS:
+            return succeed(recent[1])
         return self.database.fetch_one(self.query, {"user": name}).addCallback(
-            lambda row: None if row is None else entry_of(row, name)
+            self._found, name, now
         )
+
+    def _found(self, row: dict[str, Any] | None, name: str, when: float) -> UserEntry | None:
+        entry = None if row is None else entry_of(row, name)
+        if len(self._recent) >= CACHE_SIZE:
+            self._recent.clear()
+        self._recent[name] = (when, entry)
+        return entry
 
     def in_thread(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """``f``, which may call :meth:`lookup_here`, in one of the database's threads."""

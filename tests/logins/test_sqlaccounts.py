@@ -14,7 +14,7 @@ from pathlib import Path
 
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -24,7 +24,7 @@ from popserv.logins.database import Database, DatabaseUnavailable, check_url
 from popserv.logins.passwords import hash_password
 from popserv.logins.passwords.checker import PasswdFileChecker
 from popserv.logins.passwords.schemes import verify_password
-from popserv.logins.sqlaccounts import SQLAccounts, entry_of
+from popserv.logins.sqlaccounts import CACHE_SECONDS, SQLAccounts, entry_of
 from popserv.server.cli import main
 from popserv.server.factory import POP3Factory
 from popserv.server.policy import Policy
@@ -117,6 +117,21 @@ class PostfixadminTests(TestCase):
         for name in ("x' OR '1'='1", "alice@example.org'; DROP TABLE mailbox; --", "%(user)s"):
             self.assertIsNone(await self.accounts.lookup(name))
         self.assertIsNotNone(await self.accounts.lookup("alice@example.org"))
+
+    async def test_recent_lookups_reused(self) -> None:
+        """Within a second the same account is answered again without a query; then re-read."""
+        import psycopg
+
+        clock = Clock()
+        accounts = SQLAccounts(self.database, UsernameRules(), clock=clock)
+        first = await accounts.lookup("alice@example.org")
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("UPDATE mailbox SET active = false WHERE username = %s",
+                               ("alice@example.org",))
+        clock.advance(0.5)
+        self.assertEqual(await accounts.lookup("alice@example.org"), first)
+        clock.advance(0.6)
+        self.assertTrue((await accounts.lookup("alice@example.org")).locked)
 
     async def test_query_the_database_refuses(self) -> None:
         """A query that does not fit the schema: a temporary failure, said in the log."""
@@ -309,6 +324,8 @@ class DatabaseGoneTests(SQLServerCase):
         session = await deferToThread(open_session)
         server.pause()
         try:
+            # Past the accounts' cache of recent lookups: the next login asks the database.
+            await deferLater(reactor, CACHE_SECONDS + 0.1, lambda: None)
             # A login now: a temporary failure, not a wrong password.
             answer = await deferToThread(log_in)
             self.assertTrue(answer.startswith(b"-ERR [SYS/TEMP]"), answer)
