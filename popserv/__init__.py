@@ -29,6 +29,7 @@ _EXPORTS = {
     "make_factory": "popserv.server.service",
     # What a store provides
     "IMailbox": "popserv.interfaces",
+    "IChunkSource": "popserv.interfaces",
     "Listing": "popserv.interfaces",
     "IAccountSettings": "popserv.interfaces",
     "ISessionInfo": "popserv.interfaces",
@@ -54,6 +55,7 @@ __all__ = [
     "makeService",
     "make_factory",
     "IMailbox",
+    "IChunkSource",
     "Listing",
     "IAccountSettings",
     "ISessionInfo",
@@ -72,6 +74,7 @@ __all__ = [
 if TYPE_CHECKING:
     from popserv.interfaces import (
         IAccountSettings,
+        IChunkSource,
         IMailbox,
         ISecretInventory,
         ISessionInfo,

@@ -109,7 +109,10 @@ class IMailbox(Interface):
 
     def open_message(index: int) -> MessageStream | Deferred[MessageStream]:
         """
-        Return (or fire a ``Deferred`` with) a readable binary stream of one message.
+        Return (or fire a ``Deferred`` with) a readable binary stream of one
+        message: a file-like object read on the reactor thread (a local
+        file), or an :class:`IChunkSource` for a store whose reads would block
+        (a database).
 
         The stored bytes may use LF or CRLF line ends; the server converts
         them.  Fail with :class:`popserv.core.errors.MessageGone` if the message
@@ -130,6 +133,21 @@ class IMailbox(Interface):
         """
         Release the maildrop (its lock, open files).  Always called, once.
         """
+
+
+class IChunkSource(Interface):
+    """
+    A message that :meth:`IMailbox.open_message` gives for a store whose
+    reads would block the reactor (a database over the network): read a
+    chunk at a time, each read a ``Deferred``, so RETR streams a message of
+    any size without holding it whole and without waiting on the store.
+    """
+
+    def read(size: int) -> Deferred[bytes]:
+        """Fire with up to ``size`` octets of the message, ``b""`` at its end."""
+
+    def close() -> None:
+        """The message is no longer read (its end, or the connection gone)."""
 
 
 class IAccountSettings(Interface):

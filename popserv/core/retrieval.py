@@ -83,6 +83,11 @@ class MessageBody:
 
     __slots__ = ("_at_end", "_chunk_size", "_encoder", "_ended", "_listed", "_message", "_read")
 
+    #: Octets read from the message at a time.
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
     def __init__(
         self, message: MessageStream, encoder: BodyEncoder, listed: int | None, chunk_size: int
     ) -> None:
@@ -126,11 +131,29 @@ class MessageBody:
             if out:
                 yield out
 
+    @property
+    def ended(self) -> bool:
+        """The body is complete: nothing more is to be read."""
+        return self._ended
+
+    @property
+    def read_octets(self) -> int:
+        """Stored octets read so far."""
+        return self._read
+
     def _step(self) -> bytes:
         """Read and encode one chunk; at the end of the message, the end of the body."""
+        return self.feed(self._message.read(self._chunk_size))
+
+    def feed(self, data: bytes) -> bytes:
+        """
+        Encode ``data``, the next chunk read from the message (``b""``: its
+        end), for a caller that reads it itself (a store whose reads do not
+        block, see ``popserv.interfaces.IChunkSource``); the body's octets
+        to send.  Raises :class:`MessageChanged` as :meth:`start` does.
+        """
         encoder = self._encoder
         listed = self._listed
-        data = self._message.read(self._chunk_size)
         if data:
             self._read += len(data)
             out = encoder.feed(data)

@@ -7,7 +7,7 @@ of :class:`~popserv.server.protocol.POP3Protocol`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from popserv.core import effects as pop3
 from popserv.core import errors, wire
 from popserv.core.retrieval import MessageBody
-from popserv.interfaces import IMailbox
+from popserv.interfaces import IChunkSource, IMailbox
 from popserv.server.maybe import resolve
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class MaildropEffects:
 
         def send(self, data: bytes) -> None: ...
 
-        def stream(self, chunks: Iterator[bytes]) -> Deferred[None] | None: ...
+        def stream(self, chunks: Iterator[bytes | Deferred[bytes]]) -> Deferred[None] | None: ...
 
         def _release(self) -> None: ...
 
@@ -66,7 +66,10 @@ class MaildropEffects:
                 message, effect.encoder, effect.listed, self.factory.policy.chunk_size
             )
             try:
-                chunks = body.start()
+                if IChunkSource.providedBy(message):
+                    chunks = await _start_reading(body, message)
+                else:
+                    chunks = body.start()
             except errors.MessageChanged as e:
                 self._message_changed(index, e, "refused")
                 raise
@@ -82,7 +85,7 @@ class MaildropEffects:
             except errors.MessageChanged as e:
                 self._message_changed(index, e, "connection cut")
                 raise
-            except OSError:
+            except (OSError, errors.TemporaryFailure):
                 log.failure("Reading a message failed while sending it, connection cut")
                 raise CancelledError() from None
             return self.octets_sent - before
@@ -120,3 +123,28 @@ class MaildropEffects:
 
 
 __all__ = ["MaildropEffects"]
+
+
+async def _start_reading(
+    body: MessageBody, message: Any
+) -> Iterator[bytes | Deferred[bytes]]:
+    """
+    :meth:`MessageBody.start` for an :class:`~popserv.interfaces.IChunkSource`:
+    the first chunk read (and, for a short message, checked) before the
+    ``+OK``; then each further one a Deferred the stream waits for.
+    """
+    first = [body.feed(await message.read(body.chunk_size))]
+    while not body.ended and body.read_octets < body.chunk_size:
+        first.append(body.feed(await message.read(body.chunk_size)))
+    return _chunks(body, message, first)
+
+
+def _chunks(
+    body: MessageBody, message: Any, first: list[bytes]
+) -> Iterator[bytes | Deferred[bytes]]:
+    for out in first:
+        if out:
+            yield out
+    while not body.ended:
+        chunk: Deferred[bytes] = message.read(body.chunk_size)
+        yield chunk.addCallback(body.feed)

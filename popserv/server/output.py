@@ -77,8 +77,10 @@ class Output:
     _lost: bool
     _closing: bool
     _queue: deque[wire.Line]
-    _stream: Iterator[bytes] | None
+    _stream: Iterator[bytes | Deferred[bytes]] | None
     _stream_done: Deferred[None] | None
+    #: The chunk the stream waits for (a store's read that does not block).
+    _chunk_awaited: Deferred[bytes] | None = None
     #: How a stream that ended before stream() returned failed, if it did.
     _stream_failure: Failure | None = None
 
@@ -106,11 +108,12 @@ class Output:
         finally:
             self._output.release(self.transport)
 
-    def stream(self, chunks: Iterator[bytes]) -> Deferred[None] | None:
+    def stream(self, chunks: Iterator[bytes | Deferred[bytes]]) -> Deferred[None] | None:
         """
         Send ``chunks`` as fast as the client reads them: None when they all
         went at once (or the connection is gone), else a Deferred that fires
-        when they have.
+        when they have.  A chunk may be a Deferred (a read that does not
+        block): the stream waits for it, and a failure ends the connection.
         """
         if self._lost:
             return None
@@ -126,27 +129,63 @@ class Output:
     def _pump_stream(self) -> None:
         stream = self._stream
         assert stream is not None
-        while not self.output_paused and not self._lost:
+        while not self.output_paused and not self._lost and self._chunk_awaited is None:
             try:
                 chunk = next(stream)
             except StopIteration:
                 self._end_stream()
                 return
             except Exception:
-                # Half a response is out: an -ERR now would be read as message
-                # data, so the only honest answer is to close the connection.
-                # The command that streamed gets the failure, to log it.
-                failure = Failure()
-                self._closing = True
-                self._queue.clear()
-                self._end_stream(failure)
-                self.transport.abortConnection()
+                self._stream_broke(Failure())
+                return
+            if isinstance(chunk, Deferred):
+                # A store that reads without blocking (IChunkSource): the
+                # stream goes on when the chunk is there.
+                self._chunk_awaited = chunk
+                chunk.addCallbacks(
+                    self._chunk_read,
+                    self._chunk_failed,
+                    callbackArgs=(stream,),
+                    errbackArgs=(stream,),
+                )
                 return
             self.send(chunk)
             self.resetTimeout()
 
+    def _chunk_read(self, chunk: bytes, stream: object) -> None:
+        if self._stream is not stream:  # ended meanwhile (the connection lost)
+            return
+        self._chunk_awaited = None
+        self._output.hold()
+        try:
+            if chunk:
+                self.send(chunk)
+                self.resetTimeout()
+            self._pump_stream()
+            if self._stream is None:
+                self._run_queue()
+        finally:
+            self._output.release(self.transport)
+
+    def _chunk_failed(self, failure: Failure, stream: object) -> None:
+        if self._stream is stream:
+            self._chunk_awaited = None
+            self._stream_broke(failure)
+
+    def _stream_broke(self, failure: Failure) -> None:
+        """
+        Half a response is out: an -ERR now would be read as message data, so
+        the only honest answer is to close the connection.  The command that
+        streamed gets the failure, to log it.
+        """
+        self._closing = True
+        self._queue.clear()
+        self._end_stream(failure)
+        self.transport.abortConnection()
+
     def _end_stream(self, failure: Failure | None = None) -> None:
         stream, self._stream = self._stream, None
+        self._chunk_awaited = None
         done, self._stream_done = self._stream_done, None
         close = getattr(stream, "close", None)
         if close is not None:

@@ -113,7 +113,7 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         #: The logged-in user's maildrop, from the realm; None before login and after release.
         self._mailbox: IMailbox | None = None
         self._logout: Callable[[], object] | None = None
-        self._stream: Iterator[bytes] | None = None
+        self._stream: Iterator[bytes | Deferred[bytes]] | None = None
         self._stream_done: Deferred[None] | None = None
         self._sleeping: Deferred[Any] | None = None
         #: The login attempt under way: its turn to be checked (see popserv.server.admission).
