@@ -18,8 +18,9 @@ name:
 ``active``
     False (or 0, ``'0'``, ``'f'``, ``'n'``): the account is locked.
 ``maildir``
-    Its Maildir, for the Maildir store (Postfixadmin's path, relative to
-    the mail root, such as ``example.org/alice/``).
+    Postfixadmin's path of its Maildir (``example.org/alice/``), kept with
+    the account but not read yet: ``--maildir '/var/vmail/{domain}/{local}'``
+    gives the same path from the name.
 ``quota``
     Its quota in bytes (0: none); ``quota_messages``, ``login_delay`` and
     ``expire`` as in the password file's extra fields.
