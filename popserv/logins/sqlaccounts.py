@@ -18,9 +18,8 @@ name:
 ``active``
     False (or 0, ``'0'``, ``'f'``, ``'n'``): the account is locked.
 ``maildir``
-    Postfixadmin's path of its Maildir (``example.org/alice/``), kept with
-    the account but not read yet: ``--maildir '/var/vmail/{domain}/{local}'``
-    gives the same path from the name.
+    Its Maildir's path relative to the mail root (Postfixadmin's
+    ``example.org/alice/``), for ``--maildir '/var/vmail/{maildir}'``.
 ``quota``
     Its quota in bytes (0: none); ``quota_messages``, ``login_delay`` and
     ``expire`` as in the password file's extra fields.

@@ -169,15 +169,10 @@ class Directory:
                 candidates += [f"{base}@{domain}", f"{base}@{domain}".lower()]
             candidates += [base, base.lower()]
         for name in dict.fromkeys(candidates):
-            user = self._user(name)
-            if user is not None:
-                return user_recipient(self, address, user)
+            entry = self._lookup(name)
+            if entry is not None:
+                return self._recipient(address, entry)
         raise UnknownUser(local)
-
-    def _user(self, name: str) -> str | None:
-        """The stored name of the user ``name`` names, or None."""
-        entry = self._lookup(name)
-        return entry.name if entry is not None else None
 
     @property
     def blocking(self) -> bool:
@@ -205,28 +200,30 @@ class Directory:
         """The recipient for a user named directly (``popserv deliver --user``)."""
         if address is not None and has_control(address):
             raise BadAddress(address)
-        stored = self._user(user)
-        if stored is None:
-            raise UnknownUser(user)
-        return user_recipient(self, address or user, stored)
-
-    def quota_for(self, user: str) -> Quota:
         entry = self._lookup(user)
         if entry is None:
-            return self.quota
+            raise UnknownUser(user)
+        return self._recipient(address or user, entry)
+
+    def quota_for(self, user: str) -> Quota:
+        """``user``'s quota: the account's own fields over the server's."""
+        entry = self._lookup(user)
+        return self.quota if entry is None else self._quota_of(entry)
+
+    def _quota_of(self, entry: UserEntry) -> Quota:
         try:
             return self.quota.override(entry.extra)
         except ValueError:
-            log.warn("Ignoring bad quota fields for {user}", user=user)
+            log.warn("Ignoring bad quota fields for {user}", user=entry.name)
             return self.quota
 
-
-def user_recipient(directory: Directory, address: str, user: str) -> Recipient:
-    try:
-        maildir = directory.layout.maildir_location(user)
-    except InvalidUsername:
-        raise UnknownUser(user) from None
-    return Recipient(address, user, maildir, directory.quota_for(user))
+    def _recipient(self, address: str, entry: UserEntry) -> Recipient:
+        """The account's Maildir (its own ``maildir`` field for ``{maildir}``) and quota."""
+        try:
+            maildir = self.layout.maildir_location(entry.name, entry.extra.get("maildir"))
+        except InvalidUsername:
+            raise UnknownUser(entry.name) from None
+        return Recipient(address, entry.name, maildir, self._quota_of(entry))
 
 
 def _domain(domain: str) -> str:

@@ -58,22 +58,27 @@ class Layout:
         data = Path(data_dir).absolute()
         passwd_path = Path(passwd).absolute() if passwd else data / "passwd"
         template = maildir_template or str(data / "mail" / "{user}")
-        if "{user}" not in template and "{local}" not in template:
+        if not any(f"{{{name}}}" in template for name in ("user", "local", "maildir")):
             raise ValueError("the maildir template must contain {user} (or {local})")
+        if "{maildir}" in template and not re.search(r"(^|/)\{maildir\}(/|$)", template):
+            raise ValueError("{maildir} must be whole directories of the maildir template")
         if "{local}" in template and "{domain}" not in template:
             # Else alice@a.example and alice@b.example would share a Maildir.
             raise ValueError("a maildir template with {local} must contain {domain} too")
         return cls(data, passwd_path, template, follow_symlinks)
 
-    def maildir_for(self, user: str) -> Path:
+    def maildir_for(self, user: str, maildir: str | None = None) -> Path:
         """The Maildir of ``user`` (a name already checked, checked again here)."""
-        return self.maildir_location(user).path
+        return self.maildir_location(user, maildir).path
 
-    def maildir_location(self, user: str) -> MaildirPath:
+    def maildir_location(self, user: str, maildir: str | None = None) -> MaildirPath:
         """
         The Maildir of ``user`` as popserv opens it: the template's
         directories before the one ``{user}`` is in are followed as given,
         the rest without symbolic links unless :attr:`follow_symlinks`.
+        ``maildir`` is the account's own relative path for ``{maildir}``
+        (Postfixadmin's ``maildir`` column); without one, the path
+        Postfixadmin gives a new account, ``domain/local/``.
         """
         # Only what makes a safe path: which names are users is the password
         # file's business (its rules may allow mixed scripts).
@@ -86,14 +91,39 @@ class Layout:
             values.update(local=local, domain=domain)
         else:
             values.update(local=user, domain="")
+        filled: list[str] = []
+        for part in parts[first:]:
+            if part == "{maildir}":
+                filled += _relative(maildir, values)
+            else:
+                filled.append(_filled(part, values))
         return MaildirPath(
             Path(*parts[:first]) if first else Path(),
-            tuple(_filled(part, values) for part in parts[first:]),
+            tuple(filled),
             self.follow_symlinks,
         )
 
 
-_PLACEHOLDER = re.compile(r"\{(user|local|domain)\}")
+_PLACEHOLDER = re.compile(r"\{(user|local|domain|maildir)\}")
+
+
+def _relative(maildir: str | None, values: dict[str, str]) -> list[str]:
+    """
+    The directories of an account's own path (``example.org/alice/``), or of
+    Postfixadmin's default for it; one that would climb out, be absolute,
+    hidden or empty is refused.
+    """
+    if maildir is None:
+        if not values["domain"]:
+            raise InvalidUsername("no maildir for a name without a domain")
+        maildir = f"{values['domain']}/{values['local']}/"
+    parts = maildir.strip("/").split("/")
+    if maildir.startswith("/") or not all(
+        part and part not in (".", "..") and part[0] != "." and "\0" not in part
+        for part in parts
+    ):
+        raise InvalidUsername(f"the account's maildir {maildir!r} is not a relative path")
+    return parts
 
 
 def _filled(part: str, values: dict[str, str]) -> str:

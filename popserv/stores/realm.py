@@ -131,7 +131,7 @@ class MaildirRealm:
         if entry is not None:
             user = entry.name
         settings = self._settings(user, entry)
-        path = self.layout.maildir_location(user)
+        path = self.layout.maildir_location(user, entry.extra.get("maildir") if entry else None)
         now = self._reactor.seconds()
         if settings.login_delay > 0:
             # This process's own record can refuse at once; an older one (or

@@ -92,6 +92,38 @@ class DatabaseTwistdTests(TestCase):
         self.assertIn(b"550", unknown)  # unknown to the database: refused at RCPT
         self.assertNotIn(b"Traceback", process.output)
 
+    async def test_maildir_column(self) -> None:
+        """--maildir '.../{maildir}': the path is the account's own column (Postfixadmin's)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO mailbox (username, password, maildir) VALUES (%s, %s, %s)",
+                ("erin@example.org", hash_password("erin pw", "PLAIN"), "boxes/erin-1/"))
+        command = self.command()
+        command[command.index("--maildir") + 1] = str(self.workdir / "vmail" / "{maildir}")
+        process = _Twistd()
+        transport = reactor.spawnProcess(
+            process, self.twistd, command, subprocess_env(), str(self.workdir))
+        stop_at_cleanup(self, process, transport)
+        serving = 2 if self.workers else 1
+        await process.until(lambda: process.output.count(b"Starting factory") >= serving)
+
+        def deliver_and_count() -> int:
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as smtp:
+                smtp.sendmail("bob@remote.test", ["erin@example.org"], "Subject: x\r\n\r\nx\r\n")
+            client = poplib.POP3("127.0.0.1", self.port, timeout=10)
+            client.user("erin@example.org")
+            client.pass_("erin pw")
+            count = client.stat()[0]
+            client.quit()
+            return count
+
+        self.assertEqual(await deferToThread(deliver_and_count), 1)
+        box = self.workdir / "vmail" / "boxes" / "erin-1"
+        self.assertEqual(len([*(box / "new").iterdir(), *(box / "cur").iterdir()]), 1)
+        self.assertNotIn(b"Traceback", process.output)
+
     def test_bad_options_one_line(self) -> None:
         for argv, said in (
             (("--database", "postgresql://popserv:pw@db/mail"), b"PGPASSWORD"),

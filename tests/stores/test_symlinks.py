@@ -80,6 +80,26 @@ class LayoutTests(SynchronousTestCase):
         with self.assertRaises(ValueError):  # alice@a.org and alice@b.org would share one
             Layout.create("/d", maildir_template="/var/vmail/{local}")
 
+    def test_the_accounts_own_maildir(self) -> None:
+        """{maildir}: the account's relative path (Postfixadmin's column), or its default."""
+        layout = Layout.create("/d", maildir_template="/var/vmail/{maildir}")
+        given = layout.maildir_location("alice@example.org", "example.org/alice/")
+        self.assertEqual((given.root, given.parts), (Path("/var/vmail"), ("example.org", "alice")))
+        other = layout.maildir_location("alice@example.org", "elsewhere/box")
+        self.assertEqual(other.parts, ("elsewhere", "box"))
+        default = layout.maildir_location("bob@example.org")
+        self.assertEqual(default.parts, ("example.org", "bob"))
+        for bad in ("../etc", "/etc/x", "a/../../b", ".hidden/a", "a//b", "", "a/./b"):
+            with self.assertRaises(InvalidUsername, msg=bad):
+                layout.maildir_location("alice@example.org", bad)
+        with self.assertRaises(InvalidUsername):
+            layout.maildir_location("nodomain")  # no column and no domain to make one
+        inside = Layout.create("/d", maildir_template="/var/vmail/{maildir}/Maildir")
+        self.assertEqual(inside.maildir_location("a@b.org", "b.org/a/").parts,
+                         ("b.org", "a", "Maildir"))
+        with self.assertRaises(ValueError):
+            Layout.create("/d", maildir_template="/var/vmail/x{maildir}")
+
     def test_operators_own_hidden_components(self) -> None:
         """A fixed component the operator wrote (.maildir) is kept: only the name's are judged."""
         layout = Layout.create("/d", maildir_template="/home/{user}/.maildir")
