@@ -53,13 +53,18 @@ class DatabaseTwistdTests(TestCase):
                 "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1", "--domain", "example.org",
                 "--database", self.url, *self.workers, *argv]
 
-    async def test_deliver_then_retrieve(self) -> None:
+    async def serving(self, command: list[str]) -> _Twistd:
+        """``command`` started, once every process serving it has its factory."""
         process = _Twistd()
         transport = reactor.spawnProcess(
-            process, self.twistd, self.command(), subprocess_env(), str(self.workdir))
+            process, self.twistd, command, subprocess_env(), str(self.workdir))
         stop_at_cleanup(self, process, transport)
         serving = 2 if self.workers else 1
         await process.until(lambda: process.output.count(b"Starting factory") >= serving)
+        return process
+
+    async def test_deliver_then_retrieve(self) -> None:
+        process = await self.serving(self.command())
         self.assertNotIn(b"password:", process.output)  # no first account is made
 
         def deliver_and_read() -> tuple[list[bytes], bytes, bytes]:
@@ -102,12 +107,7 @@ class DatabaseTwistdTests(TestCase):
                 ("erin@example.org", hash_password("erin pw", "PLAIN"), "boxes/erin-1/"))
         command = self.command()
         command[command.index("--maildir") + 1] = str(self.workdir / "vmail" / "{maildir}")
-        process = _Twistd()
-        transport = reactor.spawnProcess(
-            process, self.twistd, command, subprocess_env(), str(self.workdir))
-        stop_at_cleanup(self, process, transport)
-        serving = 2 if self.workers else 1
-        await process.until(lambda: process.output.count(b"Starting factory") >= serving)
+        process = await self.serving(command)
 
         def deliver_and_count() -> int:
             with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as smtp:
@@ -139,12 +139,7 @@ class DatabaseTwistdTests(TestCase):
     async def test_no_database_is_temporary(self) -> None:
         """The database unreachable: PASS gets [SYS/TEMP], RCPT a 451, and nothing crashes."""
         self.url = f"postgresql://popserv@127.0.0.1:{free_port()}/mail"
-        process = _Twistd()
-        transport = reactor.spawnProcess(
-            process, self.twistd, self.command(), subprocess_env(), str(self.workdir))
-        stop_at_cleanup(self, process, transport)
-        serving = 2 if self.workers else 1
-        await process.until(lambda: process.output.count(b"Starting factory") >= serving)
+        process = await self.serving(self.command())
 
         def log_in() -> bytes:
             client = poplib.POP3("127.0.0.1", self.port, timeout=20)
