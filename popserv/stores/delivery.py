@@ -205,12 +205,8 @@ class Directory:
             raise UnknownUser(user)
         return self._recipient(address or user, entry)
 
-    def quota_for(self, user: str) -> Quota:
-        """``user``'s quota: the account's own fields over the server's."""
-        entry = self._lookup(user)
-        return self.quota if entry is None else self._quota_of(entry)
-
     def _quota_of(self, entry: UserEntry) -> Quota:
+        """The account's quota: its own fields over the server's."""
         try:
             return self.quota.override(entry.extra)
         except ValueError:
