@@ -36,6 +36,7 @@ from twisted.protocols import amp
 
 from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import UsernameRules, loggable_username
+from popserv.server.policy import peer_address
 from popserv.server.protocol import POP3Protocol
 from popserv.server.startup import EXIT_CANNOT_LISTEN, StartupError, strerror
 from popserv.stores.layout import Layout
@@ -233,16 +234,8 @@ def _network(address: str) -> IPNetwork | None:
 
 
 def _in(session: POP3Protocol, network: IPNetwork) -> bool:
-    host = getattr(session.info.peer, "host", None)
-    if not isinstance(host, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip in network
+    address = peer_address(session.info.peer)
+    return address is not None and address in network
 
 
 # Where the sessions are: this process, or the workers
