@@ -18,7 +18,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import attrs
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.core.files import checked_regular
 from popserv.server.factory import POP3Factory
@@ -38,7 +37,7 @@ from popserv.stores.maildir import commit as maildir_commit
 from popserv.stores.maildir import mailbox as maildir_mailbox
 from tests.support import LOCAL_PEER, Connection
 from tests.support.maildirs import _MaildirRealm, maildir_contents
-from tests.support.processes import free_port, subprocess_env
+from tests.support.processes import free_port, subprocess_env, twistd_script
 
 #: Kill-and-restart rounds; each is about a second of traffic and a restart.
 ROUNDS = 6
@@ -72,10 +71,7 @@ def _body(rng: random.Random) -> bytes:
 
 class CrashTests(SynchronousTestCase):
     def setUp(self) -> None:
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.base = Path(self.mktemp()).absolute()
         self.base.mkdir()
         self.layout = Layout.create(self.base / "data")

@@ -11,18 +11,23 @@ import poplib
 import shutil
 import smtplib
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from popserv.logins.passwords import hash_password
 from tests.support.postgres import POSTFIXADMIN_MAILBOX, postgresql
-from tests.support.processes import _Twistd, free_port, stop_at_cleanup, subprocess_env
+from tests.support.processes import (
+    _Twistd,
+    free_port,
+    stop_at_cleanup,
+    subprocess_env,
+    twistd_script,
+)
 
 
 class DatabaseTwistdTests(TestCase):
@@ -31,10 +36,7 @@ class DatabaseTwistdTests(TestCase):
     def setUp(self) -> None:
         import psycopg
 
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.url = postgresql().database()
         with psycopg.connect(self.url, autocommit=True) as connection:
             connection.execute(POSTFIXADMIN_MAILBOX)

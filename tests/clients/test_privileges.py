@@ -10,7 +10,6 @@ import poplib
 import pwd
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from popserv.server.configure import service_owner
 from popserv.server.firstrun import bootstrap
 from popserv.server.startchecks import AccessCheck
 from popserv.stores.layout import Layout, give_to, missing
-from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup, twistd_script
 
 UNPRIVILEGED = "nobody"
 
@@ -138,10 +137,7 @@ class TwistdUidTests(TestCase):
 
     def setUp(self):
         self.owner = unprivileged()
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         # trial's own temporary directories are private to root; the
         # unprivileged user must reach the data directory.
         self.workdir = Path(tempfile.mkdtemp(prefix="popserv-uid-"))

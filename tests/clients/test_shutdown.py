@@ -11,17 +11,21 @@ import re
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import SkipTest
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support.processes import _Twistd, free_port, stop_at_cleanup, subprocess_env
+from tests.support.processes import (
+    _Twistd,
+    free_port,
+    stop_at_cleanup,
+    subprocess_env,
+    twistd_script,
+)
 
 #: The longest a stopped server may take to exit once its last session has
 #: ended (a worker's is reported to the parent, which then exits too).
@@ -38,10 +42,7 @@ class ShutdownTests(TestCase):
     serving = 1
 
     def setUp(self) -> None:
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.workdir = Path(tempfile.mkdtemp(prefix="popserv-shutdown-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
 

@@ -11,7 +11,6 @@ import poplib
 import shlex
 import shutil
 import ssl
-import sys
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -23,7 +22,7 @@ from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from tests.support.certs import CA
-from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup, twistd_script
 
 UNITS = REPO / "contrib" / "systemd"
 
@@ -99,10 +98,7 @@ class SocketActivationTests(TestCase):
         self.activate = shutil.which("systemd-socket-activate")
         if self.activate is None:
             raise SkipTest("systemd-socket-activate is not installed")
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         base = Path(self.mktemp()).absolute()
         self.ca = CA()
         self.cafile = self.ca.write(base / "ca.pem")

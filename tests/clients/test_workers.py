@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from unittest import SkipTest
 
@@ -23,7 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup
+from tests.support.processes import REPO, _Twistd, free_port, stop_at_cleanup, twistd_script
 
 #: A worker's log lines: ``[worker 4711]`` or ``[worker 4711,POP3Protocol,...]``.
 WORKER_LINE = re.compile(rb"\[worker (\d+)[,\]][^\n]*(Disconnected|Logged out)")
@@ -79,12 +80,9 @@ class WorkersTests(TestCase):
     """``twistd -n popserv --workers 2`` on a loopback port, in a fresh data directory."""
 
     def setUp(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
+        self.twistd = twistd_script()
         if not Path("/proc/net/tcp").exists():
             raise SkipTest("needs Linux's /proc")
-        self.twistd = str(twistd)
         self.workdir = Path(tempfile.mkdtemp(prefix="popserv-workers-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
 
@@ -115,6 +113,13 @@ class WorkersTests(TestCase):
 
     def connect(self) -> poplib.POP3:
         return poplib.POP3("127.0.0.1", self.port, timeout=10)
+
+    def log_in(self, user: str, password: str) -> poplib.POP3:
+        """A session logged in with USER/PASS (blocking: run it in a thread)."""
+        client = self.connect()
+        client.user(user)
+        client.pass_(password)
+        return client
 
     async def test_sessions_are_served_by_both_workers(self):
         """Many short sessions on the one port land on both workers, each logging with its pid."""
@@ -284,11 +289,7 @@ class WorkersTests(TestCase):
         user, password = await self.started("--max-user-sessions", "1")
         first = worker_pids(self.process.output)
 
-        def log_in():
-            client = self.connect()
-            client.user(user)
-            client.pass_(password)
-            return client
+        log_in = partial(self.log_in, user, password)
 
         client = await deferToThread(log_in)
         before = await deferToThread(client.uidl)
@@ -328,11 +329,7 @@ class WorkersTests(TestCase):
             "--smtp", f"tcp:{smtp_port}:interface=127.0.0.1", "--domain", "pop.test")
         pids = worker_pids(self.process.output)
 
-        def log_in() -> poplib.POP3:
-            client = self.connect()
-            client.user(user)
-            client.pass_(password)
-            return client
+        log_in = partial(self.log_in, user, password)
 
         def rounds() -> dict[int, int]:
             first = log_in()
@@ -475,11 +472,7 @@ class WorkersTests(TestCase):
         user, password = await self.started()
         pids = worker_pids(self.process.output)
 
-        def log_in():
-            client = self.connect()
-            client.user(user)
-            client.pass_(password)
-            return client
+        log_in = partial(self.log_in, user, password)
 
         client = await deferToThread(log_in)
         serving = serving_pid(client.sock, pids)

@@ -21,14 +21,14 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python import log as legacy
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server import logformat
 from popserv.server.logformat import event_as_json, json_file_observer, json_observer
 from popserv.server.startup import EXIT_CONFIG
 from popserv.stores.maildir import deliver
-from tests.support.processes import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port, twistd_script
 
 
 def event(**fields) -> dict:
@@ -159,10 +159,7 @@ class TwistdJSONTests(TestCase):
     """A real ``twistd popserv --log-format json``, a real session, its log lines."""
 
     def setUp(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.dir = Path(self.mktemp()).absolute()
         data = self.dir / "data"
         data.mkdir(parents=True)
@@ -245,9 +242,7 @@ class RefusedTests(SynchronousTestCase):
         """--syslog or --logger with json: one line naming the conflict, exit 78."""
         import subprocess
 
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
+        twistd = twistd_script()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         directory = Path(self.mktemp())
         directory.mkdir()

@@ -79,14 +79,6 @@ class Client(MarkedReader):
         self.sock.sendall(command + b"\r\n")
         return self.line()
 
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class ProxiedTestCase(ReceiverTestCase):

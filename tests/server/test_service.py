@@ -36,7 +36,7 @@ from popserv.server.service import LIMIT_OPTIONS, make_factory
 from popserv.server.startchecks import ensure_fd_limit
 from popserv.server.tap import Options
 from tests.support.peers import missing
-from tests.support.processes import REPO, _Twistd, free_port
+from tests.support.processes import REPO, _Twistd, free_port, twistd_script
 
 
 class OptionsTests(SynchronousTestCase):
@@ -326,10 +326,7 @@ class FirstStartTests(TestCase):
     """``twistd -n popserv`` in a fresh directory, then the curl command it prints."""
 
     def setUp(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.workdir = Path(self.mktemp())
         self.workdir.mkdir()
 

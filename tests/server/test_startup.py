@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from popserv import makeService
 from popserv._version import __version__
@@ -31,7 +31,7 @@ from popserv.server.startchecks import AccessCheck
 from popserv.server.startup import EXIT_CANNOT_LISTEN, EXIT_CONFIG, StartupError
 from popserv.server.tap import Options
 from popserv.stores.layout import Layout
-from tests.support.processes import REPO, free_port
+from tests.support.processes import REPO, free_port, twistd_script
 
 #: One line of an error: ``popserv: `` and no line break.
 ONE_LINE = re.compile(r"popserv: [^\n]+\n")
@@ -295,10 +295,7 @@ class TwistdTests(SynchronousTestCase):
     """Real ``twistd popserv`` processes, as an operator or systemd starts them."""
 
     def setUp(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
-        self.twistd = str(twistd)
+        self.twistd = twistd_script()
         self.dir = Path(self.mktemp()).absolute()
         self.dir.mkdir()
 

@@ -98,19 +98,23 @@ class SupervisorTests(TestCase):
         self.assertEqual(len(self.reactor.processes), 2)
         self.assertEqual(sorted(self.supervisor.workers), [0, 1])
 
+    def kill_and_time_the_restart(self) -> float:
+        """Kill the first worker; the seconds until another process is spawned."""
+        victim = self.supervisor.workers[0].transport
+        started = len(self.reactor.processes)
+        victim.end(KILLED)
+        waited = 0.0
+        while len(self.reactor.processes) == started:
+            self.reactor.advance(0.5)
+            waited += 0.5
+        return waited
+
     def test_restart_backs_off(self) -> None:
         """A dead worker is replaced after 1 s, then 2, 4 ... up to 30 s."""
         delays = []
         for _ in range(5):
             self.reactor.advance(61)  # each worker up over STABLE_AFTER
-            victim = self.supervisor.workers[0].transport
-            started = len(self.reactor.processes)
-            victim.end(KILLED)
-            waited = 0.0
-            while len(self.reactor.processes) == started:
-                self.reactor.advance(0.5)
-                waited += 0.5
-            delays.append(waited)
+            delays.append(self.kill_and_time_the_restart())
         # Each worker was up over 60 s before it died: the back-off started over.
         self.assertEqual(delays, [1.0] * 5)
 
@@ -118,14 +122,7 @@ class SupervisorTests(TestCase):
         """Deaths soon after starting: 1, 2, 4 s (fewer than the give-up count)."""
         delays = []
         for _ in range(3):
-            victim = self.supervisor.workers[0].transport
-            started = len(self.reactor.processes)
-            victim.end(KILLED)
-            waited = 0.0
-            while len(self.reactor.processes) == started:
-                self.reactor.advance(0.5)
-                waited += 0.5
-            delays.append(waited)
+            delays.append(self.kill_and_time_the_restart())
         self.assertEqual(delays, [1.0, 2.0, 4.0])
         self.assertLessEqual(max(self.supervisor._delays), MAX_RESTART_DELAY)
 

@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 from attrs import evolve
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
@@ -31,7 +30,7 @@ from popserv.server.tap import Options
 from popserv.server.tls import CertificateError, CertificateFiles, find_certificates, load_identity
 from popserv.stores.maildir import deliver
 from tests.support.certs import CA, key_pem
-from tests.support.processes import REPO
+from tests.support.processes import REPO, twistd_script
 from tests.support.servers import RawClient, command, login
 from tests.support.tls import TLSTestCase
 
@@ -491,9 +490,7 @@ class ConfigurationTests(SynchronousTestCase):
 
     def test_twistd_prints_one_line(self):
         """twistd with a missing certificate: one line on stderr, no traceback, exit 78."""
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise SkipTest("no twistd script beside this Python")
+        twistd = twistd_script()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         missing = self.dir / "missing.pem"
         done = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,20 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest
 
 import popserv
 import popserv.server.service
 
 REPO = Path(popserv.__file__).resolve().parent.parent
+
+
+def twistd_script() -> str:
+    """The ``twistd`` beside this Python (the venv's), or skip the test."""
+    twistd = Path(sys.executable).with_name("twistd")
+    if not twistd.exists():
+        raise SkipTest("no twistd script beside this Python")
+    return str(twistd)
 
 
 def free_port() -> int:

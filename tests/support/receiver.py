@@ -52,8 +52,6 @@ class SMTPClient(MarkedReader):
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 class ReceiverTestCase(TestCase):

@@ -54,15 +54,6 @@ class RawClient(MarkedReader):
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def closed(self) -> bool:
-        self.sock.settimeout(10)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class ServerTestCase(TestCase):

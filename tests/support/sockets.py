@@ -20,3 +20,14 @@ class MarkedReader:
             self.buffer += chunk
         part, self.buffer = self.buffer.split(marker, 1)
         return part
+
+    def closed(self) -> bool:
+        """Whether the server closed the connection (EOF or a reset) before sending more."""
+        self.sock.settimeout(10)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
