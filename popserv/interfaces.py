@@ -53,6 +53,14 @@ class MessageStream(Protocol):
     def close(self) -> None: ...
 
 
+class ChunkStream(Protocol):
+    """A message read a chunk at a time without blocking: see :class:`IChunkSource`."""
+
+    def read(self, size: int, /) -> Deferred[bytes]: ...
+
+    def close(self) -> None: ...
+
+
 _Column = TypeVar("_Column", bound=Sized | None)
 
 
@@ -107,7 +115,9 @@ class IMailbox(Interface):
         next session.
         """
 
-    def open_message(index: int) -> MessageStream | Deferred[MessageStream]:
+    def open_message(
+        index: int,
+    ) -> MessageStream | ChunkStream | Deferred[MessageStream] | Deferred[ChunkStream]:
         """
         Return (or fire a ``Deferred`` with) a readable binary stream of one
         message: a file-like object read on the reactor thread (a local

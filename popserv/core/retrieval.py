@@ -89,7 +89,11 @@ class MessageBody:
         return self._chunk_size
 
     def __init__(
-        self, message: MessageStream, encoder: BodyEncoder, listed: int | None, chunk_size: int
+        self,
+        message: MessageStream | None,
+        encoder: BodyEncoder,
+        listed: int | None,
+        chunk_size: int,
     ) -> None:
         self._message = message
         self._encoder = encoder
@@ -117,7 +121,7 @@ class MessageBody:
         listed = self._listed
         if not self._at_end and listed is not None:
             # Not read to its end: its file's size says whether it can be the listed one.
-            left = stored_size(self._message)
+            left = None if self._message is None else stored_size(self._message)
             if left is not None and not possible_wire_size(self._read + left, listed):
                 raise MessageChanged(f"{self._read + left} octets stored, {listed} listed")
         return self._chunks(first)
@@ -143,6 +147,7 @@ class MessageBody:
 
     def _step(self) -> bytes:
         """Read and encode one chunk; at the end of the message, the end of the body."""
+        assert self._message is not None, "a body without a stream is fed by its caller"
         return self.feed(self._message.read(self._chunk_size))
 
     def feed(self, data: bytes) -> bytes:

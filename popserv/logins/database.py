@@ -21,7 +21,8 @@ refuses a URL that carries one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -78,6 +79,27 @@ def check_url(url: str) -> str:
     return url
 
 
+@contextmanager
+def connect(url: str, wait: float = WAIT) -> Iterator[Any]:
+    """
+    One connection of its own, blocking (a command, a check at startup),
+    closed after; DatabaseUnavailable if the database cannot be reached.
+    """
+    import psycopg
+
+    try:
+        connection = psycopg.connect(
+            check_url(url), **{**CONNECTION_OPTIONS, "connect_timeout": max(1, round(wait))}
+        )
+    except psycopg.OperationalError as e:
+        # libpq's message has a hint on a second line: one line is what is shown.
+        raise DatabaseUnavailable(
+            f"cannot reach the database: {' '.join(str(e).split())}"
+        ) from None
+    with connection:
+        yield connection
+
+
 class Database:
     """A connection pool to ``url``, used from the reactor (see the module)."""
 
@@ -92,6 +114,7 @@ class Database:
 
         self.url = check_url(url)
         self.reactor = reactor
+        self.wait = wait
         self.pool = ConnectionPool(
             url,
             min_size=0,
@@ -125,6 +148,10 @@ class Database:
             self.running = False
             self.threads.stop()
             self.pool.close()
+
+    def connect_here(self) -> AbstractContextManager[Any]:
+        """A connection outside the pool (:func:`connect`), blocking."""
+        return connect(self.url, self.wait)
 
     def run(self, work: Callable[[Any], T]) -> Deferred[T]:
         """``work(connection)`` in a database thread; DatabaseUnavailable if it cannot run."""
@@ -175,4 +202,4 @@ def _first_row(connection: Any, query: str, parameters: dict[str, Any]) -> dict[
         return row
 
 
-__all__ = ["Database", "DatabaseUnavailable", "check_url"]
+__all__ = ["Database", "DatabaseUnavailable", "check_url", "connect"]

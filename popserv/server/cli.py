@@ -24,6 +24,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from popserv.core.errors import InvalidUsername
 from popserv.core.headers import header_field
 from popserv.core.usernames import CASES, FOLD, UsernameRules
+from popserv.logins.database import Database
 from popserv.logins.passwords import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
@@ -40,7 +41,10 @@ from popserv.logins.passwords import (
 )
 from popserv.logins.sqlaccounts import PostfixadminTable
 from popserv.server.control import ControlClient, ControlError, control_path
+from popserv.server.dbcommands import DatabaseCommandError
+from popserv.server.dbcommands import add_commands as add_database_commands
 from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
+from popserv.server.optionvalues import STORES
 from popserv.stores.delivery import (
     EX_CONFIG,
     EX_NOUSER,
@@ -55,6 +59,7 @@ from popserv.stores.delivery import (
 )
 from popserv.stores.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
 from popserv.stores.maildir.directory import MaildirPath
+from popserv.stores.postgres.delivery import PostgresStore, deliver_into
 from popserv.stores.quota import Quota, parse_count, parse_size
 
 PROG = "popserv"
@@ -68,6 +73,7 @@ class CommandError(Exception):
 
 _EXPECTED = (
     CommandError,
+    DatabaseCommandError,
     InvalidField,
     NoSuchUser,
     PasswordTooLong,
@@ -225,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
         " file (the server's --database; the password in PGPASSWORD or PGPASSFILE)",
     )
     paths.add_argument(
+        "--store",
+        choices=STORES,
+        default=argparse.SUPPRESS,
+        help="where mail is kept, as the server's --store (default: maildir)",
+    )
+    paths.add_argument(
         "--follow-maildir-symlinks",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -343,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--user", action="store_true", help="TARGET is a user name")
     kind.add_argument("--address", action="store_true", help="TARGET is an address")
     kick.set_defaults(command=_kick)
+    add_database_commands(commands, paths)
     # Only for --help: main() hands what follows "check" to the twistd options.
     commands.add_parser(
         "check",
@@ -383,8 +396,9 @@ def _passwd(
     url = getattr(args, "database", None)
     if url:
         if len(getattr(args, "scheme", None) or ()) > 1:
-            raise CommandError("--database: the mailbox table has one password column,"
-                               " so give one --scheme")
+            raise CommandError(
+                "--database: the mailbox table has one password column, so give one --scheme"
+            )
         return PostfixadminTable(url, rules)
     return PasswdFile((layout or _layout(args)).passwd_path, rules)
 
@@ -554,7 +568,17 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
         return EX_USAGE
     layout = _layout(args)
     passwd = _passwd(args, layout)
-    directory = Directory(layout, passwd, (), quota=Quota(args.quota_bytes, args.quota_messages))
+    in_database = getattr(args, "store", "maildir") == "postgresql"
+    if in_database and not isinstance(passwd, PostfixadminTable):
+        raise CommandError("--store postgresql needs --database")
+    database = Database(args.database, reactor=None) if in_database else None
+    directory = Directory(
+        layout,
+        passwd,
+        (),
+        quota=Quota(args.quota_bytes, args.quota_messages),
+        store=None if database is None else PostgresStore(database),
+    )
     if args.user:
         recipient = directory.recipient(args.user, recipient_address)
     else:
@@ -573,7 +597,11 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     if sender is not None and has_control(sender):
         raise BadSender(sender)
     header = _trace_lines(message, sender, recipient.address)
-    [result] = deliver_message([(recipient, header)], message, atomic=True)
+    if database is None:
+        [result] = deliver_message([(recipient, header)], message, atomic=True)
+    else:
+        with database.connect_here() as connection:
+            [result] = deliver_into(connection, [(recipient, header)], message, atomic=True)
     if result is not None:
         raise result
     return EX_OK

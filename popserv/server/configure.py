@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from popserv.core.usernames import FOLD, UsernameRules
-from popserv.logins.database import MAX_CONNECTIONS, Database
+from popserv.logins.database import MAX_CONNECTIONS, Database, DatabaseUnavailable
 from popserv.logins.oauth import JWTValidator
 from popserv.logins.sqlaccounts import DEFAULT_QUERY, SQLAccounts
 from popserv.server.proxied import ProxyHeaderEndpoint, inner_description
@@ -28,6 +29,8 @@ DEFAULT_POP3_ENDPOINT = "tcp:1110:interface=127.0.0.1"
 
 #: The options that name endpoints to listen on.
 LISTENER_OPTIONS = ("pop3", "pop3s", "smtp", "lmtp")
+
+log = Logger()
 
 
 def pop3_endpoints(options: Mapping[str, Any]) -> list[str]:
@@ -93,6 +96,29 @@ def database_accounts(options: Mapping[str, Any], reactor: Any) -> SQLAccounts |
         raise StartupError("--database needs psycopg: pip install 'popserv[postgresql]'") from None
     query = options.get("database-query") or DEFAULT_QUERY
     return SQLAccounts(database, username_rules(options), query)
+
+
+def database_store(options: Mapping[str, Any], accounts: object) -> Database | None:
+    """
+    With ``--store postgresql``: the database the accounts are read from,
+    whose schema must be this popserv's (checked now when it can be
+    reached; one that cannot is only warned about, as it may come up later).
+    """
+    if options.get("store", "maildir") != "postgresql":
+        return None
+    if not isinstance(accounts, SQLAccounts):
+        raise StartupError("--store postgresql needs --database")
+    database = accounts.database
+    from popserv.stores.postgres.schema import SchemaError, check
+
+    try:
+        with database.connect_here() as connection:
+            check(connection)
+    except SchemaError as e:
+        raise StartupError(f"--store postgresql: {e}") from None
+    except DatabaseUnavailable as e:
+        log.warn("Cannot check the database's schema now: {error}", error=str(e))
+    return database
 
 
 def tls_server(options: Mapping[str, Any]) -> TLSServer | None:

@@ -7,7 +7,7 @@ of :class:`~popserv.server.protocol.POP3Protocol`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from popserv.core import effects as pop3
 from popserv.core import errors, wire
 from popserv.core.retrieval import MessageBody
-from popserv.interfaces import IChunkSource, IMailbox
+from popserv.interfaces import ChunkStream, IChunkSource, IMailbox, MessageStream
 from popserv.server.maybe import resolve
 
 if TYPE_CHECKING:
@@ -60,14 +60,21 @@ class MaildropEffects:
         -ERR, one found after it cuts the connection.
         """
         index = effect.index
-        message = await resolve(self.mailbox.open_message(index))
+        opening = self.mailbox.open_message(index)
+        message: MessageStream | ChunkStream = (
+            await opening if isinstance(opening, Deferred) else opening
+        )
         try:
+            chunked = IChunkSource.providedBy(message)
             body = MessageBody(
-                message, effect.encoder, effect.listed, self.factory.policy.chunk_size
+                None if chunked else cast(MessageStream, message),
+                effect.encoder,
+                effect.listed,
+                self.factory.policy.chunk_size,
             )
             try:
-                if IChunkSource.providedBy(message):
-                    chunks = await _start_reading(body, message)
+                if chunked:
+                    chunks = await _start_reading(body, cast(ChunkStream, message))
                 else:
                     chunks = body.start()
             except errors.MessageChanged as e:
@@ -126,7 +133,7 @@ __all__ = ["MaildropEffects"]
 
 
 async def _start_reading(
-    body: MessageBody, message: Any
+    body: MessageBody, message: ChunkStream
 ) -> Iterator[bytes | Deferred[bytes]]:
     """
     :meth:`MessageBody.start` for an :class:`~popserv.interfaces.IChunkSource`:

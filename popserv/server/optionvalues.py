@@ -127,6 +127,16 @@ def uidl_format(value: str) -> UidlScheme:
     return parse_uidl_format(value.strip())
 
 
+#: ``--store`` values.
+STORES = ("maildir", "postgresql")
+
+
+def store(value: str) -> str:
+    if value not in STORES:
+        raise ValueError(f"must be one of {', '.join(STORES)}")
+    return value
+
+
 def username_case(value: str) -> str:
     if value not in CASES:
         raise ValueError(f"must be one of {', '.join(CASES)}")

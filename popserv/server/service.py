@@ -29,6 +29,7 @@ from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
     LISTENER_OPTIONS,
     database_accounts,
+    database_store,
     endpoint,
     layout_of,
     pop3_endpoints,
@@ -57,11 +58,13 @@ from popserv.server.startup import StartupError, exit_on_startup_error, strerror
 # The plugin's ServiceMaker reads Options from the module it names (this one).
 from popserv.server.tap import Options
 from popserv.server.tls import ALPN_SMTP, TLSServer
-from popserv.stores.delivery import Directory
+from popserv.stores.delivery import Directory, MaildirStore
 from popserv.stores.layout import Layout, Owner
 from popserv.stores.maildir.uidls import DOVECOT
+from popserv.stores.postgres.delivery import PostgresStore
+from popserv.stores.postgres.realm import PostgresRealm
 from popserv.stores.quota import Quota
-from popserv.stores.realm import MaildirRealm
+from popserv.stores.realm import AccountRealm, MaildirRealm
 
 if TYPE_CHECKING:
     from popserv.server.workers.admission import RemoteAdmission
@@ -132,13 +135,18 @@ def make_factory(
     if accounts is None:
         accounts = PasswdFile(layout.passwd_path, rules)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
-    realm = MaildirRealm(
-        layout,
-        accounts,
-        defaults,
-        reactor=reactor,
-        uidl_format=options.get("uidl-format") or DOVECOT,
-    )
+    store = database_store(options, accounts)
+    realm: AccountRealm
+    if store is not None:
+        realm = PostgresRealm(store, accounts, defaults, reactor=reactor)
+    else:
+        realm = MaildirRealm(
+            layout,
+            accounts,
+            defaults,
+            reactor=reactor,
+            uidl_format=options.get("uidl-format") or DOVECOT,
+        )
     masters = options.get("master-user") or []
     passwords = PasswdFileChecker(accounts, reactor=reactor, masters=masters)
     checkers: list[Any] = [passwords]
@@ -207,6 +215,11 @@ def make_receiver(
         domains,
         quota=quota,
         delimiter=options.get("recipient-delimiter", "+") or "",
+        store=(
+            PostgresStore(accounts.database)
+            if options.get("store") == "postgresql" and isinstance(accounts, SQLAccounts)
+            else MaildirStore(layout, reactor)
+        ),
     )
     settings = ReceiverSettings(
         hostname=hostname,
@@ -389,9 +402,7 @@ def _make_parent(
         grace=shutdown_grace(options),
     )
     children: list[Service] = [
-        control_service(
-            layout, WorkerSessions(supervisor.links, username_rules(options)), reactor
-        ),
+        control_service(layout, WorkerSessions(supervisor.links, username_rules(options)), reactor),
         *_tmp_cleaner(options, layout, reactor),
         AccessCheck(
             layout,

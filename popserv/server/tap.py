@@ -75,6 +75,14 @@ class Options(usage.Options):
             values.database_url,
         ],
         [
+            "store",
+            None,
+            "maildir",
+            "Where mail is kept: maildir (files under --maildir) or postgresql (in the"
+            " --database, whose tables `popserv db init` creates).",
+            values.store,
+        ],
+        [
             "database-query",
             None,
             None,

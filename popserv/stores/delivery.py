@@ -16,11 +16,12 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from popserv.core.errors import InvalidUsername, TemporaryFailure
@@ -35,6 +36,8 @@ from popserv.stores.maildir.directory import MaildirPath
 from popserv.stores.quota import OverQuota, Quota, current_usage
 
 log = Logger()
+
+T = TypeVar("T")
 
 #: sysexits.h
 EX_OK = 0
@@ -108,12 +111,55 @@ def has_control(address: str) -> bool:
 
 @frozen
 class Recipient:
-    """An accepted envelope recipient: the address as given, and whose mail it is."""
+    """
+    An accepted envelope recipient: the address as given, whose mail it is,
+    its Maildir (None when the store keeps maildrops by user name) and quota.
+    """
 
     address: str
     user: str
-    maildir: MaildirPath
+    maildir: MaildirPath | None
     quota: Quota
+
+
+class MailStore(Protocol):
+    """Where :class:`Directory`'s recipients' mail is stored: Maildirs, or a database."""
+
+    def place(self, entry: UserEntry) -> MaildirPath | None:
+        """The account's Maildir, or None for a store that finds maildrops by name."""
+
+    def check_room(self, recipient: Recipient, incoming: int = 0) -> Deferred[None]:
+        """Fail with :class:`MailboxFull` unless ``incoming`` octets fit (RCPT, SIZE)."""
+
+    def deliver(
+        self, copies: Sequence[tuple[Recipient, bytes]], message: bytes | BinaryIO, *, atomic: bool
+    ) -> Deferred[list[DeliveryError | None]]:
+        """:func:`deliver_message`'s work and results, without blocking the reactor."""
+
+
+class MaildirStore:
+    """Delivery into each account's Maildir (the default), in the reactor's threads."""
+
+    def __init__(self, layout: Layout, reactor: Any = None) -> None:
+        self.layout = layout
+        self._reactor = reactor
+
+    def place(self, entry: UserEntry) -> MaildirPath:
+        return self.layout.maildir_location(entry.name, entry.extra.get("maildir"))
+
+    def _in_thread(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+    def check_room(self, recipient: Recipient, incoming: int = 0) -> Deferred[None]:
+        return self._in_thread(check_room, recipient, incoming)
+
+    def deliver(
+        self, copies: Sequence[tuple[Recipient, bytes]], message: bytes | BinaryIO, *, atomic: bool
+    ) -> Deferred[list[DeliveryError | None]]:
+        return self._in_thread(deliver_message, copies, message, atomic=atomic)
 
 
 class Directory:
@@ -137,8 +183,10 @@ class Directory:
         *,
         quota: Quota | None = None,
         delimiter: str = "+",
+        store: MailStore | None = None,
     ) -> None:
         self.layout = layout
+        self.store: MailStore = store or MaildirStore(layout)
         self.passwd = passwd
         self.domains = frozenset(_domain(d) for d in domains)
         self.quota = quota or Quota()
@@ -216,7 +264,7 @@ class Directory:
     def _recipient(self, address: str, entry: UserEntry) -> Recipient:
         """The account's Maildir (its own ``maildir`` field for ``{maildir}``) and quota."""
         try:
-            maildir = self.layout.maildir_location(entry.name, entry.extra.get("maildir"))
+            maildir = self.store.place(entry)
         except InvalidUsername:
             raise UnknownUser(entry.name) from None
         return Recipient(address, entry.name, maildir, self._quota_of(entry))
@@ -233,6 +281,7 @@ def check_room(recipient: Recipient, incoming: int = 0) -> None:
     """Raise :class:`MailboxFull` if the recipient's mailbox is full (blocking)."""
     if recipient.quota.unlimited:
         return
+    assert recipient.maildir is not None, "a Maildir store's recipient"
     try:
         usage = current_usage(recipient.maildir, recipient.quota)
     except OSError as e:
@@ -295,6 +344,7 @@ def deliver_message(
     results: list[DeliveryError | None] = [None] * len(copies)
     first_of: dict[MaildirPath, int] = {}
     for i, (recipient, _) in enumerate(copies):
+        assert recipient.maildir is not None, "a Maildir store's recipient"
         first_of.setdefault(recipient.maildir, i)
     # One order for taking the locks, whoever delivers.
     targets = sorted(first_of.items(), key=lambda target: str(target[0]))
@@ -305,13 +355,13 @@ def deliver_message(
     for lock in locks:
         lock.acquire()
     try:
-        for _, i in targets:
+        for maildir, i in targets:
             recipient, header = copies[i]
             try:
                 check_room(recipient, size + len(header))
                 if not isinstance(message, bytes):
                     message.seek(0)
-                stored = prepare(recipient.maildir, message, header=header)
+                stored = prepare(maildir, message, header=header)
                 pending.append((i, stored))
             except DeliveryError as e:
                 results[i] = e
@@ -351,4 +401,4 @@ def deliver_message(
         for lock in locks:
             lock.release()
     by_maildir = {maildir: results[i] for maildir, i in first_of.items()}
-    return [by_maildir[recipient.maildir] for recipient, _ in copies]
+    return [by_maildir[cast(MaildirPath, recipient.maildir)] for recipient, _ in copies]

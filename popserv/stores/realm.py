@@ -32,41 +32,32 @@ _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
 
 #: What ``IRealm.requestAvatar`` gives: the interface, the avatar, its logout.
-_Avatar = tuple[type[Interface], object, Callable[[], None]]
+Avatar = tuple[type[Interface], object, Callable[[], None]]
 
 #: Where the time of a user's last login is kept, for LOGIN-DELAY across restarts.
 LAST_LOGIN_FILE = "popserv.lastlogin"
 
 
 @implementer(IRealm)
-class MaildirRealm:
+class AccountRealm:
     """
-    Opens ``layout.maildir_for(user)`` for each login, with UIDLs as
-    ``uidl_format`` says (a ``--uidl-format`` value, see
-    :mod:`popserv.stores.maildir.uidls`) and a ``popserv.index`` unless ``index`` is false.
+    What every store's realm shares: the user's account (the password
+    file's or a database's) and the settings it gives the session.
+    Subclasses open the maildrop (:meth:`_open`).
     """
 
     def __init__(
         self,
-        layout: Layout,
         passwd: PasswdFile | SQLAccounts | None,
         defaults: AccountSettings | None = None,
         *,
         reactor: Any = None,
-        uidl_format: UidlScheme | str = DOVECOT,
-        index: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        if isinstance(uidl_format, str):
-            uidl_format = parse_uidl_format(uidl_format)
-        self.uidl_format = uidl_format
-        self.index = index
-        self.layout = layout
         self.passwd = passwd
         self.defaults = defaults or AccountSettings()
         self._reactor = reactor
-        self._last_login: dict[str, float] = {}
         self._announced: tuple[object, Announcement] | None = None
 
     def settings_for(self, user: str) -> AccountSettings:
@@ -106,13 +97,16 @@ class MaildirRealm:
 
     def requestAvatar(
         self, avatarId: bytes | str | tuple[()], mind: object, *interfaces: type[Interface]
-    ) -> Deferred[_Avatar]:
+    ) -> Deferred[Avatar]:
         if IMailbox not in interfaces:
-            raise NotImplementedError("MaildirRealm only serves IMailbox")
+            raise NotImplementedError(f"{type(self).__name__} only serves IMailbox")
         # popserv's checkers give a user name (str, or bytes from Twisted's
         # own); the anonymous () is no user and no checker here gives it.
         user = cast(str, avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId)
-        return Deferred.fromCoroutine(self._open(user))
+        return Deferred.fromCoroutine(self._open(user, mind))
+
+    async def _open(self, user: str, mind: object) -> Avatar:
+        raise NotImplementedError
 
     async def _entry(self, user: str) -> UserEntry | None:
         """``user``'s account: the password file's, or a database's (awaited)."""
@@ -123,7 +117,33 @@ class MaildirRealm:
             found = await found
         return found
 
-    async def _open(self, user: str) -> tuple[type[IMailbox], MaildirMailbox, Callable[[], None]]:
+
+class MaildirRealm(AccountRealm):
+    """
+    Opens ``layout.maildir_for(user)`` for each login, with UIDLs as
+    ``uidl_format`` says (a ``--uidl-format`` value, see
+    :mod:`popserv.stores.maildir.uidls`) and a ``popserv.index`` unless ``index`` is false.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        passwd: PasswdFile | SQLAccounts | None,
+        defaults: AccountSettings | None = None,
+        *,
+        reactor: Any = None,
+        uidl_format: UidlScheme | str = DOVECOT,
+        index: bool = True,
+    ) -> None:
+        super().__init__(passwd, defaults, reactor=reactor)
+        if isinstance(uidl_format, str):
+            uidl_format = parse_uidl_format(uidl_format)
+        self.uidl_format = uidl_format
+        self.index = index
+        self.layout = layout
+        self._last_login: dict[str, float] = {}
+
+    async def _open(self, user: str, mind: object) -> Avatar:
         # The name the accounts store for ``user``, whose Maildir it is: a
         # checker other than the file's own (an OAuth token's ``ALICE``)
         # still opens the file's ``alice``; ``user`` itself when not there.

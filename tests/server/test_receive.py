@@ -20,7 +20,6 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
 from popserv.logins.passwords import PasswdFile, hash_password
-from popserv.server.receiving import protocol as receiver_protocol
 from popserv.server.receiving.connection import peer_text
 from popserv.stores import delivery
 from popserv.stores.delivery import BadAddress, RelayDenied, UnknownUser
@@ -602,7 +601,7 @@ class ReviewRegressionTests(ReceiverTestCase):
         def broken(*args, **kwargs):
             raise RuntimeError("bug")
 
-        self.patch(receiver_protocol, "deliver_message", broken)
+        self.patch(delivery, "deliver_message", broken)
         client = await self.in_thread(SMTPClient, self.ports["lmtp"])
         self.addCleanup(client.close)
         client.send(

@@ -145,3 +145,16 @@ def postgresql() -> PostgreSQL:
         atexit.register(server.stop)
         _servers.append(server)
     return _servers[0]
+
+
+def store_database() -> str:
+    """A new database with Postfixadmin's table and the mail store's tables; its URL."""
+    import psycopg
+
+    from popserv.stores.postgres.schema import upgrade
+
+    url = postgresql().database()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(POSTFIXADMIN_MAILBOX)
+        upgrade(connection)
+    return url

@@ -67,17 +67,17 @@ class ReceiverTestCase(TestCase):
         Deliveries wait, once they have started, until the second event is
         set; the first is set when one has started.
         """
-        from popserv.server.receiving import protocol
+        from popserv.stores import delivery
 
         entered, release = threading.Event(), threading.Event()
-        real = protocol.deliver_message
+        real = delivery.deliver_message
 
         def held(*args, **kwargs):
             entered.set()
             release.wait(10)
             return real(*args, **kwargs)
 
-        self.patch(protocol, "deliver_message", held)
+        self.patch(delivery, "deliver_message", held)
         return entered, release
 
     def setUp(self):

@@ -7,15 +7,13 @@ recipient directory, the spool, the thread pool, admission).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from attrs import frozen
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorThreads, IReactorTime
-from twisted.internet.threads import deferToThreadPool
 
 from popserv.core.smtpwire import TOO_MANY
 from popserv.server.admission import (
@@ -168,7 +166,3 @@ class ReceiverFactory(protocol.ServerFactory):
     def open_spool(self) -> Spool:
         """A new spool file for one message (raises OSError)."""
         return Spool.open(self.settings.spool_dir)
-
-    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        reactor: Any = self.reactor
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)

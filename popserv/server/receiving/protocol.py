@@ -47,8 +47,6 @@ from popserv.stores.delivery import (
     MessageTooBig,
     Recipient,
     StorageFailed,
-    check_room,
-    deliver_message,
     has_control,
     received_field,
     trace_header,
@@ -172,9 +170,7 @@ class ReceiverProtocol(ReceiverConnection):
             self._unknown_recipient(e, address)
             return None
         if isinstance(found, Deferred):  # looked up in a database, in a thread
-            return found.addCallbacks(
-                self._found, self._not_found, errbackArgs=(address,)
-            )
+            return found.addCallbacks(self._found, self._not_found, errbackArgs=(address,))
         return self._found(found)
 
     def _unknown_recipient(self, error: DeliveryError, address: str) -> None:
@@ -197,7 +193,7 @@ class ReceiverProtocol(ReceiverConnection):
             return None
         # Quota: refuse at once when the mailbox is full, or when the SIZE
         # the client declared would not fit.
-        room = self.factory.in_thread(check_room, recipient, self._declared_size)
+        room = self.factory.directory.store.check_room(recipient, self._declared_size)
         return room.addCallbacks(
             lambda _: self._accept(recipient), lambda f: self._refuse_recipient(f, recipient)
         )
@@ -278,11 +274,8 @@ class ReceiverProtocol(ReceiverConnection):
         started = perf_counter()
         try:
             copies = [(r, self._trace(sender, r, queue_id)) for r in recipients]
-            work = self.factory.in_thread(
-                deliver_message,
-                copies,
-                message,
-                atomic=not self.per_recipient_replies,
+            work = self.factory.directory.store.deliver(
+                copies, message, atomic=not self.per_recipient_replies
             )
         except BaseException:
             spool.close()

@@ -76,34 +76,39 @@ def _chunks(source: Source) -> Iterator[bytes]:
 _PLAIN_CRLF = re.compile(rb"(?<!\r)\r\n")
 
 
+def lf_chunks(source: Source) -> Iterator[bytes]:
+    """
+    ``source`` in chunks with CRLF line ends turned into LF, as a message
+    is stored.  Reading it back gives exactly the lines of ``source``,
+    lone CRs included.
+    """
+    carry = b""
+    for chunk in _chunks(source):
+        data = carry + chunk if carry else chunk
+        # Trailing CRs may begin a CRLF split across chunks; two are kept
+        # back so the one before the LF can see whether a CR precedes it.
+        kept = len(data) - len(data.rstrip(b"\r"))
+        kept = min(kept, 2)
+        if kept:
+            data, carry = data[:-kept], data[-kept:]
+        else:
+            carry = b""
+        data = _PLAIN_CRLF.sub(b"\n", data)
+        if data:
+            yield data
+    if carry:
+        yield carry
+
+
 def _write_lf(fd: int, source: Source) -> tuple[int, int]:
-    """
-    Write ``source`` to ``fd`` with CRLF line ends turned into LF; return
-    the (stored, wire) sizes.  Reading the file back gives exactly the lines
-    of ``source``, lone CRs included.
-    """
+    """Write :func:`lf_chunks` of ``source`` to ``fd``; return the (stored, wire) sizes."""
     counter = WireSizeCounter()
     stored = 0
     with open(fd, "wb", closefd=False) as out:
-        carry = b""
-        for chunk in _chunks(source):
-            data = carry + chunk if carry else chunk
-            # Trailing CRs may begin a CRLF split across chunks; two are kept
-            # back so the one before the LF can see whether a CR precedes it.
-            kept = len(data) - len(data.rstrip(b"\r"))
-            kept = min(kept, 2)
-            if kept:
-                data, carry = data[:-kept], data[-kept:]
-            else:
-                carry = b""
-            data = _PLAIN_CRLF.sub(b"\n", data)
+        for data in lf_chunks(source):
             out.write(data)
             counter.feed(data)
             stored += len(data)
-        if carry:
-            out.write(carry)
-            counter.feed(carry)
-            stored += len(carry)
     return stored, counter.result()
 
 

@@ -1,0 +1,263 @@
+"""
+The PostgreSQL mail store's Twisted side: :class:`PostgresMailbox`, one
+user's maildrop leased and listed for a POP3 session, and
+:class:`MessageChunks`, a message read a few chunks at a time.
+
+Every query runs in the database's threads (:class:`~popserv.logins.database.Database`),
+so the reactor never waits on PostgreSQL.  The lease is renewed every
+third of its length while the session lasts and released when it ends; a
+process that dies leaves it to expire (see :mod:`popserv.stores.postgres.queries`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from popserv.core.errors import MessageGone
+from popserv.interfaces import IAccountSettings, IChunkSource, IMailbox, Listing
+from popserv.logins.database import Database
+from popserv.stores.postgres import queries
+
+log = Logger()
+
+T = TypeVar("T")
+
+#: Seconds a session's lease on its maildrop lasts unless renewed: how
+#: long the users of a process that died stay locked out.
+LEASE_SECONDS = 30.0
+
+
+def node_name() -> str:
+    """Who holds a lease, as operators read it: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@implementer(IChunkSource)
+class MessageChunks:
+    """One stored message, read a few chunks per query (``queries.CHUNKS_PER_READ``)."""
+
+    def __init__(self, database: Database, message: int) -> None:
+        self._database = database
+        self._message = message
+        self._next = 0
+        self._ended = False
+        self._buffer: deque[bytes] = deque()
+
+    def read(self, size: int) -> Deferred[bytes]:
+        if self._buffer:
+            return succeed(self._take(size))
+        if self._ended:
+            return succeed(b"")
+        first, count = self._next, queries.CHUNKS_PER_READ
+        fetched = self._database.run(
+            lambda connection: queries.read_chunks(connection, self._message, first, count)
+        )
+        return fetched.addCallback(self._fetched, size)
+
+    def _fetched(self, chunks: list[bytes], size: int) -> bytes:
+        if not chunks and self._next == 0:
+            raise MessageGone("the message is no longer in the database")
+        self._next += len(chunks)
+        self._ended = len(chunks) < queries.CHUNKS_PER_READ
+        self._buffer.extend(chunk for chunk in chunks if chunk)
+        return self._take(size) if self._buffer else b""
+
+    def _take(self, size: int) -> bytes:
+        chunk = self._buffer.popleft()
+        if len(chunk) > size:
+            self._buffer.appendleft(chunk[size:])
+            return chunk[:size]
+        return chunk
+
+    def close(self) -> None:
+        self._buffer.clear()
+        self._ended = True
+
+
+@implementer(IMailbox, IAccountSettings)
+class PostgresMailbox:
+    """A maildrop in PostgreSQL, leased to one POP3 session.  Build it with :meth:`open`."""
+
+    def __init__(
+        self,
+        database: Database,
+        opened: queries.Opened,
+        owner: str,
+        *,
+        lease: float = LEASE_SECONDS,
+        login_delay: int = 0,
+        expire_days: int | None = None,
+    ) -> None:
+        self.database = database
+        self.maildrop = opened.maildrop
+        self.owner = owner
+        self.login_delay = login_delay
+        self.expire_days = expire_days
+        #: False once a renewal found the lease taken: the commit will refuse.
+        self.leased = True
+        self._ids = opened.ids
+        self._listing = opened.listing
+        self._lease = lease
+        self._jobs = 0
+        self._closed = False
+        self._renewal = LoopingCall(self._renew)
+        self._renewal.clock = database.reactor
+        self._renewal.start(lease / 3, now=False)
+
+    @classmethod
+    def open(
+        cls,
+        database: Database,
+        name: str,
+        *,
+        client: str = "",
+        lease: float = LEASE_SECONDS,
+        login_delay: int = 0,
+        expire_days: int | None = None,
+    ) -> Deferred[PostgresMailbox]:
+        """
+        Lease ``name``'s maildrop (created if missing) and list it.
+
+        Fails with :class:`~popserv.core.errors.MailboxInUse` while another
+        session's lease holds it, :class:`~popserv.core.errors.LoginDelayed`,
+        or :class:`~popserv.logins.database.DatabaseUnavailable`.  Cancelling
+        the result gives the lease back once it is taken.
+        """
+        owner = str(uuid.uuid4())
+        cancelled = False
+
+        def cancel(_: Deferred[PostgresMailbox]) -> None:
+            nonlocal cancelled
+            cancelled = True
+
+        result: Deferred[PostgresMailbox] = Deferred(cancel)
+
+        def work(connection: Any) -> queries.Opened:
+            maildrop = queries.take(
+                connection,
+                name,
+                owner=owner,
+                node=node_name(),
+                client=client,
+                lease=lease,
+                login_delay=login_delay,
+            )
+            try:
+                ids, listing = queries.list_messages(connection, maildrop)
+            except BaseException:
+                queries.release(connection, maildrop, owner)
+                raise
+            return queries.Opened(maildrop, ids, listing)
+
+        def opened(found: queries.Opened) -> None:
+            if cancelled:
+                database.run(lambda c: queries.release(c, found.maildrop, owner))
+                return
+            mailbox = cls(
+                database,
+                found,
+                owner,
+                lease=lease,
+                login_delay=login_delay,
+                expire_days=expire_days,
+            )
+            result.callback(mailbox)
+
+        def failed(failure: Failure) -> None:
+            if not cancelled:
+                result.errback(failure)
+
+        database.run(work).addCallbacks(opened, failed)
+        return result
+
+    def listing(self) -> Listing:
+        return self._listing
+
+    def open_message(self, index: int) -> MessageChunks:
+        return MessageChunks(self.database, self._ids[index])
+
+    def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:
+        """
+        Delete ``deleted`` and mark ``retrieved`` seen, in one transaction;
+        :class:`~popserv.core.errors.CommitFailed` (nothing deleted) if the
+        lease was lost.
+        """
+        ids = self._ids
+        gone = set(deleted)
+        doomed = array("q", (ids[i] for i in sorted(gone)))
+        seen = self._listing.seen
+        marks = array("q", (ids[i] for i in retrieved if i not in gone and not (seen and seen[i])))
+        if not doomed and not marks:
+            return succeed(None)
+
+        def done(count: int) -> None:
+            log.info(
+                "Commit: {deleted} deleted, {marked} marked seen", deleted=count, marked=len(marks)
+            )
+
+        return self._job(
+            lambda connection: queries.commit(connection, self.maildrop, self.owner, doomed, marks)
+        ).addCallback(done)
+
+    def _job(self, work: Callable[[Any], T]) -> Deferred[T]:
+        """Run ``work`` on a connection, keeping the lease until it is over."""
+        self._jobs += 1
+        return self.database.run(work).addBoth(self._job_over)
+
+    def _job_over(self, result: T) -> T:
+        self._jobs -= 1
+        if self._closed and not self._jobs:
+            self._release()
+        return result
+
+    def _renew(self) -> Deferred[None]:
+        def renewed(held: bool) -> None:
+            if not held and self.leased:
+                self.leased = False
+                log.warn("The lease on maildrop {id} was lost", id=self.maildrop)
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "Cannot renew the lease on maildrop {id}: {error}",
+                id=self.maildrop,
+                error=failure.getErrorMessage(),
+            )
+
+        return self.database.run(
+            lambda connection: queries.renew(connection, self.maildrop, self.owner, self._lease)
+        ).addCallbacks(renewed, failed)
+
+    def close(self) -> None:
+        """Give the lease back (after a running commit); later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._renewal.running:
+            self._renewal.stop()
+        if not self._jobs:
+            self._release()
+
+    def _release(self) -> None:
+        def failed(failure: Failure) -> None:
+            # It expires by itself within the lease's length.
+            log.info(
+                "Cannot release maildrop {id}: {error}",
+                id=self.maildrop,
+                error=failure.getErrorMessage(),
+            )
+
+        self.database.run(
+            lambda connection: queries.release(connection, self.maildrop, self.owner)
+        ).addErrback(failed)

@@ -1,0 +1,188 @@
+"""
+The PostgreSQL mail store against a real PostgreSQL: the schema, delivery
+with quotas enforced by the database, a session's lease, listing, reading in
+chunks and the QUIT commit.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from popserv.core.body import wire_size
+from popserv.core.errors import CommitFailed, LoginDelayed, MailboxInUse, MessageGone
+from popserv.logins.database import Database, DatabaseUnavailable
+from popserv.stores.delivery import MailboxFull, Recipient
+from popserv.stores.postgres import queries
+from popserv.stores.postgres.delivery import PostgresStore, deliver_into
+from popserv.stores.postgres.mailbox import PostgresMailbox
+from popserv.stores.postgres.schema import VERSION, SchemaError, check, upgrade, version
+from popserv.stores.quota import Quota
+from tests.support.postgres import postgresql, store_database
+
+
+def recipient(user: str = "alice", quota: Quota | None = None) -> Recipient:
+    return Recipient(f"{user}@example.org", user, None, quota or Quota())
+
+
+async def read_all(mailbox: PostgresMailbox, index: int, size: int = 65536) -> bytes:
+    source = mailbox.open_message(index)
+    parts = []
+    while chunk := await source.read(size):
+        parts.append(chunk)
+    source.close()
+    return b"".join(parts)
+
+
+class SchemaTests(TestCase):
+    def test_init_upgrade_check(self) -> None:
+        url = postgresql().database()
+        with psycopg.connect(url, autocommit=True) as connection:
+            self.assertIsNone(version(connection))
+            self.assertRaises(SchemaError, check, connection)
+            self.assertRaises(SchemaError, upgrade, connection, create=False)
+            self.assertEqual(upgrade(connection), (None, VERSION))
+            self.assertEqual(upgrade(connection), (VERSION, VERSION))
+            check(connection)
+            connection.execute("UPDATE popserv.version SET version = version + 1")
+            with self.assertRaises(SchemaError) as caught:
+                check(connection)
+            self.assertIn("newer", str(caught.exception))
+
+
+class StoreTests(TestCase):
+    def setUp(self) -> None:
+        self.url = store_database()
+        self.database = Database(self.url, reactor)
+        self.addCleanup(self.database.stop)
+        self.store = PostgresStore(self.database)
+
+    def deliver(self, message: bytes, *users: str, atomic: bool = True,
+                quota: Quota | None = None) -> list:
+        copies = [(recipient(user, quota), f"Delivered-To: {user}\n".encode()) for user in users]
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            return deliver_into(connection, copies, message, atomic=atomic)
+
+    def open(self, user: str = "alice", **options):
+        return PostgresMailbox.open(self.database, user, **options)
+
+    async def test_deliver_list_read_commit(self) -> None:
+        big = b"".join(b"line %d\r\n" % i for i in range(300_000))  # ~3.5 MB, many chunks
+        messages = [b"Subject: one\r\n\r\nbody\r\n", b"Subject: two\n\n.dot\nno end", big, b""]
+        for message in messages:
+            self.assertEqual(self.deliver(message, "alice"), [None])
+        mailbox = await self.open()
+        listing = mailbox.listing()
+        stored = [b"Delivered-To: alice\n" + m.replace(b"\r\n", b"\n") for m in messages]
+        self.assertEqual(list(listing.sizes), [wire_size(m) for m in stored])
+        self.assertEqual(len(set(listing.uids)), 4)
+        self.assertEqual(list(listing.seen), [False] * 4)
+        for i, message in enumerate(stored):
+            self.assertEqual(await read_all(mailbox, i), message)
+        self.assertEqual(await read_all(mailbox, 2, 1000), stored[2])
+        await mailbox.commit([0, 3], [1])
+        mailbox.close()
+        await self.database.run(lambda c: None)  # the release ran
+        again = await self.open()
+        self.assertEqual(list(again.listing().uids), [listing.uids[1], listing.uids[2]])
+        self.assertEqual(list(again.listing().seen), [True, False])
+        usage = await self.database.run(lambda c: queries.usage(c, "alice"))
+        self.assertEqual((usage.bytes, usage.messages), (len(stored[1]) + len(stored[2]), 2))
+        again.close()
+
+    async def test_second_session_in_use_until_closed(self) -> None:
+        first = await self.open()
+        with self.assertRaises(MailboxInUse):
+            await self.open()
+        first.close()
+        await self.database.run(lambda c: None)
+        (await self.open()).close()
+
+    async def test_lost_lease_deletes_nothing(self) -> None:
+        """A lease that expired and was taken: the old session's commit refuses."""
+        self.deliver(b"x\n", "alice")
+        first = await self.open()
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("UPDATE popserv.maildrops SET lock_expires = now() - interval '1s'")
+        second = await self.open()
+        with self.assertRaises(CommitFailed):
+            await first.commit([0], [])
+        first.close()
+        self.assertEqual(len(second.listing()), 1)
+        second.close()
+
+    async def test_login_delay(self) -> None:
+        (await self.open(login_delay=60)).close()
+        await self.database.run(lambda c: None)
+        with self.assertRaises(LoginDelayed):
+            await self.open(login_delay=60)
+        (await self.open(login_delay=0)).close()
+
+    async def test_quota_holds_between_concurrent_deliveries(self) -> None:
+        """Twenty deliveries at once for room for five: exactly five stored."""
+        quota = Quota(bytes=None, messages=5)
+        results: list = []
+        barrier = threading.Barrier(20)
+
+        def one() -> None:
+            barrier.wait()
+            results.extend(self.deliver(b"Subject: race\n\nbody\n", "alice", quota=quota))
+
+        threads = [threading.Thread(target=one) for _ in range(20)]
+        await deferToThread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
+        self.assertEqual(results.count(None), 5)
+        self.assertTrue(all(isinstance(r, MailboxFull) for r in results if r is not None))
+        mailbox = await self.open()
+        self.assertEqual(len(mailbox.listing()), 5)
+        mailbox.close()
+
+    async def test_atomic_delivery_all_or_none(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            with connection.transaction():
+                queries.store(connection, "bob", iter([b"x" * 100]), uidl="u1")
+        quota = Quota(bytes=150, messages=None)
+        results = self.deliver(b"y" * 100, "alice", "bob", quota=quota)
+        self.assertTrue(all(isinstance(r, MailboxFull) for r in results))
+        mailbox = await self.open("alice")
+        self.assertEqual(len(mailbox.listing()), 0)  # alice's copy was taken back
+        mailbox.close()
+        results = self.deliver(b"y" * 100, "alice", "bob", atomic=False, quota=quota)
+        self.assertIsNone(results[0])
+        self.assertIsInstance(results[1], MailboxFull)
+
+    async def test_check_room(self) -> None:
+        quota = Quota(bytes=100, messages=None)
+        await self.store.check_room(recipient(quota=quota), 50)
+        self.deliver(b"z" * 80, "alice")
+        with self.assertRaises(MailboxFull):
+            await self.store.check_room(recipient(quota=quota), 50)
+
+    async def test_message_gone(self) -> None:
+        self.deliver(b"x\n", "alice")
+        mailbox = await self.open()
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("DELETE FROM popserv.messages")
+        with self.assertRaises(MessageGone):
+            await read_all(mailbox, 0)
+        mailbox.close()
+
+    async def test_database_away_and_back(self) -> None:
+        """Down: a temporary failure at once; back: sessions open again, no restart."""
+        self.deliver(b"x\n", "alice")
+        server = postgresql()
+        server.pause()
+        try:
+            with self.assertRaises(DatabaseUnavailable):
+                await self.open()
+            results = await self.store.deliver([(recipient(), b"")], b"y\n", atomic=True)
+            self.assertEqual([type(r).__name__ for r in results], ["DeliveryError"])
+            self.assertEqual(results[0].reply, 451)
+        finally:
+            server.resume()
+        mailbox = await self.open()
+        self.assertEqual(len(mailbox.listing()), 1)
+        mailbox.close()
