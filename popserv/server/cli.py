@@ -24,7 +24,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 from popserv.core.errors import InvalidUsername
 from popserv.core.headers import header_field
 from popserv.core.usernames import CASES, FOLD, UsernameRules
-from popserv.logins.database import Database
+from popserv.logins.database import Database, connect
 from popserv.logins.passwords import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
@@ -60,6 +60,7 @@ from popserv.stores.delivery import (
 from popserv.stores.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
 from popserv.stores.maildir.directory import MaildirPath
 from popserv.stores.postgres.delivery import PostgresStore, deliver_into
+from popserv.stores.postgres.queries import drop_maildrop
 from popserv.stores.quota import Quota, parse_count, parse_size
 
 PROG = "popserv"
@@ -466,6 +467,12 @@ def _user_add(args: argparse.Namespace) -> None:
     if existing is not None:
         raise UserExists(existing.name)
     stored, secrets = hash_secrets(_read_password(), schemes)
+    if _in_database(args):
+        # The maildrop is made by its first delivery or login.
+        passwd.add(name, stored, secrets)
+        given = "" if name == args.name else f" (given as {args.name})"
+        print(f"added user {name}{given}, mail in the database")
+        return
     maildir = layout.maildir_for(name)
     if layout.data_dir in maildir.parents:
         layout.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -494,6 +501,15 @@ def _user_del(args: argparse.Namespace) -> None:
     passwd = _passwd(args, layout)
     # The stored name: its Maildir, not one named after how it was typed here.
     name = _existing(passwd, args.name).name
+    if _in_database(args):
+        passwd.remove(name)
+        if not args.purge:
+            print(f"removed user {name}; the mail in the database is kept (--purge deletes it)")
+            return
+        with connect(args.database) as connection:
+            count = drop_maildrop(connection, name)
+        print(f"removed user {name} and deleted {count} messages from the database")
+        return
     location = layout.maildir_location(name)
     maildir = location.path
     passwd.remove(name)
@@ -504,6 +520,15 @@ def _user_del(args: argparse.Namespace) -> None:
         print(f"removed user {name} and deleted the Maildir {maildir}")
     else:
         print(f"removed user {name}; the Maildir {maildir} is kept (--purge deletes it)")
+
+
+def _in_database(args: argparse.Namespace) -> bool:
+    """``--store postgresql``: mail in the database (which needs ``--database``)."""
+    if getattr(args, "store", "maildir") != "postgresql":
+        return False
+    if not getattr(args, "database", None):
+        raise CommandError("--store postgresql needs --database")
+    return True
 
 
 def _purge(maildir: MaildirPath) -> None:
@@ -568,10 +593,7 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
         return EX_USAGE
     layout = _layout(args)
     passwd = _passwd(args, layout)
-    in_database = getattr(args, "store", "maildir") == "postgresql"
-    if in_database and not isinstance(passwd, PostfixadminTable):
-        raise CommandError("--store postgresql needs --database")
-    database = Database(args.database, reactor=None) if in_database else None
+    database = Database(args.database, reactor=None) if _in_database(args) else None
     directory = Directory(
         layout,
         passwd,

@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from popserv.logins.passwords import hash_password
 from popserv.server.cli import main
+from popserv.stores.postgres import queries
 from tests.support.postgres import POSTFIXADMIN_MAILBOX, postgresql, store_database
 from tests.support.processes import (
     _Twistd,
@@ -61,6 +63,26 @@ class DatabaseCommandTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn("0 maildrops, 0 messages, 0 octets, 0 in use.", out)
 
+    def test_user_add_and_purge(self) -> None:
+        """With --store postgresql no Maildir is made, and --purge deletes the maildrop."""
+        url = store_database()
+        data = self.mktemp()
+        options = ("--data", data, "--database", url, "--store", "postgresql")
+        code, out, err = run_cli(self, "user", "add", "dave@example.org", *options,
+                                 stdin=b"dave pw\n")
+        self.assertEqual(code, 0, err)
+        self.assertIn("mail in the database", out)
+        self.assertFalse(Path(data).exists())
+        with psycopg.connect(url, autocommit=True) as connection, connection.transaction():
+            for uidl in ("a", "b"):
+                queries.store(connection, "dave@example.org", iter([b"x\n"]), uidl=uidl)
+        code, out, _ = run_cli(self, "user", "del", "dave@example.org", "--purge", *options)
+        self.assertEqual(code, 0)
+        self.assertIn("deleted 2 messages", out)
+        with psycopg.connect(url) as connection:
+            left = connection.execute("SELECT count(*) FROM popserv.message_chunks").fetchone()
+        self.assertEqual(left[0], 0)
+
     def test_unreachable(self) -> None:
         code, _, err = run_cli(self, "db", "init", "--database",
                                f"postgresql://popserv@127.0.0.1:{free_port()}/mail")
@@ -70,6 +92,8 @@ class DatabaseCommandTests(TestCase):
 
 
 class StoreTwistdTests(TestCase):
+    workers: tuple[str, ...] = ()
+
     def setUp(self) -> None:
         self.twistd = twistd_script()
         self.url = store_database()
@@ -81,21 +105,22 @@ class StoreTwistdTests(TestCase):
         self.workdir = Path(tempfile.mkdtemp(prefix="popserv-pgstore-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
 
-    def command(self, url: str | None = None) -> list[str]:
+    def command(self, url: str | None = None, *argv: str) -> list[str]:
         self.port, self.smtp_port, self.lmtp_port = free_port(), free_port(), free_port()
         return [self.twistd, "-n", "--pidfile", "", "popserv",
                 "--pop3", f"tcp:{self.port}:interface=127.0.0.1", "--hostname", "pop.test",
                 "--data", str(self.workdir / "data"),
                 "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1", "--domain", "example.org",
                 "--lmtp", f"tcp:{self.lmtp_port}:interface=127.0.0.1",
-                "--database", url or self.url, "--store", "postgresql"]
+                "--database", url or self.url, "--store", "postgresql", *self.workers, *argv]
 
-    async def serving(self) -> _Twistd:
+    async def serving(self, *argv: str) -> _Twistd:
         process = _Twistd()
         transport = reactor.spawnProcess(
-            process, self.twistd, self.command(), subprocess_env(), str(self.workdir))
+            process, self.twistd, self.command(None, *argv), subprocess_env(), str(self.workdir))
         stop_at_cleanup(self, process, transport)
-        await process.until(lambda: b"Starting factory" in process.output)
+        serving = 2 if self.workers else 1
+        await process.until(lambda: process.output.count(b"Starting factory") >= serving)
         return process
 
     def pop(self, user: str = "alice") -> poplib.POP3:
@@ -160,6 +185,29 @@ class StoreTwistdTests(TestCase):
         self.assertEqual(bob, 1)
         self.assertNotIn(b"Traceback", process.output)
 
+    async def test_expire(self) -> None:
+        """EXPIRE 1: a message retrieved before and delivered two days ago goes at QUIT."""
+        with psycopg.connect(self.url, autocommit=True) as connection, connection.transaction():
+            old = time.time() - 2 * 86400
+            for uidl, delivered, seen in (("old-seen", old, True), ("old-unseen", old, False),
+                                          ("new-seen", None, True)):
+                queries.store(connection, "alice@example.org", iter([b"Subject: s\n\nx\n"]),
+                              uidl=uidl, delivered=delivered, seen=seen)
+        process = await self.serving("--expire", "1")
+
+        def session() -> list[bytes]:
+            client = self.pop()
+            capabilities = client.capa()
+            assert capabilities["EXPIRE"] == ["1"], capabilities
+            client.quit()
+            again = self.pop()
+            left = [line.split()[1] for line in again.uidl()[1]]
+            again.quit()
+            return left
+
+        self.assertEqual(await deferToThread(session), [b"old-unseen", b"new-seen"])
+        self.assertNotIn(b"Traceback", process.output)
+
     def test_refuses_a_database_without_tables(self) -> None:
         url = postgresql().database()
         with psycopg.connect(url, autocommit=True) as connection:
@@ -169,3 +217,9 @@ class StoreTwistdTests(TestCase):
         self.assertEqual(done.returncode, 78, done.stderr)
         self.assertIn(b"popserv db init", done.stderr)
         self.assertNotIn(b"Traceback", done.stderr)
+
+
+class StoreWorkersTests(StoreTwistdTests):
+    """The same with two worker processes, each with its own connection pool."""
+
+    workers = ("--workers", "2")

@@ -171,6 +171,16 @@ def commit(
         return gone
 
 
+def drop_maildrop(connection: Any, name: str) -> int:
+    """Delete ``name``'s maildrop and every message in it; return how many there were."""
+    with connection.transaction(), connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM popserv.maildrops WHERE name = %s RETURNING messages", (name,)
+        )
+        row = cursor.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def usage(connection: Any, name: str) -> Usage:
     """What ``name``'s maildrop holds (nothing if it has none yet)."""
     with connection.cursor() as cursor:
