@@ -31,6 +31,7 @@ from popserv.server.policy import Policy
 from popserv.stores.layout import Layout, ensure_maildir
 from popserv.stores.maildir import deliver
 from popserv.stores.realm import MaildirRealm
+from tests.support.certs import CA
 from tests.support.postgres import POSTFIXADMIN_MAILBOX, postgresql
 from tests.support.processes import free_port, subprocess_env
 
@@ -132,6 +133,23 @@ class PostfixadminTests(TestCase):
         self.assertEqual(await accounts.lookup("alice@example.org"), first)
         clock.advance(0.6)
         self.assertTrue((await accounts.lookup("alice@example.org")).locked)
+
+    async def test_tls_when_the_url_asks(self) -> None:
+        """sslmode=verify-full: the pool's connections are TLS, to a certificate checked."""
+        server = postgresql()
+        url = f"{self.url}?sslmode=verify-full&sslrootcert={server.ca}"
+        database = Database(url, reactor)
+        self.addCleanup(database.stop)
+        row = await database.fetch_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()", {})
+        self.assertEqual(row["ssl"], True)
+        self.assertTrue(row["version"].startswith("TLSv1."), row)
+        untrusted = CA("someone else").write(Path(self.mktemp()))
+        wrong = Database(f"{self.url}?sslmode=verify-full&sslrootcert={untrusted}", reactor,
+                         wait=1)
+        self.addCleanup(wrong.stop)
+        with self.assertRaises(DatabaseUnavailable):
+            await wrong.fetch_one("SELECT 1", {})
 
     async def test_query_the_database_refuses(self) -> None:
         """A query that does not fit the schema: a temporary failure, said in the log."""

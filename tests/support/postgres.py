@@ -90,7 +90,20 @@ class PostgreSQL:
     def start(self) -> None:
         self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self._certificates()
         self.resume()
+
+    def _certificates(self) -> None:
+        """TLS on the same port, for clients that ask (``sslmode``), with :attr:`ca` to trust."""
+        from tests.support.certs import CA
+
+        authority = CA("popserv test PostgreSQL CA")
+        self.ca = authority.write(self.root / "ca.pem")
+        self.cert, self.key = authority.issue("127.0.0.1", "localhost").write(self.root, "server")
+        self.key.chmod(0o600)
+        if self.user is not None:
+            for path in (self.ca, self.cert, self.key):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
     def pause(self) -> None:
         """
@@ -105,6 +118,7 @@ class PostgreSQL:
             f"-c listen_addresses=127.0.0.1 -c port={self.port}"
             f" -c unix_socket_directories={self.root} -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f" -c ssl=on -c ssl_cert_file={self.cert} -c ssl_key_file={self.key}"
         )
         self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"),
                   "-o", options, "-w", "-t", "60", "start")
