@@ -154,6 +154,22 @@ class StoreTests(TestCase):
         self.assertIsNone(results[0])
         self.assertIsInstance(results[1], MailboxFull)
 
+    async def test_login_does_not_wait_for_a_delivery(self) -> None:
+        """A delivery's transaction under way (a big message being written) leaves logins be."""
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            with connection.transaction():
+                queries.store(connection, "alice", iter([b"first\n"]), uidl="u1")
+            delivery = connection.transaction()
+            delivery.__enter__()
+            try:
+                queries.write(connection, "alice", iter([b"x" * 100_000]), uidl="u2")
+                mailbox = await self.open()
+                self.assertEqual(list(mailbox.listing().uids), ["u1"])
+                mailbox.close()
+            finally:
+                delivery.__exit__(None, None, None)
+    test_login_does_not_wait_for_a_delivery.timeout = 30  # type: ignore[attr-defined]
+
     async def test_check_room(self) -> None:
         quota = Quota(bytes=100, messages=None)
         await self.store.check_room(recipient(quota=quota), 50)

@@ -68,10 +68,10 @@ def deliver_into(
         first_of.setdefault(recipient.user, i)
     results: dict[str, DeliveryError | None] = {}
 
-    def store(i: int) -> None:
+    def write(i: int) -> queries.Written:
         recipient, header = copies[i]
         chunks = lf_chunks(itertools.chain((header,), _message_chunks(message)))
-        queries.store(connection, recipient.user, chunks, uidl=new_uidl(), quota=recipient.quota)
+        return queries.write(connection, recipient.user, chunks, uidl=new_uidl())
 
     def refusal(error: Exception, user: str) -> DeliveryError:
         if isinstance(error, queries.QuotaExceeded):
@@ -83,18 +83,24 @@ def deliver_into(
 
     targets = sorted(first_of.items())  # one order of row locks, whoever delivers
     if atomic:
+        # Every copy written first, then counted in: the maildrops' rows
+        # are locked only for the last moment of the transaction.
+        current = targets[0][1]
         try:
             with connection.transaction():
-                for _, i in targets:
-                    store(i)
+                written = []
+                for _, current in targets:
+                    written.append((write(current), current))
+                for done, current in written:
+                    queries.count_in(connection, done, copies[current][0].quota)
         except (queries.QuotaExceeded, psycopg.Error) as e:
-            failed = refusal(e, copies[i][0].user)
+            failed = refusal(e, copies[current][0].user)
             return [failed] * len(copies)
         return [None] * len(copies)
     for user, i in targets:
         try:
             with connection.transaction():
-                store(i)
+                queries.count_in(connection, write(i), copies[i][0].quota)
             results[user] = None
         except (queries.QuotaExceeded, psycopg.Error) as e:
             results[user] = refusal(e, user)

@@ -65,7 +65,7 @@ def take(
         cursor.execute(
             "SELECT id, lock_owner IS NOT NULL AND lock_expires > now(),"
             " date_part('epoch', now() - last_login)"
-            " FROM popserv.maildrops WHERE name = %s FOR UPDATE",
+            " FROM popserv.maildrops WHERE name = %s FOR NO KEY UPDATE",
             (name,),
         )
         maildrop, held, since = cursor.fetchone()
@@ -145,7 +145,8 @@ def commit(
     """
     with connection.transaction(), connection.cursor() as cursor:
         cursor.execute(
-            "SELECT 1 FROM popserv.maildrops WHERE id = %s AND lock_owner = %s FOR UPDATE",
+            "SELECT 1 FROM popserv.maildrops WHERE id = %s AND lock_owner = %s"
+            " FOR NO KEY UPDATE",
             (maildrop, owner),
         )
         if cursor.fetchone() is None:
@@ -207,24 +208,31 @@ class QuotaExceeded(Exception):
     """The message does not fit the maildrop's quota (the transaction is undone)."""
 
 
-def store(
+@frozen
+class Written:
+    """A message written within a transaction, not yet counted into its maildrop."""
+
+    message: int
+    maildrop: int
+    name: str
+    octets: int
+
+
+def write(
     connection: Any,
     name: str,
     chunks: Iterable[bytes],
     *,
     uidl: str,
-    quota: Quota | None = None,
     delivered: float | None = None,
     seen: bool = False,
-) -> int:
+) -> Written:
     """
-    Store one message (``chunks``, already with LF line ends) in ``name``'s
-    maildrop, within the caller's transaction; return its id.  The quota
-    is checked by the same statement that counts the message in, with the
-    maildrop's row locked, so two deliveries cannot both pass it.
-    QuotaExceeded if it does not fit; the caller rolls back.
+    Write one message (``chunks``, already with LF line ends) into ``name``'s
+    maildrop (created if missing), within the caller's transaction, without
+    locking the maildrop's row: a login meanwhile does not wait for it.
+    Then :func:`count_in`.
     """
-    quota = quota or Quota()
     with connection.cursor() as cursor:
         _maildrop_row(cursor, name)
         cursor.execute(
@@ -249,18 +257,45 @@ def store(
             "UPDATE popserv.messages SET octets = %s, wire_size = %s WHERE id = %s",
             (octets, counter.result(), message),
         )
+    return Written(int(message), int(maildrop), name, octets)
+
+
+def count_in(connection: Any, written: Written, quota: Quota | None = None) -> None:
+    """
+    Count a written message into its maildrop, if it fits the quota: one
+    statement checks and counts with the row locked (until the caller's
+    transaction ends, so call it last), and two deliveries cannot both
+    pass.  QuotaExceeded if it does not fit; the caller rolls back.
+    """
+    quota = quota or Quota()
+    with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE popserv.maildrops SET octets = octets + %(octets)s, messages = messages + 1"
             " WHERE id = %(maildrop)s"
             " AND (%(max_octets)s::bigint IS NULL OR octets + %(octets)s <= %(max_octets)s)"
             " AND (%(max_messages)s::bigint IS NULL OR messages + 1 <= %(max_messages)s)",
             {
-                "octets": octets,
-                "maildrop": maildrop,
+                "octets": written.octets,
+                "maildrop": written.maildrop,
                 "max_octets": quota.bytes,
                 "max_messages": quota.messages,
             },
         )
         if not cursor.rowcount:
-            raise QuotaExceeded(name)
-        return int(message)
+            raise QuotaExceeded(written.name)
+
+
+def store(
+    connection: Any,
+    name: str,
+    chunks: Iterable[bytes],
+    *,
+    uidl: str,
+    quota: Quota | None = None,
+    delivered: float | None = None,
+    seen: bool = False,
+) -> int:
+    """:func:`write` then :func:`count_in` one message, within the caller's transaction."""
+    written = write(connection, name, chunks, uidl=uidl, delivered=delivered, seen=seen)
+    count_in(connection, written, quota)
+    return written.message
