@@ -246,3 +246,8 @@ class ISessionInfo(Interface):
         "The popserv.server.tls.TLSInfo of the completed handshake (version, cipher, verified"
         " client certificate, channel bindings), or None."
     )
+    end = Attribute(
+        "A callable taking a reason (str) that ends the session at once, as a dropped"
+        " connection (marked deletions not applied), for a store that can no longer serve"
+        " it: a lease on the maildrop that could not be renewed.  May be None."
+    )

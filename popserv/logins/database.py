@@ -121,6 +121,11 @@ class Database:
             max_size=max_connections,
             open=False,
             timeout=wait,
+            # The pool retries a failed connection with a doubling delay
+            # until this many seconds: past an outage of a minute it would
+            # wait a minute more after the database is back.  So each run
+            # of retries stops soon, and the next query starts a new one.
+            reconnect_timeout=wait,
             check=ConnectionPool.check_connection,
             kwargs={**CONNECTION_OPTIONS, "connect_timeout": max(1, round(wait))},
             name="popserv",

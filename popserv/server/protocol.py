@@ -67,6 +67,8 @@ class SessionInfo:
         #: The avatar id a login gave (the user as the password file names
         #: it), set by the factory once the realm has opened the maildrop.
         self.user: str | None = None
+        #: Ends the session at once, given why (see ISessionInfo.end).
+        self.end: Callable[[str], None] | None = None
 
     @property
     def where(self) -> str:
@@ -200,6 +202,7 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         secure = interfaces.ISSLTransport.providedBy(self.transport)
         local = client_is_local(policy, peer, self.transport)
         self.info = SessionInfo(peer, secure=secure, local=local)
+        self.info.end = self.end_by_store
         self.session = Session(
             factory,
             secure=secure,
@@ -322,6 +325,16 @@ class POP3Protocol(Output, LoginEffects, MaildropEffects, Protocol, TimeoutMixin
         """
         self.ended = f"kicked by {by}"
         self._abort()
+
+    def end_by_store(self, why: str) -> None:
+        """
+        The store can no longer serve this session (its lease on the
+        maildrop lost): end it at once, deletions not applied, as a kick.
+        """
+        if not self._lost:
+            log.warn("Ending the session of {peer}: {why}", peer=self.info.where, why=why)
+            self.ended = why
+            self._abort()
 
     def _abort(self) -> None:
         self._closing = True

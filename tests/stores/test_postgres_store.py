@@ -6,20 +6,30 @@ chunks and the QUIT commit.
 
 from __future__ import annotations
 
+import poplib
 import threading
+import time
 
 import psycopg
+from twisted.cred.portal import Portal
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from popserv.core.body import wire_size
 from popserv.core.errors import CommitFailed, LoginDelayed, MailboxInUse, MessageGone
+from popserv.core.usernames import UsernameRules
 from popserv.logins.database import Database, DatabaseUnavailable
+from popserv.logins.passwords.checker import PasswdFileChecker
+from popserv.logins.sqlaccounts import SQLAccounts
+from popserv.server.factory import POP3Factory
+from popserv.server.policy import Policy
 from popserv.stores.delivery import MailboxFull, Recipient
 from popserv.stores.postgres import queries
 from popserv.stores.postgres.delivery import PostgresStore, deliver_into
 from popserv.stores.postgres.mailbox import PostgresMailbox
+from popserv.stores.postgres.realm import PostgresRealm
 from popserv.stores.postgres.schema import VERSION, SchemaError, check, upgrade, version
 from popserv.stores.quota import Quota
 from tests.support.postgres import postgresql, store_database
@@ -115,6 +125,43 @@ class StoreTests(TestCase):
         self.assertEqual(len(second.listing()), 1)
         second.close()
 
+    async def test_lease_taken_ends_the_session(self) -> None:
+        """Another owner in the row: the next renewal finds it and the session is ended."""
+        ended: list[str] = []
+        mailbox = await self.open(lease=0.6, on_lost=ended.append)
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("UPDATE popserv.maildrops SET lock_owner = gen_random_uuid()")
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(ended, ["its lease on the maildrop was taken"])
+        self.assertFalse(mailbox.leased)
+        mailbox.close()
+
+    async def test_lease_not_renewed_ends_the_session_in_time(self) -> None:
+        """
+        The database away: the session ends at two thirds of the lease, before
+        the lease expires and another session could take the maildrop.
+        """
+        ended: list[str] = []
+        mailbox = await self.open(lease=1.5, on_lost=ended.append)
+        server = postgresql()
+        server.pause()
+        try:
+            await deferLater(reactor, 0.7, lambda: None)
+            self.assertEqual(ended, [])
+            await deferLater(reactor, 0.6, lambda: None)  # 1.3 s > 1.0 s
+            self.assertEqual(ended, ["its lease on the maildrop could not be renewed for 1s"])
+        finally:
+            server.resume()
+        mailbox.close()
+
+    async def test_lease_renewed_keeps_the_session(self) -> None:
+        ended: list[str] = []
+        mailbox = await self.open(lease=0.6, on_lost=ended.append)
+        await deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual(ended, [])
+        self.assertTrue(mailbox.leased)
+        mailbox.close()
+
     async def test_login_delay(self) -> None:
         (await self.open(login_delay=60)).close()
         await self.database.run(lambda c: None)
@@ -202,3 +249,44 @@ class StoreTests(TestCase):
         mailbox = await self.open()
         self.assertEqual(len(mailbox.listing()), 1)
         mailbox.close()
+
+
+class LostLeaseSessionTests(TestCase):
+    """A POP3 session whose lease is taken is ended: its DELE is not applied."""
+
+    async def test_session_ended(self) -> None:
+        url = store_database()
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("INSERT INTO mailbox (username, password) VALUES (%s, %s)",
+                               ("alice@example.org", "{PLAIN}pw"))
+            with connection.transaction():
+                queries.store(connection, "alice@example.org", iter([b"x\n"]), uidl="u1")
+        database = Database(url, reactor)
+        self.addCleanup(database.stop)
+        accounts = SQLAccounts(database, UsernameRules())
+        checker = PasswdFileChecker(accounts, reactor=reactor)
+        realm = PostgresRealm(database, accounts, reactor=reactor, lease=0.6)
+        factory = POP3Factory(Portal(realm, [checker]), Policy(hostname="pop.test"),
+                              accounts=checker)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+
+        def session() -> bytes:
+            client = poplib.POP3("127.0.0.1", port.getHost().port, timeout=10)
+            client.user("alice@example.org")
+            client.pass_("pw")
+            client.dele(1)
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute("UPDATE popserv.maildrops SET lock_owner = gen_random_uuid()")
+            time.sleep(1)
+            try:
+                return client.quit()
+            except (poplib.error_proto, OSError) as e:
+                return repr(e).encode()
+
+        said = await deferToThread(session)
+        # Not QUIT's refused commit (-ERR [SYS/TEMP]): the connection was closed.
+        self.assertTrue(b"EOF" in said or b"Connection" in said, said)
+        with psycopg.connect(url) as connection:
+            count = connection.execute("SELECT count(*) FROM popserv.messages").fetchone()[0]
+        self.assertEqual(count, 1)

@@ -37,6 +37,10 @@ T = TypeVar("T")
 #: Seconds a session's lease on its maildrop lasts unless renewed: how
 #: long the users of a process that died stay locked out.
 LEASE_SECONDS = 30.0
+#: A session whose lease was not renewed for this part of its length ends
+#: (it is renewed every third): the rest is the margin before another
+#: session may take the maildrop.
+SAFE_PART = 2 / 3
 
 
 def node_name() -> str:
@@ -99,6 +103,7 @@ class PostgresMailbox:
         lease: float = LEASE_SECONDS,
         login_delay: int = 0,
         expire_days: int | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.database = database
         self.maildrop = opened.maildrop
@@ -112,9 +117,14 @@ class PostgresMailbox:
         self._lease = lease
         self._jobs = 0
         self._closed = False
+        self._on_lost = on_lost
+        clock = database.reactor
+        self._clock = clock
         self._renewal = LoopingCall(self._renew)
-        self._renewal.clock = database.reactor
+        self._renewal.clock = clock
         self._renewal.start(lease / 3, now=False)
+        # The lease was taken (by the database's clock) after this moment.
+        self._deadline = clock.callLater(lease * SAFE_PART, self._running_out)
 
     @classmethod
     def open(
@@ -126,6 +136,7 @@ class PostgresMailbox:
         lease: float = LEASE_SECONDS,
         login_delay: int = 0,
         expire_days: int | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> Deferred[PostgresMailbox]:
         """
         Lease ``name``'s maildrop (created if missing) and list it.
@@ -133,7 +144,9 @@ class PostgresMailbox:
         Fails with :class:`~popserv.core.errors.MailboxInUse` while another
         session's lease holds it, :class:`~popserv.core.errors.LoginDelayed`,
         or :class:`~popserv.logins.database.DatabaseUnavailable`.  Cancelling
-        the result gives the lease back once it is taken.
+        the result gives the lease back once it is taken.  ``on_lost(why)``
+        is called if the session must end because its lease could not be
+        renewed (see :meth:`_lose`).
         """
         owner = str(uuid.uuid4())
         cancelled = False
@@ -172,6 +185,7 @@ class PostgresMailbox:
                 lease=lease,
                 login_delay=login_delay,
                 expire_days=expire_days,
+                on_lost=on_lost,
             )
             result.callback(mailbox)
 
@@ -223,10 +237,13 @@ class PostgresMailbox:
         return result
 
     def _renew(self) -> Deferred[None]:
+        asked = self._clock.seconds()
+
         def renewed(held: bool) -> None:
-            if not held and self.leased:
-                self.leased = False
-                log.warn("The lease on maildrop {id} was lost", id=self.maildrop)
+            if not held:
+                self._lose("its lease on the maildrop was taken")
+            elif self._deadline.active():
+                self._deadline.reset(asked + self._lease * SAFE_PART - self._clock.seconds())
 
         def failed(failure: Failure) -> None:
             log.warn(
@@ -239,6 +256,22 @@ class PostgresMailbox:
             lambda connection: queries.renew(connection, self.maildrop, self.owner, self._lease)
         ).addCallbacks(renewed, failed)
 
+    def _running_out(self) -> None:
+        part = self._lease * SAFE_PART
+        self._lose(f"its lease on the maildrop could not be renewed for {part:.0f}s")
+
+    def _lose(self, why: str) -> None:
+        """
+        Stop serving: before the lease can expire and another session (on any
+        node) take the maildrop, so that two sessions never overlap.
+        """
+        if not self.leased or self._closed:
+            return
+        self.leased = False
+        log.warn("Maildrop {id}: {why}", id=self.maildrop, why=why)
+        if self._on_lost is not None:
+            self._on_lost(why)
+
     def close(self) -> None:
         """Give the lease back (after a running commit); later calls do nothing."""
         if self._closed:
@@ -246,6 +279,8 @@ class PostgresMailbox:
         self._closed = True
         if self._renewal.running:
             self._renewal.stop()
+        if self._deadline.active():
+            self._deadline.cancel()
         if not self._jobs:
             self._release()
 

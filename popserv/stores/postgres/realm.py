@@ -55,5 +55,6 @@ class PostgresRealm(AccountRealm):
             lease=self.lease,
             login_delay=settings.login_delay,
             expire_days=settings.expire_days,
+            on_lost=getattr(mind, "end", None),
         )
         return IMailbox, mailbox, mailbox.close
