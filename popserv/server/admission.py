@@ -146,15 +146,20 @@ class _Turn:
     def failed(self, user: str) -> Deferred[float]:
         admission = self._admission
         if self._client is None:
-            due = admission.policy.auth_failure_delay
-        else:
-            due = admission.penalties.failed(self._client, user)
+            self.release()
+            return succeed(admission.policy.auth_failure_delay)
+        # The turn passes on once the failure is counted, so the client's
+        # next attempt sees it.
+        counted = admission.count_failure(self._client, user)
+        return counted.addBoth(self._passed_on)
+
+    def _passed_on(self, result: T) -> T:
         self.release()
-        return succeed(due)
+        return result
 
     def succeeded(self, user: str) -> None:
         if self._client is not None:
-            self._admission.penalties.succeeded(self._client, user)
+            self._admission.forgive(self._client, user)
         self.release()
 
     def release(self) -> None:
@@ -208,6 +213,14 @@ class LocalAdmission:
         self.connections[service] += 1
         self.connections_per_client[key] += 1
         return succeed(_Leases(total, _Lease(self.connections_per_client, key)))
+
+    def count_failure(self, client: str, user: str) -> Deferred[float]:
+        """Count a failed login; fire with how long after its start its ``-ERR`` is due."""
+        return succeed(self.penalties.failed(client, user))
+
+    def forgive(self, client: str, user: str) -> None:
+        """``user`` logged in from ``client``: forget that user's failures from it."""
+        self.penalties.succeeded(client, user)
 
     def user_session(self, user: str) -> Deferred[ILease]:
         limit = self.policy.max_user_sessions

@@ -144,6 +144,8 @@ def _control(args: argparse.Namespace) -> ControlClient:
 
 
 def _who(args: argparse.Namespace) -> int:
+    if _in_database(args):
+        return _who_everywhere(args.database)
     with _control(args) as control:
         rows = control.who()
     table = [("USER", "CLIENT", "SINCE", "TLS", "STATE", "LOGIN", "WORKER")]
@@ -158,11 +160,29 @@ def _who(args: argparse.Namespace) -> int:
             row["mechanism"] or "-",
             str(row["worker"]),
         ))
+    _print_table(table)
+    return 0
+
+
+def _who_everywhere(url: str) -> int:
+    """The logged-in sessions of every node, from the leases in the database."""
+    with connect(url) as connection:
+        rows = connection.execute(
+            'SELECT "user", client, since, node FROM popserv.sessions ORDER BY since'
+        ).fetchall()
+    table = [("USER", "CLIENT", "SINCE", "NODE")]
+    for user, client, since, node in rows:
+        when = since.astimezone().replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
+        table.append((user, client or "-", when, node or "-"))
+    _print_table(table)
+    return 0
+
+
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
         print("  ".join(cells).rstrip())
-    return 0
 
 
 def _kick(args: argparse.Namespace) -> int:
@@ -339,7 +359,8 @@ def _parser() -> argparse.ArgumentParser:
         help="list the POP3 sessions of the running server",
         description="List the running server's POP3 sessions, oldest first: user (- before"
         " login), client, since when, TLS or not, state, and the worker process. The server"
-        " is reached through DIR/control.sock.",
+        " is reached through DIR/control.sock. With --store postgresql and --database: the"
+        " logged-in sessions of every node, from their leases.",
     )
     listing_sessions.set_defaults(command=_who)
     kick = commands.add_parser(

@@ -105,6 +105,24 @@ class PenaltyTable:
             self._entries.popitem(last=False)
         return self.penalty(entry.failures)
 
+    def settle(self, key: str, failures: int) -> None:
+        """
+        ``key`` has ``failures`` in all, as counted where every node counts
+        them (see :mod:`popserv.server.sharedadmission`): that count replaces
+        this table's, which keeps no per-user breakdown of it.
+        """
+        self._expire()
+        if failures <= 0:
+            self._entries.pop(key, None)
+            return
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(0, self._clock.seconds(), {})
+        entry.failures = failures
+        entry.by_user = {_OTHERS: failures}
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
     def succeeded(self, key: str, user: str = "") -> None:
         """``user`` logged in from ``key``: forgive that user's failures from it."""
         entry = self._entries.get(key)

@@ -47,6 +47,7 @@ from popserv.server.listeners import Listener, PopservService
 from popserv.server.metrics import Metrics, serve_metrics
 from popserv.server.policy import Policy
 from popserv.server.receiving import ReceiverFactory, ReceiverSettings
+from popserv.server.sharedadmission import SharedAdmission
 from popserv.server.startchecks import (
     AccessCheck,
     TmpCleaner,
@@ -166,6 +167,9 @@ def make_factory(
         allow_cleartext_apop=bool(options.get("allow-cleartext-apop")),
         sasl=options.get("sasl"),
     )
+    if admission is None and store is not None:
+        # Mail in the database: the failed-login penalty is every node's.
+        admission = SharedAdmission(policy, reactor, store)
     tls = options["tls"] if "tls" in options else tls_server(options)
     rule = options.get("external-identity") or "cn"
     mechanisms = [external_mechanism(rule) if m is EXTERNAL else m for m in MECHANISMS]

@@ -157,12 +157,21 @@ class StoreTwistdTests(TestCase):
             except poplib.error_proto as e:
                 found["second"] = e.args[0]
             second.quit()
+            found["who"] = run_who()
             client.dele(2)
             client.quit()
             again = self.pop()
             found["after"] = again.uidl()[1]
             again.quit()
             return found
+
+        def run_who() -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "popserv.server.cli", "who", "--database", self.url,
+                 "--store", "postgresql"], capture_output=True, env=subprocess_env(),
+                timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.decode()
 
         found = await deferToThread(session)
         self.assertEqual(found["stat"][0], 3)
@@ -176,6 +185,11 @@ class StoreTwistdTests(TestCase):
         for size, lines in zip(sizes, found["retr"], strict=True):
             self.assertEqual(size, sum(len(line) + 2 for line in lines))
         self.assertTrue(found["second"].startswith(b"-ERR [IN-USE]"), found["second"])
+        # popserv who: the session, from its lease, with the node that serves it.
+        header, *rows = found["who"].splitlines()
+        self.assertEqual(header.split(), ["USER", "CLIENT", "SINCE", "NODE"])
+        self.assertEqual(len(rows), 1, found["who"])
+        self.assertEqual(rows[0].split()[:2], ["alice@example.org", "127.0.0.1"])
         uidls = [line.split()[1] for line in found["uidl"]]
         self.assertEqual([line.split()[1] for line in found["after"]], [uidls[0], uidls[2]])
         with psycopg.connect(self.url) as connection:

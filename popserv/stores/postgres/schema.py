@@ -19,6 +19,13 @@ rather than guess.
   Maildir file) in chunks of :data:`CHUNK_SIZE`, stored uncompressed
   (mail is mostly compressed already, and RETR should cost no CPU to
   unpack), so RETR reads a message a few chunks at a time.
+
+Cluster state (version 2):
+
+- ``login_failures``: failed logins by client and user name tried, so
+  the failed-login penalty holds whichever node a client tries.
+- ``sessions``: a view of the live leases, by node, user, client and
+  start time: who is logged in where.
 """
 
 from __future__ import annotations
@@ -72,6 +79,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         "ALTER TABLE popserv.message_chunks ALTER COLUMN data SET STORAGE EXTERNAL",
+    ),
+    (
+        """
+        CREATE TABLE popserv.login_failures (
+            client text NOT NULL,
+            username text NOT NULL,
+            failures integer NOT NULL,
+            last timestamptz NOT NULL,
+            PRIMARY KEY (client, username)
+        )
+        """,
+        "CREATE INDEX login_failures_last ON popserv.login_failures (last)",
+        """
+        CREATE VIEW popserv.sessions AS
+            SELECT lock_node AS node, name AS "user", lock_client AS client,
+                   lock_since AS since, lock_expires AS expires
+              FROM popserv.maildrops
+             WHERE lock_owner IS NOT NULL AND lock_expires > now()
+        """,
     ),
 )
 
