@@ -45,6 +45,7 @@ from popserv.server.control import ControlClient, ControlError, control_path
 from popserv.server.dbcommands import DatabaseCommandError
 from popserv.server.dbcommands import add_commands as add_database_commands
 from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
+from popserv.server.migratecommand import add_command as add_migrate_command
 from popserv.server.optionvalues import STORES
 from popserv.stores.delivery import (
     EX_CONFIG,
@@ -353,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--address", action="store_true", help="TARGET is an address")
     kick.set_defaults(command=_kick)
     add_database_commands(commands, paths)
+    add_migrate_command(commands, paths)
     # Only for --help: main() hands what follows "check" to the twistd options.
     commands.add_parser(
         "check",
