@@ -23,7 +23,7 @@ from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublish
 
 from popserv.core.errors import InvalidUsername
 from popserv.core.headers import header_field
-from popserv.core.usernames import CASES, FOLD, UsernameRules
+from popserv.core.usernames import CASES
 from popserv.logins.database import Database, connect
 from popserv.logins.passwords import (
     DEFAULT_SCHEME,
@@ -40,10 +40,12 @@ from popserv.logins.passwords import (
     hash_secrets,
 )
 from popserv.logins.sqlaccounts import PostfixadminTable
+from popserv.server.adminargs import CommandError, accounts_of, layout_of
 from popserv.server.control import ControlClient, ControlError, control_path
 from popserv.server.dbcommands import DatabaseCommandError
 from popserv.server.dbcommands import add_commands as add_database_commands
 from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
+from popserv.server.migratecommand import add_command as add_migrate_command
 from popserv.server.optionvalues import STORES
 from popserv.stores.delivery import (
     EX_CONFIG,
@@ -57,7 +59,7 @@ from popserv.stores.delivery import (
     deliver_message,
     has_control,
 )
-from popserv.stores.layout import DEFAULT_DATA_DIR, Layout, ensure_maildir
+from popserv.stores.layout import DEFAULT_DATA_DIR, ensure_maildir
 from popserv.stores.maildir.directory import MaildirPath
 from popserv.stores.postgres.delivery import PostgresStore, deliver_into
 from popserv.stores.postgres.queries import drop_maildrop
@@ -66,10 +68,6 @@ from popserv.stores.quota import Quota, parse_count, parse_size
 PROG = "popserv"
 
 _SHOWN_LEVELS = (LogLevel.warn, LogLevel.error, LogLevel.critical)
-
-
-class CommandError(Exception):
-    """An expected failure, reported as one line on stderr with exit status 1."""
 
 
 _EXPECTED = (
@@ -140,7 +138,7 @@ def _check_arguments(argv: list[str]) -> list[str] | None:
 
 
 def _control(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(control_path(_layout(args)))
+    return ControlClient(control_path(layout_of(args)))
 
 
 def _who(args: argparse.Namespace) -> int:
@@ -378,6 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--address", action="store_true", help="TARGET is an address")
     kick.set_defaults(command=_kick)
     add_database_commands(commands, paths)
+    add_migrate_command(commands, paths)
     # Only for --help: main() hands what follows "check" to the twistd options.
     commands.add_parser(
         "check",
@@ -394,35 +393,6 @@ CHECK_DESCRIPTION = (
     " owners and modes, the Maildir template, free space). One line per finding"
     " (ok:, warning:, error:); exit status 0 without errors, 78 with any."
 )
-
-
-def _layout(args: argparse.Namespace) -> Layout:
-    return Layout.create(
-        getattr(args, "data", DEFAULT_DATA_DIR),
-        getattr(args, "passwd", None),
-        getattr(args, "maildir", None),
-        follow_symlinks=getattr(args, "follow_maildir_symlinks", False),
-    )
-
-
-def _passwd(
-    args: argparse.Namespace, layout: Layout | None = None
-) -> PasswdFile | PostfixadminTable:
-    """
-    The password file, or with ``--database`` the database's mailbox table,
-    matching names as the server does with the same options.
-    """
-    rules = UsernameRules(
-        getattr(args, "username_case", FOLD), getattr(args, "allow_mixed_script_names", False)
-    )
-    url = getattr(args, "database", None)
-    if url:
-        if len(getattr(args, "scheme", None) or ()) > 1:
-            raise CommandError(
-                "--database: the mailbox table has one password column, so give one --scheme"
-            )
-        return PostfixadminTable(url, rules)
-    return PasswdFile((layout or _layout(args)).passwd_path, rules)
 
 
 def _hash_schemes(names: list[str] | None) -> list[str]:
@@ -478,8 +448,8 @@ def _existing(passwd: PasswdFile | PostfixadminTable, given: str) -> UserEntry:
 
 
 def _user_add(args: argparse.Namespace) -> None:
-    layout = _layout(args)
-    passwd = _passwd(args, layout)
+    layout = layout_of(args)
+    passwd = accounts_of(args, layout)
     # Stored normalised (NFKC, lower case unless --username-case keep), the
     # form every login and delivery looks it up under.
     name = passwd.rules.normalize(args.name)
@@ -510,7 +480,7 @@ def _user_add(args: argparse.Namespace) -> None:
 
 
 def _user_passwd(args: argparse.Namespace) -> None:
-    passwd = _passwd(args)
+    passwd = accounts_of(args)
     schemes = _hash_schemes(args.scheme)
     name = _existing(passwd, args.name).name
     passwd.set_password(name, *hash_secrets(_read_password(), schemes))
@@ -518,8 +488,8 @@ def _user_passwd(args: argparse.Namespace) -> None:
 
 
 def _user_del(args: argparse.Namespace) -> None:
-    layout = _layout(args)
-    passwd = _passwd(args, layout)
+    layout = layout_of(args)
+    passwd = accounts_of(args, layout)
     # The stored name: its Maildir, not one named after how it was typed here.
     name = _existing(passwd, args.name).name
     if _in_database(args):
@@ -571,8 +541,8 @@ def _user_list(args: argparse.Namespace) -> None:
     Each user, the password's schemes, and the last login the server
     recorded (time in UTC, client address, mechanism) or ``never``.
     """
-    layout = _layout(args)
-    passwd = _passwd(args, layout)
+    layout = layout_of(args)
+    passwd = accounts_of(args, layout)
     if not passwd.exists():
         raise CommandError(f"no password file at {passwd.path}")
     last_logins = read_last_logins(layout.data_dir / LAST_LOGIN_FILE)
@@ -612,8 +582,8 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
     if not args.user and not recipient_address:
         print(f"{PROG}: deliver needs --user or --recipient", file=sys.stderr)
         return EX_USAGE
-    layout = _layout(args)
-    passwd = _passwd(args, layout)
+    layout = layout_of(args)
+    passwd = accounts_of(args, layout)
     database = Database(args.database, reactor=None) if _in_database(args) else None
     directory = Directory(
         layout,

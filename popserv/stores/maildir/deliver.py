@@ -285,6 +285,52 @@ def deliver(
     return prepare(maildir, source, header=header, hostname=hostname).publish()
 
 
+def write_named(
+    tmp: int,
+    target: int,
+    unique: str,
+    name: str,
+    chunks: Iterable[bytes],
+    *,
+    mtime: float | None = None,
+) -> int:
+    """
+    Store ``chunks`` as they are (already with LF line ends) as the file
+    ``name`` in the directory ``target`` (``new/`` or ``cur/``), written
+    and synced as ``tmp/unique`` first, its mtime set to ``mtime``; return
+    its octets.  For a message that keeps a name it already had elsewhere
+    (``popserv migrate``), where :func:`deliver` makes a new one.
+
+    ``FileExistsError`` if ``name`` is there; a ``tmp/`` file of that name
+    (left by an interrupted run) is replaced.  The caller syncs ``target``
+    once for many files, and keeps ``maildirsize``.  Blocking.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(unique, flags, 0o600, dir_fd=tmp)
+    except FileExistsError:
+        os.unlink(unique, dir_fd=tmp)
+        fd = os.open(unique, flags, 0o600, dir_fd=tmp)
+    try:
+        try:
+            octets = 0
+            with open(fd, "wb", closefd=False) as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    octets += len(chunk)
+            os.fsync(fd)
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        if _publish(tmp, target, unique, name):
+            _unlink_quietly(unique, tmp)
+    except BaseException:
+        _unlink_quietly(unique, tmp)
+        raise
+    return octets
+
+
 #: The ``tmp/`` names :func:`make_unique` gives: the writer's pid and host.
 _OUR_TMP_NAME = re.compile(r"\d+\.M\d+P(?P<pid>\d{1,10})Q\d+R[0-9a-f]+\.(?P<host>.+)")
 

@@ -103,6 +103,15 @@ class Scan:
     #: login is answered; None if it is not to be stored (read from it, or unsettled).
     cache_as: tuple[list[Any], str] | None = None
 
+    def file_of(self, index: int) -> tuple[int, str]:
+        """Where message ``index``'s file was (NEW or CUR), and its name there."""
+        unique = self.uniques[index] if self.uniques is not None else ""
+        if not unique:
+            unique = self.listing.uids[index]
+        elif unique == EMPTY_UNIQUE:
+            unique = ""
+        return self.places[index], unique + self.infos[index]
+
 
 #: What a scan keeps of each file while it works: NEW or CUR, the file name,
 #: and the wire size and delivery time the name gives, if it does.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from attrs import frozen
 
@@ -54,11 +54,15 @@ def take(
     client: str,
     lease: float,
     login_delay: int,
+    login: bool = True,
 ) -> int:
     """
     Lease ``name``'s maildrop (created if missing) to ``owner``; return its id.
     MailboxInUse if another live lease holds it, LoginDelayed if its last
     login was less than ``login_delay`` seconds ago (nothing changed then).
+    ``login`` false (``popserv migrate``): no login, so the last login's
+    time is neither checked nor changed (a user would otherwise meet a
+    LOGIN-DELAY the migration started).
     """
     with connection.transaction(), connection.cursor() as cursor:
         _maildrop_row(cursor, name)
@@ -71,13 +75,13 @@ def take(
         maildrop, held, since = cursor.fetchone()
         if held:
             raise MailboxInUse("the maildrop is leased to another session")
-        if login_delay > 0 and since is not None and since < login_delay:
+        if login and login_delay > 0 and since is not None and since < login_delay:
             raise LoginDelayed(f"{since:.0f}s since the last login")
         cursor.execute(
             "UPDATE popserv.maildrops SET lock_owner = %s, lock_node = %s, lock_client = %s,"
             " lock_since = now(), lock_expires = now() + make_interval(secs => %s),"
-            " last_login = now() WHERE id = %s",
-            (owner, node, client, lease, maildrop),
+            " last_login = CASE WHEN %s THEN now() ELSE last_login END WHERE id = %s",
+            (owner, node, client, lease, login, maildrop),
         )
         return int(maildrop)
 
@@ -102,6 +106,39 @@ def list_messages(connection: Any, maildrop: int) -> tuple[array[int], Listing]:
             received.append(row[3])
             seen.append(row[4])
     return ids, Listing(uids=uids, sizes=sizes, received=received, seen=seen)
+
+
+class Stored(NamedTuple):
+    """One stored message as :func:`stored_messages` lists it."""
+
+    id: int
+    uidl: str
+    octets: int
+    wire_size: int
+    delivered: float
+    seen: bool
+
+
+def maildrop_of(connection: Any, name: str) -> int | None:
+    """The id of ``name``'s maildrop, None if it has none (nothing is created)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT id FROM popserv.maildrops WHERE name = %s", (name,))
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def stored_messages(connection: Any, maildrop: int) -> list[Stored]:
+    """
+    Every message of the maildrop with its stored size too, oldest first
+    (``popserv migrate``; a login lists with :func:`list_messages`).
+    """
+    with connection.cursor(binary=True) as cursor:
+        cursor.execute(
+            "SELECT id, uidl, octets, wire_size, date_part('epoch', delivered), seen"
+            " FROM popserv.messages WHERE maildrop = %s ORDER BY id",
+            (maildrop,),
+        )
+        return [Stored(*row) for row in cursor]
 
 
 def renew(connection: Any, maildrop: int, owner: str, lease: float) -> bool:
