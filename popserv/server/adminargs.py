@@ -46,3 +46,12 @@ def accounts_of(
             )
         return PostfixadminTable(url, rules)
     return PasswdFile((layout or layout_of(args)).passwd_path, rules)
+
+
+def mail_in_database(args: argparse.Namespace) -> bool:
+    """``--store postgresql``: mail in the database (which needs ``--database``)."""
+    if getattr(args, "store", "maildir") != "postgresql":
+        return False
+    if not getattr(args, "database", None):
+        raise CommandError("--store postgresql needs --database")
+    return True

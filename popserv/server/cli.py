@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import os
 import shutil
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
@@ -40,8 +38,9 @@ from popserv.logins.passwords import (
     hash_secrets,
 )
 from popserv.logins.sqlaccounts import PostfixadminTable
-from popserv.server.adminargs import CommandError, accounts_of, layout_of
-from popserv.server.control import ControlClient, ControlError, control_path
+from popserv.server import sessioncommands
+from popserv.server.adminargs import CommandError, accounts_of, layout_of, mail_in_database
+from popserv.server.control import ControlError
 from popserv.server.dbcommands import DatabaseCommandError
 from popserv.server.dbcommands import add_commands as add_database_commands
 from popserv.server.lastlogin import LAST_LOGIN_FILE, read_last_logins
@@ -135,75 +134,6 @@ def _check_arguments(argv: list[str]) -> list[str] | None:
             return None
         index += 2 if word in _VALUED else 1
     return None
-
-
-def _control(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(control_path(layout_of(args)))
-
-
-def _who(args: argparse.Namespace) -> int:
-    if _in_database(args):
-        return _who_everywhere(args.database)
-    with _control(args) as control:
-        rows = control.who()
-    table = [("USER", "CLIENT", "SINCE", "TLS", "STATE", "LOGIN", "WORKER")]
-    for row in rows:
-        since = datetime.fromtimestamp(row["since"]).isoformat(sep=" ", timespec="seconds")
-        table.append((
-            row["user"] or "-",
-            row["client"],
-            since,
-            "yes" if row["tls"] else "no",
-            row["state"],
-            row["mechanism"] or "-",
-            str(row["worker"]),
-        ))
-    _print_table(table)
-    return 0
-
-
-def _who_everywhere(url: str) -> int:
-    """The logged-in sessions of every node, from the leases in the database."""
-    with connect(url) as connection:
-        rows = connection.execute(
-            'SELECT "user", client, since, node FROM popserv.sessions ORDER BY since'
-        ).fetchall()
-    table = [("USER", "CLIENT", "SINCE", "NODE")]
-    for user, client, since, node in rows:
-        when = since.astimezone().replace(tzinfo=None).isoformat(sep=" ", timespec="seconds")
-        table.append((user, client or "-", when, node or "-"))
-    _print_table(table)
-    return 0
-
-
-def _print_table(table: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    for line in table:
-        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        print("  ".join(cells).rstrip())
-
-
-def _kick(args: argparse.Namespace) -> int:
-    target: str = args.target
-    as_address = args.address or (not args.user and _looks_like_address(target))
-    with _control(args) as control:
-        kicked = control.kick(address=target) if as_address else control.kick(user=target)
-    what = f"from {target}" if as_address else f"of {target}"
-    print(f"kicked {kicked} session{'' if kicked == 1 else 's'} {what}")
-    return 0 if kicked else 1
-
-
-def _looks_like_address(target: str) -> bool:
-    """An IP address, a network, or host:port (a user name never has ':' or '/')."""
-    return ":" in target or "/" in target or _is_ipv4(target)
-
-
-def _is_ipv4(target: str) -> bool:
-    try:
-        ipaddress.IPv4Address(target)
-    except ValueError:
-        return False
-    return True
 
 
 def _fail(message: str) -> int:
@@ -360,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
         " is reached through DIR/control.sock. With --store postgresql and --database: the"
         " logged-in sessions of every node, from their leases.",
     )
-    listing_sessions.set_defaults(command=_who)
+    listing_sessions.set_defaults(command=sessioncommands.who)
     kick = commands.add_parser(
         "kick",
         parents=[paths],
@@ -374,7 +304,7 @@ def _parser() -> argparse.ArgumentParser:
     kind = kick.add_mutually_exclusive_group()
     kind.add_argument("--user", action="store_true", help="TARGET is a user name")
     kind.add_argument("--address", action="store_true", help="TARGET is an address")
-    kick.set_defaults(command=_kick)
+    kick.set_defaults(command=sessioncommands.kick)
     add_database_commands(commands, paths)
     add_migrate_command(commands, paths)
     # Only for --help: main() hands what follows "check" to the twistd options.
@@ -458,7 +388,7 @@ def _user_add(args: argparse.Namespace) -> None:
     if existing is not None:
         raise UserExists(existing.name)
     stored, secrets = hash_secrets(_read_password(), schemes)
-    if _in_database(args):
+    if mail_in_database(args):
         # The maildrop is made by its first delivery or login.
         passwd.add(name, stored, secrets)
         given = "" if name == args.name else f" (given as {args.name})"
@@ -492,7 +422,7 @@ def _user_del(args: argparse.Namespace) -> None:
     passwd = accounts_of(args, layout)
     # The stored name: its Maildir, not one named after how it was typed here.
     name = _existing(passwd, args.name).name
-    if _in_database(args):
+    if mail_in_database(args):
         passwd.remove(name)
         if not args.purge:
             print(f"removed user {name}; the mail in the database is kept (--purge deletes it)")
@@ -511,15 +441,6 @@ def _user_del(args: argparse.Namespace) -> None:
         print(f"removed user {name} and deleted the Maildir {maildir}")
     else:
         print(f"removed user {name}; the Maildir {maildir} is kept (--purge deletes it)")
-
-
-def _in_database(args: argparse.Namespace) -> bool:
-    """``--store postgresql``: mail in the database (which needs ``--database``)."""
-    if getattr(args, "store", "maildir") != "postgresql":
-        return False
-    if not getattr(args, "database", None):
-        raise CommandError("--store postgresql needs --database")
-    return True
 
 
 def _purge(maildir: MaildirPath) -> None:
@@ -584,7 +505,7 @@ def _deliver_stdin(args: argparse.Namespace) -> int:
         return EX_USAGE
     layout = layout_of(args)
     passwd = accounts_of(args, layout)
-    database = Database(args.database, reactor=None) if _in_database(args) else None
+    database = Database(args.database, reactor=None) if mail_in_database(args) else None
     directory = Directory(
         layout,
         passwd,
