@@ -62,6 +62,7 @@ from popserv.stores.delivery import Directory, MaildirStore
 from popserv.stores.layout import Layout, Owner
 from popserv.stores.maildir.uidls import DOVECOT
 from popserv.stores.postgres.delivery import PostgresStore
+from popserv.stores.postgres.mailbox import LEASE_SECONDS
 from popserv.stores.postgres.realm import PostgresRealm
 from popserv.stores.quota import Quota
 from popserv.stores.realm import AccountRealm, MaildirRealm
@@ -138,7 +139,8 @@ def make_factory(
     store = database_store(options, accounts)
     realm: AccountRealm
     if store is not None:
-        realm = PostgresRealm(store, accounts, defaults, reactor=reactor)
+        lease = options.get("maildrop-lease") or LEASE_SECONDS
+        realm = PostgresRealm(store, accounts, defaults, reactor=reactor, lease=lease)
     else:
         realm = MaildirRealm(
             layout,
