@@ -86,7 +86,6 @@ class StoreTests(TestCase):
         self.assertEqual(await read_all(mailbox, 2, 1000), stored[2])
         await mailbox.commit([0, 3], [1])
         mailbox.close()
-        await self.database.run(lambda c: None)  # the release ran
         again = await self.open()
         self.assertEqual(list(again.listing().uids), [listing.uids[1], listing.uids[2]])
         self.assertEqual(list(again.listing().seen), [True, False])
@@ -99,8 +98,26 @@ class StoreTests(TestCase):
         with self.assertRaises(MailboxInUse):
             await self.open()
         first.close()
-        await self.database.run(lambda c: None)
+        await first.released
         (await self.open()).close()
+
+    async def test_commit_gives_the_lease_back(self) -> None:
+        """
+        Before QUIT's +OK, even with nothing to apply: a client that logs in
+        again at once finds the maildrop free (its session's close comes
+        later, and releases nothing more).
+        """
+        for deleted in ([], [0]):
+            self.deliver(b"x\n", "alice")
+            first = await self.open()
+            await first.commit(deleted, [])
+            second = await self.open()
+            first.close()
+            await first.released
+            with self.assertRaises(MailboxInUse):
+                await self.open()
+            second.close()
+            await second.released
 
     async def test_lost_lease_deletes_nothing(self) -> None:
         """A lease that expired and was taken: the old session's commit refuses."""
@@ -116,8 +133,9 @@ class StoreTests(TestCase):
         second.close()
 
     async def test_login_delay(self) -> None:
-        (await self.open(login_delay=60)).close()
-        await self.database.run(lambda c: None)
+        first = await self.open(login_delay=60)
+        first.close()
+        await first.released
         with self.assertRaises(LoginDelayed):
             await self.open(login_delay=60)
         (await self.open(login_delay=0)).close()
