@@ -121,10 +121,13 @@ class Database:
             max_size=max_connections,
             open=False,
             timeout=wait,
-            # The pool retries a failed connection with a doubling delay
-            # until this many seconds: past an outage of a minute it would
-            # wait a minute more after the database is back.  So each run
-            # of retries stops soon, and the next query starts a new one.
+            # The pool retries a failed connection with a backoff that
+            # doubles each time (1, 2, 4 ... s, for up to five minutes by
+            # default), and starts no other attempt meanwhile: a database
+            # back after a minute's outage would be used only at the next
+            # retry, a minute later, every login failing until then.  Giving
+            # up once a query would have stopped waiting anyway lets the
+            # next query try at once.
             reconnect_timeout=wait,
             check=ConnectionPool.check_connection,
             kwargs={**CONNECTION_OPTIONS, "connect_timeout": max(1, round(wait))},

@@ -19,6 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
 
 from popserv.logins.accounts import AccountSettings
+from popserv.logins.database import Database
 from popserv.logins.oauth import TokenChecker
 from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
@@ -63,6 +64,7 @@ from popserv.stores.delivery import Directory, MaildirStore
 from popserv.stores.layout import Layout, Owner
 from popserv.stores.maildir.uidls import DOVECOT
 from popserv.stores.postgres.delivery import PostgresStore
+from popserv.stores.postgres.mailbox import LEASE_SECONDS
 from popserv.stores.postgres.realm import PostgresRealm
 from popserv.stores.quota import Quota
 from popserv.stores.realm import AccountRealm, MaildirRealm
@@ -137,17 +139,7 @@ def make_factory(
         accounts = PasswdFile(layout.passwd_path, rules)
     defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
     store = database_store(options, accounts)
-    realm: AccountRealm
-    if store is not None:
-        realm = PostgresRealm(store, accounts, defaults, reactor=reactor)
-    else:
-        realm = MaildirRealm(
-            layout,
-            accounts,
-            defaults,
-            reactor=reactor,
-            uidl_format=options.get("uidl-format") or DOVECOT,
-        )
+    realm = _realm(options, layout, accounts, defaults, store=store, reactor=reactor)
     masters = options.get("master-user") or []
     passwords = PasswdFileChecker(accounts, reactor=reactor, masters=masters)
     checkers: list[Any] = [passwords]
@@ -185,6 +177,28 @@ def make_factory(
     )
     factory.last_logins = LastLogins.load(layout.data_dir / LAST_LOGIN_FILE)
     return factory
+
+
+def _realm(
+    options: Mapping[str, Any],
+    layout: Layout,
+    accounts: PasswdFile | SQLAccounts,
+    defaults: AccountSettings,
+    *,
+    store: Database | None,
+    reactor: Any,
+) -> AccountRealm:
+    """The realm of ``--store``: maildrops in ``store`` (a database), or Maildirs."""
+    if store is not None:
+        lease = options.get("maildrop-lease") or LEASE_SECONDS
+        return PostgresRealm(store, accounts, defaults, reactor=reactor, lease=lease)
+    return MaildirRealm(
+        layout,
+        accounts,
+        defaults,
+        reactor=reactor,
+        uidl_format=options.get("uidl-format") or DOVECOT,
+    )
 
 
 #: Where the receiver spools DATA, in the data directory: on the disk that

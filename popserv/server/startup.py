@@ -70,6 +70,9 @@ def exit_at_startup(
     stderr.flush()
     if sys.stderr is not sys.__stderr__:
         log.critical("{line}", line=line)
+    # Before the parent hears of it: once it has exited, whoever started it
+    # may look for the PID file (and find a stale one).
+    remove_pidfile(options)
     pipe = config.get("statusPipe")
     if pipe is not None:
         # The parent of a daemonizing twistd waits for this and prints it
@@ -77,7 +80,6 @@ def exit_at_startup(
         os.write(pipe, b"1 " + line.encode("utf-8", "replace")[:98])
         os.close(pipe)
         config["statusPipe"] = None
-    remove_pidfile(options)
     raise SystemExit(status)
 
 

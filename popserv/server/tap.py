@@ -41,6 +41,7 @@ from popserv.server.startup import (
 from popserv.server.tls import INTERMEDIATE_CIPHERS, VERSIONS, CertificateError
 from popserv.stores.layout import DEFAULT_DATA_DIR, Layout
 from popserv.stores.maildir.uidls import DOVECOT
+from popserv.stores.postgres.mailbox import LEASE_SECONDS
 from popserv.stores.quota import parse_count, parse_size
 
 #: The Policy defaults, which the options show.
@@ -81,6 +82,15 @@ class Options(usage.Options):
             "Where mail is kept: maildir (files under --maildir) or postgresql (in the"
             " --database, whose tables `popserv db init` creates).",
             values.store,
+        ],
+        [
+            "maildrop-lease",
+            None,
+            LEASE_SECONDS,
+            "With --store postgresql: seconds a session's hold on its maildrop lasts"
+            " unless renewed (every third of it), so how long the users of a process"
+            " that died must wait.",
+            values.positive_float,
         ],
         [
             "database-query",

@@ -1,6 +1,7 @@
 """
 End to end with real POP3 clients: mpop, fetchmail and getmail6 fetch from
-the real server on loopback TCP, backed by a real Maildir on disk.
+the real server on loopback TCP, backed by a real Maildir on disk, and
+again by the PostgreSQL store (the ``...PostgresTests`` classes).
 
 Each client runs as a child process (so the reactor keeps serving), under
 ``timeout`` and with its own network timeout, with its configuration and
@@ -18,10 +19,9 @@ from pathlib import Path
 from twisted.internet.utils import getProcessOutputAndValue
 
 from popserv.server.protocol import POP3Protocol
-from popserv.stores.maildir import deliver
 from tests.support.mail import mbox_messages, unix
 from tests.support.peers import missing
-from tests.support.servers import ServerTestCase
+from tests.support.servers import PostgresServer, ServerTestCase
 
 #: For bob: a body that needs mbox quoting, a line that needs dot-stuffing,
 #: and an 8-bit line.
@@ -84,7 +84,7 @@ class ClientTestCase(ServerTestCase):
         return output
 
     def assert_fetched_and_kept(self, commands: list[bytes], uids: list[bytes]) -> None:
-        """RETR 1-4 in order, no DELE; the mbox holds the four messages; the Maildir is intact."""
+        """RETR 1-4 in order, no DELE; the mbox holds the four messages; the store is intact."""
         self.assertEqual(
             [c for c in commands if c.startswith(b"RETR")],
             [b"RETR 1", b"RETR 2", b"RETR 3", b"RETR 4"],
@@ -94,8 +94,8 @@ class ClientTestCase(ServerTestCase):
         self.assertEqual(self.uids(), uids)
 
     def uids(self) -> list[bytes]:
-        """alice's UIDs (what UIDL lists): her Maildir base names, sorted."""
-        return sorted(name.split(":")[0].encode() for name in self.files())
+        """alice's UIDs (what UIDL lists), sorted."""
+        return [uid.encode() for uid in self.stored_uids()]
 
 
 class MpopTests(ClientTestCase):
@@ -144,7 +144,7 @@ class MpopTests(ClientTestCase):
         )
         self.assertEqual(commands[-1], b"QUIT")
         self.assertEqual(self.mbox(), [unix(m) for m in self.messages] * 2)
-        self.assertEqual(self.files(), [])
+        self.assertEqual(self.stored_uids(), [])
 
     async def test_only_new_with_uidls_file(self):
         """
@@ -168,7 +168,7 @@ class MpopTests(ClientTestCase):
 
     async def test_apop(self):
         """--auth=apop logs bob in with APOP (no password on the wire) and fetches his mail."""
-        deliver(self.layout.maildir_for("bob"), BOB_MESSAGE)
+        self.add_message("bob", BOB_MESSAGE)
         await self.mpop(
             "--keep=on",
             "--only-new=off",
@@ -286,7 +286,7 @@ class FetchmailTests(ClientTestCase):
         self.assertEqual(self.uids(), uids)
 
     async def test_no_keep_deletes(self):
-        """Without ``keep`` fetchmail deletes what it delivered: the Maildir ends up empty."""
+        """Without ``keep`` fetchmail deletes what it delivered: the maildrop ends up empty."""
         await self.fetchmail("fetchall")
         commands = self.commands()
         self.assertEqual(
@@ -295,11 +295,11 @@ class FetchmailTests(ClientTestCase):
         )
         self.assertEqual(commands[-1], b"QUIT")
         self.assertEqual(self.delivered(), b"".join(unix(m) for m in self.messages))
-        self.assertEqual(self.files(), [])
+        self.assertEqual(self.stored_uids(), [])
 
     async def test_apop(self):
         """-p APOP logs bob in with APOP and delivers his message."""
-        deliver(self.layout.maildir_for("bob"), BOB_MESSAGE)
+        self.add_message("bob", BOB_MESSAGE)
         await self.fetchmail(
             "keep fetchall", "-p", "APOP", user="bob", password="bob pw", out="bob.mail"
         )
@@ -370,7 +370,7 @@ class GetmailTests(ClientTestCase):
 
     async def test_apop(self):
         """use_apop = true logs bob in with APOP; his message arrives intact."""
-        deliver(self.layout.maildir_for("bob"), BOB_MESSAGE)
+        self.add_message("bob", BOB_MESSAGE)
         await self.getmail(user="bob", password="bob pw", apop=True, mbox="bob.mbox")
         commands = self.commands()
         self.assertRegex(commands[0].decode(), r"^APOP bob [0-9a-f]{32}$")
@@ -384,3 +384,15 @@ class GetmailTests(ClientTestCase):
         output = await self.getmail(apop=True, expect=127)
         self.assertIn(b"-ERR [AUTH] Authentication failed", output)
         self.assertEqual((self.home / "alice.mbox").read_bytes(), b"")
+
+
+class MpopPostgresTests(PostgresServer, MpopTests):
+    """mpop against the PostgreSQL store."""
+
+
+class FetchmailPostgresTests(PostgresServer, FetchmailTests):
+    """fetchmail against the PostgreSQL store."""
+
+
+class GetmailPostgresTests(PostgresServer, GetmailTests):
+    """getmail6 against the PostgreSQL store."""

@@ -5,21 +5,26 @@ file on disk, and real clients (Python's poplib, raw sockets, curl).
 
 from __future__ import annotations
 
+import base64
+import hmac
 import os
 import poplib
+import re
 import shutil
 import socket
+from hashlib import md5
 
+import scramp
 from twisted.internet import reactor
 
 from popserv.core import errors, wire
 from popserv.core.body import wire_size
 from popserv.logins.passwords import PasswdFile
 from popserv.server.service import make_factory
-from popserv.stores.maildir import deliver
 from tests.support.servers import (
     RAW_MESSAGES,
     CurlTestCase,
+    PostgresServer,
     RawClient,
     ServerTestCase,
     command,
@@ -54,7 +59,7 @@ class PoplibTests(ServerTestCase):
             self.assertEqual(b"\r\n".join(body) + b"\r\n", crlf(message))
         self.assertEqual(top, [b"From: c@x", b"Subject: mixed", b"", b"line"])
         self.assertIn("PIPELINING", caps)
-        self.assertEqual(len(self.files()), 4)
+        self.assertEqual(len(self.stored_uids()), 4)
 
     async def test_dele_quit_removes_exactly_those(self):
         def session():
@@ -68,12 +73,9 @@ class PoplibTests(ServerTestCase):
             c.dele(4)
             c.quit()
 
-        before = self.files()
+        before = self.stored_uids()
         await self.run_in_thread(session)
-        after = self.files()
-        self.assertEqual(len(after), 2)
-        self.assertTrue(after[0].startswith(before[0]))
-        self.assertTrue(after[1].startswith("1700000003"))
+        self.assertEqual(self.stored_uids(), [before[0], before[2]])
 
     async def test_drop_without_quit_deletes_nothing(self):
         def session():
@@ -83,10 +85,10 @@ class PoplibTests(ServerTestCase):
                 c.line()
             c.close()
 
-        before = self.files()
+        before = self.stored_uids()
         await self.run_in_thread(session)
         await self.wait_idle()
-        self.assertEqual(self.files(), before)
+        self.assertEqual(self.stored_uids(), before)
 
     async def test_retr_marks_seen_and_uidl_stable(self):
         def session():
@@ -105,7 +107,7 @@ class PoplibTests(ServerTestCase):
 
         uidl, again = await self.run_in_thread(session)
         self.assertEqual(uidl, again)
-        self.assertEqual(len(os.listdir(self.maildir / "cur")), 1)
+        self.assertEqual(self.seen_uids(), ["1700000001.M1P1.test"])
 
     async def test_in_use(self):
         def session():
@@ -138,22 +140,6 @@ class PoplibTests(ServerTestCase):
         self.assertTrue(ok.startswith(b"+OK"))
         self.assertEqual(refused, wire.err(errors.APOPFailed()).rstrip())
 
-    async def test_broken_maildir_is_sys_perm(self):
-        """A file where alice's Maildir should be: -ERR [SYS/PERM], no traceback, no path."""
-        shutil.rmtree(self.maildir)
-        self.maildir.write_bytes(b"")
-
-        def session():
-            c = self.pop()
-            try:
-                return login(c, "alice", "secret")
-            finally:
-                c.close()
-
-        answer = await self.run_in_thread(session)
-        self.assertEqual(answer, wire.err(errors.PermanentFailure()).rstrip())
-        self.assertTrue(answer.startswith(b"-ERR [SYS/PERM] "))
-
     async def test_failed_logins_close_connection(self):
         def session():
             c = RawClient(self.portno)
@@ -178,6 +164,126 @@ class PoplibTests(ServerTestCase):
         answers = await self.run_in_thread(session)
         self.assertEqual(answers[1], b"-ERR [AUTH] Authentication failed\r\n")
         self.assertEqual(answers[3], b"-ERR [AUTH] Authentication failed\r\n")
+
+
+class BrokenMaildirTests(ServerTestCase):
+    """A Maildir that is not one (Maildir only)."""
+
+    async def test_broken_maildir_is_sys_perm(self):
+        """A file where alice's Maildir should be: -ERR [SYS/PERM], no traceback, no path."""
+        shutil.rmtree(self.maildir)
+        self.maildir.write_bytes(b"")
+
+        def session():
+            c = self.pop()
+            try:
+                return login(c, "alice", "secret")
+            finally:
+                c.close()
+
+        answer = await self.run_in_thread(session)
+        self.assertEqual(answer, wire.err(errors.PermanentFailure()).rstrip())
+        self.assertTrue(answer.startswith(b"-ERR [SYS/PERM] "))
+
+
+#: Every SASL mechanism that takes a password (RFC 5034), offered whatever is stored.
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256")
+#: Every way to log in with a password: RFC 1939's two, and each mechanism.
+LOGIN_KINDS = ("USER", "APOP", *PASSWORD_MECHANISMS)
+
+
+def b64(data: str | bytes) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+def log_in(c: RawClient, kind: str, user: str, password: str) -> bytes:
+    """Log in with ``kind`` (one of :data:`LOGIN_KINDS`); the server's last answer."""
+    if kind == "USER":
+        c.send(f"USER {user}\r\nPASS {password}\r\n".encode())
+        c.line()
+        return c.line()
+    if kind == "APOP":
+        timestamp = re.search(rb"<[^>]+>", c.greeting).group(0)
+        c.send(f"APOP {user} {md5(timestamp + password.encode()).hexdigest()}\r\n".encode())
+        return c.line()
+    if kind == "PLAIN":
+        c.send(b"AUTH PLAIN " + b64(f"\0{user}\0{password}") + b"\r\n")
+        return c.line()
+    if kind == "LOGIN":
+        c.send(b"AUTH LOGIN\r\n")
+        for answer in (user, password):
+            challenge = c.line()
+            if not challenge.startswith(b"+ "):
+                return challenge
+            c.send(b64(answer) + b"\r\n")
+        return c.line()
+    if kind == "CRAM-MD5":
+        c.send(b"AUTH CRAM-MD5\r\n")
+        challenge = base64.b64decode(c.line()[2:])
+        digest = hmac.new(password.encode(), challenge, md5).hexdigest()
+        c.send(b64(f"{user} {digest}") + b"\r\n")
+        return c.line()
+    client = scramp.ScramClient([kind], user, password)
+    c.send(f"AUTH {kind} ".encode() + b64(client.get_client_first()) + b"\r\n")
+    client.set_server_first(base64.b64decode(c.line()[2:]).decode())
+    c.send(b64(client.get_client_final()) + b"\r\n")
+    answer = c.line()
+    if answer.startswith(b"+ "):
+        client.set_server_final(base64.b64decode(answer[2:]).decode())  # the server knew the key
+        c.send(b"\r\n")
+        answer = c.line()
+    return answer
+
+
+class LoginKindsTests(ServerTestCase):
+    """
+    Every login kind against the real server: bob's PLAIN-scheme password
+    lets challenge-response logins (APOP, CRAM-MD5, SCRAM) check him; alice's
+    argon2id one only those that send the password.
+    """
+
+    options = {"sasl": PASSWORD_MECHANISMS}
+
+    def sessions(self, user: str, password: str, kinds=LOGIN_KINDS) -> dict[str, tuple]:
+        """Per kind: the answer to the login, and to STAT and QUIT after it."""
+        found = {}
+        for kind in kinds:
+            c = RawClient(self.portno)
+            try:
+                answer = log_in(c, kind, user, password)
+                after = ()
+                if answer.startswith(b"+OK"):
+                    c.send(b"STAT\r\nQUIT\r\n")
+                    after = (c.line(), c.line())
+                found[kind] = (answer, *after)
+            finally:
+                c.close()
+        return found
+
+    async def test_every_kind_with_a_plain_password(self):
+        self.add_message("bob", b"Subject: for bob\n\nhello\n")
+        found = await self.run_in_thread(self.sessions, "bob", "bob pw")
+        for kind, (answer, stat, bye) in found.items():
+            self.assertTrue(answer.startswith(b"+OK"), (kind, answer))
+            self.assertEqual(stat, b"+OK 1 %d\r\n" % wire_size(b"Subject: for bob\n\nhello\n"))
+            self.assertTrue(bye.startswith(b"+OK"), (kind, bye))
+
+    async def test_hashed_password(self):
+        """alice: every kind that sends the password works; challenge-response fails [AUTH]."""
+        found = await self.run_in_thread(self.sessions, "alice", "secret")
+        for kind, (answer, *after) in found.items():
+            if kind in ("USER", "PLAIN", "LOGIN"):
+                self.assertTrue(answer.startswith(b"+OK"), (kind, answer))
+                self.assertTrue(after[0].startswith(b"+OK 4 "), (kind, after))
+            else:
+                self.assertTrue(answer.startswith(b"-ERR [AUTH] "), (kind, answer))
+
+    async def test_wrong_password(self):
+        found = await self.run_in_thread(
+            self.sessions, "bob", "wrong", ("USER", "APOP", "CRAM-MD5", "SCRAM-SHA-256")
+        )
+        for kind, (answer,) in found.items():
+            self.assertTrue(answer.startswith(b"-ERR [AUTH] "), (kind, answer))
 
 
 class RawProtocolTests(ServerTestCase):
@@ -223,7 +329,7 @@ class RawProtocolTests(ServerTestCase):
         answers, closed = await self.run_in_thread(session)
         self.assertTrue(answers[3].startswith(b"+OK Bye, 1 deleted"), answers)
         self.assertTrue(closed)
-        self.assertEqual(len(self.files()), 3)
+        self.assertEqual(len(self.stored_uids()), 3)
 
     async def test_pipelining_and_long_lines(self):
         def session():
@@ -470,11 +576,11 @@ class ExpireTests(ServerTestCase):
             c.retr(1)  # 2023: expires
             c.retr(4)  # delivered now: stays, marked seen
             c.quit()
-            first = self.files()
+            first = self.stored_uids()
             c = self.pop()
             login(c, "alice", "secret")
             c.quit()  # message 2 and 3 were never retrieved: they stay
-            return capa, first, self.files()
+            return capa, first, self.stored_uids()
 
         capa, first, second = await self.run_in_thread(sessions)
         self.assertEqual(capa["EXPIRE"], ["30"])
@@ -489,10 +595,10 @@ class ExpireTests(ServerTestCase):
             c.line(), c.line(), c.line(), c.multi()
             c.close()
 
-        before = self.files()
+        before = self.stored_uids()
         await self.run_in_thread(session)
         await self.wait_idle()
-        self.assertEqual(self.files(), before)
+        self.assertEqual(self.stored_uids(), before)
 
 
 class ExpireZeroTests(ServerTestCase):
@@ -530,14 +636,17 @@ class CurlTests(CurlTestCase):
     """
 
     apop_user = False
+    #: Whether the greeting offers APOP all the same: with accounts that
+    #: cannot be listed (a database's), it cannot tell that none could pass.
+    apop_offered = False
 
-    async def test_no_apop_timestamp(self):
+    async def test_apop_timestamp(self):
         def greeting():
             c = RawClient(self.portno)
             c.close()
             return c.greeting
 
-        self.assertNotIn(b"<", await self.run_in_thread(greeting))
+        self.assertEqual(b"<" in await self.run_in_thread(greeting), self.apop_offered)
 
     async def test_list_and_fetch(self):
         listing = await self.curl("")
@@ -552,7 +661,7 @@ class CurlTests(CurlTestCase):
         top = await self.curl("", "-X", "TOP 2 0")
         self.assertEqual(top, b"From: b@x\r\nSubject: crlf\r\n\r\n")
         await self.curl("", "-X", "DELE 1", "-I")
-        self.assertEqual(len(self.files()), 3)
+        self.assertEqual(len(self.stored_uids()), 3)
 
     async def test_wrong_password(self):
         _, err, code = await self.run_curl("", user="alice:wrong")
@@ -563,7 +672,7 @@ class CurlAPOPTests(CurlTestCase):
     """curl's APOP against an account with a PLAIN password."""
 
     async def test_apop_login(self):
-        deliver(self.layout.maildir_for("bob"), b"Subject: hi\n\nbob\n")
+        self.add_message("bob", b"Subject: hi\n\nbob\n")
         fetched = await self.curl("1", "--login-options", "AUTH=+APOP", user="bob:bob pw")
         self.assertEqual(fetched, b"Subject: hi\r\n\r\nbob\r\n")
 
@@ -576,3 +685,32 @@ class CurlAPOPTests(CurlTestCase):
         """With SASL offered, plain curl logs in by SASL even though APOP is offered too."""
         listing = await self.curl("")
         self.assertEqual(len(listing.splitlines()), 4)
+
+
+# The same on the PostgreSQL store: all but the tests of Maildir files
+# (a broken Maildir, a file rewritten under a session, flags set by another
+# program) and of settings kept in the password file (LOGIN-DELAY).
+
+
+class PoplibPostgresTests(PostgresServer, PoplibTests):
+    pass
+
+
+class LoginKindsPostgresTests(PostgresServer, LoginKindsTests):
+    pass
+
+
+class RawProtocolPostgresTests(PostgresServer, RawProtocolTests):
+    pass
+
+
+class ExpirePostgresTests(PostgresServer, ExpireTests):
+    pass
+
+
+class CurlPostgresTests(PostgresServer, CurlTests):
+    apop_offered = True  # curl logs in by SASL then (see CurlAPOPTests)
+
+
+class CurlAPOPPostgresTests(PostgresServer, CurlAPOPTests):
+    pass

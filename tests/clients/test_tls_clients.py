@@ -1,7 +1,8 @@
 """
 TLS end to end with real clients: ``openssl s_client``, curl, mpop and
 fetchmail talk STLS (RFC 2595) and implicit POP3S (RFC 8314) to the real
-server on loopback, verifying its certificate against the test CA.
+server on loopback, verifying its certificate against the test CA, with
+mail in Maildirs and again in the PostgreSQL store.
 
 Each client runs as a child process (so the reactor keeps serving), under
 ``timeout`` and with its own network timeout, with HOME in a fresh temporary
@@ -24,7 +25,7 @@ from popserv.server.protocol import POP3Protocol, SessionInfo
 from tests.support.certs import CA
 from tests.support.mail import mbox_messages, unix
 from tests.support.peers import missing
-from tests.support.servers import crlf
+from tests.support.servers import PostgresServer, crlf
 from tests.support.tls import TLSTestCase
 
 
@@ -425,7 +426,7 @@ class MpopTests(TLSClientTestCase):
         self.assertEqual(session.protected[0], b"CAPA")
         self.assertTLS13(session)
         self.assertDownloaded(session)
-        self.assertEqual(len(self.files()), 4)
+        self.assertEqual(len(self.stored_uids()), 4)
 
 
 class FetchmailTests(TLSClientTestCase):
@@ -492,4 +493,20 @@ class FetchmailTests(TLSClientTestCase):
         self.assertEqual(session.clear, [])
         self.assertEqual(session.protected[0], b"CAPA")
         self.assertFetched(session)
-        self.assertEqual(len(self.files()), 4)
+        self.assertEqual(len(self.stored_uids()), 4)
+
+
+class OpenSSLPostgresTests(PostgresServer, OpenSSLTests):
+    pass
+
+
+class CurlPostgresTests(PostgresServer, CurlTests):
+    pass
+
+
+class MpopPostgresTests(PostgresServer, MpopTests):
+    pass
+
+
+class FetchmailPostgresTests(PostgresServer, FetchmailTests):
+    pass

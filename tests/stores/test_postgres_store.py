@@ -96,7 +96,6 @@ class StoreTests(TestCase):
         self.assertEqual(await read_all(mailbox, 2, 1000), stored[2])
         await mailbox.commit([0, 3], [1])
         mailbox.close()
-        await self.database.run(lambda c: None)  # the release ran
         again = await self.open()
         self.assertEqual(list(again.listing().uids), [listing.uids[1], listing.uids[2]])
         self.assertEqual(list(again.listing().seen), [True, False])
@@ -109,8 +108,26 @@ class StoreTests(TestCase):
         with self.assertRaises(MailboxInUse):
             await self.open()
         first.close()
-        await self.database.run(lambda c: None)
+        await first.released
         (await self.open()).close()
+
+    async def test_commit_gives_the_lease_back(self) -> None:
+        """
+        Before QUIT's +OK, even with nothing to apply: a client that logs in
+        again at once finds the maildrop free (its session's close comes
+        later, and releases nothing more).
+        """
+        for deleted in ([], [0]):
+            self.deliver(b"x\n", "alice")
+            first = await self.open()
+            await first.commit(deleted, [])
+            second = await self.open()
+            first.close()
+            await first.released
+            with self.assertRaises(MailboxInUse):
+                await self.open()
+            second.close()
+            await second.released
 
     async def test_lost_lease_deletes_nothing(self) -> None:
         """A lease that expired and was taken: the old session's commit refuses."""
@@ -163,8 +180,9 @@ class StoreTests(TestCase):
         mailbox.close()
 
     async def test_login_delay(self) -> None:
-        (await self.open(login_delay=60)).close()
-        await self.database.run(lambda c: None)
+        first = await self.open(login_delay=60)
+        first.close()
+        await first.released
         with self.assertRaises(LoginDelayed):
             await self.open(login_delay=60)
         (await self.open(login_delay=0)).close()
@@ -234,19 +252,29 @@ class StoreTests(TestCase):
         mailbox.close()
 
     async def test_database_away_and_back(self) -> None:
-        """Down: a temporary failure at once; back: sessions open again, no restart."""
+        """
+        Down: a temporary failure at once; back: sessions open again at once,
+        without a restart, however long it was away.
+        """
         self.deliver(b"x\n", "alice")
+        database = Database(self.url, reactor, wait=1.0)
+        self.addCleanup(database.stop)
+        store = PostgresStore(database)
         server = postgresql()
         server.pause()
         try:
-            with self.assertRaises(DatabaseUnavailable):
-                await self.open()
-            results = await self.store.deliver([(recipient(), b"")], b"y\n", atomic=True)
+            # Long enough for retries that back off (1, 2, 4, 8 s...) to be
+            # seconds apart by now: one of them must not be what is waited for.
+            deadline = reactor.seconds() + 8
+            while reactor.seconds() < deadline:
+                with self.assertRaises(DatabaseUnavailable):
+                    await PostgresMailbox.open(database, "alice")
+            results = await store.deliver([(recipient(), b"")], b"y\n", atomic=True)
             self.assertEqual([type(r).__name__ for r in results], ["DeliveryError"])
             self.assertEqual(results[0].reply, 451)
         finally:
             server.resume()
-        mailbox = await self.open()
+        mailbox = await PostgresMailbox.open(database, "alice")  # within its one second
         self.assertEqual(len(mailbox.listing()), 1)
         mailbox.close()
 

@@ -16,8 +16,12 @@ from twisted.trial.unittest import TestCase
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server.service import make_factory
 from popserv.stores.layout import Layout, ensure_maildir
-from popserv.stores.maildir import deliver
+from popserv.stores.maildir import deliver, parse_name
+from popserv.stores.maildir.deliver import lf_chunks
+from popserv.stores.postgres import queries
+from popserv.stores.postgres.delivery import new_uidl
 from tests.support.peers import missing
+from tests.support.postgres import store_database
 from tests.support.sockets import MarkedReader
 
 #: Stored as given (written straight into new/, no ,W= in the name), so the
@@ -61,6 +65,11 @@ class ServerTestCase(TestCase):
     Starts the real factory on 127.0.0.1 with four messages for alice (argon2id
     password) and, when :attr:`apop_user`, a user bob whose PLAIN password
     allows APOP (and so turns APOP on).
+
+    Accounts and mail are in a password file and Maildirs; tests put mail in
+    and look at what is stored only through :meth:`add_message`,
+    :meth:`stored_uids` and :meth:`seen_uids`, so that
+    :class:`PostgresServer` runs the same tests on the PostgreSQL store.
     """
 
     apop_user = True
@@ -70,19 +79,16 @@ class ServerTestCase(TestCase):
     def setUp(self):
         self.layout = Layout.create(self.mktemp())
         self.layout.data_dir.mkdir(parents=True)
-        passwd = PasswdFile(self.layout.passwd_path)
-        passwd.add("alice", hash_password("secret"))
+        self.maildir = self.layout.maildir_for("alice")
+        self.add_user("alice", hash_password("secret"))
         if self.apop_user:
-            passwd.add("bob", hash_password("bob pw", "PLAIN"))
-        self.maildir = ensure_maildir(self.layout.maildir_for("alice"))
-        ensure_maildir(self.layout.maildir_for("bob"))
+            self.add_user("bob", hash_password("bob pw", "PLAIN"))
         for name, data in RAW_MESSAGES.items():
-            (self.maildir / "new" / name).write_bytes(data)
-        deliver(self.maildir, DELIVERED)
+            self.add_message("alice", data, uid=name)
+        self.add_message("alice", DELIVERED)
         self.messages = [*RAW_MESSAGES.values(), DELIVERED.replace(b"\r\n", b"\n")]
         options = {
-            "data": str(self.layout.data_dir),
-            "passwd": str(self.layout.passwd_path),
+            **self.store_options(),
             "hostname": "pop.test",
             "auth-failure-delay": 0.05,
             **self.options,
@@ -90,6 +96,39 @@ class ServerTestCase(TestCase):
         self.factory = make_factory(options, reactor)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.portno = self.port.getHost().port
+
+    # The store: here a password file and Maildirs (PostgresServer: the database)
+
+    def store_options(self) -> dict:
+        """The options that say where accounts and mail are."""
+        return {"data": str(self.layout.data_dir), "passwd": str(self.layout.passwd_path)}
+
+    def add_user(self, name: str, stored_password: str) -> None:
+        PasswdFile(self.layout.passwd_path).add(name, stored_password)
+        ensure_maildir(self.layout.maildir_for(name))
+
+    def add_message(self, user: str, data: bytes, uid: str | None = None) -> None:
+        """
+        Store ``data`` for ``user``: as delivered, or with ``uid`` as its UIDL
+        (a Maildir file written straight into new/, its delivery time the
+        name's, so no size in the name: the store must count it).
+        """
+        maildir = self.layout.maildir_for(user)
+        if uid is None:
+            deliver(maildir, data)
+        else:
+            (maildir / "new" / uid).write_bytes(data)
+
+    def stored_uids(self, user: str = "alice") -> list[str]:
+        """The UIDLs of ``user``'s stored messages, sorted."""
+        maildir = self.layout.maildir_for(user)
+        names = os.listdir(maildir / "new") + os.listdir(maildir / "cur")
+        return sorted(name.split(":")[0] for name in names)
+
+    def seen_uids(self, user: str = "alice") -> list[str]:
+        """The UIDLs of ``user``'s messages marked retrieved, sorted."""
+        names = os.listdir(self.layout.maildir_for(user) / "cur")
+        return sorted(name.split(":")[0] for name in names if "S" in parse_name(name).flags)
 
     async def wait_idle(self):
         """Wait until the server has seen every session end."""
@@ -116,6 +155,64 @@ class ServerTestCase(TestCase):
 
     def run_in_thread(self, f, *args):
         return deferToThread(f, *args)
+
+
+class PostgresServer:
+    """
+    Put before a :class:`ServerTestCase` in the bases
+    (``class XPostgresTests(PostgresServer, XTests)``): the same server and
+    tests with accounts in Postfixadmin's ``mailbox`` table and mail in the
+    PostgreSQL store (``--database``, ``--store postgresql``), a new database
+    per test.  Messages are stored as deliveries store them (LF line ends),
+    so clients must see exactly what they see from a Maildir.
+    """
+
+    def setUp(self):
+        self.database_url = store_database()
+        result = super().setUp()
+        self.addCleanup(self.factory.accounts.passwd.database.stop)
+        return result
+
+    def store_options(self) -> dict:
+        return {
+            "data": str(self.layout.data_dir),
+            "database": self.database_url,
+            "store": "postgresql",
+        }
+
+    def connect(self):
+        import psycopg
+
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def add_user(self, name: str, stored_password: str) -> None:
+        with self.connect() as connection:
+            connection.execute(
+                "INSERT INTO mailbox (username, password) VALUES (%s, %s)", (name, stored_password)
+            )
+
+    def add_message(self, user: str, data: bytes, uid: str | None = None) -> None:
+        """As a delivery stores it; with ``uid``, delivered when that Maildir name says."""
+        delivered = None if uid is None else float(uid.split(".")[0])
+        with self.connect() as connection, connection.transaction():
+            queries.store(
+                connection, user, lf_chunks(data), uidl=uid or new_uidl(), delivered=delivered
+            )
+
+    def _uids(self, user: str, condition: str) -> list[str]:
+        with self.connect() as connection:
+            rows = connection.execute(
+                "SELECT m.uidl FROM popserv.messages m JOIN popserv.maildrops d"
+                f" ON d.id = m.maildrop WHERE d.name = %s AND {condition}",
+                (user,),
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def stored_uids(self, user: str = "alice") -> list[str]:
+        return self._uids(user, "true")
+
+    def seen_uids(self, user: str = "alice") -> list[str]:
+        return self._uids(user, "m.seen")
 
 
 def command(client: poplib.POP3, line: str) -> bytes:

@@ -112,6 +112,8 @@ class PostgresMailbox:
         self.expire_days = expire_days
         #: False once a renewal found the lease taken: the commit will refuse.
         self.leased = True
+        #: Fires once the lease is given back, or could not be (it expires).
+        self.released: Deferred[None] = Deferred()
         self._ids = opened.ids
         self._listing = opened.listing
         self._lease = lease
@@ -204,25 +206,33 @@ class PostgresMailbox:
 
     def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:
         """
-        Delete ``deleted`` and mark ``retrieved`` seen, in one transaction;
-        :class:`~popserv.core.errors.CommitFailed` (nothing deleted) if the
-        lease was lost.
+        Delete ``deleted`` and mark ``retrieved`` seen, and give the lease
+        back, in one transaction; :class:`~popserv.core.errors.CommitFailed`
+        (nothing deleted) if the lease was lost.
+
+        The lease goes with the commit, even one with nothing to change, so
+        that it is free before QUIT's +OK: a client that logs in again at
+        once must not find its own last session holding the maildrop.
         """
         ids = self._ids
         gone = set(deleted)
         doomed = array("q", (ids[i] for i in sorted(gone)))
         seen = self._listing.seen
         marks = array("q", (ids[i] for i in retrieved if i not in gone and not (seen and seen[i])))
-        if not doomed and not marks:
-            return succeed(None)
 
         def done(count: int) -> None:
-            log.info(
-                "Commit: {deleted} deleted, {marked} marked seen", deleted=count, marked=len(marks)
-            )
+            self._given_back()
+            if doomed or marks:
+                log.info(
+                    "Commit: {deleted} deleted, {marked} marked seen",
+                    deleted=count,
+                    marked=len(marks),
+                )
 
         return self._job(
-            lambda connection: queries.commit(connection, self.maildrop, self.owner, doomed, marks)
+            lambda connection: queries.commit(
+                connection, self.maildrop, self.owner, doomed, marks, release=True
+            )
         ).addCallback(done)
 
     def _job(self, work: Callable[[Any], T]) -> Deferred[T]:
@@ -284,7 +294,18 @@ class PostgresMailbox:
         if not self._jobs:
             self._release()
 
+    def _given_back(self) -> None:
+        if self._renewal.running:
+            self._renewal.stop()
+        if self._deadline.active():
+            self._deadline.cancel()
+        if not self.released.called:
+            self.released.callback(None)
+
     def _release(self) -> None:
+        if self.released.called:
+            return
+
         def failed(failure: Failure) -> None:
             # It expires by itself within the lease's length.
             log.info(
@@ -295,4 +316,4 @@ class PostgresMailbox:
 
         self.database.run(
             lambda connection: queries.release(connection, self.maildrop, self.owner)
-        ).addErrback(failed)
+        ).addErrback(failed).addBoth(lambda _: self._given_back())

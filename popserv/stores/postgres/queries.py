@@ -154,12 +154,16 @@ def renew(connection: Any, maildrop: int, owner: str, lease: float) -> bool:
 
 def release(connection: Any, maildrop: int, owner: str) -> None:
     with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE popserv.maildrops SET lock_owner = NULL, lock_node = NULL,"
-            " lock_client = NULL, lock_since = NULL, lock_expires = NULL"
-            " WHERE id = %s AND lock_owner = %s",
-            (maildrop, owner),
-        )
+        release_lease(cursor, maildrop, owner)
+
+
+def release_lease(cursor: Any, maildrop: int, owner: str) -> None:
+    cursor.execute(
+        "UPDATE popserv.maildrops SET lock_owner = NULL, lock_node = NULL,"
+        " lock_client = NULL, lock_since = NULL, lock_expires = NULL"
+        " WHERE id = %s AND lock_owner = %s",
+        (maildrop, owner),
+    )
 
 
 def read_chunks(connection: Any, message: int, first: int, count: int) -> list[bytes]:
@@ -174,11 +178,18 @@ def read_chunks(connection: Any, message: int, first: int, count: int) -> list[b
 
 
 def commit(
-    connection: Any, maildrop: int, owner: str, deleted: Sequence[int], seen: Sequence[int]
+    connection: Any,
+    maildrop: int,
+    owner: str,
+    deleted: Sequence[int],
+    seen: Sequence[int],
+    *,
+    release: bool = False,
 ) -> int:
     """
     Delete ``deleted`` and mark ``seen`` (message ids) in one transaction,
     only while ``owner`` holds the lease; return how many were deleted.
+    With ``release``, give the lease back in the same transaction.
     """
     with connection.transaction(), connection.cursor() as cursor:
         cursor.execute(
@@ -187,6 +198,8 @@ def commit(
             (maildrop, owner),
         )
         if cursor.fetchone() is None:
+            if not deleted and not seen:
+                return 0  # nothing to apply, and no lease to give back
             raise CommitFailed("the session's lease on the maildrop was lost")
         gone = 0
         if deleted:
@@ -206,6 +219,8 @@ def commit(
                 " WHERE maildrop = %s AND id = ANY(%s) AND NOT seen",
                 (maildrop, list(seen)),
             )
+        if release:
+            release_lease(cursor, maildrop, owner)
         return gone
 
 

@@ -1,0 +1,440 @@
+"""
+Faults on the PostgreSQL store, with real ``twistd popserv --store
+postgresql`` processes: killed with SIGKILL while SMTP deliveries and POP3
+sessions run, then started again; and the database stopped under open
+sessions and deliveries, then started again.
+
+What was acknowledged must hold: a message answered 250 is stored exactly
+once and whole (every chunk, the maildrop's counters in step), a DELE is
+applied only by a QUIT, and a deletion answered +OK stays done.  Nothing
+hangs, nothing is acknowledged that was not stored, and the server serves
+again without a restart once the database is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+import random
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from twisted.trial.unittest import SynchronousTestCase
+
+from popserv.core.body import wire_size
+from popserv.stores.maildir.deliver import lf_chunks
+from popserv.stores.postgres import queries
+from tests.support.postgres import postgresql, store_database
+from tests.support.processes import free_port, subprocess_env, twistd_script
+
+PASSWORD = "pw"
+#: Short, so that the users of a killed process are served again soon
+#: (the default is 30 s); sessions renew it every third of it.
+LEASE = 2.0
+#: How long a test waits for something that must happen within the lease.
+PATIENCE = LEASE * 3 + 10
+MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
+SEED = 11
+#: Kill-and-restart rounds of random traffic; each is about three seconds.
+ROUNDS = 2
+
+
+def _body(rng: random.Random) -> bytes:
+    """A body of a few bytes up to ~1 MB (several chunks), so kills land mid-store."""
+    size = rng.choice([10, 20_000, 300_000, 1_000_000])
+    line = b"".join(rng.choice([b"a", b"b", b".", b" ", b"x"]) for _ in range(70))
+    return b"".join(b"%d %s\r\n" % (i, line) for i in range(max(size // 72, 1)))
+
+
+def _message(message_id: str, body: bytes) -> bytes:
+    return (
+        b"From: sender@example.net\r\nTo: alice@example.org\r\nMessage-ID: <%s>\r\n"
+        b"Subject: crash\r\n\r\n%s" % (message_id.encode(), body)
+    )
+
+
+class _Ledger:
+    """What the clients were told, shared by their threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bodies: dict[str, bytes] = {}
+        self.accepted: set[str] = set()
+        self.deleted: set[str] = set()
+        self.maybe_deleted: set[str] = set()
+
+
+class ServerProcess:
+    """``twistd popserv --store postgresql`` on fresh ports, started and killed at will."""
+
+    def __init__(self, case: SynchronousTestCase, url: str, base: Path) -> None:
+        self.case, self.url, self.base = case, url, base
+        self.process: subprocess.Popen | None = None
+        case.addCleanup(self.stop)
+
+    def start(self) -> None:
+        self.pop3, self.smtp = free_port(), free_port()
+        argv = [
+            twistd_script(), "-n", "--pidfile", "", "popserv",
+            "--data", str(self.base / "data"),
+            "--database", self.url, "--store", "postgresql", "--maildrop-lease", str(LEASE),
+            "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
+            "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
+            "--domain", "example.org", "--hostname", "pop.test",
+        ]  # fmt: skip
+        with open(self.base / "twistd.log", "ab") as log:
+            self.process = subprocess.Popen(
+                argv, env=subprocess_env(), cwd=self.base, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        for port in (self.pop3, self.smtp):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        self.case.fail(f"twistd did not start: {self.output()}")
+                    time.sleep(0.05)
+
+    def output(self) -> str:
+        return (self.base / "twistd.log").read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+class FaultTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.url = store_database()
+        with self.connect() as connection:
+            for user in ("alice@example.org", "bob@example.org"):
+                connection.execute(
+                    "INSERT INTO mailbox (username, password) VALUES (%s, %s)",
+                    (user, "{PLAIN}" + PASSWORD),
+                )
+        base = Path(self.mktemp()).absolute()
+        base.mkdir(parents=True)
+        self.server = ServerProcess(self, self.url, base)
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.url, autocommit=True)
+
+    def put(self, *messages: bytes, user: str = "alice@example.org") -> None:
+        """Store ``messages`` as a delivery does."""
+        with self.connect() as connection:
+            for message in messages:
+                with connection.transaction():
+                    queries.store(connection, user, lf_chunks(message), uidl=f"u{time.time_ns()}")
+
+    def stored(self, user: str = "alice@example.org") -> dict[str, list[bytes]]:
+        """
+        ``user``'s messages by Message-ID, each checked whole: its chunks
+        numbered from 0 without a gap, as many octets as its row says, its
+        wire size the one listed; and the maildrop's counters their sums.
+        """
+        found: dict[str, list[bytes]] = {}
+        with self.connect() as connection:
+            rows = connection.execute(
+                "SELECT m.id, m.octets, m.wire_size FROM popserv.messages m"
+                " JOIN popserv.maildrops d ON d.id = m.maildrop WHERE d.name = %s",
+                (user,),
+            ).fetchall()
+            for message, octets, wire in rows:
+                chunks = connection.execute(
+                    "SELECT seq, data FROM popserv.message_chunks WHERE message = %s"
+                    " ORDER BY seq",
+                    (message,),
+                ).fetchall()
+                self.assertEqual([seq for seq, _ in chunks], list(range(len(chunks))))
+                data = b"".join(bytes(chunk) for _, chunk in chunks)
+                self.assertEqual((len(data), wire_size(data)), (octets, wire), "half-stored")
+                match = MESSAGE_ID.search(data)
+                key = match.group(1).decode() if match else f"#{message}"
+                found.setdefault(key, []).append(data)
+            counters = connection.execute(
+                "SELECT d.octets, d.messages, coalesce(sum(m.octets), 0), count(m.id)"
+                " FROM popserv.maildrops d LEFT JOIN popserv.messages m ON m.maildrop = d.id"
+                " GROUP BY d.id"
+            ).fetchall()
+        for octets, messages, total, count in counters:
+            self.assertEqual((octets, messages), (total, count), "counters out of step")
+        return found
+
+    def log_in(self, user: str = "alice@example.org") -> poplib.POP3:
+        """A session for ``user``, once any lease a dead session left has expired."""
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            client = poplib.POP3("127.0.0.1", self.server.pop3, timeout=10)
+            client.user(user)
+            try:
+                client.pass_(PASSWORD)
+                return client
+            except poplib.error_proto as e:
+                client.close()
+                answer = e.args[0]
+                self.assertTrue(answer.startswith((b"-ERR [IN-USE]", b"-ERR [SYS/TEMP]")), answer)
+                self.assertLess(time.monotonic(), deadline, f"still refused: {answer!r}")
+                time.sleep(0.2)
+
+    def count(self, user: str = "alice@example.org") -> int:
+        client = self.log_in(user)
+        try:
+            count = client.stat()[0]
+            client.quit()
+            return count
+        finally:
+            client.close()
+
+
+class CrashTests(FaultTestCase):
+    """SIGKILL under SMTP deliveries and POP3 sessions, then a new process."""
+
+    def sender(self, ledger: _Ledger, name: str, rng: random.Random, stop: threading.Event):
+        count = 0
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            with smtplib.SMTP("127.0.0.1", self.server.smtp, timeout=10) as client:
+                while not stop.is_set():
+                    count += 1
+                    message_id = f"{name}.{count}@crash.test"
+                    body = _body(rng)
+                    with ledger.lock:
+                        ledger.bodies[message_id] = body
+                    client.sendmail(
+                        "sender@example.net", ["alice@example.org"], _message(message_id, body)
+                    )
+                    with ledger.lock:
+                        ledger.accepted.add(message_id)
+
+    def deleter(self, ledger: _Ledger, rng: random.Random, stop: threading.Event):
+        """Sessions that DELE about half the messages and QUIT, until the server dies."""
+        while not stop.is_set():
+            chosen: set[str] = set()
+            quitting = False
+            try:
+                client = poplib.POP3("127.0.0.1", self.server.pop3, timeout=10)
+                try:
+                    client.user("alice@example.org")
+                    client.pass_(PASSWORD)
+                    for entry in client.list()[1]:
+                        number = int(entry.split()[0])
+                        if rng.random() < 0.5:
+                            continue
+                        found = MESSAGE_ID.search(b"\n".join(client.top(number, 0)[1]))
+                        if found is not None:
+                            client.dele(number)
+                            chosen.add(found.group(1).decode())
+                    quitting = True
+                    client.quit()
+                finally:
+                    client.close()
+            except poplib.error_proto as e:
+                if str(e.args[0]).startswith("b'-ERR [IN-USE]"):  # the last round's lease
+                    time.sleep(0.2)
+                    continue
+                if quitting:
+                    with ledger.lock:
+                        ledger.maybe_deleted |= chosen
+                return
+            except (OSError, EOFError):
+                if quitting:
+                    with ledger.lock:
+                        ledger.maybe_deleted |= chosen
+                return
+            with ledger.lock:
+                ledger.deleted |= chosen
+
+    def check(self, ledger: _Ledger, where: str) -> None:
+        stored = self.stored()
+        for message_id, copies in stored.items():
+            self.assertEqual(len(copies), 1, f"{message_id} stored twice {where}")
+            body = ledger.bodies[message_id].replace(b"\r\n", b"\n")
+            self.assertTrue(copies[0].endswith(b"\n\n" + body), f"{message_id} not whole {where}")
+        with ledger.lock:
+            lost = ledger.accepted - ledger.deleted - ledger.maybe_deleted - set(stored)
+            undeleted = ledger.deleted & set(stored)
+        self.assertEqual(lost, set(), f"acknowledged messages lost {where}")
+        self.assertEqual(undeleted, set(), f"acknowledged deletions undone {where}")
+        # The dead process's leases expire: alice is served, and sees them all.
+        self.assertEqual(self.count(), len(stored))
+
+    def test_kill_during_deliveries_and_sessions(self) -> None:
+        rng = random.Random(SEED)
+        ledger = _Ledger()
+        self.server.start()
+        for round_ in range(ROUNDS):
+            stop = threading.Event()
+            threads = [
+                threading.Thread(
+                    target=self.sender,
+                    args=(ledger, f"r{round_}s{i}", random.Random(rng.random()), stop),
+                )
+                for i in range(2)
+            ]
+            threads.append(
+                threading.Thread(
+                    target=self.deleter, args=(ledger, random.Random(rng.random()), stop)
+                )
+            )
+            for thread in threads:
+                thread.start()
+            time.sleep(rng.uniform(0.5, 1.5))
+            self.server.kill()
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+                self.assertFalse(thread.is_alive(), "a client thread hung")
+            self.server.start()
+            self.check(ledger, f"after kill {round_ + 1}")
+        self.assertTrue(ledger.accepted, "no delivery was ever acknowledged")
+        self.assertNotIn("Traceback", self.server.output())
+
+    def test_kill_with_data_in_flight_and_after_the_final_dot(self) -> None:
+        """
+        One delivery half through DATA, another whose final dot was just
+        sent (its 250 not yet read): after the kill each message is whole or
+        absent, and neither is ever acknowledged.
+        """
+        self.server.start()
+        big = b"x" * 70 + b"\r\n"
+
+        def until_data(client: socket.socket) -> None:
+            reader = client.makefile("rb")
+            reader.readline()
+            for line in (b"HELO test", b"MAIL FROM:<s@example.net>",
+                         b"RCPT TO:<alice@example.org>", b"DATA"):  # fmt: skip
+                client.sendall(line + b"\r\n")
+                reader.readline()
+
+        half, whole = (socket.create_connection(("127.0.0.1", self.server.smtp)) for _ in "12")
+        with half, whole:
+            until_data(half)
+            until_data(whole)
+            half.sendall(_message("half@crash.test", big * 20_000)[:700_000])
+            whole.sendall(_message("whole@crash.test", big * 40_000) + b".\r\n")
+            self.server.kill()
+        self.server.start()
+        stored = self.stored()
+        self.assertNotIn("half@crash.test", stored)
+        if "whole@crash.test" in stored:
+            self.assertTrue(stored["whole@crash.test"][0].endswith(b"\n\n" + b"x" * 70 + b"\n"))
+        self.assertLessEqual(self.count(), 1)
+
+    def test_dele_applied_only_by_quit(self) -> None:
+        """Killed after DELE, before QUIT: nothing deleted; after QUIT's +OK: deleted once."""
+        self.put(*(_message(f"m{i}@crash.test", b"body\r\n") for i in range(3)))
+        self.server.start()
+        client = self.log_in()
+        client.dele(1)
+        client.dele(2)
+        self.server.kill()
+        client.close()
+        self.server.start()
+        self.assertEqual(sorted(self.stored()), ["m0@crash.test", "m1@crash.test",
+                                                 "m2@crash.test"])  # fmt: skip
+        client = self.log_in()  # once the dead session's lease has expired
+        client.dele(2)
+        self.assertTrue(client.quit().startswith(b"+OK Bye, 1 deleted"))
+        client.close()
+        self.server.kill()
+        self.server.start()
+        self.assertEqual(sorted(self.stored()), ["m0@crash.test", "m2@crash.test"])
+        self.assertEqual(self.count(), 2)
+
+
+class DatabaseAwayTests(FaultTestCase):
+    """The database stops under a logged-in session and a delivery, then comes back."""
+
+    def test_away_and_back(self) -> None:
+        big = _message("big@away.test", (b"y" * 70 + b"\r\n") * 40_000)  # ~3 MB: several reads
+        self.put(big, _message("small@away.test", b"small\r\n"))
+        self.server.start()
+        session = self.log_in()
+        self.assertEqual(session.stat()[0], 2)
+        delivery = smtplib.SMTP("127.0.0.1", self.server.smtp, timeout=15)
+        delivery.ehlo()
+        delivery.mail("s@example.net")
+        self.assertEqual(delivery.rcpt("alice@example.org")[0], 250)
+        found: dict[str, object] = {}
+
+        def retr_and_quit() -> None:
+            try:
+                session.retr(1)
+                found["retr"] = b"+OK"
+            except poplib.error_proto as e:
+                found["retr"] = e.args[0]
+            except (OSError, EOFError) as e:
+                found["retr"] = e  # the connection closed: the answer could not end
+                return
+            session.dele(2)
+            try:
+                found["quit"] = session.quit()
+            except poplib.error_proto as e:
+                found["quit"] = e.args[0]
+
+        def data() -> None:
+            try:
+                found["data"] = delivery.data(_message("refused@away.test", b"no\r\n"))[0]
+            except smtplib.SMTPDataError as e:
+                found["data"] = e.smtp_code
+
+        def new_login() -> None:
+            client = poplib.POP3("127.0.0.1", self.server.pop3, timeout=15)
+            client.user("bob@example.org")
+            try:
+                found["login"] = client.pass_(PASSWORD)
+            except poplib.error_proto as e:
+                found["login"] = e.args[0]
+            client.close()
+
+        database = postgresql()
+        database.pause()
+        try:
+            threads = [threading.Thread(target=f) for f in (retr_and_quit, data, new_login)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+                self.assertFalse(thread.is_alive(), "a client hung")
+        finally:
+            database.resume()
+        session.close()
+        delivery.close()
+        retr = found["retr"]
+        self.assertFalse(isinstance(retr, TimeoutError), "RETR hung")
+        if isinstance(retr, bytes):
+            self.assertTrue(retr.startswith(b"-ERR [SYS/TEMP]"), retr)
+            self.assertTrue(found["quit"].startswith(b"-ERR [SYS/TEMP]"), found["quit"])
+        self.assertIn(found["data"], range(400, 500))
+        self.assertTrue(found["login"].startswith(b"-ERR [SYS/TEMP]"), found["login"])
+
+        # Back, the same process: deliveries and logins work again.
+        with smtplib.SMTP("127.0.0.1", self.server.smtp, timeout=15) as smtp:
+            smtp.sendmail("s@example.net", ["alice@example.org"],
+                          _message("after@away.test", b"back\r\n"))  # fmt: skip
+        self.assertEqual(self.count("bob@example.org"), 0)
+        stored = self.stored()
+        # Nothing deleted without a QUIT that committed, nothing refused stored.
+        self.assertEqual(sorted(stored), ["after@away.test", "big@away.test", "small@away.test"])
+        self.assertEqual(self.count(), 3)
+        self.assertNotIn("Traceback", self.server.output())
