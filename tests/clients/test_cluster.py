@@ -73,11 +73,17 @@ def message(message_id: str, body: bytes = b"body\r\n") -> bytes:
 
 
 def answer(call, *args) -> bytes:
-    """A poplib call's answer, +OK or -ERR (poplib raises on -ERR)."""
+    """
+    A poplib call's answer, +OK or -ERR (poplib raises on -ERR); EOFError
+    if the connection closed instead (poplib's own ``-ERR EOF``, a str).
+    """
     try:
         return call(*args)
     except poplib.error_proto as e:
-        return e.args[0]
+        said = e.args[0]
+        if isinstance(said, str):
+            raise EOFError(said) from None
+        return said
 
 
 class ClusterTestCase(SynchronousTestCase):
