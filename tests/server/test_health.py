@@ -101,3 +101,18 @@ class HealthTests(TestCase):
             status, text = await deferToThread(get, url + path)
             self.assertEqual(status, 200)
             self.assertIn("popserv_connections_total", text)
+
+
+class ParentHealthTests(TestCase):
+    def test_workers_parent(self) -> None:
+        """--workers: the parent is healthy while it runs and has a worker."""
+        from types import SimpleNamespace
+
+        from popserv.server.service import _supervisor_health
+
+        running = SimpleNamespace(running=True, workers={1: object()})
+        self.assertIsNone(_supervisor_health(running))
+        no_worker = SimpleNamespace(running=True, workers={})
+        self.assertEqual(_supervisor_health(no_worker), "no worker is running")
+        stopping = SimpleNamespace(running=False, workers={1: object()})
+        self.assertEqual(_supervisor_health(stopping), "the server is stopping")
