@@ -45,6 +45,7 @@ from popserv.core.state import State
 from popserv.core.wire import ARGUMENTS
 from popserv.server.admission import LocalAdmission, refusal_reason
 from popserv.server.configure import endpoint
+from popserv.server.health import Health, MetricsRoot
 from popserv.server.startup import StartupError
 
 if TYPE_CHECKING:
@@ -403,9 +404,13 @@ class Metrics:
         registry: Any = self.registry.restricted_registry(names) if names else self.registry
         return encoder(registry), content_type
 
-    def site(self) -> Site:
-        """A twisted.web site that answers every GET with the metrics."""
-        return QuietSite(MetricsPage(self))  # type: ignore[no-untyped-call]  # twisted.web
+    def site(self, health: Health | None = None) -> Site:
+        """
+        A twisted.web site that answers every GET with the metrics; with
+        ``health``, ``GET /health`` with it (:mod:`popserv.server.health`).
+        """
+        page = MetricsPage(self)
+        return QuietSite(page if health is None else MetricsRoot(page, health))  # type: ignore[no-untyped-call]  # twisted.web
 
 
 class _Events(Collector):
@@ -559,12 +564,14 @@ def serve_metrics(
     receivers: Sequence[ReceiverFactory],
     reactor: Any,
     listener: Callable[[Any, Any, str], Any],
+    health: Health | None = None,
 ) -> Metrics | None:
     """
     With ``--metrics ENDPOINT``: count what ``pop3`` and ``receivers`` do,
     and serve it on the endpoint, as a ``listener(endpoint, site,
     description)`` service under ``parent``.  Without: nothing (None), and
-    the factories' ``metrics`` stay None.
+    the factories' ``metrics`` stay None.  ``health`` answers ``GET /health``
+    on the same endpoint.
     """
     if not description:
         return None
@@ -576,7 +583,7 @@ def serve_metrics(
     metrics.watch_pop3(pop3)
     for receiver in receivers:
         metrics.watch_receiver(receiver)
-    listener(where, metrics.site(), description).setServiceParent(parent)
+    listener(where, metrics.site(health), description).setServiceParent(parent)
     return metrics
 
 

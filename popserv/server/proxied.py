@@ -284,16 +284,29 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     # TLS handshake started by STLS/STARTTLS under this wrapper (its facts,
     # SASL EXTERNAL's certificate among them).
 
-    def readConnectionLost(self) -> None:
+    #
+    # Half-close is passed on only to a protocol whose class implements it
+    # (POP3Protocol): a TLS wrapper (POP3S) is a ProtocolWrapper, which
+    # copies this wrapper's interfaces onto itself and forwards what it
+    # lacks to its transport, this wrapper: asking it would call back here
+    # until RecursionError.  TLS has no half-close; EOF ends it.
+
+    def _half_closeable(self) -> Any:
         wrapped = self.wrappedProtocol
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+        if wrapped is not None and IHalfCloseableProtocol.implementedBy(type(wrapped)):
+            return wrapped
+        return None
+
+    def readConnectionLost(self) -> None:
+        wrapped = self._half_closeable()
+        if wrapped is not None:
             wrapped.readConnectionLost()
         else:
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        wrapped = self.wrappedProtocol
-        if wrapped is not None and IHalfCloseableProtocol.providedBy(wrapped):
+        wrapped = self._half_closeable()
+        if wrapped is not None:
             wrapped.writeConnectionLost()
         else:
             self.transport.loseConnection()

@@ -43,6 +43,7 @@ from popserv.server.control import LocalSessions, WorkerSessions, control_servic
 from popserv.server.drain import SHUTDOWN_GRACE, DrainingService
 from popserv.server.factory import POP3Factory
 from popserv.server.firstrun import admin_command, announce, bootstrap, make_data_dir
+from popserv.server.health import Health
 from popserv.server.lastlogin import LAST_LOGIN_FILE, LastLogins, LastLoginWriter
 from popserv.server.listeners import Listener, PopservService
 from popserv.server.metrics import Metrics, serve_metrics
@@ -334,10 +335,29 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
         receivers=receivers,
         reactor=reactor,
         listener=Listener,
+        health=Health(
+            reactor,
+            _database_of(factory),
+            lambda: None if factory.draining is None else "the server is stopping",
+        ),
     )
     warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top
+
+
+def _database_of(factory: POP3Factory) -> Database | None:
+    """The database whose cluster state ``factory``'s admission keeps (None: no database)."""
+    admission = factory.admission
+    return admission.database if isinstance(admission, SharedAdmission) else None
+
+
+def _supervisor_health(supervisor: Any) -> str | None:
+    if not supervisor.running:
+        return "the server is stopping"
+    if not supervisor.workers:
+        return "no worker is running"
+    return None
 
 
 def shutdown_grace(options: Mapping[str, Any]) -> float:
@@ -451,7 +471,8 @@ def _worker_metrics(
     metrics = WorkerMetrics(
         supervisor.links, admission, lambda: len(supervisor.workers), lambda: supervisor.exits
     )
-    return Listener(where, metrics.site(), description)
+    health = Health(reactor, _database_of(factory), lambda: _supervisor_health(supervisor))
+    return Listener(where, metrics.site(health), description)
 
 
 def worker_service(

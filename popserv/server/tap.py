@@ -320,7 +320,8 @@ class Options(usage.Options):
             "metrics",
             None,
             None,
-            "Serve Prometheus metrics on this endpoint, e.g. tcp:9110:interface=127.0.0.1.",
+            "Serve Prometheus metrics, and /health for a load balancer, on this endpoint,"
+            " e.g. tcp:9110:interface=127.0.0.1.",
         ],
         [
             "workers",

@@ -352,6 +352,25 @@ class FactoryTests(SynchronousTestCase):
         self.assertEqual(self.wrapped.built, [IPv4Address("TCP", CLIENT, 55555)])
         self.assertEqual(self.factory.waiting, 0)
 
+    def test_half_close_under_a_tls_wrapper(self):
+        """
+        POP3S behind HAProxy: the listener's protocol is a TLS wrapper
+        (Twisted's ProtocolWrapper, which copies the transport's interfaces
+        and forwards what it lacks, readConnectionLost included, to it).
+        The client's EOF closes the connection; it used to recurse until
+        RecursionError, a traceback per health check or half-closing client.
+        """
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        wrapping = WrappingFactory(Factory.forProtocol(Protocol))
+        self.wrapped.buildProtocol = lambda addr: ProtocolWrapper(wrapping, Protocol())
+        wrapper = self.connect("127.0.0.1")
+        wrapper.dataReceived(v1())
+        wrapper.readConnectionLost()
+        self.assertTrue(wrapper.transport.disconnecting)
+        wrapper.writeConnectionLost()
+
     def test_inner_description(self):
         """haproxy: descriptions are recognised, in any case; others are not."""
         self.assertEqual(inner_description("haproxy:tcp:1110"), "tcp:1110")

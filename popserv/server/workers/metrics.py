@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from popserv.server.admission import LocalAdmission
+from popserv.server.health import Health, MetricsRoot
 from popserv.server.metrics import Metrics, QuietSite
 
 log = Logger()
@@ -177,8 +178,10 @@ class WorkerMetrics:
         chosen: Any = registry.restricted_registry(names) if names else registry
         return encoder(chosen), content_type
 
-    def site(self) -> Site:
-        return QuietSite(_Page(self))  # type: ignore[no-untyped-call]  # twisted.web
+    def site(self, health: Health | None = None) -> Site:
+        """The parent's page; with ``health``, ``GET /health`` with it."""
+        page = _Page(self)
+        return QuietSite(page if health is None else MetricsRoot(page, health))  # type: ignore[no-untyped-call]  # twisted.web
 
 
 class _Fixed(Collector):
