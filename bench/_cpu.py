@@ -5,9 +5,9 @@ client and the kernel's work for both), read from ``/proc``.
 
 A process's CPU is its ``utime + stime`` plus ``cutime + cstime`` (what
 its reaped children used, such as Dovecot's short-lived ones), in
-seconds.  Process lists are taken when the window opens: a process
-started inside it (a new backend) is not counted, one reaped inside it is
-counted by its parent.
+seconds.  Processes are listed when the window opens and when it closes:
+one started inside it (a new backend, a new Dovecot process) counts whole,
+one reaped inside it is counted by its parent.
 """
 
 from __future__ import annotations
@@ -54,6 +54,17 @@ class Spent:
         return max(0.0, self.machine - self.server - self.database)
 
 
+def _since(before: dict[int, float], now: list[int]) -> float:
+    """
+    CPU used since ``before`` by those processes and by those in ``now``
+    that were not there then (a session's new Dovecot process, a new
+    PostgreSQL backend): all of theirs.
+    """
+    return sum(process_cpu(pid) - t for pid, t in before.items()) + sum(
+        process_cpu(pid) for pid in now if pid not in before
+    )
+
+
 class Meter:
     """Reads the CPU of a server and its database at :meth:`open` and :meth:`close`."""
 
@@ -71,8 +82,8 @@ class Meter:
         assert self._start is not None
         server, database, machine, began = self._start
         return Spent(
-            sum(process_cpu(pid) - t for pid, t in server.items()),
-            sum(process_cpu(pid) - t for pid, t in database.items()),
+            _since(server, self._server_pids()),
+            _since(database, self._database_pids()),
             machine_busy() - machine,
             time.monotonic() - began,
         )
