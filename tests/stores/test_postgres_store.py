@@ -102,6 +102,43 @@ class StoreTests(TestCase):
         await self.database.run(lambda c: None)
         (await self.open()).close()
 
+    async def test_commit_gives_the_lease_back(self) -> None:
+        """QUIT's commit frees the maildrop before QUIT is answered: the next login finds it free."""
+        self.deliver(b"x\n", "alice")
+        self.deliver(b"y\n", "alice")
+        first = await self.open()
+        await first.commit([0], [1])
+        second = await self.open()  # no close() of the first yet
+        self.assertEqual(list(second.listing().seen), [True])
+        first.close()  # gives back nothing: its lease went with the commit
+        with self.assertRaises(MailboxInUse):
+            await self.open()
+        await second.commit([0], [])  # now empty, and free
+        third = await self.open()
+        self.assertEqual(len(third.listing()), 0)
+        await third.commit([], [])  # nothing to change: still given back
+        (await self.open()).close()
+        second.close()
+        third.close()
+
+    async def test_small_messages_read_ahead(self) -> None:
+        """A RETR of a small message reads those after it at once, up to a big one."""
+        small = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(4)]
+        big = b"z" * (3 * 256 * 1024)
+        for message in [*small[:3], big, small[3]]:
+            self.deliver(message, "alice")
+        mailbox = await self.open()
+        stored = [b"Delivered-To: alice\n" + m for m in (*small[:3], big, small[3])]
+        self.assertEqual(await read_all(mailbox, 0), stored[0])
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("DELETE FROM popserv.message_chunks")
+        self.assertEqual(await read_all(mailbox, 2), stored[2])
+        self.assertEqual(await read_all(mailbox, 1), stored[1])
+        for beyond in (3, 4):
+            with self.assertRaises(MessageGone):
+                await read_all(mailbox, beyond)
+        mailbox.close()
+
     async def test_lost_lease_deletes_nothing(self) -> None:
         """A lease that expired and was taken: the old session's commit refuses."""
         self.deliver(b"x\n", "alice")

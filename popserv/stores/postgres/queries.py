@@ -82,26 +82,96 @@ def take(
         return int(maildrop)
 
 
-def list_messages(connection: Any, maildrop: int) -> tuple[array[int], Listing]:
-    """Every message of the maildrop, oldest first: one query on the listing index."""
+#: The listing's columns, oldest message first (the order of the index).
+_LISTING = (
+    "SELECT id, uidl, wire_size, date_part('epoch', delivered), seen"
+    " FROM popserv.messages WHERE maildrop = {maildrop} ORDER BY id"
+)
+
+
+def _listing(cursor: Any) -> tuple[array[int], Listing]:
     ids: array[int] = array("q")
     uids: list[str] = []
     sizes: array[int] = array("q")
     received: array[float] = array("d")
     seen: list[bool] = []
-    with connection.cursor(binary=True) as cursor:
-        cursor.execute(
-            "SELECT id, uidl, wire_size, date_part('epoch', delivered), seen"
-            " FROM popserv.messages WHERE maildrop = %s ORDER BY id",
-            (maildrop,),
-        )
-        for row in cursor:
-            ids.append(row[0])
-            uids.append(row[1])
-            sizes.append(row[2])
-            received.append(row[3])
-            seen.append(row[4])
+    for row in cursor:
+        ids.append(row[0])
+        uids.append(row[1])
+        sizes.append(row[2])
+        received.append(row[3])
+        seen.append(row[4])
     return ids, Listing(uids=uids, sizes=sizes, received=received, seen=seen)
+
+
+def list_messages(connection: Any, maildrop: int) -> tuple[array[int], Listing]:
+    """Every message of the maildrop, oldest first: one query on the listing index."""
+    with connection.cursor(binary=True) as cursor:
+        cursor.execute(_LISTING.format(maildrop="%s"), (maildrop,))
+        return _listing(cursor)
+
+
+#: Take the lease when it is free (and the login not delayed); no row when
+#: it was not taken (or the maildrop is missing): :func:`take` sorts those out.
+_TAKE_IF_FREE = (
+    "UPDATE popserv.maildrops SET lock_owner = %(owner)s, lock_node = %(node)s,"
+    " lock_client = %(client)s, lock_since = now(),"
+    " lock_expires = now() + make_interval(secs => %(lease)s), last_login = now()"
+    " WHERE name = %(name)s"
+    " AND NOT coalesce(lock_owner IS NOT NULL AND lock_expires > now(), false)"
+    " AND (%(delay)s <= 0 OR last_login IS NULL"
+    " OR date_part('epoch', now() - last_login) >= %(delay)s)"
+    " RETURNING id"
+)
+
+#: The listing of the maildrop ``owner`` holds (nothing if it holds none).
+_LIST_HELD = _LISTING.format(
+    maildrop="(SELECT id FROM popserv.maildrops WHERE name = %s AND lock_owner = %s)"
+)
+
+
+def open_maildrop(
+    connection: Any,
+    name: str,
+    *,
+    owner: str,
+    node: str,
+    client: str,
+    lease: float,
+    login_delay: int,
+) -> Opened:
+    """
+    :func:`take` and :func:`list_messages`, with the same outcomes and
+    errors, in one round trip when the maildrop exists and is free (a
+    login's usual case): the lease taken and the listing read are sent
+    together (a pipeline), where :func:`take` then :func:`list_messages`
+    wait for six answers one after the other.
+    """
+    parameters = {
+        "owner": owner,
+        "node": node,
+        "client": client,
+        "lease": lease,
+        "name": name,
+        "delay": login_delay,
+    }
+    with connection.cursor() as taking, connection.cursor(binary=True) as rows:
+        with connection.pipeline():
+            taking.execute(_TAKE_IF_FREE, parameters)
+            rows.execute(_LIST_HELD, (name, owner))
+        taken = taking.fetchone()
+        if taken is not None:
+            return Opened(int(taken[0]), *_listing(rows))
+    maildrop = take(
+        connection, name, owner=owner, node=node, client=client, lease=lease,
+        login_delay=login_delay,
+    )  # fmt: skip
+    try:
+        ids, listing = list_messages(connection, maildrop)
+    except BaseException:
+        release(connection, maildrop, owner)
+        raise
+    return Opened(maildrop, ids, listing)
 
 
 def renew(connection: Any, maildrop: int, owner: str, lease: float) -> bool:
@@ -134,6 +204,17 @@ def read_chunks(connection: Any, message: int, first: int, count: int) -> list[b
             (message, first, count),
         )
         return [bytes(row[0]) for row in cursor]
+
+
+def read_messages(connection: Any, messages: Sequence[int]) -> dict[int, bytes]:
+    """The first chunk of each of ``messages`` (all of a small one), by id; the missing left out."""
+    with connection.cursor(binary=True) as cursor:
+        cursor.execute(
+            "SELECT message, data FROM popserv.message_chunks"
+            " WHERE message = ANY(%s) AND seq = 0",
+            (list(messages),),
+        )
+        return {row[0]: bytes(row[1]) for row in cursor}
 
 
 def commit(
@@ -169,6 +250,48 @@ def commit(
                 (maildrop, list(seen)),
             )
         return gone
+
+
+#: :func:`commit` then :func:`release` in one statement (one round trip
+#: where they took six): the row locked and checked for ``owner`` first;
+#: the deletions, the marks and the counts' update only if it matched.
+_FINISH = (
+    "WITH lease AS (SELECT id FROM popserv.maildrops"
+    " WHERE id = %(maildrop)s AND lock_owner = %(owner)s FOR UPDATE),"
+    " gone AS (DELETE FROM popserv.messages WHERE maildrop = (SELECT id FROM lease)"
+    " AND id = ANY(%(deleted)s) RETURNING octets),"
+    " marked AS (UPDATE popserv.messages SET seen = true"
+    " WHERE maildrop = (SELECT id FROM lease) AND id = ANY(%(seen)s) AND NOT seen)"
+    " UPDATE popserv.maildrops SET"
+    " octets = octets - (SELECT coalesce(sum(octets), 0) FROM gone),"
+    " messages = messages - (SELECT count(*) FROM gone),"
+    " lock_owner = NULL, lock_node = NULL, lock_client = NULL, lock_since = NULL,"
+    " lock_expires = NULL"
+    " WHERE id = (SELECT id FROM lease) RETURNING (SELECT count(*) FROM gone)"
+)
+
+
+def finish(
+    connection: Any, maildrop: int, owner: str, deleted: Sequence[int], seen: Sequence[int]
+) -> int:
+    """
+    :func:`commit` and :func:`release` at once, at the session's end: the
+    same changes, only while ``owner`` holds the lease (CommitFailed, and
+    nothing changed, if not), then the lease given back; how many were
+    deleted.  With nothing to change, only the release.
+    """
+    with connection.cursor() as cursor:
+        if not deleted and not seen:
+            release(connection, maildrop, owner)
+            return 0
+        cursor.execute(
+            _FINISH,
+            {"maildrop": maildrop, "owner": owner, "deleted": list(deleted), "seen": list(seen)},
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise CommitFailed("the session's lease on the maildrop was lost")
+    return int(row[0])
 
 
 def usage(connection: Any, name: str) -> Usage:
