@@ -198,7 +198,7 @@ class Database:
                 finally:
                     connection._popserv_used = time.monotonic()
         except (psycopg.OperationalError, PoolTimeout) as e:
-            if isinstance(e, psycopg.OperationalError):
+            if not isinstance(e, PoolTimeout):  # (a PoolTimeout is an OperationalError too)
                 # The others may be cut too (the server restarted): drop
                 # them now rather than fail one query each.
                 self.pool.check()
