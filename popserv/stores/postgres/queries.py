@@ -96,7 +96,7 @@ def take(
 #: each column again: 150 ms).  All columns come from the same rows in the
 #: same order whatever happens, so they always agree with each other.
 _LISTING = (
-    "SELECT string_agg(int8send(id), ''), string_agg(uidl, E'\\n'),"
+    "SELECT {first}string_agg(int8send(id), ''), string_agg(uidl, E'\\n'),"
     " string_agg(int8send(wire_size), ''),"
     " string_agg(float8send(date_part('epoch', delivered)), ''), array_agg(seen)"
     " FROM (SELECT id, uidl, wire_size, delivered, seen FROM popserv.messages"
@@ -111,10 +111,9 @@ def _unpacked(typecode: str, packed: bytes) -> array[Any]:
     return numbers
 
 
-def _listing(cursor: Any) -> tuple[array[int], Listing]:
+def _unpacked_listing(row: Sequence[Any]) -> tuple[array[int], Listing]:
     """The ids and the listing from :data:`_LISTING`'s one row (NULLs: no messages)."""
-    row = cursor.fetchone()
-    if row is None or row[0] is None:
+    if row[0] is None:
         return array("q"), Listing(uids=[], sizes=array("q"), received=array("d"), seen=[])
     packed_ids, uids, sizes, received, seen = row
     return _unpacked("q", packed_ids), Listing(
@@ -128,27 +127,26 @@ def _listing(cursor: Any) -> tuple[array[int], Listing]:
 def list_messages(connection: Any, maildrop: int) -> tuple[array[int], Listing]:
     """Every message of the maildrop, oldest first: one query on the listing index."""
     with connection.cursor(binary=True) as cursor:
-        cursor.execute(_LISTING.format(maildrop="%s"), (maildrop,))
-        return _listing(cursor)
+        cursor.execute(_LISTING.format(first="", maildrop="%s"), (maildrop,))
+        return _unpacked_listing(cursor.fetchone())
 
 
-#: Take the lease when it is free (and the login not delayed); no row when
-#: it was not taken (or the maildrop is missing): :func:`take` sorts those out.
-_TAKE_IF_FREE = (
-    "UPDATE popserv.maildrops SET lock_owner = %(owner)s, lock_node = %(node)s,"
-    " lock_client = %(client)s, lock_since = now(),"
+#: Take the lease when it is free (and the login not delayed) and list the
+#: maildrop, in one statement: one round trip where :func:`take` then
+#: :func:`list_messages` waited for six answers one after the other.  The
+#: first column is the maildrop's id, NULL when the lease was not taken
+#: (or the maildrop is missing): :func:`open_maildrop` sorts those out.
+_TAKEN = "(SELECT id FROM taken)"
+_TAKE_AND_LIST = (  # noqa: S608 (constants only: the values are parameters)
+    "WITH taken AS (UPDATE popserv.maildrops SET lock_owner = %(owner)s,"
+    " lock_node = %(node)s, lock_client = %(client)s, lock_since = now(),"
     " lock_expires = now() + make_interval(secs => %(lease)s), last_login = now()"
     " WHERE name = %(name)s"
     " AND NOT coalesce(lock_owner IS NOT NULL AND lock_expires > now(), false)"
     " AND (%(delay)s <= 0 OR last_login IS NULL"
     " OR date_part('epoch', now() - last_login) >= %(delay)s)"
-    " RETURNING id"
-)
-
-#: The listing of the maildrop ``owner`` holds (nothing if it holds none).
-_LIST_HELD = _LISTING.format(
-    maildrop="(SELECT id FROM popserv.maildrops WHERE name = %s AND lock_owner = %s)"
-)
+    " RETURNING id) {listing}"
+).format(listing=_LISTING.format(first=_TAKEN + ", ", maildrop=_TAKEN))
 
 
 def open_maildrop(
@@ -163,10 +161,8 @@ def open_maildrop(
 ) -> Opened:
     """
     :func:`take` and :func:`list_messages`, with the same outcomes and
-    errors, in one round trip when the maildrop exists and is free (a
-    login's usual case): the lease taken and the listing read are sent
-    together (a pipeline), where :func:`take` then :func:`list_messages`
-    wait for six answers one after the other.
+    errors, in one statement when the maildrop exists and is free (a
+    login's usual case).
     """
     parameters = {
         "owner": owner,
@@ -176,13 +172,11 @@ def open_maildrop(
         "name": name,
         "delay": login_delay,
     }
-    with connection.cursor() as taking, connection.cursor(binary=True) as rows:
-        with connection.pipeline():
-            taking.execute(_TAKE_IF_FREE, parameters)
-            rows.execute(_LIST_HELD, (name, owner))
-        taken = taking.fetchone()
-        if taken is not None:
-            return Opened(int(taken[0]), *_listing(rows))
+    with connection.cursor(binary=True) as cursor:
+        cursor.execute(_TAKE_AND_LIST, parameters)
+        row = cursor.fetchone()
+    if row[0] is not None:
+        return Opened(int(row[0]), *_unpacked_listing(row[1:]))
     maildrop = take(
         connection, name, owner=owner, node=node, client=client, lease=lease,
         login_delay=login_delay,
