@@ -10,6 +10,7 @@ import threading
 
 import psycopg
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -30,9 +31,15 @@ def recipient(user: str = "alice", quota: Quota | None = None) -> Recipient:
 
 
 async def read_all(mailbox: PostgresMailbox, index: int, size: int = 65536) -> bytes:
+    """A message whole, read as the server does: a chunk source, or a stream read at once."""
     source = mailbox.open_message(index)
     parts = []
-    while chunk := await source.read(size):
+    while True:
+        chunk = source.read(size)
+        if isinstance(chunk, Deferred):
+            chunk = await chunk
+        if not chunk:
+            break
         parts.append(chunk)
     source.close()
     return b"".join(parts)
@@ -103,7 +110,7 @@ class StoreTests(TestCase):
         (await self.open()).close()
 
     async def test_commit_gives_the_lease_back(self) -> None:
-        """QUIT's commit frees the maildrop before QUIT is answered: the next login finds it free."""
+        """QUIT's commit frees the maildrop before QUIT's answer: a new login finds it free."""
         self.deliver(b"x\n", "alice")
         self.deliver(b"y\n", "alice")
         first = await self.open()

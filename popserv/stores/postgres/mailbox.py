@@ -17,6 +17,7 @@ import uuid
 from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
@@ -124,6 +125,10 @@ class ReadAhead:
             # than a chunk, and is read as big messages are.
             return None
         return lambda: self._read(index)
+
+    def take(self, index: int) -> bytes | None:
+        """Message ``index`` if it was read ahead (once: it is forgotten)."""
+        return self._kept.pop(index, None)
 
     def _read(self, index: int) -> Deferred[list[bytes]]:
         kept = self._kept.pop(index, None)
@@ -251,7 +256,16 @@ class PostgresMailbox:
     def listing(self) -> Listing:
         return self._listing
 
-    def open_message(self, index: int) -> MessageChunks:
+    def open_message(self, index: int) -> MessageChunks | BytesIO:
+        """
+        A message read ahead is there already: a stream the reactor reads
+        at once, as a Maildir file is read (the chunk machinery of
+        :class:`MessageChunks`, its Deferreds and the coroutine waiting on
+        them, cost B1 about a tenth of popserv's CPU).
+        """
+        kept = self._read_ahead.take(index)
+        if kept is not None:
+            return BytesIO(kept)
         return MessageChunks(self.database, self._ids[index], self._read_ahead.first(index))
 
     def commit(self, deleted: Sequence[int], retrieved: Sequence[int]) -> Deferred[None]:
