@@ -18,20 +18,35 @@ from pathlib import Path
 from attrs import asdict
 
 from bench._dataset import Dataset, Sizes
+from bench._postgres import Cluster, create_store, database_name
+from bench._postgres import unavailable as postgres_unavailable
 from bench._profile import RATE, Profiler, find_py_spy
 from bench._report import details, table
 from bench._runner import Config, Runner, run_all
-from bench._servers import Dovecot, Popserv, Server, TwistedMail, raise_nofile
+from bench._servers import Dovecot, Popserv, PopservPG, Server, TwistedMail, raise_nofile
 
 ALL_SERVERS = ("popserv", "dovecot", "twisted")
 ALL_BENCHES = ("B1", "B2", "B3", "B4", "B5", "B6")
 TREE = Path(__file__).resolve().parent.parent
 
 
+_POPSERV = re.compile(r"popserv(?P<pg>-pg)?(?:-w(?P<workers>[1-9][0-9]*))?")
+
+
 def _workers_of(name: str) -> int | None:
-    """N for ``popserv-wN`` (popserv with ``--workers N``), else None."""
-    match = re.fullmatch(r"popserv-w([1-9][0-9]*)", name)
-    return int(match.group(1)) if match else None
+    """N for ``popserv-wN`` or ``popserv-pg-wN`` (with ``--workers N``), else None."""
+    match = _POPSERV.fullmatch(name)
+    return int(match.group("workers")) if match and match.group("workers") else None
+
+
+def _is_popserv(name: str) -> bool:
+    return _POPSERV.fullmatch(name) is not None
+
+
+def _in_postgresql(name: str) -> bool:
+    """``popserv-pg`` and ``popserv-pg-wN``: popserv with ``--store postgresql``."""
+    match = _POPSERV.fullmatch(name)
+    return bool(match and match.group("pg"))
 
 
 def _csv(value: str) -> list[str]:
@@ -48,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_csv,
         default=list(ALL_SERVERS),
         help="comma-separated, from popserv,dovecot,twisted (default: all); popserv-wN"
-        " is popserv with --workers N, to run beside the others",
+        " is popserv with --workers N, to run beside the others; popserv-pg (and"
+        " popserv-pg-wN) keeps accounts and mail in a PostgreSQL the bench starts",
     )
     p.add_argument(
         "--only",
@@ -98,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--py-spy", default=None, help="the py-spy to use (default: on PATH)")
     args = p.parse_args(argv)
-    unknown = {s for s in args.servers if s not in ALL_SERVERS and not _workers_of(s)}
+    unknown = {s for s in args.servers if s not in ALL_SERVERS and not _is_popserv(s)}
     if unknown:
         p.error(f"unknown servers: {', '.join(sorted(unknown))}")
     bad = set(args.only) - set(ALL_BENCHES)
@@ -165,14 +181,43 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="popbench-", dir=args.tmpdir))
     servers: dict[str, Server] = {}
     skipped: list[str] = []
+    cluster: Cluster | None = None
     began = time.monotonic()
     try:
         print(f"data in {root}", flush=True)
         dataset = Dataset(root, sizes)
         dataset.build(lambda s: print(s, flush=True))
+        if any(_in_postgresql(name) for name in args.servers):
+            why = postgres_unavailable()
+            if why:
+                skipped.append(f"popserv-pg skipped: {why}")
+                print(skipped[-1], flush=True)
+                args.servers = [n for n in args.servers if not _in_postgresql(n)]
+            else:
+                cluster = Cluster(root / "postgresql")
+                print(f"starting PostgreSQL on port {cluster.port}", flush=True)
+                cluster.start()
         for name in args.servers:
             server: Server
-            if name == "popserv" or _workers_of(name):
+            if _in_postgresql(name):
+                assert cluster is not None
+                create_store(
+                    cluster,
+                    database_name(name),
+                    args.popserv_tree.resolve(),
+                    dataset,
+                    lambda s: print(s, flush=True),
+                )
+                server = PopservPG(
+                    dataset,
+                    args.popserv_tree.resolve(),
+                    _twistd(args),
+                    cluster,
+                    database_name(name),
+                    _workers_of(name),
+                    name=name,
+                )
+            elif _is_popserv(name):
                 server = Popserv(
                     dataset,
                     args.popserv_tree.resolve(),
@@ -252,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
+        if cluster is not None:
+            cluster.stop()
         if args.keep_data:
             print(f"data kept in {root}")
         else:

@@ -73,12 +73,12 @@ class Measurement:
             return None
         return mine / theirs
 
-    def verdict(self) -> str:
+    def verdict(self, server: str = "popserv") -> str:
         """``met``, ``MISSED`` (with the ratio or value), or empty without a target."""
         t = self.target
         if t is None:
             return ""
-        value = self.ratio(t.other) if t.kind == "ratio" else self.median("popserv")
+        value = self.ratio(t.other, server) if t.kind == "ratio" else self.median(server)
         if value is None:
             return "n/a"
         return "met" if t.met(value) else "MISSED"
@@ -108,6 +108,12 @@ def table(measurements: Sequence[Measurement], servers: Sequence[str]) -> str:
     header = ["bench", "metric", *servers]
     if "popserv" in servers:
         header += [f"pop/{_short(o)}" for o in others] + ["target", "verdict"]
+    # The PostgreSQL store's variants get their own ratios to Dovecot and
+    # verdicts: their targets are the same as popserv's.
+    stores = [s for s in servers if s.startswith("popserv-pg")]
+    if "dovecot" in servers:
+        header += [f"{_short(s)}/dov" for s in stores]
+    header += [f"{_short(s)} verdict" for s in stores]
     rows = [header]
     for m in measurements:
         row = [m.bench, f"{m.metric} ({m.unit})"]
@@ -117,6 +123,9 @@ def table(measurements: Sequence[Measurement], servers: Sequence[str]) -> str:
         if "popserv" in servers:
             row += [_ratio(m.ratio(o)) for o in others]
             row += [m.target.describe() if m.target else "", m.verdict()]
+        if "dovecot" in servers:
+            row += [_ratio(m.ratio("dovecot", s)) for s in stores]
+        row += [m.verdict(s) for s in stores]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     rule = "  ".join("=" * w for w in widths)

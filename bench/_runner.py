@@ -17,6 +17,7 @@ from pathlib import Path
 from attrs import define, field
 
 from bench._client import big_login, login, quit_, retrieve_all
+from bench._cpu import Meter, Spent
 from bench._dataset import (
     B2_USER,
     B3_SIZED,
@@ -110,14 +111,15 @@ class Runner:
                 profiling = (
                     self.profiler is not None
                     and rep == 0
-                    and server.name == "popserv"
+                    and server.name.startswith("popserv")
                     and server.process is not None
                     and not bench.startswith("B4")
                 )
                 try:
                     if profiling:
                         assert self.profiler is not None and server.process is not None
-                        self.profiler.start(server.process.pid, bench)
+                        label = bench if server.name == "popserv" else f"{bench} {server.name}"
+                        self.profiler.start(server.process.pid, label)
                     try:
                         run(server)
                     finally:
@@ -151,8 +153,11 @@ class Runner:
         delete_fraction: float = 0.0,
         big_user: str | None = None,
         delivery: DeliverySpec | None = None,
-    ) -> tuple[list[float], Records, Records | None, Records | None]:
-        """Run sessions on ``users`` for warmup + duration; the measured window's latencies."""
+    ) -> tuple[list[float], Records, Records | None, Records | None, Spent | None]:
+        """
+        Run sessions on ``users`` for warmup + duration; the measured
+        window's latencies, and the CPU spent in it.
+        """
         c = self.config
         start = time.time() + FORK_SLACK
         measured_from = start + c.warmup
@@ -166,6 +171,7 @@ class Runner:
         if delivery is not None:
             delivery.start, delivery.end = start, end
             side.delivery(delivery)
+        spent = _meter(server).between(measured_from, end)
         try:
             records = merged(workers.results(timeout=end - time.time() + 300))
             side_records = side.results(timeout=300) if side.processes else []
@@ -178,7 +184,24 @@ class Runner:
         for r in (big, deliveries):
             if r is not None:
                 r.done = [(t, lat) for t, lat in r.done if measured_from <= t <= end]
-        return window, records, big, deliveries
+        return window, records, big, deliveries, spent()
+
+    def _per_session(self, bench: str, server: Server, spent: Spent | None, sessions: int) -> None:
+        """CPU a session in the measured window: the server's, its database's, the rest's."""
+        if spent is None or not sessions:
+            return
+        parts = [("server", spent.server), ("rest", spent.rest)]
+        if server.database_pids():
+            parts.insert(1, ("database", spent.database))
+        for who, seconds in parts:
+            self.measurement(bench, f"CPU a session: {who}", "ms", False).add(
+                server.name, seconds / sessions * 1000
+            )
+        self.say(
+            "  CPU a session: "
+            + ", ".join(f"{who} {seconds / sessions * 1000:.2f} ms" for who, seconds in parts)
+            + f" (machine busy {spent.machine / spent.seconds:.2f} cores)"
+        )
 
     def b1(self) -> None:
         c = self.config
@@ -188,8 +211,9 @@ class Runner:
 
         def run(server: Server) -> None:
             users = self._users(b1_user, c.concurrency)
-            window, records, _, _ = self._timed_load(server, users)
+            window, records, _, _, spent = self._timed_load(server, users)
             self._report_errors("B1", server, records)
+            self._per_session("B1", server, spent, len(window))
             rate.add(server.name, len(window) / c.duration)
             p50.add(server.name, percentile(window, 50) * 1000)
             p99.add(server.name, percentile(window, 99) * 1000)
@@ -221,7 +245,9 @@ class Runner:
                 big: Measurement = big,
             ) -> None:
                 users = self._users(b1_user, c.concurrency)
-                window, records, big_records, _ = self._timed_load(server, users, big_user=user)
+                window, records, big_records, _, _ = self._timed_load(
+                    server, users, big_user=user
+                )
                 self._report_errors("B6", server, records)
                 assert big_records is not None
                 self._report_errors("B6 (big logins)", server, big_records)
@@ -268,11 +294,12 @@ class Runner:
                 0.0,
             )
             users = self._users(b5_user, self.dataset.sizes.b5_users)
-            window, records, _, delivered = self._timed_load(
+            window, records, _, delivered, spent = self._timed_load(
                 server, users, delete_fraction=c.b5_delete_fraction, delivery=delivery
             )
             assert delivered is not None
             self._report_errors("B5", server, records)
+            self._per_session("B5", server, spent, len(window))
             self._report_errors("B5 (delivery)", server, delivered)
             d_times = [lat for _, lat in delivered.done]
             rate.add(server.name, len(window) / c.duration)
@@ -309,12 +336,21 @@ class Runner:
             def run(server: Server) -> None:
                 limit, cpu = measure(raw)
                 limits.append(limit)
+                meter = _meter(server)
+                meter.open()
                 value, ccpu = measure(server)
+                spent = meter.close()
                 rate.add(server.name, value)
                 share.add(server.name, 100 * value / limit)
+                parts = [("client", ccpu), ("server", spent.server / spent.seconds)]
+                if server.database_pids():
+                    parts.append(("database", spent.database / spent.seconds))
+                for who, busy in parts:
+                    self.measurement("B2", f"CPU: {who}", "cores", False).add(server.name, busy)
                 self.say(
-                    f"  {value:.0f} MB/s (loopback limit {limit:.0f} MB/s);"
-                    f" client CPU {ccpu:.0%} of the time ({cpu:.0%} against the raw sender)"
+                    f"  {value:.0f} MB/s (loopback limit {limit:.0f} MB/s); CPU "
+                    + ", ".join(f"{who} {busy:.0%}" for who, busy in parts)
+                    + f" ({cpu:.0%} of the client against the raw sender)"
                 )
 
             self._each("B2", run)
@@ -342,6 +378,7 @@ class Runner:
             def run(
                 server: Server,
                 user: str = user,
+                label: str = label,
                 first: Measurement = first,
                 warm: Measurement = warm,
             ) -> None:
@@ -349,9 +386,25 @@ class Runner:
                 dropped.append(drop_page_cache())
                 t = self._big_login(server, user)
                 first.add(server.name, t)
+                meter = _meter(server)
+                meter.open()
+                client = time.process_time()
                 warms = [self._big_login(server, user) for _ in range(self.config.b3_warm_runs)]
+                client = (time.process_time() - client) / len(warms)
+                spent = meter.close()
                 warm.add(server.name, percentile(warms, 50))
-                self.say(f"  first {t:.2f} s, warm {', '.join(f'{w:.2f}' for w in warms)} s")
+                parts = [("client", client), ("server", spent.server / len(warms))]
+                if server.database_pids():
+                    parts.append(("database", spent.database / len(warms)))
+                for who, seconds in parts:
+                    self.measurement(
+                        "B3", f"{n // 1000}k warm ({label}): CPU {who}", "s", False
+                    ).add(server.name, seconds)
+                self.say(
+                    f"  first {t:.2f} s, warm {', '.join(f'{w:.2f}' for w in warms)} s;"
+                    " CPU a warm login: "
+                    + ", ".join(f"{who} {seconds:.3f} s" for who, seconds in parts)
+                )
 
             self._each(f"B3 ({label})", run)
         if dropped and not all(dropped):
@@ -468,3 +521,7 @@ def run_all(runner: Runner, only: Sequence[str], restart: Callable[[Server], Non
     for name, run in order:
         if name in only:
             run()
+
+
+def _meter(server: Server) -> Meter:
+    return Meter(server.pids, server.database_pids)

@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench._dataset import MAIL_GID, MAIL_UID, Dataset
+
+if TYPE_CHECKING:
+    from bench._postgres import Cluster
 
 HOST = "127.0.0.1"
 #: Open files for servers and clients: 10,000 sessions plus files and pipes.
@@ -160,6 +164,10 @@ class Server:
             if entry.name.startswith(_CACHE_PREFIXES) and entry.is_file():
                 entry.unlink()
 
+    def database_pids(self) -> list[int]:
+        """The processes of the database the server keeps its mail in (none: files)."""
+        return []
+
     def version(self) -> str:
         return ""
 
@@ -236,10 +244,7 @@ class Popserv(Server):
             "popserv",
             "--data",
             str(data),
-            "--passwd",
-            str(self.dataset.passwd),
-            "--maildir",
-            str(self.mail_root / "{user}" / "Maildir"),
+            *self.store_options(),
             "--hostname",
             "bench.example.org",
             "--pop3",
@@ -253,6 +258,15 @@ class Popserv(Server):
             cmd += ["--lmtp", f"tcp:{self.lmtp_port}:interface={HOST}"]
         return cmd
 
+    def store_options(self) -> list[str]:
+        """Where the accounts and the mail are: the password file and the Maildirs."""
+        return [
+            "--passwd",
+            str(self.dataset.passwd),
+            "--maildir",
+            str(self.mail_root / "{user}" / "Maildir"),
+        ]
+
     def version(self) -> str:
         try:
             out = subprocess.run(
@@ -264,6 +278,54 @@ class Popserv(Server):
             return f"git {out.stdout.strip()}"
         except OSError:
             return ""
+
+
+class PopservPG(Popserv):
+    """
+    popserv with ``--store postgresql``: accounts in Postfixadmin's
+    ``mailbox`` table and the mail in the database ``database`` of the
+    bench's own PostgreSQL (:mod:`bench._postgres`), loaded with the same
+    messages as the others' Maildirs.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        tree: Path,
+        twistd: str,
+        cluster: Cluster,
+        database: str,
+        workers: int | None = None,
+        name: str = "popserv-pg",
+    ) -> None:
+        super().__init__(dataset, tree, twistd, workers, name=name)
+        self.cluster = cluster
+        self.database = database
+        self.limits = [o for o in self.limits if o != "--follow-maildir-symlinks"]
+
+    def store_options(self) -> list[str]:
+        return ["--database", self.cluster.url(self.database), "--store", "postgresql"]
+
+    def reset_caches(self, user: str) -> None:
+        """
+        B3 'first': PostgreSQL restarted, so nothing of the maildrop is in
+        its buffers (the page cache is dropped after this), and popserv
+        with it.  Restarting PostgreSQL under a running popserv leaves its
+        pool full of cut connections, which psycopg_pool checks one at a
+        time with a back-off of 1, 2, 4 s between them: the next logins
+        time out after 5 s (see bench/README.rst).  So popserv starts
+        anew, and its first login opens a connection.
+        """
+        self.stop()
+        self.cluster.restart()
+        self.start()
+
+    def database_pids(self) -> list[int]:
+        pid = self.cluster.postmaster()
+        return process_tree(pid) if pid else []
+
+    def version(self) -> str:
+        return f"{super().version()}, PostgreSQL {self.cluster.version()}"
 
 
 def popserv_options(tree: Path, twistd: str) -> set[str]:

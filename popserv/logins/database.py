@@ -21,6 +21,7 @@ refuses a URL that carries one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
@@ -57,6 +58,26 @@ CONNECTION_OPTIONS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 30000,
 }
+
+
+#: Seconds a pooled connection may have been idle and still be lent
+#: without a check (an empty query, one round trip).  Under load every
+#: connection is back in use within milliseconds, and the check doubled
+#: the round trips of a session of small queries (bench/README.rst,
+#: "PostgreSQL store"); one idle longer (a firewall's or the server's idle
+#: timeout, a restart overnight) is checked first.  A connection broken in
+#: the last seconds fails its query: that login or delivery is told to try
+#: again later, and the pool checks all its idle connections at once.
+CHECK_AFTER_IDLE = 2.0
+
+
+def _check_if_idle(connection: Any) -> None:
+    """The pool's check: an empty query, for a connection idle over :data:`CHECK_AFTER_IDLE`."""
+    from psycopg_pool import ConnectionPool
+
+    used = getattr(connection, "_popserv_used", None)
+    if used is None or time.monotonic() - used > CHECK_AFTER_IDLE:
+        ConnectionPool.check_connection(connection)
 
 
 class DatabaseUnavailable(TemporaryFailure):
@@ -129,7 +150,7 @@ class Database:
             # up once a query would have stopped waiting anyway lets the
             # next query try at once.
             reconnect_timeout=wait,
-            check=ConnectionPool.check_connection,
+            check=_check_if_idle,
             kwargs={**CONNECTION_OPTIONS, "connect_timeout": max(1, round(wait))},
             name="popserv",
         )
@@ -180,8 +201,15 @@ class Database:
 
         try:
             with self.pool.connection() as connection:
-                return work(connection)
+                try:
+                    return work(connection)
+                finally:
+                    connection._popserv_used = time.monotonic()
         except (psycopg.OperationalError, PoolTimeout) as e:
+            if not isinstance(e, PoolTimeout):  # (a PoolTimeout is an OperationalError too)
+                # The others may be cut too (the server restarted): drop
+                # them now rather than fail one query each.
+                self.pool.check()
             raise DatabaseUnavailable(f"the database is unavailable: {e}") from e
         except psycopg.Error as e:
             # A query the database refuses (a --database-query that does not

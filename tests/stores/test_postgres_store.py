@@ -13,6 +13,7 @@ import time
 import psycopg
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -40,9 +41,15 @@ def recipient(user: str = "alice", quota: Quota | None = None) -> Recipient:
 
 
 async def read_all(mailbox: PostgresMailbox, index: int, size: int = 65536) -> bytes:
+    """A message whole, read as the server does: a chunk source, or a stream read at once."""
     source = mailbox.open_message(index)
     parts = []
-    while chunk := await source.read(size):
+    while True:
+        chunk = source.read(size)
+        if isinstance(chunk, Deferred):
+            chunk = await chunk
+        if not chunk:
+            break
         parts.append(chunk)
     source.close()
     return b"".join(parts)
@@ -128,6 +135,24 @@ class StoreTests(TestCase):
                 await self.open()
             second.close()
             await second.released
+
+    async def test_small_messages_read_ahead(self) -> None:
+        """A RETR of a small message reads those after it at once, up to a big one."""
+        small = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(4)]
+        big = b"z" * (3 * 256 * 1024)
+        for message in [*small[:3], big, small[3]]:
+            self.deliver(message, "alice")
+        mailbox = await self.open()
+        stored = [b"Delivered-To: alice\n" + m for m in (*small[:3], big, small[3])]
+        self.assertEqual(await read_all(mailbox, 0), stored[0])
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute("DELETE FROM popserv.message_chunks")
+        self.assertEqual(await read_all(mailbox, 2), stored[2])
+        self.assertEqual(await read_all(mailbox, 1), stored[1])
+        for beyond in (3, 4):
+            with self.assertRaises(MessageGone):
+                await read_all(mailbox, beyond)
+        mailbox.close()
 
     async def test_lost_lease_deletes_nothing(self) -> None:
         """A lease that expired and was taken: the old session's commit refuses."""

@@ -201,6 +201,12 @@ class HAProxy:
                 wait_for_port(port, lambda: process.poll() is None, "haproxy")
             except AssertionError as e:
                 raise AssertionError(f"{e}: {self.output()}") from None
+        # The runtime API's socket may come a moment after the listeners.
+        deadline = time.monotonic() + 30
+        while not self.stats.exists():
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise AssertionError(f"haproxy made no stats socket: {self.output()}")
+            time.sleep(0.05)
 
     def output(self) -> str:
         return (self.base / "haproxy.log").read_text(errors="replace")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attrs import frozen
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 
 from popserv.core.body import BodyEncoder
@@ -76,7 +76,12 @@ async def postgres_seen(database: Database, user: str) -> Seen:
         for index in range(len(listing)):
             source = mailbox.open_message(index)
             parts = []
-            while chunk := await source.read(65536):
+            while True:
+                chunk = source.read(65536)  # read ahead: bytes, not a Deferred
+                if isinstance(chunk, Deferred):
+                    chunk = await chunk
+                if not chunk:
+                    break
                 parts.append(chunk)
             source.close()
             contents.append(on_the_wire(b"".join(parts)))
