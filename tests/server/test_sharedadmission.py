@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import psycopg
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from popserv.logins.database import Database
+from popserv.server import sharedadmission
 from popserv.server.policy import Policy
 from popserv.server.sharedadmission import SharedAdmission
 from tests.support.postgres import postgresql, store_database
@@ -19,6 +21,8 @@ CLIENT = "198.51.100.7"
 
 class SharedPenaltyTests(TestCase):
     def setUp(self) -> None:
+        # Every turn reads the database, unless a test says otherwise.
+        self.patch(sharedadmission, "READ_AGAIN_AFTER", 0.0)
         self.url = store_database()
         self.policy = Policy(hostname="pop.test", auth_failure_delay=0.01,
                              auth_failure_max_delay=0.08)
@@ -51,6 +55,20 @@ class SharedPenaltyTests(TestCase):
             rows = connection.execute(
                 "SELECT username, failures FROM popserv.login_failures").fetchall()
         self.assertEqual(rows, [("carol", 1)])
+
+    async def test_read_at_most_once_a_second(self) -> None:
+        """A client's count is read again only after a second: other nodes' failures then."""
+        self.patch(sharedadmission, "READ_AGAIN_AFTER", 1.0)
+        a, b = self.nodes
+        (await b.login_turn(CLIENT)).succeeded("alice")  # read: none
+        await self.fail(a, "bob")
+        turn = await b.login_turn(CLIENT)
+        self.assertEqual(b.penalties.failures(CLIENT), 0)  # within the second
+        turn.succeeded("carol")
+        await deferLater(reactor, 1.05, lambda: None)
+        turn = await b.login_turn(CLIENT)
+        self.assertEqual(b.penalties.failures(CLIENT), 1)
+        turn.succeeded("carol")
 
     async def test_other_clients_untouched(self) -> None:
         a, b = self.nodes
