@@ -136,6 +136,17 @@ class StoreTests(TestCase):
             second.close()
             await second.released
 
+    async def test_read_ahead_keeps_one_run(self) -> None:
+        """A client skipping about keeps at most the latest run of read-ahead messages."""
+        for i in range(130):
+            self.deliver(b"Subject: %d\n\nbody\n" % i, "alice")
+        mailbox = await self.open()
+        for index in (0, 64, 128):
+            await read_all(mailbox, index)
+        kept = mailbox._read_ahead._kept
+        self.assertEqual(sorted(kept), [129])
+        mailbox.close()
+
     async def test_small_messages_read_ahead(self) -> None:
         """A RETR of a small message reads those after it at once, up to a big one."""
         small = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(4)]

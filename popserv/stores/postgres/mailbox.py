@@ -149,6 +149,9 @@ class ReadAhead:
         wanted = [self._ids[i] for i in run]
 
         def fetched(found: dict[int, bytes]) -> list[bytes]:
+            # Only the latest run is kept: a client that skips about (RETR 1,
+            # 65, 129 ...) must not pile up runs it never reads.
+            self._kept.clear()
             for i in run[1:]:
                 data = found.get(self._ids[i])
                 if data is not None:
