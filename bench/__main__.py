@@ -219,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(f"variants behind HAProxy skipped: {haproxy_unavailable()}")
             print(skipped[-1], flush=True)
             args.servers = [n for n in args.servers if not _behind(n)]
+        # Every database before any server: a copy (CREATE DATABASE ...
+        # TEMPLATE) needs its source without connections, and nodes behind
+        # HAProxy keep one open for its health checks.
+        for name in filter(_in_postgresql, args.servers):
+            assert cluster is not None
+            create_store(
+                cluster,
+                database_name(name),
+                args.popserv_tree.resolve(),
+                dataset,
+                lambda s: print(s, flush=True),
+            )
         for name in args.servers:
             server: Server
             if _behind(name):
@@ -229,14 +241,6 @@ def main(argv: list[str] | None = None) -> int:
                         nodes.append(Dovecot(dataset, node_name, proxied=True))
                     else:
                         assert cluster is not None
-                        if i == 1:
-                            create_store(
-                                cluster,
-                                database_name(name),
-                                args.popserv_tree.resolve(),
-                                dataset,
-                                lambda s: print(s, flush=True),
-                            )
                         nodes.append(
                             PopservPG(
                                 dataset,
@@ -252,13 +256,6 @@ def main(argv: list[str] | None = None) -> int:
                 server = Behind(dataset, name, nodes)
             elif _in_postgresql(name):
                 assert cluster is not None
-                create_store(
-                    cluster,
-                    database_name(name),
-                    args.popserv_tree.resolve(),
-                    dataset,
-                    lambda s: print(s, flush=True),
-                )
                 server = PopservPG(
                     dataset,
                     args.popserv_tree.resolve(),
