@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         for name in args.servers:
             server: Server
+            if name == "dovecot-haproxy" and Dovecot.available():
+                skipped.append(f"{name} skipped: dovecot {Dovecot.available()}")
+                print(skipped[-1], flush=True)
+                continue
             if _behind(name):
                 nodes: list[Server] = []
                 for i in range(1, _nodes_of(name) + 1):

@@ -106,9 +106,15 @@ class Behind(Server):
         return [executable, "-db", "-f", str(self.config)]
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        super().start()
+        # The bench stops only the servers that started: on a failure here,
+        # what did start (nodes, HAProxy) is stopped before the error goes on.
+        try:
+            for node in self.nodes:
+                node.start()
+            super().start()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         super().stop()
