@@ -18,6 +18,8 @@ from pathlib import Path
 from attrs import asdict
 
 from bench._dataset import Dataset, Sizes
+from bench._haproxy import Behind
+from bench._haproxy import unavailable as haproxy_unavailable
 from bench._postgres import Cluster, create_store, database_name
 from bench._postgres import unavailable as postgres_unavailable
 from bench._profile import RATE, Profiler, find_py_spy
@@ -31,6 +33,8 @@ TREE = Path(__file__).resolve().parent.parent
 
 
 _POPSERV = re.compile(r"popserv(?P<pg>-pg)?(?:-w(?P<workers>[1-9][0-9]*))?")
+#: Behind HAProxy (bench._haproxy): one popserv-pg node, N of them, or Dovecot.
+_BEHIND = re.compile(r"popserv-pg-(?:haproxy|(?P<nodes>[2-9])n)|dovecot-haproxy")
 
 
 def _workers_of(name: str) -> int | None:
@@ -44,9 +48,19 @@ def _is_popserv(name: str) -> bool:
 
 
 def _in_postgresql(name: str) -> bool:
-    """``popserv-pg`` and ``popserv-pg-wN``: popserv with ``--store postgresql``."""
+    """``popserv-pg``, ``popserv-pg-wN`` and behind HAProxy: popserv with ``--store postgresql``."""
     match = _POPSERV.fullmatch(name)
-    return bool(match and match.group("pg"))
+    return bool(match and match.group("pg")) or (name.startswith("popserv-pg-") and _behind(name))
+
+
+def _behind(name: str) -> bool:
+    return _BEHIND.fullmatch(name) is not None
+
+
+def _nodes_of(name: str) -> int:
+    """N for ``popserv-pg-Nn``, 1 for the other variants behind HAProxy."""
+    match = _BEHIND.fullmatch(name)
+    return int(match.group("nodes")) if match and match.group("nodes") else 1
 
 
 def _csv(value: str) -> list[str]:
@@ -64,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(ALL_SERVERS),
         help="comma-separated, from popserv,dovecot,twisted (default: all); popserv-wN"
         " is popserv with --workers N, to run beside the others; popserv-pg (and"
-        " popserv-pg-wN) keeps accounts and mail in a PostgreSQL the bench starts",
+        " popserv-pg-wN) keeps accounts and mail in a PostgreSQL the bench starts;"
+        " popserv-pg-haproxy, popserv-pg-2n and dovecot-haproxy run behind HAProxy"
+        " with contrib/haproxy/cluster.cfg (1, 2 and 1 nodes)",
     )
     p.add_argument(
         "--only",
@@ -114,7 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--py-spy", default=None, help="the py-spy to use (default: on PATH)")
     args = p.parse_args(argv)
-    unknown = {s for s in args.servers if s not in ALL_SERVERS and not _is_popserv(s)}
+    unknown = {
+        s for s in args.servers if s not in ALL_SERVERS and not _is_popserv(s) and not _behind(s)
+    }
     if unknown:
         p.error(f"unknown servers: {', '.join(sorted(unknown))}")
     bad = set(args.only) - set(ALL_BENCHES)
@@ -197,17 +215,51 @@ def main(argv: list[str] | None = None) -> int:
                 cluster = Cluster(root / "postgresql")
                 print(f"starting PostgreSQL on port {cluster.port}", flush=True)
                 cluster.start()
+        if any(_behind(name) for name in args.servers) and haproxy_unavailable():
+            skipped.append(f"variants behind HAProxy skipped: {haproxy_unavailable()}")
+            print(skipped[-1], flush=True)
+            args.servers = [n for n in args.servers if not _behind(n)]
+        # Every database before any server: a copy (CREATE DATABASE ...
+        # TEMPLATE) needs its source without connections, and nodes behind
+        # HAProxy keep one open for its health checks.
+        for name in filter(_in_postgresql, args.servers):
+            assert cluster is not None
+            create_store(
+                cluster,
+                database_name(name),
+                args.popserv_tree.resolve(),
+                dataset,
+                lambda s: print(s, flush=True),
+            )
         for name in args.servers:
             server: Server
-            if _in_postgresql(name):
+            if name == "dovecot-haproxy" and Dovecot.available():
+                skipped.append(f"{name} skipped: dovecot {Dovecot.available()}")
+                print(skipped[-1], flush=True)
+                continue
+            if _behind(name):
+                nodes: list[Server] = []
+                for i in range(1, _nodes_of(name) + 1):
+                    node_name = f"{name}-node{i}"
+                    if name == "dovecot-haproxy":
+                        nodes.append(Dovecot(dataset, node_name, proxied=True))
+                    else:
+                        assert cluster is not None
+                        nodes.append(
+                            PopservPG(
+                                dataset,
+                                args.popserv_tree.resolve(),
+                                _twistd(args),
+                                cluster,
+                                database_name(name),
+                                name=node_name,
+                                proxied=True,
+                            )
+                        )
+                    dataset.prepare_server(node_name)
+                server = Behind(dataset, name, nodes)
+            elif _in_postgresql(name):
                 assert cluster is not None
-                create_store(
-                    cluster,
-                    database_name(name),
-                    args.popserv_tree.resolve(),
-                    dataset,
-                    lambda s: print(s, flush=True),
-                )
                 server = PopservPG(
                     dataset,
                     args.popserv_tree.resolve(),

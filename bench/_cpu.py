@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from attrs import define
+from attrs import define, field
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -47,6 +47,8 @@ class Spent:
     database: float
     machine: float
     seconds: float
+    #: The server's by part (HAProxy, each node), when it has parts.
+    parts: dict[str, float] = field(factory=dict)
 
     @property
     def rest(self) -> float:
@@ -68,24 +70,37 @@ def _since(before: dict[int, float], now: list[int]) -> float:
 class Meter:
     """Reads the CPU of a server and its database at :meth:`open` and :meth:`close`."""
 
-    def __init__(self, server: Callable[[], list[int]], database: Callable[[], list[int]]) -> None:
+    def __init__(
+        self,
+        server: Callable[[], list[int]],
+        database: Callable[[], list[int]],
+        parts: dict[str, Callable[[], list[int]]] | None = None,
+    ) -> None:
         self._server_pids = server
         self._database_pids = database
-        self._start: tuple[dict[int, float], dict[int, float], float, float] | None = None
+        self._parts = parts or {}
+        self._start: (
+            tuple[dict[int, float], dict[int, float], dict[str, dict[int, float]], float, float]
+            | None
+        ) = None
 
     def open(self) -> None:
         server = {pid: process_cpu(pid) for pid in self._server_pids()}
         database = {pid: process_cpu(pid) for pid in self._database_pids()}
-        self._start = (server, database, machine_busy(), time.monotonic())
+        parts = {
+            name: {pid: process_cpu(pid) for pid in pids()} for name, pids in self._parts.items()
+        }
+        self._start = (server, database, parts, machine_busy(), time.monotonic())
 
     def close(self) -> Spent:
         assert self._start is not None
-        server, database, machine, began = self._start
+        server, database, parts, machine, began = self._start
         return Spent(
             _since(server, self._server_pids()),
             _since(database, self._database_pids()),
             machine_busy() - machine,
             time.monotonic() - began,
+            {name: _since(parts[name], pids()) for name, pids in self._parts.items()},
         )
 
     def between(self, start: float, end: float) -> Callable[[], Spent | None]:

@@ -112,6 +112,7 @@ class Runner:
                     self.profiler is not None
                     and rep == 0
                     and server.name.startswith("popserv")
+                    and not server.parts()
                     and server.process is not None
                     and not bench.startswith("B4")
                 )
@@ -193,6 +194,8 @@ class Runner:
         parts = [("server", spent.server), ("rest", spent.rest)]
         if server.database_pids():
             parts.insert(1, ("database", spent.database))
+        # Behind HAProxy: the server's share by part (HAProxy, each node).
+        parts[1:1] = [(f"server: {who}", seconds) for who, seconds in spent.parts.items()]
         for who, seconds in parts:
             self.measurement(bench, f"CPU a session: {who}", "ms", False).add(
                 server.name, seconds / sessions * 1000
@@ -524,4 +527,4 @@ def run_all(runner: Runner, only: Sequence[str], restart: Callable[[Server], Non
 
 
 def _meter(server: Server) -> Meter:
-    return Meter(server.pids, server.database_pids)
+    return Meter(server.pids, server.database_pids, server.parts())

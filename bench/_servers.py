@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,14 +53,23 @@ def raise_nofile(limit: int = NOFILE) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def wait_for_greeting(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Wait until a POP3 greeting comes from ``port``; fail if the process died."""
+def wait_for_greeting(
+    port: int, process: subprocess.Popen[bytes], log: Path, *, proxied: bool = False
+) -> None:
+    """
+    Wait until a POP3 greeting comes from ``port``; fail if the process
+    died.  ``proxied``: a listener behind HAProxy, which greets only after
+    a PROXY header (v1 here, as HAProxy would send it).
+    """
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"exited with {process.returncode}; log:\n{tail(log)}")
         try:
             with socket.create_connection((HOST, port), timeout=2) as s:
+                if proxied:
+                    here, there = s.getsockname(), s.getpeername()
+                    s.sendall(f"PROXY TCP4 {here[0]} {there[0]} {here[1]} {there[1]}\r\n".encode())
                 if s.recv(100).startswith(b"+OK"):
                     s.sendall(b"QUIT\r\n")
                     return
@@ -83,6 +93,8 @@ class Server:
     name = "server"
     #: "smtp" or "lmtp" when the server can take deliveries for B5.
     delivery: str | None = None
+    #: Its listeners expect a PROXY header first: it runs behind HAProxy.
+    proxied = False
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -123,7 +135,7 @@ class Server:
                 # The open-files limit is inherited: main() raised it.
                 start_new_session=True,
             )
-        wait_for_greeting(self.port, self.process, self.log)
+        wait_for_greeting(self.port, self.process, self.log, proxied=self.proxied)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM to its process group, SIGKILL if it lingers)."""
@@ -168,6 +180,14 @@ class Server:
         """The processes of the database the server keeps its mail in (none: files)."""
         return []
 
+    def parts(self) -> dict[str, Callable[[], list[int]]]:
+        """Its processes by part, when its CPU is worth telling apart (HAProxy, nodes)."""
+        return {}
+
+    def backends(self) -> dict[str, int]:
+        """Its ports by service (``pop3``, ``lmtp``, ``metrics``...) for HAProxy's config."""
+        return {"pop3": self.port}
+
     def version(self) -> str:
         return ""
 
@@ -198,9 +218,11 @@ class Popserv(Server):
         twistd: str,
         workers: int | None = None,
         name: str = "popserv",
+        proxied: bool = False,
     ) -> None:
         #: ``popserv``, or ``popserv-wN`` beside it (its own data and mail).
         self.name = name
+        self.proxied = proxied
         super().__init__(dataset)
         self.tree = tree
         self.twistd = twistd
@@ -226,6 +248,13 @@ class Popserv(Server):
             self.delivery, self.delivery_port = "lmtp", self.lmtp_port
         elif self.smtp_port is not None:
             self.delivery, self.delivery_port = "smtp", self.smtp_port
+        # Behind HAProxy: the /health its checks ask for (contrib's cluster.cfg).
+        self.metrics_port = free_port() if proxied else None
+
+    def backends(self) -> dict[str, int]:
+        found = {"pop3": self.port, "smtp": self.smtp_port, "lmtp": self.lmtp_port}
+        found["metrics"] = self.metrics_port
+        return {service: port for service, port in found.items() if port is not None}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -235,6 +264,8 @@ class Popserv(Server):
     def command(self) -> list[str]:
         data = self.dataset.root / f"{self.name}-data"
         data.mkdir(exist_ok=True)
+        # HAProxy's PROXY header is believed from loopback without --trusted-network.
+        proxy = "haproxy:" if self.proxied else ""
         cmd = [
             self.twistd,
             "-n",
@@ -248,14 +279,17 @@ class Popserv(Server):
             "--hostname",
             "bench.example.org",
             "--pop3",
-            f"tcp:{self.port}:interface={HOST}:backlog=4096",
+            f"{proxy}tcp:{self.port}:interface={HOST}:backlog=4096",
             *self.limits,
             *self.workers,
         ]
         if self.smtp_port is not None:
-            cmd += ["--smtp", f"tcp:{self.smtp_port}:interface={HOST}", "--domain", "example.org"]
+            cmd += ["--smtp", f"{proxy}tcp:{self.smtp_port}:interface={HOST}"]
+            cmd += ["--domain", "example.org"]
         if self.lmtp_port is not None:
-            cmd += ["--lmtp", f"tcp:{self.lmtp_port}:interface={HOST}"]
+            cmd += ["--lmtp", f"{proxy}tcp:{self.lmtp_port}:interface={HOST}"]
+        if self.metrics_port is not None:
+            cmd += ["--metrics", f"tcp:{self.metrics_port}:interface={HOST}"]
         return cmd
 
     def store_options(self) -> list[str]:
@@ -297,8 +331,9 @@ class PopservPG(Popserv):
         database: str,
         workers: int | None = None,
         name: str = "popserv-pg",
+        proxied: bool = False,
     ) -> None:
-        super().__init__(dataset, tree, twistd, workers, name=name)
+        super().__init__(dataset, tree, twistd, workers, name=name, proxied=proxied)
         self.cluster = cluster
         self.database = database
         self.limits = [o for o in self.limits if o != "--follow-maildir-symlinks"]
@@ -360,7 +395,9 @@ class Dovecot(Server):
 
     name = "dovecot"
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, name: str = "dovecot", proxied: bool = False) -> None:
+        self.name = name
+        self.proxied = proxied
         super().__init__(dataset)
         self.binary = _dovecot_binary()
         if os.path.exists("/usr/lib/dovecot/lmtp"):
@@ -377,7 +414,17 @@ class Dovecot(Server):
             return "needs root here (mail uid 65534)"
         return None
 
+    def backends(self) -> dict[str, int]:
+        found = {"pop3": self.port}
+        if self.delivery_port is not None:
+            found["lmtp"] = self.delivery_port
+        return found
+
     def write_config(self) -> None:
+        # Behind HAProxy: Dovecot takes its PROXY headers (v1 and v2) on
+        # listeners marked so, from the networks it is told to trust.
+        proxy = "\n    haproxy = yes" if self.proxied else ""
+        trusted = f"haproxy_trusted_networks = {HOST}\n" if self.proxied else ""
         base = self.workdir / "base"
         state = self.workdir / "state"
         for d in (base, state):
@@ -390,7 +437,7 @@ class Dovecot(Server):
 service lmtp {{
   inet_listener lmtp {{
     address = {HOST}
-    port = {self.delivery_port}
+    port = {self.delivery_port}{proxy}
   }}
   process_min_avail = 1
 }}
@@ -418,7 +465,7 @@ default_process_limit = 12000
 default_client_limit = 30000
 default_vsz_limit = 512M
 mail_max_userip_connections = 100
-passdb {{
+{trusted}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.dataset.passwd}
 }}
@@ -429,7 +476,7 @@ userdb {{
 service pop3-login {{
   inet_listener pop3 {{
     address = {HOST}
-    port = {self.port}
+    port = {self.port}{proxy}
   }}
   # High-performance mode: long-lived login processes, each serving many.
   service_count = 0
