@@ -107,6 +107,10 @@ class SharedAdmission(LocalAdmission):
             self._read.popitem(last=False)
 
     def forgive(self, client: str, user: str) -> None:
+        # A client without failures (as read within the last second) has
+        # nothing to forgive: no statement for the usual login.
+        if not self.penalties.failures(client):
+            return
         super().forgive(client, user)
         self.database.run(lambda c: penalties.forgive(c, client, user)).addErrback(
             self._unreachable
