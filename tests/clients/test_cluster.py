@@ -24,7 +24,6 @@ import contextlib
 import os
 import poplib
 import random
-import re
 import shutil
 import smtplib
 import ssl
@@ -39,14 +38,13 @@ import psycopg
 from twisted.python.log import msg
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.core.body import wire_size
 from popserv.stores.maildir.deliver import lf_chunks
 from popserv.stores.postgres import queries
 from tests.support.certs import CA
 from tests.support.cluster import Forwarder, HAProxy, Node, NodePOP3
 from tests.support.mail import mbox_messages
 from tests.support.peers import missing
-from tests.support.postgres import postgresql, store_database
+from tests.support.postgres import MESSAGE_ID, postgresql, store_database, stored_whole
 from tests.support.processes import subprocess_env
 
 PASSWORD = "pw"
@@ -60,7 +58,6 @@ LEASE = 3.0
 PATIENCE = LEASE * 3 + 20
 #: --auth-failure-delay: the first failure waits this, each more doubles it.
 FAILURE_DELAY = 0.5
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
 #: The soak test's length; POPSERV_SOAK_SECONDS for a longer run.
 SOAK_SECONDS = float(os.environ.get("POPSERV_SOAK_SECONDS") or 60)
 
@@ -136,37 +133,8 @@ class ClusterTestCase(SynchronousTestCase):
                     queries.store(connection, user, lf_chunks(data), uidl=f"u{time.time_ns()}")
 
     def stored(self, user: str) -> dict[str, list[bytes]]:
-        """
-        ``user``'s messages by Message-ID, each checked whole (its chunks
-        without a gap, its sizes those of its row) and the maildrops'
-        counters their sums.
-        """
-        found: dict[str, list[bytes]] = {}
-        with self.connect() as connection:
-            rows = connection.execute(
-                "SELECT m.id, m.octets, m.wire_size FROM popserv.messages m"
-                " JOIN popserv.maildrops d ON d.id = m.maildrop WHERE d.name = %s",
-                (user,),
-            ).fetchall()
-            for row_id, octets, wire in rows:
-                chunks = connection.execute(
-                    "SELECT seq, data FROM popserv.message_chunks WHERE message = %s ORDER BY seq",
-                    (row_id,),
-                ).fetchall()
-                self.assertEqual([seq for seq, _ in chunks], list(range(len(chunks))))
-                data = b"".join(bytes(chunk) for _, chunk in chunks)
-                self.assertEqual((len(data), wire_size(data)), (octets, wire), "half-stored")
-                match = MESSAGE_ID.search(data)
-                key = match.group(1).decode() if match else f"#{row_id}"
-                found.setdefault(key, []).append(data)
-            counters = connection.execute(
-                "SELECT d.octets, d.messages, coalesce(sum(m.octets), 0), count(m.id)"
-                " FROM popserv.maildrops d LEFT JOIN popserv.messages m ON m.maildrop = d.id"
-                " GROUP BY d.id"
-            ).fetchall()
-        for octets, messages, total, count in counters:
-            self.assertEqual((octets, messages), (total, count), "counters out of step")
-        return found
+        """``user``'s messages by Message-ID, each checked whole (see stored_whole)."""
+        return stored_whole(self.url, user)
 
     def leased(self, user: str) -> bool:
         """Whether a live lease holds ``user``'s maildrop (the popserv.sessions view)."""

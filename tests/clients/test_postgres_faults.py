@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import poplib
 import random
-import re
 import signal
 import smtplib
 import socket
@@ -28,10 +27,9 @@ from pathlib import Path
 import psycopg
 from twisted.trial.unittest import SynchronousTestCase
 
-from popserv.core.body import wire_size
 from popserv.stores.maildir.deliver import lf_chunks
 from popserv.stores.postgres import queries
-from tests.support.postgres import postgresql, store_database
+from tests.support.postgres import MESSAGE_ID, postgresql, store_database, stored_whole
 from tests.support.processes import free_port, subprocess_env, twistd_script
 
 PASSWORD = "pw"
@@ -40,7 +38,6 @@ PASSWORD = "pw"
 LEASE = 2.0
 #: How long a test waits for something that must happen within the lease.
 PATIENCE = LEASE * 3 + 10
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
 SEED = 11
 #: Kill-and-restart rounds of random traffic; each is about three seconds.
 ROUNDS = 2
@@ -148,38 +145,8 @@ class FaultTestCase(SynchronousTestCase):
                     queries.store(connection, user, lf_chunks(message), uidl=f"u{time.time_ns()}")
 
     def stored(self, user: str = "alice@example.org") -> dict[str, list[bytes]]:
-        """
-        ``user``'s messages by Message-ID, each checked whole: its chunks
-        numbered from 0 without a gap, as many octets as its row says, its
-        wire size the one listed; and the maildrop's counters their sums.
-        """
-        found: dict[str, list[bytes]] = {}
-        with self.connect() as connection:
-            rows = connection.execute(
-                "SELECT m.id, m.octets, m.wire_size FROM popserv.messages m"
-                " JOIN popserv.maildrops d ON d.id = m.maildrop WHERE d.name = %s",
-                (user,),
-            ).fetchall()
-            for message, octets, wire in rows:
-                chunks = connection.execute(
-                    "SELECT seq, data FROM popserv.message_chunks WHERE message = %s"
-                    " ORDER BY seq",
-                    (message,),
-                ).fetchall()
-                self.assertEqual([seq for seq, _ in chunks], list(range(len(chunks))))
-                data = b"".join(bytes(chunk) for _, chunk in chunks)
-                self.assertEqual((len(data), wire_size(data)), (octets, wire), "half-stored")
-                match = MESSAGE_ID.search(data)
-                key = match.group(1).decode() if match else f"#{message}"
-                found.setdefault(key, []).append(data)
-            counters = connection.execute(
-                "SELECT d.octets, d.messages, coalesce(sum(m.octets), 0), count(m.id)"
-                " FROM popserv.maildrops d LEFT JOIN popserv.messages m ON m.maildrop = d.id"
-                " GROUP BY d.id"
-            ).fetchall()
-        for octets, messages, total, count in counters:
-            self.assertEqual((octets, messages), (total, count), "counters out of step")
-        return found
+        """``user``'s messages by Message-ID, each checked whole (see stored_whole)."""
+        return stored_whole(self.url, user)
 
     def log_in(self, user: str = "alice@example.org") -> poplib.POP3:
         """A session for ``user``, once any lease a dead session left has expired."""

@@ -20,6 +20,7 @@ import glob
 import itertools
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -172,3 +173,49 @@ def store_database() -> str:
         connection.execute(POSTFIXADMIN_MAILBOX)
         upgrade(connection)
     return url
+
+
+#: A test message's key in the checks below.
+MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
+
+
+def stored_whole(url: str, user: str) -> dict[str, list[bytes]]:
+    """
+    ``user``'s messages in the mail store by Message-ID (``#ID`` without
+    one), each checked whole: its chunks numbered from 0 without a gap, as
+    many octets as its row says, its wire size the one listed; and every
+    maildrop's counters the sums of its messages.  AssertionError if not.
+    """
+    import psycopg
+
+    from popserv.core.body import wire_size
+
+    found: dict[str, list[bytes]] = {}
+    with psycopg.connect(url, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT m.id, m.octets, m.wire_size FROM popserv.messages m"
+            " JOIN popserv.maildrops d ON d.id = m.maildrop WHERE d.name = %s",
+            (user,),
+        ).fetchall()
+        for row_id, octets, wire in rows:
+            chunks = connection.execute(
+                "SELECT seq, data FROM popserv.message_chunks WHERE message = %s ORDER BY seq",
+                (row_id,),
+            ).fetchall()
+            if [seq for seq, _ in chunks] != list(range(len(chunks))):
+                raise AssertionError(f"message {row_id}: chunks missing")
+            data = b"".join(bytes(chunk) for _, chunk in chunks)
+            if (len(data), wire_size(data)) != (octets, wire):
+                raise AssertionError(f"message {row_id}: half-stored")
+            match = MESSAGE_ID.search(data)
+            key = match.group(1).decode() if match else f"#{row_id}"
+            found.setdefault(key, []).append(data)
+        counters = connection.execute(
+            "SELECT d.name, d.octets, d.messages, coalesce(sum(m.octets), 0), count(m.id)"
+            " FROM popserv.maildrops d LEFT JOIN popserv.messages m ON m.maildrop = d.id"
+            " GROUP BY d.id"
+        ).fetchall()
+    for name, octets, messages, total, count in counters:
+        if (octets, messages) != (total, count):
+            raise AssertionError(f"{name}: counters out of step")
+    return found
