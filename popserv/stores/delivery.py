@@ -33,7 +33,7 @@ from popserv.stores.layout import Layout
 from popserv.stores.maildir import maildirsize
 from popserv.stores.maildir.deliver import PendingDelivery, prepare
 from popserv.stores.maildir.directory import MaildirPath
-from popserv.stores.quota import OverQuota, Quota, current_usage
+from popserv.stores.quota import OverQuota, Quota, Usage, current_usage
 
 log = Logger()
 
@@ -286,6 +286,14 @@ def check_room(recipient: Recipient, incoming: int = 0) -> None:
         usage = current_usage(recipient.maildir, recipient.quota)
     except OSError as e:
         raise StorageFailed(str(e)) from None
+    refuse_if_full(recipient, usage, incoming)
+
+
+def refuse_if_full(recipient: Recipient, usage: Usage, incoming: int = 0) -> None:
+    """
+    Raise :class:`MailboxFull` if the mailbox holding ``usage`` is full, or
+    ``incoming`` more octets would not fit its quota (every store's check).
+    """
     if recipient.quota.full(usage):
         raise MailboxFull(recipient.user)
     if incoming:

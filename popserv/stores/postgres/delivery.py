@@ -20,11 +20,10 @@ from twisted.logger import Logger
 
 from popserv.logins.database import Database, DatabaseUnavailable
 from popserv.logins.passwords.passwdfile import UserEntry
-from popserv.stores.delivery import DeliveryError, MailboxFull, Recipient
+from popserv.stores.delivery import DeliveryError, MailboxFull, Recipient, refuse_if_full
 from popserv.stores.maildir.deliver import CHUNK_SIZE, lf_chunks
 from popserv.stores.maildir.names import make_unique, uidl_for
 from popserv.stores.postgres import queries
-from popserv.stores.quota import OverQuota, Quota, Usage
 
 log = Logger()
 
@@ -120,10 +119,7 @@ class PostgresStore:
         """Fail with MailboxFull if ``incoming`` octets would not fit now (RCPT, SIZE)."""
 
         def check(connection: Any) -> None:
-            usage = queries.usage(connection, recipient.user)
-            quota = recipient.quota
-            if quota.full(usage) or (incoming and not _fits(quota, usage, incoming)):
-                raise MailboxFull(recipient.user)
+            refuse_if_full(recipient, queries.usage(connection, recipient.user), incoming)
 
         return self.database.run(check)
 
@@ -138,14 +134,6 @@ class PostgresStore:
             return [DeliveryError()] * len(copies)
 
         return self.database.run(work).addErrback(unavailable)
-
-
-def _fits(quota: Quota, usage: Usage, incoming: int) -> bool:
-    try:
-        quota.check(usage, incoming)
-    except OverQuota:
-        return False
-    return True
 
 
 __all__ = ["PostgresStore", "deliver_into", "new_uidl"]
