@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import poplib
 import random
-import signal
 import smtplib
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from popserv.stores.maildir.deliver import lf_chunks
 from popserv.stores.postgres import queries
 from tests.support.postgres import MESSAGE_ID, postgresql, store_database, stored_whole
-from tests.support.processes import free_port, subprocess_env, twistd_script
+from tests.support.processes import LoggedProcess, free_port, twistd_script
 
 PASSWORD = "pw"
 #: Short, so that the users of a killed process are served again soon
@@ -68,57 +66,27 @@ class _Ledger:
         self.maybe_deleted: set[str] = set()
 
 
-class ServerProcess:
+class ServerProcess(LoggedProcess):
     """``twistd popserv --store postgresql`` on fresh ports, started and killed at will."""
 
+    patience = 15.0
+
     def __init__(self, case: SynchronousTestCase, url: str, base: Path) -> None:
-        self.case, self.url, self.base = case, url, base
-        self.process: subprocess.Popen | None = None
+        super().__init__(base)
+        self.url = url
         case.addCleanup(self.stop)
 
     def start(self) -> None:
         self.pop3, self.smtp = free_port(), free_port()
-        argv = [
+        self.spawn([
             twistd_script(), "-n", "--pidfile", "", "popserv",
             "--data", str(self.base / "data"),
             "--database", self.url, "--store", "postgresql", "--maildrop-lease", str(LEASE),
             "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
             "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
             "--domain", "example.org", "--hostname", "pop.test",
-        ]  # fmt: skip
-        with open(self.base / "twistd.log", "ab") as log:
-            self.process = subprocess.Popen(
-                argv, env=subprocess_env(), cwd=self.base, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + 30
-        for port in (self.pop3, self.smtp):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        self.case.fail(f"twistd did not start: {self.output()}")
-                    time.sleep(0.05)
-
-    def output(self) -> str:
-        return (self.base / "twistd.log").read_text(errors="replace")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        ])  # fmt: skip
+        self.wait_for_ports(self.pop3, self.smtp)
 
 
 class FaultTestCase(SynchronousTestCase):

@@ -13,7 +13,6 @@ import contextlib
 import poplib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.peers import missing
-from tests.support.processes import REPO, free_port, subprocess_env, twistd_script
+from tests.support.processes import REPO, LoggedProcess, free_port, twistd_script, wait_for_port
 
 CLUSTER_CONFIG = REPO / "contrib" / "haproxy" / "cluster.cfg"
 
@@ -42,20 +41,7 @@ def free_ports(count: int) -> list[int]:
     return sorted(chosen)
 
 
-def wait_for_port(port: int, alive: Any, what: str, patience: float = 30.0) -> None:
-    """Until 127.0.0.1:``port`` accepts; AssertionError if ``alive()`` turns false or never."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if not alive() or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not start") from None
-            time.sleep(0.05)
-
-
-class Node:
+class Node(LoggedProcess):
     """
     ``twistd popserv --store postgresql`` behind HAProxy (``haproxy:``
     listeners), on ports chosen once and kept across restarts, so that
@@ -65,20 +51,15 @@ class Node:
     def __init__(
         self, name: str, url: str, base: Path, *, options: Sequence[str] = (), tls: Any = None
     ) -> None:
+        super().__init__(base / name)
         self.name, self.url = name, url
-        self.base = base / name
         self.base.mkdir(parents=True)
         self.ports = dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS)), strict=True))
         self.options = list(options)
         #: (certificate, key) paths for POP3S, STLS and STARTTLS.
         self.tls = tls
-        self.process: subprocess.Popen[bytes] | None = None
         #: Every pid this node had, for ``popserv who``'s NODE column (host:pid).
         self.pids: list[int] = []
-
-    @property
-    def log_path(self) -> Path:
-        return self.base / "twistd.log"
 
     def argv(self) -> list[str]:
         listen = {k: f"haproxy:tcp:{port}:interface=127.0.0.1" for k, port in self.ports.items()}
@@ -98,52 +79,20 @@ class Node:
 
     def launch(self) -> None:
         """Start the process (:meth:`wait_started` waits for it to listen)."""
-        assert self.process is None
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.argv(), env=subprocess_env(), cwd=self.base, stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.pids.append(self.process.pid)
+        self.pids.append(self.spawn(self.argv()).pid)
 
     def wait_started(self) -> None:
-        process = self.process
-        assert process is not None
-        ports = [self.ports["pop3"], self.ports["smtp"], self.ports["metrics"]]
-        for port in ports:
-            try:
-                wait_for_port(port, lambda: process.poll() is None, f"node {self.name}")
-            except AssertionError as e:
-                raise AssertionError(f"{e}: {self.output()}") from None
+        ports = (self.ports["pop3"], self.ports["smtp"], self.ports["metrics"])
+        self.wait_for_ports(*ports, what=f"node {self.name}")
 
     def start(self) -> None:
         self.launch()
         self.wait_started()
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     def logins(self, user: str | None = None) -> int:
         """Logins this node has logged (all its lives), of ``user`` or anyone's."""
         who = re.escape(user) if user else r"\S+"
         return len(re.findall(rf"{who} logged in from ", self.output()))
-
-    def kill(self) -> None:
-        """SIGKILL: no lease given back, nothing flushed."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
 
 
 def configured(text: str, fronts: dict[str, int], nodes: Sequence[Node], stats: Path) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,72 @@ def stop_at_cleanup(case: Any, process: _Twistd, transport: Any) -> None:
 
     case.addCleanup(lambda: Deferred.fromCoroutine(stop()) if not process.ended.called else None)
 
+
+
+def wait_for_port(port: int, alive: Any, what: str, patience: float = 30.0) -> None:
+    """Until 127.0.0.1:``port`` accepts; AssertionError if ``alive()`` turns false or never."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if not alive() or time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
+class LoggedProcess:
+    """
+    A child (``twistd``) run with :mod:`subprocess`, its output in
+    ``base/twistd.log``, killed (SIGKILL: nothing flushed, nothing given
+    back) or stopped (SIGTERM) at will.
+    """
+
+    #: Seconds :meth:`stop` waits for SIGTERM before SIGKILL.
+    patience = 20.0
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.base / "twistd.log"
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        assert self.process is None
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                argv, env=subprocess_env(), cwd=self.base, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self.process
+
+    def wait_for_ports(self, *ports: int, what: str = "twistd") -> None:
+        """Until every port accepts; AssertionError with the output if the child ends first."""
+        process = self.process
+        assert process is not None
+        for port in ports:
+            try:
+                wait_for_port(port, lambda: process.poll() is None, what)
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {self.output()}") from None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(self.patience)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
