@@ -54,7 +54,8 @@ _NO_LINKS = frozenset(
 Source = bytes | BinaryIO | Iterable[bytes]
 
 
-def _chunks(source: Source) -> Iterator[bytes]:
+def chunks_of(source: Source) -> Iterator[bytes]:
+    """``source`` in chunks of up to :data:`CHUNK_SIZE` octets (a stream from where it is)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         view = memoryview(source)
         for start in range(0, len(view), CHUNK_SIZE):
@@ -83,7 +84,7 @@ def lf_chunks(source: Source) -> Iterator[bytes]:
     lone CRs included.
     """
     carry = b""
-    for chunk in _chunks(source):
+    for chunk in chunks_of(source):
         data = carry + chunk if carry else chunk
         # Trailing CRs may begin a CRLF split across chunks; two are kept
         # back so the one before the LF can see whether a CR precedes it.
@@ -254,7 +255,7 @@ def prepare(
         )
         try:
             try:
-                stored, wire = _write_lf(fd, itertools.chain((header,), _chunks(source)))
+                stored, wire = _write_lf(fd, itertools.chain((header,), chunks_of(source)))
                 os.fsync(fd)
             finally:
                 os.close(fd)

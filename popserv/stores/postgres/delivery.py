@@ -12,7 +12,7 @@ deliveries at once cannot both squeeze past it (see
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from popserv.logins.database import Database, DatabaseUnavailable
 from popserv.logins.passwords.passwdfile import UserEntry
 from popserv.stores.delivery import DeliveryError, MailboxFull, Recipient, refuse_if_full
-from popserv.stores.maildir.deliver import CHUNK_SIZE, lf_chunks
+from popserv.stores.maildir.deliver import chunks_of, lf_chunks
 from popserv.stores.maildir.names import make_unique, uidl_for
 from popserv.stores.postgres import queries
 
@@ -35,15 +35,6 @@ def new_uidl() -> str:
     file name, and its UIDL with it.
     """
     return uidl_for(make_unique(None, None))
-
-
-def _message_chunks(message: bytes | BinaryIO) -> Iterable[bytes]:
-    if isinstance(message, bytes):
-        yield message
-        return
-    message.seek(0)
-    while chunk := message.read(CHUNK_SIZE):
-        yield chunk
 
 
 def deliver_into(
@@ -69,7 +60,9 @@ def deliver_into(
 
     def write(i: int) -> queries.Written:
         recipient, header = copies[i]
-        chunks = lf_chunks(itertools.chain((header,), _message_chunks(message)))
+        if not isinstance(message, bytes):
+            message.seek(0)  # each copy reads the spool from its start
+        chunks = lf_chunks(itertools.chain((header,), chunks_of(message)))
         return queries.write(connection, recipient.user, chunks, uidl=new_uidl())
 
     def refusal(error: Exception, user: str) -> DeliveryError:
