@@ -135,8 +135,16 @@ class InvalidUsername(PopError):
 
 
 class MailboxInUse(PopError):
+    """
+    Another session holds the maildrop (``--maildrop-lock exclusive``, or
+    ``popserv migrate`` copying it).  The text says so plainly, since
+    clients show a refused login as a wrong password; where the other
+    session is from stays out of it, as every ``-ERR`` text is fixed
+    (``popserv who`` shows it to the operator).
+    """
+
     code = "IN-USE"
-    text = "Mailbox is locked by another session"
+    text = "Another session of this user is open; try again when it ends"
 
 
 class TooManySessions(PopError):

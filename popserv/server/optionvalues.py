@@ -129,6 +129,14 @@ def uidl_format(value: str) -> UidlScheme:
 
 #: ``--store`` values.
 STORES = ("maildir", "postgresql")
+#: ``--maildrop-lock`` values.
+MAILDROP_LOCKS = ("shared", "exclusive")
+
+
+def maildrop_lock(value: str) -> str:
+    if value not in MAILDROP_LOCKS:
+        raise ValueError(f"must be one of {', '.join(MAILDROP_LOCKS)}")
+    return value
 
 
 def store(value: str) -> str:

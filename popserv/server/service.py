@@ -190,15 +190,17 @@ def _realm(
     reactor: Any,
 ) -> AccountRealm:
     """The realm of ``--store``: maildrops in ``store`` (a database), or Maildirs."""
+    shared = options.get("maildrop-lock", "shared") == "shared"
     if store is not None:
         lease = options.get("maildrop-lease") or LEASE_SECONDS
-        return PostgresRealm(store, accounts, defaults, reactor=reactor, lease=lease)
+        return PostgresRealm(store, accounts, defaults, reactor=reactor, lease=lease, shared=shared)
     return MaildirRealm(
         layout,
         accounts,
         defaults,
         reactor=reactor,
         uidl_format=options.get("uidl-format") or DOVECOT,
+        shared=shared,
     )
 
 

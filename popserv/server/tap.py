@@ -84,6 +84,16 @@ class Options(usage.Options):
             values.store,
         ],
         [
+            "maildrop-lock",
+            None,
+            "shared",
+            "shared: several sessions of a user at once (a phone and a desktop), each"
+            " seeing the mail as it was at its login, its deletions applied at QUIT to"
+            " what is still there; exclusive: one at a time, others get -ERR [IN-USE]"
+            " (RFC 1939's lock).",
+            values.maildrop_lock,
+        ],
+        [
             "maildrop-lease",
             None,
             LEASE_SECONDS,

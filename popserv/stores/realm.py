@@ -44,6 +44,11 @@ class AccountRealm:
     What every store's realm shares: the user's account (the password
     file's or a database's) and the settings it gives the session.
     Subclasses open the maildrop (:meth:`_open`).
+
+    ``shared`` (``--maildrop-lock shared``, the default): several sessions
+    may hold a maildrop at once, each with its own snapshot, as several
+    devices polling one mailbox need; false: one at a time, the others get
+    ``-ERR [IN-USE]`` (RFC 1939's exclusive lock).
     """
 
     def __init__(
@@ -52,9 +57,11 @@ class AccountRealm:
         defaults: AccountSettings | None = None,
         *,
         reactor: Any = None,
+        shared: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        self.shared = shared
         self.passwd = passwd
         self.defaults = defaults or AccountSettings()
         self._reactor = reactor
@@ -134,8 +141,9 @@ class MaildirRealm(AccountRealm):
         reactor: Any = None,
         uidl_format: UidlScheme | str = DOVECOT,
         index: bool = True,
+        shared: bool = True,
     ) -> None:
-        super().__init__(passwd, defaults, reactor=reactor)
+        super().__init__(passwd, defaults, reactor=reactor, shared=shared)
         if isinstance(uidl_format, str):
             uidl_format = parse_uidl_format(uidl_format)
         self.uidl_format = uidl_format
@@ -172,6 +180,7 @@ class MaildirRealm(AccountRealm):
             expire_days=settings.expire_days,
             uidl_format=self.uidl_format,
             index=self.index,
+            shared=self.shared,
         )
         self._last_login[user] = now
         if settings.login_delay > 0:

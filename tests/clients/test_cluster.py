@@ -103,7 +103,10 @@ class ClusterTestCase(SynchronousTestCase):
         self.tls = authority.issue("127.0.0.1", "localhost").write(self.base, "server")
 
     def start_cluster(self, database_of_node2: str | None = None) -> None:
-        options = ["--maildrop-lease", str(LEASE), "--auth-failure-delay", str(FAILURE_DELAY)]
+        options = [
+            *("--maildrop-lock", "exclusive", "--maildrop-lease", str(LEASE)),
+            *("--auth-failure-delay", str(FAILURE_DELAY)),
+        ]
         self.nodes = [
             Node(name, url, self.base, options=options, tls=self.tls)
             for name, url in (("node1", self.url), ("node2", database_of_node2 or self.url))

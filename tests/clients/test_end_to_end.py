@@ -109,22 +109,6 @@ class PoplibTests(ServerTestCase):
         self.assertEqual(uidl, again)
         self.assertEqual(self.seen_uids(), ["1700000001.M1P1.test"])
 
-    async def test_in_use(self):
-        def session():
-            first = self.pop()
-            first.user("alice")
-            first.pass_("secret")
-            second = self.pop()
-            refused = login(second, "alice", "secret")
-            first.quit()
-            second.user("alice")
-            second.pass_("secret")
-            second.quit()
-            return refused
-
-        refused = await self.run_in_thread(session)
-        self.assertEqual(refused, b"-ERR [IN-USE] Mailbox is locked by another session")
-
     async def test_apop(self):
         def session():
             c = self.pop()

@@ -164,8 +164,10 @@ class ParseTests(SynchronousTestCase):
     def test_responses(self):
         self.assertEqual(wire.ok(), b"+OK\r\n")
         self.assertEqual(wire.ok("2 320"), b"+OK 2 320\r\n")
-        self.assertEqual(wire.err(errors.MailboxInUse("/secret/path")),
-                         b"-ERR [IN-USE] Mailbox is locked by another session\r\n")
+        self.assertEqual(
+            wire.err(errors.MailboxInUse("/secret/path")),
+            b"-ERR [IN-USE] Another session of this user is open; try again when it ends\r\n",
+        )
         self.assertEqual(wire.err(errors.NoSuchMessage()), b"-ERR No such message\r\n")
 
     def test_multiline_batches(self):

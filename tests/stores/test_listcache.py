@@ -329,10 +329,12 @@ class InlineOpenTests(MaildirTestCase):
             uids = await self.cache_listing()
             victim = next((self.maildir_path / "cur").iterdir())
 
-            def acquire(maildir: Path, victim: Path = victim) -> MaildropLock:
+            def acquire(
+                maildir: Path, *, shared: bool = False, victim: Path = victim
+            ) -> MaildropLock:
                 if victim.exists():
                     victim.unlink()
-                return real(maildir)
+                return real(maildir, shared=shared)
 
             self.patch(MaildropLock, "acquire", staticmethod(acquire))
             mailbox = await self.open(self.maildir_path)

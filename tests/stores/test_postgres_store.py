@@ -329,7 +329,7 @@ class LostLeaseSessionTests(TestCase):
         self.addCleanup(database.stop)
         accounts = SQLAccounts(database, UsernameRules())
         checker = PasswdFileChecker(accounts, reactor=reactor)
-        realm = PostgresRealm(database, accounts, reactor=reactor, lease=0.6)
+        realm = PostgresRealm(database, accounts, reactor=reactor, lease=0.6, shared=False)
         factory = POP3Factory(Portal(realm, [checker]), Policy(hostname="pop.test"),
                               accounts=checker)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -100,19 +100,20 @@ class MaildirTestCase(TestCase):
 
 @implementer(IRealm)
 class _MaildirRealm:
-    """alice's Maildir, opened and locked without threads."""
+    """alice's Maildir, opened and locked (``shared`` or not) without threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shared: bool = False) -> None:
         self.path = path
+        self.shared = shared
 
     def requestAvatar(self, avatarId, mind, *interfaces):
-        opened = MaildirMailbox.open(self.path, reactor=SYNC)
+        opened = MaildirMailbox.open(self.path, reactor=SYNC, shared=self.shared)
         return opened.addCallback(lambda mailbox: (IMailbox, mailbox, mailbox.close))
 
 
-def maildir_contents(path: Path) -> list[bytes]:
-    """The messages of a Maildir, as the store lists and reads them."""
-    result = MaildirMailbox.open(path, reactor=SYNC)
+def maildir_contents(path: Path, shared: bool = False) -> list[bytes]:
+    """The messages of a Maildir, as the store lists and reads them (``shared``: a shared lock)."""
+    result = MaildirMailbox.open(path, reactor=SYNC, shared=shared)
     mailboxes: list[MaildirMailbox] = []
     result.addCallback(mailboxes.append)
     (mailbox,) = mailboxes

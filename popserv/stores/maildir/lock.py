@@ -1,5 +1,8 @@
 """
-The maildrop lock: one POP3 session per Maildir at a time (RFC 1939 section 8).
+The maildrop lock: one POP3 session per Maildir at a time (RFC 1939 section 8),
+or, shared, any number of sessions but no exclusive holder meanwhile
+(``--maildrop-lock shared``: each session works on its own snapshot, and
+``popserv migrate`` still waits for all of them to end).
 
 ``flock`` on ``MAILDIR/popserv.lock``: it belongs to the open file
 description, so two sessions in one process exclude each other, and the
@@ -23,7 +26,7 @@ _CONTENDED = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
 
 
 class MaildropLock:
-    """An exclusive lock on one Maildir, held until :meth:`release`."""
+    """A lock on one Maildir (exclusive unless shared), held until :meth:`release`."""
 
     __slots__ = ("_fd",)
 
@@ -31,10 +34,11 @@ class MaildropLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, maildir: int) -> MaildropLock:
+    def acquire(cls, maildir: int, *, shared: bool = False) -> MaildropLock:
         """
         Lock the Maildir whose directory descriptor is ``maildir``, without
-        waiting (a quick, blocking call).
+        waiting (a quick, blocking call); ``shared``: alongside other shared
+        holders.
 
         Raise :class:`MailboxInUse` if another session holds it, or
         :class:`TemporaryFailure` (or ``PermanentFailure``, see
@@ -52,12 +56,14 @@ class MaildropLock:
         except OSError as e:
             raise storage_failure("cannot open the lock file", e) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in _CONTENDED:
                 raise MailboxInUse("maildrop locked by another session") from None
             raise TemporaryFailure(f"cannot lock: {e.strerror}") from None
+        if shared:
+            return cls(fd)  # Many holders: no one pid to write.
         holder = f"{os.getpid()}\n".encode("ascii")
         try:
             # Rewriting the same pid at every login costs a journal commit.

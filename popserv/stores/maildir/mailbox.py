@@ -115,6 +115,7 @@ class MaildirMailbox:
         expire_days: int | None = None,
         uidl_format: UidlScheme | str = DOVECOT,
         index: bool = True,
+        shared: bool = False,
     ) -> Deferred[MaildirMailbox]:
         """
         Create (if missing), lock and index the Maildir at ``path``, in a
@@ -127,9 +128,13 @@ class MaildirMailbox:
         ``uidl_format`` is a ``--uidl-format`` value (see
         :mod:`popserv.stores.maildir.uidls`); ``index`` says whether to keep sizes
         counted by reading in ``popserv.index`` (see :mod:`popserv.stores.maildir.index`).
+        ``shared``: lock it alongside other sessions (``--maildrop-lock
+        shared``): this one lists a snapshot, and its commit deletes what is
+        still there.
 
         Fails with :class:`~popserv.core.errors.MailboxInUse` when another session
-        has it, :class:`~popserv.core.errors.TemporaryFailure` on I/O errors, or
+        has it (exclusively, or at all when not ``shared``),
+        :class:`~popserv.core.errors.TemporaryFailure` on I/O errors, or
         :class:`~popserv.core.errors.PermanentFailure` on those only an
         administrator can cure (permissions, a file where a directory should
         be, a symbolic link refused).
@@ -187,7 +192,7 @@ class MaildirMailbox:
                 result.errback(failure)
 
         try:
-            parts = open_cached(location, scheme) if index else None
+            parts = open_cached(location, scheme, shared) if index else None
         except Exception:
             failed(Failure())
             return result
@@ -195,7 +200,7 @@ class MaildirMailbox:
             opened(parts)
             return result
         work = deferToThreadPool(
-            reactor, reactor.getThreadPool(), open_locked, location, scheme, index
+            reactor, reactor.getThreadPool(), open_locked, location, scheme, index, shared
         )
         work.addCallbacks(opened, failed)
         return result

@@ -49,9 +49,9 @@ def _listing_keys(maildir: int, places: Places, scheme: UidlScheme) -> list[Any]
 
 
 def open_locked(
-    location: MaildirPath, scheme: UidlScheme, use_index: bool
+    location: MaildirPath, scheme: UidlScheme, use_index: bool, shared: bool = False
 ) -> tuple[MaildropLock, Scan]:
-    """In a thread: create the Maildir if needed, lock it, index it."""
+    """In a thread: create the Maildir if needed, lock it (``shared`` or not), index it."""
     started = time.time_ns()
     with contextlib.ExitStack() as stack:
         try:
@@ -60,10 +60,12 @@ def open_locked(
             maildir, *places = stack.enter_context(opened)
         except OSError as e:
             raise storage_failure("cannot open the maildir", e) from None
-        lock = MaildropLock.acquire(maildir)
+        lock = MaildropLock.acquire(maildir, shared=shared)
         try:
             # Under the lock: a session that committed (deleted) meanwhile
             # changed the directories, and its listing must not be taken.
+            # (A shared lock lets one commit now: the keys are read first, so
+            # the listing is at worst that of the moment they were read.)
             keys = _listing_keys(maildir, places, scheme) if use_index else None
             cached = load_listing(maildir, keys, scheme.text) if keys else None
             if cached is not None:
@@ -104,7 +106,9 @@ def _cached_scan(cached: Cached) -> Scan:
 INLINE_DIRECTORY_BYTES = 16 * 1024
 
 
-def open_cached(location: MaildirPath, scheme: UidlScheme) -> tuple[MaildropLock, Scan] | None:
+def open_cached(
+    location: MaildirPath, scheme: UidlScheme, shared: bool = False
+) -> tuple[MaildropLock, Scan] | None:
     """
     Lock a small maildrop and take its listing from the cache, or None when
     it is not that simple (then :func:`open_locked` runs in a thread).
@@ -127,7 +131,7 @@ def open_cached(location: MaildirPath, scheme: UidlScheme) -> tuple[MaildropLock
                 return None
         except OSError:
             return None
-        lock = MaildropLock.acquire(maildir)
+        lock = MaildropLock.acquire(maildir, shared=shared)
         try:
             # Under the lock, as in open_locked.
             keys = _listing_keys(maildir, places, scheme)

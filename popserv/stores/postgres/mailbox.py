@@ -181,8 +181,11 @@ class PostgresMailbox:
         login_delay: int = 0,
         expire_days: int | None = None,
         on_lost: Callable[[str], None] | None = None,
+        shared: bool = False,
     ) -> None:
         self.database = database
+        #: Held alongside other sessions, each with a lease of its own.
+        self.shared = shared
         self.maildrop = opened.maildrop
         self.owner = owner
         self.login_delay = login_delay
@@ -217,13 +220,16 @@ class PostgresMailbox:
         login_delay: int = 0,
         expire_days: int | None = None,
         on_lost: Callable[[str], None] | None = None,
+        shared: bool = False,
     ) -> Deferred[PostgresMailbox]:
         """
-        Lease ``name``'s maildrop (created if missing) and list it.
+        Lease ``name``'s maildrop (created if missing) and list it;
+        ``shared``: alongside other shared sessions, each listing a snapshot.
 
         Fails with :class:`~popserv.core.errors.MailboxInUse` while another
-        session's lease holds it, :class:`~popserv.core.errors.LoginDelayed`,
-        or :class:`~popserv.logins.database.DatabaseUnavailable`.  Cancelling
+        session's lease holds it (an exclusive one, when ``shared``),
+        :class:`~popserv.core.errors.LoginDelayed`, or
+        :class:`~popserv.logins.database.DatabaseUnavailable`.  Cancelling
         the result gives the lease back once it is taken.  ``on_lost(why)``
         is called if the session must end because its lease could not be
         renewed (see :meth:`_lose`).
@@ -246,11 +252,12 @@ class PostgresMailbox:
                 client=client,
                 lease=lease,
                 login_delay=login_delay,
+                shared=shared,
             )
 
         def opened(found: queries.Opened) -> None:
             if cancelled:
-                database.run(lambda c: queries.release(c, found.maildrop, owner))
+                database.run(lambda c: queries.release(c, found.maildrop, owner, shared=shared))
                 return
             mailbox = cls(
                 database,
@@ -260,6 +267,7 @@ class PostgresMailbox:
                 login_delay=login_delay,
                 expire_days=expire_days,
                 on_lost=on_lost,
+                shared=shared,
             )
             result.callback(mailbox)
 
@@ -313,7 +321,9 @@ class PostgresMailbox:
                 )
 
         return self._job(
-            lambda connection: queries.finish(connection, self.maildrop, self.owner, doomed, marks)
+            lambda connection: queries.finish(
+                connection, self.maildrop, self.owner, doomed, marks, shared=self.shared
+            )
         ).addCallback(done)
 
     def _job(self, work: Callable[[Any], T]) -> Deferred[T]:
@@ -344,7 +354,9 @@ class PostgresMailbox:
             )
 
         return self.database.run(
-            lambda connection: queries.renew(connection, self.maildrop, self.owner, self._lease)
+            lambda connection: queries.renew(
+                connection, self.maildrop, self.owner, self._lease, shared=self.shared
+            )
         ).addCallbacks(renewed, failed)
 
     def _running_out(self) -> None:
@@ -397,5 +409,7 @@ class PostgresMailbox:
             )
 
         self.database.run(
-            lambda connection: queries.release(connection, self.maildrop, self.owner)
+            lambda connection: queries.release(
+                connection, self.maildrop, self.owner, shared=self.shared
+            )
         ).addErrback(failed).addBoth(lambda _: self._given_back())

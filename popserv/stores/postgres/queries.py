@@ -9,6 +9,11 @@ so a process that dies releases its users within the lease's length.  A
 commit deletes only while the row still names its owner, in the same
 transaction (the row locked), so a session that lost its lease can never
 delete from a maildrop another session holds.
+
+Shared (``--maildrop-lock shared``): each session has its own lease, a row
+of ``shared_sessions``, and the maildrop's own lease stays free unless an
+exclusive holder (``popserv migrate``) has it; a commit deletes what is
+still there and counts only that, fenced by the session's own row.
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ def take(
     lease: float,
     login_delay: int,
     login: bool = True,
+    shared: bool = False,
 ) -> int:
     """
     Lease ``name``'s maildrop (created if missing) to ``owner``; return its id.
-    MailboxInUse if another live lease holds it, LoginDelayed if its last
-    login was less than ``login_delay`` seconds ago (nothing changed then).
+    MailboxInUse if another live lease holds it (an exclusive one, when
+    ``shared``), LoginDelayed if its last login was less than
+    ``login_delay`` seconds ago (nothing changed then).
     ``login`` false (``popserv migrate``): no login, so the last login's
     time is neither checked nor changed (a user would otherwise meet a
     LOGIN-DELAY the migration started).
@@ -69,15 +76,20 @@ def take(
         _maildrop_row(cursor, name)
         cursor.execute(
             "SELECT id, lock_owner IS NOT NULL AND lock_expires > now(),"
-            " date_part('epoch', now() - last_login)"
-            " FROM popserv.maildrops WHERE name = %s FOR NO KEY UPDATE",
+            " date_part('epoch', now() - last_login), EXISTS (SELECT FROM"
+            " popserv.shared_sessions s WHERE s.maildrop = m.id AND s.expires > now())"
+            " FROM popserv.maildrops m WHERE name = %s FOR NO KEY UPDATE",
             (name,),
         )
-        maildrop, held, since = cursor.fetchone()
-        if held:
+        maildrop, held, since, joined = cursor.fetchone()
+        if held or (joined and not shared):
             raise MailboxInUse("the maildrop is leased to another session")
         if login and login_delay > 0 and since is not None and since < login_delay:
             raise LoginDelayed(f"{since:.0f}s since the last login")
+        if shared:
+            cursor.execute(_LAST_LOGIN, (maildrop,))
+            cursor.execute(_JOIN, (owner, maildrop, node, client, lease))
+            return int(maildrop)
         cursor.execute(
             "UPDATE popserv.maildrops SET lock_owner = %s, lock_node = %s, lock_client = %s,"
             " lock_since = now(), lock_expires = now() + make_interval(secs => %s),"
@@ -85,6 +97,13 @@ def take(
             (owner, node, client, lease, login, maildrop),
         )
         return int(maildrop)
+
+
+_LAST_LOGIN = "UPDATE popserv.maildrops SET last_login = now() WHERE id = %s"
+_JOIN = (
+    "INSERT INTO popserv.shared_sessions (owner, maildrop, node, client, expires)"
+    " VALUES (%s, %s, %s, %s, now() + make_interval(secs => %s))"
+)
 
 
 #: The listing's columns, oldest message first (the order of the index),
@@ -147,9 +166,29 @@ _TAKE_AND_LIST = (  # noqa: S608 (constants only: the values are parameters)
     " lock_expires = now() + make_interval(secs => %(lease)s), last_login = now()"
     " WHERE name = %(name)s"
     " AND NOT coalesce(lock_owner IS NOT NULL AND lock_expires > now(), false)"
+    " AND NOT EXISTS (SELECT FROM popserv.shared_sessions s"
+    " WHERE s.maildrop = maildrops.id AND s.expires > now())"
     " AND (%(delay)s <= 0 OR last_login IS NULL"
     " OR date_part('epoch', now() - last_login) >= %(delay)s)"
     " RETURNING id) {listing}"
+).format(listing=_LISTING.format(first=_TAKEN + ", ", maildrop=_TAKEN))
+
+#: The same for a shared session: the maildrop's last login recorded
+#: unless it is held exclusively (or the login delayed), the session's own
+#: lease added, the expired ones of sessions that died swept, and the
+#: listing, in one statement.
+_JOIN_AND_LIST = (  # noqa: S608 (constants only: the values are parameters)
+    "WITH taken AS (UPDATE popserv.maildrops SET last_login = now()"
+    " WHERE name = %(name)s"
+    " AND NOT coalesce(lock_owner IS NOT NULL AND lock_expires > now(), false)"
+    " AND (%(delay)s <= 0 OR last_login IS NULL"
+    " OR date_part('epoch', now() - last_login) >= %(delay)s)"
+    " RETURNING id),"
+    " joined AS (INSERT INTO popserv.shared_sessions (owner, maildrop, node, client, expires)"
+    " SELECT %(owner)s, id, %(node)s, %(client)s, now() + make_interval(secs => %(lease)s)"
+    " FROM taken),"
+    " swept AS (DELETE FROM popserv.shared_sessions"
+    " WHERE maildrop = (SELECT id FROM taken) AND expires < now()) {listing}"
 ).format(listing=_LISTING.format(first=_TAKEN + ", ", maildrop=_TAKEN))
 
 
@@ -162,6 +201,7 @@ def open_maildrop(
     client: str,
     lease: float,
     login_delay: int,
+    shared: bool = False,
 ) -> Opened:
     """
     :func:`take` and :func:`list_messages`, with the same outcomes and
@@ -177,18 +217,18 @@ def open_maildrop(
         "delay": login_delay,
     }
     with connection.cursor(binary=True) as cursor:
-        cursor.execute(_TAKE_AND_LIST, parameters)
+        cursor.execute(_JOIN_AND_LIST if shared else _TAKE_AND_LIST, parameters)
         row = cursor.fetchone()
     if row[0] is not None:
         return Opened(int(row[0]), *_unpacked_listing(row[1:]))
     maildrop = take(
         connection, name, owner=owner, node=node, client=client, lease=lease,
-        login_delay=login_delay,
+        login_delay=login_delay, shared=shared,
     )  # fmt: skip
     try:
         ids, listing = list_messages(connection, maildrop)
     except BaseException:
-        release(connection, maildrop, owner)
+        release(connection, maildrop, owner, shared=shared)
         raise
     return Opened(maildrop, ids, listing)
 
@@ -226,9 +266,18 @@ def stored_messages(connection: Any, maildrop: int) -> list[Stored]:
         return [Stored(*row) for row in cursor]
 
 
-def renew(connection: Any, maildrop: int, owner: str, lease: float) -> bool:
+def renew(
+    connection: Any, maildrop: int, owner: str, lease: float, *, shared: bool = False
+) -> bool:
     """Extend ``owner``'s lease; False if it no longer holds one."""
     with connection.cursor() as cursor:
+        if shared:
+            cursor.execute(
+                "UPDATE popserv.shared_sessions SET expires = now() + make_interval(secs => %s)"
+                " WHERE owner = %s",
+                (lease, owner),
+            )
+            return bool(cursor.rowcount)
         cursor.execute(
             "UPDATE popserv.maildrops SET lock_expires = now() + make_interval(secs => %s)"
             " WHERE id = %s AND lock_owner = %s",
@@ -237,9 +286,12 @@ def renew(connection: Any, maildrop: int, owner: str, lease: float) -> bool:
         return bool(cursor.rowcount)
 
 
-def release(connection: Any, maildrop: int, owner: str) -> None:
+def release(connection: Any, maildrop: int, owner: str, *, shared: bool = False) -> None:
     """Give ``owner``'s lease back (nothing if it no longer holds it)."""
     with connection.cursor() as cursor:
+        if shared:
+            cursor.execute("DELETE FROM popserv.shared_sessions WHERE owner = %s", (owner,))
+            return
         cursor.execute(
             "UPDATE popserv.maildrops SET lock_owner = NULL, lock_node = NULL,"
             " lock_client = NULL, lock_since = NULL, lock_expires = NULL"
@@ -298,9 +350,35 @@ _FINISH = (
     " WHERE id = (SELECT id FROM lease) RETURNING (SELECT count(*) FROM gone)"
 )
 
+#: :data:`_FINISH` for a shared session: fenced by its own lease, given
+#: back first; the deletions remove and count only the messages still
+#: there (another session may have deleted some since this one listed them).
+_FINISH_SHARED = (
+    "WITH lease AS (DELETE FROM popserv.shared_sessions"
+    " WHERE owner = %(owner)s AND maildrop = %(maildrop)s RETURNING maildrop AS id),"
+    " gone AS (DELETE FROM popserv.messages WHERE maildrop = (SELECT id FROM lease)"
+    " AND id = ANY(%(deleted)s) RETURNING octets),"
+    " marked AS (UPDATE popserv.messages SET seen = true"
+    " WHERE maildrop = (SELECT id FROM lease) AND id = ANY(%(seen)s) AND NOT seen)"
+    " UPDATE popserv.maildrops SET"
+    " octets = octets - (SELECT coalesce(sum(octets), 0) FROM gone),"
+    " messages = messages - (SELECT count(*) FROM gone)"
+    " WHERE id = (SELECT id FROM lease) RETURNING (SELECT count(*) FROM gone)"
+)
+
+#: Times a shared commit is tried when PostgreSQL ends it to break a
+#: deadlock (two sessions deleting the same messages in another order).
+_DEADLOCK_TRIES = 3
+
 
 def finish(
-    connection: Any, maildrop: int, owner: str, deleted: Sequence[int], seen: Sequence[int]
+    connection: Any,
+    maildrop: int,
+    owner: str,
+    deleted: Sequence[int],
+    seen: Sequence[int],
+    *,
+    shared: bool = False,
 ) -> int:
     """
     QUIT's commit: delete ``deleted`` and mark ``seen`` (message ids), only
@@ -308,14 +386,22 @@ def finish(
     not), and give the lease back, all at once; how many were deleted.
     With nothing to change, only the release.
     """
+    from psycopg.errors import DeadlockDetected
+
+    parameters = {
+        "maildrop": maildrop, "owner": owner, "deleted": list(deleted), "seen": list(seen)
+    }  # fmt: skip
     with connection.cursor() as cursor:
         if not deleted and not seen:
-            release(connection, maildrop, owner)
+            release(connection, maildrop, owner, shared=shared)
             return 0
-        cursor.execute(
-            _FINISH,
-            {"maildrop": maildrop, "owner": owner, "deleted": list(deleted), "seen": list(seen)},
-        )
+        for tried in range(1, _DEADLOCK_TRIES + 1):
+            try:
+                cursor.execute(_FINISH_SHARED if shared else _FINISH, parameters)
+                break
+            except DeadlockDetected:
+                if tried == _DEADLOCK_TRIES:
+                    raise
         row = cursor.fetchone()
     if row is None:
         raise CommitFailed("the session's lease on the maildrop was lost")

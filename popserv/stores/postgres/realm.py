@@ -38,8 +38,9 @@ class PostgresRealm(AccountRealm):
         *,
         reactor: Any = None,
         lease: float = LEASE_SECONDS,
+        shared: bool = True,
     ) -> None:
-        super().__init__(passwd, defaults, reactor=reactor)
+        super().__init__(passwd, defaults, reactor=reactor, shared=shared)
         self.database = database
         self.lease = lease
 
@@ -56,5 +57,6 @@ class PostgresRealm(AccountRealm):
             login_delay=settings.login_delay,
             expire_days=settings.expire_days,
             on_lost=getattr(mind, "end", None),
+            shared=self.shared,
         )
         return IMailbox, mailbox, mailbox.close

@@ -26,6 +26,12 @@ Cluster state (version 2):
   the failed-login penalty holds whichever node a client tries.
 - ``sessions``: a view of the live leases, by node, user, client and
   start time: who is logged in where.
+
+Shared maildrops (version 3):
+
+- ``shared_sessions``: one row per session holding a maildrop shared
+  (``--maildrop-lock shared``), with its own lease; the maildrop's
+  exclusive lease columns stay free, and ``sessions`` lists both kinds.
 """
 
 from __future__ import annotations
@@ -97,6 +103,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                    lock_since AS since, lock_expires AS expires
               FROM popserv.maildrops
              WHERE lock_owner IS NOT NULL AND lock_expires > now()
+        """,
+    ),
+    (
+        """
+        CREATE TABLE popserv.shared_sessions (
+            owner uuid PRIMARY KEY,
+            maildrop bigint NOT NULL REFERENCES popserv.maildrops (id) ON DELETE CASCADE,
+            node text NOT NULL,
+            client text NOT NULL,
+            since timestamptz NOT NULL DEFAULT now(),
+            expires timestamptz NOT NULL
+        )
+        """,
+        "CREATE INDEX shared_sessions_maildrop ON popserv.shared_sessions (maildrop, expires)",
+        """
+        CREATE OR REPLACE VIEW popserv.sessions AS
+            SELECT lock_node AS node, name AS "user", lock_client AS client,
+                   lock_since AS since, lock_expires AS expires
+              FROM popserv.maildrops
+             WHERE lock_owner IS NOT NULL AND lock_expires > now()
+            UNION ALL
+            SELECT s.node, m.name, s.client, s.since, s.expires
+              FROM popserv.shared_sessions s JOIN popserv.maildrops m ON m.id = s.maildrop
+             WHERE s.expires > now()
         """,
     ),
 )
