@@ -78,6 +78,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max-line-length",
             "max-auth-line-length",
             "max-queued-commands",
+            "max-listed",
             "max-bad-commands",
         ),
     ),
@@ -130,6 +131,7 @@ METAVARS = {
     "oauth-audience": "AUD",
     "oauth-user-claim": "CLAIM",
     "login-delay": "SECONDS",
+    "max-listed": "N",
     "expire": "DAYS|NEVER",
     "trusted-network": "CIDR",
     "ipv6-prefix": "BITS",
@@ -164,6 +166,7 @@ DEFAULT_TEXTS = {
     "max-message-size": "25M",
     "quota-bytes": "none",
     "quota-messages": "none",
+    "max-listed": "0, all",
 }
 
 #: Width of ``--help``, whatever the terminal: texts are read, not scanned.

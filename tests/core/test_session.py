@@ -75,6 +75,7 @@ class Server:
 @define
 class Account:
     expire_days: int | None = None
+    max_listed: int = 0
 
 
 @define
