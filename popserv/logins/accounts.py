@@ -41,7 +41,7 @@ def parse_max_listed(value: str) -> int:
     """How many of the newest messages a session shows: 0 (all) or more."""
     count = int(value)
     if count < 0:
-        raise ValueError("max listed must be 0 (all messages) or more")
+        raise ValueError("must be a count >= 0 (0: all messages)")
     return count
 
 
