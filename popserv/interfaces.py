@@ -162,9 +162,15 @@ class IChunkSource(Interface):
 
 class IAccountSettings(Interface):
     """
-    Per-user policy a mailbox may carry, for CAPA and UPDATE.
+    Per-user policy a mailbox may carry, for CAPA, the listing and UPDATE.
 
     A mailbox that does not provide it gets the server-wide settings.
+
+    It may also have ``max_listed`` (int): the session then shows only the
+    newest that many messages, numbered from 1, and leaves the others
+    untouched; 0 shows them all.  Optional, and so not an attribute of the
+    interface (``verifyObject`` passes a mailbox written before it): one
+    without it gets the server's ``--max-listed``.
     """
 
     login_delay = Attribute("Minimum seconds between two logins of this user (int).")

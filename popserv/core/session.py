@@ -93,6 +93,9 @@ class Account(Protocol):
 
     @property
     def expire_days(self) -> int | None: ...
+    @property
+    def max_listed(self) -> int:
+        """Show only the newest this many messages (0: all)."""
 
 
 def apop_timestamp(hostname: str) -> bytes:
@@ -110,9 +113,12 @@ class Tally:
     retr_octets: int = 0
     deleted: int = 0
     deleted_octets: int = 0
-    #: The maildrop when logged in, then what QUIT left in it.
+    #: The maildrop when logged in, then what QUIT left in it (all of it,
+    #: the messages a cap did not show too).
     left: int = 0
     left_octets: int = 0
+    #: How many messages a capped session showed (``--max-listed``), else 0.
+    listed: int = 0
 
 
 class Session:
@@ -327,12 +333,17 @@ class Session:
         except Rejected as rejected:
             return (yield from self._failed(rejected, failed))
         listing, account = yield OpenMaildrop()
-        self.view = MaildropView(listing)
+        self.view = view = MaildropView(listing, account.max_listed)
         self.account = account
         self.failures = 0
         yield LoggedIn(user)
-        count, octets = self.view.stat()
-        self.tally.left, self.tally.left_octets = count, octets
+        count, octets = view.stat()
+        tally = self.tally
+        if view.capped:
+            tally.listed = count
+            tally.left, tally.left_octets = len(listing), sum(listing.sizes)
+        else:
+            tally.left, tally.left_octets = count, octets
         yield self.ok("Logged in, {count} messages ({octets} octets)", count=count, octets=octets)
         return True
 
@@ -411,7 +422,7 @@ class Session:
         if number is not None:
             return (Send(wire.ok(f"{number} {view.size(number)}")),)
         count, octets = view.stat()
-        sizes = view.listing.sizes
+        sizes = view.sizes
         return (
             self.ok("{count} messages ({octets} octets)", count=count, octets=octets),
             Stream(wire.numbered(view.live_runs(), lambda run: sizes[run.start : run.stop])),
@@ -421,7 +432,7 @@ class Session:
         view = self.maildrop
         if number is not None:
             return (Send(wire.ok(f"{number} {view.uid(number)}")),)
-        uids = view.listing.uids
+        uids = view.uids
         return (
             self.ok("Unique-ID listing follows"),
             Stream(wire.numbered(view.live_runs(), lambda run: uids[run.start : run.stop])),

@@ -21,8 +21,8 @@ name:
     Its Maildir's path relative to the mail root (Postfixadmin's
     ``example.org/alice/``), for ``--maildir '/var/vmail/{maildir}'``.
 ``quota``
-    Its quota in bytes (0: none); ``quota_messages``, ``login_delay`` and
-    ``expire`` as in the password file's extra fields.
+    Its quota in bytes (0: none); ``quota_messages``, ``login_delay``,
+    ``expire`` and ``max_listed`` as in the password file's extra fields.
 
 A row becomes a :class:`~popserv.logins.passwords.passwdfile.UserEntry`,
 what the password file gives, so every login kind and scheme works the
@@ -68,6 +68,7 @@ _EXTRA = {
     "quota_messages": "quota_messages",
     "login_delay": "login_delay",
     "expire": "expire",
+    "max_listed": "max_listed",
 }
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 

@@ -79,6 +79,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max-line-length",
             "max-auth-line-length",
             "max-queued-commands",
+            "max-listed",
             "max-bad-commands",
         ),
     ),
@@ -132,6 +133,7 @@ METAVARS = {
     "oauth-audience": "AUD",
     "oauth-user-claim": "CLAIM",
     "login-delay": "SECONDS",
+    "max-listed": "N",
     "expire": "DAYS|NEVER",
     "trusted-network": "CIDR",
     "ipv6-prefix": "BITS",
@@ -166,6 +168,7 @@ DEFAULT_TEXTS = {
     "max-message-size": "25M",
     "quota-bytes": "none",
     "quota-messages": "none",
+    "max-listed": "0, all",
 }
 
 #: Width of ``--help``, whatever the terminal: texts are read, not scanned.

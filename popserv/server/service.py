@@ -138,7 +138,9 @@ def make_factory(
             announce(account, (options.get("pop3") or [DEFAULT_POP3_ENDPOINT])[0], command)
     if accounts is None:
         accounts = PasswdFile(layout.passwd_path, rules)
-    defaults = AccountSettings(options.get("login-delay", 0), options.get("expire"))
+    defaults = AccountSettings(
+        options.get("login-delay", 0), options.get("expire"), options.get("max-listed", 0)
+    )
     store = database_store(options, accounts)
     realm = _realm(options, layout, accounts, defaults, store=store, reactor=reactor)
     masters = options.get("master-user") or []

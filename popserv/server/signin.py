@@ -29,6 +29,7 @@ from popserv.core import errors, wire
 from popserv.core.effects import Rejected
 from popserv.core.usernames import loggable_username
 from popserv.interfaces import IAccountSettings, IMailbox
+from popserv.logins.accounts import session_settings
 from popserv.logins.credentials import APOPCredentials
 from popserv.logins.sasl import exchange as sasl_exchange
 from popserv.logins.sasl.mechanism import (
@@ -299,7 +300,8 @@ class LoginEffects:
         if self._lost:
             self._release()
             raise CancelledError()
-        return listing, IAccountSettings(self.mailbox, self.factory.policy.account)
+        defaults = self.factory.policy.account
+        return listing, session_settings(IAccountSettings(self.mailbox, defaults), defaults)
 
     def _not_opened(self, failure: Failure | None) -> Failure | None:
         self._release()

@@ -22,6 +22,10 @@ LOGGED_OUT = (
     "del={deleted}/{deleted_octets}, left={left}/{left_octets}, "
     "sent={sent}, {duration} s, {ended}"
 )
+#: A session that saw only the newest messages (``--max-listed``) says how many.
+LOGGED_OUT_LISTED = LOGGED_OUT.replace(
+    "left={left}/{left_octets}, ", "left={left}/{left_octets}, listed={listed}, "
+)
 NO_LOGIN = (
     "Disconnected {peer} ({tls}) before login: {ended}, {failures} failed logins, {duration} s"
 )
@@ -49,7 +53,8 @@ def session_summary(protocol: POP3Protocol, now: float) -> tuple[str, dict[str, 
     if protocol.logged_in_as is None:
         return NO_LOGIN, {"failures": session.failures, **fields}
     tally = session.tally
-    return LOGGED_OUT, {
+    capped = {"listed": tally.listed} if tally.listed else {}
+    return LOGGED_OUT_LISTED if capped else LOGGED_OUT, {
         "user": loggable_username(protocol.logged_in_as),
         "mechanism": session.mechanism,
         "top": tally.top,
@@ -60,6 +65,7 @@ def session_summary(protocol: POP3Protocol, now: float) -> tuple[str, dict[str, 
         "deleted_octets": tally.deleted_octets,
         "left": tally.left,
         "left_octets": tally.left_octets,
+        **capped,
         **fields,
     }
 
@@ -76,4 +82,4 @@ def log_summary(log: Logger, summary: tuple[str, dict[str, Any]] | None) -> None
         log.info("{summary}", summary=template.format(**fields), **fields)
 
 
-__all__ = ["LOGGED_OUT", "NO_LOGIN", "log_summary", "session_summary"]
+__all__ = ["LOGGED_OUT", "LOGGED_OUT_LISTED", "NO_LOGIN", "log_summary", "session_summary"]

@@ -17,7 +17,7 @@ from twisted.python import usage
 from popserv._version import __version__
 from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import FOLD
-from popserv.logins.accounts import parse_login_delay
+from popserv.logins.accounts import parse_login_delay, parse_max_listed
 from popserv.server import optionvalues as values
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
@@ -107,7 +107,7 @@ class Options(usage.Options):
             None,
             None,
             "The SQL that reads one account, with %(user)s for the name; it returns"
-            " password and optionally user, active, quota, login_delay, expire.",
+            " password and optionally user, active, quota, login_delay, expire, max_listed.",
             values.database_query,
         ],
         [
@@ -219,6 +219,14 @@ class Options(usage.Options):
             _DEFAULTS.max_bad_commands,
             "Bad command lines in a row before the connection closes (Dovecot: 10).",
             values.positive_int,
+        ],
+        [
+            "max-listed",
+            None,
+            0,
+            "Sessions see only the newest N messages, numbered from 1; the others stay"
+            " untouched (for clients that choke on huge maildrops). 0: all.",
+            parse_max_listed,
         ],
         [
             "login-delay",

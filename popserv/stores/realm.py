@@ -1,6 +1,6 @@
 """
 The default realm: a logged-in user name becomes that user's opened, locked
-Maildir, with the user's LOGIN-DELAY and EXPIRE settings.
+Maildir, with the user's LOGIN-DELAY, EXPIRE and ``max_listed`` settings.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class AccountRealm:
         try:
             return self.defaults.override(entry.extra)
         except ValueError:
-            log.warn("Ignoring bad login_delay/expire fields for {user}", user=user)
+            log.warn("Ignoring bad login_delay/expire/max_listed fields for {user}", user=user)
             return self.defaults
 
     def announcement(self) -> Announcement:
@@ -182,6 +182,7 @@ class MaildirRealm(AccountRealm):
             index=self.index,
             shared=self.shared,
         )
+        mailbox.max_listed = settings.max_listed
         self._last_login[user] = now
         if settings.login_delay > 0:
             try:

@@ -75,6 +75,7 @@ class Server:
 @define
 class Account:
     expire_days: int | None = None
+    max_listed: int = 0
 
 
 @define
@@ -137,6 +138,7 @@ class Driver:
         local: bool = True,
         apop_offered: bool = False,
         expire_days: int | None = None,
+        max_listed: int = 0,
         passwords: dict[bytes, bytes] | None = None,
     ) -> None:
         self.store = Store(messages) if store is None else store
@@ -144,7 +146,7 @@ class Driver:
             policy or Policy(hostname="pop.example.org"), languages or Languages(), tls
         )
         self.passwords = {b"alice": b"secret"} if passwords is None else passwords
-        self.account = Account(expire_days)
+        self.account = Account(expire_days, max_listed)
         self.now = NOW
         self.session = Session(
             self.server, secure=secure, local=local, apop_offered=apop_offered, now=lambda: self.now
@@ -677,6 +679,63 @@ class TransactionTests(SynchronousTestCase):
         d.send(b"QUIT")
         self.assertEqual(d.commits, [pop3.Commit([], [])])
         self.assertEqual(d.store.contents(), MESSAGES)
+
+
+class MaxListedTests(SynchronousTestCase):
+    """``--max-listed``: the session sees the newest messages only, numbered from 1."""
+
+    def driver(self, **kw: Any) -> Driver:
+        d = Driver([b"%d\n" % n for n in range(1, 11)], max_listed=3, **kw)
+        d.login()
+        return d
+
+    def test_numbered_from_one(self):
+        """The last 3 of 10 are 1 to 3, with their own UIDLs, sizes and bodies."""
+        d = self.driver()
+        self.assertEqual(d.send(b"STAT"), b"+OK 3 10\r\n")
+        self.assertEqual(
+            d.send(b"UIDL"), b"+OK Unique-ID listing follows\r\n1 m8\r\n2 m9\r\n3 m10\r\n.\r\n"
+        )
+        self.assertEqual(
+            d.send(b"LIST"), b"+OK 3 messages (10 octets)\r\n1 3\r\n2 3\r\n3 4\r\n.\r\n"
+        )
+        self.assertEqual(d.send(b"RETR 1"), b"+OK 3 octets\r\n8\r\n.\r\n")
+        self.assertEqual(d.send(b"TOP 3 0"), b"+OK Top of message follows\r\n10\r\n.\r\n")
+        self.assertEqual(d.send(b"UIDL 2"), b"+OK 2 m9\r\n")
+
+    def test_beyond_the_cap(self):
+        """Numbers past the cap are no such message, as past the end of a maildrop."""
+        d = self.driver()
+        for line in (b"RETR 4", b"DELE 4", b"LIST 4", b"UIDL 10", b"TOP 4 0"):
+            self.assertEqual(d.send(line), err(errors.NoSuchMessage()), line)
+
+    def test_dele_and_quit(self):
+        """DELE 1 deletes the 8th message of the store; the 7 older stay."""
+        d = self.driver()
+        d.send(b"DELE 1")
+        self.assertEqual(d.send(b"STAT"), b"+OK 2 7\r\n")
+        self.assertEqual(d.send(b"QUIT"), b"+OK Bye, 1 deleted, 9 left\r\n")
+        self.assertEqual(d.commits, [pop3.Commit([7], [])])
+        self.assertEqual(d.store.contents(), [b"%d\n" % n for n in (1, 2, 3, 4, 5, 6, 7, 9, 10)])
+        self.assertEqual((d.session.tally.listed, d.session.tally.left), (3, 9))
+
+    def test_expire_leaves_the_rest(self):
+        """EXPIRE 1 day: only messages shown expire, however old and seen the rest are."""
+        old = NOW - 2 * SECONDS_PER_DAY
+        store = Store([b"%d\n" % n for n in range(1, 11)], received=[old] * 10, seen=[True] * 10)
+        d = Driver(store=store, expire_days=1, max_listed=3)
+        d.login()
+        d.send(b"QUIT")
+        self.assertEqual(d.commits, [pop3.Commit([7, 8, 9], [])])
+        self.assertEqual(len(d.store.contents()), 7)
+
+    def test_cap_at_or_above_the_size(self):
+        """A cap the maildrop does not reach changes nothing."""
+        for cap in (3, 4, 1000):
+            d = Driver(max_listed=cap)
+            d.login()
+            self.assertEqual(d.send(b"STAT"), b"+OK 3 %d\r\n" % TOTAL)
+            self.assertEqual(d.session.tally.listed, 0)
 
 
 class UpdateTests(SynchronousTestCase):

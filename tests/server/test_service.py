@@ -68,6 +68,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse("--sasl", "plain, cram-md5")["sasl"], ("PLAIN", "CRAM-MD5"))
         self.assertIsNone(self.parse("--sasl", "auto")["sasl"])
         self.assertIsNone(self.parse("--expire", "never")["expire"])
+        self.assertEqual(self.parse()["max-listed"], 0)
+        self.assertEqual(self.parse("--max-listed", "250")["max-listed"], 250)
 
     def test_bad_values(self):
         """Bad values stop twistd with a usage error, not a traceback."""
@@ -80,6 +82,7 @@ class OptionsTests(SynchronousTestCase):
                      ["--max-line-length", "254"], ["--max-auth-line-length", "100"],
                      ["--max-queued-commands", "0"], ["--trusted-network", "webmail"],
                      ["--max-bad-commands", "0"],
+                     ["--max-listed", "-1"], ["--max-listed", "lots"],
                      ["--auth-failure-delay", "20"],
                      ["--uidl-format", "%m"], ["--uidl-format", "plain"],
                      ["--shutdown-grace", "-1"], ["--shutdown-grace", "nan"],

@@ -6,7 +6,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.core.body import wire_size
+from popserv.logins.accounts import AccountSettings
+from popserv.server.policy import Policy
 from tests.support import MESSAGES, Session
+
+SIZES = [wire_size(m) for m in MESSAGES]
 
 
 class SummaryTests(SynchronousTestCase):
@@ -45,6 +49,23 @@ class SummaryTests(SynchronousTestCase):
         self.assertIn("Logged out alice from 127.0.0.1", text)
         self.assertIn(f"retr=1/{body}", text)
         self.assertIn(f"del=1/{sizes[2]}", text)
+
+    def test_capped_listing(self) -> None:
+        """
+        A session that saw only the newest messages says how many; ``left`` is
+        still the whole maildrop.  (The memory store has no settings of its
+        own: the server's cap applies.)
+        """
+        s = Session(policy=Policy(hostname="h", account=AccountSettings(max_listed=2)))
+        s.login()
+        self.assertEqual(s.send(b"STAT\r\n"), b"+OK 2 %d\r\n" % sum(SIZES[1:]))
+        s.send(b"DELE 1\r\nQUIT\r\n")
+        s.protocol.connectionLost(None)
+        [event] = self.summaries()
+        self.assertEqual((event["listed"], event["left"]), (2, 2))
+        self.assertEqual(event["left_octets"], SIZES[0] + SIZES[2])
+        self.assertIn(f"left=2/{SIZES[0] + SIZES[2]}, listed=2, sent=", formatEvent(event))
+        self.assertEqual(s.maildrop.contents(), [MESSAGES[0], MESSAGES[2]])
 
     def test_dropped_session_deletes_nothing(self) -> None:
         s = Session()

@@ -61,6 +61,9 @@ class MaildirMailbox:
     Build it with :meth:`open`; the constructor only assembles the parts.
     """
 
+    #: Sessions show only the newest this many messages (0: all); the realm sets it.
+    max_listed = 0
+
     def __init__(
         self,
         location: MaildirPath,

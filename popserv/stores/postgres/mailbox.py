@@ -171,6 +171,9 @@ class ReadAhead:
 class PostgresMailbox:
     """A maildrop in PostgreSQL, leased to one POP3 session.  Build it with :meth:`open`."""
 
+    #: Sessions show only the newest this many messages (0: all); the realm sets it.
+    max_listed = 0
+
     def __init__(
         self,
         database: Database,

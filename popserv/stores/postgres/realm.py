@@ -1,6 +1,7 @@
 """
 The realm of the PostgreSQL mail store: a logged-in user's maildrop in the
-database, leased for the session, with the user's LOGIN-DELAY and EXPIRE.
+database, leased for the session, with the user's LOGIN-DELAY, EXPIRE and
+``max_listed``.
 """
 
 from __future__ import annotations
@@ -59,4 +60,5 @@ class PostgresRealm(AccountRealm):
             on_lost=getattr(mind, "end", None),
             shared=self.shared,
         )
+        mailbox.max_listed = settings.max_listed
         return IMailbox, mailbox, mailbox.close
