@@ -106,7 +106,9 @@ def domain_name(domain: str) -> str:
 
 def is_hostname(name: str) -> bool:
     """Whether ``name`` is a host name (an RFC 1035 one; no address, no wildcard)."""
-    return _HOSTNAME.fullmatch(name.rstrip(".")) is not None
+    name = name.rstrip(".")
+    # RFC 3696 section 2: a top-level domain is never all digits (192.0.2.1 is no name).
+    return _HOSTNAME.fullmatch(name) is not None and not name.rpartition(".")[2].isdigit()
 
 
 def name_matches(pattern: str, hostname: str) -> bool:
