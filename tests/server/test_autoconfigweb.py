@@ -26,6 +26,8 @@ from twisted.web.http_headers import Headers
 
 from popserv.logins.passwords import PasswdFile, hash_password
 from popserv.server.autoconfig import MAX_REQUEST_BODY
+from popserv.server.autoconfigweb import AutoconfigSite
+from popserv.server.listeners import Listener
 from popserv.server.service import makeService
 from popserv.server.startup import StartupError
 from popserv.server.tap import Options
@@ -246,3 +248,15 @@ class StartTests(SynchronousTestCase):
     def test_bad_endpoint(self):
         error = self.start_error("--autoconfig", "tpc:8080", "--submission", "smtp.example.org")
         self.assertIn("--autoconfig 'tpc:8080'", error)
+
+    def test_workers_parent_serves_it(self):
+        """With --workers the parent, which binds every listener, serves it too."""
+        service = makeService(
+            self.files.options(
+                "--workers", "2", "--pop3s", "tcp:995", "--autoconfig", "tcp:8080",
+                "--submission", "smtp.example.org",
+            )
+        )  # fmt: skip
+        sites = [s.factory for s in service if isinstance(s, Listener)]
+        self.assertEqual([type(site) for site in sites], [AutoconfigSite])
+
