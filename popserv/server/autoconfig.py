@@ -29,7 +29,14 @@ from __future__ import annotations
 import re
 from xml.etree.ElementTree import Element, SubElement, indent, tostring
 
-from popserv.server.clientsetup import ADDRESS, ClientSetup, Service, domain_name, is_hostname
+from popserv.server.clientsetup import (
+    ADDRESS,
+    LOCAL_PART,
+    ClientSetup,
+    Service,
+    domain_name,
+    is_hostname,
+)
 
 #: Longest Autodiscover request body read.  Outlook's request is one
 #: ``EMailAddress`` and one ``AcceptableResponseSchema`` (about 350 octets);
@@ -47,7 +54,7 @@ RESPONSE_SCHEMA = "http://schemas.microsoft.com/exchange/autodiscover/responsesc
 OUTLOOK_SCHEMA = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
 
 #: Thunderbird's placeholders for the login name.
-USERNAMES = {ADDRESS: "%EMAILADDRESS%", "local": "%EMAILLOCALPART%"}
+USERNAMES = {ADDRESS: "%EMAILADDRESS%", LOCAL_PART: "%EMAILLOCALPART%"}
 
 #: Thunderbird's names for how the connection is secured.
 SSL, STARTTLS = "SSL", "STARTTLS"
