@@ -401,6 +401,35 @@ def _rest(checker: _Checker) -> None:
     factory = cast(Any, type("_Factory", (), {"tls": tls, "policy": policy}))
     checker.logged(WARNING, lambda: warn_about_cleartext(plain, factory))
     checker.logged(WARNING, lambda: ensure_fd_limit(options["max-connections"]))
+    if options.get("autoconfig"):
+        _autoconfig(checker)
+
+
+def _autoconfig(checker: _Checker) -> None:
+    """What ``--autoconfig`` would tell clients, or why it would not start."""
+    from popserv.server.autoconfigweb import autoconfig_setup
+
+    options = checker.options
+    description = options["autoconfig"]
+    try:
+        made = endpoint("autoconfig", description)
+    except usage.UsageError as e:
+        checker.add(ERROR, str(e))
+        return
+    problem = _bind(made)
+    if problem:
+        checker.add(ERROR, f"--autoconfig {description}: {problem}")
+    try:
+        with capturedLogs() as events:
+            setup = autoconfig_setup(options)
+    except StartupError as e:
+        checker.add(ERROR, e.message)
+        return
+    for event in events:
+        if event.get("log_level") == LogLevel.warn:
+            checker.add(WARNING, formatEvent(event))
+    ports = ", ".join(f"{s.port} ({'TLS' if s.implicit_tls else 'STLS'})" for s in setup.services)
+    checker.add(OK, f"--autoconfig {description}: tells clients {setup.hostname} {ports}")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -83,11 +83,16 @@ _EXPECTED = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``popserv`` command; return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    checking = _check_arguments(argv)
-    if checking is not None:
+    handed_on = _twistd_arguments(argv)
+    if handed_on is not None:
+        word, arguments = handed_on
+        if word == "dns":
+            from popserv.server.dnscommand import main as dns
+
+            return dns(arguments)
         from popserv.server.check import main as check
 
-        return check(checking)
+        return check(arguments)
     args = _parser().parse_args(argv)
     globalLogPublisher.addObserver(_WARNINGS)
     try:
@@ -119,17 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 _VALUED = ("--data", "--passwd", "--maildir", "--username-case")
 
 
-def _check_arguments(argv: list[str]) -> list[str] | None:
+def _twistd_arguments(argv: list[str]) -> tuple[str, list[str]] | None:
     """
-    For ``popserv [paths] check OPTIONS``: the options to check (the paths
-    given before ``check`` first); None for any other command.  ``check``
-    takes the options of ``twistd popserv``, which argparse cannot pass on.
+    For ``popserv [paths] check OPTIONS`` and ``popserv [paths] dns DOMAIN
+    OPTIONS``: the command and what it is given (``dns``'s domain first,
+    then the paths given before the command, then the rest); None for any
+    other command.  Both take the options of ``twistd popserv``, which
+    argparse cannot pass on.
     """
     index = 0
     while index < len(argv):
         word = argv[index]
         if word == "check":
-            return argv[:index] + argv[index + 1 :]
+            return word, argv[:index] + argv[index + 1 :]
+        if word == "dns":
+            return word, argv[index + 1 : index + 2] + argv[:index] + argv[index + 2 :]
         if not word.startswith("-"):
             return None
         index += 2 if word in _VALUED else 1
@@ -314,8 +323,20 @@ def _parser() -> argparse.ArgumentParser:
         description=CHECK_DESCRIPTION,
         add_help=False,
     )
+    commands.add_parser(
+        "dns",
+        help="print the DNS records (SRV, MX) a mail domain needs",
+        description=DNS_DESCRIPTION,
+        add_help=False,
+    )
     return parser
 
+
+DNS_DESCRIPTION = (
+    "popserv dns DOMAIN [twistd popserv options]: print the DNS records DOMAIN needs"
+    " (RFC 6186 SRV records, POP3S preferred; the submission server's; the MX with"
+    " --smtp) as zone-file lines. Exit status 78 when the options name no public host name."
+)
 
 CHECK_DESCRIPTION = (
     "popserv check [twistd popserv options]: check what the options name without"

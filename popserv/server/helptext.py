@@ -16,7 +16,20 @@ if TYPE_CHECKING:
 #: ``--help`` in groups, those a newcomer needs first; docs/options.rst has
 #: the same groups in the same order (a test compares them).
 HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Listening", ("pop3", "pop3s", "hostname", "metrics", "workers", "shutdown-grace")),
+    (
+        "Listening",
+        (
+            "pop3",
+            "pop3s",
+            "hostname",
+            "metrics",
+            "autoconfig",
+            "submission",
+            "public-port",
+            "workers",
+            "shutdown-grace",
+        ),
+    ),
     (
         "Data",
         (
@@ -104,6 +117,9 @@ METAVARS = {
     "pop3": "ENDPOINT",
     "pop3s": "ENDPOINT",
     "metrics": "ENDPOINT",
+    "autoconfig": "ENDPOINT",
+    "submission": "HOST:PORT",
+    "public-port": "SERVICE=PORT",
     "smtp": "ENDPOINT",
     "lmtp": "ENDPOINT",
     "hostname": "NAME",
@@ -154,6 +170,8 @@ METAVARS = {
 #: Defaults ``--help`` shows in words rather than as the stored value.
 DEFAULT_TEXTS = {
     "metrics": "off",
+    "autoconfig": "off",
+    "submission": "none",
     "pop3": DEFAULT_POP3_ENDPOINT,
     "passwd": "DIR/passwd, created with a first user on the first start",
     "maildir": "DIR/mail/{user}",

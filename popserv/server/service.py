@@ -25,6 +25,8 @@ from popserv.logins.passwords import PasswdFile, PasswdFileChecker
 from popserv.logins.sasl import EXTERNAL, MECHANISMS, external_mechanism
 from popserv.logins.sqlaccounts import SQLAccounts
 from popserv.server.admission import IAdmission, LocalAdmission
+from popserv.server.autoconfigweb import autoconfig_setup, serve_autoconfig
+from popserv.server.capabilities import enabled_mechanisms
 from popserv.server.certreload import CertificateReloader
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
@@ -345,9 +347,24 @@ def _make_service(options: Mapping[str, Any]) -> MultiService:
             lambda: None if factory.draining is None else "the server is stopping",
         ),
     )
+    _serve_autoconfig(options, top, factory, reactor)
     warn_about_cleartext(plain, factory)
     ensure_fd_limit(factory.policy.max_connections)
     return top
+
+
+def _serve_autoconfig(
+    options: Mapping[str, Any], top: MultiService, factory: POP3Factory, reactor: Any
+) -> None:
+    """``--autoconfig``: the clients' set-up, in one process or the workers' parent."""
+    serve_autoconfig(
+        options.get("autoconfig"),
+        top,
+        setup=lambda: autoconfig_setup(options),
+        encrypted=lambda: any(m.name == "CRAM-MD5" for m in enabled_mechanisms(factory)),
+        reactor=reactor,
+        listener=Listener,
+    )
 
 
 def _database_of(factory: POP3Factory) -> Database | None:
@@ -457,6 +474,7 @@ def _make_parent(
         children.append(_worker_metrics(options["metrics"], supervisor, factory, reactor))
     for child in children:
         child.setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's Service
+    _serve_autoconfig(options, top, factory, reactor)
     warn_about_cleartext(plain, factory)
     return top
 

@@ -19,6 +19,7 @@ from popserv.core.errors import InvalidUsername
 from popserv.core.usernames import FOLD
 from popserv.logins.accounts import parse_login_delay, parse_max_listed
 from popserv.server import optionvalues as values
+from popserv.server.clientsetup import parse_public_port, parse_submission
 from popserv.server.configure import (
     DEFAULT_POP3_ENDPOINT,
     LISTENER_OPTIONS,
@@ -342,6 +343,24 @@ class Options(usage.Options):
             " e.g. tcp:9110:interface=127.0.0.1.",
         ],
         [
+            "autoconfig",
+            None,
+            None,
+            "Serve mail clients' self-configuration (Thunderbird's config-v1.1.xml,"
+            " Outlook's autodiscover.xml) over HTTP on this endpoint, e.g."
+            " tcp:8080:interface=127.0.0.1 behind the web server holding autoconfig.DOMAIN's"
+            " certificate. Needs --submission and TLS.",
+        ],
+        [
+            "submission",
+            None,
+            None,
+            "The SMTP submission server clients send mail through (not popserv), HOST:PORT:"
+            " 465 is TLS from the first byte, any other port STARTTLS; for --autoconfig and"
+            " popserv dns.",
+            parse_submission,
+        ],
+        [
             "workers",
             None,
             1,
@@ -406,6 +425,7 @@ class Options(usage.Options):
         self["lmtp"] = []
         self["domain"] = []
         self["trusted-network"] = []
+        self["public-port"] = []
 
     def opt_pop3(self, endpoint: str) -> None:
         """POP3 listener, a Twisted endpoint string (repeatable). E.g. tcp:110,
@@ -416,6 +436,16 @@ class Options(usage.Options):
         """POP3 over TLS from the first byte (RFC 8314), an endpoint string
         (repeatable; needs --tls-cert). E.g. tcp:995"""
         self["pop3s"].append(endpoint)
+
+    def opt_public_port(self, value: str) -> None:
+        """The port clients reach a service on, SERVICE=PORT (pop3s or pop3;
+        repeatable), for --autoconfig and popserv dns when the listener's own
+        port is not it (behind HAProxy or a port forward). Default: the first
+        --pop3s or --pop3 endpoint's port; 995 or 110 for systemd: and haproxy:."""
+        try:
+            self["public-port"].append(parse_public_port(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--public-port: {e}") from None
 
     def opt_tls_cert(self, path: str) -> None:
         """PEM certificate chain (repeatable: SNI picks by host name), or a

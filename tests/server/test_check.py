@@ -169,3 +169,19 @@ class CheckTests(SynchronousTestCase):
             )
         self.assertEqual(status, 0, out.getvalue())
         self.assertIn(f"ok: password file {self.passwd}: 1 users", out.getvalue())
+
+    def test_autoconfig(self):
+        """``--autoconfig``: what it would tell clients."""
+        status, lines = run_check(
+            *self.argv("--autoconfig", f"tcp:{free_port()}:interface=127.0.0.1",
+                       "--submission", "smtp.pop.test:465")
+        )  # fmt: skip
+        self.assertEqual(status, 0, lines)
+        self.assertIn(f"tells clients pop.test {self.port} (STLS)", "\n".join(lines))
+
+    def test_autoconfig_without_submission(self):
+        """``--autoconfig`` that would not start: the reason, as an error."""
+        status, lines = run_check(*self.argv("--autoconfig", "tcp:8080"))
+        self.assertEqual(status, EXIT_CONFIG)
+        self.assertIn("error: --autoconfig needs --submission", "\n".join(lines))
+
