@@ -22,6 +22,7 @@ from popserv.logins.sqlaccounts import PostfixadminTable
 from popserv.server.adminargs import CommandError, accounts_of, layout_of
 from popserv.server.optionvalues import uidl_format
 from popserv.stores.layout import Layout
+from popserv.stores.maildir.locktable import LockTable, table_in
 from popserv.stores.maildir.uidls import DOVECOT, UidlScheme
 from popserv.stores.postgres.migrate import (
     LeaseLost,
@@ -125,7 +126,9 @@ def _migrate(args: argparse.Namespace) -> int:
             # The server's 10 s per statement is for sessions: one message of
             # a migration may be far bigger than anything RETR reads at once.
             connection.execute("SET statement_timeout = 0")
-            run = _Run(connection, layout, args.uidl_format, args.to, args.quiet)
+            run = _Run(
+                connection, layout, args.uidl_format, args.to, args.quiet, table_in(layout.data_dir)
+            )
             for name, entry in _entries(accounts, args.users):
                 run.user(name, entry)
     except (SchemaError, DatabaseUnavailable) as e:
@@ -151,6 +154,8 @@ class _Run:
     scheme: UidlScheme
     to: str
     quiet: bool
+    #: The data directory's maildrop lock table, which sessions lock in.
+    locks: LockTable | None = None
     totals: _Totals = field(factory=_Totals)
 
     def user(self, name: str, entry: UserEntry | None) -> None:
@@ -169,7 +174,10 @@ class _Run:
         tally = Tally()
         try:
             location = self.layout.maildir_location(entry.name, entry.extra.get("maildir"))
-            copy(self.connection, entry.name, location, self.scheme, note=note, tally=tally)
+            copy(
+                self.connection, entry.name, location, self.scheme,
+                note=note, tally=tally, locks=self.locks,
+            )  # fmt: skip
         except MailboxInUse:
             print(f"{name}: skipped, in use by a POP3 session: run the command again later")
             totals.skipped += 1

@@ -65,6 +65,7 @@ from popserv.server.tap import Options
 from popserv.server.tls import ALPN_SMTP, TLSServer
 from popserv.stores.delivery import Directory, MaildirStore
 from popserv.stores.layout import Layout, Owner
+from popserv.stores.maildir.locktable import table_in
 from popserv.stores.maildir.uidls import DOVECOT
 from popserv.stores.postgres.delivery import PostgresStore
 from popserv.stores.postgres.mailbox import LEASE_SECONDS
@@ -205,6 +206,7 @@ def _realm(
         reactor=reactor,
         uidl_format=options.get("uidl-format") or DOVECOT,
         shared=shared,
+        locks=table_in(layout.data_dir),
     )
 
 

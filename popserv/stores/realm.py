@@ -24,6 +24,7 @@ from popserv.logins.sqlaccounts import SQLAccounts
 from popserv.stores.layout import Layout
 from popserv.stores.maildir import MaildirMailbox
 from popserv.stores.maildir.directory import MaildirPath, refuse_shared
+from popserv.stores.maildir.locktable import LockTable
 from popserv.stores.maildir.uidls import DOVECOT, UidlScheme, parse_uidl_format
 
 log = Logger()
@@ -142,8 +143,11 @@ class MaildirRealm(AccountRealm):
         uidl_format: UidlScheme | str = DOVECOT,
         index: bool = True,
         shared: bool = True,
+        locks: LockTable | None = None,
     ) -> None:
         super().__init__(passwd, defaults, reactor=reactor, shared=shared)
+        #: The data directory's lock table (no descriptor per session), if any.
+        self.locks = locks
         if isinstance(uidl_format, str):
             uidl_format = parse_uidl_format(uidl_format)
         self.uidl_format = uidl_format
@@ -181,6 +185,7 @@ class MaildirRealm(AccountRealm):
             uidl_format=self.uidl_format,
             index=self.index,
             shared=self.shared,
+            locks=self.locks,
         )
         mailbox.max_listed = settings.max_listed
         self._last_login[user] = now

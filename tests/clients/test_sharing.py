@@ -10,9 +10,11 @@ QUIT asked for.  Exclusive: the second session gets ``-ERR [IN-USE]``.
 
 from __future__ import annotations
 
+import os
 import poplib
 
 from popserv.core import errors, wire
+from popserv.logins.passwords import hash_password
 from tests.support.servers import PostgresServer, ServerTestCase, command, login
 
 NEW = b"Subject: delivered between\r\n\r\nwhile two sessions were open\r\n"
@@ -139,6 +141,37 @@ class ExclusiveTests(ServerTestCase):
         refused = await self.run_in_thread(session)
         self.assertEqual(refused, wire.err(errors.MailboxInUse()).rstrip())
         self.assertIn(b"Another session of this user is open", refused)
+
+
+class DescriptorTests(ServerTestCase):
+    """A logged-in session costs the server its socket and nothing more."""
+
+    options = {"maildrop-lock": "exclusive", "max-connections-per-ip": 100}
+
+    async def test_no_descriptor_per_session_lock(self):
+        users = [f"user{i}" for i in range(40)]
+        for user in users:
+            self.add_user(user, hash_password("pw", "PLAIN"))
+
+        def sessions():
+            before = len(os.listdir("/proc/self/fd"))
+            clients = []
+            for user in users:
+                client = self.pop()
+                login(client, user, "pw")
+                clients.append(client)
+            during = len(os.listdir("/proc/self/fd"))
+            late = self.pop()
+            refused = login(late, users[0], "pw")
+            for client in [late, *clients]:
+                client.quit()
+            return during - before, refused
+
+        grown, refused = await self.run_in_thread(sessions)
+        # Each session: the client's socket and the server's (both in this
+        # process), where a lock file each would make it three.
+        self.assertLessEqual(grown, 2 * len(users) + 4)
+        self.assertTrue(refused.startswith(b"-ERR [IN-USE]"), refused)
 
 
 class SharedPostgresTests(PostgresServer, SharedTests):

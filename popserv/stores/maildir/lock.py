@@ -9,6 +9,10 @@ description, so two sessions in one process exclude each other, and the
 kernel drops it when the holder dies, so a killed server never leaves a
 stale lock that keeps the user out.  The file is never removed: unlinking a
 lock file lets a late opener lock the old inode while a third locks a new one.
+
+A server locks in its data directory's table instead (no descriptor per
+session, see :mod:`popserv.stores.maildir.locktable`) when it can open it;
+:func:`lock_maildrop` takes whichever a session uses.
 """
 
 from __future__ import annotations
@@ -16,13 +20,70 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from typing import Protocol
 
 from popserv.core.errors import MailboxInUse, TemporaryFailure, storage_failure
 from popserv.stores.maildir.directory import refuse_shared
+from popserv.stores.maildir.locktable import LockTable
 
 LOCK_FILE = "popserv.lock"
 
 _CONTENDED = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
+
+
+class HeldLock(Protocol):
+    """A maildrop lock held, either kind (:class:`MaildropLock`, a table's)."""
+
+    @property
+    def held(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+def lock_maildrop(
+    maildir: int, *, shared: bool = False, table: LockTable | None = None
+) -> HeldLock:
+    """
+    Lock the Maildir ``maildir`` (a directory descriptor) for a session: in
+    ``table`` (see :mod:`popserv.stores.maildir.locktable`), without a
+    descriptor of its own, when there is one, else with ``popserv.lock``.
+    """
+    if table is not None:
+        return table.acquire(maildir, shared=shared)
+    return MaildropLock.acquire(maildir, shared=shared)
+
+
+class _Both:
+    """Two locks held and released together."""
+
+    __slots__ = ("_locks",)
+
+    def __init__(self, *locks: HeldLock) -> None:
+        self._locks = locks
+
+    @property
+    def held(self) -> bool:
+        return any(lock.held for lock in self._locks)
+
+    def release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+
+
+def lock_out_sessions(maildir: int, table: LockTable | None) -> HeldLock:
+    """
+    Lock the Maildir ``maildir`` exclusively against every session, of
+    either kind: ``popserv migrate``'s lock.  A server that could not open
+    the table locks ``popserv.lock``, so both are taken.
+    """
+    file_lock = MaildropLock.acquire(maildir)
+    if table is None:
+        return file_lock
+    try:
+        return _Both(table.acquire(maildir), file_lock)
+    except BaseException:
+        file_lock.release()
+        raise
 
 
 class MaildropLock:

@@ -31,7 +31,8 @@ from popserv.core.files import READ_FLAGS, checked_regular, open_regular
 from popserv.interfaces import IAccountSettings, IMailbox, Listing, MessageStream
 from popserv.stores.maildir.commit import Outcome, apply
 from popserv.stores.maildir.directory import MaildirPath, SymlinkRefused
-from popserv.stores.maildir.lock import MaildropLock
+from popserv.stores.maildir.lock import HeldLock
+from popserv.stores.maildir.locktable import LockTable
 from popserv.stores.maildir.names import parse_name, seen
 from popserv.stores.maildir.opening import open_cached, open_locked, save_caches
 from popserv.stores.maildir.places import CUR, NEW, SUBDIRS, chasing
@@ -67,7 +68,7 @@ class MaildirMailbox:
     def __init__(
         self,
         location: MaildirPath,
-        lock: MaildropLock,
+        lock: HeldLock,
         scan: Scan,
         *,
         reactor: IReactorThreads,
@@ -119,6 +120,7 @@ class MaildirMailbox:
         uidl_format: UidlScheme | str = DOVECOT,
         index: bool = True,
         shared: bool = False,
+        locks: LockTable | None = None,
     ) -> Deferred[MaildirMailbox]:
         """
         Create (if missing), lock and index the Maildir at ``path``, in a
@@ -133,7 +135,9 @@ class MaildirMailbox:
         counted by reading in ``popserv.index`` (see :mod:`popserv.stores.maildir.index`).
         ``shared``: lock it alongside other sessions (``--maildrop-lock
         shared``): this one lists a snapshot, and its commit deletes what is
-        still there.
+        still there.  ``locks``: the data directory's lock table, so the
+        session holds no descriptor of its own (see
+        :mod:`popserv.stores.maildir.locktable`); else ``popserv.lock``.
 
         Fails with :class:`~popserv.core.errors.MailboxInUse` when another session
         has it (exclusively, or at all when not ``shared``),
@@ -158,7 +162,7 @@ class MaildirMailbox:
 
         result: Deferred[MaildirMailbox] = Deferred(cancel)
 
-        def opened(parts: tuple[MaildropLock, Scan]) -> None:
+        def opened(parts: tuple[HeldLock, Scan]) -> None:
             lock, scan = parts
             if cancelled:
                 lock.release()
@@ -195,7 +199,7 @@ class MaildirMailbox:
                 result.errback(failure)
 
         try:
-            parts = open_cached(location, scheme, shared) if index else None
+            parts = open_cached(location, scheme, shared, locks) if index else None
         except Exception:
             failed(Failure())
             return result
@@ -203,7 +207,14 @@ class MaildirMailbox:
             opened(parts)
             return result
         work = deferToThreadPool(
-            reactor, reactor.getThreadPool(), open_locked, location, scheme, index, shared
+            reactor,
+            reactor.getThreadPool(),
+            open_locked,
+            location,
+            scheme,
+            index,
+            shared,
+            locks,
         )
         work.addCallbacks(opened, failed)
         return result

@@ -30,7 +30,8 @@ from popserv.stores.maildir.listcache import (
     settled,
     stat_key,
 )
-from popserv.stores.maildir.lock import MaildropLock
+from popserv.stores.maildir.lock import HeldLock, lock_maildrop
+from popserv.stores.maildir.locktable import LockTable
 from popserv.stores.maildir.places import CUR, NEW, SUBDIRS, Places
 from popserv.stores.maildir.scan import Scan, scan
 from popserv.stores.maildir.uidlist import UIDLIST_FILE
@@ -49,8 +50,12 @@ def _listing_keys(maildir: int, places: Places, scheme: UidlScheme) -> list[Any]
 
 
 def open_locked(
-    location: MaildirPath, scheme: UidlScheme, use_index: bool, shared: bool = False
-) -> tuple[MaildropLock, Scan]:
+    location: MaildirPath,
+    scheme: UidlScheme,
+    use_index: bool,
+    shared: bool = False,
+    table: LockTable | None = None,
+) -> tuple[HeldLock, Scan]:
     """In a thread: create the Maildir if needed, lock it (``shared`` or not), index it."""
     started = time.time_ns()
     with contextlib.ExitStack() as stack:
@@ -60,7 +65,7 @@ def open_locked(
             maildir, *places = stack.enter_context(opened)
         except OSError as e:
             raise storage_failure("cannot open the maildir", e) from None
-        lock = MaildropLock.acquire(maildir, shared=shared)
+        lock = lock_maildrop(maildir, shared=shared, table=table)
         try:
             # Under the lock: a session that committed (deleted) meanwhile
             # changed the directories, and its listing must not be taken.
@@ -107,8 +112,11 @@ INLINE_DIRECTORY_BYTES = 16 * 1024
 
 
 def open_cached(
-    location: MaildirPath, scheme: UidlScheme, shared: bool = False
-) -> tuple[MaildropLock, Scan] | None:
+    location: MaildirPath,
+    scheme: UidlScheme,
+    shared: bool = False,
+    table: LockTable | None = None,
+) -> tuple[HeldLock, Scan] | None:
     """
     Lock a small maildrop and take its listing from the cache, or None when
     it is not that simple (then :func:`open_locked` runs in a thread).
@@ -131,7 +139,7 @@ def open_cached(
                 return None
         except OSError:
             return None
-        lock = MaildropLock.acquire(maildir, shared=shared)
+        lock = lock_maildrop(maildir, shared=shared, table=table)
         try:
             # Under the lock, as in open_locked.
             keys = _listing_keys(maildir, places, scheme)

@@ -37,7 +37,8 @@ from popserv.core.files import fsync_directory, open_regular, read_regular
 from popserv.stores.maildir import maildirsize
 from popserv.stores.maildir.deliver import CHUNK_SIZE, lf_chunks, write_named
 from popserv.stores.maildir.directory import MaildirPath
-from popserv.stores.maildir.lock import MaildropLock
+from popserv.stores.maildir.lock import lock_out_sessions
+from popserv.stores.maildir.locktable import LockTable
 from popserv.stores.maildir.names import make_unique, parse_name
 from popserv.stores.maildir.places import CUR, NEW, SUBDIRS, Places, chasing, list_messages
 from popserv.stores.maildir.scan import scan
@@ -197,6 +198,7 @@ def to_postgresql(
     note: Note = _quiet,
     batch: Batch = Batch(),
     tally: Tally | None = None,
+    locks: LockTable | None = None,
 ) -> Tally:
     """
     Copy the Maildir at ``location`` into ``name``'s maildrop, listed as a
@@ -215,7 +217,7 @@ def to_postgresql(
             return tally
         lease = _Lease(connection, name)
         stack.callback(lease.release)
-        stack.callback(MaildropLock.acquire(top).release)
+        stack.callback(lock_out_sessions(top, locks).release)
         listing = scan(top, places, scheme, use_index=True)
         _, there = queries.list_messages(connection, lease.maildrop)
         present = set(there.uids)
@@ -430,6 +432,7 @@ def to_maildir(
     note: Note = _quiet,
     batch: Batch = Batch(),
     tally: Tally | None = None,
+    locks: LockTable | None = None,
 ) -> Tally:
     """
     Copy ``name``'s maildrop into the Maildir at ``location`` (created if
@@ -448,7 +451,7 @@ def to_maildir(
         stack.callback(lease.release)
         opened = location.opened("tmp", *SUBDIRS, create=True)
         top, tmp, *places = stack.enter_context(opened)
-        stack.callback(MaildropLock.acquire(top).release)
+        stack.callback(lock_out_sessions(top, locks).release)
         served = set(scan(top, places, scheme, use_index=True).listing.uids)
         taken = {parse_name(n).unique for listed in list_messages(places) for n in listed}
         stored = queries.stored_messages(connection, lease.maildrop)
