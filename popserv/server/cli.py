@@ -38,6 +38,7 @@ from popserv.logins.passwords import (
     hash_secrets,
 )
 from popserv.logins.sqlaccounts import PostfixadminTable
+from popserv.probe.command import add_probe_command
 from popserv.server import sessioncommands
 from popserv.server.adminargs import CommandError, accounts_of, layout_of, mail_in_database
 from popserv.server.control import ControlError
@@ -316,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     kick.set_defaults(command=sessioncommands.kick)
     add_database_commands(commands, paths)
     add_migrate_command(commands, paths)
+    add_probe_command(commands)
     # Only for --help: main() hands what follows "check" to the twistd options.
     commands.add_parser(
         "check",

@@ -9,36 +9,22 @@ same password file, must answer UIDL and LIST exactly as Dovecot did.
 
 from __future__ import annotations
 
-import contextlib
-import grp
 import os
 import poplib
-import pwd
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from popserv.server.service import make_factory
 from popserv.stores.maildir import MaildirMailbox
 from popserv.stores.maildir.names import digest_uidl
 from popserv.stores.maildir.uidlist import UIDLIST_FILE
+from tests.support.dovecot import PrivateDovecot, give_to_mail_user, mail_ids, require_dovecot
 from tests.support.maildirs import MaildirTestCase
-
-#: Where distributions put Dovecot's pop3 service binary.
-POP3_BINARIES = (
-    "/usr/lib/dovecot/pop3",
-    "/usr/libexec/dovecot/pop3",
-    "/usr/local/libexec/dovecot/pop3",
-)
 
 UIDVALIDITY = 1795516063  # 0x6b05669f
 
@@ -181,100 +167,6 @@ class MigratedMaildirTests(MaildirTestCase):
         self.assertNotIn(":2,S", self.files(maildir, "cur"))
 
 
-def _pop3_binary() -> str | None:
-    return next((path for path in POP3_BINARIES if os.access(path, os.X_OK)), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateDovecot:
-    """A Dovecot serving POP3 on 127.0.0.1 from files under ``root``; stop() ends it."""
-
-    def __init__(self, root: Path, passwd: Path, maildir: Path, settings: str = "") -> None:
-        self.root = root
-        self.port = _free_port()
-        self.log = root / "dovecot.log"
-        self.output = ""
-        root.mkdir(parents=True)
-        # Dovecot's sockets live in base_dir, and socket paths are limited to
-        # about 100 bytes: a trial temp path is too long.
-        run = Path(tempfile.mkdtemp(prefix="popserv-dovecot-"))
-        run.chmod(0o755)
-        self.run_dir = run
-        if os.geteuid() == 0:
-            users = chroot = ""
-        else:
-            # Not root: run every process as this user, with no chroot (checked
-            # by hand as nobody; CI runs as root).
-            users = (
-                f"default_internal_user = {pwd.getpwuid(os.getuid()).pw_name}\n"
-                f"default_login_user = {pwd.getpwuid(os.getuid()).pw_name}\n"
-                f"default_internal_group = {grp.getgrgid(os.getgid()).gr_name}\n"
-                "service anvil {\n  chroot =\n}\n"
-            )
-            chroot = "  chroot =\n"
-        config = root / "dovecot.conf"
-        config.write_text(
-            f"base_dir = {run}\n"
-            f"state_dir = {run}/state\n"
-            f"instance_name = popserv-test-{self.port}\n"
-            f"{users}"
-            "protocols = pop3\n"
-            "listen = 127.0.0.1\n"
-            "ssl = no\n"
-            "disable_plaintext_auth = no\n"
-            "auth_mechanisms = plain\n"
-            f"log_path = {self.log}\n"
-            f"mail_location = maildir:{maildir}\n"
-            "first_valid_uid = 1\n"
-            f"passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
-            f"userdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
-            f"service pop3-login {{\n{chroot}"
-            f"  inet_listener pop3 {{\n    port = {self.port}\n  }}\n}}\n"
-            f"{settings}\n"
-        )
-        self.process = subprocess.Popen(
-            ["dovecot", "-F", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise AssertionError(f"Dovecot did not start: {self.output}") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        """
-        End this Dovecot: its master and the processes it started, which
-        share the process group it leads (start_new_session), so nothing
-        else is touched.  SIGKILL, as a SIGTERM'd master lingers a second
-        waiting for its children; each POP3 session is over by then (QUIT
-        answered), so no Maildir write is cut short.
-        """
-        # Also when the master died on its own: its children may remain.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        assert self.process.stderr is not None
-        self.output = self.process.stderr.read().decode(errors="replace")
-        self.process.stderr.close()
-        if self.log.exists():
-            self.output += self.log.read_text(errors="replace")
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
 def fetch(port: int, user: str, password: str) -> tuple[list[bytes], list[bytes]]:
     """UIDL and LIST over POP3, as poplib gets them; changes nothing."""
     client = poplib.POP3("127.0.0.1", port, timeout=10)
@@ -290,10 +182,7 @@ class RealDovecotTests(TestCase):
     """popserv against a real Dovecot on the same Maildir."""
 
     def setUp(self) -> None:
-        if shutil.which("dovecot") is None or _pop3_binary() is None:
-            raise SkipTest(
-                "Dovecot's POP3 server is not installed (apt-get install dovecot-pop3d)"
-            )
+        require_dovecot()
         self.root = Path(self.mktemp()).absolute()
         self.maildir = self.root / "mail" / "alice"
         for sub in ("cur", "new", "tmp"):
@@ -309,16 +198,9 @@ class RealDovecotTests(TestCase):
         }
         for name, data in messages.items():
             (self.maildir / name).write_bytes(data)
-        uid = gid = 65534 if os.geteuid() == 0 else None
-        ids = f"{uid}:{gid}" if uid is not None else f"{os.getuid()}:{os.getgid()}"
         self.passwd = self.root / "passwd"
-        self.passwd.write_text(f"alice:{{PLAIN}}pw:{ids}::{self.maildir}\n")
-        if uid is not None:
-            # Dovecot will not run mail processes as root: the Maildir is nobody's,
-            # and its auth process (user dovecot) must reach the password file.
-            for path in [self.root, *self.root.rglob("*")]:
-                os.chown(path, uid, gid)
-            self.root.parent.chmod(0o755)
+        self.passwd.write_text(f"alice:{{PLAIN}}pw:{mail_ids()}::{self.maildir}\n")
+        give_to_mail_user(self.root)
 
     def dovecot(self, settings: str = "") -> list[list[bytes]]:
         """UIDL and LIST from a Dovecot started (and stopped) for this call."""
