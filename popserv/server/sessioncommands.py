@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from popserv.logins.database import connect
 from popserv.server.adminargs import layout_of, mail_in_database
@@ -83,3 +84,31 @@ def _is_ipv4(target: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def add_commands(commands: Any, paths: argparse.ArgumentParser) -> None:
+    """Register ``popserv who`` and ``popserv kick`` on the ``popserv`` command's subparsers."""
+    listing_sessions = commands.add_parser(
+        "who",
+        parents=[paths],
+        help="list the POP3 sessions of the running server",
+        description="List the running server's POP3 sessions, oldest first: user (- before"
+        " login), client, since when, TLS or not, state, and the worker process. The server"
+        " is reached through DIR/control.sock. With --store postgresql and --database: the"
+        " logged-in sessions of every node, from their leases.",
+    )
+    listing_sessions.set_defaults(command=who)
+    kick = commands.add_parser(
+        "kick",
+        parents=[paths],
+        help="end the sessions of a user, or from an address",
+        description="End the running server's POP3 sessions of USER, or from ADDRESS (an IP"
+        " address, a network such as 192.0.2.0/24, or one client's host:port as popserv who"
+        " shows it), at once. Deletions they marked are not applied, as for a dropped"
+        " connection. Exit status 1 when no session matched.",
+    )
+    kick.add_argument("target", metavar="USER|ADDRESS")
+    kind = kick.add_mutually_exclusive_group()
+    kind.add_argument("--user", action="store_true", help="TARGET is a user name")
+    kind.add_argument("--address", action="store_true", help="TARGET is an address")
+    kick.set_defaults(command=kick)
