@@ -98,7 +98,7 @@ def add_commands(commands: Any, paths: argparse.ArgumentParser) -> None:
         " logged-in sessions of every node, from their leases.",
     )
     listing_sessions.set_defaults(command=who)
-    kick = commands.add_parser(
+    kicking = commands.add_parser(
         "kick",
         parents=[paths],
         help="end the sessions of a user, or from an address",
@@ -107,8 +107,8 @@ def add_commands(commands: Any, paths: argparse.ArgumentParser) -> None:
         " shows it), at once. Deletions they marked are not applied, as for a dropped"
         " connection. Exit status 1 when no session matched.",
     )
-    kick.add_argument("target", metavar="USER|ADDRESS")
-    kind = kick.add_mutually_exclusive_group()
+    kicking.add_argument("target", metavar="USER|ADDRESS")
+    kind = kicking.add_mutually_exclusive_group()
     kind.add_argument("--user", action="store_true", help="TARGET is a user name")
     kind.add_argument("--address", action="store_true", help="TARGET is an address")
-    kick.set_defaults(command=kick)
+    kicking.set_defaults(command=kick)
