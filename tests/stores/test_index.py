@@ -126,7 +126,15 @@ class PackedStringsTests(SynchronousTestCase):
         self.assertRaises(IndexError, packed.__getitem__, -6)
         self.assertEqual(list(PackedStrings()), [])
 
-    @given(st.lists(st.text(max_size=5), max_size=12), st.integers(-14, 14), st.integers(-14, 14),
+    def test_no_nul(self) -> None:
+        """NUL joins the strings, so none may hold one."""
+        self.assertRaises(ValueError, PackedStrings, ["a", "b\0c"])
+        self.assertRaises(ValueError, PackedStrings, ["\0"])
+        self.assertEqual(list(PackedStrings([""])), [""])
+        self.assertEqual(list(PackedStrings(["", ""])), ["", ""])
+
+    @given(st.lists(st.text(st.characters(blacklist_characters="\0"), max_size=5), max_size=12),
+           st.integers(-14, 14), st.integers(-14, 14),
            st.sampled_from([None, 1, 2, -1]))
     def test_slices(self, items: list[str], start: int, stop: int, step: int | None) -> None:
         """Every slice is the list's slice (contiguous ones are cut out in one pass)."""

@@ -3,8 +3,10 @@ Compact per-message columns for large maildrops.
 
 A Python ``str`` costs about 50 bytes before its first character, and a
 list or tuple slot 8 more; for 100,000 UIDLs that is most of a session's
-memory.  :class:`PackedStrings` keeps all of them in one string with an
-array of end offsets instead, and slices one out when it is asked for.
+memory.  :class:`PackedStrings` keeps all of them in one string, joined by
+NUL (which neither a file name nor a UIDL holds), with an array of offsets,
+and cuts one out when it is asked for; a run of them is one slice of that
+string split at its NULs, which is what a UIDL listing asks for.
 """
 
 from __future__ import annotations
@@ -14,32 +16,46 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate
 from typing import overload
 
+#: Between two strings; none may hold it.
+SEPARATOR = "\0"
+
+
+def stops_of(strings: Sequence[str]) -> array[int]:
+    """
+    The offset just past each string's end (and past its separator) in
+    ``SEPARATOR.join(strings)``: one C-level pass.
+    """
+    total = sum(map(len, strings)) + len(strings)
+    typecode = "I" if total < 2**32 else "Q"
+    return array(typecode, accumulate(map((1).__add__, map(len, strings))))
+
 
 class PackedStrings(Sequence[str]):
-    """An immutable sequence of strings stored as one string plus offsets."""
+    """An immutable sequence of strings without NUL, stored as one string plus offsets."""
 
-    __slots__ = ("_blob", "_ends")
+    __slots__ = ("_blob", "_stops")
 
     def __init__(self, strings: Iterable[str] = ()) -> None:
         items = strings if isinstance(strings, (list, tuple)) else list(strings)
-        self._blob = "".join(items)
-        typecode = "I" if len(self._blob) < 2**32 else "Q"
-        self._ends = array(typecode, accumulate(map(len, items)))
+        self._blob = SEPARATOR.join(items)
+        if self._blob.count(SEPARATOR) != max(len(items) - 1, 0):
+            raise ValueError("a packed string may not hold a NUL")
+        self._stops = stops_of(items)
 
     @classmethod
-    def from_parts(cls, blob: str, ends: array[int]) -> PackedStrings:
+    def from_parts(cls, blob: str, stops: array[int]) -> PackedStrings:
         """Rebuild from :meth:`parts` (the caller checked that they fit together)."""
         self = cls.__new__(cls)
         self._blob = blob
-        self._ends = ends
+        self._stops = stops
         return self
 
     def parts(self) -> tuple[str, array[int]]:
-        """All the strings joined, and the end offset of each."""
-        return self._blob, self._ends
+        """The strings joined by :data:`SEPARATOR`, and :func:`stops_of` them."""
+        return self._blob, self._stops
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._stops)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -48,33 +64,29 @@ class PackedStrings(Sequence[str]):
     def __getitem__(self, index: slice) -> list[str]: ...
 
     def __getitem__(self, index: int | slice) -> str | list[str]:
+        stops = self._stops
         if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
+            start, stop, step = index.indices(len(stops))
             if step != 1:
                 return [self[i] for i in range(start, stop, step)]
             if start >= stop:
                 return []
-            # The bounds of each string, then one C-level pass to cut them out.
-            ends = self._ends
-            bounds = ends[start - 1 : stop] if start else array(ends.typecode, [0]) + ends[:stop]
-            return list(map(self._blob.__getitem__, map(slice, bounds, bounds[1:])))
-        ends = self._ends
+            # One slice, split at its separators: C-level, no step per string.
+            return self._blob[stops[start - 1] if start else 0 : stops[stop - 1] - 1].split(
+                SEPARATOR
+            )
         if index < 0:
-            index += len(ends)
-        if not 0 <= index < len(ends):
+            index += len(stops)
+        if not 0 <= index < len(stops):
             raise IndexError("PackedStrings index out of range")
-        return self._blob[ends[index - 1] if index else 0 : ends[index]]
+        return self._blob[stops[index - 1] if index else 0 : stops[index] - 1]
 
     def __iter__(self) -> Iterator[str]:
-        blob = self._blob
-        start = 0
-        for end in self._ends:
-            yield blob[start:end]
-            start = end
+        return iter(self._blob.split(SEPARATOR) if self._stops else ())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PackedStrings):
-            return self._blob == other._blob and self._ends == other._ends
+            return self._blob == other._blob and self._stops == other._stops
         if isinstance(other, Sequence) and not isinstance(other, str):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented

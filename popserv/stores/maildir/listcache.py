@@ -25,8 +25,12 @@ taken as given, but a listing is refused whole unless every UIDL is a valid
 RFC 1939 unique-id, and no file name in it holds a ``/`` or a NUL, so it
 can never point a session at a file outside ``new/`` and ``cur/``.
 
-Format: ``popserv-listing 1 <JSON header>\\n`` then the sections the header
+Format: ``popserv-listing 2 <JSON header>\\n`` then the sections the header
 sizes, in its order; a CRC-32 of the sections guards against torn writes.
+The UIDLs (and unique names, when they differ) are one section each,
+joined by NUL as :class:`~popserv.stores.maildir.columns.PackedStrings`
+keeps them in memory: reading them back is one ``split``, which also gives
+their lengths to check (version 1 stored an offset array beside them).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import zlib
 from array import array
@@ -44,13 +47,13 @@ from twisted.logger import Logger
 
 from popserv.core.files import read_regular, replace_file
 from popserv.interfaces import Listing
-from popserv.stores.maildir.columns import PackedStrings
+from popserv.stores.maildir.columns import SEPARATOR, PackedStrings, stops_of
 from popserv.stores.maildir.names import MAX_UIDL_LENGTH, seen
 
 LISTING_FILE = "popserv.listing"
 
 _MAGIC = b"popserv-listing"
-_VERSION = "1"
+_VERSION = "2"
 
 #: How long key times must lie before a scan's start for its result to be kept:
 #: filesystem times come from a coarse clock (a jiffy to a second behind).
@@ -61,8 +64,10 @@ _MAX_BYTES = 1 << 30
 
 log = Logger()
 
-#: The UIDL blob: printable ASCII only (its pieces' lengths are checked apart).
-_PRINTABLE = re.compile(r"[\x21-\x7e]*")
+#: What the UIDL section may hold: printable ASCII and separators (the
+#: lengths are checked apart).  Deleted with ``bytes.translate``, which
+#: must leave nothing: 2 ms for 100,000 UIDLs, a regular expression 8.
+_UIDL_BYTES = bytes(range(0x21, 0x7F)) + SEPARATOR.encode()
 
 
 def stat_key(status: os.stat_result) -> list[int]:
@@ -96,9 +101,8 @@ class Cached:
         self.uidlist_listed = uidlist_listed
 
 
-def _packed_parts(strings: PackedStrings) -> tuple[bytes, array[int]]:
-    blob, ends = strings.parts()
-    return blob.encode("utf-8", "surrogateescape"), ends
+def _packed_bytes(strings: PackedStrings) -> bytes:
+    return strings.parts()[0].encode("utf-8", "surrogateescape")
 
 
 def encode_listing(
@@ -115,14 +119,11 @@ def encode_listing(
     uids = listing.uids if isinstance(listing.uids, PackedStrings) else PackedStrings(listing.uids)
     table = list(dict.fromkeys(infos))
     position = {info: i for i, info in enumerate(table)}
-    sections: list[bytes] = []
-    uid_blob, uid_ends = _packed_parts(uids)
-    sections += [uid_blob, uid_ends.tobytes()]
+    sections = [_packed_bytes(uids)]
     if uniques is not None:
-        unique_blob, unique_ends = _packed_parts(uniques)
-        sections += [unique_blob, unique_ends.tobytes()]
+        sections.append(_packed_bytes(uniques))
     sections += [
-        array("I", [position[info] for info in infos]).tobytes(),
+        array("I", map(position.__getitem__, infos)).tobytes(),
         bytes(places),
         array("q", listing.sizes).tobytes(),
         array("d", listing.received if listing.received is not None else []).tobytes(),
@@ -132,7 +133,6 @@ def encode_listing(
         "keys": keys,
         "scheme": scheme,
         "count": len(uids),
-        "typecodes": [uid_ends.typecode, unique_ends.typecode if uniques is not None else None],
         "byteorder": sys.byteorder,
         "infos": table,
         "uidlist_listed": uidlist_listed,
@@ -143,17 +143,15 @@ def encode_listing(
     return _MAGIC + b" " + _VERSION.encode() + b" " + head + b"\n" + body
 
 
-def _strings(blob: bytes, ends_bytes: bytes, typecode: Any, count: int) -> PackedStrings | None:
-    if typecode not in ("I", "Q"):
-        return None
-    ends = array(typecode)
-    ends.frombytes(ends_bytes)
+def _strings(blob: bytes, count: int) -> tuple[PackedStrings, list[str]] | None:
+    """The ``count`` strings of a section, and each; None if it holds another number."""
     text = blob.decode("utf-8", "surrogateescape")
-    if len(ends) != count or (count and ends[-1] != len(text)):
+    if not count:
+        return (PackedStrings(), []) if not text else None
+    pieces = text.split(SEPARATOR)
+    if len(pieces) != count:
         return None
-    if count > 1 and min(map(int.__sub__, ends[1:], ends)) < 0:
-        return None
-    return PackedStrings.from_parts(text, ends)
+    return PackedStrings.from_parts(text, stops_of(pieces)), pieces
 
 
 def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
@@ -171,11 +169,10 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
         count: int = header["count"]
         sizes_of: list[int] = header["sections"]
         table: list[str] = header["infos"]
-        uid_code, unique_code = header["typecodes"]
         listed = int(header["uidlist_listed"])
     except (ValueError, KeyError, TypeError):
         return None
-    if not isinstance(count, int) or sum(sizes_of) != len(body) or len(sizes_of) not in (6, 8):
+    if not isinstance(count, int) or sum(sizes_of) != len(body) or len(sizes_of) not in (5, 6):
         return None
     if not all(isinstance(info, str) and "/" not in info and "\0" not in info for info in table):
         return None
@@ -184,27 +181,27 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
     for size in sizes_of:
         sections.append(body[at : at + size])
         at += size
-    uids = _strings(sections[0], sections[1], uid_code, count)
-    if uids is None:
-        return None
     # Every UIDL valid (RFC 1939): printable ASCII, 1 to 70 characters.
-    blob, ends = uids.parts()
-    if _PRINTABLE.fullmatch(blob) is None:
+    if sections[0].translate(None, _UIDL_BYTES):
         return None
-    if count:
-        lengths = list(map(int.__sub__, ends, [0, *ends[:-1]]))
-        if min(lengths) < 1 or max(lengths) > MAX_UIDL_LENGTH:
-            return None
-    rest = sections[2:]
+    strings = _strings(sections[0], count)
+    if strings is None:
+        return None
+    uids, pieces = strings
+    if count and (min(map(len, pieces)) < 1 or max(map(len, pieces)) > MAX_UIDL_LENGTH):
+        return None
+    del pieces
+    rest = sections[1:]
     uniques = None
-    if len(sizes_of) == 8:
-        uniques = _strings(rest[0], rest[1], unique_code, count)
-        if uniques is None or "\0" in uniques.parts()[0]:
+    if len(sizes_of) == 6:
+        strings = _strings(rest[0], count)
+        if strings is None:
             return None
+        uniques, pieces = strings
         # "/" alone stands for an empty unique name; no other may hold one.
-        if any("/" in u and u != "/" for u in uniques):
+        if any("/" in u and u != "/" for u in pieces):
             return None
-        rest = rest[2:]
+        rest = rest[1:]
     index_bytes, place_bytes, size_bytes, received_bytes = rest
     positions = array("I")
     sizes = array("q")
@@ -220,13 +217,13 @@ def decode_listing(data: bytes, keys: list[Any], scheme: str) -> Cached | None:
         return None
     if count and (max(positions) >= len(table) or max(places) > 1 or min(sizes) < 0):
         return None
-    infos = [table[i] for i in positions]
+    infos = list(map(table.__getitem__, positions))
     seen_of = [seen(info) for info in table]
     listing = Listing(
         uids=uids,
         sizes=sizes,
         received=received,
-        seen=tuple([seen_of[i] for i in positions]),
+        seen=tuple(map(seen_of.__getitem__, positions)),
     )
     return Cached(listing, uniques, infos, places, listed)
 
