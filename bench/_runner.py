@@ -350,7 +350,7 @@ class Runner:
         except ReaderError as e:
             self.notes.append(f"B2: the C reader is skipped ({e}): asyncio client rows only")
             for server in self.servers.values():
-                for m in (rate, share, ceiling):
+                for m in (rate, share, ceiling, *per_mb.values()):
                     m.notes[server.name] = "skipped: no cc"
         raw = RawSender(self.dataset, Path(__file__).resolve().parent.parent, B2_USER)
         raw.start()
