@@ -344,6 +344,7 @@ class Runner:
         }
         slow = self.measurement("B2", "RETR throughput, asyncio client", "MB/s", True)
         slow_share = self.measurement("B2", "asyncio client: share of its limit", "%", True)
+        slow_per_mb = self.measurement("B2", "asyncio client: CPU a MB: server", "ms", False)
         binary: Path | None = None
         try:
             binary = build(self.dataset.root / "reader")
@@ -371,9 +372,13 @@ class Runner:
                 cpu_a_mb["database"] = spent.database * ms_a_mb
             return sum(octets) / sum(seconds) / MB, cpu_a_mb
 
-        def measure_asyncio(server: Server) -> float:
+        def measure_asyncio(server: Server) -> tuple[float, float]:
+            """MB/s, and the server's CPU a MB (ms)."""
+            meter = _meter(server)
+            meter.open()
             octets, seconds = asyncio.run(retrieve_all(HOST, server.port, *user))
-            return sum(octets) / sum(seconds) / MB
+            spent = meter.close()
+            return sum(octets) / sum(seconds) / MB, spent.server * 1000 / (sum(octets) / MB)
 
         try:
 
@@ -395,9 +400,10 @@ class Runner:
                         " CPU a MB "
                         + ", ".join(f"{who} {ms:.2f} ms" for who, ms in cpu_a_mb.items())
                     )
-                slow_limit = measure_asyncio(raw)
-                slow_value = measure_asyncio(server)
+                slow_limit, _ = measure_asyncio(raw)
+                slow_value, slow_cpu = measure_asyncio(server)
                 slow.add(server.name, slow_value)
+                slow_per_mb.add(server.name, slow_cpu)
                 slow_share.add(server.name, 100 * slow_value / slow_limit)
                 said.append(f"asyncio client {slow_value:.0f} MB/s of its {slow_limit:.0f}")
                 self.say("  " + "; ".join(said))
