@@ -45,6 +45,9 @@ async def _session(
                     await loop.sock_sendall(sock, listing)
                 elif verb == b"STAT":
                     await loop.sock_sendall(sock, stat)
+                elif verb == b"CAPA":
+                    # Multi-line: a bare "+OK" would leave a client that asks (curl) waiting.
+                    await loop.sock_sendall(sock, b"+OK\r\nUSER\r\n.\r\n")
                 elif verb == b"QUIT":
                     await loop.sock_sendall(sock, b"+OK bye\r\n")
                     return

@@ -18,6 +18,8 @@ from attrs import define, field
 
 from bench._client import big_login, login, quit_, retrieve_all
 from bench._cpu import Meter, Spent
+from bench._creader import ReaderError, build
+from bench._creader import retrieve_all as c_retrieve_all
 from bench._dataset import (
     B2_USER,
     B3_SIZED,
@@ -38,6 +40,10 @@ from bench._workers import DeliverySpec, HoldSpec, LoadSpec, Records, Workers, m
 FORK_SLACK = 1.0
 
 MB = 1_000_000
+#: B2's C reader retrieves the 10 messages this many times over in its
+#: session: one pass takes 30-50 ms at the ceiling, too short to outlast a
+#: burst of load from other work on this shared machine.
+B2_ROUNDS = 5
 
 
 @define
@@ -320,49 +326,96 @@ class Runner:
     # B2
 
     def b2(self) -> None:
-        rate = self.measurement("B2", "RETR throughput", "MB/s", True, Target("ratio", 1.5, ">="))
-        share = self.measurement("B2", "share of loopback limit", "%", True)
+        """
+        RETR throughput, read by the C reader (``bench/_creader.py``) and, as
+        before issue 20, by the asyncio client; each against the in-memory
+        sender right before, for the ceiling the server's share is of.
+        """
+        rate = self.measurement("B2", "RETR throughput", "MB/s", True)
+        share = self.measurement(
+            "B2", "share of the ceiling", "%", True, Target("absolute", 90, ">=")
+        )
+        ceiling = self.measurement("B2", "ceiling: in-memory sender", "MB/s", True)
+        # CPU a MB holds still where MB/s does not: on this shared 2-core
+        # machine a burst of other work halves a run's MB/s, not its CPU a MB.
+        per_mb = {
+            who: self.measurement("B2", f"CPU a MB: {who}", "ms", False)
+            for who in ("server", "reader", "in-memory sender")
+        }
+        slow = self.measurement("B2", "RETR throughput, asyncio client", "MB/s", True)
+        slow_share = self.measurement("B2", "asyncio client: share of its limit", "%", True)
+        slow_per_mb = self.measurement("B2", "asyncio client: CPU a MB: server", "ms", False)
+        binary: Path | None = None
+        try:
+            binary = build(self.dataset.root / "reader")
+        except ReaderError as e:
+            self.notes.append(f"B2: the C reader is skipped ({e}): asyncio client rows only")
+            for server in self.servers.values():
+                for m in (rate, share, ceiling, *per_mb.values()):
+                    m.notes[server.name] = "skipped: no cc"
         raw = RawSender(self.dataset, Path(__file__).resolve().parent.parent, B2_USER)
         raw.start()
-        limits: list[float] = []
+        user = (B2_USER, password(B2_USER))
 
-        def measure(server: Server) -> tuple[float, float]:
-            cpu = time.process_time()
-            octets, seconds = asyncio.run(
-                retrieve_all(HOST, server.port, B2_USER, password(B2_USER))
+        def measure_c(server: Server) -> tuple[float, dict[str, float]]:
+            """MB/s, and the CPU a MB (ms) of the server, its database and the reader."""
+            assert binary is not None
+            meter = _meter(server)
+            meter.open()
+            octets, seconds, cpu = c_retrieve_all(
+                binary, HOST, server.port, *user, rounds=B2_ROUNDS
             )
-            cpu = time.process_time() - cpu
-            return sum(octets) / sum(seconds) / MB, cpu / sum(seconds)
+            spent = meter.close()
+            ms_a_mb = 1000 / (sum(octets) / MB)
+            cpu_a_mb = {"server": spent.server * ms_a_mb, "reader": cpu * ms_a_mb}
+            if server.database_pids():
+                cpu_a_mb["database"] = spent.database * ms_a_mb
+            return sum(octets) / sum(seconds) / MB, cpu_a_mb
+
+        def measure_asyncio(server: Server) -> tuple[float, float]:
+            """MB/s, and the server's CPU a MB (ms)."""
+            meter = _meter(server)
+            meter.open()
+            octets, seconds = asyncio.run(retrieve_all(HOST, server.port, *user))
+            spent = meter.close()
+            return sum(octets) / sum(seconds) / MB, spent.server * 1000 / (sum(octets) / MB)
 
         try:
 
             def run(server: Server) -> None:
-                limit, cpu = measure(raw)
-                limits.append(limit)
-                meter = _meter(server)
-                meter.open()
-                value, ccpu = measure(server)
-                spent = meter.close()
-                rate.add(server.name, value)
-                share.add(server.name, 100 * value / limit)
-                parts = [("client", ccpu), ("server", spent.server / spent.seconds)]
-                if server.database_pids():
-                    parts.append(("database", spent.database / spent.seconds))
-                for who, busy in parts:
-                    self.measurement("B2", f"CPU: {who}", "cores", False).add(server.name, busy)
-                self.say(
-                    f"  {value:.0f} MB/s (loopback limit {limit:.0f} MB/s); CPU "
-                    + ", ".join(f"{who} {busy:.0%}" for who, busy in parts)
-                    + f" ({cpu:.0%} of the client against the raw sender)"
-                )
+                said = []
+                if binary is not None:
+                    limit, raw_cpu = measure_c(raw)
+                    value, cpu_a_mb = measure_c(server)
+                    rate.add(server.name, value)
+                    ceiling.add(server.name, limit)
+                    share.add(server.name, 100 * value / limit)
+                    cpu_a_mb["in-memory sender"] = raw_cpu["server"]
+                    for who, ms in cpu_a_mb.items():
+                        if who not in per_mb:
+                            per_mb[who] = self.measurement("B2", f"CPU a MB: {who}", "ms", False)
+                        per_mb[who].add(server.name, ms)
+                    said.append(
+                        f"{value:.0f} MB/s, {value / limit:.0%} of the ceiling {limit:.0f} MB/s;"
+                        " CPU a MB "
+                        + ", ".join(f"{who} {ms:.2f} ms" for who, ms in cpu_a_mb.items())
+                    )
+                slow_limit, _ = measure_asyncio(raw)
+                slow_value, slow_cpu = measure_asyncio(server)
+                slow.add(server.name, slow_value)
+                slow_per_mb.add(server.name, slow_cpu)
+                slow_share.add(server.name, 100 * slow_value / slow_limit)
+                said.append(f"asyncio client {slow_value:.0f} MB/s of its {slow_limit:.0f}")
+                self.say("  " + "; ".join(said))
 
             self._each("B2", run)
         finally:
             raw.stop()
-        if limits:
+        every = sorted(v for values in ceiling.values.values() for v in values)
+        if every:
             self.notes.append(
-                "B2 loopback limit (same client, asyncio sender of the same bytes from memory):"
-                f" median {sorted(limits)[len(limits) // 2]:.0f} MB/s, best {max(limits):.0f} MB/s"
+                "B2 ceiling (the C reader against the in-memory sender): median"
+                f" {every[len(every) // 2]:.0f} MB/s, best {every[-1]:.0f} MB/s"
             )
 
     # B3

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from bench import (
     BodyReader,
@@ -27,6 +28,7 @@ from bench import (
     wire_size,
 )
 from bench._client import Connection, ServerError
+from bench._creader import ReaderError, Retrieved, build, check, compiler, count, parse
 from bench._report import table
 
 MESSAGES = [
@@ -118,6 +120,60 @@ class BodyReaderTests(SynchronousTestCase):
         body, _ = read_body(b"1 120\r\n2 4096\r\n.\r\n", keep=True)
         assert body.data is not None
         self.assertEqual(parse_sizes(body.data), {1: 120, 2: 4096})
+
+
+class CReaderTests(SynchronousTestCase):
+    """
+    B2's C reader counts bodies as the Python client does (``--count`` mode,
+    fed through stdin: no sockets); skipped where there is no ``cc``.
+    """
+
+    def setUp(self) -> None:
+        if compiler() is None:
+            raise SkipTest("no C compiler: the bench runs B2 with the asyncio client only")
+        self.binary = build(Path(self.mktemp()))
+
+    def test_counts_as_the_python_reader(self):
+        """Octets, lines and no bare LFs, for every message, whatever the read size."""
+        messages = [*MESSAGES, b".", b"..", b".\r", b"\r\n\r\n.\r.\r\n", make_message(3000, seed=5)]
+        stream = b"".join(encode_body(m) for m in messages)
+        # The Python reader's counts, and LIST's sizes.
+        expected = [(read_body(encode_body(m))[0].lines, wire_size(m), 0) for m in messages]
+        for step in (1, 2, 3, 4, 5, 7, 64, 1000, 1 << 20):
+            counted = count(self.binary, stream, step)
+            self.assertEqual([(r.lines, r.octets, r.bare_lf) for r in counted], expected, step)
+
+    def test_missing_stuffing_counts_short(self):
+        """A dot line sent unstuffed loses its dot: one octet fewer than LIST said."""
+        message = b"Subject: x\n\n.hidden\n"
+        [counted] = count(self.binary, message.replace(b"\n", b"\r\n") + b".\r\n", 3)
+        self.assertEqual(counted.octets, wire_size(message) - 1)
+
+    def test_bare_lf_counted(self):
+        """Bare LFs anywhere in the body are counted, across reads too."""
+        for step in (1, 2, 1000):
+            [counted] = count(self.binary, b"a\nb\r\n\n.\n.\r\n", step)
+            self.assertEqual(counted.bare_lf, 3, step)
+
+    def test_unterminated(self):
+        with self.assertRaises(ReaderError):
+            count(self.binary, b"no end\r\n", 4)
+
+
+class CReaderOutputTests(SynchronousTestCase):
+    """The reader's output parsed and checked, with no compiler needed."""
+
+    def test_parse(self):
+        self.assertEqual(
+            parse("1 120 120 3 0 0.001000000\n"), [Retrieved(1, 120, 120, 3, 0, 0.001)]
+        )
+
+    def test_check(self):
+        check(Retrieved(1, 120, 120, 3, 0, 0.001))
+        with self.assertRaises(DesyncError):
+            check(Retrieved(1, 120, 119, 3, 0, 0.001))
+        with self.assertRaises(DesyncError):
+            check(Retrieved(1, 120, 120, 3, 1, 0.001))
 
 
 class MessageTests(SynchronousTestCase):
