@@ -333,37 +333,33 @@ def drop_maildrop(connection: Any, name: str) -> int:
 
 
 #: A session's end in one statement (one round trip where it took six):
-#: the row locked and checked for ``owner`` first; the deletions, the
-#: marks, the counts' update and the lease given back only if it matched.
+#: the lease checked first (the row locked); the deletions, the marks,
+#: the counts' update and the lease given back only if it matched.  The
+#: counts go down by what was deleted: a shared session's messages may
+#: have been deleted by another since it listed them.
 _FINISH = (
-    "WITH lease AS (SELECT id FROM popserv.maildrops"
-    " WHERE id = %(maildrop)s AND lock_owner = %(owner)s FOR NO KEY UPDATE),"
+    "WITH lease AS ({lease}),"
     " gone AS (DELETE FROM popserv.messages WHERE maildrop = (SELECT id FROM lease)"
     " AND id = ANY(%(deleted)s) RETURNING octets),"
     " marked AS (UPDATE popserv.messages SET seen = true"
     " WHERE maildrop = (SELECT id FROM lease) AND id = ANY(%(seen)s) AND NOT seen)"
     " UPDATE popserv.maildrops SET"
     " octets = octets - (SELECT coalesce(sum(octets), 0) FROM gone),"
-    " messages = messages - (SELECT count(*) FROM gone),"
-    " lock_owner = NULL, lock_node = NULL, lock_client = NULL, lock_since = NULL,"
-    " lock_expires = NULL"
+    " messages = messages - (SELECT count(*) FROM gone){release}"
     " WHERE id = (SELECT id FROM lease) RETURNING (SELECT count(*) FROM gone)"
 )
-
-#: :data:`_FINISH` for a shared session: fenced by its own lease, given
-#: back first; the deletions remove and count only the messages still
-#: there (another session may have deleted some since this one listed them).
-_FINISH_SHARED = (
-    "WITH lease AS (DELETE FROM popserv.shared_sessions"
-    " WHERE owner = %(owner)s AND maildrop = %(maildrop)s RETURNING maildrop AS id),"
-    " gone AS (DELETE FROM popserv.messages WHERE maildrop = (SELECT id FROM lease)"
-    " AND id = ANY(%(deleted)s) RETURNING octets),"
-    " marked AS (UPDATE popserv.messages SET seen = true"
-    " WHERE maildrop = (SELECT id FROM lease) AND id = ANY(%(seen)s) AND NOT seen)"
-    " UPDATE popserv.maildrops SET"
-    " octets = octets - (SELECT coalesce(sum(octets), 0) FROM gone),"
-    " messages = messages - (SELECT count(*) FROM gone)"
-    " WHERE id = (SELECT id FROM lease) RETURNING (SELECT count(*) FROM gone)"
+#: The maildrop's own lease, given back with the counts.
+_FINISH_EXCLUSIVE = _FINISH.format(
+    lease="SELECT id FROM popserv.maildrops"
+    " WHERE id = %(maildrop)s AND lock_owner = %(owner)s FOR NO KEY UPDATE",
+    release=", lock_owner = NULL, lock_node = NULL, lock_client = NULL, lock_since = NULL,"
+    " lock_expires = NULL",
+)
+#: A shared session's own lease, given back first.
+_FINISH_SHARED = _FINISH.format(
+    lease="DELETE FROM popserv.shared_sessions"
+    " WHERE owner = %(owner)s AND maildrop = %(maildrop)s RETURNING maildrop AS id",
+    release="",
 )
 
 #: Times a shared commit is tried when PostgreSQL ends it to break a
@@ -397,7 +393,7 @@ def finish(
             return 0
         for tried in range(1, _DEADLOCK_TRIES + 1):
             try:
-                cursor.execute(_FINISH_SHARED if shared else _FINISH, parameters)
+                cursor.execute(_FINISH_SHARED if shared else _FINISH_EXCLUSIVE, parameters)
                 break
             except DeadlockDetected:
                 if tried == _DEADLOCK_TRIES:
