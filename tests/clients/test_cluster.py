@@ -42,9 +42,10 @@ from popserv.stores.maildir.deliver import lf_chunks
 from popserv.stores.postgres import queries
 from tests.support.certs import CA
 from tests.support.cluster import Forwarder, HAProxy, Node, NodePOP3
+from tests.support.crashtraffic import MESSAGE_ID
 from tests.support.mail import mbox_messages
 from tests.support.peers import missing
-from tests.support.postgres import MESSAGE_ID, postgresql, store_database, stored_whole
+from tests.support.postgres import postgresql, store_database, stored_whole
 from tests.support.processes import subprocess_env
 
 PASSWORD = "pw"

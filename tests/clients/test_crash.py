@@ -14,11 +14,6 @@ import os
 import poplib
 import random
 import re
-import signal
-import smtplib
-import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -36,154 +31,47 @@ from popserv.stores.maildir import MaildirMailbox, deliver, parse_name
 from popserv.stores.maildir import commit as maildir_commit
 from popserv.stores.maildir import mailbox as maildir_mailbox
 from tests.support import LOCAL_PEER, Connection
+from tests.support.crashtraffic import MESSAGE_ID, Ledger, Traffic
 from tests.support.maildirs import _MaildirRealm, maildir_contents
-from tests.support.processes import free_port, subprocess_env, twistd_script
+from tests.support.processes import LoggedProcess, free_port, twistd_script
 
 #: Kill-and-restart rounds; each is about a second of traffic and a restart.
 ROUNDS = 6
 SEED = 7
 PASSWORD = "pw"
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
+#: Body sizes: a few bytes up to ~300 KB, so kills land in the middle of writes.
+SIZES = (10, 1000, 20_000, 300_000)
 
 
-class _Ledger:
-    """What the clients were told, shared by their threads."""
+class ServerProcess(LoggedProcess):
+    """``twistd popserv`` on the Maildirs of ``data``, on fresh ports at each start."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        #: Every message sent or being sent: Message-ID -> body (CRLF form).
-        self.bodies: dict[str, bytes] = {}
-        #: Message-IDs the server answered 250 to.
-        self.accepted: set[str] = set()
-        #: Message-IDs whose DELE a QUIT answered +OK committed.
-        self.deleted: set[str] = set()
-        #: Message-IDs whose DELE was followed by a QUIT with no answer.
-        self.maybe_deleted: set[str] = set()
+    def __init__(self, base: Path, data: Path) -> None:
+        super().__init__(base)
+        self.data = data
 
-
-def _body(rng: random.Random) -> bytes:
-    """A body of a few bytes up to ~300 KB, so kills land in the middle of writes."""
-    size = rng.choice([10, 1000, 20_000, 300_000])
-    line = b"".join(rng.choice([b"a", b"b", b".", b" ", b"x"]) for _ in range(70))
-    count = max(size // 72, 1)
-    return b"".join(b"%d %s\r\n" % (i, line) for i in range(count))
+    def start(self) -> None:
+        self.pop3, self.smtp = free_port(), free_port()
+        self.spawn([
+            twistd_script(), "-n", "--pidfile", "", "popserv",
+            "--data", str(self.data),
+            "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
+            "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
+            "--domain", "example.org", "--hostname", "pop.test",
+        ])  # fmt: skip
+        self.wait_for_ports(self.pop3, self.smtp)
 
 
 class CrashTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.twistd = twistd_script()
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
-        self.layout = Layout.create(self.base / "data")
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        self.layout = Layout.create(base / "data")
         self.layout.data_dir.mkdir(parents=True, exist_ok=True)
         self.layout.passwd_path.write_text(f"alice:{{PLAIN}}{PASSWORD}\n")
         self.maildir = ensure_maildir(self.layout.maildir_for("alice"))
-        self.process: subprocess.Popen | None = None
-        self.addCleanup(self.stop)
-
-    # The server
-
-    def start(self) -> None:
-        self.pop3, self.smtp = free_port(), free_port()
-        argv = [
-            self.twistd, "-n", "--pidfile", "", "popserv",
-            "--data", str(self.layout.data_dir),
-            "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
-            "--smtp", f"tcp:{self.smtp}:interface=127.0.0.1",
-            "--domain", "example.org", "--hostname", "pop.test",
-        ]  # fmt: skip
-        log = open(self.base / "twistd.log", "ab")
-        self.process = subprocess.Popen(
-            argv, env=subprocess_env(), cwd=self.base, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        deadline = time.monotonic() + 30
-        for port in (self.pop3, self.smtp):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        self.fail(f"twistd did not start: {self.output()}")
-                    time.sleep(0.05)
-
-    def output(self) -> str:
-        return (self.base / "twistd.log").read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-    # The clients
-
-    def sender(self, ledger: _Ledger, name: str, rng: random.Random, stop: threading.Event):
-        """Send messages one after the other until the server dies (or ``stop``)."""
-        count = 0
-        try:
-            with smtplib.SMTP("127.0.0.1", self.smtp, timeout=10) as client:
-                while not stop.is_set():
-                    count += 1
-                    message_id = f"{name}.{count}@crash.test"
-                    body = _body(rng)
-                    with ledger.lock:
-                        ledger.bodies[message_id] = body
-                    message = (
-                        b"From: sender@example.net\r\nTo: alice@example.org\r\n"
-                        b"Message-ID: <%s>\r\nSubject: %d\r\n\r\n%s"
-                        % (message_id.encode(), count, body)
-                    )
-                    client.sendmail("sender@example.net", ["alice@example.org"], message)
-                    with ledger.lock:
-                        ledger.accepted.add(message_id)
-        except (OSError, smtplib.SMTPException):
-            pass  # Killed under us.
-
-    def deleter(self, ledger: _Ledger, rng: random.Random, stop: threading.Event):
-        """POP3 sessions that DELE some messages and QUIT, until the server dies."""
-        while not stop.is_set():
-            chosen: set[str] = set()
-            quitting = False
-            try:
-                client = poplib.POP3("127.0.0.1", self.pop3, timeout=10)
-                try:
-                    client.user("alice")
-                    client.pass_(PASSWORD)
-                    _, listing, _ = client.list()
-                    for entry in listing:
-                        number = int(entry.split()[0])
-                        if rng.random() < 0.5:
-                            continue
-                        _, header, _ = client.top(number, 0)
-                        found = MESSAGE_ID.search(b"\n".join(header))
-                        if found is None:
-                            continue
-                        client.dele(number)
-                        chosen.add(found.group(1).decode())
-                    quitting = True
-                    client.quit()
-                finally:
-                    client.close()
-            except (OSError, poplib.error_proto, EOFError):
-                if quitting:
-                    with ledger.lock:
-                        ledger.maybe_deleted |= chosen
-                return
-            with ledger.lock:
-                ledger.deleted |= chosen
-            time.sleep(rng.uniform(0, 0.1))
+        self.server = ServerProcess(base, self.layout.data_dir)
+        self.addCleanup(self.server.stop)
 
     # The checks
 
@@ -198,7 +86,7 @@ class CrashTests(SynchronousTestCase):
                 found.setdefault(match.group(1).decode(), []).append((f"{sub}/{name}", data))
         return found
 
-    def check(self, ledger: _Ledger, round_: int) -> None:
+    def check(self, ledger: Ledger, round_: int) -> None:
         where = f"after kill {round_ + 1}"
         stored = self.stored()
         for message_id, copies in stored.items():
@@ -220,7 +108,7 @@ class CrashTests(SynchronousTestCase):
             time.sleep(0.05)
         self.assertEqual(os.listdir(self.maildir / "tmp"), [], f"tmp/ not cleaned {where}")
         # The lock died with the process: alice logs in at once.
-        client = poplib.POP3("127.0.0.1", self.pop3, timeout=10)
+        client = poplib.POP3("127.0.0.1", self.server.pop3, timeout=10)
         try:
             client.user("alice")
             self.assertTrue(client.pass_(PASSWORD).startswith(b"+OK"))
@@ -231,32 +119,13 @@ class CrashTests(SynchronousTestCase):
 
     def test_kill_during_deliveries_and_deletions(self) -> None:
         rng = random.Random(SEED)
-        ledger = _Ledger()
-        self.start()
+        ledger = Ledger()
+        traffic = Traffic(self.server, "alice", PASSWORD, SIZES, between_sessions=0.1)
+        self.server.start()
         acknowledged = 0
         for round_ in range(ROUNDS):
-            stop = threading.Event()
-            threads = [
-                threading.Thread(
-                    target=self.sender,
-                    args=(ledger, f"r{round_}s{i}", random.Random(rng.random()), stop),
-                )
-                for i in range(2)
-            ]
-            threads.append(
-                threading.Thread(
-                    target=self.deleter, args=(ledger, random.Random(rng.random()), stop)
-                )
-            )
-            for thread in threads:
-                thread.start()
-            time.sleep(rng.uniform(0.3, 1.5))
-            self.kill()
-            stop.set()
-            for thread in threads:
-                thread.join(30)
-                self.assertFalse(thread.is_alive(), "a client thread hung")
-            self.start()
+            traffic.round(ledger, rng, f"r{round_}", (0.3, 1.5), self.server.kill)
+            self.server.start()
             self.check(ledger, round_)
             acknowledged = len(ledger.accepted)
         # The traffic was real: deliveries acknowledged and deletions committed.

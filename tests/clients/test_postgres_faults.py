@@ -13,7 +13,6 @@ again without a restart once the database is back.
 
 from __future__ import annotations
 
-import contextlib
 import poplib
 import random
 import smtplib
@@ -27,7 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from popserv.stores.maildir.deliver import lf_chunks
 from popserv.stores.postgres import queries
-from tests.support.postgres import MESSAGE_ID, postgresql, store_database, stored_whole
+from tests.support.crashtraffic import Ledger, Traffic, crash_message
+from tests.support.postgres import postgresql, store_database, stored_whole
 from tests.support.processes import LoggedProcess, free_port, twistd_script
 
 PASSWORD = "pw"
@@ -41,29 +41,8 @@ SEED = 11
 ROUNDS = 2
 
 
-def _body(rng: random.Random) -> bytes:
-    """A body of a few bytes up to ~1 MB (several chunks), so kills land mid-store."""
-    size = rng.choice([10, 20_000, 300_000, 1_000_000])
-    line = b"".join(rng.choice([b"a", b"b", b".", b" ", b"x"]) for _ in range(70))
-    return b"".join(b"%d %s\r\n" % (i, line) for i in range(max(size // 72, 1)))
-
-
-def _message(message_id: str, body: bytes) -> bytes:
-    return (
-        b"From: sender@example.net\r\nTo: alice@example.org\r\nMessage-ID: <%s>\r\n"
-        b"Subject: crash\r\n\r\n%s" % (message_id.encode(), body)
-    )
-
-
-class _Ledger:
-    """What the clients were told, shared by their threads."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.bodies: dict[str, bytes] = {}
-        self.accepted: set[str] = set()
-        self.deleted: set[str] = set()
-        self.maybe_deleted: set[str] = set()
+#: Body sizes: a few bytes up to ~1 MB (several chunks), so kills land mid-store.
+SIZES = (10, 20_000, 300_000, 1_000_000)
 
 
 class ServerProcess(LoggedProcess):
@@ -145,61 +124,7 @@ class FaultTestCase(SynchronousTestCase):
 class CrashTests(FaultTestCase):
     """SIGKILL under SMTP deliveries and POP3 sessions, then a new process."""
 
-    def sender(self, ledger: _Ledger, name: str, rng: random.Random, stop: threading.Event):
-        count = 0
-        with contextlib.suppress(OSError, smtplib.SMTPException):
-            with smtplib.SMTP("127.0.0.1", self.server.smtp, timeout=10) as client:
-                while not stop.is_set():
-                    count += 1
-                    message_id = f"{name}.{count}@crash.test"
-                    body = _body(rng)
-                    with ledger.lock:
-                        ledger.bodies[message_id] = body
-                    client.sendmail(
-                        "sender@example.net", ["alice@example.org"], _message(message_id, body)
-                    )
-                    with ledger.lock:
-                        ledger.accepted.add(message_id)
-
-    def deleter(self, ledger: _Ledger, rng: random.Random, stop: threading.Event):
-        """Sessions that DELE about half the messages and QUIT, until the server dies."""
-        while not stop.is_set():
-            chosen: set[str] = set()
-            quitting = False
-            try:
-                client = poplib.POP3("127.0.0.1", self.server.pop3, timeout=10)
-                try:
-                    client.user("alice@example.org")
-                    client.pass_(PASSWORD)
-                    for entry in client.list()[1]:
-                        number = int(entry.split()[0])
-                        if rng.random() < 0.5:
-                            continue
-                        found = MESSAGE_ID.search(b"\n".join(client.top(number, 0)[1]))
-                        if found is not None:
-                            client.dele(number)
-                            chosen.add(found.group(1).decode())
-                    quitting = True
-                    client.quit()
-                finally:
-                    client.close()
-            except poplib.error_proto as e:
-                if str(e.args[0]).startswith("b'-ERR [IN-USE]"):  # the last round's lease
-                    time.sleep(0.2)
-                    continue
-                if quitting:
-                    with ledger.lock:
-                        ledger.maybe_deleted |= chosen
-                return
-            except (OSError, EOFError):
-                if quitting:
-                    with ledger.lock:
-                        ledger.maybe_deleted |= chosen
-                return
-            with ledger.lock:
-                ledger.deleted |= chosen
-
-    def check(self, ledger: _Ledger, where: str) -> None:
+    def check(self, ledger: Ledger, where: str) -> None:
         stored = self.stored()
         for message_id, copies in stored.items():
             self.assertEqual(len(copies), 1, f"{message_id} stored twice {where}")
@@ -215,30 +140,11 @@ class CrashTests(FaultTestCase):
 
     def test_kill_during_deliveries_and_sessions(self) -> None:
         rng = random.Random(SEED)
-        ledger = _Ledger()
+        ledger = Ledger()
+        traffic = Traffic(self.server, "alice@example.org", PASSWORD, SIZES)
         self.server.start()
         for round_ in range(ROUNDS):
-            stop = threading.Event()
-            threads = [
-                threading.Thread(
-                    target=self.sender,
-                    args=(ledger, f"r{round_}s{i}", random.Random(rng.random()), stop),
-                )
-                for i in range(2)
-            ]
-            threads.append(
-                threading.Thread(
-                    target=self.deleter, args=(ledger, random.Random(rng.random()), stop)
-                )
-            )
-            for thread in threads:
-                thread.start()
-            time.sleep(rng.uniform(0.5, 1.5))
-            self.server.kill()
-            stop.set()
-            for thread in threads:
-                thread.join(30)
-                self.assertFalse(thread.is_alive(), "a client thread hung")
+            traffic.round(ledger, rng, f"r{round_}", (0.5, 1.5), self.server.kill)
             self.server.start()
             self.check(ledger, f"after kill {round_ + 1}")
         self.assertTrue(ledger.accepted, "no delivery was ever acknowledged")
@@ -265,8 +171,8 @@ class CrashTests(FaultTestCase):
         with half, whole:
             until_data(half)
             until_data(whole)
-            half.sendall(_message("half@crash.test", big * 20_000)[:700_000])
-            whole.sendall(_message("whole@crash.test", big * 40_000) + b".\r\n")
+            half.sendall(crash_message("half@crash.test", big * 20_000)[:700_000])
+            whole.sendall(crash_message("whole@crash.test", big * 40_000) + b".\r\n")
             self.server.kill()
         self.server.start()
         stored = self.stored()
@@ -277,7 +183,7 @@ class CrashTests(FaultTestCase):
 
     def test_dele_applied_only_by_quit(self) -> None:
         """Killed after DELE, before QUIT: nothing deleted; after QUIT's +OK: deleted once."""
-        self.put(*(_message(f"m{i}@crash.test", b"body\r\n") for i in range(3)))
+        self.put(*(crash_message(f"m{i}@crash.test", b"body\r\n") for i in range(3)))
         self.server.start()
         client = self.log_in()
         client.dele(1)
@@ -301,8 +207,8 @@ class DatabaseAwayTests(FaultTestCase):
     """The database stops under a logged-in session and a delivery, then comes back."""
 
     def test_away_and_back(self) -> None:
-        big = _message("big@away.test", (b"y" * 70 + b"\r\n") * 40_000)  # ~3 MB: several reads
-        self.put(big, _message("small@away.test", b"small\r\n"))
+        big = crash_message("big@away.test", (b"y" * 70 + b"\r\n") * 40_000)  # ~3 MB: several reads
+        self.put(big, crash_message("small@away.test", b"small\r\n"))
         self.server.start()
         session = self.log_in()
         self.assertEqual(session.stat()[0], 2)
@@ -333,7 +239,7 @@ class DatabaseAwayTests(FaultTestCase):
 
         def data() -> None:
             try:
-                found["data"] = delivery.data(_message("refused@away.test", b"no\r\n"))[0]
+                found["data"] = delivery.data(crash_message("refused@away.test", b"no\r\n"))[0]
             except smtplib.SMTPDataError as e:
                 found["data"] = e.smtp_code
 
@@ -375,7 +281,7 @@ class DatabaseAwayTests(FaultTestCase):
         # Back, the same process: deliveries and logins work again.
         with smtplib.SMTP("127.0.0.1", self.server.smtp, timeout=15) as smtp:
             smtp.sendmail("s@example.net", ["alice@example.org"],
-                          _message("after@away.test", b"back\r\n"))  # fmt: skip
+                          crash_message("after@away.test", b"back\r\n"))  # fmt: skip
         self.assertEqual(self.count("bob@example.org"), 0)
         stored = self.stored()
         # Nothing deleted without a QUIT that committed, nothing refused stored.

@@ -20,12 +20,12 @@ import glob
 import itertools
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from tests.support.crashtraffic import MESSAGE_ID
 from tests.support.peers import missing
 from tests.support.processes import free_port
 
@@ -174,9 +174,6 @@ def store_database() -> str:
         upgrade(connection)
     return url
 
-
-#: A test message's key in the checks below.
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>$", re.MULTILINE | re.IGNORECASE)
 
 
 def stored_whole(url: str, user: str) -> dict[str, list[bytes]]:
