@@ -13,7 +13,6 @@ import time
 import psycopg
 from twisted.cred.portal import Portal
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -33,26 +32,12 @@ from popserv.stores.postgres.mailbox import PostgresMailbox
 from popserv.stores.postgres.realm import PostgresRealm
 from popserv.stores.postgres.schema import VERSION, SchemaError, check, upgrade, version
 from popserv.stores.quota import Quota
+from tests.support.mailstores import read_all
 from tests.support.postgres import postgresql, store_database
 
 
 def recipient(user: str = "alice", quota: Quota | None = None) -> Recipient:
     return Recipient(f"{user}@example.org", user, None, quota or Quota())
-
-
-async def read_all(mailbox: PostgresMailbox, index: int, size: int = 65536) -> bytes:
-    """A message whole, read as the server does: a chunk source, or a stream read at once."""
-    source = mailbox.open_message(index)
-    parts = []
-    while True:
-        chunk = source.read(size)
-        if isinstance(chunk, Deferred):
-            chunk = await chunk
-        if not chunk:
-            break
-        parts.append(chunk)
-    source.close()
-    return b"".join(parts)
 
 
 class SchemaTests(TestCase):

@@ -67,24 +67,27 @@ def maildir_seen(path: Path, uidl_format: str = "dovecot") -> Seen:
         mailbox.close()
 
 
+async def read_all(mailbox: PostgresMailbox, index: int, size: int = 65536) -> bytes:
+    """A message whole, read as the server does: a chunk source, or a stream read at once."""
+    source = mailbox.open_message(index)
+    parts = []
+    while True:
+        chunk = source.read(size)
+        if isinstance(chunk, Deferred):
+            chunk = await chunk
+        if not chunk:
+            break
+        parts.append(chunk)
+    source.close()
+    return b"".join(parts)
+
+
 async def postgres_seen(database: Database, user: str) -> Seen:
     """``user``'s maildrop as the PostgreSQL store serves it; the lease given back."""
     mailbox = await PostgresMailbox.open(database, user)
     try:
         listing = mailbox.listing()
-        contents = []
-        for index in range(len(listing)):
-            source = mailbox.open_message(index)
-            parts = []
-            while True:
-                chunk = source.read(65536)  # read ahead: bytes, not a Deferred
-                if isinstance(chunk, Deferred):
-                    chunk = await chunk
-                if not chunk:
-                    break
-                parts.append(chunk)
-            source.close()
-            contents.append(on_the_wire(b"".join(parts)))
+        contents = [on_the_wire(await read_all(mailbox, i)) for i in range(len(listing))]
     finally:
         mailbox.close()
         await released(database)
