@@ -182,12 +182,12 @@ class MaildirRealm(AccountRealm):
             reactor=self._reactor,
             login_delay=settings.login_delay,
             expire_days=settings.expire_days,
+            max_listed=settings.max_listed,
             uidl_format=self.uidl_format,
             index=self.index,
             shared=self.shared,
             locks=self.locks,
         )
-        mailbox.max_listed = settings.max_listed
         self._last_login[user] = now
         if settings.login_delay > 0:
             try:

@@ -62,9 +62,6 @@ class MaildirMailbox:
     Build it with :meth:`open`; the constructor only assembles the parts.
     """
 
-    #: Sessions show only the newest this many messages (0: all); the realm sets it.
-    max_listed = 0
-
     def __init__(
         self,
         location: MaildirPath,
@@ -74,11 +71,14 @@ class MaildirMailbox:
         reactor: IReactorThreads,
         login_delay: int = 0,
         expire_days: int | None = None,
+        max_listed: int = 0,
     ) -> None:
         self.location = location
         self.path = location.path
         self.login_delay = login_delay
         self.expire_days = expire_days
+        #: Sessions show only the newest this many messages (0: all).
+        self.max_listed = max_listed
         self._lock = lock
         self._listing = scan.listing
         # Where each message's file is: NEW or CUR, and its name, which is its
@@ -117,6 +117,7 @@ class MaildirMailbox:
         reactor: IReactorThreads | None = None,
         login_delay: int = 0,
         expire_days: int | None = None,
+        max_listed: int = 0,
         uidl_format: UidlScheme | str = DOVECOT,
         index: bool = True,
         shared: bool = False,
@@ -191,6 +192,7 @@ class MaildirMailbox:
                 reactor=reactor,
                 login_delay=login_delay,
                 expire_days=expire_days,
+                max_listed=max_listed,
             )
             result.callback(mailbox)
 

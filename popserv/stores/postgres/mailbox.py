@@ -171,9 +171,6 @@ class ReadAhead:
 class PostgresMailbox:
     """A maildrop in PostgreSQL, leased to one POP3 session.  Build it with :meth:`open`."""
 
-    #: Sessions show only the newest this many messages (0: all); the realm sets it.
-    max_listed = 0
-
     def __init__(
         self,
         database: Database,
@@ -183,6 +180,7 @@ class PostgresMailbox:
         lease: float = LEASE_SECONDS,
         login_delay: int = 0,
         expire_days: int | None = None,
+        max_listed: int = 0,
         on_lost: Callable[[str], None] | None = None,
         shared: bool = False,
     ) -> None:
@@ -193,6 +191,8 @@ class PostgresMailbox:
         self.owner = owner
         self.login_delay = login_delay
         self.expire_days = expire_days
+        #: Sessions show only the newest this many messages (0: all).
+        self.max_listed = max_listed
         #: False once a renewal found the lease taken: the commit will refuse.
         self.leased = True
         #: Fires once the lease is given back, or could not be (it expires).
@@ -222,6 +222,7 @@ class PostgresMailbox:
         lease: float = LEASE_SECONDS,
         login_delay: int = 0,
         expire_days: int | None = None,
+        max_listed: int = 0,
         on_lost: Callable[[str], None] | None = None,
         shared: bool = False,
     ) -> Deferred[PostgresMailbox]:
@@ -269,6 +270,7 @@ class PostgresMailbox:
                 lease=lease,
                 login_delay=login_delay,
                 expire_days=expire_days,
+                max_listed=max_listed,
                 on_lost=on_lost,
                 shared=shared,
             )

@@ -57,8 +57,8 @@ class PostgresRealm(AccountRealm):
             lease=self.lease,
             login_delay=settings.login_delay,
             expire_days=settings.expire_days,
+            max_listed=settings.max_listed,
             on_lost=getattr(mind, "end", None),
             shared=self.shared,
         )
-        mailbox.max_listed = settings.max_listed
         return IMailbox, mailbox, mailbox.close
