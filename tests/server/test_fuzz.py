@@ -55,7 +55,7 @@ from popserv.stores.maildir import deliver
 from popserv.stores.memory import MemoryMaildrop, MemoryRealm
 from tests.support import LOCAL_PEER
 from tests.support.certs import CA
-from tests.support.fuzzing import examples
+from tests.support.fuzzing import examples, stateful_settings
 from tests.support.maildirs import _MaildirRealm, maildir_contents
 
 
@@ -891,19 +891,10 @@ class MaildirSessions(POP3Sessions):
             shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
-def _stateful_settings(normal: int) -> settings:
-    return settings(
-        max_examples=examples(normal, share=5),
-        stateful_step_count=40,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-
-
 class MemorySessionTests(MemorySessions.TestCase):
     """Sessions on the in-memory store."""
 
-    settings = _stateful_settings(40)
+    settings = stateful_settings(40)
 
     def test_sessions(self):
         """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""
@@ -913,7 +904,7 @@ class MemorySessionTests(MemorySessions.TestCase):
 class MaildirSessionTests(MaildirSessions.TestCase):
     """Sessions on a real Maildir in a temporary directory."""
 
-    settings = _stateful_settings(25)
+    settings = stateful_settings(25)
 
     def test_sessions(self):
         """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""

@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 from attrs import define, field
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -33,7 +32,7 @@ from popserv.server.policy import Policy
 from popserv.stores.layout import ensure_maildir
 from popserv.stores.maildir import deliver
 from tests.support import LOCAL_PEER
-from tests.support.fuzzing import examples
+from tests.support.fuzzing import stateful_settings
 from tests.support.maildirs import _MaildirRealm, maildir_contents
 
 SESSIONS = st.sampled_from((0, 1))
@@ -228,19 +227,10 @@ class ExclusiveTwoSessions(TwoSessions):
     shared = False
 
 
-def _settings(normal: int) -> settings:
-    return settings(
-        max_examples=examples(normal, share=5),
-        stateful_step_count=40,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-
-
 class SharedSessionsFuzzTests(TwoSessions.TestCase):
     """Two shared sessions on a real Maildir."""
 
-    settings = _settings(25)
+    settings = stateful_settings(25)
 
     def test_sessions(self):
         """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""
@@ -250,7 +240,7 @@ class SharedSessionsFuzzTests(TwoSessions.TestCase):
 class ExclusiveSessionsFuzzTests(ExclusiveTwoSessions.TestCase):
     """Two sessions with ``--maildrop-lock exclusive`` on a real Maildir."""
 
-    settings = _settings(15)
+    settings = stateful_settings(15)
 
     def test_sessions(self):
         """(trial runs ``test*`` methods; hypothesis names its one ``runTest``.)"""
