@@ -6,26 +6,20 @@ packages: no Twisted, no zope.interface, and no other layer of popserv.
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import popserv
 import popserv.core
+from tests.support.isolated import WITHOUT_TWISTED, run_python
 
 #: The checkout (or install) whose popserv the test process imported.
-ROOT = Path(popserv.__file__).resolve().parent.parent
-
 #: Run with Twisted and zope.interface blocked (``import twisted.x`` then
 #: fails): imports each module named on the command line, and prints, for
 #: each, what it brought in from outside the core.
-CHECK = """
-import importlib, sys
-sys.modules["twisted"] = None
-sys.modules["zope"] = None
+CHECK = WITHOUT_TWISTED + """
+import importlib
 ALLOWED = ("popserv", "popserv._version", "popserv.core")
 
 
@@ -62,35 +56,19 @@ class PureCoreTests(SynchronousTestCase):
         modules = core_modules()
         self.assertIn("popserv.core.wire", modules)
         self.assertIn("popserv.core.view", modules)
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(
-            [sys.executable, "-c", CHECK, *modules],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=dict(os.environ, PYTHONPATH=path),
-            check=False,
-        )
+        done = run_python(CHECK, *modules)
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         self.assertEqual(done.stdout, "")
 
     def test_import_popserv_needs_no_twisted(self):
         """``import popserv`` stays lazy: the public names load only when used."""
-        code = (
-            "import sys; sys.modules['twisted'] = None; sys.modules['zope'] = None\n"
+        code = WITHOUT_TWISTED + (
             "import popserv, popserv.core.wire\n"
             "assert set(popserv.__all__) >= {'POP3Factory', 'deliver'}\n"
             "print(sorted(m for m in sys.modules if m.startswith('popserv')))\n"
         )
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=dict(os.environ, PYTHONPATH=path),
-            check=True,
-        )
+        done = run_python(code)
+        done.check_returncode()
         loaded = ast.literal_eval(done.stdout)
         self.assertIn("popserv.core.wire", loaded)
         self.assertEqual(

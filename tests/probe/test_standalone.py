@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-import popserv
+from tests.support.isolated import WITHOUT_TWISTED, run_python
 
-ROOT = Path(popserv.__file__).resolve().parent.parent
-
-CODE = """
-import sys
-sys.modules["twisted"] = None
-sys.modules["zope"] = None
+CODE = WITHOUT_TWISTED + """
 import popserv.probe.command
 print(sorted(m for m in sys.modules if m.startswith("popserv")))
 """
@@ -25,15 +16,7 @@ print(sorted(m for m in sys.modules if m.startswith("popserv")))
 
 class StandaloneTests(SynchronousTestCase):
     def test_imports_without_twisted(self):
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        done = subprocess.run(
-            [sys.executable, "-c", CODE],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=dict(os.environ, PYTHONPATH=path),
-            check=False,
-        )
+        done = run_python(CODE)
         self.assertEqual((done.returncode, done.stderr), (0, ""))
         loaded = ast.literal_eval(done.stdout)
         self.assertIn("popserv.probe.checks", loaded)
