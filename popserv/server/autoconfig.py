@@ -34,6 +34,7 @@ from popserv.server.clientsetup import (
     LOCAL_PART,
     ClientSetup,
     Service,
+    Submission,
     domain_name,
     is_hostname,
 )
@@ -151,23 +152,41 @@ def thunderbird_config(setup: ClientSetup, domain: str, *, encrypted: bool = Fal
     _text(provider, "displayName", domain)
     _text(provider, "displayShortName", domain.split(".")[0])
     for service in setup.services:
-        server = SubElement(provider, "incomingServer", type="pop3")
-        _text(server, "hostname", setup.hostname)
-        _text(server, "port", str(service.port))
-        _text(server, "socketType", SSL if service.implicit_tls else STARTTLS)
-        _text(server, "username", USERNAMES[setup.login])
-        _text(server, "authentication", PASSWORD_CLEARTEXT)
+        server = _server(
+            provider, "incomingServer", "pop3", setup.hostname, service=service, login=setup.login
+        )
         if encrypted:
             _text(server, "authentication", PASSWORD_ENCRYPTED)
     submission = setup.submission
     if submission is not None:
-        server = SubElement(provider, "outgoingServer", type="smtp")
-        _text(server, "hostname", submission.hostname)
-        _text(server, "port", str(submission.port))
-        _text(server, "socketType", SSL if submission.implicit_tls else STARTTLS)
-        _text(server, "username", USERNAMES[setup.login])
-        _text(server, "authentication", PASSWORD_CLEARTEXT)
+        _server(
+            provider,
+            "outgoingServer",
+            "smtp",
+            submission.hostname,
+            service=submission,
+            login=setup.login,
+        )
     return _document(root)
+
+
+def _server(
+    provider: Element,
+    tag: str,
+    kind: str,
+    hostname: str,
+    *,
+    service: Service | Submission,
+    login: str,
+) -> Element:
+    """An ``incomingServer`` or ``outgoingServer``: where, how secured, who, with a password."""
+    server = SubElement(provider, tag, type=kind)
+    _text(server, "hostname", hostname)
+    _text(server, "port", str(service.port))
+    _text(server, "socketType", SSL if service.implicit_tls else STARTTLS)
+    _text(server, "username", USERNAMES[login])
+    _text(server, "authentication", PASSWORD_CLEARTEXT)
+    return server
 
 
 def _protocol(
